@@ -1,0 +1,75 @@
+"""``save_pretrained`` / ``from_pretrained`` for every model: a directory with the constructor's
+config (``config.yaml``) beside safetensors weights (``model.safetensors``), written atomically
+and loaded strictly.
+
+A model class that uses :class:`PretrainedMixin` has a ``config`` attribute (a dataclass),
+a class attribute ``config_class`` and a constructor ``__init__(self, config)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import yaml
+
+from arvid.config import ConfigError, from_dict, to_dict
+from arvid.io import atomic_dir, hash_state, load_state_strict, load_weights, save_weights
+
+M = TypeVar("M", bound="PretrainedMixin")
+
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class PretrainedMixin:
+    config_class: ClassVar[type]
+    #: the name written into config.yaml (``kind``) so a loader can tell what a directory holds
+    model_kind: ClassVar[str] = ""
+    config: Any
+
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write ``config.yaml`` and ``model.safetensors`` into ``directory`` (replaced atomically)."""
+        assert isinstance(self, torch.nn.Module)
+        directory = Path(directory)
+        meta = {"kind": self.model_kind or type(self).__name__, "config": to_dict(self.config)}
+        if extra:
+            meta.update(extra)
+        with atomic_dir(directory) as tmp:
+            save_weights(self.state_dict(), tmp / WEIGHTS_NAME)
+            with open(tmp / CONFIG_NAME, "w") as f:
+                yaml.safe_dump(meta, f, sort_keys=False)
+        return directory
+
+    @classmethod
+    def read_pretrained_config(cls, directory: str | os.PathLike) -> tuple[dict, Any]:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} is not a pretrained directory: {CONFIG_NAME} is missing")
+        with open(path) as f:
+            meta = yaml.safe_load(f) or {}
+        kind = cls.model_kind or cls.__name__
+        if meta.get("kind") != kind:
+            raise ConfigError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a {kind!r}")
+        return meta, from_dict(cls.config_class, meta.get("config"), source=str(path), prefix="config.")
+
+    @classmethod
+    def from_pretrained(cls: type[M], directory: str | os.PathLike, map_location: str = "cpu") -> M:
+        """Rebuild from ``config.yaml`` and load the weights strictly (mismatched keys are named)."""
+        _, config = cls.read_pretrained_config(directory)
+        model = cls(config)  # type: ignore[call-arg]
+        state = load_weights(Path(directory) / WEIGHTS_NAME, device=map_location)
+        load_state_strict(model, state, str(Path(directory) / WEIGHTS_NAME))  # type: ignore[arg-type]
+        return model
+
+    def fingerprint(self) -> str:
+        """sha256 over the kind, the config and every weight: equal iff the model computes the same thing."""
+        assert isinstance(self, torch.nn.Module)
+        extra = yaml.safe_dump({"kind": self.model_kind, "config": to_dict(self.config)}, sort_keys=True)
+        return hash_state(self.state_dict(), extra)
+
+
+def num_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
