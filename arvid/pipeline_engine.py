@@ -1,0 +1,158 @@
+"""The machinery of `arvid pipeline`: run stages in order, skip finished ones, resume the
+interrupted one, refuse to mix outputs made from different upstream configs.
+
+Each stage runs in its own directory ``<out_dir>/<name>``. Its identity is a fingerprint over
+its own resolved config and its upstream stages' fingerprints. Two files record its state:
+
+- ``stage.json``: written before the stage starts (fingerprint, start time). A directory that
+  has it but no ``done`` holds an interrupted run: the stage is rerun in place and resumes
+  from its own checkpoints or shards.
+- ``done``: written atomically after the stage finished, holding the fingerprint. A rerun
+  with the same fingerprint skips the stage; a different one is refused unless the user asks
+  to redo it (``--from``), which moves the old directory aside instead of deleting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arvid.config import to_dict
+from arvid.io import check_writable, read_json, write_json
+
+log = logging.getLogger("arvid.pipeline")
+
+
+class PipelineError(RuntimeError):
+    """A stage's outputs do not belong to this pipeline's config, or the plan is invalid."""
+
+
+@dataclass
+class Stage:
+    name: str
+    #: the stage's resolved config (a dataclass); its fingerprint identifies the stage's output
+    config: Any
+    #: runs the stage; it must write its outputs under ``directory`` and may resume from it
+    run: Callable[[Path], Any]
+    deps: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+def _fingerprint(config: Any, upstream: list[str]) -> str:
+    blob = json.dumps({"config": to_dict(config), "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PlanItem:
+    stage: Stage
+    directory: Path
+    fingerprint: str
+    action: str  # "skip" | "run" | "resume" | "redo"
+    reason: str
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage], out_dir: str | os.PathLike):
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"duplicate stage names in {names}")
+        for s in stages:
+            for d in s.deps:
+                if d not in names[: names.index(s.name)]:
+                    raise PipelineError(f"stage {s.name!r} depends on {d!r}, which does not run before it")
+        self.stages = stages
+        self.out_dir = Path(out_dir)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def _check_name(self, name: str | None, flag: str) -> None:
+        if name is not None and name not in self.names:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(f"{flag} {name!r} is not a stage{hint} (stages: {', '.join(self.names)})")
+
+    def plan(self, until: str | None = None, from_: str | None = None) -> list[PlanItem]:
+        """What a run would do, stage by stage, without doing it."""
+        self._check_name(until, "--until")
+        self._check_name(from_, "--from")
+        last = self.names.index(until) if until else len(self.stages) - 1
+        first_redo = self.names.index(from_) if from_ else None
+        fps: dict[str, str] = {}
+        items = []
+        for i, s in enumerate(self.stages[: last + 1]):
+            fp = _fingerprint(s.config, [fps[d] for d in s.deps])
+            fps[s.name] = fp
+            d = self.stage_dir(s.name)
+            done = d / "done"
+            state = d / "stage.json"
+            if first_redo is not None and i >= first_redo and d.exists():
+                items.append(PlanItem(s, d, fp, "redo", f"--from {from_}: the old output is moved aside"))
+            elif done.exists():
+                old = read_json(done).get("fingerprint")
+                if old == fp:
+                    items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
+                else:
+                    raise PipelineError(
+                        f"stage {s.name!r}: {str(d)!r} was made with a different config or upstream "
+                        f"(fingerprint {old} there, {fp} now); refusing to mix outputs. Rerun with "
+                        f"`--from {s.name}` to redo it (the old directory is kept aside), or use another out_dir."
+                    )
+            elif state.exists():
+                old = read_json(state).get("fingerprint")
+                if old != fp:
+                    raise PipelineError(
+                        f"stage {s.name!r}: {str(d)!r} holds an interrupted run of a different config "
+                        f"(fingerprint {old} there, {fp} now). Rerun with `--from {s.name}` to start it over."
+                    )
+                items.append(PlanItem(s, d, fp, "resume", "interrupted before; resuming in place"))
+            else:
+                items.append(PlanItem(s, d, fp, "run", "not run yet"))
+        return items
+
+    def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False) -> list[PlanItem]:
+        items = self.plan(until, from_)
+        if dry_run:
+            return items
+        check_writable(self.out_dir)
+        for it in items:
+            if it.action == "skip":
+                log.info("[%s] skip: %s", it.stage.name, it.reason)
+                continue
+            if it.action == "redo":
+                aside = it.directory.with_name(f"{it.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(it.directory, aside)
+                log.info("[%s] moved the previous output to %s", it.stage.name, aside)
+            it.directory.mkdir(parents=True, exist_ok=True)
+            if it.action != "resume":
+                write_json(it.directory / "stage.json", {"fingerprint": it.fingerprint, "started": time.time(),
+                                                         "stage": it.stage.name})
+            log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
+            t0 = time.time()
+            it.stage.run(it.directory)
+            write_json(it.directory / "done", {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
+                                               "finished": time.time()})
+            log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)
+        return items
+
+
+def format_plan(items: list[PlanItem]) -> str:
+    w = max((len(it.stage.name) for it in items), default=5)
+    lines = [f"{'stage':<{w}}  action  fingerprint       directory / reason"]
+    for it in items:
+        lines.append(f"{it.stage.name:<{w}}  {it.action:<6}  {it.fingerprint}  {it.directory}  ({it.reason})")
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""Constrained decoding: a vectorised state machine that keeps every sample well formed.
+
+The sequence format (``arvid.generator.sequence``) is ``[LEN(k_1) c*k_1] ... [LEN(k_K) c*k_K]``.
+Per sample the machine holds
+
+- ``block``: how many length tokens were emitted so far (``0..K``),
+- ``left``:  codes still due in the current block,
+- ``used``:  codes committed so far (the sum of the counts chosen),
+- ``length``: tokens emitted so far (a finished sample stops counting),
+
+as ``LongTensor[B]``. The mask at a step is computed from these with tensor ops only (no
+per-sample Python, no host sync), so it can run inside a captured CUDA graph:
+
+- ``left > 0``: only codes;
+- ``left == 0`` and ``block < K``: only the length tokens allowed for block ``block``
+  (an allowed set per sample and block, which also expresses a fixed assignment), and, with an
+  exact budget, only the counts that leave room for the remaining blocks at their minimum;
+- finished (``block == K`` and ``left == 0``): the sample keeps stepping with a dummy code that
+  is trimmed from the output.
+
+A fixed prefix (frame prediction's context blocks) is not a mask: its tokens are prefilled or
+forced, and the state is advanced over them like over sampled tokens (:meth:`advance`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from arvid.data.types import TokenizedVideo
+from arvid.generator.sequence import SequenceFormat
+
+#: the code emitted by finished samples (never part of the output)
+DUMMY_TOKEN = 0
+
+
+@dataclass
+class ConstraintState:
+    """The per-sample decoding state, ``LongTensor[B]`` each (see the module docstring)."""
+
+    block: torch.Tensor
+    left: torch.Tensor
+    used: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def initial(cls, batch_size: int, device: torch.device | str = "cpu") -> ConstraintState:
+        z = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return cls(z.clone(), z.clone(), z.clone(), z.clone())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.block, self.left, self.used, self.length
+
+    def copy_(self, other: ConstraintState) -> ConstraintState:
+        """In-place copy (static buffers of a captured graph must keep their storage)."""
+        for a, b in zip(self.tensors(), other.tensors()):
+            a.copy_(b)
+        return self
+
+    def clone(self) -> ConstraintState:
+        return ConstraintState(*(t.clone() for t in self.tensors()))
+
+
+class SequenceConstraint:
+    """The static part of the constraints for one batch, and the step functions over a state.
+
+    Args:
+        fmt: the sequence format.
+        batch_size: ``B``.
+        allowed_counts: the token counts each block may take. Either one collection of counts for
+            every block, a list of ``K`` collections (one per block), or a ``BoolTensor`` over
+            candidates ``[K, C]`` or ``[B, K, C]``. None: every candidate.
+        fixed_assignment: ``LongTensor[K]`` or ``[B, K]``: force these counts (intersected with
+            ``allowed_counts``).
+        budget: ``LongTensor[B]`` (or an int): an exact per-sample upper bound on the codes of a
+            video. A length token is allowed only if the remaining blocks can still fit at their
+            smallest allowed counts. A budget below the smallest possible total yields the
+            smallest allowed counts (the sequence must stay well formed).
+        device: where the tensors live.
+    """
+
+    def __init__(
+        self,
+        fmt: SequenceFormat,
+        batch_size: int,
+        allowed_counts: Sequence | torch.Tensor | None = None,
+        fixed_assignment: Sequence | torch.Tensor | None = None,
+        budget: int | torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.fmt = fmt
+        self.batch_size = B = int(batch_size)
+        K, C = fmt.layout.num_blocks, fmt.layout.num_candidates
+        self.device = torch.device(device)
+        cand = torch.tensor(fmt.layout.candidates, dtype=torch.long)
+        allowed = torch.ones(B, K, C, dtype=torch.bool)
+        if allowed_counts is not None:
+            allowed &= _allowed_from_counts(fmt, allowed_counts, B)
+        if fixed_assignment is not None:
+            a = fmt.layout.validate(fixed_assignment, batch=B)  # [B, K], raises on non-candidates
+            allowed &= a[..., None] == cand  # [B, K, C]
+        empty = ~allowed.any(-1)  # [B, K]
+        if bool(empty.any()):
+            b, k = (int(x) for x in empty.nonzero()[0])
+            raise ValueError(f"constraints leave no allowed token count for sample {b}, block {k} "
+                             f"(candidates {fmt.layout.candidates}): check allowed_counts / fixed_assignment")
+        self.allowed = allowed  # [B, K, C] (CPU copy for checks)
+        # Row K (past the last block) allows nothing: gathering with block == K needs no branch.
+        allowed_pad = torch.cat([allowed, torch.zeros(B, 1, C, dtype=torch.bool)], 1)  # [B, K+1, C]
+        big = torch.iinfo(torch.long).max // 4
+        min_count = torch.where(allowed, cand, torch.full_like(cand, big)).amin(-1)  # [B, K]
+        # min_rest[b, k]: the fewest codes blocks k..K-1 can take; min_rest[b, K] = 0.
+        min_rest = torch.flip(torch.cumsum(torch.flip(min_count, [1]), 1), [1])
+        min_rest = torch.cat([min_rest, torch.zeros(B, 1, dtype=torch.long)], 1)  # [B, K+1]
+        min_onehot = torch.cat([allowed & (cand == min_count[..., None]),
+                                torch.zeros(B, 1, C, dtype=torch.bool)], 1)  # [B, K+1, C]
+        if budget is None:
+            budget_t = torch.full((B,), big, dtype=torch.long)
+        else:
+            budget_t = torch.as_tensor(budget, dtype=torch.long).reshape(-1).cpu()
+            if budget_t.numel() == 1:
+                budget_t = budget_t.expand(B).clone()
+            if budget_t.numel() != B:
+                raise ValueError(f"budget must be an int or one value per sample ({B}), got {budget_t.numel()}")
+            if bool((budget_t <= 0).any()):
+                raise ValueError(f"budget must be positive, got {budget_t.tolist()[:8]}")
+        self.has_budget = budget is not None
+        dev = self.device
+        self.cand = cand.to(dev)
+        self.allowed_pad = allowed_pad.to(dev)
+        self.min_rest = min_rest.to(dev)
+        self.min_onehot = min_onehot.to(dev)
+        self.budget = budget_t.to(dev)
+
+    # ------------------------------------------------------------------ static buffers
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors the step functions read (copied into a captured graph's static buffers)."""
+        return {"allowed_pad": self.allowed_pad, "min_rest": self.min_rest,
+                "min_onehot": self.min_onehot, "budget": self.budget}
+
+    def load_(self, other: SequenceConstraint) -> SequenceConstraint:
+        """Copy ``other``'s tensors into this one's storage (same batch size and format)."""
+        if other.batch_size != self.batch_size or other.fmt != self.fmt:
+            raise ValueError("load_ needs a constraint of the same batch size and sequence format")
+        for name, t in self.buffers().items():
+            t.copy_(other.buffers()[name])
+        self.allowed = other.allowed
+        self.has_budget = other.has_budget
+        return self
+
+    # ------------------------------------------------------------------ step functions
+    def done(self, state: ConstraintState) -> torch.Tensor:
+        """``BoolTensor[B]``: the sample has emitted its whole sequence."""
+        return (state.block >= self.fmt.layout.num_blocks) & (state.left == 0)
+
+    def allowed_lengths(self, state: ConstraintState) -> torch.Tensor:
+        """``BoolTensor[B, C]``: candidate counts the next length token may take (all False
+        when the next token is not a length token)."""
+        idx = state.block.clamp(max=self.fmt.layout.num_blocks)[:, None, None]
+        idx = idx.expand(-1, 1, self.cand.numel())  # [B, 1, C]
+        ok = self.allowed_pad.gather(1, idx).squeeze(1)  # [B, C]
+        if self.has_budget:
+            rest = self.min_rest.gather(1, (state.block + 1).clamp(max=self.fmt.layout.num_blocks)[:, None])
+            fits = state.used[:, None] + self.cand[None, :] + rest <= self.budget[:, None]  # [B, C]
+            fit_ok = ok & fits
+            fallback = self.min_onehot.gather(1, idx).squeeze(1)
+            ok = torch.where(fit_ok.any(-1, keepdim=True), fit_ok, fallback)
+        at_len = (state.left == 0) & ~self.done(state)
+        return ok & at_len[:, None]
+
+    def mask(self, state: ConstraintState) -> torch.Tensor:
+        """``BoolTensor[B, V]``: True where the token may come next. A finished sample may take
+        only :data:`DUMMY_TOKEN`."""
+        V = self.fmt.codebook_size
+        done = self.done(state)
+        codes_ok = (state.left > 0)[:, None].expand(-1, V)  # [B, V]
+        dummy = torch.zeros_like(codes_ok)
+        dummy[:, DUMMY_TOKEN] = True
+        codes_ok = codes_ok | (dummy & done[:, None])
+        return torch.cat([codes_ok, self.allowed_lengths(state)], 1)  # [B, V + C]
+
+    def advance(self, state: ConstraintState, tokens: torch.Tensor) -> None:
+        """Update ``state`` in place after ``tokens`` ``LongTensor[B]`` (any tokens: sampled,
+        prefilled or forced). Finished samples do not change."""
+        done = self.done(state)
+        is_code = state.left > 0
+        is_len = ~is_code & ~done
+        count = self.fmt.count_of(tokens)
+        state.length.add_((~done).long())
+        state.left.copy_(torch.where(is_code, state.left - 1, torch.where(is_len, count, state.left)))
+        state.used.add_(torch.where(is_len, count, torch.zeros_like(count)))
+        state.block.add_(is_len.long())
+
+    def state_after(self, prefix: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> ConstraintState:
+        """The state after ``prefix`` ``LongTensor[B, P]`` (entries past ``prefix_lengths`` are
+        ignored). Checks that the prefix follows the format and the constraints."""
+        B, P = prefix.shape
+        if B != self.batch_size:
+            raise ValueError(f"prefix batch {B} does not match the constraint batch {self.batch_size}")
+        dev = self.device
+        plen = torch.full((B,), P, dtype=torch.long) if prefix_lengths is None else prefix_lengths
+        plen = plen.to(dev)
+        prefix = prefix.to(dev)
+        state = ConstraintState.initial(B, dev)
+        for j in range(P):
+            active = j < plen
+            tok = prefix[:, j]
+            in_vocab = (tok >= 0) & (tok < self.fmt.vocab_size)
+            ok = self.mask(state).gather(1, tok.clamp(0, self.fmt.vocab_size - 1)[:, None]).squeeze(1)
+            bad = active & ~(ok & in_vocab & ~self.done(state))
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0])
+                raise ValueError(f"prefix of sample {b} breaks the format or the constraints at position {j} "
+                                 f"(token {int(tok[b])}, block {int(state.block[b])}, codes left {int(state.left[b])})")
+            before = state.clone()
+            self.advance(state, tok)
+            # Rows past their own prefix length keep their state.
+            for a, b_ in zip(state.tensors(), before.tensors()):
+                a.copy_(torch.where(active, a, b_))
+        return state
+
+
+def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
+    """``allowed_counts`` in any accepted form -> ``BoolTensor[B, K, C]``."""
+    K, C = fmt.layout.num_blocks, fmt.layout.num_candidates
+    if isinstance(counts, torch.Tensor) and counts.dtype == torch.bool:
+        t = counts.cpu()
+        if t.shape == (K, C):
+            return t[None].expand(B, K, C)
+        if t.shape == (B, K, C):
+            return t
+        raise ValueError(f"allowed_counts as a mask must be [K, C] = [{K}, {C}] or [B, K, C], got {tuple(t.shape)}")
+    items = list(counts)
+    if items and all(isinstance(x, (int,)) or (isinstance(x, torch.Tensor) and x.dim() == 0) for x in items):
+        per_block = [items] * K
+    else:
+        per_block = [list(x) for x in items]
+        if len(per_block) != K:
+            raise ValueError(f"allowed_counts must give one set of counts per block ({K}), got {len(per_block)}")
+    out = torch.zeros(K, C, dtype=torch.bool)
+    for k, cs in enumerate(per_block):
+        for c in cs:
+            c = int(c)
+            if c not in fmt.layout.candidates:
+                raise ValueError(f"allowed_counts: {c} (block {k}) is not a candidate count {fmt.layout.candidates}")
+            out[k, fmt.layout.candidates.index(c)] = True
+    return out[None].expand(B, K, C)
+
+
+def prefix_tokens(fmt: SequenceFormat, tokens: TokenizedVideo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading blocks of a batch of videos in the sequence format.
+
+    Args:
+        tokens: ``TokenizedVideo`` holding the first ``n <= K`` blocks of each video
+            (``block_lengths [B, n]``).
+
+    Returns:
+        ``LongTensor[B, P]`` right-padded with :data:`DUMMY_TOKEN` (``P`` the longest prefix) and the
+        prefix lengths ``LongTensor[B]``.
+    """
+    bl = tokens.block_lengths
+    B, n = bl.shape
+    if n > fmt.layout.num_blocks:
+        raise ValueError(f"a prefix of {n} blocks is longer than the layout's {fmt.layout.num_blocks}")
+    if n == 0:
+        return torch.zeros(B, 0, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    from arvid.data.types import BlockLayout
+
+    sub = SequenceFormat(fmt.codebook_size, BlockLayout(fmt.layout.frames_per_block[:n], fmt.layout.candidates))
+    packed, lengths = sub.to_sequences(tokens.to("cpu"))  # [sum P], [B]
+    P = int(lengths.max())
+    out = torch.full((B, P), DUMMY_TOKEN, dtype=torch.long)
+    idx = torch.arange(P)
+    valid = idx[None, :] < lengths[:, None]  # [B, P]
+    out[valid] = packed
+    return out, lengths

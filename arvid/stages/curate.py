@@ -1,0 +1,281 @@
+"""`arvid curate CONFIG [key=value ...]`: label each training video with its best assignment.
+
+Stage 2 of EVATok (method.md): the proxy tokenizer reconstructs every video under candidate
+assignments; each is scored ``R = w_q * Q - w_l * L`` (:mod:`arvid.tokenizer.reward`) and the
+label is the argmax. ``mode: brute`` decodes all assignments, ``mode: beam`` walks the causal
+blocks with a beam (a fraction of the decodes, exact scores for what it keeps).
+
+Outputs in ``out_dir``:
+- ``config.yaml``: the resolved config;
+- ``calibration.json``: the reward normalisation (means/stds over random videos x random
+  assignments), reused by a resumed run;
+- ``parts/part_<first index>.npz``: per-process record shards written atomically every
+  ``save_every`` videos (a rerun skips videos already in a shard, whatever the process count);
+- ``curation.npz``: every scored (video, assignment, per-block distortion) of the split, so a
+  new ``(w_q, w_l)`` needs no decoding (:func:`arvid.tokenizer.reward.labels_for`);
+- ``labels.npz`` (``video``, ``label``, ``reward``) and ``labels.npy`` (assignment index per
+  dataset index, -1 where not curated: what ``train-tokenizer --stage final`` reads);
+- ``stats.json``: the stats, quality term, w_q / w_l, mode, decode counts, label histogram;
+- ``done``: written last.
+
+Multi-process: run under ``accelerate launch``; process r takes dataset indices i with
+``i % world == r``; the main process merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from arvid.config import ConfigError, doc, load_config, nested, save_config
+from arvid.data.datasets import DataConfig, build_dataset
+from arvid.io import check_writable, read_json, write_json
+from arvid.tokenizer.base import load_tokenizer
+from arvid.tokenizer.reward import (
+    QUALITY_DESCRIPTIONS,
+    CurationRecords,
+    Distortion,
+    ProxyScorer,
+    RewardStats,
+    calibration_samples,
+    labels_for,
+    search,
+)
+
+log = logging.getLogger("arvid.curate")
+
+
+@dataclass
+class CurateConfig:
+    """Curation with the proxy tokenizer: rewards over assignments -> one label per video."""
+
+    data: DataConfig = nested(DataConfig, "the videos to curate (use fixed clip starts: random_start: false)")
+    split: Literal["train", "val", "test"] = doc("train", "dataset split to curate")
+    num_videos: int | None = doc(None, "curate only the first N videos of the split (null: all)")
+    tokenizer: str = doc("", "directory of the trained proxy tokenizer (save_pretrained output)")
+    quality: Literal["lpips", "ssim", "mse"] = doc("lpips", "distortion of the quality term: LPIPS, 1-SSIM or MSE")
+    lpips_net: Literal["alex", "vgg"] = doc("alex", "LPIPS backbone when quality is lpips")
+    lpips_weights: str | None = doc(None, "explicit LPIPS weights file (default: found by arvid.eval.weights)")
+    mode: Literal["brute", "beam"] = doc("brute", "search: every assignment, or block-causal beam search")
+    beam_width: int = doc(2, "prefixes kept per block in beam mode")
+    w_q: float = doc(1.2, "weight of the quality term")
+    w_l: float = doc(0.8, "weight of the length term")
+    calib_videos: int = doc(64, "random videos of the calibration pass")
+    calib_assignments: int = doc(8, "random assignments per calibration video")
+    stats: str | None = doc(None, "reuse this stats.json/calibration.json instead of calibrating "
+                                  "(e.g. curate a held-out split with the training split's normalisation)")
+    batch_size: int = doc(64, "(video, assignment) pairs decoded per forward pass")
+    videos_per_step: int = doc(8, "videos searched together")
+    save_every: int = doc(64, "videos per record shard (the resume granularity)")
+    num_workers: int = doc(0, "DataLoader workers reading videos")
+    device: str = doc("auto", "auto (the process's accelerator, else cpu), cpu, cuda, cuda:1 ...")
+    seed: int = doc(0, "seed of the calibration draw")
+    out_dir: str = doc("outputs/curate", "output directory")
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "calib_videos", "batch_size", "videos_per_step", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.calib_videos * self.calib_assignments < 2:
+            raise ValueError("calibration needs at least 2 samples (calib_videos * calib_assignments)")
+        if self.num_videos is not None and self.num_videos < 1:
+            raise ValueError(f"num_videos must be >= 1 or null, got {self.num_videos}")
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    state: object | None = field(default=None, repr=False)
+
+    def wait(self) -> None:
+        if self.world > 1 and self.state is not None:
+            self.state.wait_for_everyone()  # type: ignore[attr-defined]
+
+
+def _distributed() -> _Dist:
+    from accelerate import PartialState
+
+    state = PartialState()
+    return _Dist(state.process_index, state.num_processes, state)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the accelerator this process was launched on (cuda:rank), else cpu."""
+    if name != "auto":
+        return torch.device(name)
+    from accelerate import PartialState
+
+    return PartialState().device if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _load_videos(dataset, indices: list[int], num_workers: int, batch: int):
+    """Yield ``(indices LongTensor[b], videos float [b, C, T, H, W])`` in order."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch,
+                                         shuffle=False, num_workers=num_workers)
+    pos = 0
+    for item in loader:
+        v = item["video"]
+        yield torch.tensor(indices[pos:pos + v.shape[0]], dtype=torch.long), v
+        pos += v.shape[0]
+
+
+def _calibrate(cfg: CurateConfig, scorer: ProxyScorer, dataset, n_total: int, device: torch.device) -> RewardStats:
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.calib_videos, n_total)
+    idx = torch.randperm(n_total, generator=g)[:n].sort().values.tolist()
+    ds, ls = [], []
+    for _, v in _load_videos(dataset, idx, cfg.num_workers, cfg.videos_per_step):
+        d, length = calibration_samples(scorer, v.to(device), cfg.calib_assignments, generator=g)
+        ds.append(d)
+        ls.append(length)
+    return RewardStats.from_samples(np.concatenate(ds), np.concatenate(ls), cfg.quality)
+
+
+def read_stats(path: str | Path) -> RewardStats:
+    """RewardStats from a ``stats.json`` (key ``reward_stats``) or a ``calibration.json``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "stats.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"reward stats {str(path)!r} do not exist")
+    d = read_json(path)
+    return RewardStats.from_dict(d.get("reward_stats", d), source=str(path))
+
+
+def _done_videos(parts_dir: Path) -> set[int]:
+    done: set[int] = set()
+    for p in sorted(parts_dir.glob("part_*.npz")):
+        done.update(CurationRecords.load(p).searched_videos.tolist())
+    return done
+
+
+def merge_parts(parts_dir: Path) -> CurationRecords:
+    """All record shards, each video once (the first shard that holds it wins)."""
+    parts = [CurationRecords.load(p) for p in sorted(parts_dir.glob("part_*.npz"))]
+    if not parts:
+        raise FileNotFoundError(f"no curation shards in {str(parts_dir)!r}")
+    seen: set[int] = set()
+    kept = []
+    for r in parts:
+        new = np.array(sorted(set(r.searched_videos.tolist()) - seen), dtype=np.int64)
+        seen.update(new.tolist())
+        if new.size:
+            kept.append(r.select_videos(new))
+    return CurationRecords.concat(kept)
+
+
+def run(cfg: CurateConfig) -> Path:
+    """Curate ``cfg.split``; returns ``out_dir``. Resumes from existing shards."""
+    if not cfg.tokenizer:
+        raise ConfigError("curate: `tokenizer` (the proxy tokenizer directory) is required")
+    out = check_writable(cfg.out_dir)
+    dist = _distributed()
+    device = resolve_device(cfg.device)
+    if dist.rank == 0:
+        save_config(cfg, out / "config.yaml")
+    tok = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
+    layout = tok.layout
+    distortion = Distortion(cfg.quality, cfg.lpips_net, device, cfg.lpips_weights)
+    distortion.check()
+    scorer = ProxyScorer(tok, distortion, cfg.batch_size)
+    dataset = build_dataset(cfg.data, cfg.split)
+    n_total = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
+    fp = tok.fingerprint()
+
+    # calibration: once, on the main process; a resumed run reuses it if it fits
+    calib_path = out / "calibration.json"
+    if dist.rank == 0:
+        stats = None
+        if cfg.stats:
+            stats = read_stats(cfg.stats)
+        elif calib_path.is_file():
+            old = read_json(calib_path)
+            if old.get("tokenizer_fingerprint") == fp and old.get("quality") == cfg.quality:
+                stats = RewardStats.from_dict(old["reward_stats"], str(calib_path))
+        if stats is None:
+            stats = _calibrate(cfg, scorer, dataset, n_total, device)
+        if stats.quality != cfg.quality:
+            raise ConfigError(f"curate: stats {cfg.stats!r} are for quality {stats.quality!r}, not {cfg.quality!r}")
+        write_json(calib_path, {"reward_stats": stats.to_dict(), "quality": cfg.quality,
+                                "tokenizer_fingerprint": fp})
+    dist.wait()
+    stats = RewardStats.from_dict(read_json(calib_path)["reward_stats"], str(calib_path))
+
+    parts_dir = out / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    done = _done_videos(parts_dir)
+    todo = [i for i in range(dist.rank, n_total, dist.world) if i not in done]
+    log.info("curate: %d of %d videos left on process %d (%s, %d assignments, %s)", len(todo), n_total,
+             dist.rank, cfg.mode, layout.num_assignments, distortion.name)
+    t0 = time.time()
+    for s in range(0, len(todo), cfg.save_every):
+        chunk = todo[s:s + cfg.save_every]
+        recs = []
+        for ids, v in _load_videos(dataset, chunk, cfg.num_workers, cfg.videos_per_step):
+            res = search(scorer, v.to(device), cfg.mode, stats, cfg.w_q, cfg.w_l, cfg.beam_width)
+            recs.append(res.to_records(ids, layout, cfg.quality, cfg.mode))
+        CurationRecords.concat(recs).save(parts_dir / f"part_{chunk[0]:09d}.npz")
+        log.info("curate: %d/%d videos (%.1f videos/s)", s + len(chunk), len(todo),
+                 (s + len(chunk)) / max(time.time() - t0, 1e-9))
+    dist.wait()
+
+    if dist.rank == 0:
+        records = merge_parts(parts_dir).select_videos(np.arange(n_total))
+        missing = n_total - records.searched_videos.size
+        if missing:
+            raise RuntimeError(f"curate: {missing} videos have no records after all processes finished")
+        records.save(out / "curation.npz")
+        vids, labels, rewards = labels_for(records, stats, cfg.w_q, cfg.w_l)
+        np.savez(out / "labels.npz", video=vids, label=labels, reward=rewards)
+        per_index = np.full(len(dataset), -1, dtype=np.int64)
+        per_index[vids] = labels
+        np.save(out / "labels.npy", per_index)
+        hist = np.bincount(labels, minlength=layout.num_assignments)
+        tokens = layout.all_assignments().sum(1).numpy()[labels]
+        decoded = int(records.searched_decoded.sum())
+        write_json(out / "stats.json", {
+            "reward_stats": stats.to_dict(),
+            "quality": distortion.name,
+            "quality_term": cfg.quality,
+            "quality_description": QUALITY_DESCRIPTIONS[cfg.quality],
+            "w_q": cfg.w_q,
+            "w_l": cfg.w_l,
+            "mode": cfg.mode,
+            "beam_width": cfg.beam_width if cfg.mode == "beam" else None,
+            "split": cfg.split,
+            "num_videos": int(vids.size),
+            "layout": layout.to_dict(),
+            "num_assignments": layout.num_assignments,
+            "decoded_assignments": decoded,
+            "decoded_fraction": decoded / float(vids.size * layout.num_assignments),
+            "mean_label_tokens": float(tokens.mean()),
+            "label_histogram": hist.tolist(),
+            "tokenizer": str(cfg.tokenizer),
+            "tokenizer_fingerprint": fp,
+        })
+        write_json(out / "done", {"stage": "curate", "videos": int(vids.size)})
+    dist.wait()
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = load_config(CurateConfig, args.config, args.overrides)
+    run(cfg)
+    return 0
+
+
+def add_arguments(subparsers) -> None:
+    """Register ``arvid curate CONFIG [overrides]``."""
+    p = subparsers.add_parser("curate", help="label videos with their best assignment (proxy rewards)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (CurateConfig)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mode=beam w_q=1.6 w_l=0.4")
+    p.set_defaults(func=_main)

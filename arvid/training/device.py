@@ -1,0 +1,82 @@
+"""The one place that picks the device and the precision and sets backend flags.
+
+Nothing here runs at import: :func:`setup_backends` is called by ``Trainer.fit`` and changes
+global torch flags only then.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def accelerate_precision(precision: str) -> str:
+    """arvid's precision name -> accelerate's ``mixed_precision`` (``fp32`` -> ``no``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return "no" if precision == "fp32" else "bf16"
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Fail early, with the reason, when ``device`` cannot run ``precision``.
+
+    bf16 autocast runs on every CPU (slowly where the CPU has no bf16 units) and on CUDA GPUs
+    from Ampere on; older GPUs would silently emulate it.
+    """
+    accelerate_precision(precision)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; use precision='fp32'"
+        )
+
+
+def setup_backends(device: torch.device, tf32: bool = True) -> None:
+    """Per-run backend flags: TF32 matmuls and convolutions on CUDA (about 2x faster fp32 on A100/H100).
+
+    TF32 keeps fp32's range with a 10-bit mantissa, which training tolerates; set ``tf32=False``
+    for bit-exact fp32 comparisons.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    # Fixed shapes dominate training steps, so let cuDNN pick the fastest convolution algorithm.
+    torch.backends.cudnn.benchmark = True
+
+
+def make_accelerator(precision: str, cpu: bool, find_unused_parameters: bool = False, log_dir: str | None = None):
+    """An ``accelerate.Accelerator`` for ``precision`` on CPU (``cpu=True``) or the launcher's device.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second Accelerator with
+    another precision. In a single process (tests, notebooks, a pipeline that trains a
+    tokenizer in fp32 then a generator in bf16) that state holds nothing that outlives a run,
+    so it is reset; under ``accelerate launch`` the launcher's state is kept and a mismatch is
+    accelerate's own error.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mixed = accelerate_precision(precision)
+    state = AcceleratorState._shared_state  # a class-level dict; empty until the first Accelerator
+    if state and not PartialState().use_distributed:
+        if state.get("_mixed_precision") != mixed or (cpu and PartialState().device.type != "cpu"):
+            AcceleratorState._reset_state(reset_partial_state=True)
+    kwargs = {}
+    if log_dir is not None:
+        kwargs = {"log_with": "tensorboard", "project_dir": log_dir}
+    return Accelerator(
+        mixed_precision=mixed,
+        cpu=cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        **kwargs,
+    )
+
+
+def tensorboard_available() -> bool:
+    """Whether accelerate can log to TensorBoard here (the ``tensorboard`` package is installed)."""
+    from accelerate.utils import is_tensorboard_available
+
+    return bool(is_tensorboard_available())

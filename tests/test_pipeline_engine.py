@@ -1,0 +1,65 @@
+"""The pipeline engine: skip finished stages, resume interrupted ones, refuse mixed outputs."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from arvid.pipeline_engine import Pipeline, PipelineError, Stage
+
+
+@dataclass
+class Cfg:
+    value: int = 1
+
+
+def make(tmp_path, calls, v1=1, v2=2, fail_b=False):
+    def run_a(d):
+        calls.append("a")
+        (d / "out.txt").write_text(str(v1))
+
+    def run_b(d):
+        calls.append("b")
+        if fail_b:
+            (d / "partial").write_text("x")
+            raise RuntimeError("killed")
+        assert (tmp_path / "out" / "a" / "out.txt").exists()
+        (d / "out.txt").write_text(str(v2))
+
+    return Pipeline([Stage("a", Cfg(v1), run_a), Stage("b", Cfg(v2), run_b, deps=["a"])], tmp_path / "out")
+
+
+def test_skip_resume_refuse_redo(tmp_path):
+    calls = []
+    with pytest.raises(RuntimeError):
+        make(tmp_path, calls, fail_b=True).run()
+    assert calls == ["a", "b"]
+    assert (tmp_path / "out/a/done").exists() and not (tmp_path / "out/b/done").exists()
+    plan = make(tmp_path, []).plan()
+    assert [p.action for p in plan] == ["skip", "resume"]
+    calls = []
+    make(tmp_path, calls).run()
+    assert calls == ["b"]  # a was skipped, b resumed in place
+    assert (tmp_path / "out/b/partial").exists()  # resume keeps what the stage wrote
+    calls = []
+    make(tmp_path, calls).run()
+    assert calls == []
+    # an upstream change changes b's fingerprint too: refused, not silently mixed
+    with pytest.raises(PipelineError, match="refusing to mix"):
+        make(tmp_path, [], v1=5).run()
+    calls = []
+    make(tmp_path, calls, v1=5).run(from_="a")
+    assert calls == ["a", "b"]
+    assert (tmp_path / "out/a/out.txt").read_text() == "5"
+    assert any(p.name.startswith("a.old-") for p in (tmp_path / "out").iterdir())
+
+
+def test_until_dry_run_and_bad_names(tmp_path):
+    calls = []
+    items = make(tmp_path, calls).run(until="a", dry_run=True)
+    assert [i.stage.name for i in items] == ["a"] and calls == []
+    make(tmp_path, calls).run(until="a")
+    assert calls == ["a"]
+    with pytest.raises(PipelineError, match="did you mean 'b'"):
+        make(tmp_path, []).plan(until="bb")
+    with pytest.raises(PipelineError, match="does not run before"):
+        Pipeline([Stage("x", Cfg(), lambda d: None, deps=["y"])], tmp_path)
