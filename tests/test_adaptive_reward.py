@@ -18,9 +18,12 @@ from arvid.tokenizer.reward import (
     block_weights,
     brute_force_search,
     calibration_samples,
+    complete_records,
     compute_reward,
     labels_for,
     per_block,
+    reward_percentile,
+    threshold_search,
 )
 from arvid.tokenizer.router import Router, RouterConfig
 
@@ -241,3 +244,41 @@ def test_router_S_is_vit_small_size():
     r = Router.from_preset("S", BlockLayout(), image_size=128)
     n = sum(p.numel() for p in r.parameters())
     assert 19e6 < n < 24e6, n
+
+
+def test_reward_percentile_by_hand():
+    table = np.array([[0.0, 1.0, 4.0], [2.0, 2.0, 2.0], [-1.0, 3.0, 1.0]])
+    p = reward_percentile(table, np.array([1, 0, 2]))
+    np.testing.assert_allclose(p, [0.25, 1.0, 0.5])
+    with pytest.raises(ValueError, match="complete"):
+        reward_percentile(np.array([[0.0, np.nan]]), np.array([0]))
+
+
+def test_complete_records_fills_beam_records_to_brute_force():
+    layout = BlockLayout((2, 2, 2), (1, 4, 16))
+    tok = FakeBlockCausalTokenizer(layout, 8)
+    vids = _videos(3, layout, 8, seed=5)
+    beam = beam_search(ProxyScorer(tok, Distortion("mse")), vids, STATS, 1.2, 0.8, beam_width=1)
+    rec = beam.to_records(torch.tensor([4, 5, 6]), layout, "mse", "beam")
+    assert len(rec) < 3 * 27
+    full = complete_records(rec, ProxyScorer(tok, Distortion("mse")), lambda ids: vids[[i - 4 for i in ids]])
+    brute = brute_force_search(ProxyScorer(tok, Distortion("mse")), vids).to_records(
+        torch.tensor([4, 5, 6]), layout, "mse", "brute")
+    np.testing.assert_allclose(full.distortion_table()[1], brute.distortion_table()[1], rtol=1e-6, atol=1e-9)
+
+
+def test_threshold_baseline_picks_fewest_tokens_meeting_threshold():
+    layout = BlockLayout((2, 2, 2), (1, 4, 16))
+    tok = FakeBlockCausalTokenizer(layout, 8)
+    vids = _videos(4, layout, 8, seed=2)
+    scorer = ProxyScorer(tok, Distortion("mse"))
+    mid = float(brute_force_search(ProxyScorer(tok, Distortion("mse")), vids).block_distortion.median())
+    a = threshold_search(scorer, vids, [1e9, -1.0, mid])
+    assert (a[0] == 1).all() and (a[1] == 16).all()
+    for v in range(4):  # the rule, checked block by block with direct decodes
+        prefix = []
+        for t in range(3):
+            ok = [c for c in (1, 4, 16)
+                  if _direct_block_distortion(tok, vids[v], prefix + [c] + [1] * (2 - t))[t] <= mid]
+            prefix.append(ok[0] if ok else 16)
+        assert a[2, v].tolist() == prefix

@@ -205,18 +205,18 @@ class SyntheticVideos(Dataset):
             if cls == "rotate" and shape in ("circle", "ring"):
                 shape = "square"  # a spinning circle shows no motion
             radius = 0.05 + 0.1 * p[1]
-            pos0 = torch.tensor([radius + (1 - 2 * radius) * p[2], radius + (1 - 2 * radius) * p[3]])  # [2]
             ang = p[4] * 2 * math.pi
-            direction = torch.tensor([math.cos(ang), math.sin(ang)])  # [2]
             v = speed * (0.7 + 0.6 * p[5])  # per-sprite speed near the clip's speed
             phase = p[6] * 2 * math.pi
             hue, sat = p[7], 0.55 + 0.45 * p[8]
             value = 0.75 + 0.25 * p[9] if bg_dark else 0.15 + 0.35 * p[9]
-            color = torch.tensor(colorsys.hsv_to_rgb(hue, sat, value))  # [3]
+            vec = torch.tensor([radius + (1 - 2 * radius) * p[2], radius + (1 - 2 * radius) * p[3],
+                                math.cos(ang), math.sin(ang), *colorsys.hsv_to_rgb(hue, sat, value)])
+            pos0, direction, color = vec[0:2], vec[2:4], vec[4:7]  # start [2], unit velocity [2], rgb [3]
             striped = p[10] < cfg.textured_sprite_prob
             omega = min(v / radius, 1.2)  # angular rate whose rim speed matches the linear speed
 
-            pos = pos0[None].expand(T, 2)  # [T, 2]
+            pos = pos0[None]  # [1, 2]: a sprite that does not move is drawn once and broadcast over time
             scale = angle = alpha = None  # None: constant (1, no rotation, opaque): cheaper to draw
             colors = color[None].expand(T, 3)  # [T, 3]
             if cls == "linear":
@@ -246,17 +246,17 @@ class SyntheticVideos(Dataset):
             # "static": nothing changes
             self._draw_sprite(frame, shape, radius, pos, scale, angle, alpha, colors, striped)
 
-        return rearrange(frame.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0), "t c h w -> c t h w").contiguous()
+        return frame.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
 
     def _background(self, g: torch.Generator, textured: bool, dark: bool,
                     cam: torch.Tensor | None) -> torch.Tensor:
-        """``float[T, 3, S, S]`` in [0, 1]: a flat colour or a few oriented gratings, shifted by ``cam[T, 2]``."""
+        """``float[3, T, S, S]`` in [0, 1]: a flat colour or a few oriented gratings, shifted by ``cam[T, 2]``."""
         T, S = self.frames, self.size
         p = torch.rand(4, generator=g).tolist()
         value = 0.1 + 0.25 * p[2] if dark else 0.7 + 0.25 * p[2]
         base = torch.tensor(colorsys.hsv_to_rgb(p[0], 0.3 + 0.5 * p[1], value))  # [3]
         if not textured:
-            return base[None, :, None, None].expand(T, 3, S, S).clone()
+            return base[:, None, None, None].expand(3, T, S, S).clone()
         n_waves = 3
         q = torch.rand(n_waves, 4, generator=g)
         freq = 2.0 + 8.0 * q[:, 0]  # cycles per frame width
@@ -266,7 +266,7 @@ class SyntheticVideos(Dataset):
         amp = amp / amp.sum()
         kx, ky = freq * torch.cos(theta) * 2 * math.pi, freq * torch.sin(theta) * 2 * math.pi  # [n]
         centers = (torch.arange(S, dtype=torch.float32) + 0.5) / S  # [S] pixel centres in frame units
-        tc = 1 if cam is None else T  # a static texture is drawn once and broadcast over time
+        # a static texture (tc = 1) is drawn once and broadcast over time, a panning one per frame (tc = T)
         cx = centers[None, :] if cam is None else centers[None, :] + cam[:, 0, None]  # [tc, S]
         cy = centers[None, :] if cam is None else centers[None, :] + cam[:, 1, None]  # [tc, S]
         # sin(a + b) = sin a cos b + cos a sin b: separable in x and y, so only [tc, n, S] sines
@@ -275,44 +275,46 @@ class SyntheticVideos(Dataset):
         field = torch.einsum("tny,tnx->tyx", torch.cos(by) * amp[None, :, None], torch.sin(ax)) + torch.einsum(
             "tny,tnx->tyx", torch.sin(by) * amp[None, :, None], torch.cos(ax))  # [tc, S, S] in [-1, 1]
         other = torch.tensor(colorsys.hsv_to_rgb((p[0] + 0.3 + 0.4 * p[3]) % 1.0, 0.6, float(base.max()) * 0.6 + 0.2))
-        w = field.mul_(0.5).add_(0.5)[:, None]  # [tc, 1, S, S] mix weight in [0, 1]
-        out = torch.lerp(base[None, :, None, None], other[None, :, None, None], w)  # [tc, 3, S, S]
-        return out.expand(T, 3, S, S).clone() if cam is None else out
+        w = field.mul_(0.5).add_(0.5)[None]  # [1, tc, S, S] mix weight in [0, 1]
+        out = torch.lerp(base[:, None, None, None], other[:, None, None, None], w)  # [3, tc, S, S]
+        return out.expand(3, T, S, S).clone() if cam is None else out
 
     def _draw_sprite(self, frame: torch.Tensor, shape: str, radius: float, pos: torch.Tensor,
                      scale: torch.Tensor | None, angle: torch.Tensor | None, alpha: torch.Tensor | None,
                      colors: torch.Tensor, striped: bool) -> None:
-        """Composite one sprite into ``frame[T, 3, S, S]`` in place.
+        """Composite one sprite into ``frame[3, T, S, S]`` in place.
 
-        ``pos[T, 2]`` in frame units; ``scale``, ``angle``, ``alpha``: ``[T]`` or None (constant).
-        Only the window that the sprite can touch over the whole clip is computed.
+        ``pos[T or 1, 2]`` in frame units; ``scale``, ``angle``, ``alpha``: ``[T]`` or None
+        (constant); ``colors[T, 3]``. Only the window that the sprite can touch over the whole
+        clip is computed, and a sprite whose shape does not change is computed for one frame.
         """
-        T, S = self.frames, self.size
-        r_px = radius * S * (scale if scale is not None else torch.ones(1))  # [T] or [1] radius in pixels
+        S = self.size
+        r_px = radius * S * scale if scale is not None else torch.tensor([radius * S])  # [T or 1] pixels
         reach = float(r_px.max()) * 1.2 + 1.5  # farthest any shape reaches from its centre, plus the AA ramp
-        cpx = pos * S  # [T, 2] centre in pixels
-        x0, x1 = _window(float(cpx[:, 0].min()) - reach, float(cpx[:, 0].max()) + reach, S)
-        y0, y1 = _window(float(cpx[:, 1].min()) - reach, float(cpx[:, 1].max()) + reach, S)
+        cpx = pos * S  # [T or 1, 2] centre in pixels
+        (lx, ly), (hx, hy) = cpx.amin(0).tolist(), cpx.amax(0).tolist()
+        x0, x1 = _window(lx - reach, hx + reach, S)
+        y0, y1 = _window(ly - reach, hy + reach, S)
         if x0 >= x1 or y0 >= y1:
             return  # entirely outside the frame
-        dx = (torch.arange(x0, x1, dtype=torch.float32) + 0.5)[None, None, :] - cpx[:, 0, None, None]  # [T, 1, w]
-        dy = (torch.arange(y0, y1, dtype=torch.float32) + 0.5)[None, :, None] - cpx[:, 1, None, None]  # [T, h, 1]
+        dx = (torch.arange(x0, x1, dtype=torch.float32) + 0.5)[None, None, :] - cpx[:, 0, None, None]  # [T|1, 1, w]
+        dy = (torch.arange(y0, y1, dtype=torch.float32) + 0.5)[None, :, None] - cpx[:, 1, None, None]  # [T|1, h, 1]
         if angle is not None:
             cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
             u, v = dx * cos + dy * sin, dy * cos - dx * sin  # [T, h, w] rotated offsets
         else:
             u, v = dx, dy
         r = r_px[:, None, None]  # [T or 1, 1, 1]
-        cover = (0.5 - _sdf(shape, u, v, r)).clamp_(0.0, 1.0)  # [T, h, w] anti-aliased coverage
+        cover = (0.5 - _sdf(shape, u, v, r)).clamp_(0.0, 1.0)  # [T or 1, h, w] anti-aliased coverage
         if alpha is not None:
             cover = cover * alpha[:, None, None]
-        col = colors[:, :, None, None]  # [T, 3, 1, 1]
+        col = rearrange(colors, "t c -> c t 1 1")
         if striped:
             # stripes across the sprite's own axis, so they turn with it
-            stripes = torch.sin(u * (2.5 * math.pi / r)).mul_(1.5).clamp_(-1.0, 1.0)  # [T, h or 1, w]
-            col = col * (0.7 - 0.3 * stripes[:, None])  # [T, 3, h or 1, w]
-        view = frame[:, :, y0:y1, x0:x1]  # [T, 3, h, w]
-        view.lerp_(col.expand_as(view), cover[:, None].expand_as(view))
+            stripes = torch.sin(u * (2.5 * math.pi / r)).mul_(1.5).clamp_(-1.0, 1.0)  # [T or 1, h or 1, w]
+            col = col * (0.7 - 0.3 * stripes[None])  # [3, T, h or 1, w]
+        view = frame[:, :, y0:y1, x0:x1]  # [3, T, h, w]
+        view.lerp_(col.expand_as(view), cover[None].expand_as(view))
 
 
 def _window(lo: float, hi: float, size: int) -> tuple[int, int]:
@@ -321,10 +323,13 @@ def _window(lo: float, hi: float, size: int) -> tuple[int, int]:
 
 
 def clip_complexity(video: torch.Tensor) -> float:
-    """Mean |temporal difference| + mean |spatial difference| of ``video[C, T, H, W]`` (a busyness score)."""
-    x = video.float()
-    temporal = (x[:, 1:] - x[:, :-1]).abs().mean() if x.shape[1] > 1 else x.new_zeros(())
-    spatial = 0.5 * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., 1:] - x[..., :-1]).abs().mean())
+    """A busyness score of ``video[C, T, H, W]``: mean |temporal difference| + mean |spatial difference|.
+
+    Measured on the channel mean (luma-like), which is a third of the work and ranks clips the same.
+    """
+    x = video.float().mean(0, keepdim=True)  # [1, T, H, W]
+    temporal = (x[:, 1:] - x[:, :-1]).abs_().mean() if x.shape[1] > 1 else x.new_zeros(())
+    spatial = 0.5 * ((x[..., 1:, :] - x[..., :-1, :]).abs_().mean() + (x[..., 1:] - x[..., :-1]).abs_().mean())
     return float(temporal + spatial)
 
 

@@ -176,8 +176,13 @@ def cond_batch_size(cond: Any) -> int | None:
 def null_conditioning(model: Any, cond: Any) -> Any:
     """The unconditional counterpart of ``cond`` for guidance: the null class id
     (``num_classes``) for classes, the model's empty text for text."""
+    B = cond_batch_size(cond)
+    if B is None:
+        raise ValueError("classifier-free guidance needs a conditioning (class_ids or text_ids); "
+                         "this batch has none: set cfg_scale to 1")
     if hasattr(model, "null_conditioning"):
-        return model.null_conditioning(cond)
+        ref = cond.class_ids if getattr(cond, "class_ids", None) is not None else cond.text_ids
+        return model.null_conditioning(B, ref.device)
     changes: dict[str, Any] = {}
     if getattr(cond, "class_ids", None) is not None:
         changes["class_ids"] = torch.full_like(cond.class_ids, int(model.config.num_classes))
@@ -231,7 +236,9 @@ class _Decoder:
         self.G = fmt.max_length - p0  # most tokens any sample can still need
         self.device = device
         rows = 2 * batch_size if guided else batch_size
-        self.cache = model.allocate_cache(rows, n_prefix + fmt.max_length, device, dtype) if cfg.use_cache else None
+        # Positions 0 .. n + max_length - 2: the last token of the longest sequence is never fed.
+        self.cache = (model.allocate_cache(rows, n_prefix + fmt.max_length - 1, device, dtype)
+                      if cfg.use_cache else None)
         B, G, Fw = batch_size, self.G, max(forced_width, 1)
         long = dict(dtype=torch.long, device=device)
         self.i = torch.zeros((), **long)  # index of the next token to choose (device scalar)
@@ -415,9 +422,11 @@ class Sampler:
             raise ValueError(f"the prefix ({p0} tokens) leaves nothing to generate (max length {fmt.max_length})")
 
         constraint = SequenceConstraint(fmt, B, allowed_counts, fixed_assignment, budget, device=device)
-        state = constraint.state_after(prefix, prefix_lengths)
-        if bool(constraint.done(state).any()):
+        # Validate whole prefixes; the state starts after the prefilled part (forced tokens
+        # advance it in the loop like sampled ones).
+        if bool(constraint.done(constraint.state_after(prefix, prefix_lengths)).any()):
             raise ValueError("a prefix is already a complete sequence: nothing to generate")
+        state = constraint.state_after(prefix[:, :p0])
 
         n = int(model.num_prefix(cond))
         forced = prefix[:, p0:]

@@ -15,6 +15,7 @@ from arvid.tokenizer.base import (
     tokenizer_class,
 )
 from arvid.tokenizer.evatok import EVATok, EVATokConfig
+from arvid.tokenizer.grid3d import Grid3D, Grid3DConfig
 from arvid.tokenizer.quantizers import FSQ, QuantizerConfig, QuantOutput, VectorQuantizer, build_quantizer
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "EVATok",
     "EVATokConfig",
     "FSQ",
+    "Grid3D",
+    "Grid3DConfig",
     "QuantOutput",
     "QuantizerConfig",
     "VectorQuantizer",

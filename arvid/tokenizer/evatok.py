@@ -46,7 +46,13 @@ from torch import nn
 from arvid.config import doc, nested
 from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.pretrained import PretrainedMixin
-from arvid.tokenizer.attention import Segments, block_causal_mask, flex_block_mask, packed_attention, resolve_backend
+from arvid.tokenizer.attention import (
+    Segments,
+    block_causal_mask,
+    flex_block_mask,
+    packed_attention,
+    resolve_backend,
+)
 from arvid.tokenizer.base import register_tokenizer
 from arvid.tokenizer.quantizers import QuantizerConfig, QuantOutput, build_quantizer
 

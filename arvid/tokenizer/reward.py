@@ -558,3 +558,35 @@ def complete_records(records: CurationRecords, scorer: ProxyScorer, load_videos)
     out = CurationRecords.concat([records] + extra)
     assert (np.bincount(np.searchsorted(vids, out.video), minlength=vids.size) == A).all()
     return out
+
+
+def threshold_search(scorer: ProxyScorer, videos: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """The ElasticTok-style baseline: block by block, the fewest tokens whose block distortion is
+    at most the threshold (the largest count if none is), given the counts already chosen.
+
+    ``videos [V, C, T, H, W]``, ``thresholds [S]`` -> assignments ``LongTensor[S, V, K]``. Later
+    blocks are filled with the smallest count while block t is scored (block-causality); decodes
+    are cached across thresholds.
+    """
+    layout = scorer.layout
+    K, C = layout.num_blocks, layout.num_candidates
+    V = videos.shape[0]
+    powers = C ** np.arange(K - 1, -1, -1)
+    cache: dict[tuple[int, int], np.ndarray] = {}
+    out = torch.empty(len(thresholds), V, K, dtype=torch.long)
+    for s, thr in enumerate(thresholds):
+        prefix = [[] for _ in range(V)]
+        for t in range(K):
+            keys = [(v, int(np.dot(prefix[v] + [c] + [0] * (K - t - 1), powers))) for v in range(V) for c in range(C)]
+            todo = sorted({k for k in keys if k not in cache})
+            if todo:
+                rows = torch.tensor([k[0] for k in todo])
+                idx = torch.tensor([k[1] for k in todo])
+                d = scorer.score(videos, rows, layout.indices_to_assignments(idx)).numpy()
+                cache.update(zip(todo, d))
+            for v in range(V):
+                ok = [c for c in range(C) if cache[keys[v * C + c]][t] <= thr]
+                prefix[v].append(ok[0] if ok else C - 1)
+        pos = torch.tensor(prefix, dtype=torch.long)  # [V, K] candidate positions
+        out[s] = torch.tensor(layout.candidates)[pos]
+    return out

@@ -1,0 +1,322 @@
+"""Causal attention over packed variable-length sequences, behind one function.
+
+Training packs many sequences into one row of ``N`` tokens (no padding); each token may
+attend only to earlier tokens *of its own sequence*. The sequences are described by
+``cu_seqlens`` (``IntTensor[S+1]``, boundaries) and ``max_seqlen`` (a Python int).
+
+Backends (``varlen_causal_attention(..., backend=...)``):
+
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (package ``flash-attn``), CUDA, fp16/bf16.
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn``; it has no ``is_causal`` flag,
+  causality is the sliding window ``window_size=(-1, 0)``. CUDA, fp16/bf16.
+- ``flex``: FlexAttention with a document-causal ``BlockMask`` (compiled on CUDA; on CPU it
+  runs unfused, materialises the scores, and has no backward pass: inference and tests only).
+- ``cudnn``: SDPA restricted to the cuDNN kernel. SDPA has no varlen API, so the packed batch
+  is unpacked to padded ``[S, H, Lmax, D]`` and run with ``is_causal=True``: padding sits at the
+  tail of each row, after every real query, so the causal mask alone keeps it out. Fast when
+  lengths are similar; it spends work on padding when they are not. CUDA only.
+- ``xformers``: ``memory_efficient_attention`` with ``BlockDiagonalCausalMask.from_seqlens``.
+- ``sdpa``: the portable fallback: SDPA with a dense ``[N, N]`` boolean document-causal mask
+  (``O(N^2)`` memory; CPU tests, small batches).
+- ``auto``: the fastest available for the device and dtype (see :func:`auto_backend`); the
+  choice is logged once.
+
+q: ``[N, H, D]``; k, v: ``[N, Hkv, D]`` with ``H % Hkv == 0`` (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "cudnn", "xformers", "sdpa")
+
+#: CUDA preference of ``auto`` (fastest first). Measured by ``benchmarks/bench_attention.py`` on
+#: an H100 (bf16, fwd+bwd, packed router-like lengths): see BENCHMARKS.md.
+CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class AttentionBackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here; the message says what to install or change."""
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def backend_unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """None when backend ``name`` can run on ``device`` with ``dtype``, else why not and what to do."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if name not in BACKENDS or name == "auto":
+        return f"unknown attention backend {name!r}; expected one of {', '.join(BACKENDS[1:])} or 'auto'"
+    if name == "sdpa":
+        return None
+    if name == "flex":
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError:
+            return "FlexAttention needs torch>=2.5 (torch.nn.attention.flex_attention); upgrade torch"
+        return None
+    if not cuda:
+        return f"attention backend {name!r} needs a CUDA GPU (got device {device}); use 'sdpa' or 'flex' on CPU"
+    if name in ("flash_attn", "torch_varlen", "cudnn") and dtype not in _HALF:
+        return f"attention backend {name!r} needs fp16/bf16 inputs, got {dtype}; train with precision=bf16"
+    if name == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "attention backend 'flash_attn' needs the flash-attn package: pip install 'arvid[flash]' (flash-attn>=2.6)"
+        return None
+    if name == "torch_varlen":
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        except ImportError:
+            return "attention backend 'torch_varlen' needs torch.nn.attention.varlen (torch>=2.10); upgrade torch"
+        return None
+    if name == "cudnn":
+        if not torch.backends.cudnn.is_available():
+            return "attention backend 'cudnn' needs torch built with cuDNN (cuDNN SDPA, cuDNN>=9)"
+        return None
+    if name == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"
+        return _xformers_kernel_problem()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_kernel_problem() -> str | None:
+    # The PyPI wheel may be built for another torch and import without its CUDA kernels.
+    try:
+        import xformers.ops as xops  # noqa: F401
+        from xformers.ops.fmha import cutlass  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
+        return f"xformers is installed but does not load its kernels ({type(e).__name__}: {e}); install a build matching this torch"
+    return None
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Backends (not ``auto``) that can run on ``device`` with ``dtype``."""
+    return [b for b in BACKENDS[1:] if backend_unavailable_reason(b, device, dtype) is None]
+
+
+_AUTO_LOGGED: set[tuple[str, torch.dtype, str]] = set()
+
+
+def auto_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The backend ``auto`` uses: on CUDA the first available of :data:`CUDA_AUTO_ORDER`, on CPU ``sdpa``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        choice = next(b for b in CUDA_AUTO_ORDER if backend_unavailable_reason(b, device, dtype) is None)
+    else:
+        choice = "sdpa"
+    key = (device.type, dtype, choice)
+    if key not in _AUTO_LOGGED:
+        _AUTO_LOGGED.add(key)
+        log.info("attention backend auto -> %s (device %s, %s)", choice, device.type, dtype)
+    return choice
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """``auto`` -> a concrete backend; a concrete one is checked and a clear error raised if it cannot run."""
+    if name == "auto":
+        return auto_backend(device, dtype)
+    reason = backend_unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise AttentionBackendUnavailable(reason)
+    return name
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def document_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """``IntTensor[S+1]`` boundaries -> ``LongTensor[n]``: the sequence index of every packed token."""
+    pos = torch.arange(n, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """``BoolTensor[n, n]``: True where query i may attend key j (same sequence, j <= i)."""
+    doc = document_ids(cu_seqlens, n)
+    pos = torch.arange(n, device=cu_seqlens.device)
+    return (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+
+
+def _expand_kv(k: torch.Tensor, h: int) -> torch.Tensor:
+    """``[N, Hkv, D]`` -> ``[N, H, D]`` by repeating each kv head for its group of query heads."""
+    if k.shape[1] == h:
+        return k
+    return k.repeat_interleave(h // k.shape[1], dim=1)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be packed [N, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit together")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be IntTensor[S+1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _sdpa_dense(q, k, v, cu_seqlens, max_seqlen):
+    n, h, _ = q.shape
+    mask = document_causal_mask(cu_seqlens, n)  # [N, N]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # [1, H, N, D]
+        attn_mask=mask, enable_gqa=k.shape[1] != h)
+    return out[0].transpose(0, 1)  # [N, H, D]
+
+
+def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, sdpa_backends: list | None = None) -> torch.Tensor:
+    """Unpack to padded ``[S, H, Lmax, D]``, run SDPA with ``is_causal=True``, pack back: ``[N, H, D]``.
+
+    Padding is a zero row gathered at each sequence's tail: the causal mask keeps every real
+    query off it, so no extra mask is needed and the fused kernels (cuDNN, flash) apply.
+    ``sdpa_backends``: a list of ``torch.nn.attention.SDPBackend`` to restrict SDPA to.
+    """
+    n, h, d = q.shape
+    s = cu_seqlens.numel() - 1
+    starts = cu_seqlens[:-1].long()
+    lens = cu_seqlens[1:].long() - starts  # [S]
+    ar = torch.arange(max_seqlen, device=q.device)
+    src = starts[:, None] + ar[None, :]  # [S, Lmax] packed index of each padded slot
+    src = torch.where(ar[None, :] < lens[:, None], src, torch.full_like(src, n))  # padding -> the zero row
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # [N+1, H', D]: row N is the padding
+        return t[src].transpose(1, 2)  # [S, Lmax, H', D] -> [S, H', Lmax, D]
+
+    qp, kp, vp = unpack(q), unpack(_expand_kv(k, h)), unpack(_expand_kv(v, h))
+    if sdpa_backends is None:
+        out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(sdpa_backends):
+            out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+    out = out.transpose(1, 2).reshape(s * max_seqlen, h, d)  # [S*Lmax, H, D]
+    doc = document_ids(cu_seqlens, n)
+    dst = doc * max_seqlen + (torch.arange(n, device=q.device) - starts[doc])  # [N] padded slot of each token
+    return out[dst]
+
+
+def _cudnn(q, k, v, cu_seqlens, max_seqlen):
+    from torch.nn.attention import SDPBackend
+
+    return padded_causal_attention(q, k, v, cu_seqlens, max_seqlen, [SDPBackend.CUDNN_ATTENTION])
+
+
+_FLEX_COMPILED = None
+
+
+def _flex_fn(device: torch.device):
+    """FlexAttention: compiled once per process on CUDA (its fused kernel); eager elsewhere."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+FLEX_BLOCK = 128
+
+
+def _flex(q, k, v, cu_seqlens, max_seqlen):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, h, _ = q.shape
+    if q.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise AttentionBackendUnavailable(
+            "FlexAttention has no backward pass on CPU (torch raises NotImplementedError); "
+            "train with attn_backend='sdpa' on CPU, or run 'flex' on a CUDA GPU")
+    # Pad N to a multiple of the block size: fewer distinct shapes to compile for; the padding is
+    # its own document (id S), so it never mixes with real tokens.
+    n_pad = -(-n // FLEX_BLOCK) * FLEX_BLOCK
+    doc = document_ids(cu_seqlens, n)
+    if n_pad != n:
+        doc = torch.cat([doc, doc.new_full((n_pad - n,), cu_seqlens.numel() - 1)])
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, n_pad - n)) for t in (q, k, v))
+
+    def mask_mod(b, hh, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    block_mask = create_block_mask(mask_mod, None, None, n_pad, n_pad, device=q.device,
+                                   BLOCK_SIZE=FLEX_BLOCK)
+    out = _flex_fn(q.device)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                             block_mask=block_mask, enable_gqa=k.shape[1] != h)  # [1, H, Npad, D]
+    return out[0, :, :n].transpose(0, 1)
+
+
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen):
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = cu_seqlens.to(torch.int32)
+    # varlen_attn has no is_causal argument: a window of (-1 left, 0 right) is causal attention.
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0),
+                       enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _xformers(q, k, v, cu_seqlens, max_seqlen):
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+
+    h = q.shape[1]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    bias = BlockDiagonalCausalMask.from_seqlens(lens)
+    out = xops.memory_efficient_attention(q[None], _expand_kv(k, h)[None], _expand_kv(v, h)[None], attn_bias=bias)
+    return out[0]
+
+
+_IMPLS = {
+    "sdpa": _sdpa_dense,
+    "cudnn": _cudnn,
+    "flex": _flex,
+    "flash_attn": _flash_attn,
+    "torch_varlen": _torch_varlen,
+    "xformers": _xformers,
+}
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, backend: str = "auto") -> torch.Tensor:
+    """Per-sequence causal attention over a packed batch.
+
+    q: ``[N, H, D]``, k/v: ``[N, Hkv, D]``, ``cu_seqlens``: ``IntTensor[S+1]`` (0 first, N last),
+    ``max_seqlen``: the longest sequence. Returns ``[N, H, D]``. Scale is ``1/sqrt(D)``.
+    """
+    _check(q, k, v, cu_seqlens)
+    name = resolve_backend(backend, q.device, q.dtype)
+    return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
+
+
+def attention_flops(seqlens: list[int] | torch.Tensor, n_heads: int, head_dim: int, backward: bool = True) -> float:
+    """Matmul FLOPs of causal attention over sequences of the given lengths (half of the full L^2).
+
+    Forward: ``QK^T`` and ``PV``, ``2 * 2 * L^2 * H * D`` each full, halved for causality;
+    backward is 2.5x the forward in flash-attention accounting (5 matmuls vs 2)."""
+    lens = torch.as_tensor(seqlens, dtype=torch.float64)
+    fwd = float((2 * 2 * lens**2 * n_heads * head_dim / 2).sum())
+    return fwd * (3.5 if backward else 1.0)

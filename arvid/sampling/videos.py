@@ -1,0 +1,139 @@
+"""Class/text/unconditional -> videos, in fixed-size batches (the library entry point that the
+``sample`` and ``eval`` stages call).
+
+Batches have a fixed size (the last one is padded with copies of its last row and trimmed), so
+one decoder and one captured CUDA graph serve every batch. Batch ``j`` draws its randomness
+from a generator seeded by ``(seed, j)``: a sample does not depend on how the batches are
+spread over processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from arvid.data.types import TokenizedVideo
+from arvid.generator.sequence import SequenceFormat
+from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """A 63-bit seed for batch ``batch_index`` of a run seeded ``seed`` (splitmix64 mixing)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(batch_index) + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def sequence_format_for(gpt: Any, tokenizer: Any) -> SequenceFormat:
+    """The sequence format of ``tokenizer``, checked against the GPT's vocabulary."""
+    fmt = SequenceFormat(int(tokenizer.codebook_size), tokenizer.layout)
+    vocab = int(gpt.config.vocab_size)
+    if vocab != fmt.vocab_size:
+        raise ValueError(f"the GPT's vocab_size {vocab} does not match the tokenizer's sequence format "
+                         f"({fmt.codebook_size} codes + {fmt.layout.num_candidates} length tokens = {fmt.vocab_size}): "
+                         "was the GPT trained on this tokenizer's tokens?")
+    return fmt
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def iter_sample_batches(
+    gpt: Any,
+    tokenizer: Any,
+    cfg: SamplerConfig,
+    class_ids: torch.Tensor | None = None,
+    *,
+    text_ids: torch.Tensor | None = None,
+    num_samples: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    batches: list[int] | None = None,
+    budget: int | None = None,
+    decode: bool = True,
+    sampler: Sampler | None = None,
+    **generate_kwargs,
+) -> Iterator[tuple[int, torch.Tensor | None, TokenizedVideo]]:
+    """Yield ``(batch_index, videos float [b, C, T, H, W] (CPU) or None, TokenizedVideo)`` batch by batch.
+
+    Args:
+        gpt, tokenizer: the generator and its tokenizer.
+        cfg: sampling settings.
+        class_ids: ``LongTensor[N]`` (one sample per entry); or ``text_ids [N, Lt]``; or
+            ``num_samples`` for an unconditional model.
+        batch_size: rows per batch.
+        seed: run seed (batch ``j`` uses :func:`batch_seed` ``(seed, j)``).
+        batches: the batch indices to run (this process's share); None = all.
+        budget: exact per-video cap on codes (None: none).
+        sampler: reuse a :class:`Sampler` (keeps its captured graphs).
+        generate_kwargs: passed to ``Sampler.generate`` (``allowed_counts``, ``fixed_assignment``).
+    """
+    fmt = sequence_format_for(gpt, tokenizer)
+    sampler = sampler or Sampler(gpt, fmt, cfg)
+    if class_ids is not None:
+        rows = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
+        N = rows.shape[0]
+    elif text_ids is not None:
+        rows = torch.as_tensor(text_ids, dtype=torch.long)
+        N = rows.shape[0]
+    elif num_samples is not None:
+        rows, N = None, int(num_samples)
+    else:
+        raise ValueError("give class_ids, text_ids or num_samples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    Cond = conditioning_class()
+    todo = range(num_batches(N, batch_size)) if batches is None else batches
+    for j in todo:
+        lo, hi = j * batch_size, min((j + 1) * batch_size, N)
+        if not 0 <= lo < N:
+            raise IndexError(f"batch {j} is out of range for {N} samples in batches of {batch_size}")
+        idx = torch.arange(lo, lo + batch_size).clamp(max=hi - 1)  # pad by repeating the last row
+        if class_ids is not None:
+            cond = Cond(class_ids=rows[idx])
+        elif text_ids is not None:
+            cond = Cond(text_ids=rows[idx])
+        else:
+            cond = Cond()
+        g = torch.Generator().manual_seed(batch_seed(seed, j))
+        out = sampler.generate(cond, batch_size=batch_size, generator=g, budget=budget, **generate_kwargs)
+        keep = hi - lo
+        tokens = out.tokens if keep == batch_size else out.tokens.select(list(range(keep)))
+        videos = None
+        if decode:
+            dev = _device_of(tokenizer)
+            with torch.no_grad():
+                videos = tokenizer.decode(tokens.to(dev)).float().clamp(-1, 1).cpu()
+        yield j, videos, tokens
+
+
+def sample_videos(gpt: Any, tokenizer: Any, cfg: SamplerConfig, class_ids: torch.Tensor | None = None, *,
+                  progress: Callable[[int], None] | None = None,
+                  **kwargs) -> tuple[torch.Tensor | None, TokenizedVideo]:
+    """Sample and decode videos: ``(float [N, C, T, H, W] in [-1, 1] or None, TokenizedVideo)``.
+
+    Same arguments as :func:`iter_sample_batches`; ``progress(n)`` is called with the number of
+    videos of each finished batch. Keeps every video in memory: stream with
+    :func:`iter_sample_batches` for large runs (gFVD over 10k clips).
+    """
+    vids, toks = [], []
+    for _, v, t in iter_sample_batches(gpt, tokenizer, cfg, class_ids, **kwargs):
+        if v is not None:
+            vids.append(v)
+        toks.append(t)
+        if progress is not None:
+            progress(t.batch_size)
+    if not toks:
+        raise ValueError("nothing to sample: no batches")
+    return (torch.cat(vids) if vids else None), TokenizedVideo.cat(toks)
+
+
+def _device_of(module: Any) -> torch.device:
+    if isinstance(module, torch.nn.Module):
+        for t in list(module.parameters()) + list(module.buffers()):
+            return t.device
+    return torch.device("cpu")

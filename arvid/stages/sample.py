@@ -1,0 +1,491 @@
+"""`arvid sample`: class labels / text / context frames -> token sequences -> videos.
+
+    arvid sample --generator runs/gpt/gpt --tokenizer runs/tok/tokenizer --classes 0,3,7 --per-class 8 \\
+        --cfg-scale 2.0 --top-k 0 --top-p 1.0 --seed 0 --out outputs/samples
+    arvid sample --generator G --tokenizer T --context clip.mp4 --per-class 4      # frame prediction
+    arvid sample --generator G --tokenizer T --text "a red ball bounces" --per-class 4
+    arvid sample --generator G --tokenizer T --budget 600                          # mean tokens/video
+    arvid sample --config sample.yaml sampler.top_k=100                            # YAML + overrides
+
+Outputs in ``out``:
+- ``config.yaml``: the resolved config;
+- ``grid.mp4`` / ``grid.gif``: the first ``max_grid`` videos, ``nrow`` per row;
+- ``videos/NNNNN.mp4`` (with ``save_videos``): every video on its own;
+- ``tokens.npz``: ``sequences`` (packed, length tokens included), ``lengths``, ``codes``
+  (packed), ``block_lengths [N, K]``, ``classes [N]`` (-1: none), ``prompt_index [N]``;
+- ``sample_stats.json``: samples, seconds, samples/s (tokens only and with decoding), tokens
+  per video (mean, std, min, max, per block), the budget and the calibrated length bias, device
+  and step execution (eager / CUDA graph); the quality for a budget comes from ``arvid eval``;
+- ``done``: written last.
+
+Multi-process (``accelerate launch``): the batches are split between processes; batch ``j`` is
+seeded by ``(seed, j)``, so the samples are the same for any process count. Each process writes
+``parts/part_<rank>.npz``; the main process merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from arvid.config import ConfigError, doc, load_config, nested, save_config
+from arvid.data.types import TokenizedVideo
+from arvid.io import atomic_write, check_writable, write_json
+from arvid.sampling.budget import calibrate_budget_bias
+from arvid.sampling.frame_prediction import context_blocks_for, encode_context
+from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
+from arvid.sampling.videos import batch_seed, iter_sample_batches, num_batches, sequence_format_for
+
+log = logging.getLogger("arvid.sample")
+
+
+@dataclass
+class SampleConfig:
+    """What to sample, how, and where to write it."""
+
+    generator: str = doc("", "directory of a trained GPT (GPT.save_pretrained; train-generator writes out_dir/gpt)")
+    tokenizer: str = doc("", "directory of the tokenizer the GPT was trained on (decodes the tokens)")
+    out: str = doc("outputs/samples", "output directory")
+    classes: list[int] | None = doc(None, "class ids to sample (class-conditional GPT); None = every class")
+    per_class: int = doc(8, "samples per class (and per text prompt; for --context: samples of the context)")
+    num_samples: int = doc(16, "samples of an unconditional GPT (no classes, no text)")
+    text: list[str] | None = doc(None, "text prompts (text-conditional GPT)")
+    spm: str | None = doc(None, "SentencePiece model directory for text prompts (default: <generator>/spm)")
+    context: str | None = doc(None, "a video file: frame prediction from its first context_frames frames")
+    context_frames: int = doc(5, "context frames read from --context (Kinetics-600 protocol: 5, padded to 8)")
+    context_count: int = doc(0, "fixed token count of each context block; 0 = the tokenizer's own choice")
+    sampler: SamplerConfig = nested(SamplerConfig, "guidance, temperature, top-k/top-p, length bias, execution")
+    budget: float = doc(0.0, "tokens per video: the mean to aim for (mode mean) or the cap (mode exact); 0 = off")
+    budget_mode: Literal["mean", "exact"] = doc(
+        "mean", "mean: calibrate the length bias beta to meet the mean; exact: cap every video at `budget`")
+    calibration_batches: int = doc(2, "batches of the run used to calibrate beta (mode mean)")
+    seed: int = doc(0, "run seed (batch j draws from seed (seed, j): the same samples for any process count)")
+    batch_size: int = doc(16, "videos per sampling batch")
+    device: str = doc("auto", "auto (this process's GPU, else cpu), cpu, cuda, cuda:1 ...")
+    precision: Literal["fp32", "bf16"] = doc("fp32", "GPT weights and KV cache precision")
+    save_videos: bool = doc(False, "also write every video as videos/NNNNN.mp4")
+    grid_format: Literal["mp4", "gif", "both", "none"] = doc("both", "the grid file(s) to write")
+    max_grid: int = doc(64, "videos in the grid")
+    nrow: int = doc(8, "videos per grid row")
+    fps: int = doc(8, "frames per second of written videos")
+
+    def __post_init__(self) -> None:
+        if self.per_class < 1 or self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError(f"per_class, num_samples and batch_size must be >= 1, got {self.per_class}, "
+                             f"{self.num_samples}, {self.batch_size}")
+        if self.budget < 0:
+            raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
+        if self.context is not None and self.text:
+            raise ValueError("give either --context or --text, not both")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device("cpu")
+
+
+def read_context(path: str | Path, frames: int, size: int | None) -> torch.Tensor:
+    """The first ``frames`` frames of a video file -> ``float [1, C, frames, size, size]`` in [-1, 1]
+    (short side resized to ``size``, then center-cropped; a shorter video repeats its last frame)."""
+    import av
+
+    from arvid.data.video import to_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"context video {str(path)!r} does not exist")
+    got = []
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                got.append(frame.to_ndarray(format="rgb24"))
+                if len(got) == frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise ValueError(f"context video {str(path)!r} cannot be decoded: {e}") from e
+    if not got:
+        raise ValueError(f"context video {str(path)!r} has no frames")
+    while len(got) < frames:
+        got.append(got[-1])
+    video = to_model(torch.from_numpy(np.stack(got)))[None]  # [1, C, T, H, W]
+    if size:
+        import torch.nn.functional as F
+
+        _, C, T, H, W = video.shape
+        s = size / min(H, W)
+        h, w = max(size, round(H * s)), max(size, round(W * s))
+        x = video[0].permute(1, 0, 2, 3)  # [T, C, H, W]: resize frame by frame
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (h - size) // 2, (w - size) // 2
+        video = x[:, :, top:top + size, left:left + size].permute(1, 0, 2, 3)[None].clamp(-1, 1)
+    return video
+
+
+def _frame_size(tokenizer: Any) -> int | None:
+    cfg = getattr(tokenizer, "config", None)
+    for name in ("image_size", "resolution", "size"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _encode_text(cfg: SampleConfig, gpt: Any) -> torch.Tensor:
+    from arvid.generator.text import TextEncoder
+
+    spm = cfg.spm or str(Path(cfg.generator) / "spm")
+    if not Path(spm).exists():
+        raise ConfigError(f"text prompts need a SentencePiece model: {spm!r} does not exist (set --spm DIR)")
+    ids = torch.as_tensor(TextEncoder(spm).encode(list(cfg.text)), dtype=torch.long)  # [P, L]
+    L = int(gpt.config.max_text_len)
+    pad = int(gpt.config.text_pad_id)
+    if ids.shape[1] < L:
+        ids = torch.cat([ids, torch.full((ids.shape[0], L - ids.shape[1]), pad, dtype=torch.long)], 1)
+    return ids[:, :L]
+
+
+@dataclass
+class _Plan:
+    """One row per video: its class (or -1), its prompt index (text / class), text ids, prefix."""
+
+    classes: torch.Tensor  # [N]
+    prompt_index: torch.Tensor  # [N]
+    text_ids: torch.Tensor | None = None  # [N, Lt]
+    prefix: TokenizedVideo | None = None  # one context's blocks, for every row
+
+    @property
+    def n(self) -> int:
+        return int(self.classes.shape[0])
+
+
+def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device) -> _Plan:
+    """Which videos to sample, from the config and what the GPT is conditioned on."""
+    nc = int(gpt.config.num_classes)
+    text_cond = int(getattr(gpt.config, "max_text_len", 0)) > 0
+    if cfg.text and not text_cond:
+        raise ConfigError("--text was given but this GPT has no text conditioning (max_text_len=0)")
+    if text_cond and not cfg.text:
+        raise ConfigError("this GPT is text-conditional: give --text prompts")
+    if cfg.classes is not None and nc == 0:
+        raise ConfigError("--classes was given but this GPT has no class conditioning (num_classes=0)")
+    if nc > 0:
+        classes = list(range(nc)) if cfg.classes is None else [int(c) for c in cfg.classes]
+        bad = [c for c in classes if not 0 <= c < nc]
+        if bad:
+            raise ConfigError(f"class ids {bad} are outside [0, {nc}) for this GPT")
+    else:
+        classes = None
+    if cfg.text:
+        ids = _encode_text(cfg, gpt)  # [P, Lt]
+        P = ids.shape[0]
+        idx = torch.arange(P).repeat_interleave(cfg.per_class)
+        cls = torch.full((idx.numel(),), -1, dtype=torch.long)
+        if classes is not None:
+            raise ConfigError("a GPT conditioned on both classes and text is not supported by `arvid sample`")
+        return _Plan(cls, idx, text_ids=ids[idx])
+    if classes is not None:
+        cls = torch.tensor(classes, dtype=torch.long).repeat_interleave(cfg.per_class)
+        plan = _Plan(cls, cls.clone())
+    else:
+        n = cfg.per_class if cfg.context else cfg.num_samples
+        plan = _Plan(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    if cfg.context:
+        video = read_context(cfg.context, cfg.context_frames, _frame_size(tokenizer))
+        blocks = context_blocks_for(tokenizer.layout, cfg.context_frames)
+        plan.prefix = encode_context(tokenizer, video, blocks, cfg.context_count or None)
+    return plan
+
+
+def _batch_kwargs(plan: _Plan, batch_size: int) -> dict:
+    """``iter_sample_batches`` arguments for the plan."""
+    kw: dict[str, Any] = {}
+    if plan.text_ids is not None:
+        kw["text_ids"] = plan.text_ids
+    elif bool((plan.classes >= 0).any()):
+        kw["class_ids"] = plan.classes
+    else:
+        kw["num_samples"] = plan.n
+    if plan.prefix is not None:
+        kw["prefix"] = TokenizedVideo.cat([plan.prefix] * batch_size)
+    return kw
+
+
+def _calibration_cond(plan: _Plan, cfg: SampleConfig) -> tuple[Any, int]:
+    """The first ``calibration_batches`` batches' conditioning, as one batch."""
+    n = min(plan.n, cfg.batch_size * max(cfg.calibration_batches, 1))
+    Cond = conditioning_class()
+    if plan.text_ids is not None:
+        return Cond(text_ids=plan.text_ids[:n]), n
+    if bool((plan.classes >= 0).any()):
+        return Cond(class_ids=plan.classes[:n]), n
+    return Cond(), n
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: SampleConfig) -> Path:
+    """Sample, decode and write (see the module docstring); returns the output directory."""
+    if not cfg.generator or not cfg.tokenizer:
+        raise ConfigError("sample: --generator DIR and --tokenizer DIR are required")
+    from accelerate import PartialState
+
+    from arvid.generator.gpt import GPT
+    from arvid.tokenizer.base import load_tokenizer
+
+    t_start = time.perf_counter()
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    out = check_writable(cfg.out)
+    if state.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg.device)
+    gpt = GPT.from_pretrained(cfg.generator, map_location=str(device)).eval()
+    if cfg.precision == "bf16":
+        gpt = gpt.to(torch.bfloat16)
+    tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
+    fmt = sequence_format_for(gpt, tokenizer)
+    plan = plan_rows(cfg, gpt, tokenizer, device)
+    scfg = cfg.sampler
+    sampler = Sampler(gpt, fmt, scfg)
+    kw = _batch_kwargs(plan, cfg.batch_size)
+
+    beta = scfg.budget_bias
+    budget_cap = None
+    calibration = None
+    if cfg.budget > 0 and cfg.budget_mode == "mean":
+        cond, n = _calibration_cond(plan, cfg)
+        extra = {"prefix": TokenizedVideo.cat([plan.prefix] * n)} if plan.prefix is not None else {}
+        calibration = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n,
+                                            seed=batch_seed(cfg.seed, -1), **extra)
+        beta = calibration.beta
+        log.info("budget %.1f tokens/video: beta=%.4f (calibration mean %.1f)", cfg.budget, beta,
+                 calibration.mean_tokens)
+        scfg = dataclasses.replace(scfg, budget_bias=beta)
+        sampler = Sampler(gpt, fmt, scfg)
+    elif cfg.budget > 0:
+        budget_cap = int(cfg.budget)
+
+    nb = num_batches(plan.n, cfg.batch_size)
+    with state.split_between_processes(list(range(nb))) as mine:
+        my_batches = list(mine)
+    toks, idxs, grid, t_tokens, t_decode = [], [], [], 0.0, 0.0
+    vid_dir = out / "videos"
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(my_batches) * cfg.batch_size, desc=f"sample[{rank}]", unit="video",
+               disable=not state.is_local_main_process)
+    it = iter_sample_batches(gpt, tokenizer, scfg, batch_size=cfg.batch_size, seed=cfg.seed, batches=my_batches,
+                             budget=budget_cap, decode=False, sampler=sampler, **kw)
+    need_videos = cfg.save_videos or (cfg.grid_format != "none" and state.is_main_process)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            j, _, tokens = next(it)
+        except StopIteration:
+            break
+        _sync(device)
+        t1 = time.perf_counter()
+        t_tokens += t1 - t0
+        first = j * cfg.batch_size
+        ids = torch.arange(first, first + tokens.batch_size)
+        if need_videos and (cfg.save_videos or sum(v.shape[0] for v in grid) < cfg.max_grid):
+            with torch.no_grad():
+                videos = tokenizer.decode(tokens.to(device)).float().clamp(-1, 1).cpu()
+            _sync(device)
+            t_decode += time.perf_counter() - t1
+            if cfg.save_videos:
+                from arvid.data.writer import write_video
+
+                vid_dir.mkdir(exist_ok=True)
+                for i, v in zip(ids.tolist(), videos):
+                    write_video(v, vid_dir / f"{i:05d}.mp4", fps=cfg.fps)
+            if state.is_main_process and cfg.grid_format != "none":
+                grid.append(videos[:max(cfg.max_grid - sum(v.shape[0] for v in grid), 0)])
+        toks.append(tokens)
+        idxs.append(ids)
+        bar.update(tokens.batch_size)
+    bar.close()
+
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    mine_tokens = TokenizedVideo.cat(toks) if toks else TokenizedVideo(torch.zeros(0, dtype=torch.long),
+                                                                         torch.zeros(0, fmt.layout.num_blocks,
+                                                                                     dtype=torch.long))
+    mine_idx = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.long)
+    _save_npz(parts / f"part_{rank}.npz", index=mine_idx.numpy(), codes=mine_tokens.codes.numpy(),
+              block_lengths=mine_tokens.block_lengths.numpy(),
+              timing=np.array([t_tokens, t_decode, len(mine_idx)], dtype=np.float64))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibration, device, sampler,
+                          time.perf_counter() - t_start)
+    state.wait_for_everyone()
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibration, device, sampler,
+                      seconds_total) -> None:
+    index, codes_parts, bl_parts, t_tok, t_dec = [], [], [], 0.0, 0.0
+    for r in range(world):
+        with np.load(out / "parts" / f"part_{r}.npz") as z:
+            index.append(z["index"])
+            bl_parts.append(z["block_lengths"])
+            codes_parts.append(z["codes"])
+            # Processes ran in parallel: the slowest one is the wall time.
+            t_tok, t_dec = max(t_tok, float(z["timing"][0])), max(t_dec, float(z["timing"][1]))
+    order_idx = np.concatenate(index)
+    tokens = TokenizedVideo(torch.from_numpy(np.concatenate(codes_parts)).long(),
+                            torch.from_numpy(np.concatenate(bl_parts)).long())
+    order = np.argsort(order_idx, kind="stable")
+    tokens = tokens.select(torch.from_numpy(order))
+    seqs, lengths = fmt.to_sequences(tokens)
+    _save_npz(out / "tokens.npz", sequences=seqs.numpy(), lengths=lengths.numpy(), codes=tokens.codes.numpy(),
+              block_lengths=tokens.block_lengths.numpy(), classes=plan.classes.numpy(),
+              prompt_index=plan.prompt_index.numpy())
+    if grid:
+        from arvid.data.writer import write_grid
+
+        g = torch.cat(grid)
+        for ext in (["mp4", "gif"] if cfg.grid_format == "both" else [cfg.grid_format]):
+            write_grid(g, out / f"grid.{ext}", nrow=cfg.nrow, fps=cfg.fps)
+    per_video = tokens.lengths.float()
+    n = tokens.batch_size
+    stats = {
+        "samples": n,
+        "processes": world,
+        "device": str(device),
+        "execution": sampler.execution(device),
+        "seconds_tokens": t_tok,
+        "seconds_decode": t_dec,
+        "seconds_total": seconds_total,
+        "samples_per_s_tokens": n / t_tok if t_tok > 0 else None,
+        "samples_per_s": n / (t_tok + t_dec) if t_tok + t_dec > 0 else None,
+        "tokens_per_video": {"mean": float(per_video.mean()), "std": float(per_video.std()) if n > 1 else 0.0,
+                             "min": int(per_video.min()), "max": int(per_video.max()),
+                             "per_block_mean": tokens.block_lengths.float().mean(0).tolist()},
+        "budget": {"mode": cfg.budget_mode if cfg.budget > 0 else "off", "target": cfg.budget, "beta": beta,
+                   "cap": budget_cap,
+                   "calibration_mean": calibration.mean_tokens if calibration else None,
+                   "calibration_history": calibration.history if calibration else None},
+        "sampler": dataclasses.asdict(cfg.sampler),
+        "seed": cfg.seed,
+        "generator": str(cfg.generator),
+        "tokenizer": str(cfg.tokenizer),
+    }
+    write_json(out / "sample_stats.json", stats)
+    log.info("%d videos, %.2f samples/s (tokens only: %.2f), %.1f tokens/video", n, stats["samples_per_s"] or 0,
+             stats["samples_per_s_tokens"] or 0, stats["tokens_per_video"]["mean"])
+    write_json(out / "done", {"stage": "sample", "samples": n})
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    """``--config`` YAML, then the flags given, then dotted overrides (the last wins)."""
+    overrides: list[str] = []
+
+    def put(key: str, value: Any) -> None:
+        if value is not None:
+            overrides.append(f"{key}={_yaml(value)}")
+
+    put("generator", args.generator)
+    put("tokenizer", args.tokenizer)
+    put("out", args.out)
+    if args.classes is not None:
+        try:
+            put("classes", [int(c) for c in args.classes.split(",") if c.strip()])
+        except ValueError:
+            raise ConfigError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+    put("per_class", args.per_class)
+    put("num_samples", args.num_samples)
+    put("text", args.text)
+    put("spm", args.spm)
+    put("context", args.context)
+    put("context_frames", args.context_frames)
+    put("sampler.cfg_scale", args.cfg_scale)
+    put("sampler.cfg_schedule", args.cfg_schedule)
+    put("sampler.temperature", args.temperature)
+    put("sampler.top_k", args.top_k)
+    put("sampler.top_p", args.top_p)
+    put("sampler.compile", args.compile)
+    put("seed", args.seed)
+    put("budget", args.budget)
+    put("budget_mode", args.budget_mode)
+    put("batch_size", args.batch_size)
+    put("device", args.device)
+    put("precision", args.precision)
+    if args.save_videos:
+        put("save_videos", True)
+    return load_config(SampleConfig, args.config, overrides + list(args.overrides))
+
+
+def _yaml(value: Any) -> str:
+    import json
+
+    # JSON is valid YAML: strings are quoted, lists stay lists.
+    return json.dumps(value)
+
+
+def _main(args: argparse.Namespace) -> int:
+    run(config_from_args(args))
+    return 0
+
+
+def add_arguments(subparsers) -> None:
+    """Register ``arvid sample``."""
+    p = subparsers.add_parser("sample", help="sample videos from a trained generator (class, text or context frames)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (SampleConfig); flags and overrides win")
+    p.add_argument("--generator", help="trained GPT directory")
+    p.add_argument("--tokenizer", help="tokenizer directory")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--classes", help="comma-separated class ids, e.g. 0,3,7 (default: every class)")
+    p.add_argument("--per-class", type=int, help="samples per class / prompt / context")
+    p.add_argument("--num-samples", type=int, help="samples of an unconditional GPT")
+    p.add_argument("--text", action="append", help="a text prompt (repeat for several)")
+    p.add_argument("--spm", help="SentencePiece model directory for --text")
+    p.add_argument("--context", help="video file: predict the frames after its first --context-frames")
+    p.add_argument("--context-frames", type=int, help="context frames (default 5)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance over the sequence")
+    p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, help="top-k truncation (0 = off)")
+    p.add_argument("--top-p", type=float, help="nucleus truncation (1 = off)")
+    p.add_argument("--compile", choices=["auto", "eager", "cuda_graph", "compile"], help="decode step execution")
+    p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--budget", type=float, help="tokens per video: mean target (or cap with --budget-mode exact)")
+    p.add_argument("--budget-mode", choices=["mean", "exact"], help="mean: calibrated length bias; exact: a cap")
+    p.add_argument("--batch-size", type=int, help="videos per batch")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="GPT precision")
+    p.add_argument("--save-videos", action="store_true", help="also write each video")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.top_k=100 max_grid=16")
+    p.set_defaults(func=_main)

@@ -1,0 +1,151 @@
+"""Packed causal attention: every CPU backend against an independent per-sequence reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+from arvid.generator.attention import (  # noqa: E402
+    AttentionBackendUnavailable,
+    attention_flops,
+    auto_backend,
+    available_backends,
+    backend_unavailable_reason,
+    document_causal_mask,
+    padded_causal_attention,
+    varlen_causal_attention,
+)
+
+
+def reference(q, k, v, cu):
+    """Loop over sequences; explicit softmax in float64 with a lower-triangular mask."""
+    h = q.shape[1]
+    rep = h // k.shape[1]
+    out = torch.empty_like(q, dtype=torch.float64)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))  # [H', L, D]
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[2])
+        L = b - a
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1)
+    return out
+
+
+def random_batch(seed, lens, h=4, hkv=2, d=16):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lens)
+    q = torch.randn(n, h, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    return q, k, v, cu
+
+
+CPU_IMPLS = {
+    "sdpa": lambda q, k, v, cu, m: varlen_causal_attention(q, k, v, cu, m, "sdpa"),
+    "flex": lambda q, k, v, cu, m: varlen_causal_attention(q, k, v, cu, m, "flex"),
+    "auto": lambda q, k, v, cu, m: varlen_causal_attention(q, k, v, cu, m, "auto"),
+    # the cudnn backend's unpack/pad/repack path, with SDPA free to pick its CPU kernel
+    "padded": lambda q, k, v, cu, m: padded_causal_attention(q, k, v, cu, m),
+}
+
+
+CASES = [(0, [7, 1, 13, 4], (4, 2)), (1, [33, 20], (4, 4)), (2, [5], (2, 1))]
+
+
+@pytest.mark.parametrize("impl,seed,lens,heads",
+                         # flex runs unfused on CPU (slow to build its mask): one case is enough here
+                         [(i, *c) for i in CPU_IMPLS if i != "flex" for c in CASES] + [("flex", *CASES[0])])
+def test_backend_matches_reference_forward_and_grads(impl, seed, lens, heads):
+    q, k, v, cu = random_batch(seed, lens, h=heads[0], hkv=heads[1])
+    ref = reference(q, k, v, cu)
+    if impl == "flex":  # FlexAttention has no CPU backward: forward here, gradients on GPU
+        out = CPU_IMPLS[impl](q, k, v, cu, max(lens))
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+        with pytest.raises(AttentionBackendUnavailable, match="no backward"):
+            CPU_IMPLS[impl](q.requires_grad_(True), k, v, cu, max(lens))
+        return
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    out = CPU_IMPLS[impl](q, k, v, cu, max(lens))
+    ref = reference(q, k, v, cu)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(99))
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), (q, k, v))
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg.double(), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_no_attention_across_sequence_boundaries(backend):
+    lens = [6, 9, 5]
+    q, k, v, cu = random_batch(3, lens)
+    out = varlen_causal_attention(q, k, v, cu, max(lens), backend)
+    # change everything in the middle sequence: its neighbours must not move at all
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[6:15] = torch.randn_like(t[6:15]) * 5
+    out2 = varlen_causal_attention(q2, k2, v2, cu, max(lens), backend)
+    assert torch.equal(out[:6], out2[:6]) and torch.equal(out[15:], out2[15:])
+    assert not torch.allclose(out[6:15], out2[6:15])
+    # causality inside a sequence: changing token j leaves outputs before j unchanged
+    k3 = k.clone()
+    k3[18] += 3.0
+    out3 = varlen_causal_attention(q, k3, v, cu, max(lens), backend)
+    assert torch.equal(out[:18], out3[:18]) and not torch.allclose(out[18:], out3[18:])
+
+
+def test_document_causal_mask():
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    m = document_causal_mask(cu, 5)
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
+                            dtype=torch.bool)
+    assert torch.equal(m, expected)
+
+
+def test_cpu_availability_and_errors():
+    assert auto_backend("cpu", torch.float32) == "sdpa"
+    avail = available_backends("cpu", torch.float32)
+    assert "sdpa" in avail and "flex" in avail
+    assert not {"flash_attn", "torch_varlen", "cudnn", "xformers"} & set(avail)
+    q, k, v, cu = random_batch(0, [4, 4])
+    for name, words in [("flash_attn", "CUDA"), ("cudnn", "CUDA"), ("xformers", "CUDA")]:
+        with pytest.raises(AttentionBackendUnavailable, match=words):
+            varlen_causal_attention(q, k, v, cu, 4, name)
+    with pytest.raises(AttentionBackendUnavailable, match="unknown attention backend"):
+        varlen_causal_attention(q, k, v, cu, 4, "nope")
+    reason = backend_unavailable_reason("flash_attn", "cuda", torch.float32)
+    assert "fp16/bf16" in reason
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        varlen_causal_attention(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu, 4, "sdpa")
+
+
+def test_attention_flops_counts_causal_half():
+    # one sequence of 4 tokens, 2 heads of dim 8: forward 2 matmuls * 2*L^2*H*D / 2
+    assert attention_flops([4], 2, 8, backward=False) == 2 * 2 * 16 * 2 * 8 / 2
+    assert attention_flops([4, 4], 2, 8, backward=True) == 2 * 3.5 * attention_flops([4], 2, 8, backward=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backends_match_reference():
+    lens = [100, 3, 250, 64]
+    q, k, v, cu = random_batch(5, lens, h=8, hkv=4, d=64)
+    ref = reference(q, k, v, cu)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref_grads = torch.autograd.grad((reference(qr, kr, vr, cu) * w.double()).sum(), (qr, kr, vr))
+    for name in available_backends("cuda", torch.bfloat16):
+        qc, kc, vc = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
+        out = varlen_causal_attention(qc, kc, vc, cu.cuda(), max(lens), name)
+        torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2, msg=name)
+        grads = torch.autograd.grad((out.float() * w.cuda()).sum(), (qc, kc, vc))
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double().cpu(), rg, atol=6e-2, rtol=6e-2, msg=name)

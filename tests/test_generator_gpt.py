@@ -1,0 +1,209 @@
+"""GPT: packed vs dense vs KV cache, isolation of packed sequences, save/load, config, CFG dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arvid.config import ConfigError
+from arvid.generator import GPT, Conditioning, GPTConfig, pack_sequences
+from arvid.generator.conditioning import drop_classes, drop_text
+from arvid.generator.packing import IGNORE
+
+V = 41
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, max_seq_len=64, num_classes=5)
+    cfg.update(kw)
+    m = GPT.from_preset("debug", **cfg)
+    # the zero-init head would make every logit equal: give it weights so comparisons mean something
+    torch.nn.init.normal_(m.head.weight, std=0.3)
+    return m.eval()
+
+
+def cond_for(m, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = m.config
+    return Conditioning(
+        torch.randint(0, c.num_classes + 1, (b,), generator=g) if c.num_classes else None,
+        torch.randint(0, c.text_vocab_size, (b, c.max_text_len), generator=g) if c.max_text_len else None,
+    )
+
+
+KINDS = {
+    "class": dict(num_classes=5),
+    "text": dict(num_classes=0, text_vocab_size=30, max_text_len=3),
+    "class+text": dict(num_classes=5, text_vocab_size=30, max_text_len=2),
+    "none": dict(num_classes=0),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_packed_forward_equals_dense(kind):
+    m = make(**KINDS[kind])
+    lens = [9, 1, 14, 5]
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, V, (L,), generator=g) for L in lens]
+    cond = cond_for(m, len(lens))
+    n = m.num_prefix(cond)
+    assert n == {"class": 1, "text": 3, "class+text": 3, "none": 1}[kind]
+    batch = pack_sequences(seqs, n, cond.class_ids, cond.text_ids)
+    with torch.no_grad():
+        packed = m(batch)
+        assert packed.shape == (sum(lens) + len(lens) * (n - 1), V)
+        for i, s in enumerate(seqs):
+            one = Conditioning(None if cond.class_ids is None else cond.class_ids[i:i + 1],
+                               None if cond.text_ids is None else cond.text_ids[i:i + 1])
+            dense = m.forward_dense(one, s[None])  # [1, n + L, V]
+            a = int(batch.cu_seqlens[i])
+            # packed input drops the last token: its n + L - 1 positions equal dense's first n + L - 1
+            torch.testing.assert_close(packed[a:a + n + len(s) - 1], dense[0, :-1], atol=1e-5, rtol=1e-5)
+
+
+def test_changed_sequence_leaves_neighbours_unchanged():
+    m = make()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, V, (L,), generator=g) for L in (8, 11, 6)]
+    cls = torch.tensor([1, 2, 3])
+    out = m(pack_sequences(seqs, 1, cls))
+    seqs2 = [seqs[0], torch.randint(0, V, (11,), generator=g), seqs[2]]
+    out2 = m(pack_sequences(seqs2, 1, torch.tensor([1, 4, 3])))
+    assert torch.equal(out[:8], out2[:8]) and torch.equal(out[19:], out2[19:])
+    assert not torch.allclose(out[8:19], out2[8:19])
+
+
+@pytest.mark.parametrize("kind", ["class", "text", "none"])
+@pytest.mark.parametrize("n_prefix_tokens", [0, 3])
+def test_kv_cache_decode_matches_dense_and_packed(kind, n_prefix_tokens):
+    m = make(**KINDS[kind])
+    b, L = 3, 12
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, V, (b, L), generator=g)
+    cond = cond_for(m, b, seed=4)
+    n = m.num_prefix(cond)
+    with torch.no_grad():
+        dense = m.forward_dense(cond, tokens)  # [B, n + L, V]
+        cache = m.allocate_cache(b, n + L + 2, "cpu", torch.float32)
+        prefix = tokens[:, :n_prefix_tokens] if n_prefix_tokens else None
+        logits = m.prefill(cache, cond, prefix)
+        torch.testing.assert_close(logits, dense[:, n - 1 + n_prefix_tokens], atol=1e-5, rtol=1e-5)
+        for t in range(n_prefix_tokens, L):
+            logits = m.decode_step(cache, tokens[:, t], torch.tensor(n + t))
+            torch.testing.assert_close(logits, dense[:, n + t], atol=1e-5, rtol=1e-5)
+        packed = m(pack_sequences(list(tokens), n, cond.class_ids, cond.text_ids))  # [B*(n+L-1), V]
+        torch.testing.assert_close(packed.reshape(b, n + L - 1, V), dense[:, :-1], atol=1e-5, rtol=1e-5)
+    # reset zeroes in place and keeps the buffers (what a captured CUDA graph points at)
+    k_ptr = cache.k.data_ptr()
+    cache.reset()
+    assert cache.k.data_ptr() == k_ptr and not cache.k.any() and not cache.v.any()
+
+
+def test_cache_rows_are_independent_and_mask_unwritten_positions():
+    m = make()
+    cond = Conditioning(torch.tensor([0, 1]))
+    tokens = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = m.allocate_cache(2, 10)
+        cache.k.fill_(100.0)  # garbage beyond the written positions must not leak into attention
+        cache.v.fill_(-100.0)
+        m.prefill(cache, cond, tokens[:, :2])
+        out = m.decode_step(cache, tokens[:, 2], torch.tensor(3))
+        ref = m.forward_dense(cond, tokens[:, :3])[:, -1]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_targets_exclude_prefix_and_masked_tokens():
+    m = make(num_classes=0, text_vocab_size=30, max_text_len=3)
+    seq = torch.arange(1, 8)
+    mask = torch.tensor([False, False, False, True, True, True, True])  # first 3 tokens are context
+    batch = pack_sequences([seq, seq[:2]], 3, text_ids=torch.zeros(2, 3, dtype=torch.long),
+                           loss_masks=[mask, torch.ones(2, dtype=torch.bool)], pad_to=20)
+    logits = m(batch)
+    assert logits.shape == (20, V)
+    t = batch.targets
+    # seq 0: slots [c, c, c, s1..s6] -> targets [-, -, s1?, ...] with s1..s3 masked as context
+    assert t[:9].tolist() == [IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 4, 5, 6, 7]
+    assert t[9:13].tolist() == [IGNORE, IGNORE, 1, 2]
+    assert (t[13:] == IGNORE).all() and batch.num_seqs == 2 and batch.cu_seqlens.tolist() == [0, 9, 13, 20]
+    # the model's loss reads only those positions: changing a logit elsewhere changes nothing
+    loss = torch.nn.functional.cross_entropy(logits, t, ignore_index=IGNORE)
+    keep = t != IGNORE
+    manual = -logits[keep].log_softmax(-1).gather(1, t[keep, None]).mean()
+    torch.testing.assert_close(loss, manual)
+
+
+def test_save_load_round_trip_exact(tmp_path):
+    m = make(**KINDS["class+text"])
+    m.save_pretrained(tmp_path / "gpt")
+    m2 = GPT.from_pretrained(tmp_path / "gpt").eval()
+    assert m2.config == m.config and m2.fingerprint() == m.fingerprint()
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    cond = cond_for(m, 2)
+    tokens = torch.randint(0, V, (2, 5))
+    assert torch.equal(m.forward_dense(cond, tokens), m2.forward_dense(cond, tokens))
+    # a different model gives a different fingerprint
+    assert make(seed=1, **KINDS["class+text"]).fingerprint() != m.fingerprint()
+
+
+def test_class_dropout_rate_is_as_configured():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (200_000,), generator=g)
+    for p in (0.1, 0.3):
+        out = drop_classes(ids, p, null_id=10, generator=torch.Generator().manual_seed(1))
+        rate = (out == 10).float().mean().item()
+        assert abs(rate - p) < 0.005, (p, rate)  # ~7 standard errors
+        assert torch.equal(out[out != 10], ids[out != 10])
+    assert torch.equal(drop_classes(ids, 0.0, 10), ids)
+    text = torch.randint(1, 30, (50_000, 4), generator=g)
+    dropped = drop_text(text, 0.1, pad_id=0, generator=torch.Generator().manual_seed(2))
+    rows = (dropped == 0).all(1)
+    assert abs(rows.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(dropped[~rows], text[~rows])
+    # through the model, with the configured rate, reproducible per generator seed
+    m = make(num_classes=7, class_dropout=0.25)
+    c = Conditioning(torch.randint(0, 7, (40_000,), generator=g))
+    d1 = m.drop_condition(c, torch.Generator().manual_seed(5))
+    d2 = m.drop_condition(c, torch.Generator().manual_seed(5))
+    assert torch.equal(d1.class_ids, d2.class_ids)
+    assert abs((d1.class_ids == 7).float().mean().item() - 0.25) < 0.01
+
+
+def test_presets_sizes_and_init():
+    sizes = {}
+    for name in ("B", "L", "XL"):
+        with torch.device("meta"):
+            sizes[name] = GPT.from_preset(name, vocab_size=8197, max_seq_len=2100, num_classes=101).num_params()
+    assert 90e6 < sizes["B"] < 110e6 and 310e6 < sizes["L"] < 345e6 and 600e6 < sizes["XL"] < 660e6
+    assert set(GPT.presets()) == {"debug", "B", "L", "XL"}
+    m = GPT.from_preset("debug", vocab_size=V, max_seq_len=32, num_classes=3)
+    assert not m.head.weight.any()  # zero-init head: first loss is log(V)
+    assert not any(n.endswith("bias") for n, _ in m.named_parameters())
+    batch = pack_sequences([torch.arange(5)], 1, torch.tensor([0]))
+    loss = torch.nn.functional.cross_entropy(m(batch), batch.targets, ignore_index=IGNORE)
+    assert abs(loss.item() - torch.log(torch.tensor(float(V))).item()) < 1e-5
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        GPTConfig(vocab_size=V, max_seq_len=10, dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        GPTConfig(vocab_size=V, max_seq_len=10, dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="attn_backend"):
+        GPTConfig(vocab_size=V, max_seq_len=10, attn_backend="fast")
+    with pytest.raises(ValueError, match="text_vocab_size"):
+        GPTConfig(vocab_size=V, max_seq_len=10, text_vocab_size=5)
+    from arvid.config import from_dict
+    with pytest.raises(ConfigError, match="vocab_size"):
+        from_dict(GPTConfig, {"max_seq_len": 5})
+    m = make()
+    with pytest.raises(ValueError, match="class_ids"):
+        m.forward_dense(Conditioning(), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"class ids must lie in \[0, 5\]"):
+        m.forward_dense(Conditioning(torch.tensor([6])), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.allocate_cache(1, 65)
+    with pytest.raises(ValueError, match="prefix slots"):
+        m(pack_sequences([torch.arange(3)], 2, torch.tensor([0])))

@@ -1,0 +1,221 @@
+"""The sampling loop on a fake random-logit model: well-formedness, determinism, guidance,
+truncation, prefixes, constraints, early stop and cache vs recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling_fake_model import FakeGPT, make_cond
+
+from arvid.data.types import BlockLayout, TokenizedVideo
+from arvid.generator.sequence import SequenceFormat
+from arvid.sampling.sampler import Sampler, SamplerConfig, cfg_scales, length_bias, sample_from_logits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread start-up dominates on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FMT = SequenceFormat(12, BlockLayout((1, 1, 1, 1), (1, 2, 4, 8)))
+
+
+def fake(seed=0, scale=1.0, **kw) -> FakeGPT:
+    return FakeGPT(FMT.vocab_size, num_classes=5, seed=seed, scale=scale, codebook_size=FMT.codebook_size, **kw)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- token choice
+
+
+def test_sample_from_logits_never_picks_forbidden_and_matches_softmax():
+    g = gen(0)
+    logits = torch.randn(4, 9, generator=g)
+    logits[:, ::2] = float("-inf")
+    u = torch.rand(20000, generator=g)
+    rows = logits[1:2].expand(20000, -1)
+    tok = sample_from_logits(rows, u)
+    assert bool((tok % 2 == 1).all())
+    freq = torch.bincount(tok, minlength=9).float() / 20000
+    torch.testing.assert_close(freq, torch.softmax(logits[1], -1), atol=0.015, rtol=0)
+    # Edge uniforms never land on a forbidden token.
+    edge = sample_from_logits(logits, torch.tensor([0.0, 1 - 1e-7, 0.5, 0.999999]))
+    assert bool((edge % 2 == 1).all())
+    # Greedy and temperature.
+    assert torch.equal(sample_from_logits(logits, u[:4], temperature=0), logits.argmax(-1))
+
+
+def test_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, -1)
+    u = torch.rand(4000, generator=gen(1))
+    tk = sample_from_logits(logits, u, top_k=2)
+    assert set(tk.tolist()) == {0, 1}
+    assert abs((tk == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    tp = sample_from_logits(logits, u, top_p=0.85)  # keeps 0.5 + 0.3 + 0.15 (0.8 < 0.85)
+    assert set(tp.tolist()) == {0, 1, 2}
+    tp = sample_from_logits(logits, u, top_p=0.5)  # the first token alone holds 0.5
+    assert set(tp.tolist()) == {0}
+
+
+def test_length_bias_and_schedules():
+    b = length_bias(FMT, -2.0, "log")
+    assert torch.all(b[:12] == 0)
+    torch.testing.assert_close(b[12:], -2.0 * torch.log(torch.tensor([1.0, 2, 4, 8])))
+    torch.testing.assert_close(length_bias(FMT, 1.0, "linear")[12:], torch.tensor([1 / 8, 2 / 8, 4 / 8, 1.0]))
+    s = cfg_scales(SamplerConfig(cfg_scale=3.0, cfg_schedule="linear"), FMT, 0, FMT.max_length)
+    assert s[0] == 1.0 and abs(float(s[-1]) - 3.0) < 1e-6 and bool((s.diff() > 0).all())
+    assert torch.all(cfg_scales(SamplerConfig(cfg_scale=3.0), FMT, 5, 7) == 3.0)
+
+
+def test_config_validation():
+    for bad in [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(check_every=0),
+                dict(cfg_schedule="cosine"), dict(compile="jit")]:
+        with pytest.raises(ValueError):
+            SamplerConfig(**bad)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("cfg", [SamplerConfig(), SamplerConfig(cfg_scale=2.5, top_k=5, temperature=1.3),
+                                 SamplerConfig(top_p=0.7, cfg_scale=1.5, cfg_schedule="linear"),
+                                 SamplerConfig(temperature=0)])
+def test_samples_are_well_formed_over_many_seeds(cfg):
+    s = Sampler(fake(scale=0.5), FMT, cfg)
+    for seed in range(6):
+        out = s.generate(make_cond(torch.arange(5).repeat(4)), generator=gen(seed))
+        assert out.lengths.shape == (20,)
+        for seq in out.unpacked():
+            codes, bl = FMT.parse_one(seq)
+            assert codes.numel() == int(bl.sum())
+        assert torch.equal(out.tokens.lengths + 4, out.lengths)
+
+
+def test_seed_reproduces_and_different_seeds_differ():
+    s = Sampler(fake(scale=0.5), FMT, SamplerConfig(cfg_scale=2.0))
+    cond = make_cond(torch.arange(5).repeat(3))
+    a = s.generate(cond, generator=gen(7))
+    b = s.generate(cond, generator=gen(7))
+    c = s.generate(cond, generator=gen(8))
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.lengths, b.lengths)
+    assert not (a.sequences.shape == c.sequences.shape and torch.equal(a.sequences, c.sequences))
+    # A fresh sampler (fresh buffers) gives the same samples too.
+    d = Sampler(fake(scale=0.5), FMT, SamplerConfig(cfg_scale=2.0)).generate(cond, generator=gen(7))
+    assert torch.equal(a.sequences, d.sequences)
+
+
+def test_cfg_scale_one_equals_conditional_and_guidance_changes_samples():
+    m = fake(scale=0.7)
+    cond = make_cond(torch.arange(5).repeat(4))
+    plain = Sampler(m, FMT, SamplerConfig()).generate(cond, generator=gen(3))
+    guided_one = Sampler(m, FMT, SamplerConfig(cfg_scale=1.0)).generate(cond, generator=gen(3), guided=True)
+    assert torch.equal(plain.sequences, guided_one.sequences)
+    strong = Sampler(m, FMT, SamplerConfig(cfg_scale=4.0)).generate(cond, generator=gen(3))
+    assert not torch.equal(plain.sequences, strong.sequences) or not torch.equal(plain.lengths, strong.lengths)
+
+
+def test_cfg_combination_is_u_plus_s_times_c_minus_u():
+    """Greedy guided sampling picks argmax(u + s (c - u)) at every step (checked against a manual loop)."""
+    m = fake(scale=1.0)
+    s_ = 2.5
+    cond = make_cond([0, 3])
+    out = Sampler(m, FMT, SamplerConfig(cfg_scale=s_, temperature=0)).generate(cond, generator=gen(0))
+    null = make_cond([5, 5])
+    from arvid.sampling.constraints import ConstraintState, SequenceConstraint
+
+    c = SequenceConstraint(FMT, 2)
+    state = ConstraintState.initial(2)
+    toks = torch.zeros(2, 0, dtype=torch.long)
+    while not bool(c.done(state).all()):
+        lc = m.forward_dense(cond, toks)[:, -1]
+        lu = m.forward_dense(null, toks)[:, -1]
+        logits = (lu + s_ * (lc - lu)).masked_fill(~c.mask(state), float("-inf"))
+        t = logits.argmax(-1)
+        t = torch.where(c.done(state), torch.zeros_like(t), t)
+        c.advance(state, t)
+        toks = torch.cat([toks, t[:, None]], 1)
+    ref = [toks[i, :int(state.length[i])] for i in range(2)]
+    got = out.unpacked()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_cached_equals_dense_recompute_greedy_and_sampled():
+    m = fake(scale=1.0)
+    cond = make_cond([1, 2, 4])
+    for cfg in [SamplerConfig(temperature=0), SamplerConfig(cfg_scale=2.0, top_k=6)]:
+        a = Sampler(m, FMT, cfg).generate(cond, generator=gen(11))
+        b = Sampler(m, FMT, SamplerConfig(**{**cfg.__dict__, "use_cache": False})).generate(cond, generator=gen(11))
+        assert torch.equal(a.sequences, b.sequences)
+
+
+def test_loop_stops_when_all_finish():
+    m = fake(scale=0.5)
+    # Every block at the smallest count: 8 tokens of a possible 64.
+    out = Sampler(m, FMT, SamplerConfig(check_every=4)).generate(
+        make_cond([0, 1]), generator=gen(0), allowed_counts=[1])
+    assert out.lengths.tolist() == [8, 8]
+    assert out.steps <= 8 + 4
+    m.decode_calls = 0
+    Sampler(m, FMT, SamplerConfig(check_every=4)).generate(make_cond([0, 1]), generator=gen(0), allowed_counts=[1])
+    assert m.decode_calls == out.steps - 1  # the prefill predicts the first token
+
+
+def test_fixed_prefix_is_kept_and_the_rest_generated():
+    m = fake(scale=0.5)
+    # Context: first two blocks given, with different lengths per sample (prefill + forced).
+    ctx = TokenizedVideo(torch.tensor([3, 1, 2, 5, 5, 6, 7, 8, 9, 10, 11, 0, 1]),
+                         torch.tensor([[1, 2], [2, 8]]))
+    s = Sampler(m, FMT, SamplerConfig(cfg_scale=1.5))
+    for seed in range(5):
+        out = s.generate(make_cond([0, 4]), prefix=ctx, generator=gen(seed))
+        for i, seq in enumerate(out.unpacked()):
+            codes, bl = FMT.parse_one(seq)
+            assert bl[:2].tolist() == ctx.block_lengths[i].tolist()
+            n = int(ctx.block_lengths[i].sum())
+            assert torch.equal(codes[:n], ctx.video_codes(i))
+    # The cached path with a prefill prefix equals the dense recompute.
+    dense = Sampler(m, FMT, SamplerConfig(cfg_scale=1.5, use_cache=False)).generate(
+        make_cond([0, 4]), prefix=ctx, generator=gen(4))
+    assert torch.equal(out.sequences, dense.sequences)
+
+
+def test_allowed_set_and_fixed_assignment_are_honoured():
+    m = fake(scale=0.5)
+    s = Sampler(m, FMT, SamplerConfig(cfg_scale=2.0))
+    out = s.generate(make_cond(torch.arange(5).repeat(4)), generator=gen(1), allowed_counts=[[2, 8], [1], [4, 8], [8]])
+    bl = out.tokens.block_lengths
+    assert set(bl[:, 0].tolist()) <= {2, 8} and bool((bl[:, 1] == 1).all())
+    assert set(bl[:, 2].tolist()) <= {4, 8} and bool((bl[:, 3] == 8).all())
+    fixed = torch.tensor([[8, 4, 2, 1], [1, 1, 8, 8]])
+    out = s.generate(make_cond([0, 1]), generator=gen(2), fixed_assignment=fixed)
+    assert torch.equal(out.tokens.block_lengths, fixed)
+
+
+def test_exact_budget_in_the_loop():
+    m = fake(scale=0.5, len_offset=3.0)  # the model loves length tokens of ... any count; bias up
+    s = Sampler(m, FMT, SamplerConfig(budget_bias=3.0))  # pushes towards big blocks
+    cond = make_cond(torch.arange(5).repeat(6))
+    free = s.generate(cond, generator=gen(0))
+    capped = s.generate(cond, generator=gen(0), budget=torch.arange(30) % 10 + 6)
+    assert float(free.tokens.lengths.float().mean()) > 15
+    assert bool((capped.tokens.lengths <= torch.arange(30) % 10 + 6).all())
+
+
+def test_errors_are_clear():
+    m = fake()
+    s = Sampler(m, FMT, SamplerConfig())
+    with pytest.raises(ValueError, match="batch size is unknown"):
+        s.generate(None)
+    from arvid.sampling.sampler import conditioning_class
+
+    with pytest.raises(ValueError, match="guidance needs a conditioning"):
+        Sampler(m, FMT, SamplerConfig(cfg_scale=2.0)).generate(conditioning_class()(), batch_size=2)
+    with pytest.raises(ValueError, match="prefix of sample 0 .* position 2"):
+        s.generate(make_cond([0]), prefix=torch.tensor([[FMT.len_token(2), 1, FMT.len_token(1)]]))

@@ -1,0 +1,237 @@
+"""EVATok: token counts, block causality, packed mixed batches, prefixes, save/load, router, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arvid.config import ConfigError
+from arvid.data.types import TokenizedVideo
+from arvid.tokenizer import EVATok, EVATokConfig, build_tokenizer, load_tokenizer
+
+
+def _video(b: int, t: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, t, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def tok() -> EVATok:
+    torch.manual_seed(0)
+    return build_tokenizer("evatok", preset="debug").eval()
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([4, 8, 16, 32]), min_size=4, max_size=4), min_size=1, max_size=3))
+def test_any_assignment_gives_sum_codes_and_input_shape(assign):
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", preset="debug").eval()
+    a = torch.tensor(assign)
+    video = _video(a.shape[0])
+    tv = tok.encode(video, a)
+    assert tv.codes.numel() == int(a.sum())
+    assert torch.equal(tv.block_lengths, a)
+    assert int(tv.codes.min()) >= 0 and int(tv.codes.max()) < tok.codebook_size
+    out = tok.decode(tv)
+    assert out.shape == video.shape
+    assert torch.isfinite(out).all()
+
+
+def test_block_causality_of_codes_and_decoded_frames(tok):
+    video = _video(2, seed=1)
+    a = torch.tensor([[8, 16, 4, 32], [32, 4, 8, 8]])
+    base = tok.encode(video, a)
+    fpb = tok.layout.frames_per_block
+    for t in range(tok.layout.num_blocks - 1):
+        changed = video.clone()
+        start = sum(fpb[:t + 1])
+        changed[:, :, start:] = torch.rand_like(changed[:, :, start:])  # blocks > t
+        other = tok.encode(changed, a)
+        for b in range(2):
+            for k in range(tok.layout.num_blocks):
+                same = torch.equal(base.block_codes(b, k), other.block_codes(b, k))
+                if k <= t:
+                    assert same, f"codes of block {k} changed when frames of blocks > {t} changed"
+        # later blocks must actually react, or the test would pass vacuously
+        assert not all(torch.equal(base.block_codes(b, t + 1), other.block_codes(b, t + 1)) for b in range(2))
+    # decoder: changing the codes of the last block leaves earlier frames exactly equal
+    codes = base.codes.clone()
+    for b in range(2):
+        off = int(base.offsets[b]) + int(a[b, :3].sum())
+        codes[off:off + int(a[b, 3])] = (codes[off:off + int(a[b, 3])] + 1) % tok.codebook_size
+    d0 = tok.decode(base)
+    d1 = tok.decode(TokenizedVideo(codes, base.block_lengths))
+    last = sum(fpb[:3])
+    assert torch.equal(d0[:, :, :last], d1[:, :, :last])
+    assert (d0[:, :, last:] - d1[:, :, last:]).abs().max() > 1e-4
+
+
+def test_later_block_counts_do_not_change_earlier_codes(tok):
+    video = _video(1, seed=2)
+    a1 = torch.tensor([[8, 16, 4, 4]])
+    a2 = torch.tensor([[8, 16, 32, 8]])
+    t1, t2 = tok.encode(video, a1), tok.encode(video, a2)
+    for k in (0, 1):
+        assert torch.equal(t1.block_codes(0, k), t2.block_codes(0, k))
+
+
+@pytest.mark.parametrize("backend", ["loop", "dense"])
+def test_mixed_batch_equals_each_video_alone(backend):
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", preset="debug", config={"attention": backend}).eval()
+    video = _video(4, seed=3)
+    a = torch.tensor([[4, 8, 16, 32], [32, 32, 32, 32], [4, 4, 4, 4], [16, 4, 32, 8]])
+    batch = tok.encode(video, a)
+    recon = tok.decode(batch)
+    for i in range(4):
+        alone = tok.encode(video[i:i + 1], a[i:i + 1])
+        assert torch.equal(alone.codes, batch.video_codes(i))
+        torch.testing.assert_close(tok.decode(alone), recon[i:i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_loop_and_dense_backends_agree():
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", preset="debug").eval()
+    video = _video(3, seed=4)
+    a = torch.tensor([[4, 8, 16, 32], [32, 4, 8, 16], [8, 8, 8, 8]])
+    tok.config.attention = "loop"
+    r1, q1 = tok(video, a)
+    tok.config.attention = "dense"
+    r2, q2 = tok(video, a)
+    assert torch.equal(q1.indices, q2.indices)
+    torch.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_encode_and_decode_match_full(tok):
+    video = _video(2, seed=5)
+    a = torch.tensor([[16, 4, 32, 8], [4, 32, 8, 16]])
+    full = tok.encode(video, a)
+    recon = tok.decode(full)
+    for t in (1, 2, 3):
+        frames = sum(tok.layout.frames_per_block[:t])
+        pre = tok.encode(video[:, :, :frames], a[:, :t])
+        assert pre.block_lengths.shape == (2, t)
+        for b in range(2):
+            expect = torch.cat([full.block_codes(b, k) for k in range(t)])
+            assert torch.equal(pre.video_codes(b), expect)
+        dec = tok.decode(pre)
+        assert dec.shape[2] == frames
+        torch.testing.assert_close(dec, recon[:, :, :frames], atol=1e-5, rtol=1e-5)
+
+
+def test_default_assignment_and_router(tok):
+    video = _video(2, seed=6)
+    tv = tok.encode(video)
+    mid = tok.layout.candidates[tok.layout.num_candidates // 2]
+    assert torch.equal(tv.block_lengths, torch.full((2, 4), mid))
+
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def choose(self, v):
+            return torch.tensor([[4, 8, 16, 32]]).expand(v.shape[0], -1)
+
+    keys = set(tok.state_dict())
+    fp = tok.fingerprint()
+    tok.router = Router()
+    try:
+        assert set(tok.state_dict()) == keys, "the router must not become part of the tokenizer's weights"
+        assert tok.fingerprint() == fp
+        tv = tok.encode(video)
+        assert torch.equal(tv.block_lengths, torch.tensor([[4, 8, 16, 32]] * 2))
+    finally:
+        tok.router = None
+    with pytest.raises(TypeError, match="choose"):
+        tok.router = object()
+
+
+def test_config_default_assignment():
+    tok = build_tokenizer("evatok", preset="debug", config={"default_assignment": [4, 32, 4, 32]}).eval()
+    assert tok.encode(_video(1)).block_lengths.tolist() == [[4, 32, 4, 32]]
+    with pytest.raises(ConfigError, match="not candidates"):
+        build_tokenizer("evatok", preset="debug", config={"default_assignment": [5, 32, 4, 32]})
+
+
+def test_save_load_round_trip_exact(tok, tmp_path):
+    video = _video(2, seed=7)
+    a = torch.tensor([[8, 16, 4, 32], [32, 4, 8, 8]])
+    tv = tok.encode(video, a)
+    rec = tok.decode(tv)
+    tok.save_pretrained(tmp_path / "tok")
+    for loaded in (EVATok.from_pretrained(tmp_path / "tok"), load_tokenizer(tmp_path / "tok")):
+        assert isinstance(loaded, EVATok)
+        loaded.eval()
+        assert loaded.fingerprint() == tok.fingerprint()
+        tv2 = loaded.encode(video, a)
+        assert tv2.equal(tv)
+        assert torch.equal(loaded.decode(tv2), rec)
+    # a different model has a different fingerprint
+    torch.manual_seed(123)
+    assert build_tokenizer("evatok", preset="debug").fingerprint() != tok.fingerprint()
+
+
+def test_bad_inputs_are_clear(tok):
+    with pytest.raises(ValueError, match="frames"):
+        tok.encode(_video(1, t=7))
+    with pytest.raises(ValueError, match="32x32"):
+        tok.encode(_video(1, size=16))
+    with pytest.raises(ValueError, match="not candidates"):
+        tok.encode(_video(1), torch.tensor([[4, 8, 5, 4]]))
+    with pytest.raises(ValueError, match="shape"):
+        tok.encode(_video(1), torch.tensor([[4, 8, 16]]))
+    with pytest.raises(ValueError, match="indices"):
+        tok.decode(TokenizedVideo(torch.full((16,), 10**6), torch.tensor([[4, 4, 4, 4]])))
+    with pytest.raises(ConfigError, match="patch_time"):
+        build_tokenizer("evatok", preset="debug", config={"frames_per_block": [3, 3]})
+
+
+def test_general_layout_two_latent_frames_per_block():
+    # frames_per_block a multiple (not equal) of patch_time, and unequal blocks
+    cfg = dict(EVATok.presets()["debug"], frames_per_block=(4, 2, 2), candidates=(2, 8), patch_time=2)
+    tok = EVATok(EVATokConfig(**{**cfg, "quantizer": EVATokConfig().quantizer.__class__(
+        **cfg["quantizer"])})).eval()
+    video = _video(2, t=8)
+    a = torch.tensor([[2, 8, 2], [8, 2, 8]])
+    tv = tok.encode(video, a)
+    assert tv.codes.numel() == 30
+    assert tok.decode(tv).shape == video.shape
+    changed = video.clone()
+    changed[:, :, 4:] = 0
+    tv2 = tok.encode(changed, a)
+    for b in range(2):
+        assert torch.equal(tv.block_codes(b, 0), tv2.block_codes(b, 0))
+
+
+def test_presets_sizes():
+    # Built on the meta device: no memory, no init cost; only the parameter count matters.
+    with torch.device("meta"):
+        b = build_tokenizer("evatok", preset="B")
+        s = build_tokenizer("evatok", preset="S")
+    nb = sum(p.numel() for p in b.parameters())
+    ns = sum(p.numel() for p in s.parameters())
+    assert 135e6 < nb < 155e6, nb  # the paper's ~145M
+    assert 30e6 < ns < 70e6, ns
+    assert b.layout.candidates == (32, 64, 128, 256, 512) and b.layout.frames_per_block == (4, 4, 4, 4)
+    assert b.codebook_size == 16384
+
+
+def test_training_forward_has_gradients_and_losses(tok):
+    tok.train()
+    try:
+        video = _video(2, seed=8)
+        a = torch.tensor([[4, 8, 16, 32], [8, 8, 8, 8]])
+        recon, qo = tok(video, a, generator=torch.Generator().manual_seed(0), entropy=True)
+        assert recon.shape == video.shape
+        assert qo.indices.numel() == int(a.sum())
+        assert set(qo.losses) == {"commit", "codebook", "entropy"}
+        loss = (recon - video).abs().mean() + qo.losses["commit"]
+        loss.backward()
+        assert tok.patch_embed.weight.grad is not None and tok.patch_embed.weight.grad.abs().sum() > 0
+        assert tok.head.weight.grad.abs().sum() > 0
+    finally:
+        tok.zero_grad(set_to_none=True)
+        tok.eval()

@@ -1,0 +1,166 @@
+"""Quantizers: straight-through gradients, dead-code restart, EMA updates, entropy loss, FSQ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arvid.config import ConfigError, from_dict
+from arvid.tokenizer.quantizers import (
+    FSQ,
+    QuantizerConfig,
+    VectorQuantizer,
+    build_quantizer,
+    code_statistics,
+    entropy_loss,
+)
+
+
+def test_vq_picks_nearest_by_cosine_and_straight_through():
+    vq = VectorQuantizer(QuantizerConfig(codebook_size=16, code_dim=4, restart_dead=False))
+    codes = vq.normalized_codebook().detach()
+    # a vector near code 5 (scaled: the lookup is by cosine, not by l2 distance of raw vectors)
+    z = (codes[5] * 3.0 + 0.01 * torch.randn(4, generator=torch.Generator().manual_seed(0)))[None]
+    z.requires_grad_(True)
+    out = vq(z)
+    assert out.indices.tolist() == [5]
+    torch.testing.assert_close(out.z_q.detach(), codes[5:6])
+    # straight-through: d(sum z_q * w)/dz is the gradient through l2-normalisation of z, nonzero
+    w = torch.randn(1, 4, generator=torch.Generator().manual_seed(1))
+    (out.z_q * w).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    expected = torch.autograd.grad((F.normalize(z, dim=-1) * w).sum(), z)[0]
+    torch.testing.assert_close(z.grad, expected)
+
+
+def test_vq_losses_and_codebook_gradient():
+    vq = VectorQuantizer(QuantizerConfig(codebook_size=8, code_dim=4, restart_dead=False))
+    z = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    out = vq(z)
+    e = vq.normalized_codebook()[out.indices]
+    zn = F.normalize(z, dim=-1)
+    torch.testing.assert_close(out.losses["commit"], F.mse_loss(zn, e.detach()))
+    out.losses["codebook"].backward()
+    assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0
+    assert torch.equal(vq.lookup(out.indices), e.detach())
+
+
+def test_usage_and_perplexity_values():
+    stats = code_statistics(torch.tensor([0, 1, 2, 3]), 8)
+    assert stats["usage"] == pytest.approx(0.5)
+    assert stats["perplexity"] == pytest.approx(4.0, rel=1e-5)
+    stats = code_statistics(torch.tensor([2, 2, 2]), 8)
+    assert stats["usage"] == pytest.approx(1 / 8)
+    assert stats["perplexity"] == pytest.approx(1.0)
+
+
+def test_dead_code_restart_revives_unused_codes():
+    cfg = QuantizerConfig(codebook_size=32, code_dim=4, restart_every=5, usage_decay=0.5, dead_threshold=0.05)
+    vq = VectorQuantizer(cfg).train()
+    # all inputs cluster around one direction: most codes are never chosen
+    g = torch.Generator().manual_seed(0)
+    center = F.normalize(torch.tensor([1.0, 0.5, -0.3, 0.2]), dim=0)
+    before_used = set()
+    for _ in range(4):
+        z = center + 0.3 * torch.randn(64, 4, generator=g)
+        before_used |= set(vq(z, generator=g).indices.tolist())
+    assert len(before_used) < 16
+    old = vq.codebook.detach().clone()
+    z = center + 0.3 * torch.randn(64, 4, generator=g)
+    vq(z, generator=g)  # 5th call: the restart check runs
+    moved = (vq.codebook.detach() - old).abs().sum(1) > 1e-6
+    dead = [i for i in range(32) if i not in before_used]
+    assert moved[dead].float().mean() > 0.5, "unused codes must be replaced"
+    # the revived codes now sit near the data: many more codes get used
+    with torch.no_grad():
+        vq.eval()
+        after = set(vq(center + 0.3 * torch.randn(512, 4, generator=g)).indices.tolist())
+    assert len(after) > len(before_used) + 5
+
+
+def test_restart_is_deterministic_per_generator():
+    def run(seed):
+        vq = VectorQuantizer(QuantizerConfig(codebook_size=16, code_dim=4, restart_every=1, usage_decay=0.0)).train()
+        z = torch.ones(8, 4) + 0.1 * torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+        vq(z, generator=torch.Generator().manual_seed(seed))
+        return vq.codebook.detach().clone()
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_ema_codebook_moves_towards_assigned_vectors():
+    cfg = QuantizerConfig(codebook_size=4, code_dim=3, use_ema=True, ema_decay=0.5, restart_dead=False)
+    vq = VectorQuantizer(cfg).train()
+    assert not vq.codebook.requires_grad
+    target = F.normalize(torch.tensor([0.2, 1.0, 0.1]), dim=0)
+    idx = int(vq(target[None]).indices[0])
+    before = float(vq.normalized_codebook()[idx] @ target)
+    for _ in range(5):
+        vq(target[None].repeat(8, 1))
+    after = float(vq.normalized_codebook()[idx] @ target)
+    assert after > before and after > 0.99
+    assert vq(target[None]).losses["codebook"].item() == 0.0
+
+
+def test_entropy_loss_prefers_confident_and_diverse():
+    n, v = 64, 16
+    confident_diverse = torch.full((n, v), -20.0)
+    confident_diverse[torch.arange(n), torch.arange(n) % v] = 20.0
+    collapsed = torch.full((n, v), -20.0)
+    collapsed[:, 0] = 20.0
+    uncertain = torch.zeros(n, v)
+    l_good, l_collapsed, l_uncertain = (entropy_loss(x) for x in (confident_diverse, collapsed, uncertain))
+    assert l_good == pytest.approx(-math.log(v), abs=1e-3)
+    assert l_collapsed == pytest.approx(0.0, abs=1e-3)
+    assert l_uncertain == pytest.approx(0.0, abs=1e-3)
+    assert l_good < l_collapsed
+
+
+def test_fsq_round_trip_and_grid():
+    fsq = FSQ(QuantizerConfig(kind="fsq", levels=(8, 5, 4)))
+    assert fsq.codebook_size == 160 and fsq.code_dim == 3
+    idx = torch.arange(160)
+    vecs = fsq.lookup(idx)
+    assert vecs.abs().max() <= 1.0
+    assert len({tuple(v) for v in vecs.tolist()}) == 160  # a bijection
+    out = fsq(torch.randn(160, 3, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(fsq.lookup(out.indices), out.z_q.detach())
+    # quantizing a code's own value (pre-bound) gives back its index: invert the bound
+    z = torch.randn(500, 3, generator=torch.Generator().manual_seed(1)) * 2
+    q = fsq(z)
+    assert torch.equal(fsq(fsq_inverse(fsq, q.z_q.detach())).indices, q.indices)
+    # every level value is reachable
+    per_channel = [set(fsq.lookup(q.indices)[:, c].tolist()) for c in range(3)]
+    assert [len(s) for s in per_channel] == [8, 5, 4]
+
+
+def fsq_inverse(fsq: FSQ, unit: torch.Tensor) -> torch.Tensor:
+    """Pre-image of grid values under FSQ's bound (for the round-trip test)."""
+    half_l = fsq.levels.float() // 2
+    q = unit * half_l
+    half = (fsq.levels.float() - 1) * (1 - 1e-3) / 2
+    offset = torch.where(fsq.levels % 2 == 0, 0.5, 0.0)
+    shift = torch.atanh(offset / half)
+    return torch.atanh(((q + offset) / half).clamp(-0.999999, 0.999999)) - shift
+
+
+def test_fsq_straight_through_gradient():
+    fsq = FSQ(QuantizerConfig(kind="fsq", levels=(5, 5)))
+    z = torch.randn(10, 2, requires_grad=True)
+    fsq(z).z_q.sum().backward()
+    assert z.grad is not None and (z.grad > 0).all()
+
+
+def test_config_validation_and_build():
+    assert isinstance(build_quantizer(QuantizerConfig(kind="fsq")), FSQ)
+    assert QuantizerConfig(kind="fsq", levels=(8, 8, 8, 5, 5, 5)).num_codes == 64000
+    with pytest.raises(ConfigError, match="codebook_size"):
+        from_dict(QuantizerConfig, {"codebook_size": 1})
+    with pytest.raises(ConfigError, match="kind"):
+        from_dict(QuantizerConfig, {"kind": "rvq"})
+    with pytest.raises(ValueError, match="indices"):
+        VectorQuantizer(QuantizerConfig(codebook_size=8, code_dim=2)).lookup(torch.tensor([8]))

@@ -1,0 +1,234 @@
+"""The Trainer: exact resume (in process and after kill -9), NaN stop, data order, accumulation,
+several optimizer groups, evaluation hook, bf16, and clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _training_toy import ToyGANTask, ToyTask, run, toy_data
+from torch import nn
+
+from arvid.config import ConfigError, load_config
+from arvid.io import load_weights
+from arvid.training import (
+    GlobalBatchSampler,
+    NonFiniteLossError,
+    StepOutput,
+    Trainer,
+    TrainerConfig,
+    latest_checkpoint,
+    load_checkpoint_weights,
+    step_generator,
+)
+from arvid.training.logging import read_metrics
+
+TOY = Path(__file__).parent / "_training_toy.py"
+
+
+def _cfg(**kw):
+    base = dict(max_steps=20, batch_size=8, lr=3e-2, warmup_steps=3, checkpoint_every=5, log_every=1,
+                keep_last=2, device="cpu", progress=False)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_crash_then_resume_equals_uninterrupted(tmp_path):
+    # dropout (global RNG), input noise (per-step generator), EMA, accumulation, 2+ epochs
+    kw = dict(dropout=0.2, noise=0.1)
+    cfg = _cfg(grad_accum=2, ema_decay=0.8, max_steps=30)
+    ref = ToyTask(**kw)
+    ref_trainer = Trainer(cfg, ref, toy_data(), tmp_path / "ref")
+    ref_trainer.fit()
+
+    crashed = ToyTask(crash_at=13, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, crashed, toy_data(), tmp_path / "run").fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000010"
+    resumed = ToyTask(**kw)
+    trainer = Trainer(cfg, resumed, toy_data(), tmp_path / "run")
+    result = trainer.fit()
+    assert result.step == 30 and resumed.seen[0] == 10  # it did resume at step 10
+    assert _same(resumed, ref)
+    assert _same(trainer.final_model(), ref_trainer.final_model())
+    # each step is logged once, with the same losses as the uninterrupted run
+    run_log, ref_log = read_metrics(tmp_path / "run/metrics.jsonl"), read_metrics(tmp_path / "ref/metrics.jsonl")
+    assert [r["step"] for r in run_log] == list(range(1, 31))
+    assert [r["loss/main"] for r in run_log] == [r["loss/main"] for r in ref_log]
+    # a finished run resumed again does nothing and reports the finished step
+    again = Trainer(cfg, ToyTask(**kw), toy_data(), tmp_path / "run").fit()
+    assert again.step == 30 and again.history == []
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+    args = ["--max-steps", "40", "--checkpoint-every", "5", "--dropout", "0.1", "--noise", "0.1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(TOY), str(run_dir), *args, "--sleep", "0.05"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    target = run_dir / "checkpoints" / "step_00000010"
+    deadline = time.monotonic() + 60
+    while not target.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = latest_checkpoint(run_dir)
+    assert 10 <= int(killed_at.name.split("_")[1]) < 40 and not (run_dir / "final.safetensors").exists()
+
+    out = subprocess.run([sys.executable, str(TOY), str(run_dir), *args], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "done mlp step=40" in out.stdout
+    # the uninterrupted reference runs in this process (same code, same CPU kernels): saves a start-up
+    ref_dir = tmp_path / "ref"
+    run(ref_dir, max_steps=40, checkpoint_every=5, dropout=0.1, noise=0.1)
+    a, b = load_weights(run_dir / "final.safetensors"), load_weights(ref_dir / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["loss/main"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert losses == [r["loss/main"] for r in read_metrics(ref_dir / "metrics.jsonl")]
+
+
+def test_nan_loss_stops_with_clear_error_and_checkpoint_loads(tmp_path):
+    task = ToyTask(nan_at=7)
+    with pytest.raises(NonFiniteLossError, match=r"step 7: losses\['main'\] = nan") as info:
+        Trainer(_cfg(), task, toy_data(), tmp_path).fit()
+    assert info.value.step == 7 and info.value.name == "main"
+    assert info.value.checkpoint.name == "step_00000005" and "step_00000005" in str(info.value)
+    assert all(torch.isfinite(p).all() for p in task.parameters())  # the NaN step was not applied
+    loaded = load_checkpoint_weights(latest_checkpoint(tmp_path), ToyTask(seed=5))
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    # resuming (after the cause is fixed) continues from the good checkpoint
+    fixed = ToyTask()
+    assert Trainer(_cfg(), fixed, toy_data(), tmp_path).fit().step == 20 and fixed.seen[0] == 5
+
+
+def test_global_batches_do_not_depend_on_processes_or_accumulation():
+    def steps(n_proc, accum, start=0):
+        per_rank = [list(GlobalBatchSampler(40, 8, accum, n_proc, r, seed=1, epoch=2, start_batch=start))
+                    for r in range(n_proc)]
+        out = []  # regroup micro-batches of all ranks into global batches
+        for i in range(0, len(per_rank[0]), accum):
+            out.append(sorted(j for m in range(accum) for r in range(n_proc) for j in per_rank[r][i + m]))
+        return out
+
+    one = steps(1, 1)
+    assert len(one) == 5 and sorted(j for b in one for j in b) == list(range(40))
+    assert steps(2, 1) == one and steps(2, 2) == one and steps(1, 4) == one
+    assert steps(2, 2, start=3) == one[3:]  # resume skips consumed batches
+    other_epoch = list(GlobalBatchSampler(40, 8, 1, 1, 0, seed=1, epoch=3))
+    assert sorted(other_epoch[0]) != one[0]
+    assert torch.equal(torch.rand(3, generator=step_generator(0, 5, 0)), torch.rand(3, generator=step_generator(0, 5, 0)))
+    assert not torch.equal(torch.rand(3, generator=step_generator(0, 5, 0)),
+                           torch.rand(3, generator=step_generator(0, 5, 1)))
+
+
+def test_grad_accumulation_keeps_the_global_batch(tmp_path):
+    finals = []
+    for accum in (1, 2, 4):
+        task = ToyTask()
+        Trainer(_cfg(grad_accum=accum, max_steps=8), task, toy_data(), tmp_path / str(accum)).fit()
+        finals.append(task)
+    for t in finals[1:]:
+        for a, b in zip(finals[0].parameters(), t.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not _same(finals[0], ToyTask())  # it trained
+
+
+def test_each_loss_trains_only_its_group(tmp_path):
+    class Task(ToyGANTask):
+        def training_step(self, batch, step, generator):
+            x, y = batch
+            pred = self.net(x)
+            main = ((pred - y) ** 2).mean() - self.critic(pred).mean()  # would push grads into the critic
+            critic = 0.0 * self.critic(pred.detach()).sum()  # zero gradient: Adam must not move the critic
+            return StepOutput({"main": main, "critic": critic})
+
+    task = Task()
+    critic0 = {k: v.clone() for k, v in task.critic.state_dict().items()}
+    net0 = {k: v.clone() for k, v in task.net.state_dict().items()}
+    Trainer(_cfg(max_steps=4, checkpoint_every=0), task, toy_data(), tmp_path).fit()
+    assert all(torch.equal(v, critic0[k]) for k, v in task.critic.state_dict().items())
+    assert not all(torch.equal(v, net0[k]) for k, v in task.net.state_dict().items())
+
+
+def test_metrics_log_and_eval_hook(tmp_path):
+    calls = []
+
+    def eval_fn(task, step):
+        calls.append((step, task.training, torch.is_grad_enabled()))
+        return {"mse": torch.tensor(0.25), "step_seen": step}
+
+    cfg = _cfg(max_steps=6, log_every=3, eval_every=2, grad_accum=2)
+    result = Trainer(cfg, ToyTask(), toy_data(), tmp_path, eval_fn=eval_fn).fit()
+    assert calls == [(2, False, False), (4, False, False), (6, False, False)]
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in recs if "loss/main" in r]
+    evals = [r for r in recs if "eval/mse" in r]
+    assert [r["step"] for r in train] == [3, 6] and [r["step"] for r in evals] == [2, 4, 6]
+    assert evals[1]["eval/mse"] == 0.25 and evals[1]["eval/step_seen"] == 4
+    assert train[0]["items_per_s"] > 0 and train[0]["tokens_per_s"] == pytest.approx(train[0]["items_per_s"])
+    assert {"lr/main", "grad_norm/main", "pred_mean", "epoch"} <= set(train[0])
+    assert result.history[-1]["step"] == 6 and result.checkpoint == latest_checkpoint(tmp_path)
+    assert result.loss == json.loads((result.checkpoint / "trainer_state.json").read_text())["losses"]["main"]
+    assert load_config(TrainerConfig, tmp_path / "trainer.yaml") == cfg
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    class Task(ToyTask):
+        dtypes: list = []
+
+        def training_step(self, batch, step, generator):
+            self.dtypes.append(self.net(batch[0]).dtype)
+            return super().training_step(batch, step, generator)
+
+    task = Task()
+    result = Trainer(_cfg(precision="bf16", max_steps=15, checkpoint_every=0), task, toy_data(), tmp_path).fit()
+    assert set(task.dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in task.parameters())  # master weights stay fp32
+    losses = [r["loss/main"] for r in result.history]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    # and fp32 again in the same process (accelerate's one-precision state is reset)
+    fp32 = Task()
+    Task.dtypes = []
+    Trainer(_cfg(max_steps=1, checkpoint_every=0), fp32, toy_data(), tmp_path / "fp32").fit()
+    assert set(Task.dtypes) == {torch.float32}
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size.*grad_accum=3"):
+        TrainerConfig(batch_size=8, grad_accum=3)
+    with pytest.raises(ConfigError, match="keep_last"):
+        TrainerConfig(keep_last=0)
+    with pytest.raises(ValueError, match="dataset has 5 items.*batch_size=8"):
+        Trainer(_cfg(), ToyTask(), toy_data(5), tmp_path / "small").fit()
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    with pytest.raises(TypeError, match="map-style"):
+        Trainer(_cfg(), ToyTask(), Stream(), tmp_path)
+    with pytest.raises(TypeError, match="training_step"):
+        Trainer(_cfg(), nn.Linear(2, 2), toy_data(), tmp_path)
+
+    class WrongKeys(ToyTask):
+        def training_step(self, batch, step, generator):
+            return StepOutput({"gen": super().training_step(batch, step, generator).losses["main"]})
+
+    with pytest.raises(ValueError, match=r"returned losses \['gen'\].*groups are \['main'\]"):
+        Trainer(_cfg(), WrongKeys(), toy_data(), tmp_path / "keys").fit()
+
+    Trainer(_cfg(max_steps=2), ToyTask(), toy_data(), tmp_path / "done").fit()
+    with pytest.raises(FileExistsError, match="resume=False"):
+        Trainer(_cfg(max_steps=2, resume=False), ToyTask(), toy_data(), tmp_path / "done").fit()
