@@ -43,11 +43,12 @@ class BudgetCalibration:
 
 
 def bisect_bias(measure: Callable[[float], float], target: float, lo: float = -4.0, hi: float = 4.0,
-                iters: int = 24, rel_tol: float = 0.01, expand: int = 6) -> BudgetCalibration:
+                iters: int = 24, rel_tol: float = 0.01, expand: int = 6, beta_tol: float = 1e-3) -> BudgetCalibration:
     """Find ``beta`` with ``measure(beta) ~= target`` for a non-decreasing ``measure``.
 
     The bracket ``[lo, hi]`` is widened (doubled, up to ``expand`` times) until it contains the
-    target. Stops when the relative error is under ``rel_tol`` or after ``iters`` halvings;
+    target. Stops when the relative error is under ``rel_tol``, after ``iters`` halvings, or when
+    the bracket is narrower than ``beta_tol`` (a measure over few samples is a step function);
     returns the best ``beta`` seen.
 
     Raises:
@@ -78,7 +79,7 @@ def bisect_bias(measure: Callable[[float], float], target: float, lo: float = -4
                          f"beta={hi:g} gives {m_hi:.1f}")
     for _ in range(iters):
         best = min(history, key=lambda h: abs(h[1] - target))
-        if abs(best[1] - target) <= rel_tol * target:
+        if abs(best[1] - target) <= rel_tol * target or hi - lo < beta_tol:
             break
         mid = 0.5 * (lo + hi)
         v = m(mid)

@@ -289,7 +289,8 @@ def run(cfg: SampleConfig) -> Path:
     vid_dir = out / "videos"
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(my_batches) * cfg.batch_size, desc=f"sample[{rank}]", unit="video",
+    my_rows = sum(min(cfg.batch_size, plan.n - j * cfg.batch_size) for j in my_batches)
+    bar = tqdm(total=my_rows, desc=f"sample[{rank}]", unit="video",
                disable=not state.is_local_main_process)
     it = iter_sample_batches(gpt, tokenizer, scfg, batch_size=cfg.batch_size, seed=cfg.seed, batches=my_batches,
                              budget=budget_cap, decode=False, sampler=sampler, **kw)
@@ -335,7 +336,7 @@ def run(cfg: SampleConfig) -> Path:
     state.wait_for_everyone()
     if state.is_main_process:
         _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibration, device, sampler,
-                          time.perf_counter() - t_start)
+                          scfg, time.perf_counter() - t_start)
     state.wait_for_everyone()
     return out
 
@@ -351,7 +352,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibration, device, sampler,
-                      seconds_total) -> None:
+                      scfg, seconds_total) -> None:
     index, codes_parts, bl_parts, t_tok, t_dec = [], [], [], 0.0, 0.0
     for r in range(world):
         with np.load(out / "parts" / f"part_{r}.npz") as z:
@@ -394,7 +395,7 @@ def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibr
                    "cap": budget_cap,
                    "calibration_mean": calibration.mean_tokens if calibration else None,
                    "calibration_history": calibration.history if calibration else None},
-        "sampler": dataclasses.asdict(cfg.sampler),
+        "sampler": dataclasses.asdict(scfg),  # as used: budget_bias holds the calibrated beta
         "seed": cfg.seed,
         "generator": str(cfg.generator),
         "tokenizer": str(cfg.tokenizer),

@@ -1,0 +1,220 @@
+"""`arvid train-generator CONFIG [overrides]`: train the AR GPT on a token store.
+
+Reads the store written by `arvid tokenize`, refuses it unless its fingerprint equals the
+tokenizer's (the codes would decode to garbage otherwise), packs variable-length sequences
+into token-budget batches (no padding), trains with the one Trainer and writes
+``out_dir/gpt`` (``save_pretrained``) and a ``done`` marker.
+
+Conditioning: ``class`` (the store's labels, dropped to the null class with
+``gpt.class_dropout`` for CFG), ``text`` (each label's line of ``captions`` through the
+SentencePiece model in ``spm_dir``), ``frames`` (frame prediction: the first ``context_blocks``
+blocks of every sequence are loss-masked context), ``none``.
+
+A Trainer "item" here is one packed batch of at most ``max_tokens`` positions, so
+``trainer.batch_size`` counts such batches per optimizer step (over all processes).
+Logged besides the loss: ``tokens_per_s`` (Trainer), ``mfu`` and ``tflops`` (this task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arvid.config import ConfigError, doc, from_dict, load_config, save_config
+from arvid.generator.conditioning import Conditioning
+from arvid.generator.gpt import GPT, PRESETS, GPTConfig
+from arvid.generator.packing import IGNORE, PackedBatch, PackedBatchDataset, PackingSpec, concat_packed
+from arvid.generator.sequence import SequenceFormat
+from arvid.io import check_writable, write_json
+from arvid.training import StepOutput, Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainGeneratorConfig:
+    """Train the GPT on a token store."""
+
+    token_store: str = doc("", "directory written by `arvid tokenize`")
+    tokenizer: str = doc("", "the tokenizer directory that will decode the samples (its fingerprint must match the store's)")
+    preset: str = doc("B", "GPT size preset: " + ", ".join(PRESETS))
+    gpt: dict[str, Any] = doc({}, "GPTConfig fields overriding the preset (dim, n_layers, attn_backend, class_dropout, ...)")
+    conditioning: Literal["class", "none", "text", "frames"] = doc("class", "what the GPT is conditioned on")
+    num_classes: int = doc(0, "class conditioning: number of classes (0: max label in the store + 1)")
+    context_blocks: int = doc(0, "frames: the first blocks of every sequence are context (no loss); K600 protocol: 2")
+    spm_dir: str | None = doc(None, "text: the SentencePiece folder from `arvid text train-spm`")
+    captions: str | None = doc(None, "text: file with one caption (or class name) per label, line i for label i")
+    max_text_len: int = doc(0, "text: prefix slots for text (0: the longest caption of the spm training set)")
+    max_tokens: int = doc(16384, "packed positions per batch (the token budget; prefix slots count)")
+    pad_batches: bool = doc(False, "pad every packed batch to max_tokens (static shapes for torch.compile)")
+    peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(max_steps=20000, batch_size=1, lr=3e-4, weight_decay=0.05,
+                                              warmup_steps=500, precision="bf16", ema_decay=0.0),
+        metadata={"help": "the Trainer; batch_size counts packed batches of max_tokens per step"})
+    out_dir: str = doc("outputs/generator", "output directory (gpt/, checkpoints/, metrics.jsonl, done)")
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.max_tokens <= 0 or self.peak_tflops <= 0:
+            raise ValueError(f"max_tokens and peak_tflops must be positive, got {self.max_tokens}, {self.peak_tflops}")
+        if self.conditioning == "frames" and self.context_blocks < 1:
+            raise ValueError("conditioning 'frames' needs context_blocks >= 1 (K600 protocol: 2)")
+        if self.conditioning != "frames" and self.context_blocks:
+            raise ValueError(f"context_blocks={self.context_blocks} only applies to conditioning 'frames'")
+        if self.conditioning == "text" and (not self.spm_dir or not self.captions):
+            raise ValueError("conditioning 'text' needs spm_dir (arvid text train-spm) and captions (one line per label)")
+
+
+class GeneratorTask(nn.Module):
+    """The GPT plus its training loss: next-token cross-entropy over the loss-bearing positions.
+
+    CFG dropout draws from the step's generator (``GPT.drop_condition``) so a resumed run repeats
+    exactly. MFU is measured between consecutive calls: the interval covers the previous
+    batch's forward, backward and optimizer step.
+    """
+
+    def __init__(self, gpt: GPT, peak_tflops: float = 989.0) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.peak_flops = peak_tflops * 1e12
+        self._last: tuple[float, float] | None = None  # (time, flops) of the previous call
+
+    def ema_model(self) -> nn.Module:
+        return self.gpt
+
+    def loss(self, batch: PackedBatch) -> torch.Tensor:
+        """Mean cross-entropy over positions whose target is not -100."""
+        logits = self.gpt(batch)  # [N, vocab]
+        return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE)
+
+    def training_step(self, batch: PackedBatch, step: int, generator: torch.Generator) -> StepOutput:
+        cond = self.gpt.drop_condition(Conditioning(batch.class_ids, batch.text_ids), generator)
+        batch = PackedBatch(batch.tokens, batch.targets, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
+                            cond.class_ids, cond.text_ids, batch.prefix_mask, batch.num_prefix, batch.num_seqs)
+        loss = self.loss(batch)
+        now = time.perf_counter()
+        flops = self.gpt.training_flops(batch.seqlens().cpu())
+        metrics: dict[str, float] = {"tokens": float(batch.num_tokens), "loss_tokens": float(batch.num_loss_tokens)}
+        if self._last is not None and now > self._last[0]:
+            achieved = self._last[1] / (now - self._last[0])
+            metrics["tflops"] = achieved / 1e12
+            metrics["mfu"] = achieved / self.peak_flops
+        self._last = (now, flops)
+        return StepOutput(losses={"main": loss}, metrics=metrics)
+
+
+def _text_table(cfg: TrainGeneratorConfig) -> tuple[torch.Tensor, int, int, int]:
+    """Text ids of every label ``[num_labels, Lt]``, the text vocabulary, Lt and the pad id."""
+    from arvid.generator.text import TextEncoder
+
+    enc = TextEncoder(cfg.spm_dir, max_len=cfg.max_text_len or None)
+    path = Path(cfg.captions)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {str(path)!r} does not exist")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return enc.encode(lines), enc.vocab_size, enc.max_len, enc.pad_id
+
+
+def build_gpt_config(cfg: TrainGeneratorConfig, fmt: SequenceFormat, num_classes: int,
+                     text: tuple[int, int, int] | None) -> GPTConfig:
+    """The preset, then the run's conditioning and vocabulary, then ``cfg.gpt`` overrides."""
+    base: dict[str, Any] = dict(PRESETS[cfg.preset])
+    base["vocab_size"] = fmt.vocab_size
+    if cfg.conditioning == "class":
+        base["num_classes"] = num_classes
+    if text is not None:
+        base["text_vocab_size"], base["max_text_len"], base["text_pad_id"] = text
+    n_prefix = (1 if base.get("num_classes", 0) else 0) + base.get("max_text_len", 0)
+    base["max_seq_len"] = max(n_prefix, 1) + fmt.max_length
+    base.update(cfg.gpt)
+    return from_dict(GPTConfig, base, source=f"{cfg.out_dir} (train-generator)", prefix="gpt.")
+
+
+def run(cfg: TrainGeneratorConfig) -> Path:
+    """Train and save ``out_dir/gpt``; returns ``out_dir``."""
+    from arvid.data.token_store import TokenStore
+    from arvid.tokenizer.base import load_tokenizer
+
+    if not cfg.token_store:
+        raise ConfigError("train-generator: `token_store` (an `arvid tokenize` output) is required")
+    if not cfg.tokenizer:
+        raise ConfigError("train-generator: `tokenizer` is required: the store's fingerprint is checked against it")
+    out = Path(cfg.out_dir)
+    if (out / "done").is_file() and (out / "gpt").is_dir():
+        log.info("train-generator: %s is complete (done marker present); nothing to do", out)
+        return out
+    out = check_writable(out)
+    store = TokenStore(cfg.token_store)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    fingerprint = tokenizer.fingerprint()
+    store.check_fingerprint(fingerprint)
+    if store.layout != tokenizer.layout or store.codebook_size != tokenizer.codebook_size:
+        raise ConfigError(f"token store layout/codebook {store.layout}/{store.codebook_size} differs from the "
+                          f"tokenizer's {tokenizer.layout}/{tokenizer.codebook_size}")
+    del tokenizer
+    if len(store) == 0:
+        raise ConfigError(f"token store {cfg.token_store!r} is empty")
+    fmt = SequenceFormat(store.codebook_size, store.layout)
+
+    num_classes = 0
+    if cfg.conditioning == "class":
+        labels = store.labels
+        if int(labels.min()) < 0:
+            raise ConfigError(f"conditioning 'class' but token store {cfg.token_store!r} has videos without a label")
+        num_classes = cfg.num_classes or int(labels.max()) + 1
+        if int(labels.max()) >= num_classes:
+            raise ConfigError(f"store labels reach {int(labels.max())} but num_classes={num_classes}")
+    text_table, text = None, None
+    if cfg.conditioning == "text":
+        text_table, vocab, max_len, pad = _text_table(cfg)
+        text = (vocab, max_len, pad)
+        if int(store.labels.max()) >= text_table.shape[0] or int(store.labels.min()) < 0:
+            raise ConfigError(f"captions file {cfg.captions!r} has {text_table.shape[0]} lines; the store's labels "
+                              f"span [{int(store.labels.min())}, {int(store.labels.max())}]")
+    gpt_cfg = build_gpt_config(cfg, fmt, num_classes, text)
+    save_config(cfg, out / "config.yaml")
+
+    spec = PackingSpec(fmt, gpt_cfg.num_prefix, cfg.conditioning, cfg.context_blocks, text_table,
+                       pad_to=cfg.max_tokens if cfg.pad_batches else None)
+    dataset = PackedBatchDataset(store, spec, cfg.max_tokens, seed=cfg.trainer.seed)
+    torch.manual_seed(cfg.trainer.seed)  # the initial weights are a function of the seed
+    gpt = GPT(gpt_cfg)
+    log.info("train-generator: GPT %s, %.1fM parameters; %d videos in %d packed batches of <= %d positions",
+             cfg.preset, gpt.num_params() / 1e6, len(store), len(dataset), cfg.max_tokens)
+    task = GeneratorTask(gpt, cfg.peak_tflops)
+    trainer = Trainer(cfg.trainer, task, dataset, out, collate_fn=concat_packed)
+    result = trainer.fit()
+    final = trainer.final_model()
+    extra = {"tokenizer_fingerprint": fingerprint, "conditioning": cfg.conditioning,
+             "context_blocks": cfg.context_blocks, "spm_dir": cfg.spm_dir, "captions": cfg.captions}
+    final.save_pretrained(out / "gpt", extra=extra)
+    write_json(out / "done", {"stage": "train-generator", "step": result.step, "losses": result.losses,
+                              "params": gpt.num_params(), "batches_per_epoch": len(dataset)})
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    run(load_config(TrainGeneratorConfig, args.config, args.overrides))
+    return 0
+
+
+def add_arguments(subparsers) -> None:
+    """Register ``arvid train-generator CONFIG [overrides]``."""
+    p = subparsers.add_parser("train-generator", help="train the AR GPT on a token store",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (TrainGeneratorConfig)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=500 preset=L")
+    p.set_defaults(func=_main)
+
+
+__all__ = ["TrainGeneratorConfig", "GeneratorTask", "build_gpt_config", "run", "add_arguments"]

@@ -1,0 +1,184 @@
+"""Sampling speed: samples/s, decode-step time vs its memory-bandwidth floor, cache vs recompute.
+
+    python benchmarks/bench_sampling.py                                   # GPU: preset L, batch 1 and 64, CFG
+    python benchmarks/bench_sampling.py --device cpu --preset debug --steps 4   # CPU smoke
+
+For each batch size and each step execution (eager, cuda_graph, compile) it reports
+
+- ``step_ms``: one decode step (model.decode_step + guidance + constraint mask + sampling),
+  measured over ``--steps`` steps after a prefill, the cache filled to ``--fill`` positions;
+- ``floor_ms``: bytes that one step must read (every weight once + the KV cache) / bandwidth,
+  for the full static cache (what a masked attention over the preallocated cache reads) and for
+  the filled part only (an ideal paged/varlen decode);
+- ``samples_per_s``: whole videos from ``Sampler.generate`` (measured; skipped with ``--steps``
+  smoke runs on CPU: then estimated as batch / (prefill + mean length * step time));
+- ``recompute_speedup``: time to generate one mean-length sequence by full recompute without a
+  cache (``forward_dense`` at every length, integrated over lengths measured at a few points)
+  over the cached decode time.
+
+Untrained weights with a random output head: the lengths follow random length-token logits
+(mean ~ middle of the candidate range). Prints a table and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from arvid.data.types import BlockLayout
+from arvid.generator.conditioning import Conditioning
+from arvid.generator.gpt import GPT
+from arvid.generator.sequence import SequenceFormat
+from arvid.sampling.sampler import Sampler, SamplerConfig, cat_conditioning, mean_tokens
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="L", help="GPT preset: debug, B, L, XL")
+    p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance (2 rows per sample); 1 = off")
+    p.add_argument("--modes", default=None, help="eager,cuda_graph,compile (default: all on CUDA, eager on CPU)")
+    p.add_argument("--codebook", type=int, default=8192)
+    p.add_argument("--frames-per-block", default="4,4,4,4")
+    p.add_argument("--candidates", default="32,64,128,256,512")
+    p.add_argument("--num-classes", type=int, default=101)
+    p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--steps", type=int, default=64, help="decode steps timed per measurement")
+    p.add_argument("--fill", type=int, default=None, help="cache positions filled before timing (default: mean length)")
+    p.add_argument("--full-runs", type=int, default=None, help="whole-batch generate() runs (default 3 on CUDA, 0 on CPU)")
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 HBM3 ~3 TB/s)")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, reps: int = 1) -> float:
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> int:
+    a = parse()
+    device = torch.device(a.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    layout = BlockLayout(tuple(int(x) for x in a.frames_per_block.split(",")),
+                         tuple(int(x) for x in a.candidates.split(",")))
+    fmt = SequenceFormat(a.codebook, layout)
+    torch.manual_seed(0)
+    gpt = GPT.from_preset(a.preset, vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 1,
+                          num_classes=a.num_classes)
+    torch.nn.init.normal_(gpt.head.weight, std=0.02)
+    gpt = gpt.to(device=device, dtype=dtype).eval()
+    modes = a.modes.split(",") if a.modes else (["eager", "cuda_graph", "compile"] if device.type == "cuda" else ["eager"])
+    full_runs = a.full_runs if a.full_runs is not None else (3 if device.type == "cuda" else 0)
+    mean_len = layout.num_blocks + layout.num_blocks * sum(layout.candidates) / len(layout.candidates)
+    fill = a.fill or int(mean_len)
+    # Every weight is read once per step; the token embedding only one row per sample (left out).
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in gpt.named_parameters() if not n.startswith("tok_emb"))
+    print(f"# bench_sampling {datetime.now(timezone.utc).isoformat(timespec='seconds')} device={device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}) "
+          f"torch={torch.__version__} preset={a.preset} params={gpt.num_params() / 1e6:.1f}M dtype={dtype} "
+          f"vocab={fmt.vocab_size} max_len={fmt.max_length} cfg={a.cfg_scale}", flush=True)
+    print(f"# command: {' '.join(sys.argv)}")
+    results = []
+    n_prefix = gpt.config.num_prefix
+    for B in [int(x) for x in a.batch_sizes.split(",")]:
+        guided = a.cfg_scale != 1.0
+        rows = 2 * B if guided else B
+        cond = Conditioning(torch.arange(B, device=device) % a.num_classes)
+        kv_elems_per_pos = 2 * gpt.config.n_layers * rows * gpt.config.kv_heads * gpt.config.head_dim
+        kv_full = kv_elems_per_pos * (n_prefix + fmt.max_length - 1) * torch.finfo(dtype).bits // 8
+        kv_fill = kv_elems_per_pos * (n_prefix + fill) * torch.finfo(dtype).bits // 8
+        floor_full = (weight_bytes + kv_full) / a.bandwidth * 1e3
+        floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
+        for mode in modes:
+            cfg = SamplerConfig(cfg_scale=a.cfg_scale, compile=mode)
+            sampler = Sampler(gpt, fmt, cfg)
+            # Build the decoder (and capture its graph) with one short generate, then time raw steps.
+            g = torch.Generator().manual_seed(0)
+            t_first = timed(lambda: sampler.generate(cond, generator=g, allowed_counts=[layout.candidates[0]]), device)
+            dec = next(d for k, d in sampler._decoders.items() if k[0] == B)
+            full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
+            prefix = torch.randint(0, fmt.codebook_size, (rows, fill), device=device)
+            dec.cache.reset()
+            t_prefill = timed(lambda: gpt.prefill(dec.cache, full_cond, prefix), device)
+            # A step feeds position i + n - 1: start at i = fill + 1, the first free position.
+            steps = max(1, min(a.steps, dec.G - fill - 2))
+            run = dec.graph.replay if dec.graph is not None else dec.step
+            dec.i.fill_(fill + 1)
+            run()  # warm
+            dec.i.fill_(fill + 1)
+            step_s = timed(run, device, steps)
+            row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
+                   "floor_ms_full_cache": floor_full, "floor_ms_filled": floor_fill,
+                   "step_over_floor": step_s * 1e3 / floor_full, "prefill_ms": t_prefill * 1e3,
+                   "first_call_s": t_first, "fill": fill}
+            if full_runs:
+                times, toks = [], []
+                for r in range(full_runs):
+                    g = torch.Generator().manual_seed(100 + r)
+                    out = None
+
+                    def go():
+                        nonlocal out
+                        out = sampler.generate(cond, generator=g)
+
+                    times.append(timed(go, device))
+                    toks.append(mean_tokens(out))
+                t = sorted(times)[len(times) // 2]
+                row.update(samples_per_s=B / t, samples_per_s_kind="measured", seconds_per_batch=t,
+                           mean_tokens=sum(toks) / len(toks))
+            else:
+                t = t_prefill + mean_len * step_s
+                row.update(samples_per_s=B / t, samples_per_s_kind="estimated", seconds_per_batch=t,
+                           mean_tokens=mean_len - layout.num_blocks)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            sampler.clear()
+        # Recompute without a cache: forward_dense at a few lengths, integrated over 1..mean length.
+        L = int(mean_len)
+        pts = sorted({max(1, L * k // 4) for k in range(1, 5)})
+        dense_ms = []
+        for t in pts:
+            toks = torch.randint(0, fmt.codebook_size, (rows, t), device=device)
+            with torch.no_grad():
+                dense_ms.append(timed(lambda toks=toks: gpt.forward_dense(full_cond, toks), device, 2) * 1e3)
+        xs = [0] + pts
+        ys = [dense_ms[0]] + dense_ms
+        dense_total = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(pts)))  # ms
+        for row in results:
+            if row["batch"] == B:
+                cached_total = row["prefill_ms"] + L * row["step_ms"]
+                row["recompute_ms_per_sequence"] = dense_total
+                row["recompute_speedup"] = dense_total / cached_total
+    print()
+    print(f"{'batch':>5} {'mode':>10} {'step ms':>8} {'floor ms':>9} {'(filled)':>9} {'x floor':>7} "
+          f"{'samples/s':>10} {'kind':>9} {'vs recompute':>12}")
+    for r in results:
+        print(f"{r['batch']:>5} {r['mode']:>10} {r['step_ms']:>8.3f} {r['floor_ms_full_cache']:>9.3f} "
+              f"{r['floor_ms_filled']:>9.3f} {r['step_over_floor']:>7.1f} {r['samples_per_s']:>10.2f} "
+              f"{r['samples_per_s_kind']:>9} {r.get('recompute_speedup', float('nan')):>11.1f}x")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "device": str(device), "torch": torch.__version__,
+                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

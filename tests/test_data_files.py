@@ -1,0 +1,195 @@
+"""Video-file datasets: synth -> files -> dataset round trip, bad files, CSV lists, odd inputs, clip sampling."""
+
+import shutil
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from arvid.data.files import BadVideoError, ClipConfig, VideoFileDataset, decode_clip, read_csv_list
+from arvid.data.synthetic import SyntheticVideos
+from arvid.stages.data_cmd import synth
+
+N, T, S = 20, 8, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    res = synth(out, fmt="mp4", num=N, seed=4, frames=T, size=S)
+    assert res["written"] == N
+    return out
+
+
+def fixed(**kw):
+    return ClipConfig(frames=T, size=S, random_start=False, **kw)
+
+
+def write_raw(path, frames, pts=None, pix_fmt="gray", rate=10):
+    """Lossless (ffv1) video of ``frames`` uint8 [T, H, W] (gray) or [T, H, W, 3]; ``pts`` in ms if given."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("ffv1", rate=rate)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if pts is not None:
+            s.time_base = Fraction(1, 1000)
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="gray" if f.ndim == 2 else "rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], Fraction(1, 1000)
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_synth_folder_and_csv_read_back(synth_dir):
+    ref = SyntheticVideos(N, T, S, seed=4)
+    folder = VideoFileDataset.from_folder(synth_dir, clip=fixed())
+    listed = VideoFileDataset.from_csv(synth_dir / "list.csv", clip=fixed())
+    assert len(folder) == len(listed) == N
+    assert folder.class_names[3] == "03_circular" and listed.num_classes == folder.num_classes == 10
+    by_path = {p: lab for p, lab in zip(listed.paths, listed.labels)}
+    for i in range(N):
+        assert by_path[folder.paths[i]] == folder.labels[i]  # folder and CSV agree
+        j = int(folder.paths[i].rsplit("/", 1)[1][:6])
+        assert folder.labels[i] == ref.label_of(j)  # and both match the synthetic labels
+    for i in (0, 7, 13):
+        item = listed[i]
+        assert item["video"].shape == (3, T, S, S) and item["video"].dtype == torch.float32
+        assert item["label"] == ref.label_of(i) and item["index"] == i
+        assert float((item["video"] - ref[i]["video"]).abs().mean()) < 0.06  # lossy codec, same clip
+    assert folder.num_skipped == 0
+
+
+def test_synth_is_resumable(synth_dir):
+    before = (synth_dir / "00_static" / "000000.mp4").stat().st_mtime_ns
+    res = synth(synth_dir, fmt="mp4", num=N, seed=4, frames=T, size=S)
+    assert res["written"] == 0
+    assert (synth_dir / "00_static" / "000000.mp4").stat().st_mtime_ns == before
+
+
+def test_truncated_and_empty_files_are_skipped_and_counted(synth_dir, tmp_path, caplog):
+    root = tmp_path / "d"
+    shutil.copytree(synth_dir, root)
+    victim = root / "02_bounce" / "000002.mp4"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
+    (root / "05_rotate" / "000005.mp4").write_bytes(b"")
+    ds = VideoFileDataset.from_folder(root, clip=fixed())
+    bad = [ds.paths.index(str(victim)), ds.paths.index(str(root / "05_rotate" / "000005.mp4"))]
+    with caplog.at_level("WARNING"):
+        items = [ds[i] for i in range(len(ds))]
+    assert ds.num_skipped == 2
+    assert sum("000002.mp4" in r.getMessage() for r in caplog.records) == 1  # one warning line per file
+    for b in bad:
+        assert items[b]["index"] != b and items[b]["index"] not in bad  # replaced by a readable video
+        assert items[b]["index"] == (b + 1) % len(ds) or (b + 1) % len(ds) in bad
+    ds[bad[0]]  # met again: not counted twice
+    assert ds.num_skipped == 2
+    assert VideoFileDataset.from_folder(root, clip=fixed()).scan() == 2
+
+    strict = VideoFileDataset.from_folder(root, clip=fixed(on_bad_video="error"))
+    with pytest.raises(BadVideoError, match="000002.mp4"):
+        strict[bad[0]]
+
+
+def test_csv_with_missing_file_names_it(synth_dir, tmp_path):
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text(f"path,label\n{synth_dir}/00_static/000000.mp4,0\nnot/there.mp4,1\ngone.mp4,2\n")
+    with pytest.raises(FileNotFoundError, match=r"(?s)2 file\(s\).*not/there.mp4.*gone.mp4") as e:
+        VideoFileDataset.from_csv(csv_path)
+    assert str(tmp_path) in str(e.value)  # says where relative paths were resolved
+    ds = VideoFileDataset.from_csv(csv_path, on_missing="skip", clip=fixed())
+    assert len(ds) == 1 and ds.num_skipped == 2 and ds[0]["label"] == 0
+
+
+def test_csv_relative_paths_string_labels_and_split_column(synth_dir, tmp_path):
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    rel = "../" + synth_dir.name
+    shutil.copytree(synth_dir, tmp_path / synth_dir.name)
+    (sub / "l.csv").write_text(
+        "path,label,split\n"
+        f"{rel}/01_linear/000001.mp4,walk,train\n{rel}/02_bounce/000002.mp4,run,train\n"
+        f"{rel}/03_circular/000003.mp4,walk,test\n")
+    paths, labels, names, missing = read_csv_list(sub / "l.csv", split="train")
+    assert names == ["run", "walk"] and labels == [1, 0] and missing == 0
+    paths, labels, names, _ = read_csv_list(sub / "l.csv", split="val")  # val falls back to test rows
+    assert len(paths) == 1 and paths[0].endswith("000003.mp4")
+    with pytest.raises(ValueError, match="`path` column"):
+        (sub / "bad.csv").write_text("file,label\nx.mp4,0\n")
+        read_csv_list(sub / "bad.csv")
+
+
+def test_grayscale_odd_sized_video(tmp_path):
+    frames = np.stack([np.full((23, 37), 40 * t, np.uint8) for t in range(5)])  # gray, odd W and H
+    frames[:, :, :5] = 255  # a white band at the left edge
+    write_raw(tmp_path / "g.mkv", frames)
+    clip = decode_clip(tmp_path / "g.mkv", frames=5, size=16)
+    assert clip.shape == (5, 16, 16, 3) and clip.dtype == np.uint8
+    assert np.array_equal(clip[..., 0], clip[..., 1]) and np.array_equal(clip[..., 1], clip[..., 2])
+    # short side 23 -> 16, width 37 -> 26, centre crop drops 5 columns per side: the band is cut away
+    assert abs(int(clip[3, 8, 8, 0]) - 120) <= 2 and clip[:, :, 0].max() < 255
+
+
+def test_large_resolution_is_resized(tmp_path):
+    f = np.zeros((2, 720, 1280, 3), np.uint8)
+    f[:, :, :640] = 250  # left half bright
+    write_raw(tmp_path / "big.mkv", f, pix_fmt="yuv444p")
+    clip = decode_clip(tmp_path / "big.mkv", frames=2, size=32)
+    assert clip.shape == (2, 32, 32, 3)
+    assert clip[:, :, :14].mean() > 200 and clip[:, :, 18:].mean() < 30
+
+
+def test_short_clip_padded_with_last_frame_and_stride(tmp_path):
+    frames = np.stack([np.full((8, 8), 20 * t, np.uint8) for t in range(5)])
+    write_raw(tmp_path / "s.mkv", frames)
+    clip = decode_clip(tmp_path / "s.mkv", frames=8, size=8)
+    assert [int(v) for v in clip[:, 4, 4, 0]] == [0, 20, 40, 60, 80, 80, 80, 80]
+    clip = decode_clip(tmp_path / "s.mkv", frames=3, size=8, frame_stride=2)
+    assert [int(v) for v in clip[:, 4, 4, 0]] == [0, 40, 80]
+
+
+def test_variable_frame_rate_samples_by_time(tmp_path):
+    pts = [0, 100, 150, 400, 450, 800]  # ms: irregular gaps
+    frames = np.stack([np.full((8, 8), 30 * t, np.uint8) for t in range(len(pts))])
+    write_raw(tmp_path / "v.mkv", frames, pts=pts)
+    clip = decode_clip(tmp_path / "v.mkv", frames=5, size=8, fps=5)  # t = 0, 200, 400, 600, 800 ms
+    # each output is the last frame at or before its time (within half a source frame)
+    assert [int(v) // 30 for v in clip[:, 4, 4, 0]] == [0, 2, 3, 4, 5]
+
+
+def test_random_start_and_flip_are_seeded(tmp_path):
+    frames = np.stack([np.tile(np.arange(16, dtype=np.uint8) * 10 + t, (16, 1)) for t in range(40)])
+    (tmp_path / "a").mkdir()
+    write_raw(tmp_path / "a" / "x.mkv", frames)
+    ds = VideoFileDataset.from_folder(tmp_path, clip=ClipConfig(frames=4, size=16, random_start=True, flip=True),
+                                      seed=1)
+    firsts, flips = [], []
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        a, b = ds[0]["video"], ds[0]["video"]
+        assert torch.equal(a, b)  # same (seed, epoch, index): same clip
+        first = to_uint8(a)[0, 0, 0, 0]  # frame value at the left column: 10*0 + t or 150 + t if flipped
+        flipped = first >= 150
+        flips.append(flipped)
+        firsts.append(first - 150 if flipped else first)
+    assert len(set(firsts)) > 3 and all(0 <= f <= 36 for f in firsts)
+    assert any(flips) and not all(flips)
+    fixed_ds = VideoFileDataset.from_folder(tmp_path, clip=ClipConfig(frames=4, size=16, random_start=False))
+    assert to_uint8(fixed_ds[0]["video"])[:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def to_uint8(video):
+    """float [3, T, H, W] -> int [T, H, W, 3] pixel values."""
+    return ((video + 1) * 127.5).round().long().permute(1, 2, 3, 0)

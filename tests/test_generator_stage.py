@@ -1,0 +1,121 @@
+"""`arvid train-generator` end to end on a tiny token store; `arvid text train-spm`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from arvid.config import ConfigError, load_config
+from arvid.data.token_store import TokenStoreError, TokenStoreWriter
+from arvid.data.types import TokenizedVideo
+from arvid.generator import GPT, Conditioning
+from arvid.generator.text import TextEncoder, train_spm
+from arvid.stages import text_cmd, train_generator
+from arvid.stages.train_generator import TrainGeneratorConfig
+from arvid.tokenizer.base import build_tokenizer
+
+CLASSES = ["Apply_Eye_Makeup", "Band Marching", "playing guitar", "Baby Crawling"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", preset="debug")
+    tok.save_pretrained(root / "tok")
+    g = torch.Generator().manual_seed(0)
+    a = tok.layout.random_assignments(24, g)
+    codes = torch.randint(0, tok.codebook_size, (int(a.sum()),), generator=g)
+    with TokenStoreWriter(root / "store", tok.fingerprint(), tok.layout, tok.codebook_size) as w:
+        w.append(TokenizedVideo(codes, a), labels=[i % 4 for i in range(24)], video_ids=list(range(24)))
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root, tok
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    train_generator.add_arguments(sub)
+    text_cmd.add_arguments(sub)
+    return parser.parse_args(argv)
+
+
+def overrides(root, out, *extra):
+    return [f"token_store={root / 'store'}", f"tokenizer={root / 'tok'}", f"out_dir={out}", "preset=debug",
+            "max_tokens=400", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.precision=fp32",
+            "trainer.device=cpu", "trainer.checkpoint_every=0", "trainer.log_every=1", "trainer.progress=false",
+            "gpt.attn_backend=sdpa", *extra]
+
+
+def test_train_generator_class_conditional_cli(setup, tmp_path):
+    root, tok = setup
+    out = tmp_path / "run"
+    args = parse(["train-generator", "configs/generator/debug.yaml", *overrides(root, out)])
+    assert args.func(args) == 0
+    gpt = GPT.from_pretrained(out / "gpt")
+    assert gpt.config.num_classes == 4 and gpt.config.vocab_size == tok.codebook_size + 4
+    assert gpt.config.max_seq_len == 1 + tok.layout.num_blocks + tok.layout.max_tokens
+    meta = (out / "gpt" / "config.yaml").read_text()
+    assert tok.fingerprint() in meta
+    done = json.loads((out / "done").read_text())
+    assert done["step"] == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["tokens_per_s"] > 0 and "mfu" in records[-1] and records[-1]["mfu"] > 0
+    # training moved the weights away from the zero-init head
+    assert gpt.head.weight.abs().sum() > 0
+    logits = gpt.forward_dense(Conditioning(torch.tensor([1])), torch.zeros(1, 3, dtype=torch.long))
+    assert torch.isfinite(logits).all()
+    # a second run sees the done marker and leaves the result alone
+    before = (out / "gpt" / "model.safetensors").stat().st_mtime_ns
+    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(root, out)))
+    assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_train_generator_frames_and_text(setup, tmp_path):
+    root, _ = setup
+    out = tmp_path / "frames"
+    cfg = load_config(TrainGeneratorConfig, None, overrides(root, out, "conditioning=frames", "context_blocks=2"))
+    train_generator.run(cfg)
+    gpt = GPT.from_pretrained(out / "gpt")
+    assert gpt.config.num_classes == 0 and gpt.num_prefix() == 1
+    args = parse(["text", "train-spm", "--input", str(root / "classes.txt"), "--out", str(tmp_path / "spm"),
+                  "--vocab-size", "40"])
+    assert args.func(args) == 0
+    out = tmp_path / "text"
+    cfg = load_config(TrainGeneratorConfig, None, overrides(
+        root, out, "conditioning=text", f"spm_dir={tmp_path / 'spm'}", f"captions={root / 'classes.txt'}"))
+    train_generator.run(cfg)
+    gpt = GPT.from_pretrained(out / "gpt")
+    enc = TextEncoder(tmp_path / "spm")
+    assert gpt.config.text_vocab_size == enc.vocab_size and gpt.config.max_text_len == enc.max_len
+    ids = enc.encode(["Band Marching", ""])
+    assert (ids[1] == enc.pad_id).all() and (ids[0] != enc.pad_id).any()
+    assert enc.decode(ids)[0] == "Band Marching"
+    assert gpt.forward_dense(Conditioning(text_ids=ids), torch.zeros(2, 2, dtype=torch.long)).shape[1] == enc.max_len + 2
+
+
+def test_fingerprint_mismatch_and_config_errors(setup, tmp_path):
+    root, _ = setup
+    torch.manual_seed(1)
+    other = build_tokenizer("evatok", preset="debug")
+    other.save_pretrained(tmp_path / "other")
+    cfg = load_config(TrainGeneratorConfig, None,
+                      overrides(root, tmp_path / "x", f"tokenizer={tmp_path / 'other'}"))
+    with pytest.raises(TokenStoreError, match="fingerprint"):
+        train_generator.run(cfg)
+    with pytest.raises(ConfigError, match="context_blocks"):
+        load_config(TrainGeneratorConfig, None, ["conditioning=frames"])
+    with pytest.raises(ConfigError, match="spm_dir"):
+        load_config(TrainGeneratorConfig, None, ["conditioning=text"])
+    with pytest.raises(ConfigError, match="unknown key `gpt_preset`"):
+        load_config(TrainGeneratorConfig, None, ["gpt_preset=B"])
+
+
+def test_spm_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_spm(tmp_path / "missing.txt", tmp_path / "spm", 20)
+    with pytest.raises(FileNotFoundError, match="train-spm"):
+        TextEncoder(tmp_path / "nothing")

@@ -1,0 +1,125 @@
+"""`arvid sample` end to end on tiny saved models: outputs, determinism, context and budget modes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from arvid.generator.gpt import GPT
+from arvid.generator.sequence import SequenceFormat
+from arvid.stages import sample as stage
+from arvid.tokenizer.base import build_tokenizer, load_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample_stage")
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", {"candidates": (4, 8)}, preset="debug").eval()
+    tok.save_pretrained(root / "tok")
+    fmt = SequenceFormat(tok.codebook_size, tok.layout)
+    gpt = GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 1, num_classes=3)
+    torch.nn.init.normal_(gpt.head.weight, std=0.3, generator=torch.Generator().manual_seed(2))
+    gpt.save_pretrained(root / "gpt")
+    return root
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    stage.add_arguments(p.add_subparsers())
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def load(out):
+    with np.load(out / "tokens.npz") as z:
+        return {k: z[k] for k in z}
+
+
+def test_class_sampling_writes_everything_and_reproduces(dirs):
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0,2",
+            "--per-class", "3", "--batch-size", "4", "--cfg-scale", "2.0", "--top-k", "100", "--seed", "5"]
+    assert cli(base + ["--out", str(dirs / "a")]) == 0
+    out = dirs / "a"
+    for name in ["config.yaml", "grid.mp4", "grid.gif", "tokens.npz", "sample_stats.json", "done"]:
+        assert (out / name).is_file(), name
+    z = load(out)
+    assert z["classes"].tolist() == [0, 0, 0, 2, 2, 2]
+    tok = load_tokenizer(dirs / "tok")
+    fmt = SequenceFormat(tok.codebook_size, tok.layout)
+    # Every sequence is well formed and agrees with codes + block lengths.
+    seqs = np.split(z["sequences"], np.cumsum(z["lengths"])[:-1])
+    for s, bl in zip(seqs, z["block_lengths"]):
+        codes, got = fmt.parse_one(torch.from_numpy(s))
+        assert got.tolist() == bl.tolist()
+    stats = json.loads((out / "sample_stats.json").read_text())
+    assert stats["samples"] == 6 and stats["samples_per_s"] > 0
+    assert abs(stats["tokens_per_video"]["mean"] - float(z["block_lengths"].sum(1).mean())) < 1e-4
+    assert stats["sampler"]["cfg_scale"] == 2.0 and stats["execution"] == "eager"
+    # Same seed, same tokens; the config file round-trips through --config.
+    assert cli(["sample", "--config", str(out / "config.yaml"), "--out", str(dirs / "b")]) == 0
+    zb = load(dirs / "b")
+    assert np.array_equal(z["sequences"], zb["sequences"])
+    # Another seed, other samples.
+    assert cli(base[:-1] + ["6", "--out", str(dirs / "c"), "grid_format=none"]) == 0
+    zc = load(dirs / "c")
+    assert not (z["sequences"].shape == zc["sequences"].shape and np.array_equal(z["sequences"], zc["sequences"]))
+    assert not (dirs / "c" / "grid.mp4").exists()
+
+
+def test_context_and_exact_budget(dirs):
+    from arvid.data.writer import write_video
+
+    g = torch.Generator().manual_seed(0)
+    write_video(torch.rand(3, 6, 40, 48, generator=g) * 2 - 1, dirs / "ctx.mp4", fps=8)
+    out = dirs / "ctx"
+    assert cli(["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "1",
+                "--per-class", "3", "--batch-size", "2", "--context", str(dirs / "ctx.mp4"), "--context-frames", "3",
+                "--budget", "26", "--budget-mode", "exact", "--out", str(out), "context_count=4"]) == 0
+    z = load(out)
+    bl = z["block_lengths"]
+    assert bl[:, :2].tolist() == [[4, 4]] * 3  # the fixed context assignment
+    assert int(bl.sum(1).max()) <= 26  # the cap
+    # The context codes are those of the context video, identical in every sample.
+    codes = np.split(z["codes"], np.cumsum(bl.sum(1))[:-1])
+    assert all(np.array_equal(c[:8], codes[0][:8]) for c in codes)
+    stats = json.loads((out / "sample_stats.json").read_text())
+    assert stats["budget"]["mode"] == "exact" and stats["budget"]["cap"] == 26
+
+
+def test_mean_budget_mode_calibrates_beta(dirs):
+    out = dirs / "mean"
+    assert cli(["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"),
+                "--per-class", "8", "--batch-size", "8", "--budget", "22", "--out", str(out),
+                "grid_format=none", "calibration_batches=2"]) == 0
+    stats = json.loads((out / "sample_stats.json").read_text())
+    assert stats["budget"]["beta"] < 0  # fewer tokens than the free model's ~24
+    assert abs(stats["budget"]["calibration_mean"] - 22) / 22 <= 0.05
+    assert stats["sampler"]["budget_bias"] == stats["budget"]["beta"]
+    assert load(out)["classes"].tolist() == sorted([0, 1, 2] * 8)
+
+
+def test_bad_inputs_are_named(dirs):
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--out", str(dirs / "x")]
+    from arvid.config import ConfigError
+
+    with pytest.raises(ConfigError, match="outside"):
+        cli(base + ["--classes", "0,7"])
+    with pytest.raises(ConfigError, match="no text conditioning"):
+        cli(base + ["--text", "a cat"])
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        cli(base + ["--context", str(dirs / "missing.mp4")])
+    with pytest.raises(ConfigError, match="classes"):
+        cli(base + ["--classes", "0,a"])

@@ -1,0 +1,56 @@
+"""2 processes (``accelerate launch --cpu``, gloo) train like 1 process with the same global batch."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _training_toy import run
+
+from arvid.io import load_weights
+from arvid.training.logging import read_metrics
+
+TOY = Path(__file__).parent / "_training_toy.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the accelerate CLI is not installed beside this python")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    args = ["--max-steps", "12", "--checkpoint-every", "6", "--batch-size", "8", "--grad-accum", "2"]
+    # one launch trains both sync paths: DDP (one optimizer group) and the bucketed all-reduce
+    # of several groups (the GAN-like task)
+    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--cpu", "--main_process_port", str(_free_port()),
+           str(TOY), str(tmp_path / "two"), "--task", "mlp,gan", *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "done mlp step=12" in out.stdout and "done gan step=12" in out.stdout
+    for name, keys in (("mlp", ["loss/main"]), ("gan", ["loss/main", "loss/critic"])):
+        run(tmp_path / "one" / name, name, max_steps=12, checkpoint_every=6, batch_size=8, grad_accum=2)
+        two = read_metrics(tmp_path / "two" / name / "metrics.jsonl")
+        one = read_metrics(tmp_path / "one" / name / "metrics.jsonl")
+        assert [r["step"] for r in two] == list(range(1, 13))
+        for key in keys:
+            torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]),
+                                       rtol=1e-5, atol=1e-5)
+        # throughput counts the global batch: the 'tokens' metric is summed over both processes
+        assert all(r["tokens_per_s"] == pytest.approx(r["items_per_s"]) for r in two if "tokens_per_s" in r)
+        a = load_weights(tmp_path / "two" / name / "final.safetensors")
+        b = load_weights(tmp_path / "one" / name / "final.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+        # the checkpoint keeps one RNG state per process
+        rng = torch.load(tmp_path / "two" / name / "checkpoints" / "step_00000012" / "rng.pt", weights_only=True)
+        assert len(rng["ranks"]) == 2
