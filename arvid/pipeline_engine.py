@@ -4,10 +4,10 @@ interrupted one, refuse to mix outputs made from different upstream configs.
 Each stage runs in its own directory ``<out_dir>/<name>``. Its identity is a fingerprint over
 its own resolved config and its upstream stages' fingerprints. Two files record its state:
 
-- ``stage.json``: written before the stage starts (fingerprint, start time). A directory that
-  has it but no ``done`` holds an interrupted run: the stage is rerun in place and resumes
+- ``pipeline_stage.json``: written before the stage starts (fingerprint, start time). A directory that
+  has it but no ``pipeline_done.json`` holds an interrupted run: the stage is rerun in place and resumes
   from its own checkpoints or shards.
-- ``done``: written atomically after the stage finished, holding the fingerprint. A rerun
+- ``pipeline_done.json``: written atomically after the stage finished, holding the fingerprint. A rerun
   with the same fingerprint skips the stage; a different one is refused unless the user asks
   to redo it (``--from``), which moves the old directory aside instead of deleting it.
 """
@@ -28,6 +28,10 @@ from arvid.config import to_dict
 from arvid.io import check_writable, read_json, write_json
 
 log = logging.getLogger("arvid.pipeline")
+
+# The engine's own markers; a stage may write its own ``done`` file beside them.
+STATE_FILE = "pipeline_stage.json"
+DONE_FILE = "pipeline_done.json"
 
 
 class PipelineError(RuntimeError):
@@ -98,8 +102,8 @@ class Pipeline:
             fp = _fingerprint(s.config, [fps[d] for d in s.deps])
             fps[s.name] = fp
             d = self.stage_dir(s.name)
-            done = d / "done"
-            state = d / "stage.json"
+            done = d / DONE_FILE
+            state = d / STATE_FILE
             if first_redo is not None and i >= first_redo and d.exists():
                 items.append(PlanItem(s, d, fp, "redo", f"--from {from_}: the old output is moved aside"))
             elif done.exists():
@@ -139,12 +143,12 @@ class Pipeline:
                 log.info("[%s] moved the previous output to %s", it.stage.name, aside)
             it.directory.mkdir(parents=True, exist_ok=True)
             if it.action != "resume":
-                write_json(it.directory / "stage.json", {"fingerprint": it.fingerprint, "started": time.time(),
+                write_json(it.directory / STATE_FILE, {"fingerprint": it.fingerprint, "started": time.time(),
                                                          "stage": it.stage.name})
             log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
             t0 = time.time()
             it.stage.run(it.directory)
-            write_json(it.directory / "done", {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
+            write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
                                                "finished": time.time()})
             log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)
         return items

@@ -42,7 +42,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="L", help="GPT preset: debug, B, L, XL")
-    p.add_argument("--batch-sizes", default="1,64")
+    p.add_argument("--batch-sizes", default=None, help="default 1,64 on CUDA, 1,4 on CPU")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance (2 rows per sample); 1 = off")
     p.add_argument("--modes", default=None, help="eager,cuda_graph,compile (default: all on CUDA, eager on CPU)")
     p.add_argument("--codebook", type=int, default=8192)
@@ -51,7 +51,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=101)
     p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per measurement")
-    p.add_argument("--fill", type=int, default=None, help="cache positions filled before timing (default: mean length)")
+    p.add_argument("--fill", type=int, default=None,
+                   help="tokens in the cache before timing, also the length of the recompute comparison "
+                        "(default: the mean length on CUDA, 64 on CPU)")
     p.add_argument("--full-runs", type=int, default=None, help="whole-batch generate() runs (default 3 on CUDA, 0 on CPU)")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 HBM3 ~3 TB/s)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -72,8 +74,52 @@ def timed(fn, device: torch.device, reps: int = 1) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len) -> dict:
+    """Step time (cache filled to ``fill``) and samples/s of one step execution mode."""
+    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode))
+    n_prefix = gpt.config.num_prefix
+    # prepare() builds the decoder's static buffers and, for graph modes, compiles and captures the step.
+    t0 = time.perf_counter()
+    prep = sampler.prepare(cond, generator=torch.Generator().manual_seed(0))
+    sync(device)
+    t_setup = time.perf_counter() - t0
+    dec = prep.decoder
+    prefix = torch.randint(0, fmt.codebook_size, (rows, fill), device=device)
+    dec.cache.reset()
+    t_prefill = timed(lambda: gpt.prefill(dec.cache, full_cond, prefix), device)
+    # A step feeds position i + n - 1: start at i = fill + 1, the first position after the prefill.
+    steps = max(1, min(a.steps, dec.G - fill - 2))
+    run = dec.graph.replay if dec.graph is not None else dec.step
+    dec.i.fill_(fill + 1)
+    run()  # warm
+    dec.i.fill_(fill + 1)
+    step_s = timed(run, device, steps)
+    row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
+           "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix}
+    if full_runs:
+        times, toks = [], []
+        for r in range(full_runs):
+            g = torch.Generator().manual_seed(100 + r)
+            sync(device)
+            t0 = time.perf_counter()
+            out = sampler.generate(cond, generator=g)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            toks.append(mean_tokens(out))
+        t = sorted(times)[len(times) // 2]
+        row.update(samples_per_s=B / t, samples_per_s_kind="measured", seconds_per_batch=t,
+                   mean_tokens=sum(toks) / len(toks))
+    else:
+        t = t_prefill + mean_len * step_s
+        row.update(samples_per_s=B / t, samples_per_s_kind="estimated", seconds_per_batch=t,
+                   mean_tokens=mean_len - layout.num_blocks)
+    sampler.clear()
+    return row
+
+
 def main() -> int:
     a = parse()
+    torch.set_grad_enabled(False)  # inference only (a script: the global switch is fine here)
     device = torch.device(a.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     layout = BlockLayout(tuple(int(x) for x in a.frames_per_block.split(",")),
@@ -87,7 +133,8 @@ def main() -> int:
     modes = a.modes.split(",") if a.modes else (["eager", "cuda_graph", "compile"] if device.type == "cuda" else ["eager"])
     full_runs = a.full_runs if a.full_runs is not None else (3 if device.type == "cuda" else 0)
     mean_len = layout.num_blocks + layout.num_blocks * sum(layout.candidates) / len(layout.candidates)
-    fill = a.fill or int(mean_len)
+    fill = a.fill or (int(mean_len) if device.type == "cuda" else 64)
+    batch_sizes = a.batch_sizes or ("1,64" if device.type == "cuda" else "1,4")
     # Every weight is read once per step; the token embedding only one row per sample (left out).
     weight_bytes = sum(p.numel() * p.element_size() for n, p in gpt.named_parameters() if not n.startswith("tok_emb"))
     print(f"# bench_sampling {datetime.now(timezone.utc).isoformat(timespec='seconds')} device={device} "
@@ -97,7 +144,7 @@ def main() -> int:
     print(f"# command: {' '.join(sys.argv)}")
     results = []
     n_prefix = gpt.config.num_prefix
-    for B in [int(x) for x in a.batch_sizes.split(",")]:
+    for B in [int(x) for x in batch_sizes.split(",")]:
         guided = a.cfg_scale != 1.0
         rows = 2 * B if guided else B
         cond = Conditioning(torch.arange(B, device=device) % a.num_classes)
@@ -106,58 +153,21 @@ def main() -> int:
         kv_fill = kv_elems_per_pos * (n_prefix + fill) * torch.finfo(dtype).bits // 8
         floor_full = (weight_bytes + kv_full) / a.bandwidth * 1e3
         floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
+        full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
         for mode in modes:
-            cfg = SamplerConfig(cfg_scale=a.cfg_scale, compile=mode)
-            sampler = Sampler(gpt, fmt, cfg)
-            # Build the decoder (and capture its graph) with one short generate, then time raw steps.
-            g = torch.Generator().manual_seed(0)
-            t_first = timed(lambda: sampler.generate(cond, generator=g, allowed_counts=[layout.candidates[0]]), device)
-            dec = next(d for k, d in sampler._decoders.items() if k[0] == B)
-            full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
-            prefix = torch.randint(0, fmt.codebook_size, (rows, fill), device=device)
-            dec.cache.reset()
-            t_prefill = timed(lambda: gpt.prefill(dec.cache, full_cond, prefix), device)
-            # A step feeds position i + n - 1: start at i = fill + 1, the first free position.
-            steps = max(1, min(a.steps, dec.G - fill - 2))
-            run = dec.graph.replay if dec.graph is not None else dec.step
-            dec.i.fill_(fill + 1)
-            run()  # warm
-            dec.i.fill_(fill + 1)
-            step_s = timed(run, device, steps)
-            row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
-                   "floor_ms_full_cache": floor_full, "floor_ms_filled": floor_fill,
-                   "step_over_floor": step_s * 1e3 / floor_full, "prefill_ms": t_prefill * 1e3,
-                   "first_call_s": t_first, "fill": fill}
-            if full_runs:
-                times, toks = [], []
-                for r in range(full_runs):
-                    g = torch.Generator().manual_seed(100 + r)
-                    out = None
-
-                    def go():
-                        nonlocal out
-                        out = sampler.generate(cond, generator=g)
-
-                    times.append(timed(go, device))
-                    toks.append(mean_tokens(out))
-                t = sorted(times)[len(times) // 2]
-                row.update(samples_per_s=B / t, samples_per_s_kind="measured", seconds_per_batch=t,
-                           mean_tokens=sum(toks) / len(toks))
-            else:
-                t = t_prefill + mean_len * step_s
-                row.update(samples_per_s=B / t, samples_per_s_kind="estimated", seconds_per_batch=t,
-                           mean_tokens=mean_len - layout.num_blocks)
+            row = bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len)
+            row.update(floor_ms_full_cache=floor_full, floor_ms_filled=floor_fill,
+                       step_over_floor=row["step_ms"] / floor_full)
             results.append(row)
             print(json.dumps(row), flush=True)
-            sampler.clear()
         # Recompute without a cache: forward_dense at a few lengths, integrated over 1..mean length.
-        L = int(mean_len)
+        L = fill
         pts = sorted({max(1, L * k // 4) for k in range(1, 5)})
         dense_ms = []
         for t in pts:
             toks = torch.randint(0, fmt.codebook_size, (rows, t), device=device)
             with torch.no_grad():
-                dense_ms.append(timed(lambda toks=toks: gpt.forward_dense(full_cond, toks), device, 2) * 1e3)
+                dense_ms.append(timed(lambda toks=toks, c=full_cond: gpt.forward_dense(c, toks), device, 2) * 1e3)
         xs = [0] + pts
         ys = [dense_ms[0]] + dense_ms
         dense_total = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(pts)))  # ms

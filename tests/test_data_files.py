@@ -180,11 +180,14 @@ def test_random_start_and_flip_are_seeded(tmp_path):
         ds.set_epoch(epoch)
         a, b = ds[0]["video"], ds[0]["video"]
         assert torch.equal(a, b)  # same (seed, epoch, index): same clip
-        first = to_uint8(a)[0, 0, 0, 0]  # frame value at the left column: 10*0 + t or 150 + t if flipped
-        flipped = first >= 150
+        left = to_uint8(a)[:, 0, 0, 0]  # [4] left column per frame: 10*0 + t, or 150 + t if flipped
+        flipped = bool(left[0] >= 150)
         flips.append(flipped)
-        firsts.append(first - 150 if flipped else first)
-    assert len(set(firsts)) > 3 and all(0 <= f <= 36 for f in firsts)
+        t = (left - 150 if flipped else left).tolist()
+        assert t == [t[0], t[0] + 1, t[0] + 2, t[0] + 3]  # consecutive frames, also after a seek
+        firsts.append(t[0])
+    # 40 frames at 10 fps: starts spread over 0..36 (starts past 1 s seek instead of decoding from 0)
+    assert len(set(firsts)) > 3 and all(0 <= f <= 36 for f in firsts) and max(firsts) > 10
     assert any(flips) and not all(flips)
     fixed_ds = VideoFileDataset.from_folder(tmp_path, clip=ClipConfig(frames=4, size=16, random_start=False))
     assert to_uint8(fixed_ds[0]["video"])[:, 0, 0, 0].tolist() == [0, 1, 2, 3]
@@ -193,3 +196,16 @@ def test_random_start_and_flip_are_seeded(tmp_path):
 def to_uint8(video):
     """float [3, T, H, W] -> int [T, H, W, 3] pixel values."""
     return ((video + 1) * 127.5).round().long().permute(1, 2, 3, 0)
+
+
+def test_file_cut_mid_stream_keeps_the_frames_before_the_cut(tmp_path):
+    frames = np.stack([np.full((16, 16), 10 * t, np.uint8) for t in range(20)])
+    frames[:, ::2] += 3  # some texture so frames are not tiny
+    write_raw(tmp_path / "c.mkv", frames)
+    data = (tmp_path / "c.mkv").read_bytes()
+    (tmp_path / "c.mkv").write_bytes(data[: len(data) // 2])
+    clip = decode_clip(tmp_path / "c.mkv", frames=20, size=16)
+    got = [int(v) // 10 for v in clip[:, 1, 1, 0]]
+    cut = got.index(got[-1])
+    assert 3 <= cut < 19 and got[:cut + 1] == list(range(cut + 1))  # the frames before the cut, in order
+    assert got[cut:] == [got[-1]] * (20 - cut)  # then the last one repeats

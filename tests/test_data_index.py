@@ -27,14 +27,15 @@ def read_rows(path):
 
 def test_index_counts_unreadable_and_balance(tmp_path):
     root = tmp_path / "ucf"
-    make_folder(root, {"Jump/a1.mp4": 0, "Jump/a2.mp4": 1, "Jump/a3.mp4": 2, "Run/b1.mp4": 3, "Swim/c1.mp4": 4})
+    make_folder(root, {"Jump/a1.mp4": 0, "Jump/a2.mp4": 1, "Jump/a3.mp4": 2, "Jump/a4.mp4": 6, "Jump/a5.mp4": 7,
+                       "Run/b1.mp4": 3, "Swim/c1.mp4": 4})
     (root / "Swim" / "broken.mp4").write_bytes(b"not a video at all")
     (root / "Swim" / "notes.txt").write_text("ignored")
     rep = index_folder(root, tmp_path / "list.csv")
-    assert rep["num_files"] == 6 and rep["num_videos"] == 5 and rep["num_unreadable"] == 1
+    assert rep["num_files"] == 8 and rep["num_videos"] == 7 and rep["num_unreadable"] == 1
     assert rep["unreadable"][0]["path"].endswith("broken.mp4")
-    assert rep["class_counts"] == {"Jump": 3, "Run": 1, "Swim": 1}
-    assert rep["balance"]["max_over_min"] == 3.0 and rep["balance"]["small_classes"] == ["Run", "Swim"]
+    assert rep["class_counts"] == {"Jump": 5, "Run": 1, "Swim": 1}
+    assert rep["balance"]["max_over_min"] == 5.0 and rep["balance"]["small_classes"] == ["Run", "Swim"]
     rows = read_rows(tmp_path / "list.csv")
     assert [(r["path"], r["label"], r["class_name"]) for r in rows][:2] == [
         ("ucf/Jump/a1.mp4", "0", "Jump"), ("ucf/Jump/a2.mp4", "0", "Jump")]
@@ -43,7 +44,7 @@ def test_index_counts_unreadable_and_balance(tmp_path):
     assert saved["num_unreadable"] == 1 and saved["csv"].endswith("list.csv")
     # the CSV it wrote is a dataset
     ds = build_dataset(DataConfig(source="csv", root=str(tmp_path / "list.csv"), frames=4, size=16), "train")
-    assert len(ds) == 5 and ds.class_names == ["Jump", "Run", "Swim"] and ds[3]["label"] == 1
+    assert len(ds) == 7 and ds.class_names == ["Jump", "Run", "Swim"] and ds[5]["label"] == 1
 
 
 def test_split_files_and_overlap(tmp_path):

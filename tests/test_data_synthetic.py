@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from arvid.config import ConfigError, from_dict
-from arvid.data.synthetic import CLASS_NAMES, SyntheticConfig, SyntheticVideos, clip_complexity, temporal_energy
+from arvid.data.synthetic import (
+    CLASS_NAMES,
+    SyntheticConfig,
+    SyntheticVideos,
+    clip_complexity,
+    temporal_energy,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

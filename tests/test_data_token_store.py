@@ -30,7 +30,7 @@ def random_tokens(n: int, seed: int, codebook: int = 1000) -> TokenizedVideo:
 
 def write_store(path, batches, fingerprint="fp-a", codebook=1000):
     with TokenStoreWriter(path, fingerprint, LAYOUT, codebook) as w:
-        for k, (tok, labels, ids) in enumerate(batches):
+        for tok, labels, ids in batches:
             w.append(tok, labels, ids)
     return TokenStore(path)
 

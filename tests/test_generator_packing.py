@@ -44,6 +44,12 @@ def test_pad_and_concat():
     assert j.targets.tolist() == [1, 2, 3, 4, 5, IGNORE, IGNORE, IGNORE]
     with pytest.raises(ValueError, match="pad_to"):
         pack_sequences([torch.arange(5)], 1, pad_to=3)
+    # a fixed max_seqlen bound: reported as is, and padding is cut into segments that fit it
+    b = pack_sequences([torch.arange(4), torch.arange(2)], 1, pad_to=20, max_seqlen=6)
+    assert b.max_seqlen == 6 and b.cu_seqlens.tolist() == [0, 4, 6, 12, 18, 20] and b.num_seqs == 2
+    assert b.seqlens().tolist() == [4, 2]
+    with pytest.raises(ValueError, match="more than max_seqlen=3"):
+        pack_sequences([torch.arange(4)], 1, max_seqlen=3)
     with pytest.raises(ValueError, match="loss mask 0"):
         pack_sequences([torch.arange(5)], 1, loss_masks=[torch.ones(4, dtype=torch.bool)])
 

@@ -33,7 +33,7 @@ def test_skip_resume_refuse_redo(tmp_path):
     with pytest.raises(RuntimeError):
         make(tmp_path, calls, fail_b=True).run()
     assert calls == ["a", "b"]
-    assert (tmp_path / "out/a/done").exists() and not (tmp_path / "out/b/done").exists()
+    assert (tmp_path / "out/a/pipeline_done.json").exists() and not (tmp_path / "out/b/pipeline_done.json").exists()
     plan = make(tmp_path, []).plan()
     assert [p.action for p in plan] == ["skip", "resume"]
     calls = []

@@ -9,7 +9,13 @@ import torch
 from _training_toy import ToyTask, toy_data
 
 from arvid.io import ArvidIOError, load_weights, torch_load_safe
-from arvid.training import Trainer, TrainerConfig, latest_checkpoint, list_checkpoints, load_checkpoint_weights
+from arvid.training import (
+    Trainer,
+    TrainerConfig,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint_weights,
+)
 from arvid.training import checkpoint as ckpt
 
 

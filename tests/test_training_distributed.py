@@ -1,4 +1,9 @@
-"""2 processes (``accelerate launch --cpu``, gloo) train like 1 process with the same global batch."""
+"""2 processes (``accelerate launch``, gloo on CPU) train like 1 process with the same global batch.
+
+Note: ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple
+launcher; several CPU processes need mpirun). ``--multi_gpu`` goes through torchrun and, on a
+machine without visible GPUs, gives 2 CPU processes with the gloo backend (MULTI_CPU).
+"""
 
 import os
 import shutil
@@ -27,12 +32,13 @@ def test_two_processes_match_one_process(tmp_path):
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if launcher is None:
         pytest.skip("the accelerate CLI is not installed beside this python")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     args = ["--max-steps", "12", "--checkpoint-every", "6", "--batch-size", "8", "--grad-accum", "2"]
     # one launch trains both sync paths: DDP (one optimizer group) and the bucketed all-reduce
     # of several groups (the GAN-like task)
-    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--cpu", "--main_process_port", str(_free_port()),
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(TOY), str(tmp_path / "two"), "--task", "mlp,gan", *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -51,6 +57,6 @@ def test_two_processes_match_one_process(tmp_path):
         b = load_weights(tmp_path / "one" / name / "final.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
-        # the checkpoint keeps one RNG state per process
+        # there really were 2 processes: the checkpoint keeps one RNG state per process
         rng = torch.load(tmp_path / "two" / name / "checkpoints" / "step_00000012" / "rng.pt", weights_only=True)
         assert len(rng["ranks"]) == 2

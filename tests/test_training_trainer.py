@@ -232,3 +232,20 @@ def test_clear_errors(tmp_path):
     Trainer(_cfg(max_steps=2), ToyTask(), toy_data(), tmp_path / "done").fit()
     with pytest.raises(FileExistsError, match="resume=False"):
         Trainer(_cfg(max_steps=2, resume=False), ToyTask(), toy_data(), tmp_path / "done").fit()
+
+
+def test_workers_and_collate_fn_keep_the_order(tmp_path):
+    def collate(items):  # a dict batch, as real tasks use
+        return {"x": torch.stack([i[0] for i in items]), "y": torch.stack([i[1] for i in items])}
+
+    class DictTask(ToyTask):
+        def training_step(self, batch, step, generator):
+            return super().training_step((batch["x"], batch["y"]), step, generator)
+
+    finals = []
+    for workers in (0, 2):
+        task = DictTask()
+        Trainer(_cfg(max_steps=14, num_workers=workers, checkpoint_every=0), task, toy_data(), tmp_path / str(workers),
+                collate_fn=collate).fit()
+        finals.append(task)
+    assert _same(finals[0], finals[1])

@@ -35,12 +35,12 @@ import torch
 from torch.utils.data import Dataset
 
 from arvid.config import doc
-from arvid.data.synthetic import _mix_seed
+from arvid.data.synthetic import mix_seed
 from arvid.data.video import to_model
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".gif")
 SPLIT_DIRS: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "test"), "test": ("test", "val")}
 _SEEK_AFTER_S = 1.0  # seek instead of decoding from the start when the clip starts later than this
 
@@ -169,26 +169,55 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
             out.append(prev_rgb[1])
 
         n_decoded = 0
-        try:
-            for frame in container.decode(stream):
-                ft = frame.time if frame.time is not None else t_first + n_decoded / rate
-                n_decoded += 1
-                while len(out) < frames and ft > targets[len(out)] + tol:
-                    emit(prev if prev is not None else frame)
-                if len(out) >= frames:
-                    break
-                prev = frame
-        except av.FFmpegError as e:
-            # a file cut short mid-stream: keep what decoded; nothing decoded is a bad file
-            if prev is None:
-                raise BadVideoError(f"{str(path)!r} cannot be decoded: {e}") from e
-            log.debug("%s: decoding stopped early (%s); padding with the last frame", path, e)
+        errors: list[str] = []
+        for frame in _tolerant_decode(container, stream, errors):
+            ft = frame.time if frame.time is not None else t_first + n_decoded / rate
+            n_decoded += 1
+            while len(out) < frames and ft > targets[len(out)] + tol:
+                emit(prev if prev is not None else frame)
+            if len(out) >= frames:
+                break
+            prev = frame
         if prev is None and not out:
-            raise BadVideoError(f"{str(path)!r} has no decodable video frames")
+            why = f": {errors[-1]}" if errors else ""
+            raise BadVideoError(f"{str(path)!r} has no decodable video frames{why}")
+        if errors:
+            # a file cut short or damaged mid-stream: what decoded is used, the rest padded
+            log.debug("%s: %d decoding errors (%s); using the frames that decoded", path, len(errors), errors[-1])
         while len(out) < frames:
             emit(prev)
     clip = np.stack(out)  # [T, size, size, 3]
     return np.ascontiguousarray(clip[:, :, ::-1]) if flip else clip
+
+
+def _tolerant_decode(container, stream, errors: list[str], max_errors: int = 16):
+    """Yield the decoded frames of ``stream``, packet by packet.
+
+    A damaged packet is recorded in ``errors`` and skipped (up to ``max_errors``); a read error
+    of the container flushes the decoder and stops. So a truncated file still yields the frames
+    before the damage.
+    """
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError as e:  # the container is cut short: flush what the decoder holds
+            errors.append(str(e))
+            try:
+                yield from stream.codec_context.decode(None)
+            except av.FFmpegError as e2:
+                errors.append(str(e2))
+            return
+        try:
+            yield from packet.decode()  # the last (empty) packet flushes the decoder
+        except av.FFmpegError as e:
+            errors.append(str(e))
+            if len(errors) >= max_errors:
+                return
 
 
 # --------------------------------------------------------------------------- listing
@@ -446,7 +475,7 @@ class VideoFileDataset(Dataset):
         c = self.clip
         start, flip = None, False
         if c.random_start or c.flip:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed * 1_000_003 + self.epoch, int(i)))
+            g = torch.Generator().manual_seed(mix_seed(self.seed * 1_000_003 + self.epoch, int(i)))
             u = torch.rand(2, generator=g).tolist()
             start = u[0] if c.random_start else None
             flip = c.flip and u[1] < 0.5

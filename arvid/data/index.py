@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from arvid.data.files import (
+    VIDEO_EXTENSIONS,
     BadVideoError,
     folder_class_names,
     has_split_folders,
@@ -91,7 +92,7 @@ def index_folder(root: str | os.PathLike, out_csv: str | os.PathLike | None = No
         on_disk = set(rel.values())
         listed_missing = {"train": sorted(train_list - on_disk), "test": sorted(test_list - on_disk)}
     if not entries:
-        raise FileNotFoundError(f"no videos under {str(root)!r} (extensions: mp4, avi, webm, mkv, mov, m4v)")
+        raise FileNotFoundError(f"no videos under {str(root)!r} (extensions: {VIDEO_EXTENSIONS})")
 
     unreadable: list[dict] = []
     if check_decode:

@@ -131,6 +131,8 @@ class TokenStoreWriter:
         if b:
             self.layout.candidate_positions(bl)  # raises on a count that is not a candidate
         codes = tokens.codes.detach().cpu()
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TokenStoreError(f"codes must be integers, got dtype {codes.dtype}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise TokenStoreError(f"codes must be in [0, {self.codebook_size}), got range "
                                   f"[{int(codes.min())}, {int(codes.max())}]")

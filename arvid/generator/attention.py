@@ -270,13 +270,28 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen):
     return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _varlen_has_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters  # added after torch 2.11
+
+
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
     from torch.nn.attention.varlen import varlen_attn
 
     cu = cu_seqlens.to(torch.int32)
+    h = q.shape[1]
+    kw = {}
+    if k.shape[1] != h:
+        if _varlen_has_gqa():
+            kw["enable_gqa"] = True
+        else:
+            k, v = _expand_kv(k, h), _expand_kv(v, h)
     # varlen_attn has no is_causal argument: a window of (-1 left, 0 right) is causal attention.
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0),
-                       enable_gqa=k.shape[1] != q.shape[1])
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0), **kw)
 
 
 def _xformers(q, k, v, cu_seqlens, max_seqlen):

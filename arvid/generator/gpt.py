@@ -353,7 +353,10 @@ class GPT(nn.Module, PretrainedMixin):
         )
 
     # ------------------------------------------------------------------ training: packed
+    @torch.compiler.disable
     def _backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The concrete attention backend for inputs on ``device`` in ``dtype`` (resolved once, eagerly:
+        the availability checks import modules, which torch.compile should not trace)."""
         key = (device.type, device.index, dtype)
         if key not in self._backend_cache:
             self._backend_cache[key] = resolve_backend(self.config.attn_backend, device, dtype)
@@ -362,6 +365,9 @@ class GPT(nn.Module, PretrainedMixin):
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Logits at every packed input position: ``[N, vocab]``."""
         n, s = self.config.num_prefix, batch.num_seqs
+        dtype = (torch.get_autocast_dtype(batch.tokens.device.type)
+                 if torch.is_autocast_enabled(batch.tokens.device.type) else self.tok_emb.weight.dtype)
+        backend = self._backend(batch.tokens.device, dtype)
         if batch.num_prefix != n:
             raise ValueError(f"the batch was packed with {batch.num_prefix} prefix slots, this GPT uses {n}")
         if batch.max_seqlen > self.config.max_seq_len:
@@ -372,8 +378,6 @@ class GPT(nn.Module, PretrainedMixin):
         slots = batch.cu_seqlens[:s].long()[:, None] + torch.arange(n, device=x.device)  # [S, n]
         x = x.index_put((slots.reshape(-1),), cond.reshape(s * n, -1).to(x.dtype))
         pos = batch.position_ids
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        backend = self._backend(x.device, dtype)
         for blk in self.blocks:
             x = x + blk.attn.forward_packed(blk.attn_norm(x), pos, batch.cu_seqlens, batch.max_seqlen, backend)
             x = blk.mlp(x)

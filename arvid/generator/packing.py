@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from arvid.data.types import TokenizedVideo
+from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 
 IGNORE = -100
@@ -91,12 +91,15 @@ def pack_sequences(
     text_ids: torch.Tensor | None = None,
     loss_masks: Sequence[torch.Tensor] | None = None,
     pad_to: int | None = None,
+    max_seqlen: int | None = None,
 ) -> PackedBatch:
     """Pack token sequences (each ``LongTensor[L_i]``, ``L_i >= 1``) behind ``num_prefix`` slots each.
 
     ``loss_masks``: per sequence ``BoolTensor[L_i]``, True where the token is a training target
-    (None: all). ``pad_to``: append a padding segment so ``N == pad_to`` (static shapes for
-    torch.compile); an error if the batch is already longer.
+    (None: all). ``pad_to``: append padding so ``N == pad_to`` (static shapes for torch.compile);
+    an error if the batch is already longer. ``max_seqlen``: report this fixed bound instead of
+    the batch's longest sequence (so a compiled step does not specialise on it); every sequence
+    must fit, and padding is cut into segments no longer than it.
     """
     if not seqs:
         raise ValueError("pack_sequences needs at least one sequence")
@@ -130,22 +133,26 @@ def pack_sequences(
         pmask.append(pm)
         lens.append(n)
     total = sum(lens)
+    if max_seqlen is not None and max(lens) > max_seqlen:
+        raise ValueError(f"a packed sequence has {max(lens)} positions, more than max_seqlen={max_seqlen}")
     if pad_to is not None:
         if total > pad_to:
             raise ValueError(f"packed batch has {total} positions, more than pad_to={pad_to}")
-        if total < pad_to:
-            k = pad_to - total
+        left = pad_to - total
+        while left > 0:
+            k = left if max_seqlen is None else min(left, max_seqlen)
             toks.append(torch.zeros(k, dtype=torch.long))
             tgts.append(torch.full((k,), IGNORE, dtype=torch.long))
             pos.append(torch.arange(k))
             pmask.append(torch.zeros(k, dtype=torch.bool))
             lens.append(k)
+            left -= k
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     return PackedBatch(
         tokens=torch.cat(toks), targets=torch.cat(tgts), position_ids=torch.cat(pos), cu_seqlens=cu,
-        max_seqlen=max(lens), class_ids=class_ids, text_ids=text_ids, prefix_mask=torch.cat(pmask),
-        num_prefix=num_prefix, num_seqs=s,
+        max_seqlen=max(lens) if max_seqlen is None else int(max_seqlen), class_ids=class_ids, text_ids=text_ids,
+        prefix_mask=torch.cat(pmask), num_prefix=num_prefix, num_seqs=s,
     )
 
 
@@ -181,7 +188,8 @@ def concat_packed(batches: Sequence[PackedBatch]) -> PackedBatch:
         return torch.cat(vals)
 
     return PackedBatch(tokens=cat("tokens"), targets=cat("targets"), position_ids=cat("position_ids"),
-                       cu_seqlens=cu, max_seqlen=max(lens), class_ids=cond("class_ids"),
+                       cu_seqlens=cu, max_seqlen=max(max(lens), *(b.max_seqlen for b in batches)),
+                       class_ids=cond("class_ids"),
                        text_ids=cond("text_ids"), prefix_mask=cat("prefix_mask"),
                        num_prefix=batches[0].num_prefix, num_seqs=sum(b.num_seqs for b in batches))
 
@@ -296,7 +304,8 @@ class PackingSpec:
 
     conditioning: ``class`` (label -> class id), ``text`` (label -> the text ids of
     ``text_table``), ``frames`` (the first ``context_blocks`` blocks are loss-masked context),
-    ``none``. ``num_prefix`` is the model's prefix slots (``GPT.num_prefix``).
+    ``none``. ``num_prefix`` is the model's prefix slots (``GPT.num_prefix``). ``pad_to`` and
+    ``static_max_seqlen`` give every batch the same shapes (for torch.compile).
     """
 
     fmt: SequenceFormat
@@ -305,6 +314,7 @@ class PackingSpec:
     context_blocks: int = 0
     text_table: torch.Tensor | None = None  # [num_labels, Lt]
     pad_to: int | None = None
+    static_max_seqlen: bool = False  # report the format's bound as max_seqlen (torch.compile)
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("class", "text", "frames", "none"):
@@ -341,7 +351,8 @@ def collate_token_items(items: Sequence[dict], spec: PackingSpec) -> PackedBatch
         if int(labels.max()) >= spec.text_table.shape[0] or int(labels.min()) < 0:
             raise ValueError(f"labels {labels.tolist()} outside the text table of {spec.text_table.shape[0]} rows")
         text_ids = spec.text_table[labels]
-    return pack_sequences(seqs, spec.num_prefix, class_ids, text_ids, masks, pad_to=spec.pad_to)
+    bound = spec.packed_length(spec.fmt.max_length) if spec.static_max_seqlen else None
+    return pack_sequences(seqs, spec.num_prefix, class_ids, text_ids, masks, pad_to=spec.pad_to, max_seqlen=bound)
 
 
 class PackedBatchDataset(torch.utils.data.Dataset):
@@ -372,6 +383,25 @@ class PackedBatchDataset(torch.utils.data.Dataset):
         return concat_packed(list(items))
 
 
+#: Candidate-count probabilities that give EVATok-like sequence lengths (mean ~764 tokens with
+#: candidates (32, 64, 128, 256, 512) over 4 blocks), for benchmarks and tests without a router.
+ROUTER_LIKE_PROBS = (0.10, 0.20, 0.30, 0.27, 0.13)
+
+
+def router_like_lengths(n: int, layout: BlockLayout, generator: torch.Generator | None = None,
+                        probs: Sequence[float] | None = None) -> torch.Tensor:
+    """Sequence lengths ``LongTensor[n]`` (length tokens included) of ``n`` random assignments drawn
+    per block from ``probs`` over the candidates (default :data:`ROUTER_LIKE_PROBS`, else uniform)."""
+    if probs is None:
+        probs = ROUTER_LIKE_PROBS if layout.num_candidates == len(ROUTER_LIKE_PROBS) else [1.0] * layout.num_candidates
+    p = torch.as_tensor(probs, dtype=torch.float)
+    if p.numel() != layout.num_candidates:
+        raise ValueError(f"{p.numel()} probabilities for {layout.num_candidates} candidates")
+    pos = torch.multinomial(p, n * layout.num_blocks, replacement=True, generator=generator)
+    counts = torch.tensor(layout.candidates)[pos].reshape(n, layout.num_blocks)  # [n, K]
+    return layout.num_blocks + counts.sum(1)
+
+
 def packing_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]], max_tokens: int) -> float:
     """Fraction of the budget filled by real tokens over all batches."""
     used = sum(int(lengths[i]) for b in batches for i in b)
@@ -380,5 +410,5 @@ def packing_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]],
 
 __all__ = [
     "IGNORE", "PackedBatch", "pack_sequences", "concat_packed", "TokenBudgetBatchSampler", "PackingSpec",
-    "collate_token_items", "PackedBatchDataset", "packing_efficiency",
+    "collate_token_items", "PackedBatchDataset", "packing_efficiency", "router_like_lengths", "ROUTER_LIKE_PROBS",
 ]

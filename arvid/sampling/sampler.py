@@ -26,7 +26,7 @@ import torch
 from arvid.config import doc
 from arvid.data.types import TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
-from arvid.sampling.constraints import ConstraintState, SequenceConstraint, prefix_tokens
+from arvid.sampling.constraints import DUMMY_TOKEN, ConstraintState, SequenceConstraint, prefix_tokens
 
 
 @dataclass
@@ -300,7 +300,7 @@ class _Decoder:
         forced = self.forced.index_select(1, fi).squeeze(1)  # [B]
         tok = torch.where(self.i < self.forced_len, forced, tok)
         done = self.constraint.done(self.state)
-        tok = torch.where(done, torch.zeros_like(tok), tok)  # finished samples step with a dummy code
+        tok = torch.where(done, torch.full_like(tok, DUMMY_TOKEN), tok)  # finished samples step with a dummy
         self.out.index_copy_(1, i, tok[:, None])
         self.constraint.advance(self.state, tok)
         self.tok.copy_(tok)
@@ -324,6 +324,19 @@ class _Decoder:
 
 
 # --------------------------------------------------------------------------- the sampler
+
+
+@dataclass
+class PreparedBatch:
+    """A batch set up by :meth:`Sampler.prepare`: its decoder (static buffers, cache, graph), the
+    model's conditioning rows (``2B`` with guidance), the prefilled prefix rows (or None), the
+    prefix kept for the output (``[B, p0]``, CPU) and the constraint."""
+
+    decoder: _Decoder
+    cond: Any
+    prefix_rows: torch.Tensor | None
+    prefix: torch.Tensor
+    constraint: SequenceConstraint
 
 
 class Sampler:
@@ -386,6 +399,29 @@ class Sampler:
         Returns:
             :class:`SampleOutput` (well formed by construction; parsed to check).
         """
+        return self.run(self.prepare(
+            cond, batch_size=batch_size, generator=generator, prefix=prefix, prefix_lengths=prefix_lengths,
+            allowed_counts=allowed_counts, fixed_assignment=fixed_assignment, budget=budget, guided=guided,
+            budget_bias=budget_bias))
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        cond: Any = None,
+        *,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        prefix: torch.Tensor | TokenizedVideo | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        allowed_counts: Any = None,
+        fixed_assignment: Any = None,
+        budget: int | torch.Tensor | None = None,
+        guided: bool | None = None,
+        budget_bias: float | None = None,
+    ) -> PreparedBatch:
+        """Set a batch up without sampling (validate, load the decoder's static buffers, capture its
+        CUDA graph); :meth:`run` samples from it. Arguments as :meth:`generate`. Batches of the
+        same shape share one decoder: run a prepared batch before preparing the next."""
         cfg, fmt, model = self.cfg, self.fmt, self.model
         device, dtype = _model_device_dtype(model)
         if cond is None:
@@ -399,6 +435,7 @@ class Sampler:
             raise ValueError("give cond (class_ids / text_ids), a prefix or batch_size: the batch size is unknown")
         if batch_size is not None and batch_size != B:
             raise ValueError(f"batch_size={batch_size} does not match the conditioning's batch {B}")
+        n = int(model.num_prefix(cond))  # also validates cond (class ids are checked while still on the CPU)
         cond = cond_to(cond, device)
         guided = cfg.guided if guided is None else guided
 
@@ -428,7 +465,6 @@ class Sampler:
             raise ValueError("a prefix is already a complete sequence: nothing to generate")
         state = constraint.state_after(prefix[:, :p0])
 
-        n = int(model.num_prefix(cond))
         forced = prefix[:, p0:]
         forced_len = prefix_lengths - p0
         key = (B, n, p0, forced.shape[1], guided, budget is not None, cfg.use_cache)
@@ -455,19 +491,28 @@ class Sampler:
             # the decoder's buffers are restored and the prefill below overwrites the cache.
             capture_decoder(dec, compile_step=(mode == "compile"))
 
+        return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint)
+
+    @torch.no_grad()
+    def run(self, prep: PreparedBatch) -> SampleOutput:
+        """Prefill, then step until every sample is finished (see :meth:`generate`)."""
+        cfg, fmt, model = self.cfg, self.fmt, self.model
+        dec, constraint, p0, pre2 = prep.decoder, prep.constraint, prep.decoder.p0, prep.prefix_rows
+        G = dec.G
         if cfg.use_cache:
             dec.cache.reset()
-            logits = model.prefill(dec.cache, full_cond, pre2 if p0 else None)  # [rows, V]
+            logits = model.prefill(dec.cache, prep.cond, pre2)  # [rows, V]
         else:
-            dec.cond2, dec.prefix2 = full_cond, (pre2 if p0 else None)
-            logits = model.forward_dense(full_cond, pre2 if p0 else pre2[:, :0])[:, -1]
+            dec.cond2, dec.prefix2 = prep.cond, pre2
+            empty = torch.zeros(dec.B * (2 if dec.guided else 1), 0, dtype=torch.long, device=dec.device)
+            logits = model.forward_dense(prep.cond, pre2 if pre2 is not None else empty)[:, -1]
         dec.choose(logits)
         steps = 1
         # No sample can finish before the shortest possible remaining sequence.
         min_left = max(int((fmt.layout.num_blocks + constraint.min_rest[:, 0]).min()) - p0, 1)
         while steps < G:
-            run = min(cfg.check_every, G - steps) if steps >= min_left else min(min_left - steps, G - steps)
-            for _ in range(run):
+            chunk = min(cfg.check_every, G - steps) if steps >= min_left else min(min_left - steps, G - steps)
+            for _ in range(chunk):
                 if not cfg.use_cache:
                     dec.step_dense(steps)
                 elif dec.graph is not None:
@@ -481,11 +526,12 @@ class Sampler:
             raise RuntimeError("sampling ended before every sample finished its last block (a bug)")
 
         lengths = dec.state.length.cpu()  # [B] whole sequence lengths
-        full = torch.cat([prefix[:, :p0], dec.out.cpu()], 1)  # [B, p0 + G]
+        full = torch.cat([prep.prefix, dec.out.cpu()], 1)  # [B, p0 + G]
         valid = torch.arange(full.shape[1])[None, :] < lengths[:, None]
         seq = full[valid]
         tokens = fmt.from_sequences(seq, lengths)
         return SampleOutput(seq, lengths, tokens, steps)
+
 
 
 def mean_tokens(out: SampleOutput) -> float:

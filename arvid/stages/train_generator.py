@@ -54,7 +54,8 @@ class TrainGeneratorConfig:
     captions: str | None = doc(None, "text: file with one caption (or class name) per label, line i for label i")
     max_text_len: int = doc(0, "text: prefix slots for text (0: the longest caption of the spm training set)")
     max_tokens: int = doc(16384, "packed positions per batch (the token budget; prefix slots count)")
-    pad_batches: bool = doc(False, "pad every packed batch to max_tokens (static shapes for torch.compile)")
+    pad_batches: bool = doc(False, "pad every packed batch to max_tokens and report a fixed max_seqlen "
+                                   "(static shapes: no recompiles under trainer.compile)")
     peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
     trainer: TrainerConfig = field(
         default_factory=lambda: TrainerConfig(max_steps=20000, batch_size=1, lr=3e-4, weight_decay=0.05,
@@ -102,15 +103,20 @@ class GeneratorTask(nn.Module):
         batch = PackedBatch(batch.tokens, batch.targets, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                             cond.class_ids, cond.text_ids, batch.prefix_mask, batch.num_prefix, batch.num_seqs)
         loss = self.loss(batch)
+        return StepOutput(losses={"main": loss}, metrics=self._throughput(batch))
+
+    @torch.compiler.disable
+    def _throughput(self, batch: PackedBatch) -> dict[str, float]:
+        """Token counts, and the FLOP rate since the previous call (host-side bookkeeping, not compiled)."""
         now = time.perf_counter()
         flops = self.gpt.training_flops(batch.seqlens().cpu())
-        metrics: dict[str, float] = {"tokens": float(batch.num_tokens), "loss_tokens": float(batch.num_loss_tokens)}
+        metrics = {"tokens": float(batch.num_tokens), "loss_tokens": float(batch.num_loss_tokens)}
         if self._last is not None and now > self._last[0]:
             achieved = self._last[1] / (now - self._last[0])
             metrics["tflops"] = achieved / 1e12
             metrics["mfu"] = achieved / self.peak_flops
         self._last = (now, flops)
-        return StepOutput(losses={"main": loss}, metrics=metrics)
+        return metrics
 
 
 def _text_table(cfg: TrainGeneratorConfig) -> tuple[torch.Tensor, int, int, int]:
@@ -185,7 +191,7 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     save_config(cfg, out / "config.yaml")
 
     spec = PackingSpec(fmt, gpt_cfg.num_prefix, cfg.conditioning, cfg.context_blocks, text_table,
-                       pad_to=cfg.max_tokens if cfg.pad_batches else None)
+                       pad_to=cfg.max_tokens if cfg.pad_batches else None, static_max_seqlen=cfg.pad_batches)
     dataset = PackedBatchDataset(store, spec, cfg.max_tokens, seed=cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)  # the initial weights are a function of the seed
     gpt = GPT(gpt_cfg)

@@ -76,6 +76,9 @@ class EVATokConfig:
     query_layers: int = doc(6, "encoder layers over the 1D queries (self + cross to patches)")
     decoder_layers: int = doc(6, "decoder layers over patch queries (self + cross to tokens)")
     quantizer: QuantizerConfig = nested(QuantizerConfig, "the quantizer of the 1D tokens")
+    token_pos: Literal["index", "pooled"] = doc(
+        "pooled", "decoder token positions: a learned table over the index in the block only (index), or "
+        "plus the decoder's patch position embedding pooled over the token's raster chunk (pooled)")
     attention: Literal["auto", "flex", "loop", "dense"] = doc(
         "auto", "attention backend for packed sequences: auto = flex on CUDA, loop (per video SDPA) on CPU")
 
@@ -404,14 +407,16 @@ class EVATok(nn.Module, PretrainedMixin):
             raise ValueError(f"block_lengths has {nb} blocks; this tokenizer has {self.layout.num_blocks}")
         meta = self._token_meta(block_lengths, device)
         backend = self._backend(device)
-        t = self.from_code(z_q.to(self.from_code.weight.dtype))
-        t = t + self.token_pos[meta.pos] + self.token_block[meta.segments.blk] + self.token_count[meta.cand]
-
         frames = sum(self.layout.frames_per_block[:nb])
         lat = frames // self.config.patch_time
         p_blk = self._patch_blocks(nb, device)
-        first = t[meta.block_start.reshape(-1)].reshape(B, nb, -1)  # [B, K', D] first token of each block
         pos = (self.dec_time[:lat, None, :] + self.dec_space[None]).reshape(-1, self.config.dim)  # [Np, D]
+
+        t = self.from_code(z_q.to(self.from_code.weight.dtype))
+        t = t + self.token_pos[meta.pos] + self.token_block[meta.segments.blk] + self.token_count[meta.cand]
+        if self.config.token_pos == "pooled":
+            t = t + self._pooled_positions(pos, p_blk, meta)
+        first = t[meta.block_start.reshape(-1)].reshape(B, nb, -1)  # [B, K', D] first token of each block
         y = first[:, p_blk] + pos  # [B, Np, D]
         mask = block_causal_mask(p_blk, p_blk)
         ps = Segments.uniform(B, p_blk)
@@ -419,6 +424,21 @@ class EVATok(nn.Module, PretrainedMixin):
         for layer in self.decoder_layers:
             y = layer(y, t, mask, ps, meta.segments, backend, cross_mask)
         return self.unpatchify(self.head(self.dec_norm(y)), frames)
+
+    def _pooled_positions(self, pos: torch.Tensor, p_blk: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
+        """Token i of a block with q tokens gets the mean of the patch position embeddings of the
+        raster chunk its encoder query was pooled from (the same chunks as ``_init_queries``):
+        the same region has the same position whatever the count. ``pos [Np, D]`` -> ``[N, D]``."""
+        nb, C = int(p_blk.max()) + 1, self.layout.num_candidates
+        tables, offsets, off = [], torch.zeros(nb, C, dtype=torch.long), 0
+        for k in range(nb):
+            block_pos = rearrange(pos[p_blk == k], "n d -> d n")[None]  # [1, D, n_k]
+            for ci, count in enumerate(self.layout.candidates):
+                tables.append(rearrange(F.adaptive_avg_pool1d(block_pos, count)[0], "d q -> q d"))
+                offsets[k, ci], off = off, off + count
+        table = torch.cat(tables)  # [sum over (k, c) of c, D]
+        offsets = offsets.to(pos.device)
+        return table[offsets[meta.segments.blk, meta.cand] + meta.pos]
 
     # ------------------------------------------------------------------ public API
     def forward(self, video: torch.Tensor, assignment: torch.Tensor, generator: torch.Generator | None = None,

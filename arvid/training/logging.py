@@ -58,12 +58,12 @@ class MetricsLogger:
         """Write one record (``step`` is stored under ``"step"``)."""
         if not self.enabled:
             return
-        record = {"step": step, **{k: _clean(v) for k, v in record.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"step": step, **{k: _clean(v) for k, v in record.items()}}) + "\n")
         if self.accelerator is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            scalars = {k: v for k, v in record.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
             self.accelerator.log(scalars, step=step)
 
 

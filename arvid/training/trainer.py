@@ -473,10 +473,12 @@ class Trainer:
                     logger.log(record, step)
                     history.append({"step": step, **record})
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
+                t_aside = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_fn is not None:
                     self._evaluate(step, logger, history)
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
                     last_ckpt = self._save(step, optimizers, last_losses, steps_per_epoch, n_proc)
+                window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
         finally:
             bar.close()
             if acc.log_with:

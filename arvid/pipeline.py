@@ -1,0 +1,163 @@
+"""`arvid pipeline configs/experiments/NAME.yaml`: the stage graph of design.md, end to end.
+
+    proxy -> curate -> router -> final -> tokenize -> generator -> sample -> report
+                  \\-> curve (quality-cost curve; after router)
+
+An experiment YAML holds one section per stage (each the stage's own config class) plus
+what they share (``data``, ``tokenizer``). The pipeline fills in what connects them: each
+stage's ``out_dir`` (``<out_dir>/<stage>``), the upstream directories it reads, the shared
+data and tokenizer spec. Whatever a section sets for those fields is overwritten, so one YAML
+cannot wire stages inconsistently.
+
+Completion, resume and refusal to mix outputs are the engine's (arvid/pipeline_engine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arvid.config import doc, load_config, nested, save_config
+from arvid.data.datasets import DataConfig
+from arvid.pipeline_engine import Pipeline, PipelineError, Stage, format_plan
+from arvid.stages import curate as curate_stage
+from arvid.stages import eval_curve as curve_stage
+from arvid.stages import evaluate as evaluate_stage
+from arvid.stages import sample as sample_stage
+from arvid.stages import tokenize as tokenize_stage
+from arvid.stages import train_generator as generator_stage
+from arvid.stages import train_router as router_stage
+from arvid.stages import train_tokenizer as tokenizer_stage
+
+log = logging.getLogger("arvid.pipeline")
+
+STAGES = ("proxy", "curate", "router", "curve", "final", "tokenize", "generator", "sample", "report")
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: every stage's config, and what they share."""
+
+    name: str = doc("experiment", "experiment name (used in reports)")
+    out_dir: str = doc("outputs/experiment", "root of all stage directories")
+    stages: list[str] = doc(list(STAGES), "stages to run, a subset of the graph in graph order")
+    data: DataConfig = nested(DataConfig, "the videos every stage uses (copied into each stage)")
+    tokenizer: tokenizer_stage.TokenizerSpec = nested(
+        tokenizer_stage.TokenizerSpec, "tokenizer architecture of both the proxy and the final tokenizer")
+    proxy: tokenizer_stage.TrainTokenizerConfig = nested(
+        tokenizer_stage.TrainTokenizerConfig, "stage 1: proxy tokenizer training (random assignments)")
+    curate: curate_stage.CurateConfig = nested(curate_stage.CurateConfig, "stage 2: proxy rewards -> labels")
+    router: router_stage.TrainRouterConfig = nested(router_stage.TrainRouterConfig, "stage 3: router training")
+    curve: curve_stage.EvalCurveConfig = nested(curve_stage.EvalCurveConfig, "quality-cost curve of the proxy")
+    final: tokenizer_stage.TrainTokenizerConfig = nested(
+        tokenizer_stage.TrainTokenizerConfig, "stage 4: final tokenizer (router-chosen assignments)")
+    tokenize: tokenize_stage.TokenizeConfig = nested(tokenize_stage.TokenizeConfig, "dataset -> token store")
+    generator: generator_stage.TrainGeneratorConfig = field(
+        default_factory=generator_stage.TrainGeneratorConfig, metadata={"help": "GPT training on the token store"})
+    sample: sample_stage.SampleConfig = nested(sample_stage.SampleConfig, "class-conditional samples")
+    report: evaluate_stage.ReportConfig = nested(evaluate_stage.ReportConfig, "metrics.json and report.md")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; the graph is {list(STAGES)}")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order):
+            raise ValueError(f"stages must be listed in graph order {list(STAGES)}, got {self.stages}")
+
+
+def _r(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)
+
+
+def build_pipeline(exp: ExperimentConfig) -> Pipeline:
+    """Resolve every stage's config (paths, shared sections) and return the engine's pipeline."""
+    root = Path(exp.out_dir)
+    d = {s: root / s for s in STAGES}
+    proxy_tok = str(d["proxy"] / "tokenizer")
+    final_tok = str(d["final"] / "tokenizer")
+    router_dir = str(d["router"] / "router")
+    configs: dict[str, Any] = {
+        "proxy": _r(exp.proxy, data=exp.data, tokenizer=exp.tokenizer, stage="proxy", out_dir=str(d["proxy"])),
+        "curate": _r(exp.curate, data=_r(exp.data, random_start=False, flip=False), tokenizer=proxy_tok,
+                     out_dir=str(d["curate"])),
+        "router": _r(exp.router, data=_r(exp.data, random_start=False, flip=False), curation=str(d["curate"]),
+                     out_dir=str(d["router"])),
+        "curve": _r(exp.curve, data=_r(exp.data, random_start=False, flip=False), tokenizer=proxy_tok,
+                    curation=None, router=router_dir, out_dir=str(d["curve"])),
+        "final": _r(exp.final, data=exp.data, tokenizer=exp.tokenizer, stage="final", router=router_dir,
+                    out_dir=str(d["final"])),
+        "tokenize": _r(exp.tokenize, data=_r(exp.data, random_start=False, flip=False), tokenizer=final_tok,
+                       router=router_dir, out_dir=str(d["tokenize"])),
+        "generator": _r(exp.generator, token_store=str(d["tokenize"] / "store"), tokenizer=final_tok,
+                        out_dir=str(d["generator"])),
+        "sample": _r(exp.sample, generator=str(d["generator"] / "gpt"), tokenizer=final_tok, out=str(d["sample"])),
+        "report": _r(exp.report, name=exp.name, data=_r(exp.data, random_start=False, flip=False),
+                     experiment_dir=str(root), out_dir=str(d["report"])),
+    }
+    runs = {
+        "proxy": tokenizer_stage.run, "curate": curate_stage.run, "router": router_stage.run,
+        "curve": curve_stage.run, "final": tokenizer_stage.run, "tokenize": tokenize_stage.run,
+        "generator": generator_stage.run, "sample": sample_stage.run, "report": evaluate_stage.run_report,
+    }
+    deps = {
+        "proxy": [], "curate": ["proxy"], "router": ["curate"], "curve": ["proxy", "router"],
+        "final": ["router"], "tokenize": ["final", "router"], "generator": ["tokenize"],
+        "sample": ["generator"], "report": ["sample"],
+    }
+    selected = [s for s in STAGES if s in exp.stages]
+    stages = []
+    for s in selected:
+        cfg = configs[s]
+        stages.append(Stage(s, cfg, lambda _dir, _run=runs[s], _cfg=cfg: _run(_cfg),
+                            deps=[x for x in deps[s] if x in selected], description=_describe(s)))
+    return Pipeline(stages, root)
+
+
+def _describe(stage: str) -> str:
+    return {
+        "proxy": "train the proxy tokenizer under random assignments",
+        "curate": "score candidate assignments with the proxy, label each video",
+        "router": "train the router on the labels",
+        "curve": "quality-cost curve: uniform, max-reward, router, threshold",
+        "final": "train the final tokenizer with the router's assignments",
+        "tokenize": "encode the dataset into the token store",
+        "generator": "train the GPT on packed variable-length sequences",
+        "sample": "sample class-conditional videos",
+        "report": "FVD, PSNR, LPIPS, tokens per video, samples/s -> metrics.json, report.md",
+    }[stage]
+
+
+def run_pipeline(config: str, overrides: list[str], until: str | None = None, from_: str | None = None,
+                 dry_run: bool = False) -> list:
+    exp = load_config(ExperimentConfig, config, overrides)
+    pipe = build_pipeline(exp)
+    items = pipe.run(until=until, from_=from_, dry_run=dry_run)
+    if not dry_run:
+        save_config(exp, Path(exp.out_dir) / "experiment.yaml")
+    return items
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        items = run_pipeline(args.config, list(args.overrides), args.until, getattr(args, "from"), args.dry_run)
+    except PipelineError as e:
+        raise ValueError(str(e)) from e
+    print(format_plan(items))
+    return 0
+
+
+def add_arguments(subparsers) -> None:
+    """Register ``arvid pipeline CONFIG [--until S] [--from S] [--dry-run] [overrides]``."""
+    p = subparsers.add_parser("pipeline", help="run the whole stage graph of an experiment, resumably",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="experiment YAML (ExperimentConfig), e.g. configs/experiments/demo.yaml")
+    p.add_argument("--until", default=None, help="stop after this stage")
+    p.add_argument("--from", default=None, help="redo from this stage on (old outputs are moved aside)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. proxy.trainer.max_steps=10")
+    p.set_defaults(func=_main)

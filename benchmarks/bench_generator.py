@@ -1,0 +1,172 @@
+"""GPT training throughput (tokens/s) and MFU for presets B, L, XL on packed batches.
+
+    python benchmarks/bench_generator.py                        # CUDA: B, L, XL; router vs fixed lengths
+    python benchmarks/bench_generator.py --presets B --no-compile
+    python benchmarks/bench_generator.py --tiny --device cpu    # CPU smoke run (debug preset)
+
+Each step: forward on a packed batch of ``--max-tokens`` positions (router-like lengths, mean
+~764 tokens, first-fit-decreasing into the budget, or every sequence 1028 = 4 + 4*256 tokens),
+next-token cross-entropy, backward, fused AdamW; bf16 autocast; the forward+loss under
+torch.compile (batches padded to the budget for static shapes; ``max_seqlen`` is the
+format's bound so varying lengths do not recompile). tokens/s counts real sequence positions
+(padding excluded); MFU = (6 * matmul params * tokens + causal attention FLOPs) / time / peak.
+Prints a table and a JSON line (``--json PATH`` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from arvid.data.types import BlockLayout  # noqa: E402
+from arvid.generator.gpt import GPT  # noqa: E402
+from arvid.generator.packing import IGNORE, TokenBudgetBatchSampler, pack_sequences, router_like_lengths  # noqa: E402
+from arvid.generator.sequence import SequenceFormat  # noqa: E402
+
+
+def make_batches(kind: str, fmt: SequenceFormat, max_tokens: int, count: int, num_classes: int,
+                 gen: torch.Generator, device: torch.device) -> list:
+    """``count`` packed batches of at most ``max_tokens`` positions (padded to it), on ``device``."""
+    layout = fmt.layout
+    per = max(4, 2 * max_tokens // 700)  # enough sequences that first-fit-decreasing can fill the budget
+    if kind == "fixed":
+        L = layout.num_blocks + 256 * layout.num_blocks if 256 in layout.candidates else fmt.max_length
+        lens = torch.full((count * max(1, max_tokens // L),), L)
+    else:
+        lens = router_like_lengths(count * per, layout, gen)
+    sampler = TokenBudgetBatchSampler(lens, max_tokens, shuffle=True, seed=int(gen.initial_seed()) % 1000)
+    plan = sorted(sampler.plan(0), key=lambda b: -sum(int(lens[i]) for i in b))[:count]  # the fullest bins
+    batches = []
+    for b in plan:
+        seqs = [torch.randint(0, fmt.vocab_size, (int(lens[i]),), generator=gen) for i in b]
+        cls = torch.randint(0, num_classes, (len(b),), generator=gen)
+        # padded to the budget with a fixed max_seqlen bound: no recompile per batch
+        pb = pack_sequences(seqs, 1, cls, pad_to=max_tokens, max_seqlen=fmt.max_length)
+        batches.append(pb.to(device))
+    return batches
+
+
+def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceFormat) -> dict:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    overrides = dict(vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101,
+                     attn_backend=args.backend)
+    model = GPT.from_preset(preset, **overrides).to(device)
+    n_params = model.num_params()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
+                            fused=device.type == "cuda" or None)
+    batches = make_batches(kind, fmt, args.max_tokens, args.steps + args.warmup, 101, gen, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def loss_fn(batch):
+        return F.cross_entropy(model(batch).float(), batch.targets, ignore_index=IGNORE)
+
+    step_loss = torch.compile(loss_fn) if args.compile else loss_fn
+    row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None}
+    with autocast:
+        row["backend"] = model._backend(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    t_compile = time.perf_counter()
+
+    def step(batch):
+        with autocast:
+            loss = step_loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for b in batches[:args.warmup]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    row["warmup_s"] = time.perf_counter() - t_compile
+    tokens, flops = 0, 0.0
+    t0 = time.perf_counter()
+    for b in batches[args.warmup:]:
+        loss = step(b)
+        lens = b.seqlens().cpu()
+        tokens += int(lens.sum())
+        flops += model.training_flops(lens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    row.update(
+        loss=float(loss.detach()), steps=len(batches) - args.warmup, step_ms=dt / max(1, len(batches) - args.warmup) * 1e3,
+        tokens_per_s=tokens / dt, tflops=flops / dt / 1e12, mfu=flops / dt / (args.peak_tflops * 1e12),
+        fill=tokens / (args.max_tokens * max(1, len(batches) - args.warmup)),
+        mean_len=tokens / max(1, sum(b.num_seqs for b in batches[args.warmup:])),
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--presets", default="B,L,XL")
+    p.add_argument("--lengths", default="router,fixed", help="comma list of router|fixed")
+    p.add_argument("--max-tokens", type=int, default=16448, help="packed positions per batch (16 x 1028)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
+    p.add_argument("--tiny", action="store_true", help="debug preset, small batches, no compile (CPU smoke)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    layout = BlockLayout()
+    if args.tiny:
+        args.presets, args.max_tokens, args.steps, args.warmup, args.compile = "debug", 600, 2, 1, False
+        layout = BlockLayout((4, 4), (16, 32, 64, 128, 256))
+        if device.type == "cpu":
+            args.precision, args.backend = "fp32", "sdpa"
+    fmt = SequenceFormat(8192, layout)
+    rows = []
+    for preset in args.presets.split(","):
+        for kind in args.lengths.split(","):
+            try:
+                rows.append(bench(preset, kind, args, device, fmt))
+            except torch.cuda.OutOfMemoryError as e:
+                rows.append({"preset": preset, "lengths": kind, "error": f"OOM: {str(e).splitlines()[0][:120]}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            torch._dynamo.reset() if args.compile else None
+    result = {
+        "bench": "generator", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
+        "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops, "rows": rows,
+    }
+    print(f"# {result['device']}, torch {result['torch']}, {args.precision}, compile={args.compile}, "
+          f"{args.max_tokens} positions per batch, peak {args.peak_tflops} TFLOP/s")
+    print(f"{'preset':6s} {'lengths':7s} {'params':>8s} {'backend':>12s} {'mean L':>7s} {'fill':>5s} {'step ms':>8s} "
+          f"{'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']:6s} {r['lengths']:7s} {r['error']}")
+            continue
+        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        print(f"{r['preset']:6s} {r['lengths']:7s} {r['params_M']:7.1f}M {r['backend']:>12s} {r['mean_len']:7.0f} "
+              f"{r['fill']:5.2f} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['tflops']:8.1f} {r['mfu']:6.1%} {mem:>7s}")
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

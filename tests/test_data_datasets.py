@@ -1,0 +1,79 @@
+"""DataConfig + build_dataset: every source, splits, class names, config errors."""
+
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from arvid.config import ConfigError, from_dict
+from arvid.data.datasets import DataConfig, build_dataset, class_names, num_classes
+from arvid.data.synthetic import CLASS_NAMES
+from arvid.stages.data_cmd import synth
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_synthetic_splits_are_disjoint_and_sized():
+    cfg = DataConfig(num_videos=6, num_val_videos=4, frames=4, size=16, seed=2)
+    train, val, test = (build_dataset(cfg, s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (6, 4, 4)
+    tv = [train[i]["video"] for i in range(6)]
+    for other in (val, test):
+        for j in range(4):
+            assert all(not torch.equal(other[j]["video"], x) for x in tv)
+    assert not torch.equal(val[0]["video"], test[0]["video"])
+    assert class_names(cfg) == list(CLASS_NAMES) and num_classes(cfg) == 10
+    item = train[0]
+    assert set(item) >= {"video", "label", "index"} and item["video"].shape == (3, 4, 16, 16)
+    with pytest.raises(ValueError, match="split must be one of"):
+        build_dataset(cfg, "dev")
+
+
+def test_default_collate_batches_items():
+    ds = build_dataset(DataConfig(num_videos=5, frames=4, size=16))
+    batch = next(iter(DataLoader(ds, batch_size=5)))
+    assert batch["video"].shape == (5, 3, 4, 16, 16)
+    assert batch["label"].tolist() == [0, 1, 2, 3, 4] and batch["index"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_from_dict_nested_and_errors():
+    cfg = from_dict(DataConfig, {"frames": 8, "synthetic": {"max_objects": 2}}, source="data.yaml")
+    assert cfg.synthetic.max_objects == 2 and cfg.frames == 8
+    with pytest.raises(ConfigError, match="data.yaml.*source"):
+        from_dict(DataConfig, {"source": "foldr"}, source="data.yaml")
+    with pytest.raises(ConfigError, match="needs `root`"):
+        from_dict(DataConfig, {"source": "folder"}, source="data.yaml")
+    with pytest.raises(ConfigError, match="did you mean `frames`"):
+        from_dict(DataConfig, {"frame": 8})
+
+
+def test_folder_and_csv_sources(tmp_path, caplog):
+    synth(tmp_path / "train", num=10, frames=4, size=16, seed=0)
+    synth(tmp_path / "val", num=10, frames=4, size=16, seed=1)
+    folder = DataConfig(source="folder", root=str(tmp_path / "train"), val_root=str(tmp_path / "val"),
+                        frames=4, size=16, random_start=False, flip=True)
+    assert num_classes(folder) == 10 and class_names(folder)[0] == "00_static"
+    train, val = build_dataset(folder, "train"), build_dataset(folder, "val")
+    assert train.clip.flip and not val.clip.flip and not val.clip.random_start  # held-out splits repeat
+    assert val.paths[0].startswith(str(tmp_path / "val")) and val.labels == train.labels
+    assert train[4]["label"] == 4
+    clone = pickle.loads(pickle.dumps(train))  # goes to DataLoader workers
+    assert torch.equal(clone[4]["video"], train[4]["video"])
+
+    csv_cfg = DataConfig(source="csv", root=str(tmp_path / "train" / "list.csv"), frames=4, size=16)
+    ds = build_dataset(csv_cfg, "train")
+    assert len(ds) == 10 and ds[2]["label"] == 2 and num_classes(csv_cfg) == 10
+    assert class_names(csv_cfg)[1] == "01_linear"  # from the folder names in the paths
+    with caplog.at_level("WARNING"):
+        same = build_dataset(csv_cfg, "val")  # no held-out split anywhere: said loudly, then the same list
+    assert len(same) == 10 and "no held-out val split" in caplog.text
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset(DataConfig(source="folder", root=str(tmp_path / "nope")))
