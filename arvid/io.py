@@ -26,6 +26,13 @@ class ArvidIOError(OSError):
     """An output could not be written or an input could not be read; the message names the path."""
 
 
+def _default_mode(directory: bool = False) -> int:
+    # mkstemp/mkdtemp create private files; results should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     # A rename is durable only once the directory entry is flushed.
     try:
@@ -78,6 +85,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
@@ -103,6 +111,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode(directory=True))
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -1,7 +1,7 @@
 """Datasets over video files, decoded with PyAV: folders (UCF-101, Kinetics layouts) and CSV lists.
 
 Layouts:
-- folder: ``root/<class_name>/**/*.mp4|avi|webm|mkv|mov|m4v``; the class index is the position of
+- folder: ``root/<class_name>/**/*.mp4|avi|webm|mkv|mov|m4v|gif``; the class index is the position of
   the class folder in the sorted list of class folders. Kinetics-style ``root/train/<class>/``
   and ``root/val|test/<class>/`` are picked by split, with one class list over all splits.
 - CSV list: a header with ``path`` and ``label`` (an int or a class name), optionally
@@ -123,7 +123,9 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     the latest start that still fits the clip. Output frame k is the last decoded frame whose
     time stamp is at or before ``start + k * step`` (half a frame of tolerance), where ``step``
     is ``1 / fps`` or ``frame_stride`` source frames. Past the end of the file, the last frame
-    repeats. Raises :class:`BadVideoError` naming the file when no frame can be decoded.
+    repeats. A container that states no duration (nor frame count) always starts at the first
+    frame. Damaged packets are skipped (a truncated file gives the frames before the cut).
+    Raises :class:`BadVideoError` naming the file when no frame can be decoded.
     """
     import av
 

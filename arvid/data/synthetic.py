@@ -194,13 +194,13 @@ class SyntheticVideos(Dataset):
         bg_dark = head[3] < 0.5
 
         t = torch.arange(T, dtype=torch.float32)  # [T] frame index
-        # Camera offset (pan only): the whole scene shifts, so background and sprites move together.
+        # Camera offset (pan only): pixel p shows world point p + cam, so background and sprites shift together.
         if cls == "pan":
             cam_dir = head[4] * 2 * math.pi
             cam = torch.tensor([math.cos(cam_dir), math.sin(cam_dir)]) * speed * t[:, None]  # [T, 2]
         else:
             cam = None
-        frame = self._background(g, textured_bg, bg_dark, cam)  # [T, 3, S, S]
+        frame = self._background(g, textured_bg, bg_dark, cam)  # [3, T, S, S]
 
         sprite_u = torch.rand(n_obj, 14, generator=g).tolist()  # per-sprite uniforms, fixed order
         for p in sprite_u:
@@ -242,7 +242,7 @@ class SyntheticVideos(Dataset):
                 pos = _wrap(pos0 + direction * v * t[:, None]
                             + perp * amp * torch.sin(v / amp * t + phase)[:, None], radius)
             elif cls == "pan":
-                pos = _wrap(pos0 + cam, radius)
+                pos = _wrap(pos0 - cam, radius)  # the background shows world point (pixel + cam): same shift
             elif cls == "color_cycle":
                 hues = (hue + (v / radius) * 0.05 * t) % 1.0
                 colors = _hsv_to_rgb(hues, torch.full((T,), 0.8), torch.full((T,), value))

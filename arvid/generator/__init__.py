@@ -23,9 +23,11 @@ from arvid.generator.packing import (
     pack_sequences,
 )
 from arvid.generator.sequence import MalformedSequence, SequenceFormat
+from arvid.generator.text import TextEncoder, train_spm
 
 __all__ = [
     "GPT", "GPTConfig", "PRESETS", "Conditioning", "drop_classes", "drop_text", "KVCache", "PackedBatch",
     "PackedBatchDataset", "PackingSpec", "TokenBudgetBatchSampler", "collate_token_items", "concat_packed",
     "pack_sequences", "varlen_causal_attention", "available_backends", "SequenceFormat", "MalformedSequence",
+    "TextEncoder", "train_spm",
 ]
