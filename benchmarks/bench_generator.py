@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(bench(preset, kind, args, device, fmt))
             except torch.cuda.OutOfMemoryError as e:
                 rows.append({"preset": preset, "lengths": kind, "error": f"OOM: {str(e).splitlines()[0][:120]}"})
+            print("row", json.dumps(rows[-1]), flush=True)  # partial results survive a timeout
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             torch._dynamo.reset() if args.compile else None

@@ -10,8 +10,8 @@ For each batch size and each step execution (eager, cuda_graph, compile) it repo
 - ``floor_ms``: bytes that one step must read (every weight once + the KV cache) / bandwidth,
   for the full static cache (what a masked attention over the preallocated cache reads) and for
   the filled part only (an ideal paged/varlen decode);
-- ``samples_per_s``: whole videos from ``Sampler.generate`` (measured; skipped with ``--steps``
-  smoke runs on CPU: then estimated as batch / (prefill + mean length * step time));
+- ``samples_per_s``: whole videos from ``Sampler.generate``, batch * runs / total seconds
+  (measured on CUDA; on CPU estimated as batch / (prefill + mean length * step time));
 - ``recompute_speedup``: time to generate one mean-length sequence by full recompute without a
   cache (``forward_dense`` at every length, integrated over lengths measured at a few points)
   over the cached decode time.
@@ -56,6 +56,7 @@ def parse() -> argparse.Namespace:
                         "(default: the mean length on CUDA, 64 on CPU)")
     p.add_argument("--full-runs", type=int, default=None, help="whole-batch generate() runs (default 3 on CUDA, 0 on CPU)")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 HBM3 ~3 TB/s)")
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernels of the eager decode step")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args()
 
@@ -86,6 +87,7 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
     dec = prep.decoder
     prefix = torch.randint(0, fmt.codebook_size, (rows, fill), device=device)
     dec.cache.reset()
+    gpt.prefill(dec.cache, full_cond, prefix)  # warm (kernel selection, lazy init)
     t_prefill = timed(lambda: gpt.prefill(dec.cache, full_cond, prefix), device)
     # A step feeds position i + n - 1: start at i = fill + 1, the first position after the prefill.
     steps = max(1, min(a.steps, dec.G - fill - 2))
@@ -94,6 +96,16 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
     run()  # warm
     dec.i.fill_(fill + 1)
     step_s = timed(run, device, steps)
+    if a.profile and dec.graph is None and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        dec.i.fill_(fill + 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                dec.step()
+            sync(device)
+        print(f"# eager decode step kernels, batch {B} (4 steps):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
            "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix}
     if full_runs:
@@ -106,9 +118,10 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
             sync(device)
             times.append(time.perf_counter() - t0)
             toks.append(mean_tokens(out))
-        t = sorted(times)[len(times) // 2]
-        row.update(samples_per_s=B / t, samples_per_s_kind="measured", seconds_per_batch=t,
-                   mean_tokens=sum(toks) / len(toks))
+        t = sum(times) / len(times)
+        mean_tok = sum(toks) / len(toks)
+        row.update(samples_per_s=B / t, samples_per_s_kind="measured", seconds_per_batch=t, mean_tokens=mean_tok,
+                   ms_per_token_step=t * 1e3 / (mean_tok + layout.num_blocks))
     else:
         t = t_prefill + mean_len * step_s
         row.update(samples_per_s=B / t, samples_per_s_kind="estimated", seconds_per_batch=t,
@@ -160,6 +173,7 @@ def main() -> int:
                        step_over_floor=row["step_ms"] / floor_full)
             results.append(row)
             print(json.dumps(row), flush=True)
+            save(a, device, results)  # after every row: a run cut short keeps what it measured
         # Recompute without a cache: forward_dense at a few lengths, integrated over 1..mean length.
         L = fill
         pts = sorted({max(1, L * k // 4) for k in range(1, 5)})
@@ -183,11 +197,16 @@ def main() -> int:
         print(f"{r['batch']:>5} {r['mode']:>10} {r['step_ms']:>8.3f} {r['floor_ms_full_cache']:>9.3f} "
               f"{r['floor_ms_filled']:>9.3f} {r['step_over_floor']:>7.1f} {r['samples_per_s']:>10.2f} "
               f"{r['samples_per_s_kind']:>9} {r.get('recompute_speedup', float('nan')):>11.1f}x")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "device": str(device), "torch": torch.__version__,
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results}, f, indent=1)
+    save(a, device, results)
     return 0
+
+
+def save(a: argparse.Namespace, device: torch.device, results: list[dict]) -> None:
+    if a.json:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "device": f"{device} ({name})", "torch": torch.__version__,
+                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -97,13 +97,19 @@ class ToyGANTask(nn.Module):
 
 def run(out_dir: str | Path, task_name: str = "mlp", max_steps: int = 40, batch_size: int = 8, grad_accum: int = 1,
         checkpoint_every: int = 5, sleep: float = 0.0, dropout: float = 0.0, noise: float = 0.0, ema: float = 0.0,
-        n: int = 96) -> tuple[Trainer, nn.Module]:
+        n: int = 96, device: str = "cpu", precision: str = "fp32", eval_fail_at: int = -1) -> tuple[Trainer, nn.Module]:
     """Train one toy task into ``out_dir`` and save its final weights as ``final.safetensors``."""
     task = (ToyTask(dropout=dropout, noise=noise, sleep=sleep) if task_name == "mlp" else ToyGANTask())
     cfg = TrainerConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-2,
                         warmup_steps=3, checkpoint_every=checkpoint_every, log_every=1, ema_decay=ema,
-                        keep_last=2, device="cpu", progress=False)
-    trainer = Trainer(cfg, task, toy_data(n), out_dir)
+                        eval_every=1 if eval_fail_at >= 0 else 0,
+                        keep_last=2, device=device, precision=precision, tf32=False, progress=False)
+    def eval_fn(task: nn.Module, step: int) -> dict:
+        if step == eval_fail_at:
+            raise ValueError(f"planted eval failure at step {step}")
+        return {}
+
+    trainer = Trainer(cfg, task, toy_data(n), out_dir, eval_fn=eval_fn)
     result = trainer.fit()
     if trainer.accelerator.is_main_process:
         from arvid.io import save_weights
@@ -125,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "auto"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--eval-fail-at", type=int, default=-1, help="eval_fn raises (on the main process) at this step")
     args = p.parse_args(argv)
     names = args.task.split(",")
     for name in names:
         out = Path(args.out_dir) / name if len(names) > 1 else Path(args.out_dir)
         run(out, name, args.max_steps, args.batch_size, args.grad_accum, args.checkpoint_every, args.sleep,
-            args.dropout, args.noise, args.ema)
+            args.dropout, args.noise, args.ema, device=args.device, precision=args.precision,
+            eval_fail_at=args.eval_fail_at)
     return 0
 
 

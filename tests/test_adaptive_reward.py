@@ -133,6 +133,8 @@ def test_distortions_order_and_zero():
                                (x - big).pow(2).mean(dim=(1, 3, 4)).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="quality"):
         Distortion("psnr")
+    with pytest.raises(ValueError, match="at least 11x11"):
+        Distortion("ssim").per_frame(x[..., :8, :8], x[..., :8, :8])
 
 
 def test_block_weights_make_distortion_the_frame_mean():
@@ -282,3 +284,48 @@ def test_threshold_baseline_picks_fewest_tokens_meeting_threshold():
                   if _direct_block_distortion(tok, vids[v], prefix + [c] + [1] * (2 - t))[t] <= mid]
             prefix.append(ok[0] if ok else 16)
         assert a[2, v].tolist() == prefix
+
+
+def test_soft_targets_softmax_over_rewards():
+    from arvid.stages.train_router import soft_targets
+
+    table = np.array([[1.0, 2.0, np.nan], [0.0, 0.0, 3.0]])
+    p = soft_targets(table, tau=0.5)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert p[0, 2] == 0.0
+    np.testing.assert_allclose(p[0, :2], np.exp([2.0, 4.0]) / np.exp([2.0, 4.0]).sum())
+    assert soft_targets(table, tau=1e-3)[1].argmax() == 2 and soft_targets(table, tau=1e-3)[1, 2] > 0.999
+
+
+def test_lpips_quality_term():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 2, 32, 32, generator=g) * 2 - 1
+    small = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    big = (x + 0.4 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    d = Distortion("lpips")
+    assert d.name == "lpips[alex]"
+    assert d.per_frame(x, x).abs().max() < 1e-6
+    assert (d.per_frame(x, small) < d.per_frame(x, big)).all()
+    from arvid.eval.weights import WeightsError
+
+    with pytest.raises(WeightsError, match="does not exist"):  # fails before any work, naming the file
+        Distortion("lpips", lpips_weights="/nonexistent/lpips.safetensors").check()
+
+
+def test_router_task_losses():
+    from arvid.stages.train_router import RouterTask
+
+    layout = BlockLayout((2, 2), (1, 4))
+    torch.manual_seed(0)
+    r = Router.from_preset("debug", layout, image_size=8)
+    torch.nn.init.normal_(r.head.weight, std=0.5)
+    x = torch.rand(3, 3, 4, 8, 8) * 2 - 1
+    label = torch.tensor([0, 3, 1])
+    target = torch.softmax(torch.randn(3, 4), -1)
+    logits = r(x)
+    hard = RouterTask(r).training_step({"video": x, "label": label}, 0, torch.Generator())
+    assert torch.allclose(hard.losses["main"], F.cross_entropy(logits, label))
+    assert hard.metrics["top1"] == pytest.approx((logits.argmax(-1) == label).float().mean().item())
+    soft = RouterTask(r, soft=True).training_step({"video": x, "label": label, "target": target}, 0, torch.Generator())
+    assert torch.allclose(soft.losses["main"], -(target * logits.log_softmax(-1)).sum(-1).mean())
+    assert set(RouterTask(r).optimizer_groups()) == {"main"}

@@ -135,9 +135,10 @@ def test_attention_flops_counts_causal_half():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_backends_match_reference():
+@pytest.mark.parametrize("hkv", [8, 4])
+def test_gpu_backends_match_reference(hkv):
     lens = [100, 3, 250, 64]
-    q, k, v, cu = random_batch(5, lens, h=8, hkv=4, d=64)
+    q, k, v, cu = random_batch(5, lens, h=8, hkv=hkv, d=64)
     ref = reference(q, k, v, cu)
     w = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -145,7 +146,8 @@ def test_gpu_backends_match_reference():
     for name in available_backends("cuda", torch.bfloat16):
         qc, kc, vc = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
         out = varlen_causal_attention(qc, kc, vc, cu.cuda(), max(lens), name)
-        torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2, msg=name)
+        torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")
         grads = torch.autograd.grad((out.float() * w.cuda()).sum(), (qc, kc, vc))
-        for g, rg in zip(grads, ref_grads):
-            torch.testing.assert_close(g.double().cpu(), rg, atol=6e-2, rtol=6e-2, msg=name)
+        for g, rg, gname in zip(grads, ref_grads, ("dq", "dk", "dv")):
+            torch.testing.assert_close(g.double().cpu(), rg.double(), atol=6e-2, rtol=6e-2,
+                                       msg=lambda m, n=name, gn=gname: f"{n} {gn}: {m}")

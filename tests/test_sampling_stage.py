@@ -123,3 +123,23 @@ def test_bad_inputs_are_named(dirs):
         cli(base + ["--context", str(dirs / "missing.mp4")])
     with pytest.raises(ConfigError, match="classes"):
         cli(base + ["--classes", "0,a"])
+
+
+def test_text_prompts(dirs, tmp_path):
+    from arvid.generator.text import TextEncoder, train_spm
+
+    (tmp_path / "captions.txt").write_text("a red ball bounces\na blue square spins\na green circle zooms\n" * 20)
+    spm = train_spm(tmp_path / "captions.txt", tmp_path / "spm", vocab_size=40)
+    enc = TextEncoder(spm)
+    tok = load_tokenizer(dirs / "tok")
+    fmt = SequenceFormat(tok.codebook_size, tok.layout)
+    gpt = GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 6,
+                          text_vocab_size=enc.vocab_size, max_text_len=5, text_pad_id=enc.pad_id)
+    gpt.save_pretrained(tmp_path / "gpt")
+    out = tmp_path / "out"
+    assert cli(["sample", "--generator", str(tmp_path / "gpt"), "--tokenizer", str(dirs / "tok"), "--spm", str(spm),
+                "--text", "a red ball bounces", "--text", "a blue square", "--per-class", "2", "--batch-size", "4",
+                "--cfg-scale", "2.0", "--out", str(out), "grid_format=none"]) == 0
+    z = load(out)
+    assert z["prompt_index"].tolist() == [0, 0, 1, 1] and z["classes"].tolist() == [-1] * 4
+    assert z["block_lengths"].shape == (4, 4)

@@ -43,6 +43,25 @@ def test_two_processes_match_one_process(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "done mlp step=12" in out.stdout and "done gan step=12" in out.stdout
+    uninterrupted = load_weights(tmp_path / "two" / "gan" / "final.safetensors")
+    # resume on 2 processes: drop the last checkpoint, relaunch, it continues from step 6
+    shutil.rmtree(tmp_path / "two" / "gan" / "checkpoints" / "step_00000012")
+    (tmp_path / "two" / "gan" / "final.safetensors").unlink()
+    relaunch = [c if c != "mlp,gan" else "gan" for c in cmd]
+    relaunch[relaunch.index(str(tmp_path / "two"))] = str(tmp_path / "two" / "gan")
+    relaunch[relaunch.index("--main_process_port") + 1] = str(_free_port())
+    out = subprocess.run(relaunch, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    resumed = load_weights(tmp_path / "two" / "gan" / "final.safetensors")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    # a failure on the main process only (eval_fn) stops both processes instead of hanging one
+    failing = [*cmd[:cmd.index(str(TOY))], str(TOY), str(tmp_path / "fail"), "--task", "mlp", *args,
+               "--eval-fail-at", "3"]
+    failing[failing.index("--main_process_port") + 1] = str(_free_port())
+    out = subprocess.run(failing, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "planted eval failure at step 3" in out.stderr
+    assert "eval_fn at step 3 failed on another process" in out.stderr
     for name, keys in (("mlp", ["loss/main"]), ("gan", ["loss/main", "loss/critic"])):
         run(tmp_path / "one" / name, name, max_steps=12, checkpoint_every=6, batch_size=8, grad_accum=2)
         two = read_metrics(tmp_path / "two" / name / "metrics.jsonl")

@@ -21,11 +21,12 @@ summed. ``on_duplicate="raise"`` makes any repeat an error instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,18 @@ class DuplicateSampleError(ValueError):
 # --------------------------------------------------------------------------- the distance
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    # A 400 x 400 eigendecomposition takes ~40 ms on one core, but multi-threaded LAPACK on a busy
+    # machine (data-loader workers, other jobs) can take seconds; the threads buy nothing at this size.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
     """Symmetric PSD square root of ``m`` ``[D, D]`` via ``eigh`` (negative round-off clamped)."""
     w, v = torch.linalg.eigh(m)
@@ -66,9 +79,10 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     mu1, mu2 = mu1.double().cpu(), mu2.double().cpu()
     s1, s2 = sigma1.double().cpu(), sigma2.double().cpu()
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-    r1 = _psd_sqrt(s1)
-    inner = r1 @ s2 @ r1
-    eig = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)
+    with _one_thread():
+        r1 = _psd_sqrt(s1)
+        inner = r1 @ s2 @ r1
+        eig = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)
     diff = mu1 - mu2
     return float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2.0 * eig.sqrt().sum())
 
@@ -236,12 +250,12 @@ class FrechetVideoDistance(Metric):
             self.add_state(f"{side}_ids", default=[], dist_reduce_fx="cat")
         # id -> feature of every id-tagged clip this process added, so a copy can be taken out again
         self._features_by_id: dict[str, dict[int, torch.Tensor]] = {s: {} for s in SIDES}
-        self._real_from_stats: FeatureStats | None = None
+        self._from_stats: dict[str, FeatureStats] = {}
 
     # ------------------------------------------------------------------ features
 
     def _default_extractor(self) -> I3DFeatures:
-        backbone = I3D.pretrained(self.weights).to(self.device)
+        backbone = I3D.pretrained(self.weights).fuse_().to(self.device)
         return I3DFeatures(
             backbone, self.protocol.resize, self.protocol.pre_resize, self.precision, self.channels_last, self.batch_size
         )
@@ -282,8 +296,8 @@ class FrechetVideoDistance(Metric):
     def update(self, x: torch.Tensor, real: bool, ids: Sequence[int | str] | torch.Tensor | None = None) -> None:
         """Add a batch to the real (``real=True``) or fake side. ``ids``: one sample id per clip, optional."""
         side = "real" if real else "fake"
-        if real and self._real_from_stats is not None:
-            raise ValueError("the real side was loaded from statistics; update only the fake side")
+        if side in self._from_stats:
+            raise ValueError(f"the {side} side was loaded from statistics; it takes no more clips")
         feats = self.features(x).to(self.device)
         if ids is not None:
             idt = sample_ids(ids)
@@ -397,14 +411,22 @@ class FrechetVideoDistance(Metric):
     def reset(self) -> None:
         super().reset()
         self._features_by_id = {s: {} for s in SIDES}
-        self._real_from_stats = None
+        self._from_stats = {}
 
     # ------------------------------------------------------------------ statistics files
 
+    def _synced(self) -> contextlib.AbstractContextManager:
+        """States summed over processes inside the block (a no-op in one process), local again after."""
+        return self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True)
+
     def side_stats(self, side: str = "real") -> FeatureStats:
-        """This process's (or, after ``sync``, the global) statistics of one side."""
+        """Statistics of one side, summed over all processes."""
         if side not in SIDES:
             raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
+        with self._synced():
+            return self._side_stats(side)
+
+    def _side_stats(self, side: str) -> FeatureStats:
         return FeatureStats(
             getattr(self, f"{side}_sum").detach().double().cpu().clone(),
             getattr(self, f"{side}_outer").detach().double().cpu().clone(),
@@ -419,32 +441,51 @@ class FrechetVideoDistance(Metric):
         """Save one side's statistics as ``.npz`` (keyed by the protocol's dataset, split, clip sampling)."""
         return self.side_stats(side).save(path)
 
-    def load_real_stats(self, path_or_stats: str | os.PathLike | FeatureStats, check: bool = True) -> None:
-        """Use cached real statistics; ``check``: their protocol key, backbone and weights must match ours."""
+    def load_stats(
+        self, path_or_stats: str | os.PathLike | FeatureStats, side: str = "real", check: bool = True
+    ) -> FeatureStats:
+        """Use saved statistics for one side; ``check``: protocol key, backbone and weights must match ours.
+
+        In a process group the statistics enter the states of rank 0 only (the states are summed).
+        """
+        if side not in SIDES:
+            raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
         stats = path_or_stats if isinstance(path_or_stats, FeatureStats) else FeatureStats.load(path_or_stats)
         if check:
             theirs = FVDProtocol(**stats.protocol)
             if theirs.stats_key() != self.protocol.stats_key():
                 raise ValueError(
-                    f"real statistics are for {theirs.stats_key()!r}, but this FVD uses protocol "
+                    f"{side} statistics are for {theirs.stats_key()!r}, but this FVD uses protocol "
                     f"{self.protocol.name!r} ({self.protocol.stats_key()!r})"
                 )
             if stats.backbone != self.backbone:
-                raise ValueError(f"real statistics come from backbone {stats.backbone!r}, not {self.backbone!r}")
+                raise ValueError(f"{side} statistics come from backbone {stats.backbone!r}, not {self.backbone!r}")
             mine = self.weights_sha256 or (I3D_K400.tensors_sha256 if self.extractor is None else "")
             if stats.weights_sha256 and mine and stats.weights_sha256 != mine:
-                raise ValueError(f"real statistics come from weights {stats.weights_sha256[:12]}, not {mine[:12]}")
+                raise ValueError(f"{side} statistics come from weights {stats.weights_sha256[:12]}, not {mine[:12]}")
         if stats.total.shape[0] != self.num_features:
             raise ValueError(f"statistics have {stats.total.shape[0]} features, this FVD {self.num_features}")
-        self.real_sum = stats.total.to(self.device, torch.float64)
-        self.real_outer = stats.outer.to(self.device, torch.float64)
-        self.real_n = torch.tensor(float(stats.n), dtype=torch.float64, device=self.device)
-        self._real_from_stats = stats
+        import torch.distributed as dist
+
+        keep = not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
+        scale = 1.0 if keep else 0.0
+        setattr(self, f"{side}_sum", stats.total.to(self.device, torch.float64) * scale)
+        setattr(self, f"{side}_outer", stats.outer.to(self.device, torch.float64) * scale)
+        setattr(self, f"{side}_n", torch.tensor(float(stats.n) * scale, dtype=torch.float64, device=self.device))
+        self._from_stats[side] = stats
+        return stats
+
+    def load_real_stats(self, path_or_stats: str | os.PathLike | FeatureStats, check: bool = True) -> FeatureStats:
+        """Cached real-data statistics: :meth:`load_stats` for the real side."""
+        return self.load_stats(path_or_stats, "real", check)
 
     # ------------------------------------------------------------------ results
 
     def compute(self) -> torch.Tensor:
         """The FVD (squared Frechet distance of the two Gaussians), a float64 scalar tensor."""
+        return torch.tensor(self._distance(), dtype=torch.float64)
+
+    def _distance(self) -> float:
         for side in SIDES:
             ids = getattr(self, f"{side}_ids")
             ids = dim_zero_cat(ids) if (isinstance(ids, list) and ids) or isinstance(ids, torch.Tensor) else None
@@ -452,15 +493,18 @@ class FrechetVideoDistance(Metric):
                 raise DuplicateSampleError(f"{side} statistics contain repeated sample ids after the reduction")
         mu1, s1 = gaussian_from_sums(self.real_sum, self.real_outer, float(self.real_n))
         mu2, s2 = gaussian_from_sums(self.fake_sum, self.fake_outer, float(self.fake_n))
-        return torch.tensor(frechet_distance(mu1, s1, mu2, s2), dtype=torch.float64)
+        return frechet_distance(mu1, s1, mu2, s2)
 
     def result(self, tokens_per_video: float | None = None, **extra: Any) -> FVDResult:
-        """:meth:`compute` plus the record every reported FVD carries."""
-        value = float(self.compute())
+        """:meth:`compute` plus the record every reported FVD carries (counts summed over processes)."""
+        with self._synced():
+            value = self._distance()
+            num_real, num_fake = int(round(float(self.real_n))), int(round(float(self.fake_n)))
         backbone = self.backbone
         sha = self.weights_sha256
-        if self._real_from_stats is not None and self.extractor is None:
-            backbone, sha = self._real_from_stats.backbone, self._real_from_stats.weights_sha256
+        if self.extractor is None and self._from_stats:
+            loaded = next(iter(self._from_stats.values()))
+            backbone, sha = loaded.backbone, loaded.weights_sha256
         return FVDResult(
             fvd=value,
             protocol=self.protocol.describe(),
@@ -469,8 +513,8 @@ class FrechetVideoDistance(Metric):
             resize=self.protocol.resize,
             pre_resize=self.protocol.pre_resize,
             num_frames=self.protocol.num_frames,
-            num_real=int(round(float(self.real_n))),
-            num_fake=int(round(float(self.fake_n))),
+            num_real=num_real,
+            num_fake=num_fake,
             tokens_per_video=tokens_per_video,
             extra=dict(extra),
         )

@@ -259,6 +259,10 @@ class I3D(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (I3D_SIZE, I3D_SIZE):
+            raise ValueError(
+                f"I3D expects [B, 3, T, 224, 224] frames in [-1, 1], got shape {tuple(x.shape)}; use i3d_preprocess"
+            )
         x = self.Conv3d_1a_7x7(x)
         x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))  # MaxPool3d_2a_3x3
         x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
@@ -266,11 +270,10 @@ class I3D(nn.Module):
             if name in _POOL_BEFORE:
                 x = _max_pool_same(x, *_POOL_BEFORE[name])
             x = getattr(self, name)(x)
-        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # VALID
-        x = self.logits(x)  # [B, 400, T', h, w]
-        if x.shape[-2:] != (1, 1):
-            raise ValueError(f"I3D expects 224 x 224 frames (got a {tuple(x.shape[-2:])} logit map); use i3d_preprocess")
-        return x.flatten(2).mean(dim=2)  # [B, 400, T', 1, 1] -> [B, 400]
+        # VALID 2x7x7 average; in float32 (no bf16 CPU kernel, and an average is where low precision hurts)
+        x = F.avg_pool3d(x.float(), (2, 7, 7), stride=1).to(x.dtype)
+        x = self.logits(x)  # [B, 400, T', 1, 1]
+        return x.flatten(2).mean(dim=2)  # [B, 400, T', 1, 1] -> [B, 400]: average over time
 
     def fuse_(self) -> I3D:
         """Fold every batch norm into its conv, in place (faster inference); returns ``self``."""
@@ -356,6 +359,11 @@ def precision_context(precision: str, device: torch.device) -> Iterator[torch.dt
     ``fp32`` turns TF32 OFF for convs and matmuls (cuDNN allows TF32 convs by default);
     ``tf32`` turns it on; ``bf16`` runs the network in bfloat16; ``fp64`` in float64 (CPU checks).
     Yields the dtype the network should run in.
+
+    Measured on an H100 (torch 2.11, benchmarks/bench_i3d.py, 2026-11-23): against fp32 features
+    TF32 differs by ~1.4e-3 and bf16 by ~1.7e-2 of the largest feature, so numbers to report
+    should use ``fp32`` (it matches the upstream golden logits to ~2.5e-5 there); the faster
+    modes are for monitoring. bf16 on the CPU is very slow in PyTorch (reference conv3d kernel).
     """
     if precision not in ("fp32", "tf32", "bf16", "fp64"):
         raise ValueError(f"precision must be one of fp32, tf32, bf16, fp64, got {precision!r}")
@@ -407,6 +415,8 @@ class I3DFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.backbone, TorchScriptI3D):
+            self.backbone.load()
         device = next(iter(self.backbone.parameters()), torch.empty(0)).device
         outs = []
         with precision_context(self.precision, device) as dtype:

@@ -32,14 +32,18 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "cudnn", "xformers", "sdpa")
 
-#: CUDA preference of ``auto`` (fastest first). Measured by ``benchmarks/bench_attention.py`` on
-#: an H100 (bf16, fwd+bwd, packed router-like lengths): see BENCHMARKS.md.
-CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
+#: CUDA preference of ``auto`` (fastest first). ``benchmarks/bench_attention.py`` on an H100, torch
+#: 2.11, bf16, 16384 packed tokens of router-like lengths (mean 683), 16 heads of 64, fwd+bwd
+#: TFLOP/s: torch_varlen 77.6, cudnn (padded) 39.0, flex 16.1 (its per-batch block mask included),
+#: sdpa (dense mask) 5.5. flash_attn was not installed there; it runs the same FA2 varlen kernel
+#: as torch_varlen and comes first because it has run in production longest.
+CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "cudnn", "flex", "sdpa")
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -183,21 +187,21 @@ def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             max_seqlen: int, sdpa_backends: list | None = None) -> torch.Tensor:
     """Unpack to padded ``[S, H, Lmax, D]``, run SDPA with ``is_causal=True``, pack back: ``[N, H, D]``.
 
-    Padding is a zero row gathered at each sequence's tail: the causal mask keeps every real
-    query off it, so no extra mask is needed and the fused kernels (cuDNN, flash) apply.
+    Padding (zeros) sits at each sequence's tail: the causal mask keeps every real query off
+    it, so no extra mask is needed and the fused kernels (cuDNN, flash) apply. Unpacking is a
+    scatter to unique slots and packing a gather from them, so both backward passes are plain
+    gathers/adds without duplicate indices (a gather *from* a shared padding row would make the
+    backward pass accumulate thousands of gradients into one row, serialised).
     ``sdpa_backends``: a list of ``torch.nn.attention.SDPBackend`` to restrict SDPA to.
     """
     n, h, d = q.shape
     s = cu_seqlens.numel() - 1
-    starts = cu_seqlens[:-1].long()
-    lens = cu_seqlens[1:].long() - starts  # [S]
-    ar = torch.arange(max_seqlen, device=q.device)
-    src = starts[:, None] + ar[None, :]  # [S, Lmax] packed index of each padded slot
-    src = torch.where(ar[None, :] < lens[:, None], src, torch.full_like(src, n))  # padding -> the zero row
+    doc = document_ids(cu_seqlens, n)
+    dst = doc * max_seqlen + (torch.arange(n, device=q.device) - cu_seqlens.long()[doc])  # [N] padded slot
 
     def unpack(t: torch.Tensor) -> torch.Tensor:
-        t = torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # [N+1, H', D]: row N is the padding
-        return t[src].transpose(1, 2)  # [S, Lmax, H', D] -> [S, H', Lmax, D]
+        padded = t.new_zeros(s * max_seqlen, *t.shape[1:]).index_copy(0, dst, t)  # [S*Lmax, H', D]
+        return rearrange(padded, "(s l) h d -> s h l d", s=s)
 
     qp, kp, vp = unpack(q), unpack(_expand_kv(k, h)), unpack(_expand_kv(v, h))
     if sdpa_backends is None:
@@ -207,10 +211,8 @@ def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
         with sdpa_kernel(sdpa_backends):
             out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    out = out.transpose(1, 2).reshape(s * max_seqlen, h, d)  # [S*Lmax, H, D]
-    doc = document_ids(cu_seqlens, n)
-    dst = doc * max_seqlen + (torch.arange(n, device=q.device) - starts[doc])  # [N] padded slot of each token
-    return out[dst]
+    out = rearrange(out, "s h l d -> (s l) h d")
+    return out.index_select(0, dst)
 
 
 def _cudnn(q, k, v, cu_seqlens, max_seqlen):
@@ -230,7 +232,7 @@ def _flex_fn(device: torch.device):
     if device.type != "cuda":
         return flex_attention
     if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+        _FLEX_COMPILED = torch.compile(flex_attention)  # dynamic after the first new shape
     return _FLEX_COMPILED
 
 
@@ -256,8 +258,9 @@ def _flex(q, k, v, cu_seqlens, max_seqlen):
     def mask_mod(b, hh, qi, ki):
         return (doc[qi] == doc[ki]) & (qi >= ki)
 
+    # On CUDA the mask is built by a compiled kernel; eagerly it would materialise [N, N] first.
     block_mask = create_block_mask(mask_mod, None, None, n_pad, n_pad, device=q.device,
-                                   BLOCK_SIZE=FLEX_BLOCK)
+                                   BLOCK_SIZE=FLEX_BLOCK, _compile=q.device.type == "cuda")
     out = _flex_fn(q.device)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                              block_mask=block_mask, enable_gqa=k.shape[1] != h)  # [1, H, Npad, D]
     return out[0, :, :n].transpose(0, 1)

@@ -187,7 +187,8 @@ class SequenceConstraint:
         done = self.done(state)
         is_code = state.left > 0
         is_len = ~is_code & ~done
-        count = self.fmt.count_of(tokens)
+        # Count of a length token (garbage for codes, unused there); no host tensor: graph-safe.
+        count = self.cand[(tokens - self.fmt.len_token_base).clamp(0, self.cand.numel() - 1)]
         state.length.add_((~done).long())
         state.left.copy_(torch.where(is_code, state.left - 1, torch.where(is_len, count, state.left)))
         state.used.add_(torch.where(is_len, count, torch.zeros_like(count)))

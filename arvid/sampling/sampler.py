@@ -251,7 +251,8 @@ class _Decoder:
         self.forced_len = torch.zeros(B, **long)
         self.constraint = SequenceConstraint(fmt, B, budget=1 if has_budget else None, device=device)
         self.state = ConstraintState.initial(B, device)
-        self.graph = None  # set by compiled.capture when the step runs from a CUDA graph
+        self.graph = None  # set by compiled.capture_decoder when the step runs from a CUDA graph
+        self.decode_fn = model.decode_step  # compiled.capture_decoder may swap in a compiled one
         # Dense (no-cache) mode keeps the whole input on the device.
         self.cond2 = None
         self.prefix2 = None
@@ -310,7 +311,7 @@ class _Decoder:
         """Feed the last chosen token at its position, then choose the next one."""
         feed = torch.cat([self.tok, self.tok]) if self.guided else self.tok
         pos = self.i + (self.n + self.p0 - 1)  # position of token i-1 in the model's input
-        logits = self.model.decode_step(self.cache, feed, pos)
+        logits = self.decode_fn(self.cache, feed, pos)
         self.choose(logits)
 
     def step_dense(self, i: int) -> None:

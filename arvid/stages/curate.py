@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from arvid.config import ConfigError, doc, load_config, nested, save_config
+from arvid.config import ConfigError, config_fingerprint, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import check_writable, read_json, write_json
 from arvid.tokenizer.base import load_tokenizer
@@ -90,7 +90,9 @@ class CurateConfig:
 
 
 @dataclass
-class _Dist:
+class ProcessInfo:
+    """This process's rank and the process count (accelerate's PartialState), and a barrier."""
+
     rank: int = 0
     world: int = 1
     state: object | None = field(default=None, repr=False)
@@ -100,11 +102,12 @@ class _Dist:
             self.state.wait_for_everyone()  # type: ignore[attr-defined]
 
 
-def _distributed() -> _Dist:
+def process_info() -> ProcessInfo:
+    """Rank and world size of this process (1 process unless started by ``accelerate launch``)."""
     from accelerate import PartialState
 
     state = PartialState()
-    return _Dist(state.process_index, state.num_processes, state)
+    return ProcessInfo(state.process_index, state.num_processes, state)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,7 +180,7 @@ def run(cfg: CurateConfig) -> Path:
     if not cfg.tokenizer:
         raise ConfigError("curate: `tokenizer` (the proxy tokenizer directory) is required")
     out = check_writable(cfg.out_dir)
-    dist = _distributed()
+    dist = process_info()
     device = resolve_device(cfg.device)
     if dist.rank == 0:
         save_config(cfg, out / "config.yaml")
@@ -190,27 +193,37 @@ def run(cfg: CurateConfig) -> Path:
     n_total = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
     fp = tok.fingerprint()
 
-    # calibration: once, on the main process; a resumed run reuses it if it fits
+    # calibration: given (every process reads it), or once on the main process (reused on resume)
     calib_path = out / "calibration.json"
-    if dist.rank == 0:
-        stats = None
-        if cfg.stats:
-            stats = read_stats(cfg.stats)
-        elif calib_path.is_file():
-            old = read_json(calib_path)
-            if old.get("tokenizer_fingerprint") == fp and old.get("quality") == cfg.quality:
-                stats = RewardStats.from_dict(old["reward_stats"], str(calib_path))
-        if stats is None:
-            stats = _calibrate(cfg, scorer, dataset, n_total, device)
+    if cfg.stats:
+        stats = read_stats(cfg.stats)
         if stats.quality != cfg.quality:
             raise ConfigError(f"curate: stats {cfg.stats!r} are for quality {stats.quality!r}, not {cfg.quality!r}")
-        write_json(calib_path, {"reward_stats": stats.to_dict(), "quality": cfg.quality,
-                                "tokenizer_fingerprint": fp})
-    dist.wait()
-    stats = RewardStats.from_dict(read_json(calib_path)["reward_stats"], str(calib_path))
+    else:
+        if dist.rank == 0:
+            stats = None
+            if calib_path.is_file():
+                old = read_json(calib_path)
+                if old.get("tokenizer_fingerprint") == fp and old.get("quality") == cfg.quality:
+                    stats = RewardStats.from_dict(old["reward_stats"], str(calib_path))
+            if stats is None:
+                stats = _calibrate(cfg, scorer, dataset, n_total, device)
+            write_json(calib_path, {"reward_stats": stats.to_dict(), "quality": cfg.quality,
+                                    "tokenizer_fingerprint": fp})
+        dist.wait()
+        stats = RewardStats.from_dict(read_json(calib_path)["reward_stats"], str(calib_path))
 
     parts_dir = out / "parts"
     parts_dir.mkdir(exist_ok=True)
+    # shards of another tokenizer, quality term or video set must not be mixed into this run
+    key = {"tokenizer_fingerprint": fp, "quality": cfg.quality, "split": cfg.split,
+           "data": config_fingerprint(cfg.data), "layout": layout.to_dict()}
+    key_path = parts_dir / "run.json"
+    if key_path.is_file() and read_json(key_path) != key:
+        raise ConfigError(f"curate: {str(parts_dir)!r} holds shards of another run ({read_json(key_path)}); "
+                          f"refusing to mix them with this one ({key}): use a new out_dir or delete it")
+    if dist.rank == 0 and not key_path.is_file():
+        write_json(key_path, key)
     done = _done_videos(parts_dir)
     todo = [i for i in range(dist.rank, n_total, dist.world) if i not in done]
     log.info("curate: %d of %d videos left on process %d (%s, %d assignments, %s)", len(todo), n_total,

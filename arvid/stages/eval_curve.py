@@ -34,8 +34,14 @@ from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import atomic_write, check_writable, write_json
 from arvid.stages.curate import read_stats, resolve_device
 from arvid.tokenizer.base import load_tokenizer
-from arvid.tokenizer.reward import QUALITY_DESCRIPTIONS, CurationRecords, Distortion, ProxyScorer, labels_for, \
-    threshold_search
+from arvid.tokenizer.reward import (
+    QUALITY_DESCRIPTIONS,
+    CurationRecords,
+    Distortion,
+    ProxyScorer,
+    labels_for,
+    threshold_search,
+)
 
 log = logging.getLogger("arvid.eval_curve")
 
@@ -60,6 +66,7 @@ class EvalCurveConfig:
     lpips_weights: str | None = doc(None, "explicit LPIPS weights file")
     fvd: bool = doc(False, "also compute rFVD per point (I3D weights required)")
     fvd_weights: str | None = doc(None, "explicit I3D weights file for rFVD")
+    fvd_protocol: str = doc("synthetic", "FVD protocol name written into the result (arvid.eval.protocols)")
     batch_size: int = doc(32, "videos per encode/decode")
     device: str = doc("auto", "auto (accelerator, else cpu), cpu, cuda ...")
     out_dir: str = doc("outputs/eval_curve", "output directory")
@@ -104,12 +111,17 @@ class _Evaluator:
 
 
 def _fvd_fn(cfg: EvalCurveConfig, real: torch.Tensor, device: torch.device):
-    """rFVD of reconstructions against ``real`` with arvid.eval's I3D FVD."""
+    """rFVD of reconstructions against ``real`` with arvid.eval's I3D FVD: the I3D network and
+    the real side's statistics are computed once and shared by every point."""
     from arvid.eval.fvd import FrechetVideoDistance
 
+    base = FrechetVideoDistance(protocol=cfg.fvd_protocol, weights=cfg.fvd_weights).to(device)
+    base.update(real, real=True)
+    real_stats = base.side_stats("real")
+
     def fvd(fake: torch.Tensor) -> float:
-        m = FrechetVideoDistance(weights=cfg.fvd_weights, protocol="synthetic").to(device)
-        m.update(real.to(device), real=True)
+        m = FrechetVideoDistance(protocol=cfg.fvd_protocol, extractor=base.extractor).to(device)
+        m.load_real_stats(real_stats, check=False)
         m.update(fake.to(device), real=False)
         return float(m.compute())
 
@@ -232,6 +244,7 @@ def run(cfg: EvalCurveConfig) -> Path:
         "split": cfg.split, "num_videos": n, "layout": layout.to_dict(), "tokenizer": cfg.tokenizer,
         "tokenizer_fingerprint": tok.fingerprint(), "points": points, "tokens_saved": saved,
         "rfvd_backbone": "i3d" if cfg.fvd else None,
+        "rfvd_protocol": cfg.fvd_protocol if cfg.fvd else None,
     })
     _plot(points, distortion.name, out / "curve.png")
     write_json(out / "done", {"stage": "eval-curve", "points": len(points)})

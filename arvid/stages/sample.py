@@ -152,12 +152,12 @@ def _encode_text(cfg: SampleConfig, gpt: Any) -> torch.Tensor:
     spm = cfg.spm or str(Path(cfg.generator) / "spm")
     if not Path(spm).exists():
         raise ConfigError(f"text prompts need a SentencePiece model: {spm!r} does not exist (set --spm DIR)")
-    ids = torch.as_tensor(TextEncoder(spm).encode(list(cfg.text)), dtype=torch.long)  # [P, L]
-    L = int(gpt.config.max_text_len)
+    enc = TextEncoder(spm)
     pad = int(gpt.config.text_pad_id)
-    if ids.shape[1] < L:
-        ids = torch.cat([ids, torch.full((ids.shape[0], L - ids.shape[1]), pad, dtype=torch.long)], 1)
-    return ids[:, :L]
+    if enc.pad_id != pad:
+        raise ConfigError(f"the SentencePiece model in {spm!r} pads with id {enc.pad_id}, the GPT was trained "
+                          f"with text_pad_id={pad}: is it the model the GPT was trained with?")
+    return enc.encode(list(cfg.text), max_len=int(gpt.config.max_text_len))  # [P, Lt]
 
 
 @dataclass

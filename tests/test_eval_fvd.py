@@ -1,0 +1,209 @@
+"""FVD metric: the distance against scipy, the covariance convention, single / merged / 2-process
+agreement, duplicated clips, statistics files, result records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.multiprocessing as mp
+
+from arvid.eval.fvd import (
+    DuplicateSampleError,
+    FeatureStats,
+    FrechetVideoDistance,
+    FVDResult,
+    frechet_distance,
+)
+from arvid.eval.protocols import PROTOCOLS, get_protocol
+from arvid.eval.weights import I3D_K400
+
+
+def _feats(n: int, d: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5  # correlated features
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix) * scale + shift + 3.0
+
+
+def _scipy_fvd(a: np.ndarray, b: np.ndarray, ddof: int = 1) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False, ddof=ddof), np.cov(b, rowvar=False, ddof=ddof)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _metric(a, b, **kw) -> FrechetVideoDistance:
+    m = FrechetVideoDistance(num_features=a.shape[1], **kw)
+    m.update(a, real=True)
+    m.update(b, real=False)
+    return m
+
+
+@pytest.mark.parametrize("n,d", [(300, 64), (40, 8)])
+def test_distance_matches_scipy(n, d):
+    a, b = _feats(n, d, 0), _feats(n + 17, d, 1, scale=1.2, shift=0.1)
+    ref = _scipy_fvd(a.numpy(), b.numpy())
+    got = float(_metric(a, b).compute())
+    assert got == pytest.approx(ref, rel=1e-6)
+    # the direct function on the same Gaussians, and d(P, P) = 0
+    mu, s = a.mean(0), torch.from_numpy(np.cov(a.numpy(), rowvar=False))
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-8 * float(torch.trace(s))
+
+
+def test_covariance_convention_is_unbiased():
+    a, b = _feats(20, 8, 2), _feats(25, 8, 3, scale=1.5)
+    got = float(_metric(a, b).compute())
+    unbiased, biased = _scipy_fvd(a.numpy(), b.numpy(), ddof=1), _scipy_fvd(a.numpy(), b.numpy(), ddof=0)
+    assert got == pytest.approx(unbiased, rel=1e-9)
+    assert abs(got - biased) > 1e-3 * abs(unbiased)  # a switch to the biased estimate fails the line above
+
+
+def test_merged_equals_single_and_merge_skips_repeats():
+    a, b = _feats(60, 16, 4), _feats(50, 16, 5, shift=0.3)
+    single = float(_metric(a, b).compute())
+    m1, m2 = FrechetVideoDistance(num_features=16), FrechetVideoDistance(num_features=16)
+    # overlapping shards with ids: rows 25..29 of the real side are in both
+    m1.update(a[:30], real=True, ids=range(0, 30))
+    m2.update(a[25:], real=True, ids=range(25, 60))
+    m1.update(b[:20], real=False)
+    m2.update(b[20:], real=False)
+    m1.merge_state(m2)
+    assert float(m1.real_n) == 60
+    assert float(m1.compute()) == pytest.approx(single, rel=1e-9)
+    m3 = FrechetVideoDistance(num_features=16, on_duplicate="raise")
+    m3.update(a[:30], real=True, ids=range(0, 30))
+    with pytest.raises(DuplicateSampleError, match="in both metrics"):
+        m3.merge_state(m2)
+
+
+def test_duplicates_within_a_shard_counted_once():
+    a, b = _feats(10, 8, 6), _feats(12, 8, 7)
+    ref = float(_metric(a, b).compute())
+    m = FrechetVideoDistance(num_features=8)
+    m.update(torch.cat([a[:6], a[2:4]]), real=True, ids=[0, 1, 2, 3, 4, 5, 2, 3])
+    m.update(torch.cat([a[6:], a[0:1]]), real=True, ids=[6, 7, 8, 9, 0])
+    m.update(b, real=False, ids=[f"fake-{i}" for i in range(12)])
+    assert float(m.real_n) == 10
+    assert float(m.compute()) == pytest.approx(ref, rel=1e-9)
+    strict = FrechetVideoDistance(num_features=8, on_duplicate="raise")
+    strict.update(a[:3], real=True, ids=[0, 1, 2])
+    with pytest.raises(DuplicateSampleError, match="real sample id 1"):
+        strict.update(a[3:5], real=True, ids=[3, 1])
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        a, b = _feats(7, 8, 8), _feats(9, 8, 9, shift=0.2)
+        result = {}
+        for mode in ("skip", "raise"):
+            m = FrechetVideoDistance(num_features=8, on_duplicate=mode)
+            # 7 real clips over 2 ranks: the sampler pads rank 1's shard with clip 0 again
+            idx = list(DistributedSampler(range(7), num_replicas=world, rank=rank, shuffle=False))
+            m.update(a[idx], real=True, ids=idx)
+            fidx = list(DistributedSampler(range(9), num_replicas=world, rank=rank, shuffle=False))
+            m.update(b[fidx], real=False, ids=fidx)
+            try:
+                r = m.result()
+                result[mode] = [r.fvd, r.num_real, r.num_fake, len(idx), float(m.compute())]
+            except DuplicateSampleError as e:
+                result[mode] = str(e)
+            # after compute the local states are back (unsynced), still without the dropped copy
+            result[mode + "_local_n"] = float(m.real_n)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_agree_and_drop_sampler_padding(tmp_path):
+    a, b = _feats(7, 8, 8), _feats(9, 8, 9, shift=0.2)
+    ref = float(_metric(a, b).compute())
+    init = f"file://{tmp_path / 'pg'}"
+    out = str(tmp_path / "res")
+    mp.start_processes(_worker, args=(2, init, out), nprocs=2, join=True, start_method="spawn")
+    res = [json.load(open(f"{out}.{r}")) for r in range(2)]
+    for r in res:
+        fvd, n_real, n_fake, shard, computed = r["skip"]
+        assert computed == fvd
+        assert shard == 4  # the padded shard really had 4 items
+        assert (n_real, n_fake) == (7, 9)
+        assert fvd == pytest.approx(ref, rel=1e-9)
+        assert "occur on more than one process" in r["raise"]
+    assert res[0]["skip_local_n"] == 4 and res[1]["skip_local_n"] == 3
+
+
+def test_stats_file_roundtrip_and_key_check(tmp_path):
+    a, b = _feats(30, 400, 10), _feats(30, 400, 11, shift=0.05)
+    m = _metric(a, b, protocol="ucf-train-rfvd")
+    path = m.save_stats(tmp_path / "ucf_train.npz")
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        assert int(z["n"]) == 30
+        np.testing.assert_allclose(z["mu"], a.mean(0).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(z["sigma"], np.cov(a.numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
+    assert meta["protocol"]["name"] == "ucf-train-rfvd"
+    assert meta["stats_key"] == get_protocol("ucf-train-rfvd").stats_key()
+    assert meta["covariance"].startswith("unbiased")
+
+    fresh = FrechetVideoDistance(protocol="ucf-train-rfvd")
+    fresh.load_real_stats(path)
+    fresh.update(b, real=False)
+    assert float(fresh.compute()) == pytest.approx(float(m.compute()), rel=1e-12)
+    with pytest.raises(ValueError, match="loaded from statistics"):
+        fresh.update(a, real=True)
+    other = FrechetVideoDistance(protocol="k600-fp-50k")
+    with pytest.raises(ValueError, match="k600-fp-50k"):
+        other.load_real_stats(path)
+    assert FeatureStats.load(path).n == 30
+
+
+class _FakeExtractor:
+    """Mean colour per frame, tiled: a cheap deterministic 'backbone' for the video path."""
+
+    backbone_name = "toy-backbone"
+    weights_sha256 = "0" * 64
+
+    def __call__(self, videos: torch.Tensor) -> torch.Tensor:
+        x = videos.float() if videos.dtype != torch.uint8 else videos.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        f = x.mean(dim=(3, 4)).flatten(1)  # [B, C*T]
+        return f.repeat(1, 400 // f.shape[1] + 1)[:, :400]
+
+
+def test_video_path_frame_check_and_result_naming():
+    g = torch.Generator().manual_seed(12)
+    real = torch.randint(0, 256, (6, 16, 8, 8, 3), dtype=torch.uint8, generator=g)
+    fake = torch.rand(6, 3, 16, 8, 8, generator=g) * 2 - 1
+    m = FrechetVideoDistance(protocol="ucf-train-rfvd", extractor=_FakeExtractor())
+    m.update(real, real=True)
+    m.update(fake, real=False)
+    with pytest.raises(ValueError, match="needs 16-frame clips, got 8"):
+        m.update(fake[:, :, :8], real=False)
+    r = m.result(tokens_per_video=774.0)
+    assert isinstance(r, FVDResult) and r.fvd == pytest.approx(float(m.compute()))
+    d = r.to_dict()
+    assert d["metric"].startswith("FVD[backbone=toy-backbone")  # never reported as plain FVD
+    assert d["protocol"]["name"] == "ucf-train-rfvd" and d["num_real"] == 6 and d["tokens_per_video"] == 774.0
+    assert d["resize"] == "tf1-bilinear" and d["num_frames"] == 16
+    ok = FVDResult(1.0, {}, "i3d-kinetics-400", I3D_K400.tensors_sha256, "tf1-bilinear", None, 16, 2, 2)
+    assert ok.name == "FVD"
+
+
+def test_protocol_registry_and_errors():
+    assert set(PROTOCOLS) == {"ucf-train-rfvd", "ucf-gfvd-10k", "ucf-gfvd-2048", "k600-fp-50k", "synthetic"}
+    assert PROTOCOLS["k600-fp-50k"].pre_resize == 64 and PROTOCOLS["ucf-gfvd-10k"].num_fake == 10_000
+    with pytest.raises(ValueError, match="known: ucf-train-rfvd"):
+        get_protocol("ucf-rfvd")
+    m = FrechetVideoDistance(num_features=8)
+    m.update(_feats(1, 8, 0), real=True)
+    m.update(_feats(5, 8, 1), real=False)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        m.compute()
+    with pytest.raises(ValueError, match=r"features \[B, 8\]|float \[B, 8\]"):
+        m.update(torch.zeros(2, 9), real=True)

@@ -1,0 +1,34 @@
+"""The generator benchmarks smoke-run on CPU (`--tiny`) and report sane numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_attention_tiny_cpu(tmp_path):
+    res = load("bench_attention").main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "a.json")])
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert rows["sdpa"]["status"] == "ok" and rows["sdpa"]["err_out"] < 1e-5 and rows["sdpa"]["fwd_bwd_ms"] > 0
+    assert rows["flash_attn"]["status"].startswith("unavailable") and "CUDA" in rows["flash_attn"]["status"]
+    assert res["tokens"] == 600 and (tmp_path / "a.json").is_file()
+
+
+def test_bench_generator_tiny_cpu(tmp_path):
+    res = load("bench_generator").main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    assert [(r["preset"], r["lengths"]) for r in res["rows"]] == [("debug", "router"), ("debug", "fixed")]
+    for r in res["rows"]:
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 < r["fill"] <= 1
+        assert 4.0 < r["loss"] < 12.0  # near log(vocab 8197) = 9.0 after two steps
