@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Autoregressive video generation with an adaptive-length video tokenizer (EVATok).",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a busy CPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for module_name, group in STAGE_MODULES:
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

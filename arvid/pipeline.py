@@ -87,13 +87,15 @@ def build_pipeline(exp: ExperimentConfig) -> Pipeline:
                      out_dir=str(d["curate"])),
         "router": _r(exp.router, data=_r(exp.data, random_start=False, flip=False), curation=str(d["curate"]),
                      out_dir=str(d["router"])),
-        "curve": _r(exp.curve, data=_r(exp.data, random_start=False, flip=False), tokenizer=proxy_tok,
-                    curation=None, router=router_dir, out_dir=str(d["curve"])),
+        # The max-proxy-reward points need curation records of the curve's videos: the curve runs
+        # on the curated split.
+        "curve": _r(exp.curve, data=_r(exp.data, random_start=False, flip=False), split=exp.curate.split,
+                    tokenizer=proxy_tok, curation=str(d["curate"]), router=router_dir, out_dir=str(d["curve"])),
         "final": _r(exp.final, data=exp.data, tokenizer=exp.tokenizer, stage="final", router=router_dir,
                     out_dir=str(d["final"])),
         "tokenize": _r(exp.tokenize, data=_r(exp.data, random_start=False, flip=False), tokenizer=final_tok,
                        router=router_dir, out_dir=str(d["tokenize"])),
-        "generator": _r(exp.generator, token_store=str(d["tokenize"] / "store"), tokenizer=final_tok,
+        "generator": _r(exp.generator, token_store=str(d["tokenize"] / "tokens"), tokenizer=final_tok,
                         out_dir=str(d["generator"])),
         "sample": _r(exp.sample, generator=str(d["generator"] / "gpt"), tokenizer=final_tok, out=str(d["sample"])),
         "report": _r(exp.report, name=exp.name, data=_r(exp.data, random_start=False, flip=False),

@@ -32,15 +32,15 @@ SEED = 1234
 
 # stage -> kill points: (trigger glob under the stage dir, or None: counted from the start; delay range in s).
 # Start-up (imports, model building) takes ~2-3 s; the tiny stages' real work a fraction of a second
-# (tokenize, sample) to a few seconds (training), so kills after a trigger come within 0-0.4 s of it.
+# (tokenize, sample; a training step takes ~0.1 s), so kills after a trigger come within 0-0.4 s of it.
 CKPT = "checkpoints/step_*"
 PLAN: dict[str, list[tuple[str | None, float, float]]] = {
-    "tok": [(None, 0.5, 3.0), (CKPT, 0.0, 0.4), (CKPT, 0.0, 0.4), (CKPT, 0.0, 0.4), (CKPT, 0.0, 0.4),
+    "tok": [(None, 0.5, 3.0), (CKPT, 0.0, 0.15), (CKPT, 0.0, 0.15), (CKPT, 0.0, 0.15), (CKPT, 0.0, 0.15),
             ("val_recon.gif", 0.0, 0.2)],
     "curate": [(None, 0.5, 3.0), ("parts/part_*.npz", 0.0, 0.3), ("parts/part_*.npz", 0.0, 0.3),
                ("parts/part_*.npz", 0.0, 0.3)],
     "tokenize": [(None, 0.3, 2.5), ("config.yaml", 0.0, 0.35), ("config.yaml", 0.0, 0.35)],
-    "gen": [(None, 0.5, 3.0), (CKPT, 0.0, 0.4), (CKPT, 0.0, 0.4), (CKPT, 0.0, 0.4), (CKPT, 0.0, 0.4),
+    "gen": [(None, 0.5, 3.0), (CKPT, 0.0, 0.15), (CKPT, 0.0, 0.15), (CKPT, 0.0, 0.15), (CKPT, 0.0, 0.15),
             ("gpt/model.safetensors", 0.0, 0.2)],
     "sample": [(None, 0.3, 2.5), ("config.yaml", 0.0, 0.4), ("config.yaml", 0.0, 0.4)],
 }
@@ -61,7 +61,13 @@ def run_stage(stage: str, work: Path, out: Path, timeout: float = 240) -> None:
 
 
 def _new_match(out: Path, pattern: str, since: float) -> bool:
-    return any(not _is_temporary(p.relative_to(out)) and p.stat().st_mtime >= since for p in out.glob(pattern))
+    for p in out.glob(pattern):
+        try:  # the stage may prune or rename it meanwhile
+            if not _is_temporary(p.relative_to(out)) and p.stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def kill_cycle(stage: str, work: Path, out: Path, trigger: str | None, delay: float, timeout: float = 120) -> str:

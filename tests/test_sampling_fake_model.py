@@ -8,30 +8,16 @@ the fake keeps the API's contract (prefill/decode_step == forward_dense).
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-
-def conditioning_cls():
-    try:
-        from arvid.sampling.sampler import conditioning_class
-
-        return conditioning_class()
-    except ImportError:
-        return FakeConditioning
+from arvid.generator.conditioning import Conditioning
 
 
-@dataclasses.dataclass
-class FakeConditioning:
-    class_ids: torch.Tensor | None = None
-    text_ids: torch.Tensor | None = None
-
-
-def make_cond(class_ids) -> object:
-    return conditioning_cls()(class_ids=torch.as_tensor(class_ids, dtype=torch.long))
+def make_cond(class_ids) -> Conditioning:
+    return Conditioning(class_ids=torch.as_tensor(class_ids, dtype=torch.long))
 
 
 class FakeCache:

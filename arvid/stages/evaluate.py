@@ -414,7 +414,7 @@ def run_report(cfg: ReportConfig) -> Path:
                       "sample": exp / "sample" / "sample_stats.json"}.items():
         if path.is_file():
             metrics[key] = read_json(path)
-    for src in (exp / "sample" / "grid.gif", exp / "sample" / "grid.mp4", exp / "curve" / "quality_cost.png"):
+    for src in (exp / "sample" / "grid.gif", exp / "sample" / "grid.mp4", exp / "curve" / "curve.png"):
         if src.is_file():
             shutil.copyfile(src, out / src.name)
     write_json(out / "metrics.json", metrics)
@@ -470,7 +470,7 @@ def render_report(m: dict) -> str:
         lines += ["## Router", "", "```", _short_json(r), "```", ""]
     c = m.get("curve")
     if c:
-        lines += ["## Quality-cost curve", "", "`quality_cost.png` (uniform, max-proxy-reward sweep, router, "
+        lines += ["## Quality-cost curve", "", "`curve.png` (uniform, max-proxy-reward sweep, router, "
                   "threshold baseline).", "", "```", _short_json(c.get("summary", c)), "```", ""]
     t = m.get("tokenize")
     if t:

@@ -245,10 +245,31 @@ def run(cfg: TrainTokenizerConfig) -> Path:
 # --------------------------------------------------------------------------- CLI
 
 
+def _split_stage(tokens: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--stage S`` / ``--stage=S`` out of the trailing tokens (they may follow the overrides)."""
+    stage, rest, i = None, [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--stage":
+            if i + 1 >= len(tokens):
+                raise ConfigError("--stage needs a value: proxy, fixed or final")
+            stage, i = tokens[i + 1], i + 2
+            continue
+        if tok.startswith("--stage="):
+            stage = tok.split("=", 1)[1]
+        else:
+            rest.append(tok)
+        i += 1
+    if stage is not None and stage not in ("proxy", "fixed", "final"):
+        raise ConfigError(f"--stage must be proxy, fixed or final, got {stage!r}")
+    return stage, rest
+
+
 def _main(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.stage:
-        overrides.append(f"stage={args.stage}")
+    late_stage, overrides = _split_stage(list(args.overrides))
+    stage = late_stage or args.stage
+    if stage:
+        overrides.append(f"stage={stage}")
     cfg = load_config(TrainTokenizerConfig, args.config, overrides)
     run(cfg)
     return 0
@@ -261,7 +282,9 @@ def add_arguments(subparsers) -> None:
     p.add_argument("config", help="YAML config (TrainTokenizerConfig)")
     p.add_argument("--stage", choices=["proxy", "fixed", "final"], default=None,
                    help="how each sample's assignment is chosen (overrides the config's `stage`)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=100 loss.gan_weight=0.1")
+    # REMAINDER so that `CONFIG --stage S a=1` and `CONFIG a=1 --stage S` both parse
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="dotted overrides, e.g. trainer.max_steps=100 loss.gan_weight=0.1")
     p.set_defaults(func=_main)
 
 
