@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,17 @@ from hypothesis import strategies as st
 from arvid.config import ConfigError
 from arvid.data.types import TokenizedVideo
 from arvid.tokenizer import EVATok, EVATokConfig, build_tokenizer, load_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
+    # faster on a busy one (OpenMP threads spin against other processes).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def _video(b: int, t: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -23,11 +36,17 @@ def tok() -> EVATok:
     return build_tokenizer("evatok", preset="debug").eval()
 
 
-@settings(max_examples=12, deadline=None)
+@functools.lru_cache(maxsize=1)
+def _shared_debug() -> EVATok:
+    # hypothesis runs many examples per test: build the model once (fixtures are per test)
+    torch.manual_seed(0)
+    return build_tokenizer("evatok", preset="debug").eval()
+
+
+@settings(max_examples=10, deadline=None)
 @given(st.lists(st.lists(st.sampled_from([4, 8, 16, 32]), min_size=4, max_size=4), min_size=1, max_size=3))
 def test_any_assignment_gives_sum_codes_and_input_shape(assign):
-    torch.manual_seed(0)
-    tok = build_tokenizer("evatok", preset="debug").eval()
+    tok = _shared_debug()
     a = torch.tensor(assign)
     video = _video(a.shape[0])
     tv = tok.encode(video, a)

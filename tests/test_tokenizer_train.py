@@ -15,6 +15,17 @@ from arvid.stages.train_tokenizer import TrainTokenizerConfig, _split_stage, add
 from arvid.tokenizer.base import load_tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
+    # faster on a busy one (OpenMP threads spin against other processes).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @contextmanager
 def one_thread():
     # Two intra-op threads on a busy 2-core runner can be 10x slower than one for these tiny ops.
@@ -90,6 +101,29 @@ def test_final_stage_from_assignment_file_and_errors(tmp_path):
         _tiny(tmp_path, "bad", stage="final")
     with pytest.raises(ConfigError, match="data.frames"):
         run(_tiny(tmp_path, "bad2", data={"frames": 6}))
+
+
+def test_final_stage_with_a_router(tmp_path):
+    router_mod = pytest.importorskip("arvid.tokenizer.router")
+    layout = {"frames_per_block": [2, 2, 2, 2], "candidates": [4, 8, 16, 32]}
+    torch.manual_seed(0)
+    router = router_mod.Router(from_dict(router_mod.RouterConfig, {
+        **router_mod.Router.presets()["debug"], **layout, "image_size": 32}))
+    router.save_pretrained(tmp_path / "router")
+    cfg = _tiny(tmp_path, "final_router", stage="final", router=str(tmp_path / "router"),
+                tokenizer={"name": "evatok", "preset": "debug"})
+    out = run(cfg)
+    m = json.loads((out / "val_metrics.json").read_text())
+    with torch.no_grad():
+        from arvid.data.datasets import build_dataset
+
+        v = torch.stack([build_dataset(cfg.data, "val")[i]["video"] for i in range(2)])
+        expect = router.eval().choose(v).sum(1).float().mean().item()
+    assert m["tokens_per_video"] == pytest.approx(expect)
+    bad = _tiny(tmp_path, "final_bad", stage="final", router=str(tmp_path / "router"),
+                tokenizer={"name": "evatok", "preset": "debug", "params": {"candidates": [4, 8, 16]}})
+    with pytest.raises(ConfigError, match="trained for layout"):
+        run(bad)
 
 
 def test_cli_registers_train_tokenizer(tmp_path):

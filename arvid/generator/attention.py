@@ -174,6 +174,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
 # --------------------------------------------------------------------------- backends
 
 
+def _sdpa(q, k, v, cu_seqlens, max_seqlen):
+    # The portable path. A dense [N, N] document mask costs N^2; padding every sequence to the
+    # longest costs S * Lmax^2, far less for many short sequences (CPU training of small models).
+    n = q.shape[0]
+    s = cu_seqlens.numel() - 1
+    if s > 1 and s * max_seqlen * max_seqlen < n * n:
+        return padded_causal_attention(q, k, v, cu_seqlens, max_seqlen)
+    return _sdpa_dense(q, k, v, cu_seqlens, max_seqlen)
+
+
 def _sdpa_dense(q, k, v, cu_seqlens, max_seqlen):
     n, h, _ = q.shape
     mask = document_causal_mask(cu_seqlens, n)  # [N, N]
@@ -309,7 +319,7 @@ def _xformers(q, k, v, cu_seqlens, max_seqlen):
 
 
 _IMPLS = {
-    "sdpa": _sdpa_dense,
+    "sdpa": _sdpa,
     "cudnn": _cudnn,
     "flex": _flex,
     "flash_attn": _flash_attn,

@@ -88,8 +88,10 @@ def psnr_per_video(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Evaluator:
     """Reconstructs the evaluation videos under given assignments; per-video tokens, distortion, PSNR."""
 
-    def __init__(self, tok, videos: torch.Tensor, distortion: Distortion, batch_size: int, fvd=None):
+    def __init__(self, tok, videos: torch.Tensor, distortion: Distortion, batch_size: int, device: torch.device,
+                 fvd=None):
         self.tok, self.videos, self.distortion, self.batch_size, self.fvd = tok, videos, distortion, batch_size, fvd
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, assignments: torch.Tensor) -> dict:
@@ -97,7 +99,7 @@ class _Evaluator:
         a = layout.validate(assignments, batch=self.videos.shape[0])
         dist, psnr, recons = [], [], []
         for s in range(0, a.shape[0], self.batch_size):
-            x = self.videos[s:s + self.batch_size]
+            x = self.videos[s:s + self.batch_size].to(self.device)
             r = self.tok.decode(self.tok.encode(x, a[s:s + self.batch_size].to(x.device))).to(x.dtype)
             dist.append(self.distortion.per_frame(x, r).mean(1).double().cpu())
             psnr.append(psnr_per_video(x, r).double().cpu())
@@ -115,14 +117,17 @@ def _fvd_fn(cfg: EvalCurveConfig, real: torch.Tensor, device: torch.device):
     the real side's statistics are computed once and shared by every point."""
     from arvid.eval.fvd import FrechetVideoDistance
 
+    bs = cfg.batch_size
     base = FrechetVideoDistance(protocol=cfg.fvd_protocol, weights=cfg.fvd_weights).to(device)
-    base.update(real, real=True)
+    for s in range(0, real.shape[0], bs):
+        base.update(real[s:s + bs].to(device), real=True)
     real_stats = base.side_stats("real")
 
     def fvd(fake: torch.Tensor) -> float:
         m = FrechetVideoDistance(protocol=cfg.fvd_protocol, extractor=base.extractor).to(device)
         m.load_real_stats(real_stats, check=False)
-        m.update(fake.to(device), real=False)
+        for s in range(0, fake.shape[0], bs):
+            m.update(fake[s:s + bs].to(device), real=False)
         return float(m.compute())
 
     return fvd
@@ -179,11 +184,12 @@ def run(cfg: EvalCurveConfig) -> Path:
     layout = tok.layout
     dataset = build_dataset(cfg.data, cfg.split)
     n = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
-    videos = torch.stack([dataset[i]["video"] for i in range(n)]).to(device)  # [V, C, T, H, W]
+    # held on the host; batches move to the device (a whole split may not fit on the GPU)
+    videos = torch.stack([dataset[i]["video"] for i in range(n)])  # [V, C, T, H, W]
     distortion = Distortion(cfg.quality, cfg.lpips_net, device, cfg.lpips_weights)
     distortion.check()
     fvd = _fvd_fn(cfg, videos, device) if cfg.fvd else None
-    evaluate = _Evaluator(tok, videos, distortion, cfg.batch_size, fvd)
+    evaluate = _Evaluator(tok, videos, distortion, cfg.batch_size, device, fvd)
     points: list[dict] = []
 
     for c in layout.candidates:
@@ -209,7 +215,7 @@ def run(cfg: EvalCurveConfig) -> Path:
         if router.layout != layout:
             raise ConfigError(f"eval curve: router layout {router.layout} differs from the tokenizer's {layout}")
         for bias in cfg.router_budget_biases:
-            a = torch.cat([router.choose(videos[s:s + cfg.batch_size], bias).cpu()
+            a = torch.cat([router.choose(videos[s:s + cfg.batch_size].to(device), bias).cpu()
                            for s in range(0, n, cfg.batch_size)])
             points.append({"method": "router", "param": bias, **evaluate(a)})
     thresholds = cfg.thresholds
@@ -217,7 +223,7 @@ def run(cfg: EvalCurveConfig) -> Path:
         u = [p["distortion"] for p in points if p["method"] == "uniform"]
         thresholds = np.linspace(min(u), max(u), cfg.n_thresholds).tolist()
     if thresholds:
-        scorer = ProxyScorer(tok, distortion, cfg.batch_size)
+        scorer = ProxyScorer(tok, distortion, cfg.batch_size, device)
         choices = threshold_search(scorer, videos, list(thresholds))
         for thr, a in zip(thresholds, choices):
             points.append({"method": "threshold", "param": float(thr), **evaluate(a)})

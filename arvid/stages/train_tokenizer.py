@@ -127,7 +127,12 @@ def make_sampler(cfg: TrainTokenizerConfig, tokenizer: torch.nn.Module):
         a = default(1) if callable(default) else layout.uniform(layout.candidates[-1])
         return FixedAssignment(layout, a)
     if cfg.router:
-        return RouterAssignments(layout, _load_router(cfg.router))
+        router = _load_router(cfg.router)
+        r_layout = getattr(router, "layout", layout)
+        if r_layout != layout:
+            raise ConfigError(f"router {cfg.router!r} was trained for layout {r_layout}, "
+                              f"but the tokenizer's is {layout}")
+        return RouterAssignments(layout, router)
     path = Path(cfg.assignments)  # type: ignore[arg-type]
     if not path.is_file():
         raise FileNotFoundError(f"assignments file {str(path)!r} does not exist (expected a .npy from `arvid curate`)")

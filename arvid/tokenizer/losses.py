@@ -169,8 +169,11 @@ class RouterAssignments:
         self.layout, self.router = layout, router
 
     def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        video = batch["video"]
+        if isinstance(self.router, nn.Module):
+            self.router.to(video.device)  # the router is not part of the task, the Trainer does not move it
         with torch.no_grad():
-            a = self.router.choose(batch["video"])
+            a = self.router.choose(video)
         return self.layout.validate(a.cpu(), batch=batch["video"].shape[0])
 
 

@@ -359,13 +359,18 @@ class ProxyScorer:
     ``num_decoded`` counts every assignment decoded, the cost measure of a curation search.
     """
 
-    def __init__(self, tokenizer, distortion: Distortion, batch_size: int = 64):
+    def __init__(self, tokenizer, distortion: Distortion, batch_size: int = 64, device: str | torch.device | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.tokenizer = tokenizer
         self.distortion = distortion
         self.batch_size = batch_size
         self.num_decoded = 0
+        if device is None:  # the tokenizer's own device: videos may stay on the host, batches move
+            params = getattr(tokenizer, "parameters", None)
+            first = next(iter(params()), None) if callable(params) else None
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
 
     @property
     def layout(self) -> BlockLayout:
@@ -375,7 +380,8 @@ class ProxyScorer:
     def score(self, videos: torch.Tensor, rows: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
         """Per-block distortion of each pair.
 
-        ``videos``: ``float [V, C, T, H, W]``; ``rows``: ``LongTensor[N]`` row of ``videos`` of each
+        ``videos``: ``float [V, C, T, H, W]`` (any device: batches move to ``self.device``);
+        ``rows``: ``LongTensor[N]`` row of ``videos`` of each
         pair; ``assignments``: ``LongTensor[N, K]`` token counts -> ``float64 [N, K]``.
         """
         layout = self.layout
@@ -384,11 +390,10 @@ class ProxyScorer:
         if assignments.shape[0] != rows.numel():
             raise ValueError(f"{rows.numel()} rows but {assignments.shape[0]} assignments")
         out = torch.empty(rows.numel(), layout.num_blocks, dtype=torch.float64)
-        device = videos.device
         for s in range(0, rows.numel(), self.batch_size):
-            r = rows[s:s + self.batch_size].to(device)
-            x = videos.index_select(0, r)  # [n, C, T, H, W]
-            a = assignments[s:s + self.batch_size].to(device)
+            r = rows[s:s + self.batch_size].to(videos.device)
+            x = videos.index_select(0, r).to(self.device)  # [n, C, T, H, W]
+            a = assignments[s:s + self.batch_size].to(self.device)
             recon = self.tokenizer.decode(self.tokenizer.encode(x, a))
             frames = self.distortion.per_frame(x, recon.to(x.dtype))  # [n, T]
             out[s:s + r.numel()] = per_block(frames, layout).double().cpu()
