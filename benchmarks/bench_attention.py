@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arvid.data.types import BlockLayout  # noqa: E402
 from arvid.generator.attention import (  # noqa: E402
-    _sdpa_dense,
     BACKENDS,
+    _sdpa_dense,
     attention_flops,
     backend_unavailable_reason,
     padded_causal_attention,

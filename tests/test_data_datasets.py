@@ -12,14 +12,6 @@ from arvid.data.synthetic import CLASS_NAMES
 from arvid.stages.data_cmd import synth
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_synthetic_splits_are_disjoint_and_sized():
     cfg = DataConfig(num_videos=6, num_val_videos=4, frames=4, size=16, seed=2)
     train, val, test = (build_dataset(cfg, s) for s in ("train", "val", "test"))

@@ -16,18 +16,8 @@ from arvid.data.synthetic import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Drawing is many small tensor ops: on a shared 2-core box, intra-op threads only fight
-    # (DataLoader workers run one thread each anyway).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def sample(one_thread):
+def sample(_one_thread):
     """256 clips of 16x32x32: their temporal energies and labels."""
     ds = SyntheticVideos(256, frames=16, size=32, seed=0)
     videos = torch.stack([ds[i]["video"] for i in range(len(ds))])  # [256, 3, 16, 32, 32]

@@ -11,16 +11,6 @@ from arvid.generator.sequence import SequenceFormat
 from arvid.sampling.budget import bisect_bias, calibrate_budget_bias
 from arvid.sampling.sampler import Sampler, SamplerConfig, mean_tokens
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up dominates on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FMT = SequenceFormat(16, BlockLayout((1, 1, 1, 1), (2, 4, 8, 16)))
 
 

@@ -12,16 +12,6 @@ from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 from arvid.sampling.constraints import DUMMY_TOKEN, ConstraintState, SequenceConstraint, prefix_tokens
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up dominates on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FMT = SequenceFormat(10, BlockLayout((1, 2, 1), (1, 3, 5)))
 
 

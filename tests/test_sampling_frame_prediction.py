@@ -22,14 +22,6 @@ from arvid.sampling import (
 from arvid.tokenizer.base import build_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)

@@ -12,15 +12,6 @@ from arvid.generator.gpt import GPT
 from arvid.generator.sequence import SequenceFormat
 from arvid.sampling.sampler import Sampler, SamplerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FMT = SequenceFormat(24, BlockLayout((2, 2, 2), (2, 4, 8)))
 
 

@@ -11,16 +11,6 @@ from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 from arvid.sampling.sampler import Sampler, SamplerConfig, cfg_scales, length_bias, sample_from_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up dominates on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FMT = SequenceFormat(12, BlockLayout((1, 1, 1, 1), (1, 2, 4, 8)))
 
 

@@ -9,17 +9,6 @@ import torch.nn.functional as F
 from arvid.tokenizer.attention import Segments, flex_block_mask, packed_attention, packed_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
-    # faster on a busy one (OpenMP threads spin against other processes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _qkv(nq: int, nk: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(2, nq, 8, generator=g), torch.randn(2, nk, 8, generator=g), torch.randn(2, nk, 8, generator=g))

@@ -23,17 +23,6 @@ from arvid.tokenizer.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
-    # faster on a busy one (OpenMP threads spin against other processes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _batch(b: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"video": torch.rand(b, 3, 8, 32, 32, generator=g) * 2 - 1, "index": torch.arange(b), "label": torch.zeros(b)}

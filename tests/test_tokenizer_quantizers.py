@@ -19,17 +19,6 @@ from arvid.tokenizer.quantizers import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
-    # faster on a busy one (OpenMP threads spin against other processes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def test_vq_picks_nearest_by_cosine_and_straight_through():
     vq = VectorQuantizer(QuantizerConfig(codebook_size=16, code_dim=4, restart_dead=False))
     codes = vq.normalized_codebook().detach()

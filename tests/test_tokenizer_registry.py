@@ -49,16 +49,6 @@ PLUGIN = textwrap.dedent('''
             return torch.zeros(tokens.batch_size, 3, 1, 2, 2)
 ''')
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
-    # faster on a busy one (OpenMP threads spin against other processes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture
 def plugin_on_path(tmp_path, monkeypatch):

@@ -15,17 +15,6 @@ from arvid.stages.train_tokenizer import TrainTokenizerConfig, _split_stage, add
 from arvid.tokenizer.base import load_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast as two on an idle runner, and far
-    # faster on a busy one (OpenMP threads spin against other processes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @contextmanager
 def one_thread():
     # Two intra-op threads on a busy 2-core runner can be 10x slower than one for these tiny ops.
