@@ -23,7 +23,7 @@ from typing import Any
 
 from arvid.config import doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig
-from arvid.pipeline_engine import Pipeline, PipelineError, Stage, format_plan
+from arvid.pipeline_engine import Pipeline, PipelineError, Stage, format_plan, format_summary
 from arvid.stages import curate as curate_stage
 from arvid.stages import eval_curve as curve_stage
 from arvid.stages import evaluate as evaluate_stage
@@ -149,7 +149,7 @@ def _main(args: argparse.Namespace) -> int:
         items = run_pipeline(args.config, list(args.overrides), args.until, getattr(args, "from"), args.dry_run)
     except PipelineError as e:
         raise ValueError(str(e)) from e
-    print(format_plan(items))
+    print(format_plan(items) if args.dry_run else format_summary(items))
     return 0
 
 

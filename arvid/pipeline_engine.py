@@ -154,6 +154,22 @@ class Pipeline:
         return items
 
 
+def format_summary(items: list[PlanItem]) -> str:
+    """After a run: what each stage did (ran, resumed, redone, skipped) and its time from ``pipeline_done.json``."""
+    import json
+
+    w = max((len(it.stage.name) for it in items), default=5)
+    lines = [f"{'stage':<{w}}  {'did':<7}  {'seconds':>8}  directory"]
+    for it in items:
+        did = {"run": "ran", "resume": "resumed", "redo": "redone", "skip": "skipped"}.get(it.action, it.action)
+        try:
+            secs = f"{json.loads((it.directory / DONE_FILE).read_text())['seconds']:8.1f}"
+        except (OSError, ValueError, KeyError):
+            secs = f"{'-':>8}"
+        lines.append(f"{it.stage.name:<{w}}  {did:<7}  {secs}  {it.directory}")
+    return "\n".join(lines)
+
+
 def format_plan(items: list[PlanItem]) -> str:
     w = max((len(it.stage.name) for it in items), default=5)
     lines = [f"{'stage':<{w}}  action  fingerprint       directory / reason"]

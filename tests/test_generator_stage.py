@@ -112,6 +112,11 @@ def test_fingerprint_mismatch_and_config_errors(setup, tmp_path):
         load_config(TrainGeneratorConfig, None, ["conditioning=text"])
     with pytest.raises(ConfigError, match="unknown key `gpt_preset`"):
         load_config(TrainGeneratorConfig, None, ["gpt_preset=B"])
+    # the layout's largest candidates need more positions than the GPT is given: refused before training
+    short = load_config(TrainGeneratorConfig, None, overrides(root, tmp_path / "y", "gpt.max_seq_len=50"))
+    with pytest.raises(ConfigError, match=r"gpt.max_seq_len=50 is shorter than .* 133 = 1 prefix slot\(s\) \+ 132"):
+        train_generator.run(short)
+    assert not (tmp_path / "y" / "checkpoints").exists()
 
 
 def test_spm_errors(tmp_path):

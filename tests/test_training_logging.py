@@ -46,3 +46,22 @@ def test_precision_names_and_cpu_backends():
     before = torch.backends.cuda.matmul.allow_tf32
     setup_backends(torch.device("cpu"), tf32=not before)  # CPU: no global flag changes
     assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_trainer_writes_tensorboard_scalars_equal_to_metrics_jsonl(tmp_path):
+    """A real run logs every numeric metric to TensorBoard event files, the same values as metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from _training_toy import run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, max_steps=6, checkpoint_every=0)
+    events = sorted((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {tmp_path / 'tensorboard'}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tb = {e.step: e.value for e in acc.Scalars("loss/main")}
+    jl = {r["step"]: r["loss/main"] for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert sorted(tb) == sorted(jl) == [1, 2, 3, 4, 5, 6]
+    for step, value in jl.items():
+        assert tb[step] == pytest.approx(value, rel=1e-6)
+    assert "lr/main" in acc.Tags()["scalars"]

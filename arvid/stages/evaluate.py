@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from arvid.config import doc, load_config, nested, save_config
+from arvid.config import ConfigError, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import check_writable, read_json, write_json, write_text
 from arvid.sampling.sampler import SamplerConfig
@@ -171,6 +171,9 @@ def evaluate_recon(cfg: ReconEvalConfig, videos: torch.Tensor | None = None, met
     meter = meter or QualityMeter(device, cfg.lpips, cfg.protocol, cfg.fvd_weights)
     settings: list[tuple[str, torch.Tensor | None]] = []
     router = _load_router(cfg.router, device)
+    if router is not None and router.layout != tok.layout:
+        raise ConfigError(f"router {cfg.router!r} was trained for layout {router.layout}, but tokenizer "
+                          f"{cfg.tokenizer!r} has layout {tok.layout}")
     if router is not None:
         with torch.no_grad():
             choice = torch.cat([router.choose(videos[i:i + cfg.batch_size].to(device)).cpu()
@@ -233,10 +236,15 @@ class GenEvalConfig:
     out_dir: str = doc("outputs/eval_gen", "output directory (gen.json)")
 
 
-def _load_gpt(path: str, device: torch.device, precision: str):
+def _load_gpt(path: str, device: torch.device, precision: str, tokenizer: Any, tokenizer_dir: str):
+    """The GPT in ``path``, refused unless ``tokenizer`` is the one it was trained on (vocabulary and
+    recorded fingerprint)."""
     from arvid.generator.gpt import GPT
+    from arvid.sampling.videos import check_generator_tokenizer, sequence_format_for
 
     gpt = GPT.from_pretrained(path).to(device).eval()
+    sequence_format_for(gpt, tokenizer)
+    check_generator_tokenizer(path, tokenizer, tokenizer_dir)
     if precision == "bf16":
         gpt = gpt.to(torch.bfloat16)
     return gpt
@@ -251,7 +259,7 @@ def evaluate_gen(cfg: GenEvalConfig, real: torch.Tensor | None = None, labels: t
     if real is None:
         real, labels = real_clips(cfg.data, cfg.split, cfg.num_videos)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
-    gpt = _load_gpt(cfg.generator, device, cfg.precision)
+    gpt = _load_gpt(cfg.generator, device, cfg.precision, tok, cfg.tokenizer)
     class_ids = labels if gpt.config.num_classes > 0 else None
     t0 = time.time()
     fake, tokens = sample_videos(gpt, tok, cfg.sampler, class_ids, num_samples=real.shape[0],
@@ -326,7 +334,7 @@ def evaluate_fp(cfg: FPEvalConfig) -> dict:
     device = resolve_device(cfg.device)
     real, labels = real_clips(cfg.data, cfg.split, cfg.num_videos)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
-    gpt = _load_gpt(cfg.generator, device, "fp32")
+    gpt = _load_gpt(cfg.generator, device, "fp32", tok, cfg.tokenizer)
     fake, tpv = predict(gpt, tok, real, labels, cfg.context_frames, cfg.sampler, cfg.batch_size, cfg.seed, device)
     f = QualityMeter(device, False, cfg.protocol, cfg.fvd_weights).fvd(real, fake, tpv)
     return {"fvd_fp": f["fvd"], "fvd_record": f, "tokens_per_video": tpv, "context_frames": cfg.context_frames,
@@ -409,7 +417,7 @@ def run_report(cfg: ReportConfig) -> Path:
             order = torch.argsort(labels, stable=True)[:32]
             write_grid(fake[order], str(out / "samples_by_class.gif"), nrow=8, fps=cfg.fps)
         if cfg.frame_prediction:
-            gpt = _load_gpt(str(gpt_dir), device, "fp32")
+            gpt = _load_gpt(str(gpt_dir), device, "fp32", tok, tok_dir)
             tokd = tok.to(device).eval()
             ctx = cfg.context_frames or sum(tok.layout.frames_per_block[:min(2, tok.layout.num_blocks - 1)])
             n = min(cfg.num_videos, real.shape[0])
@@ -484,22 +492,41 @@ def render_report(m: dict) -> str:
                   + (f"; FVD-FP {fp['fvd_fp']:.1f} (N = {fp['num_videos']})" if "fvd_fp" in fp else "") + ".", ""]
     r = m.get("router")
     if r:
-        lines += ["## Router", "", "```", _short_json(r), "```", ""]
+        lines += ["## Router", "",
+                  f"Held-out curated videos: {r.get('num_videos')}; reward weights w_q = {r.get('w_q')}, "
+                  f"w_l = {r.get('w_l')}, quality term `{r.get('quality')}`.", "",
+                  "| assignment | reward percentile | tokens/video |", "|---|---|---|",
+                  f"| router | {_fmt(r.get('reward_percentile'), 3)} | {_fmt(r.get('mean_tokens_router'), 1)} |",
+                  f"| curation labels (max proxy reward) | 1.000 | {_fmt(r.get('mean_tokens_label'), 1)} |",
+                  f"| random | {_fmt(r.get('reward_percentile_random'), 3)} | - |"]
+        for k, u in sorted(r.get("uniform", {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| uniform {k} per block | {_fmt(u.get('percentile'), 3)} | {u.get('tokens')} |")
+        lines += ["", f"Router top-1 / top-5 accuracy against the labels: {_fmt(r.get('top1'), 3)} / "
+                      f"{_fmt(r.get('top5'), 3)}.", ""]
     c = m.get("curve")
     if c:
-        lines += ["## Quality-cost curve", "", "`curve.png` (uniform, max-proxy-reward sweep, router, "
-                  "threshold baseline).", "", "```", _short_json(c.get("summary", c)), "```", ""]
+        lines += ["## Quality-cost curve", "",
+                  f"`curve.png`, {c.get('num_videos')} {c.get('split')} videos, quality `{c.get('quality')}`, "
+                  f"proxy tokenizer. Tokens saved = 1 - tokens / (uniform tokens at the same distortion, "
+                  f"interpolated on the uniform curve; - where outside it).", "",
+                  "| method | param | tokens/video | distortion | PSNR | tokens saved at equal distortion |",
+                  "|---|---|---|---|---|---|"]
+        saved = {(x["method"], x["param"]): x.get("tokens_saved_at_equal_distortion") for x in c.get("tokens_saved", [])}
+        for pt in c.get("points", []):
+            sv = saved.get((pt["method"], pt["param"]))
+            param = f"{pt['param']:.4g}" if isinstance(pt["param"], float) else pt["param"]
+            lines.append(f"| {pt['method']} | {param} | {_fmt(float(pt['tokens']), 1)} | "
+                         f"{_fmt(pt.get('distortion'), 4)} | {_fmt(pt.get('psnr'))} | "
+                         f"{'-' if sv is None else f'{100 * sv:.1f}%'} |")
+        lines.append("")
     t = m.get("tokenize")
     if t:
-        lines += ["## Token store", "", "```", _short_json(t), "```", ""]
+        top = ", ".join(f"{tuple(a['assignment'])} x{a['count']}" for a in t.get("top_assignments", [])[:5])
+        lines += ["## Token store", "",
+                  f"{t.get('num_videos')} videos, {_fmt(t.get('mean_tokens'), 1)} +- {_fmt(t.get('std_tokens'), 1)} "
+                  f"tokens per video (min {t.get('min_tokens')}, max {t.get('max_tokens')}), assignments from "
+                  f"{t.get('assignment_source')}. Most frequent assignments: {top}.", ""]
     return "\n".join(lines) + "\n"
-
-
-def _short_json(d: Any, limit: int = 1500) -> str:
-    import json
-
-    s = json.dumps(d, indent=1, default=str)
-    return s if len(s) <= limit else s[:limit] + "\n..."
 
 
 # --------------------------------------------------------------------------- CLI

@@ -143,7 +143,14 @@ def build_gpt_config(cfg: TrainGeneratorConfig, fmt: SequenceFormat, num_classes
     n_prefix = (1 if base.get("num_classes", 0) else 0) + base.get("max_text_len", 0)
     base["max_seq_len"] = max(n_prefix, 1) + fmt.max_length
     base.update(cfg.gpt)
-    return from_dict(GPTConfig, base, source=f"{cfg.out_dir} (train-generator)", prefix="gpt.")
+    gpt = from_dict(GPTConfig, base, source=f"{cfg.out_dir} (train-generator)", prefix="gpt.")
+    need = max(n_prefix, 1) + fmt.max_length
+    if gpt.max_seq_len < need:
+        raise ConfigError(
+            f"gpt.max_seq_len={gpt.max_seq_len} is shorter than the longest sequence the tokenizer's layout allows: "
+            f"{need} = {max(n_prefix, 1)} prefix slot(s) + {fmt.max_length} (every block at its largest candidate "
+            f"{fmt.layout.candidates[-1]}, plus one length token per block); raise max_seq_len or drop the override")
+    return gpt
 
 
 def run(cfg: TrainGeneratorConfig) -> Path:
