@@ -1,0 +1,54 @@
+"""report.md rendering: the numbers of metrics.json land in the right table rows."""
+
+from __future__ import annotations
+
+from arvid.stages.evaluate import render_report
+
+
+def _metrics() -> dict:
+    fvd = {"metric": "FVD", "protocol": {"name": "synthetic"}}
+    return {
+        "experiment": "t", "date": "2026-11-23", "device": "cpu", "num_real_videos": 16, "split": "val",
+        "layout": {"frames_per_block": [4, 4], "candidates": [4, 8]},
+        "fixed_baseline": {"tokens": 16, "per_block": 8},
+        "reconstruction": {"results": {
+            "router": {"tokens_per_video": 12.0, "psnr": 20.5, "ssim": 0.61, "lpips": 0.25, "rfvd": 300.0,
+                       "fvd_record": fvd},
+            "uniform-8": {"tokens_per_video": 16.0, "psnr": 21.0, "ssim": 0.63, "lpips": 0.24, "rfvd": float("nan")},
+        }},
+        "generation": {"gfvd": 512.31, "num_samples": 16, "tokens_per_video": 13.5, "samples_per_s": 9.0,
+                       "cfg_scale": 2.0, "fvd_record": fvd},
+        "router": {"num_videos": 10, "w_q": 1.2, "w_l": 0.8, "quality": "lpips", "reward_percentile": 0.97,
+                   "mean_tokens_router": 12.0, "mean_tokens_label": 12.5, "reward_percentile_random": 0.6,
+                   "top1": 0.5, "top5": 0.9, "uniform": {"8": {"percentile": 0.7, "tokens": 16},
+                                                         "4": {"percentile": 0.4, "tokens": 8}}},
+        "curve": {"num_videos": 8, "split": "train", "quality": "lpips",
+                  "points": [{"method": "uniform", "param": 4, "tokens": 8.0, "distortion": 0.3, "psnr": 19.0},
+                             {"method": "router", "param": 0.0, "tokens": 11.0, "distortion": 0.2, "psnr": 20.0}],
+                  "tokens_saved": [{"method": "router", "param": 0.0, "tokens_saved_at_equal_distortion": 0.25}]},
+        "tokenize": {"num_videos": 32, "mean_tokens": 12.0, "std_tokens": 2.0, "min_tokens": 8, "max_tokens": 16,
+                     "assignment_source": "router r", "top_assignments": [{"assignment": [4, 8], "count": 20}]},
+    }
+
+
+def test_report_rows_carry_the_metrics():
+    md = render_report(_metrics())
+    lines = md.splitlines()
+    assert "| router | 12.0 | 20.50 | 0.610 | 0.2500 | 300.0 |" in lines
+    assert "| uniform-8 | 16.0 | 21.00 | 0.630 | 0.2400 | - |" in lines  # NaN rFVD shows as "-"
+    assert "The router uses 12.0 tokens per video against 16 for the fixed-length baseline (8 per block): 25.0% fewer." in md
+    assert "**512.3**" in md
+    assert "| router | 0.970 | 12.0 |" in lines and "| random | 0.600 | - |" in lines
+    # uniform rows in candidate order, not string order
+    assert lines.index("| uniform 4 per block | 0.400 | 8 |") < lines.index("| uniform 8 per block | 0.700 | 16 |")
+    assert "| router | 0 | 11.0 | 0.2000 | 20.00 | 25.0% |" in lines
+    assert "| uniform | 4 | 8.0 | 0.3000 | 19.00 | - |" in lines
+    assert "32 videos, 12.0 +- 2.0 tokens per video (min 8, max 16)" in md and "(4, 8) x20" in md
+
+
+def test_report_without_optional_sections():
+    m = _metrics()
+    for k in ("generation", "router", "curve", "tokenize"):
+        m.pop(k)
+    md = render_report(m)
+    assert "## Reconstruction" in md and "## Router" not in md and "## Class-to-video" not in md
