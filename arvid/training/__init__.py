@@ -1,4 +1,4 @@
-"""One Trainer for every arvid model (accelerate: one process, DDP), checkpoints, EMA, schedules.
+"""One Trainer for every arvid model (accelerate: one process, DDP or FSDP2), checkpoints, EMA, schedules.
 
     from arvid.training import Trainer, TrainerConfig, StepOutput
     result = Trainer(TrainerConfig(max_steps=100), task, dataset, "runs/x").fit()

@@ -29,15 +29,39 @@ all-reduce overlaps the backward pass). Tasks with several groups (a GAN: genera
 discriminator) compute one loss per group in one ``training_step``; each loss is
 back-propagated into its own group's parameters only (``backward(inputs=...)``), which DDP's
 one-backward-per-step reducer cannot follow, so their gradients are averaged across processes
-by one bucketed all-reduce per step instead. FSDP and DeepSpeed are refused with a clear error
-(sharded optimizer state is not checkpointed). On a machine without GPUs,
+by one bucketed all-reduce per step instead. On a machine without GPUs,
 ``accelerate launch --multi_gpu --num_processes N`` gives N gloo CPU processes; note that
 ``accelerate launch --cpu --num_processes N`` starts ONE process (several need mpirun).
+
+FSDP. ``accelerate launch --use_fsdp --fsdp_version 2 --num_processes N`` shards the task with
+torch's FSDP2 (``fully_shard``) over the N processes: parameters, gradients, optimizer state and
+EMA shadow are split across processes, gradients are reduce-scattered (averaged) in the backward
+pass of every micro-batch, and gradient clipping uses the global norm over all shards; the loss
+curve and the weights match 1 process with the same global batch (up to float summation order).
+The Trainer calls ``fully_shard`` itself rather than ``accelerator.prepare``, because accelerate
+switches to FSDP on accelerators only (gloo CPU processes get MULTI_CPU, and the launcher's FSDP
+settings are read from its environment), so GPU and CPU processes run the same code. Process 0's weights are
+broadcast before sharding, as under DDP. Honoured plugin options: ``fsdp_auto_wrap_policy``
+(``TRANSFORMER_BASED_WRAP`` with ``fsdp_transformer_layer_cls_to_wrap``, or ``SIZE_BASED_WRAP``
+with ``fsdp_min_num_params``: those submodules become FSDP units of their own),
+``fsdp_reshard_after_forward`` and ``fsdp_offload_params``. Precision is
+``TrainerConfig.precision`` (autocast) as in every mode, so FSDP's mixed-precision policy is not
+used; activation checkpointing and the other plugin options are ignored. Checkpoints are the
+same files as a single process writes (full weights, optimizer and EMA state, gathered tensor by
+tensor onto process 0's CPU), so a run resumes on any number of processes, with or without
+FSDP. The task stays sharded after ``fit()``: its ``state_dict()`` holds shards (DTensors);
+``final_model()`` returns a plain copy with the full (EMA) weights and is a collective (every
+process must call it). ``eval_fn`` runs with the full parameters in the task's modules
+(gathered on every process for the call). Refused with an error: FSDP1 (``--fsdp_version 1``, the
+launcher's default), tasks with several optimizer groups (their per-group
+``backward(inputs=...)`` does not fit FSDP's gradient hooks: train GANs with DDP), DeepSpeed and
+Megatron-LM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
@@ -251,8 +275,9 @@ class _Run:
     optimizers: dict[str, torch.optim.Optimizer]
     schedule: Callable[[int], float]
     ema_module: nn.Module
-    ddp: bool  # one group: DDP reduces gradients (on several processes)
+    ddp: bool  # one group, no FSDP: DDP reduces gradients (on several processes)
     manual_sync: bool  # several groups on several processes: _all_reduce_mean
+    fsdp: bool  # FSDP2: the task is sharded (see _Sharded), gradients are reduce-scattered
     n_proc: int
     rank: int
     n_items: int
@@ -275,6 +300,148 @@ class _StepModule(nn.Module):
                             f"got {type(out).__name__}")
         # DDP walks the output for tensors; plain dicts are what its pytree handling knows.
         return dict(out.losses), dict(out.metrics)
+
+
+def _fsdp_plugin(acc: Any) -> Any | None:
+    """accelerate's FSDP plugin when the launch asked for FSDP (``--use_fsdp``), else None.
+
+    accelerate switches to ``DistributedType.FSDP`` on accelerators only; CPU processes report
+    MULTI_CPU and drop the plugin, so there it is rebuilt from the launcher's environment.
+    """
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return acc.state.fsdp_plugin
+    if acc.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return FullyShardedDataParallelPlugin()
+    return None
+
+
+def _check_launch(n_proc: int) -> None:
+    """Refuse N launched processes that accelerate runs as N independent single processes."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if n_proc == 1 and world > 1:
+        raise RuntimeError(
+            f"this is one of {world} launched processes (WORLD_SIZE={world}), but accelerate runs it as a single "
+            f"process, so each would train alone into the same out_dir; on a machine without GPUs set "
+            f"TrainerConfig.device='cpu' (device='auto' finds no GPU and no process group)")
+
+
+class _Sharded:
+    """A task sharded with torch's FSDP2 (``fully_shard``), and the way back to full tensors.
+
+    ``root`` is the task's ``_StepModule``, sharded last (the root FSDP unit); ``units`` are all
+    FSDP units with their ``reshard_after_forward``; ``skeleton`` is a meta-device copy of
+    ``ema_target(task)`` made before sharding, which ``materialize`` fills with full weights.
+    """
+
+    def __init__(self, task: nn.Module, root: nn.Module, skeleton: nn.Module, device: torch.device,
+                 units: list[tuple[nn.Module, bool]]):
+        self.task, self.root, self.skeleton, self.device, self.units = task, root, skeleton, device, units
+
+    @classmethod
+    def shard(cls, task: nn.Module, groups: list[_Group], plugin: Any, device: torch.device, n_proc: int,
+              previous: _Sharded | None) -> _Sharded:
+        """Shard ``task`` over all processes and point ``groups`` at the sharded parameters."""
+        version = int(getattr(plugin, "fsdp_version", 1) or 1)
+        if version != 2:
+            raise ValueError(f"FSDP version {version} is not supported: the Trainer shards with FSDP2; launch with "
+                             f"accelerate launch --use_fsdp --fsdp_version 2 (fsdp_version: 2 in an accelerate config)")
+        if len(groups) > 1:
+            raise ValueError(
+                f"FSDP supports tasks with one optimizer group; {type(task).__name__} has {[g.name for g in groups]}. "
+                f"Several groups back-propagate each loss into its own group only (backward(inputs=...)), which "
+                f"FSDP's gradient reduce-scatter and resharding hooks (one backward per forward) cannot follow; "
+                f"train this task with DDP (accelerate launch --multi_gpu)")
+        if previous is not None and previous.task is task:  # a second fit(): the task is sharded already
+            return previous
+        import torch.distributed as dist
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, OffloadPolicy, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in task.modules()):
+            raise ValueError(f"{type(task).__name__} is already sharded with fully_shard; pass the plain task")
+        task.to(device)
+        with torch.no_grad():  # every process starts from process 0's weights, as under DDP
+            for t in [*task.parameters(), *task.buffers()]:
+                dist.broadcast(t.detach(), src=0)
+        names = {id(p): n for n, p in task.named_parameters()}
+        for g in groups:
+            if any(id(p) not in names for p in g.params):
+                raise ValueError(f"optimizer group {g.name!r} holds a parameter that is not one of the task's "
+                                 f"named_parameters(); FSDP cannot shard it")
+        skeleton = _meta_copy(ckpt.ema_target(task))
+        mesh = init_device_mesh(device.type, (n_proc,))
+        offload = plugin.cpu_offload if isinstance(plugin.cpu_offload, OffloadPolicy) else OffloadPolicy()
+        reshard = bool(plugin.reshard_after_forward)
+        plugin.set_auto_wrap_policy(task)
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, task)
+        units: list[tuple[nn.Module, bool]] = []
+        if policy is not None:
+            for module in reversed(list(task.modules())):  # submodules before the modules holding them
+                if module is not task and policy(module) and not isinstance(module, FSDPModule):
+                    fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
+                    units.append((module, reshard))
+        root = _StepModule(task)
+        # the root keeps its parameters gathered from forward to backward (torch's default for the root)
+        fully_shard(root, mesh=mesh, offload_policy=offload)
+        units.append((root, False))
+        sharded = dict(task.named_parameters())
+        for g in groups:
+            g.params = [sharded[names[id(p)]] for p in g.params]
+        return cls(task, root, skeleton, device, units)
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[None]:
+        """Every process gathers the full parameters into the task's modules for the block (a collective)."""
+        for m, _ in self.units:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m, _ in self.units:
+            m.unshard()
+        try:
+            yield
+        finally:
+            # reshards every unit and forgets forward calls made meanwhile (on the main process only)
+            self.root.reset_iter_state()
+            for m, reshard in self.units:
+                m.set_reshard_after_forward(reshard, recurse=False)
+
+    def materialize(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain copy of the skeleton on ``device`` holding ``state`` (full tensors)."""
+        out = copy.deepcopy(self.skeleton)
+        made: dict[int, torch.Tensor] = {}
+        for module in out.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is None or not t.is_meta:
+                        continue
+                    if id(t) not in made:  # tied tensors stay tied
+                        new = torch.empty_like(t, device=self.device)
+                        made[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    store[name] = made[id(t)]
+        load_state_strict(out, state, "the full weights gathered from the FSDP shards")
+        return out
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and persistent buffers are on the meta device (no memory).
+
+    Non-persistent buffers (not in the state dict, so never saved) are copied for real.
+    """
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set and id(b) not in memo:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
 
 
 def _parse_groups(task: nn.Module, config: TrainerConfig) -> list[_Group]:
@@ -355,6 +522,7 @@ class Trainer:
         self.accelerator: Any = None
         self.step = 0
         self._ema: EMA | None = None
+        self._fsdp: _Sharded | None = None  # set by an FSDP fit(); the task stays sharded after it
 
     # ----------------------------------------------------------------- public
 
@@ -362,11 +530,19 @@ class Trainer:
         """The EMA copy of ``task.ema_model()`` when ``ema_decay > 0``, else ``task.ema_model()``.
 
         (``task.ema_model()`` falls back to the task itself when the task defines none.)
+        Under FSDP the task is sharded, so this returns a new plain module holding the full weights,
+        gathered from all processes: a collective, which every process must call.
         """
         target = ckpt.ema_target(self.task)
+        if self.config.ema_decay > 0 and self._ema is None:
+            raise RuntimeError("final_model(): ema_decay > 0 but fit() has not run, so there is no EMA yet")
+        if self._fsdp is not None:
+            ema = self._ema if self.config.ema_decay > 0 else None
+            full = _gather_full(ema.state_dict() if ema is not None else target.state_dict(), keep=True,
+                                device=self._fsdp.device)
+            out = self._fsdp.materialize(full)
+            return out.eval() if ema is not None else out.train(target.training)
         if self.config.ema_decay > 0:
-            if self._ema is None:
-                raise RuntimeError("final_model(): ema_decay > 0 but fit() has not run, so there is no EMA yet")
             return self._ema.averaged_model(target)
         return target
 
@@ -439,10 +615,13 @@ class Trainer:
         device = acc.device
         check_precision(cfg.precision, device)
         setup_backends(device, cfg.tf32)
-        if acc.distributed_type.value not in _SUPPORTED_DISTRIBUTED:
-            raise ValueError(f"Trainer runs single-process or DDP (accelerate launch --multi_gpu); "
-                             f"distributed_type={acc.distributed_type.value} (FSDP/DeepSpeed/...) is not supported")
+        fsdp_plugin = _fsdp_plugin(acc)
+        if fsdp_plugin is None and acc.distributed_type.value not in _SUPPORTED_DISTRIBUTED:
+            raise ValueError(f"Trainer runs single-process, DDP (accelerate launch --multi_gpu) or FSDP2 "
+                             f"(accelerate launch --use_fsdp --fsdp_version 2); "
+                             f"distributed_type={acc.distributed_type.value} is not supported")
         n_proc, rank = acc.num_processes, acc.process_index
+        _check_launch(n_proc)
         if cfg.batch_size % (cfg.grad_accum * n_proc):
             raise ConfigError(f"TrainerConfig.batch_size={cfg.batch_size} must be divisible by grad_accum * "
                               f"num_processes = {cfg.grad_accum} * {n_proc} (it is the global batch)")
@@ -464,11 +643,19 @@ class Trainer:
                 f"set resume=True to continue that run or use an empty out_dir")
 
         groups = _parse_groups(self.task, cfg)
-        self.task.to(device)
+        fsdp = fsdp_plugin is not None
+        if fsdp:
+            self._fsdp = _Sharded.shard(self.task, groups, fsdp_plugin, device, n_proc, self._fsdp)
+            model: nn.Module = self._fsdp.root
+            ddp = False
+        else:
+            if isinstance(self._fsdp, _Sharded) and self._fsdp.task is self.task:
+                raise RuntimeError("this task was sharded by an earlier FSDP fit(); it cannot train without FSDP")
+            self.task.to(device)
+            wrapper = _StepModule(self.task)
+            ddp = len(groups) == 1
+            model = acc.prepare_model(wrapper) if ddp else wrapper
         self.task.train()
-        wrapper = _StepModule(self.task)
-        ddp = len(groups) == 1
-        model: nn.Module = acc.prepare_model(wrapper) if ddp else wrapper
         if cfg.compile:
             model = torch.compile(model)
         ema_module = ckpt.ema_target(self.task)
@@ -478,7 +665,8 @@ class Trainer:
             optimizers={g.name: self._make_optimizer(g, device) for g in groups},
             schedule=make_schedule(cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.decay_fraction,
                                    cfg.min_lr_ratio),
-            ema_module=ema_module, ddp=ddp, manual_sync=(not ddp) and n_proc > 1, n_proc=n_proc, rank=rank,
+            ema_module=ema_module, ddp=ddp, manual_sync=(not ddp) and (not fsdp) and n_proc > 1, fsdp=fsdp,
+            n_proc=n_proc, rank=rank,
             n_items=n_items, steps_per_epoch=steps_per_epoch, latest=latest,
         )
         self.step = 0
@@ -502,14 +690,15 @@ class Trainer:
             batch = _to_device(next(it), run.device)
             gen = step_generator(cfg.seed, step, run.rank, micro)
             last_micro = micro == cfg.grad_accum - 1
-            # DDP: all-reduce gradients only on the last micro-batch
+            # DDP: all-reduce gradients only on the last micro-batch. (FSDP reduce-scatters each
+            # micro-batch's gradients and accumulates the shards, which keeps gradient memory sharded.)
             sync_ctx = acc.no_sync(run.model) if (run.ddp and not last_micro) else contextlib.nullcontext()
             with sync_ctx:
                 with acc.autocast():
                     losses, metrics = run.model(batch, step, gen)
                 self._check_losses(losses, run.names, step)
                 scaled = [losses[n].float() / cfg.grad_accum for n in run.names]
-                if run.ddp:
+                if len(run.groups) == 1:
                     scaled[0].backward()
                 else:
                     for i, g in enumerate(run.groups):
@@ -535,7 +724,13 @@ class Trainer:
             opt = run.optimizers[g.name]
             for pg in opt.param_groups:
                 pg["lr"] = cfg.lr * pg["lr_scale"] * factor
-            grad_norms[g.name] = torch.nn.utils.clip_grad_norm_(g.params, max_norm)
+            if run.fsdp:
+                # the norm over all shards (accelerate's DTensor-aware clipping); a local shard's norm
+                # would clip each process's slice of the gradient differently
+                norm = acc.clip_grad_norm_(g.params, max_norm)
+                grad_norms[g.name] = _full(norm)
+            else:
+                grad_norms[g.name] = torch.nn.utils.clip_grad_norm_(g.params, max_norm)
             opt.step()
         self.task.zero_grad(set_to_none=True)
         if self._ema is not None:
@@ -551,7 +746,8 @@ class Trainer:
             param_groups.append({"params": decay, "weight_decay": g.weight_decay, "lr_scale": g.lr_scale})
         if no_decay:
             param_groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": g.lr_scale})
-        fused = device.type == "cuda" and all(p.is_floating_point() for p in g.params)
+        # (FSDP with fsdp_offload_params keeps the parameters, so the optimizer step, on the CPU)
+        fused = device.type == "cuda" and all(p.is_floating_point() and p.device.type == "cuda" for p in g.params)
         return torch.optim.AdamW(param_groups, lr=self.config.lr * g.lr_scale, betas=g.betas,
                                  eps=self.config.eps, fused=fused or None)
 
@@ -587,21 +783,24 @@ class Trainer:
     def _evaluate(self, step: int, logger: MetricsLogger, history: list[dict[str, Any]]) -> None:
         acc = self.accelerator
         error: BaseException | None = None
-        if acc.is_main_process:
-            was_training = self.task.training
-            self.task.eval()
-            try:
-                with torch.no_grad():
-                    res = self.eval_fn(self.task, step) or {}
-                if not isinstance(res, dict):
-                    raise TypeError(f"eval_fn must return a dict of numbers, got {type(res).__name__}")
-                record = {f"eval/{k}": _as_float(v) for k, v in res.items()}
-                logger.log(record, step)
-                history.append({"step": step, **record})
-            except Exception as e:
-                error = e
-            finally:
-                self.task.train(was_training)
+        # FSDP: every process gathers the full parameters, so that eval_fn (on the main process
+        # only) can call any part of the task without collectives
+        with self._fsdp.full_params() if self._fsdp is not None else contextlib.nullcontext():
+            if acc.is_main_process:
+                was_training = self.task.training
+                self.task.eval()
+                try:
+                    with torch.no_grad():
+                        res = self.eval_fn(self.task, step) or {}
+                    if not isinstance(res, dict):
+                        raise TypeError(f"eval_fn must return a dict of numbers, got {type(res).__name__}")
+                    record = {f"eval/{k}": _as_float(v) for k, v in res.items()}
+                    logger.log(record, step)
+                    history.append({"step": step, **record})
+                except Exception as e:
+                    error = e
+                finally:
+                    self.task.train(was_training)
         _agree(acc, error, f"eval_fn at step {step}")
 
     def _save(self, run: _Run, step: int, losses: dict[str, float]) -> Path:
@@ -612,6 +811,17 @@ class Trainer:
         rng = gather_object([ckpt.capture_rng_state()])
         path = ckpt.checkpoint_dir(self.out_dir, step)
         error: BaseException | None = None
+        if run.fsdp:
+            # Full tensors, gathered shard by shard (a collective: every process takes part) onto
+            # the main process's CPU, so the files are the same as a single process writes.
+            keep = acc.is_main_process
+            model_state = _gather_full(self.task.state_dict(), keep)
+            ema_state = _gather_full(self._ema.state_dict(), keep) if self._ema is not None else None
+            optimizer_states = {n: _gather_full(o.state_dict(), keep) for n, o in run.optimizers.items()}
+        elif acc.is_main_process:
+            model_state = self.task.state_dict()
+            ema_state = self._ema.state_dict() if self._ema is not None else None
+            optimizer_states = {n: o.state_dict() for n, o in run.optimizers.items()}
         if acc.is_main_process:
             state = {
                 "format": 1,
@@ -628,9 +838,9 @@ class Trainer:
             try:
                 ckpt.save_checkpoint(
                     path,
-                    model_state=self.task.state_dict(),
-                    ema_state=self._ema.state_dict() if self._ema is not None else None,
-                    optimizer_states={n: o.state_dict() for n, o in run.optimizers.items()},
+                    model_state=model_state,
+                    ema_state=ema_state,
+                    optimizer_states=optimizer_states,
                     rng_states=rng,
                     trainer_state=state,
                     config=cfg,
@@ -649,18 +859,25 @@ class Trainer:
                 warnings.warn(f"resuming {str(path)!r}: it was trained with {key}={state.get(key)!r}, this run has "
                               f"{key}={getattr(cfg, key)!r}; the data order will differ from an uninterrupted run",
                               stacklevel=3)
-        load_state_strict(self.task, load_weights(path / ckpt.MODEL_FILE), str(path / ckpt.MODEL_FILE))
+        # Checkpoints hold full tensors; under FSDP each process loads the files and keeps its shards.
+        model_state = load_weights(path / ckpt.MODEL_FILE)
+        if run.fsdp:
+            model_state = _shard_like(model_state, self.task.state_dict())
+        load_state_strict(self.task, model_state, str(path / ckpt.MODEL_FILE))
         if self._ema is not None:
             if not (path / ckpt.EMA_FILE).is_file():
                 raise FileNotFoundError(f"ema_decay={cfg.ema_decay} but {str(path)!r} has no {ckpt.EMA_FILE}: "
                                         f"the run was started without EMA")
-            self._ema.load_state_dict(load_weights(path / ckpt.EMA_FILE), str(path / ckpt.EMA_FILE))
+            ema_state = load_weights(path / ckpt.EMA_FILE)
+            if run.fsdp:
+                ema_state = _shard_like(ema_state, self._ema.state_dict())
+            self._ema.load_state_dict(ema_state, str(path / ckpt.EMA_FILE))
         opt_states = ckpt.load_optimizer_states(path)
         if set(opt_states) != set(optimizers):
             raise ValueError(f"{str(path / ckpt.OPTIMIZER_FILE)!r} holds optimizer groups {sorted(opt_states)}, "
                              f"the task has {sorted(optimizers)}")
         for name, opt in optimizers.items():
-            opt.load_state_dict(opt_states[name])
+            opt.load_state_dict(_shard_optimizer_state(opt_states[name], opt) if run.fsdp else opt_states[name])
         rngs = ckpt.load_rng_states(path)
         if state.get("num_processes") == n_proc and rank < len(rngs):
             ckpt.restore_rng_state(rngs[rank])
@@ -690,6 +907,59 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device)
                                              for f in dataclasses.fields(batch) if f.init})
     return batch
+
+
+def _full(t: Any) -> Any:
+    """The full tensor of a DTensor (a collective), anything else as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _gather_full(obj: Any, keep: bool, device: torch.device | str = "cpu") -> Any:
+    """``obj`` (a state dict, nested like an optimizer's) with each DTensor shard replaced by its full tensor.
+
+    A collective: every process calls it on the same structure, so they meet the DTensors in the
+    same order. Tensors go to ``device`` one by one; ``keep=False`` (a process that does not
+    save) drops them as they come and returns None.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.full_tensor() if isinstance(obj, DTensor) else obj
+        return t.detach().to(device) if keep else None
+    if isinstance(obj, dict):
+        out = {k: _gather_full(v, keep, device) for k, v in obj.items()}
+        return out if keep else None
+    if isinstance(obj, (list, tuple)):
+        items = [_gather_full(v, keep, device) for v in obj]
+        return type(obj)(items) if keep else None
+    return obj if keep else None
+
+
+def _shard_one(full: torch.Tensor, like: Any) -> Any:
+    """``full`` cut like the DTensor ``like`` (this process's shard, no communication); else ``full``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor) or tuple(full.shape) != tuple(like.shape):
+        return full  # not sharded, or a shape mismatch that the strict load reports
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _shard_like(state: dict[str, torch.Tensor], like: dict[str, Any]) -> dict[str, Any]:
+    """A full state dict (from a checkpoint) cut into this process's shards of ``like`` (a sharded state dict)."""
+    return {k: _shard_one(v, like[k]) if k in like else v for k, v in state.items()}
+
+
+def _shard_optimizer_state(state: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """A full optimizer state dict (ids as ``opt.state_dict()`` numbers them) cut like ``opt``'s sharded parameters."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    per_param = {}
+    for i, s in state.get("state", {}).items():
+        p = params[i] if isinstance(i, int) and 0 <= i < len(params) else None
+        per_param[i] = {k: _shard_one(v, p) if isinstance(v, torch.Tensor) and k != "step" else v
+                        for k, v in s.items()}
+    return {**state, "state": per_param}
 
 
 def _agree(acc: Any, error: BaseException | None, what: str) -> None:
