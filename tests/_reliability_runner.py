@@ -6,6 +6,8 @@
 ``WORK``: a folder with the inputs of the later stages (``WORK/tok/tokenizer`` for curate and
 tokenize, ``WORK/tokens`` for gen, ``WORK/gen/gpt`` for sample); ``OUT``: the stage's output dir.
 The configs are fixed here so that the reference run and every killed/resumed run are the same run.
+Run lengths (12 tokenizer steps, 24 generator steps, 12 curation shards, a checkpoint every step)
+are what the kill plan of ``test_reliability_kill.py`` needs to leave work after each sure point.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def build(stage: str, work: Path, out: Path):
         from arvid.stages.train_tokenizer import TokenizerSpec, TrainTokenizerConfig, run
 
         cfg = TrainTokenizerConfig(data=data_cfg(), tokenizer=TokenizerSpec("evatok", "debug", dict(TOK_PARAMS)),
-                                   trainer=trainer_cfg(6, ema_decay=0.9), stage="proxy", val_videos=2,
+                                   trainer=trainer_cfg(12, ema_decay=0.9), stage="proxy", val_videos=2,
                                    val_random_assignments=1, out_dir=str(out))
         return cfg, run
     if stage == "curate":
@@ -49,7 +51,7 @@ def build(stage: str, work: Path, out: Path):
 
         cfg = CurateConfig(data=data_cfg(), split="train", tokenizer=str(work / "tok" / "tokenizer"),
                            quality="mse", mode="brute", calib_videos=4, calib_assignments=4, batch_size=81,
-                           videos_per_step=2, save_every=2, device="cpu", out_dir=str(out))
+                           videos_per_step=2, save_every=1, device="cpu", out_dir=str(out))
         return cfg, run
     if stage == "tokenize":
         from arvid.stages.tokenize import TokenizeConfig, run
@@ -63,7 +65,7 @@ def build(stage: str, work: Path, out: Path):
 
         cfg = TrainGeneratorConfig(token_store=str(work / "tokens"), tokenizer=str(work / "tok" / "tokenizer"),
                                    preset="debug", gpt=dict(attn_backend="sdpa"), max_tokens=200,
-                                   trainer=trainer_cfg(12, batch_size=1), out_dir=str(out))
+                                   trainer=trainer_cfg(24, batch_size=1), out_dir=str(out))
         return cfg, run
     if stage == "sample":
         from arvid.sampling.sampler import SamplerConfig

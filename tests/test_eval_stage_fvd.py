@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +70,41 @@ def test_cli_errors(sets, capsys):
     assert main(["eval", "fvd", str(sets / "real"), str(sets / "fake"), "--protocol", "ucf-train-rfvd",
                  "--frames", "8", "--device", "cpu"]) == 1
     assert "16 frames" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fvd_sharded_over_two_processes_equals_one_process(tmp_path):
+    """`arvid eval fvd` under `accelerate launch --multi_gpu --num_processes 2` (2 gloo CPU
+    processes) gives the FVD of one process. 3 clips per side: the DistributedSampler pads each
+    side to 4 by repeating clip 0 on the second process, which must count once (N stays 3)."""
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the accelerate CLI is not installed beside this python")
+    for side, shift in (("real", 0.0), ("fake", 0.4)):
+        (tmp_path / side).mkdir()
+        for i in range(3):
+            write_video(_clip(i + (5 if side == "fake" else 0), shift), tmp_path / side / f"{side[0]}{i}.mp4")
+    # --num 4 > 3 files: each process warns once per side, so the log counts the processes;
+    # --batch-size 1: the same I3D computation per clip in both runs
+    common = ["eval", "fvd", str(tmp_path / "real"), str(tmp_path / "fake"), "--protocol", "synthetic",
+              "--frames", "10", "--num", "4", "--device", "cpu", "--batch-size", "1", "--workers", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "arvid", *common,
+           "--out", str(tmp_path / "two.json")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stderr.count("asked for 4 clips but the set has only 3") == 4, out.stderr[-3000:]  # 2 processes
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert main([*common, "--out", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert (two["num_real"], two["num_fake"]) == (one["num_real"], one["num_fake"]) == (3, 3)
+    assert one["fvd"] > 0
+    assert two["fvd"] == pytest.approx(one["fvd"], rel=1e-6)
+    assert {k: v for k, v in two.items() if k != "fvd"} == {k: v for k, v in one.items() if k != "fvd"}

@@ -4,6 +4,7 @@ class ids out of range, short or broken context videos, and property tests over 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,17 +97,81 @@ def test_sample_with_a_tokenizer_of_another_vocabulary_is_refused(env, tmp_path)
                          out=str(tmp_path / "s"), device="cpu", per_class=1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: arvid sample does not compare the GPT's recorded tokenizer_fingerprint "
-                                       "with the tokenizer it decodes with (see RELIABILITY.md)")
 def test_sample_with_another_tokenizer_of_the_same_shape_is_refused(env, tmp_path):
-    """train-generator records the tokenizer's fingerprint in gpt/config.yaml; decoding its samples
-    with another tokenizer of the same layout and codebook gives garbage videos without a word."""
+    """train-generator records the tokenizer's fingerprint in gpt/config.yaml; another tokenizer of
+    the same layout and codebook (B) would decode the GPT's codes into garbage: `arvid sample` and
+    the eval stages that load a generator with a tokenizer refuse it, naming both fingerprints and
+    both directories. The tokenizer it was trained on (A) passes."""
+    from arvid.data.datasets import DataConfig
+    from arvid.stages import evaluate
     from arvid.stages.sample import SampleConfig, run
+    from arvid.tokenizer.base import load_tokenizer
 
-    assert "tokenizer_fingerprint" in (env / "gen" / "gpt" / "config.yaml").read_text()
-    with pytest.raises((ConfigError, ValueError), match="fingerprint"):
-        run(SampleConfig(generator=str(env / "gen" / "gpt"), tokenizer=str(env / "B"), classes=[0],
+    gen = env / "gen" / "gpt"
+    fa, fb = load_tokenizer(env / "A").fingerprint(), load_tokenizer(env / "B").fingerprint()
+    assert fa != fb and f"tokenizer_fingerprint: {fa}" in (gen / "config.yaml").read_text()
+
+    def refused():
+        want = ".*".join(re.escape(str(p)) for p in (gen, fa, env / "B", fb))
+        return pytest.raises(ConfigError, match=f"(?s){want}")
+
+    with refused():
+        run(SampleConfig(generator=str(gen), tokenizer=str(env / "B"), classes=[0],
                          out=str(tmp_path / "s"), device="cpu", per_class=1, grid_format="none"))
+    assert not (tmp_path / "s" / "tokens.npz").exists()
+    data = DataConfig(source="synthetic", frames=8, size=16, num_videos=2, num_val_videos=2, random_start=False)
+    with refused():
+        evaluate.evaluate_gen(evaluate.GenEvalConfig(data=data, num_videos=2, generator=str(gen),
+                                                     tokenizer=str(env / "B"), device="cpu"))
+    with refused():
+        evaluate.evaluate_fp(evaluate.FPEvalConfig(data=data, num_videos=2, generator=str(gen),
+                                                   tokenizer=str(env / "B"), device="cpu"))
+    # the tokenizer it was trained on is accepted
+    out = run(SampleConfig(generator=str(gen), tokenizer=str(env / "A"), classes=[0], out=str(tmp_path / "ok"),
+                           device="cpu", per_class=1, grid_format="none"))
+    assert (out / "done").is_file()
+
+
+def test_router_is_checked_by_layout_not_by_the_proxy_fingerprint(env, tmp_path):
+    """A router maps raw clips to assignments of a layout; it holds nothing of the proxy tokenizer
+    whose curation labels it learned, and EVATok uses it with the final tokenizer (trained from
+    scratch: another fingerprint, the same layout). So a router curated with proxy A is accepted
+    with tokenizer B wherever a router meets a tokenizer (tokenize, eval recon; train-tokenizer
+    --stage final builds its tokenizer afresh, see test_tokenizer_train.py), and a router of
+    another layout is refused there, even one whose counts all happen to be candidates of the
+    tokenizer's layout (it would run silently)."""
+    from arvid.data.datasets import DataConfig, build_dataset
+    from arvid.data.token_store import TokenStore
+    from arvid.stages import evaluate
+    from arvid.stages.tokenize import TokenizeConfig
+    from arvid.stages.tokenize import run as tokenize
+    from arvid.tokenizer.base import load_tokenizer
+    from arvid.tokenizer.router import Router
+
+    a, b = load_tokenizer(env / "A"), load_tokenizer(env / "B")
+    assert a.layout == b.layout and a.fingerprint() != b.fingerprint()
+    torch.manual_seed(0)
+    router = Router.from_preset("debug", a.layout, image_size=16)
+    router.save_pretrained(tmp_path / "router", extra={"proxy_tokenizer_fingerprint": a.fingerprint()})
+    other = Router.from_preset("debug", BlockLayout((2, 2, 2, 2), (1, 4)), image_size=16)  # counts all in A's
+    other.save_pretrained(tmp_path / "other", extra={"proxy_tokenizer_fingerprint": b.fingerprint()})
+
+    data = DataConfig(source="synthetic", frames=8, size=16, num_videos=2, num_val_videos=2, random_start=False)
+    tk = dict(data=data, split="val", tokenizer=str(env / "B"), batch_size=2, device="cpu")
+    out = tokenize(TokenizeConfig(router=str(tmp_path / "router"), out_dir=str(tmp_path / "t"), **tk))
+    store = TokenStore(out / "tokens")
+    store.check_fingerprint(b.fingerprint())  # B's codes, with the router's choices
+    x = torch.stack([build_dataset(data, "val")[i]["video"] for i in range(2)])
+    assert torch.equal(store.get_batch(range(2)).block_lengths.long(), router.eval().choose(x))
+    rc = dict(data=data, split="val", num_videos=2, tokenizer=str(env / "B"), protocol=None, lpips=False,
+              batch_size=2, device="cpu")
+    res = evaluate.evaluate_recon(evaluate.ReconEvalConfig(router=str(tmp_path / "router"), **rc))
+    assert "router" in res["results"]
+
+    with pytest.raises(ConfigError, match="router layout .* differs from the tokenizer's"):
+        tokenize(TokenizeConfig(router=str(tmp_path / "other"), out_dir=str(tmp_path / "t2"), **tk))
+    with pytest.raises(ConfigError, match=re.escape(f"router {str(tmp_path / 'other')!r} was trained for layout")):
+        evaluate.evaluate_recon(evaluate.ReconEvalConfig(router=str(tmp_path / "other"), **rc))
 
 
 def test_impossible_layouts_are_config_errors(tmp_path):

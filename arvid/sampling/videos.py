@@ -9,7 +9,10 @@ spread over processes.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,8 @@ import torch
 from arvid.data.types import TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
+
+log = logging.getLogger("arvid.sampling")
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -36,6 +41,42 @@ def sequence_format_for(gpt: Any, tokenizer: Any) -> SequenceFormat:
                          f"({fmt.codebook_size} codes + {fmt.layout.num_candidates} length tokens = {fmt.vocab_size}): "
                          "was the GPT trained on this tokenizer's tokens?")
     return fmt
+
+
+def check_generator_tokenizer(generator_dir: str | os.PathLike, tokenizer: Any,
+                              tokenizer_dir: str | os.PathLike | None = None) -> str | None:
+    """Refuse a tokenizer other than the one the GPT in ``generator_dir`` was trained on.
+
+    ``train-generator`` records the tokenizer's fingerprint (a hash of its config and weights) as
+    ``tokenizer_fingerprint`` in ``generator_dir/config.yaml``. Another tokenizer with the same
+    layout and codebook size passes :func:`sequence_format_for` but decodes the GPT's codes into
+    garbage, so a different fingerprint is a :class:`~arvid.config.ConfigError` naming both
+    fingerprints and both directories. A GPT saved without a recorded fingerprint (not written by
+    ``train-generator``) is not checked. Returns the recorded fingerprint (or None)."""
+    import yaml
+
+    from arvid.config import ConfigError
+
+    path = Path(generator_dir) / "config.yaml"
+    try:
+        with open(path) as f:
+            meta = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        return None  # from_pretrained names the missing file
+    recorded = meta.get("tokenizer_fingerprint") if isinstance(meta, dict) else None
+    if not recorded:
+        log.warning("generator %s records no tokenizer fingerprint: cannot check that tokenizer %s is the one it "
+                    "was trained on", generator_dir, tokenizer_dir or "(given)")
+        return None
+    actual = tokenizer.fingerprint()
+    if actual != recorded:
+        where = f"tokenizer {str(tokenizer_dir)!r}" if tokenizer_dir is not None else "the tokenizer given"
+        raise ConfigError(
+            f"generator {str(generator_dir)!r} was trained on the tokens of tokenizer fingerprint {recorded} "
+            f"(recorded in {str(path)!r}), but {where} has fingerprint {actual}: its codes would decode to "
+            "garbage videos. Use the tokenizer directory that train-generator was given (its `tokenizer` in the "
+            "generator run's config.yaml)")
+    return recorded
 
 
 def num_batches(n: int, batch_size: int) -> int:

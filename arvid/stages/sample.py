@@ -42,7 +42,13 @@ from arvid.io import atomic_write, check_writable, write_json
 from arvid.sampling.budget import calibrate_budget_bias
 from arvid.sampling.frame_prediction import context_blocks_for, encode_context
 from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
-from arvid.sampling.videos import batch_seed, iter_sample_batches, num_batches, sequence_format_for
+from arvid.sampling.videos import (
+    batch_seed,
+    check_generator_tokenizer,
+    iter_sample_batches,
+    num_batches,
+    sequence_format_for,
+)
 
 log = logging.getLogger("arvid.sample")
 
@@ -260,7 +266,8 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.precision == "bf16":
         gpt = gpt.to(torch.bfloat16)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
-    fmt = sequence_format_for(gpt, tokenizer)
+    fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
+    check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
     plan = plan_rows(cfg, gpt, tokenizer, device)
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)

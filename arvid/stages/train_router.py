@@ -232,7 +232,11 @@ def run(cfg: TrainRouterConfig) -> Path:
     trainer = Trainer(cfg.trainer, task, train_set, out)
     trainer.fit()
     final = trainer.final_model()
-    final.save_pretrained(out / "router", extra={"curation": str(cfg.curation), "w_q": w_q, "w_l": w_l})
+    # Provenance only: the router maps raw clips to assignments of the layout and holds nothing of
+    # the proxy's weights, so the final tokenizer (another fingerprint, the same layout) uses it by
+    # design (EVATok stages 3-4); loaders check the layout, not this fingerprint.
+    final.save_pretrained(out / "router", extra={"curation": str(cfg.curation), "w_q": w_q, "w_l": w_l,
+                                                 "proxy_tokenizer_fingerprint": info.get("tokenizer_fingerprint")})
 
     # held-out evaluation, with best/worst exact: complete beam records with the proxy
     device = resolve_device(cfg.device)

@@ -1,0 +1,80 @@
+"""Every `arvid` command and subcommand answers ``--help``.
+
+The commands are discovered from the argparse tree of ``arvid.cli.build_parser()``, so a new
+command is covered without touching this file, and a command registered without ``help=`` (it
+would be missing from its parent's command list) fails here. ``--help`` renders every argument's
+help string too, so a stray ``%`` in one (argparse formats them with ``%``) fails here as well.
+The known commands are listed only to check that the discovery finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from arvid.cli import build_parser, main
+
+# What the CLI offers today; the discovery must find at least these.
+KNOWN = [
+    (), ("pipeline",), ("data",), ("data", "synth"), ("data", "index"), ("train-tokenizer",), ("curate",),
+    ("train-router",), ("tokenize",), ("train-generator",), ("sample",), ("text",), ("text", "train-spm"),
+    ("eval",), ("eval", "recon"), ("eval", "gen"), ("eval", "fp"), ("eval", "fvd"), ("eval", "curve"),
+]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
+def discover() -> dict[tuple[str, ...], tuple[argparse.ArgumentParser, str | None]]:
+    """Command path -> (its parser, the help its parent lists for it; None for the root)."""
+    found: dict[tuple[str, ...], tuple[argparse.ArgumentParser, str | None]] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: tuple[str, ...], help_: str | None) -> None:
+        found[path] = (parser, help_)
+        for action in _subparsers(parser):
+            listed = {a.dest: a.help for a in action._choices_actions}  # only commands added with help=
+            for name, sub in action.choices.items():
+                walk(sub, path + (name,), listed.get(name))
+
+    walk(build_parser(), (), None)
+    return found
+
+
+COMMANDS = discover()
+
+
+def test_discovery_finds_every_known_command():
+    missing = [" ".join(c) for c in KNOWN if c not in COMMANDS]
+    assert not missing, f"commands not registered in arvid.cli.build_parser(): {missing}"
+    assert len(COMMANDS) >= len(KNOWN)
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=lambda p: " ".join(p) or "arvid")
+def test_help(path, capsys):
+    parser, listed_help = COMMANDS[path]
+    if path:
+        assert listed_help and listed_help.strip() and listed_help != argparse.SUPPRESS, (
+            f"`arvid {' '.join(path)}` has no help= in its parent's command list")
+        # every command can run: a leaf runs its stage, a group prints its subcommands
+        assert callable(parser.get_default("func")), f"`arvid {' '.join(path)}` sets no func"
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--help"])
+    assert exc.value.code in (0, None), f"`arvid {' '.join(path)} --help` exited {exc.value.code}"
+    captured = capsys.readouterr()
+    out = captured.out
+    prog = " ".join(("arvid",) + path)
+    assert out.startswith(f"usage: {prog}"), out[:300]
+    usage = out.split("\n\n")[0]
+    assert prog in usage
+    assert "-h, --help" in out
+    for action in _subparsers(parser):  # a group lists its subcommands
+        for name in action.choices:
+            assert name in out, f"`{prog} --help` does not list {name!r}"
+    assert not captured.err.strip(), captured.err
+
+
+def test_no_command_prints_help_and_returns_2(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().out.startswith("usage: arvid")
