@@ -43,14 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name, group in STAGE_MODULES:
         module = importlib.import_module(module_name)
         if group is None:
-            module.add_arguments(sub)
-            continue
-        if group not in groups:
-            gp = sub.add_parser(group, help=GROUP_HELP.get(group, group))
-            groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
-            gp.set_defaults(func=lambda args, _gp=gp: _gp.print_help() or 2)
-        module.add_arguments(groups[group])
+            target = sub
+        else:
+            if group not in groups:
+                gp = sub.add_parser(group, help=GROUP_HELP.get(group, group))
+                groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
+                gp.set_defaults(func=lambda args, _gp=gp: _gp.print_help() or 2)
+            target = groups[group]
+        before = set(target.choices)
+        module.add_arguments(target)
+        for name in set(target.choices) - before:
+            _add_config_fields(target.choices[name], module)
     return parser
+
+
+def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
+    """Append the YAML keys of the command's config dataclass (type, default, help) to its --help."""
+    import dataclasses
+    import re
+
+    from arvid.config import describe
+
+    for action in parser._actions:
+        m = re.search(r"\((\w+Config)\)", action.help or "") if action.dest == "config" else None
+        cls = getattr(module, m.group(1), None) if m else None
+        if cls is not None and dataclasses.is_dataclass(cls):
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
+            parser.epilog = (f"config keys ({cls.__name__}; YAML or dotted overrides key.sub=value):\n  "
+                             + "\n  ".join(describe(cls)))
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ The known commands are listed only to check that the discovery finds them.
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -73,6 +74,10 @@ def test_help(path, capsys):
         for name in action.choices:
             assert name in out, f"`{prog} --help` does not list {name!r}"
     assert not captured.err.strip(), captured.err
+    # a command that takes a config file lists the config's keys with their types and defaults
+    if any(a.dest == "config" and "Config)" in (a.help or "") for a in parser._actions):
+        assert "config keys (" in out, f"`{prog} --help` does not list its config keys"
+        assert re.search(r"^  out(_dir)?: str = ", out, re.M), f"`{prog} --help` lists no output directory field"
 
 
 def test_no_command_prints_help_and_returns_2(capsys):
