@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -86,7 +87,8 @@ def config_dicts(cls: type, depth: int = 0) -> st.SearchStrategy:
 def test_random_configs_give_a_config_or_a_config_error(mod, name):
     cls = _cls(mod, name)
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=int(os.environ.get("ARVID_HYPOTHESIS_EXAMPLES", 60)), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(data=config_dicts(cls))
     def check(data):
         try:

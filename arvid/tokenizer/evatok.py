@@ -98,6 +98,14 @@ class EVATokConfig:
     def __post_init__(self) -> None:
         self.frames_per_block = tuple(int(f) for f in self.frames_per_block)
         self.candidates = tuple(int(c) for c in self.candidates)
+        for name in ("image_size", "in_channels", "patch_time", "patch_size", "dim", "heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        for name in ("patch_layers", "query_layers", "decoder_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         bad = [f for f in self.frames_per_block if f <= 0 or f % self.patch_time]
         if bad:
             raise ValueError(f"frames_per_block {self.frames_per_block} must be positive multiples of "
