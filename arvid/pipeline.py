@@ -35,7 +35,11 @@ from arvid.stages import train_tokenizer as tokenizer_stage
 
 log = logging.getLogger("arvid.pipeline")
 
-STAGES = ("proxy", "curate", "router", "curve", "final", "tokenize", "generator", "sample", "report")
+STAGES = ("proxy", "curate", "router", "curve", "final", "tokenize", "generator", "sample",
+          "fixed", "fixed_tokenize", "fixed_generator", "report")
+# The fixed-length baseline branch (a tokenizer, token store and GPT with one uniform assignment)
+# runs only when listed in `stages`: it doubles the tokenizer and generator cost.
+DEFAULT_STAGES = tuple(s for s in STAGES if not s.startswith("fixed"))
 
 
 @dataclass
@@ -44,7 +48,10 @@ class ExperimentConfig:
 
     name: str = doc("experiment", "experiment name (used in reports)")
     out_dir: str = doc("outputs/experiment", "root of all stage directories")
-    stages: list[str] = doc(list(STAGES), "stages to run, a subset of the graph in graph order")
+    stages: list[str] = doc(list(DEFAULT_STAGES), "stages to run, a subset of the graph in graph order; add "
+                            "fixed, fixed_tokenize, fixed_generator for the fixed-length baseline's gFVD")
+    fixed_count: int | None = doc(None, "per-block count of the fixed-length baseline (null: the second-largest "
+                                  "candidate, as the report's baseline)")
     data: DataConfig = nested(DataConfig, "the videos every stage uses (copied into each stage)")
     tokenizer: tokenizer_stage.TokenizerSpec = nested(
         tokenizer_stage.TokenizerSpec, "tokenizer architecture of both the proxy and the final tokenizer")
@@ -101,15 +108,37 @@ def build_pipeline(exp: ExperimentConfig) -> Pipeline:
         "report": _r(exp.report, name=exp.name, data=_r(exp.data, random_start=False, flip=False),
                      experiment_dir=str(root), out_dir=str(d["report"])),
     }
+    if any(s.startswith("fixed") for s in exp.stages):
+        # the fixed branch: the final tokenizer's training budget, one uniform assignment for every clip
+        from arvid.tokenizer.base import build_tokenizer
+
+        layout = build_tokenizer(exp.tokenizer.name, exp.tokenizer.params, preset=exp.tokenizer.preset).layout
+        count = exp.fixed_count or layout.candidates[max(layout.num_candidates - 2, 0)]
+        if count not in layout.candidates:
+            raise ValueError(f"fixed_count={count} is not a candidate count {layout.candidates}")
+        uniform = [count] * layout.num_blocks
+        fixed_tok = str(d["fixed"] / "tokenizer")
+        configs.update({
+            "fixed": _r(exp.final, data=exp.data, tokenizer=exp.tokenizer, stage="fixed", router=None,
+                        assignments=None, fixed_assignment=uniform, out_dir=str(d["fixed"])),
+            "fixed_tokenize": _r(exp.tokenize, data=_r(exp.data, random_start=False, flip=False), tokenizer=fixed_tok,
+                                 router=None, assignments=None, fixed_assignment=uniform,
+                                 out_dir=str(d["fixed_tokenize"])),
+            "fixed_generator": _r(exp.generator, token_store=str(d["fixed_tokenize"] / "tokens"), tokenizer=fixed_tok,
+                                  out_dir=str(d["fixed_generator"])),
+        })
+        configs["report"] = _r(configs["report"], fixed_count=count)
     runs = {
         "proxy": tokenizer_stage.run, "curate": curate_stage.run, "router": router_stage.run,
         "curve": curve_stage.run, "final": tokenizer_stage.run, "tokenize": tokenize_stage.run,
         "generator": generator_stage.run, "sample": sample_stage.run, "report": evaluate_stage.run_report,
+        "fixed": tokenizer_stage.run, "fixed_tokenize": tokenize_stage.run, "fixed_generator": generator_stage.run,
     }
     deps = {
         "proxy": [], "curate": ["proxy"], "router": ["curate"], "curve": ["proxy", "router"],
         "final": ["router"], "tokenize": ["final", "router"], "generator": ["tokenize"],
-        "sample": ["generator"], "report": ["sample"],
+        "sample": ["generator"], "fixed": [], "fixed_tokenize": ["fixed"], "fixed_generator": ["fixed_tokenize"],
+        "report": ["sample", "fixed_generator"],
     }
     selected = [s for s in STAGES if s in exp.stages]
     stages = []
@@ -130,6 +159,9 @@ def _describe(stage: str) -> str:
         "tokenize": "encode the dataset into the token store",
         "generator": "train the GPT on packed variable-length sequences",
         "sample": "sample class-conditional videos",
+        "fixed": "train the fixed-length baseline tokenizer (one uniform assignment)",
+        "fixed_tokenize": "encode the dataset with the fixed-length tokenizer",
+        "fixed_generator": "train the GPT of the fixed-length baseline",
         "report": "FVD, PSNR, LPIPS, tokens per video, samples/s -> metrics.json, report.md",
     }[stage]
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import yaml
 
-from arvid.pipeline import STAGES
+from arvid.pipeline import DEFAULT_STAGES as STAGES  # the graph without the optional fixed-length branch
 from arvid.pipeline_engine import DONE_FILE, STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,3 +278,27 @@ def test_pipeline_killed_mid_stage_resumes_and_skips_finished(tmp_path, capsys):
 
     print(f"\npipeline e2e: killed {KILLED} after step {max(logged)} of {FINAL_STEPS}, "
           f"rerun {rerun_seconds:.1f} s, whole test {time.time() - t_start:.1f} s")
+
+
+def test_fixed_length_branch_runs_with_one_uniform_assignment(tmp_path):
+    """The baseline branch (fixed -> fixed_tokenize -> fixed_generator): every clip gets the same
+    per-block count (the second-largest candidate by default), trained with the final stage's budget."""
+    from arvid.data.token_store import TokenStore
+    from arvid.pipeline import run_pipeline
+
+    out = tmp_path / "fx"
+    exp = tiny_experiment(out, name="tiny_fixed")
+    exp["stages"] = ["fixed", "fixed_tokenize", "fixed_generator"]
+    exp["final"]["trainer"] = _trainer(4, ema_decay=0.0)
+    items = run_pipeline(str(_write_config(tmp_path / "fixed.yaml", exp)), [])
+    assert [it.stage.name for it in items] == ["fixed", "fixed_tokenize", "fixed_generator"]
+    count = CANDIDATES[-2]
+    store = TokenStore(out / "fixed_tokenize" / "tokens")
+    assert len(store) == exp["data"]["num_videos"]
+    lengths = {tuple(int(x) for x in store[i]["block_lengths"]) for i in range(len(store))}
+    assert lengths == {(count,) * 4}
+    assert (out / "fixed_generator" / "gpt" / "model.safetensors").is_file()
+    steps = [json.loads(x)["step"] for x in (out / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4  # the final stage's trainer settings
+    with pytest.raises(ValueError, match="fixed_count=5 is not a candidate"):
+        run_pipeline(str(_write_config(tmp_path / "bad.yaml", {**exp, "fixed_count": 5})), [], dry_run=True)

@@ -14,6 +14,7 @@ quality number sits next to the tokens per video it cost.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -416,6 +417,13 @@ def run_report(cfg: ReportConfig) -> Path:
             metrics["generation"] = gen
             order = torch.argsort(labels, stable=True)[:32]
             write_grid(fake[order], str(out / "samples_by_class.gif"), nrow=8, fps=cfg.fps)
+        fixed_gpt = exp / "fixed_generator" / "gpt"
+        if fixed_gpt.is_dir() and cfg.fvd and cfg.generation:
+            # the fixed-length branch: same data, same training budget, one uniform assignment
+            fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"))
+            fgen = evaluate_gen(fcfg, real, labels, meter)
+            fgen.pop("_videos")
+            metrics["generation_fixed"] = fgen
         if cfg.frame_prediction:
             gpt = _load_gpt(str(gpt_dir), device, "fp32", tok, tok_dir)
             tokd = tok.to(device).eval()
@@ -483,7 +491,13 @@ def render_report(m: dict) -> str:
                   f"- gFVD (`{g['fvd_record']['metric']}`, protocol `{g['fvd_record']['protocol']['name']}`, "
                   f"N = {g['num_samples']}): **{g['gfvd']:.1f}** at {g['tokens_per_video']:.1f} tokens per video",
                   f"- sampling: {g['samples_per_s']:.2f} samples/s (with decoding), CFG scale {g['cfg_scale']}",
-                  "- samples sorted by class: `samples_by_class.gif`; the sample stage's grid: `grid.gif`", ""]
+                  "- samples sorted by class: `samples_by_class.gif`; the sample stage's grid: `grid.gif`"]
+        gf = m.get("generation_fixed")
+        if gf:
+            lines.append(f"- fixed-length branch (stages fixed, fixed_tokenize, fixed_generator; same budget): gFVD "
+                         f"**{gf['gfvd']:.1f}** at {gf['tokens_per_video']:.1f} tokens per video, "
+                         f"{gf['samples_per_s']:.2f} samples/s")
+        lines.append("")
     fp = m.get("frame_prediction")
     if fp:
         lines += ["## Frame prediction", "",
