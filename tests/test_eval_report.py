@@ -18,6 +18,8 @@ def _metrics() -> dict:
         }},
         "generation": {"gfvd": 512.31, "num_samples": 16, "tokens_per_video": 13.5, "samples_per_s": 9.0,
                        "cfg_scale": 2.0, "fvd_record": fvd},
+        "generation_fixed": {"gfvd": 640.04, "num_samples": 16, "tokens_per_video": 32.0, "samples_per_s": 7.5,
+                             "cfg_scale": 2.0, "fvd_record": fvd},
         "router": {"num_videos": 10, "w_q": 1.2, "w_l": 0.8, "quality": "lpips", "reward_percentile": 0.97,
                    "mean_tokens_router": 12.0, "mean_tokens_label": 12.5, "reward_percentile_random": 0.6,
                    "top1": 0.5, "top5": 0.9, "uniform": {"8": {"percentile": 0.7, "tokens": 16},
@@ -38,6 +40,7 @@ def test_report_rows_carry_the_metrics():
     assert "| uniform-8 | 16.0 | 21.00 | 0.630 | 0.2400 | - |" in lines  # NaN rFVD shows as "-"
     assert "The router uses 12.0 tokens per video against 16 for the fixed-length baseline (8 per block): 25.0% fewer." in md
     assert "**512.3**" in md
+    assert "fixed-length branch (stages fixed, fixed_tokenize, fixed_generator; same budget): gFVD **640.0** at 32.0 tokens per video, 7.50 samples/s" in md
     assert "| router | 0.970 | 12.0 |" in lines and "| random | 0.600 | - |" in lines
     # uniform rows in candidate order, not string order
     assert lines.index("| uniform 4 per block | 0.400 | 8 |") < lines.index("| uniform 8 per block | 0.700 | 16 |")
@@ -48,7 +51,7 @@ def test_report_rows_carry_the_metrics():
 
 def test_report_without_optional_sections():
     m = _metrics()
-    for k in ("generation", "router", "curve", "tokenize"):
+    for k in ("generation", "generation_fixed", "router", "curve", "tokenize"):
         m.pop(k)
     md = render_report(m)
     assert "## Reconstruction" in md and "## Router" not in md and "## Class-to-video" not in md
