@@ -110,10 +110,10 @@ def build_pipeline(exp: ExperimentConfig) -> Pipeline:
     }
     if any(s.startswith("fixed") for s in exp.stages):
         # the fixed branch: the final tokenizer's training budget, one uniform assignment for every clip
-        from arvid.tokenizer.base import build_tokenizer
+        from arvid.tokenizer.base import tokenizer_config
 
-        layout = build_tokenizer(exp.tokenizer.name, exp.tokenizer.params, preset=exp.tokenizer.preset).layout
-        count = exp.fixed_count or layout.candidates[max(layout.num_candidates - 2, 0)]
+        layout = tokenizer_config(exp.tokenizer.name, exp.tokenizer.params, preset=exp.tokenizer.preset).layout
+        count = exp.fixed_count or evaluate_stage.fixed_baseline_count(layout)
         if count not in layout.candidates:
             raise ValueError(f"fixed_count={count} is not a candidate count {layout.candidates}")
         uniform = [count] * layout.num_blocks

@@ -390,7 +390,7 @@ def run_report(cfg: ReportConfig) -> Path:
     real, labels = real_clips(cfg.data, cfg.split, cfg.num_videos)
     tok_dir = str(exp / "final" / "tokenizer")
     tok = load_tokenizer(tok_dir)
-    fixed = cfg.fixed_count or tok.layout.candidates[max(len(tok.layout.candidates) - 2, 0)]
+    fixed = cfg.fixed_count or fixed_baseline_count(tok.layout)
     protocol = cfg.protocol if cfg.fvd else None
     metrics: dict[str, Any] = {"experiment": cfg.name, "date": time.strftime("%Y-%m-%d"),
                                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -453,6 +453,11 @@ def run_report(cfg: ReportConfig) -> Path:
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", render_report(metrics))
     return out
+
+
+def fixed_baseline_count(layout) -> int:
+    """The fixed-length baseline's default per-block count: the second-largest candidate."""
+    return layout.candidates[max(layout.num_candidates - 2, 0)]
 
 
 def _fmt(x: Any, nd: int = 2) -> str:

@@ -103,15 +103,20 @@ def tokenizer_class(name: str) -> type:
     return _REGISTRY[name]
 
 
-def build_tokenizer(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>"):
-    """Build tokenizer ``name`` from a preset (``debug``, ``S``, ``B`` ...) plus config overrides."""
+def tokenizer_config(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>"):
+    """The validated config of tokenizer ``name`` (a preset plus overrides), without building the model:
+    enough for its ``layout``."""
     cls = tokenizer_class(name)
     if preset and preset not in cls.presets():
         raise ConfigError(f"{source}: tokenizer {name!r} has no preset {preset!r} (presets: {list(cls.presets())})")
     base = dict(cls.presets()[preset]) if preset else {}
     base.update(config or {})
-    cfg = from_dict(cls.config_class, base, source=source, prefix="tokenizer.")
-    return cls(cfg)
+    return from_dict(cls.config_class, base, source=source, prefix="tokenizer.")
+
+
+def build_tokenizer(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>"):
+    """Build tokenizer ``name`` from a preset (``debug``, ``S``, ``B`` ...) plus config overrides."""
+    return tokenizer_class(name)(tokenizer_config(name, config, preset, source))
 
 
 def load_tokenizer(directory: str | os.PathLike, map_location: str = "cpu"):
