@@ -2,14 +2,17 @@
 
     python benchmarks/bench_sampling.py                                   # GPU: preset L, batch 1 and 64, CFG
     python benchmarks/bench_sampling.py --device cpu --preset debug --steps 4   # CPU smoke
+    python benchmarks/bench_sampling.py --kv-bucket 0                     # attend over the whole cache
 
 For each batch size and each step execution (eager, cuda_graph, compile) it reports
 
 - ``step_ms``: one decode step (model.decode_step + guidance + constraint mask + sampling),
   measured over ``--steps`` steps after a prefill, the cache filled to ``--fill`` positions;
 - ``floor_ms``: bytes that one step must read (every weight once + the KV cache) / bandwidth,
-  for the full static cache (what a masked attention over the preallocated cache reads) and for
-  the filled part only (an ideal paged/varlen decode);
+  for the full static cache (what a masked attention over the preallocated cache reads, and
+  what ``--kv-bucket 0`` attends over), for the bucket a step at ``--fill`` attends over
+  (``kv_len``: the filled part rounded up to ``--kv-bucket`` positions) and for the filled part
+  only (an ideal paged/varlen decode);
 - ``samples_per_s``: whole videos from ``Sampler.generate``, batch * runs / total seconds
   (measured on CUDA; on CPU estimated as batch / (prefill + mean length * step time));
 - ``recompute_speedup``: time to generate one mean-length sequence by full recompute without a
@@ -35,7 +38,7 @@ from arvid.data.types import BlockLayout
 from arvid.generator.conditioning import Conditioning
 from arvid.generator.gpt import GPT
 from arvid.generator.sequence import SequenceFormat
-from arvid.sampling.sampler import Sampler, SamplerConfig, cat_conditioning, mean_tokens
+from arvid.sampling.sampler import Sampler, SamplerConfig, bucket_len, cat_conditioning, mean_tokens
 
 
 def parse() -> argparse.Namespace:
@@ -55,6 +58,8 @@ def parse() -> argparse.Namespace:
                    help="tokens in the cache before timing, also the length of the recompute comparison "
                         "(default: the mean length on CUDA, 64 on CPU)")
     p.add_argument("--full-runs", type=int, default=None, help="whole-batch generate() runs (default 3 on CUDA, 0 on CPU)")
+    p.add_argument("--kv-bucket", type=int, default=SamplerConfig().kv_bucket,
+                   help="decode attends over the filled cache rounded up to a multiple of this; 0 = the whole cache")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s for the floor (H100 HBM3 ~3 TB/s)")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of the eager decode step")
     p.add_argument("--json", default=None, help="write the results here")
@@ -77,7 +82,7 @@ def timed(fn, device: torch.device, reps: int = 1) -> float:
 
 def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len) -> dict:
     """Step time (cache filled to ``fill``) and samples/s of one step execution mode."""
-    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode))
+    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode, kv_bucket=a.kv_bucket))
     n_prefix = gpt.config.num_prefix
     # prepare() builds the decoder's static buffers and, for graph modes, compiles and captures the step.
     t0 = time.perf_counter()
@@ -90,24 +95,36 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
     gpt.prefill(dec.cache, full_cond, prefix)  # warm (kernel selection, lazy init)
     t_prefill = timed(lambda: gpt.prefill(dec.cache, full_cond, prefix), device)
     # A step feeds position i + n - 1: start at i = fill + 1, the first position after the prefill.
+    # Each step attends over its own KV length bucket, as in Sampler.run.
     steps = max(1, min(a.steps, dec.G - fill - 2))
-    run = dec.graph.replay if dec.graph is not None else dec.step
+    chosen = [fill + 1]
+
+    def run() -> None:
+        kv_len = dec.kv_len(chosen[0])
+        if dec.graphs:
+            dec.graphs[kv_len].replay()
+        else:
+            dec.step(kv_len)
+        chosen[0] += 1
+
     dec.i.fill_(fill + 1)
     run()  # warm
     dec.i.fill_(fill + 1)
+    chosen[0] = fill + 1
     step_s = timed(run, device, steps)
-    if a.profile and dec.graph is None and device.type == "cuda":
+    if a.profile and not dec.graphs and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         dec.i.fill_(fill + 1)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(4):
-                dec.step()
+            for j in range(4):
+                dec.step(dec.kv_len(fill + 1 + j))
             sync(device)
         print(f"# eager decode step kernels, batch {B} (4 steps):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
-           "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix}
+           "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix,
+           "kv_bucket": a.kv_bucket, "kv_len": dec.kv_len(fill + 1), "graphs": len(dec.graphs)}
     if full_runs:
         times, toks = [], []
         for r in range(full_runs):
@@ -166,11 +183,15 @@ def main() -> int:
         kv_fill = kv_elems_per_pos * (n_prefix + fill) * torch.finfo(dtype).bits // 8
         floor_full = (weight_bytes + kv_full) / a.bandwidth * 1e3
         floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
+        # The bucket a step at the start of the timed steps attends over (position n + fill).
+        kv_len = bucket_len(n_prefix + fill, a.kv_bucket, n_prefix + fmt.max_length - 1)
+        floor_bucket = (weight_bytes + kv_elems_per_pos * kv_len * torch.finfo(dtype).bits // 8) / a.bandwidth * 1e3
         full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
         for mode in modes:
             row = bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len)
-            row.update(floor_ms_full_cache=floor_full, floor_ms_filled=floor_fill,
-                       step_over_floor=row["step_ms"] / floor_full)
+            row.update(floor_ms_full_cache=floor_full, floor_ms_bucket=floor_bucket, floor_ms_filled=floor_fill,
+                       step_over_floor=row["step_ms"] / floor_full,
+                       step_over_floor_filled=row["step_ms"] / floor_fill)
             results.append(row)
             print(json.dumps(row), flush=True)
             save(a, device, results)  # after every row: a run cut short keeps what it measured
@@ -191,11 +212,12 @@ def main() -> int:
                 row["recompute_ms_per_sequence"] = dense_total
                 row["recompute_speedup"] = dense_total / cached_total
     print()
-    print(f"{'batch':>5} {'mode':>10} {'step ms':>8} {'floor ms':>9} {'(filled)':>9} {'x floor':>7} "
-          f"{'samples/s':>10} {'kind':>9} {'vs recompute':>12}")
+    print(f"{'batch':>5} {'mode':>10} {'kv_len':>6} {'step ms':>8} {'floor ms':>9} {'(bucket)':>9} {'(filled)':>9} "
+          f"{'x floor':>7} {'(filled)':>8} {'samples/s':>10} {'kind':>9} {'vs recompute':>12}")
     for r in results:
-        print(f"{r['batch']:>5} {r['mode']:>10} {r['step_ms']:>8.3f} {r['floor_ms_full_cache']:>9.3f} "
-              f"{r['floor_ms_filled']:>9.3f} {r['step_over_floor']:>7.1f} {r['samples_per_s']:>10.2f} "
+        print(f"{r['batch']:>5} {r['mode']:>10} {r['kv_len']:>6} {r['step_ms']:>8.3f} {r['floor_ms_full_cache']:>9.3f} "
+              f"{r['floor_ms_bucket']:>9.3f} {r['floor_ms_filled']:>9.3f} {r['step_over_floor']:>7.1f} "
+              f"{r['step_over_floor_filled']:>8.1f} {r['samples_per_s']:>10.2f} "
               f"{r['samples_per_s_kind']:>9} {r.get('recompute_speedup', float('nan')):>11.1f}x")
     save(a, device, results)
     return 0

@@ -114,6 +114,44 @@ def test_cache_rows_are_independent_and_mask_unwritten_positions():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_decode_step_over_a_kv_len_prefix_equals_the_whole_cache(kind):
+    # kv_len attends over cache[:kv_len] only: the same logits as the whole cache (and the dense
+    # recompute), at pos = kv_len - 1, mid-bucket, at the max_len cap.
+    m = make(**KINDS[kind])
+    b, L = 2, 13
+    tokens = torch.randint(0, V, (b, L), generator=torch.Generator().manual_seed(5))
+    cond = cond_for(m, b, seed=6)
+    n = m.num_prefix(cond)
+    max_len = n + L  # the last token is fed at the last cache position
+    with torch.no_grad():
+        dense = m.forward_dense(cond, tokens)  # [B, n + L, V]
+        cache = m.allocate_cache(b, max_len)
+        cache.k.fill_(100.0)  # garbage beyond the written positions must stay out of every kv_len
+        cache.v.fill_(-100.0)
+        m.prefill(cache, cond, tokens[:, :2])
+        checked = set()
+        for t in range(2, L):
+            pos = n + t
+            # Writing k/v at pos again writes the same values: every call sees the same cache.
+            whole = m.decode_step(cache, tokens[:, t], torch.tensor(pos))
+            torch.testing.assert_close(whole, dense[:, pos], atol=1e-5, rtol=1e-5)
+            for kv_len in sorted({pos + 1, min(max_len, -(-(pos + 1) // 4) * 4), min(max_len, pos + 3), max_len}):
+                got = m.decode_step(cache, tokens[:, t], torch.tensor(pos), kv_len)
+                torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5, msg=f"pos {pos} kv_len {kv_len}")
+                checked.add((kv_len - 1 - pos, kv_len == max_len))
+        # pos = kv_len - 1, pos in the middle of a bucket (kv_len - pos - 1 = 1, 2), and the cap.
+        assert {(0, False), (1, False), (2, False), (0, True)} <= checked
+        # The slice is what is attended: garbage inside kv_len but after pos is masked, before pos
+        # it is not (a wrong mask or slice would leave these equal).
+        cache.k[:, :, :, n + 2].fill_(100.0)
+        bad = m.decode_step(cache, tokens[:, 3], torch.tensor(n + 3), n + 4)
+        assert not torch.allclose(bad, dense[:, n + 3], atol=1e-3)
+        for bad_len in (0, max_len + 1):
+            with pytest.raises(ValueError, match="kv_len"):
+                m.decode_step(cache, tokens[:, 3], torch.tensor(n + 3), bad_len)
+
+
 def test_loss_targets_exclude_prefix_and_masked_tokens():
     m = make(num_classes=0, text_vocab_size=30, max_text_len=3)
     seq = torch.arange(1, 8)

@@ -51,6 +51,7 @@ class FakeGPT(nn.Module):
             offset[codebook_size:] = len_offset
         self.register_buffer("offset", offset)
         self.decode_calls = 0
+        self.kv_lens: list[tuple[int, int | None]] = []  # (pos, kv_len) of every decode_step call
 
     def num_prefix(self, cond) -> int:
         return 1
@@ -79,10 +80,13 @@ class FakeGPT(nn.Module):
         pos = torch.arange(x.shape[1], device=dev)[None].expand(B, -1)
         return self._logits(x, pos, cache.cls, hist)[:, -1]
 
-    def decode_step(self, cache: FakeCache, tokens, pos) -> torch.Tensor:
+    def decode_step(self, cache: FakeCache, tokens, pos, kv_len: int | None = None) -> torch.Tensor:
         self.decode_calls += 1
         if pos.dim() != 0:
             raise ValueError("pos must be a 0-dim tensor")
+        if kv_len is not None and not int(pos) < kv_len <= cache.max_len:
+            raise ValueError(f"kv_len {kv_len} must lie in (pos={int(pos)}, max_len={cache.max_len}]")
+        self.kv_lens.append((int(pos), kv_len))  # what the sampler asked for (a host sync: CPU tests only)
         cache.hist.add_(tokens)
         B = tokens.shape[0]
         return self._logits(tokens[:, None], pos.expand(B, 1), cache.cls, cache.hist[:, None])[:, 0]

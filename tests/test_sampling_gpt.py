@@ -29,9 +29,11 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.mark.parametrize("kv_bucket", [0, 7, 256])
 @pytest.mark.parametrize("cfg", [SamplerConfig(temperature=0), SamplerConfig(temperature=0, cfg_scale=3.0),
                                  SamplerConfig(cfg_scale=2.0, top_p=0.9)])
-def test_cached_decode_equals_recompute(cfg):
+def test_cached_decode_equals_recompute(cfg, kv_bucket):
+    cfg = SamplerConfig(**{**cfg.__dict__, "kv_bucket": kv_bucket})
     m = gpt(num_classes=4)
     cond = Conditioning(torch.tensor([0, 1, 2, 3, 1]))
     a = Sampler(m, FMT, cfg).generate(cond, generator=gen(5))
@@ -41,6 +43,24 @@ def test_cached_decode_equals_recompute(cfg):
         assert FMT.is_well_formed(s)
     # The greedy sequences are not degenerate: the model's choices vary across classes.
     assert len({tuple(s.tolist()) for s in a.unpacked()}) > 1
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_greedy_tokens_do_not_depend_on_the_kv_bucket(guided):
+    # Attending over cache[:kv_len] instead of the whole cache changes no token: buckets 0 (whole
+    # cache), 1 (exactly the filled part), 7 (buckets 7, 14, 21 and the cap 27) and 256 (> the cache).
+    m = gpt(num_classes=4)
+    cond = Conditioning(torch.tensor([0, 1, 2, 3, 1, 2]))
+    base = dict(temperature=0, cfg_scale=2.0 if guided else 1.0)
+    ref = Sampler(m, FMT, SamplerConfig(**base, use_cache=False)).generate(cond, generator=gen(3))
+    for kv_bucket in (0, 1, 7, 256):
+        s = Sampler(m, FMT, SamplerConfig(**base, kv_bucket=kv_bucket))
+        out = s.generate(cond, generator=gen(3))
+        assert torch.equal(out.lengths, ref.lengths) and torch.equal(out.sequences, ref.sequences), kv_bucket
+        dec = next(iter(s._decoders.values()))
+        assert dec.cache.max_len == 27 and dec.kv_lens() == {0: [27], 1: list(range(2, 28)), 7: [7, 14, 21, 27],
+                                                              256: [27]}[kv_bucket]
+    assert ref.steps > 14  # the samples are long enough to cross buckets of 7
 
 
 def test_cached_decode_equals_recompute_with_a_context_prefix():

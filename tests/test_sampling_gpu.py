@@ -1,4 +1,6 @@
-"""The CUDA-graph (and compiled) decode step gives exactly the eager samples (GPU only)."""
+"""The CUDA-graph (and compiled) decode step gives exactly the eager samples (GPU only), with one
+graph per KV length bucket (``kv_bucket`` 16: 9 buckets over the 132-position cache, more than
+dynamo's default recompile limit of 8) or one over the whole cache (0, and 256 > the cache)."""
 
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.mark.parametrize("kv_bucket", [0, 16, 256])
 @pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
-def test_graph_step_equals_eager(gpt, mode):
+def test_graph_step_equals_eager(gpt, mode, kv_bucket):
     cond = Conditioning(torch.tensor([0, 1, 2, 3, 4, 0], device="cuda"))
-    base = dict(cfg_scale=2.0, top_k=20, temperature=1.0)
+    base = dict(cfg_scale=2.0, top_k=20, temperature=1.0, kv_bucket=kv_bucket)
     eager = Sampler(gpt, FMT, SamplerConfig(**base, compile="eager"))
     graph = Sampler(gpt, FMT, SamplerConfig(**base, compile=mode))
     assert graph.execution(torch.device("cuda")) == mode
@@ -41,7 +44,11 @@ def test_graph_step_equals_eager(gpt, mode):
         a = eager.generate(cond, generator=gen(seed))
         b = graph.generate(cond, generator=gen(seed))
         assert torch.equal(a.sequences, b.sequences), seed
-    assert len(graph._decoders) == 1 and next(iter(graph._decoders.values())).graph is not None
+    assert len(graph._decoders) == 1
+    dec = next(iter(graph._decoders.values()))
+    assert dec.graph is not None and sorted(dec.graphs) == dec.kv_lens()
+    assert dec.cache.max_len == 132 and dec.kv_lens() == ([16 * k for k in range(1, 9)] + [132] if kv_bucket == 16
+                                                          else [132])
     # Constraints, an exact budget and a per-row prefix (prefill + forced tokens) in the graph too.
     ctx = TokenizedVideo(torch.arange(36) % 64, torch.tensor([[4, 8], [8, 16]]))
     kw = dict(prefix=ctx, budget=torch.tensor([40, 60]), allowed_counts=[[4, 8, 16, 32]] * 2 + [[8, 16], [4, 32]])
@@ -52,8 +59,10 @@ def test_graph_step_equals_eager(gpt, mode):
     assert bool((b.tokens.lengths <= torch.tensor([40, 60])).all())
 
 
-def test_greedy_graph_equals_dense_recompute(gpt):
+@pytest.mark.parametrize("kv_bucket", [0, 16, 256])
+def test_greedy_graph_equals_dense_recompute(gpt, kv_bucket):
     cond = Conditioning(torch.tensor([2, 4], device="cuda"))
-    a = Sampler(gpt, FMT, SamplerConfig(temperature=0, compile="cuda_graph")).generate(cond, generator=gen(0))
+    a = Sampler(gpt, FMT, SamplerConfig(temperature=0, compile="cuda_graph", kv_bucket=kv_bucket)).generate(
+        cond, generator=gen(0))
     b = Sampler(gpt, FMT, SamplerConfig(temperature=0, use_cache=False)).generate(cond, generator=gen(0))
     assert torch.equal(a.sequences, b.sequences)

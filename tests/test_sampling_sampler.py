@@ -9,7 +9,14 @@ from test_sampling_fake_model import FakeGPT, make_cond
 
 from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
-from arvid.sampling.sampler import Sampler, SamplerConfig, cfg_scales, length_bias, sample_from_logits
+from arvid.sampling.sampler import (
+    Sampler,
+    SamplerConfig,
+    bucket_len,
+    cfg_scales,
+    length_bias,
+    sample_from_logits,
+)
 
 FMT = SequenceFormat(12, BlockLayout((1, 1, 1, 1), (1, 2, 4, 8)))
 
@@ -69,6 +76,36 @@ def test_config_validation():
                 dict(cfg_schedule="cosine"), dict(compile="jit")]:
         with pytest.raises(ValueError):
             SamplerConfig(**bad)
+    for bad in (-1, 2.5, "256", True):
+        with pytest.raises(ValueError, match=f"kv_bucket must be an int >= 0 .*got {bad!r}"):
+            SamplerConfig(kv_bucket=bad)
+    assert SamplerConfig().kv_bucket == 256 and SamplerConfig(kv_bucket=0).kv_bucket == 0
+
+
+def test_config_rejects_a_negative_kv_bucket_by_name():
+    from arvid.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="kv_bucket.*-1"):
+        from_dict(SamplerConfig, {"kv_bucket": -1})
+
+
+def test_bucket_len_edges():
+    # pos + 1 positions rounded up to a multiple of the bucket, capped at max_len.
+    assert bucket_len(0, 4, 19) == 4
+    assert bucket_len(3, 4, 19) == 4  # pos + 1 exactly a multiple: no extra bucket
+    assert bucket_len(4, 4, 19) == 8  # one past it: the next bucket
+    assert bucket_len(5, 4, 19) == 8  # mid-bucket
+    assert bucket_len(15, 4, 19) == 16
+    assert bucket_len(16, 4, 19) == 19  # 20 capped at max_len
+    assert bucket_len(18, 4, 19) == 19  # the last position
+    assert bucket_len(18, 19, 19) == 19 and bucket_len(0, 19, 19) == 19
+    assert bucket_len(0, 1, 19) == 1 and bucket_len(10, 1, 19) == 11  # bucket 1: exactly the filled part
+    assert bucket_len(2051, 256, 2052) == 2052 and bucket_len(2047, 256, 2052) == 2048
+    assert bucket_len(0, 0, 19) == 19 and bucket_len(18, 0, 19) == 19  # 0: always the whole cache
+    assert bucket_len(3, 256, 19) == 19  # a bucket longer than the cache: the whole cache
+    for bad in [(19, 4, 19), (-1, 4, 19), (3, -1, 19)]:
+        with pytest.raises(ValueError):
+            bucket_len(*bad)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -136,13 +173,34 @@ def test_cfg_combination_is_u_plus_s_times_c_minus_u():
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-def test_cached_equals_dense_recompute_greedy_and_sampled():
+@pytest.mark.parametrize("kv_bucket", [0, 7, 256])
+def test_cached_equals_dense_recompute_greedy_and_sampled(kv_bucket):
     m = fake(scale=1.0)
     cond = make_cond([1, 2, 4])
-    for cfg in [SamplerConfig(temperature=0), SamplerConfig(cfg_scale=2.0, top_k=6)]:
+    for cfg in [SamplerConfig(temperature=0, kv_bucket=kv_bucket),
+                SamplerConfig(cfg_scale=2.0, top_k=6, kv_bucket=kv_bucket)]:
         a = Sampler(m, FMT, cfg).generate(cond, generator=gen(11))
         b = Sampler(m, FMT, SamplerConfig(**{**cfg.__dict__, "use_cache": False})).generate(cond, generator=gen(11))
         assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("kv_bucket", [0, 1, 4, 7, 256])
+def test_steps_attend_over_the_bucket_of_their_position(kv_bucket):
+    # The host-side kv_len of every step is the bucket of the position the device feeds: the
+    # positions run n + p0, n + p0 + 1, ... (no gap, no repeat), each strictly below its kv_len.
+    m = fake(scale=0.5)
+    ctx = TokenizedVideo(torch.tensor([3, 1, 2, 5, 5, 6, 7, 8, 9, 10, 11, 0, 1]), torch.tensor([[1, 2], [2, 8]]))
+    max_len = 1 + FMT.max_length - 1  # one class slot; the last token is never fed
+    for kw, p0 in [(dict(), 0), (dict(prefix=ctx), 5)]:  # p0: the shorter prefix row, 2 length tokens + 3 codes
+        m.kv_lens.clear()
+        out = Sampler(m, FMT, SamplerConfig(cfg_scale=1.5, kv_bucket=kv_bucket)).generate(
+            make_cond([0, 4]), generator=gen(0), **kw)
+        pos = [p for p, _ in m.kv_lens]
+        assert pos == list(range(1 + p0, 1 + p0 + out.steps - 1))
+        assert [k for _, k in m.kv_lens] == [bucket_len(p, kv_bucket, max_len) for p in pos]
+        assert all(p < k <= max_len for p, k in m.kv_lens)
+    if kv_bucket == 4:
+        assert {k for _, k in m.kv_lens} >= {8, 12}
 
 
 def test_loop_stops_when_all_finish():

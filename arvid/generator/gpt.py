@@ -10,7 +10,7 @@ Three ways to run it, one return type each:
   through :func:`arvid.generator.attention.varlen_causal_attention`.
 - ``allocate_cache`` / ``prefill`` / ``decode_step``: inference over a static KV cache;
   ``decode_step`` has no host sync and no data-dependent Python branching, so it can be
-  captured in a CUDA graph.
+  captured in a CUDA graph (one graph per ``kv_len``: the cache positions it attends over).
 - ``forward_dense(cond, tokens) -> [B, n + L, vocab]``: a full recompute without a cache
   (the reference in tests, and the "no cache" speed baseline).
 
@@ -181,18 +181,23 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
-    def forward_decode(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward_decode(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, layer: int,
+                       kv_len: int | None = None) -> torch.Tensor:
         """One new token per row: ``x [B, 1, dim]`` at position ``pos`` (0-dim device tensor) -> ``[B, 1, dim]``.
 
-        Writes k/v in place at ``pos`` and attends over the whole static cache with a length
-        mask: shapes never change, nothing leaves the device (CUDA-graph capturable)."""
+        Writes k/v in place at ``pos`` and attends over the first ``kv_len`` cache positions
+        (a view of the cache, no copy; None = the whole static cache) with the length mask
+        ``arange(kv_len) <= pos``: for a given ``kv_len`` the shapes never change and nothing
+        leaves the device (CUDA-graph capturable). The caller keeps ``pos < kv_len``."""
         p = pos.reshape(1)
         q, k, v = self.qkv(x, p)
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))  # t == 1
         cache.k[layer].index_copy_(2, p, k.to(cache.dtype))
         cache.v[layer].index_copy_(2, p, v.to(cache.dtype))
-        valid = (torch.arange(cache.max_len, device=x.device) <= p).reshape(1, 1, 1, -1)  # [1, 1, 1, max_len]
-        out = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
+        n = cache.max_len if kv_len is None else kv_len
+        keys, values = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]  # [B, Hkv, n, D] views
+        valid = (torch.arange(n, device=x.device) <= p).reshape(1, 1, 1, -1)  # [1, 1, 1, n]
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
                                              attn_mask=valid, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -426,13 +431,21 @@ class GPT(nn.Module, PretrainedMixin):
         h = self._dense(cond, prefix_tokens, b, cache)  # [B, n, dim]
         return self.head(h[:, -1])
 
-    def decode_step(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
+                    kv_len: int | None = None) -> torch.Tensor:
         """Feed ``tokens LongTensor[B]`` at sequence position ``pos`` (0-dim LongTensor on the device,
         shared by the batch); return the logits predicting the next token, ``[B, vocab]``.
 
-        ``pos`` must be below ``cache.max_len`` (not checked: a check would sync with the host)."""
+        ``kv_len`` (a Python int, ``pos < kv_len <= cache.max_len``): attend only over the first
+        ``kv_len`` cache positions, so a step costs what the filled part of the cache costs, not
+        the whole preallocated cache (None = the whole cache). Each value is its own static
+        shape (one CUDA graph, or one compiled shape, per value): callers round it up to a few
+        bucket lengths. ``pos`` must be below ``kv_len`` (not checked: a check would sync with
+        the host)."""
+        if kv_len is not None and not 0 < kv_len <= cache.max_len:
+            raise ValueError(f"kv_len must lie in [1, cache.max_len={cache.max_len}], got {kv_len}")
         x = self.tok_emb(tokens)[:, None]  # [B, 1, dim]
         for i, blk in enumerate(self.blocks):
-            x = x + blk.attn.forward_decode(blk.attn_norm(x), pos, cache, i)
+            x = x + blk.attn.forward_decode(blk.attn_norm(x), pos, cache, i, kv_len)
             x = blk.mlp(x)
         return self.head(self.norm(x))[:, 0]

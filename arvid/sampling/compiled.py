@@ -3,55 +3,100 @@
 A decode step at batch 1-64 is a few hundred small kernels; launched from Python they cost
 more than the math. The whole step (``model.decode_step`` + guidance + constraint mask +
 sampling + state update, see ``arvid.sampling.sampler._Decoder.step``) works on static buffers
-with the step index on the device, so it is captured once into a ``torch.cuda.CUDAGraph`` and
-replayed: one launch per token. ``compile`` additionally runs the model's decode step through
-``torch.compile(mode="max-autotune-no-cudagraphs")`` (fused kernels) before capture; we capture
-ourselves rather than use ``mode="reduce-overhead"`` because the KV cache and the decoding
-state live outside the compiled function and are mutated in place, which cudagraph trees
-refuse to capture.
+with the step index on the device, so it is captured once into a ``torch.cuda.CUDAGraph`` (one
+per KV length bucket, below) and replayed: one launch per token. ``compile`` additionally runs
+the model's decode step through ``torch.compile(mode="max-autotune-no-cudagraphs")`` (fused
+kernels) before capture; we capture ourselves rather than use ``mode="reduce-overhead"``
+because the KV cache and the decoding state live outside the compiled function and are mutated
+in place, which cudagraph trees refuse to capture.
+
+A step attends over the filled part of the KV cache rounded up to a bucket
+(``SamplerConfig.kv_bucket``), so there is one graph per bucket length, all in one memory
+pool; the run loop replays the graph of the current bucket.
 
 On CPU the sampler runs the same step eagerly (``Sampler.execution``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
+_compiled_shapes = 0  # decode-step shapes compiled by capture_decoder in this process
 
-def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """Capture ``dec.step`` into ``dec.graph`` (a CUDA graph over the decoder's static buffers).
 
-    The warm-up steps (which also trigger compilation) mutate the buffers and the KV cache:
-    the decoder's buffers are restored afterwards, and the cache is rewritten by the prefill
-    that follows (a step only reads cache positions written before it).
+def _recompile_limit(extra: int) -> Any:
+    """A context that lets dynamo compile ``extra`` more shapes of the model's decode step.
+
+    With ``dynamic=False`` every (batch shape, ``kv_len``) pair is a recompile of the same
+    function, and the default limit (8) is below the bucket count of a long cache (9 at 2,052
+    positions and buckets of 256): past it dynamo would run the step eagerly (one warning). Only
+    the capture calls the compiled function (the run loop replays graphs), so the limit is
+    raised for the capture alone, to at least the number of shapes compiled so far in this
+    process."""
+    import torch._dynamo
+
+    global _compiled_shapes
+    _compiled_shapes += extra
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(getattr(cfg, name), _compiled_shapes)})
+
+
+def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3) -> dict[int, torch.cuda.CUDAGraph]:
+    """Capture ``dec.step(kv_len)`` into ``dec.graphs[kv_len]``: one CUDA graph over the decoder's
+    static buffers per KV length bucket the run loop can use (``dec.kv_lens()``; the last is the
+    whole cache, also ``dec.graph``).
+
+    The graphs share one memory pool: each step's results live in the decoder's static buffers
+    and its temporaries die within the step, and graphs are replayed one at a time on one
+    stream, so they can reuse the same memory in any order.
+
+    Each bucket's shape is warmed up on a side stream before its capture (which also triggers
+    its compilation). The warm-up steps mutate the buffers and the KV cache: the decoder's
+    buffers are restored after each warm-up and each capture, and the cache is rewritten by the
+    prefill that follows (a step only reads cache positions written before it).
 
     Args:
         dec: a ``_Decoder`` whose buffers were loaded for the batch to come.
-        compile_step: run the model's decode step through ``torch.compile`` before capturing.
-        warmup: eager (or compiled) steps on a side stream before capture.
+        compile_step: run the model's decode step through ``torch.compile`` (``dynamic=False``)
+            before capturing; every bucket length is then its own compiled shape (one
+            compilation per bucket and batch shape: capture takes longer).
+        warmup: eager (or compiled) steps on a side stream before each capture.
+
+    Returns:
+        ``dec.graphs``, ``{kv_len: graph}``.
     """
     if not torch.cuda.is_available() or dec.device.type != "cuda":
         raise RuntimeError("CUDA graph capture needs the model and the decoder on a CUDA device")
+    lens = dec.kv_lens()
+    limit = contextlib.nullcontext()
     if compile_step:
         # Only the model's step is compiled: inductor (torch 2.11) fails to generate code for the
         # sampling part (a split cumsum fused with an argmax: "NYI TritonSplitDimKernel
         # reductions"), and the sampling ops are few and small next to the model's.
         dec.decode_fn = torch.compile(dec.model.decode_step, mode="max-autotune-no-cudagraphs", dynamic=False)
-    fn = dec.step
+        limit = _recompile_limit(len(lens))
     snap = dec.snapshot()
+    main = torch.cuda.current_stream(dec.device)
     side = torch.cuda.Stream(device=dec.device)
-    side.wait_stream(torch.cuda.current_stream(dec.device))
-    with torch.cuda.stream(side):
-        for _ in range(max(warmup, 1)):
-            fn()
-    torch.cuda.current_stream(dec.device).wait_stream(side)
-    dec.restore(snap)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    # Capture records without running; the buffers are as loaded.
-    dec.restore(snap)
-    dec.graph = graph
-    return graph
+    pool = torch.cuda.graph_pool_handle()
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    with limit:
+        for kv_len in lens:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(max(warmup, 1)):
+                    dec.step(kv_len)
+            main.wait_stream(side)
+            dec.restore(snap)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                dec.step(kv_len)
+            # Capture records without running; the buffers are as loaded.
+            dec.restore(snap)
+            graphs[kv_len] = graph
+    dec.graphs = graphs
+    return graphs

@@ -6,6 +6,11 @@ tensor ops on preallocated buffers with the step index held on the device, so th
 can be replayed from a captured CUDA graph (``arvid.sampling.compiled``): the host only
 replays and, every ``check_every`` steps, asks whether every sample is finished.
 
+A step attends only over the filled part of the KV cache, rounded up to a multiple of
+``SamplerConfig.kv_bucket`` positions (:func:`bucket_len`): the host knows the position of
+every step, so it picks the bucket (one captured graph each) without asking the device, and
+eager steps use the same buckets as graph steps.
+
 Randomness: one uniform per sample and step, drawn up front from the caller's
 ``torch.Generator`` (``[steps, B]``) and consumed by inverse-CDF sampling, so a seed gives the
 same samples eagerly and from a graph, and the graph needs no RNG state.
@@ -46,6 +51,8 @@ class SamplerConfig:
         "auto", "decode step execution: eager; cuda_graph (captured step); compile (torch.compile + captured "
                 "step); auto = cuda_graph on CUDA, eager on CPU")
     use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)")
+    kv_bucket: int = doc(256, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
+                              "this many positions (one captured CUDA graph per bucket); 0 = always the whole cache")
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -64,6 +71,8 @@ class SamplerConfig:
             raise ValueError(f"budget_fn must be 'log' or 'linear', got {self.budget_fn!r}")
         if self.compile not in ("auto", "eager", "cuda_graph", "compile"):
             raise ValueError(f"compile must be auto|eager|cuda_graph|compile, got {self.compile!r}")
+        if isinstance(self.kv_bucket, bool) or not isinstance(self.kv_bucket, int) or self.kv_bucket < 0:
+            raise ValueError(f"kv_bucket must be an int >= 0 (0 = always the whole cache), got {self.kv_bucket!r}")
 
     @property
     def guided(self) -> bool:
@@ -221,6 +230,20 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 # --------------------------------------------------------------------------- the decoder
 
 
+def bucket_len(pos: int, bucket: int, max_len: int) -> int:
+    """Cache positions a decode step at position ``pos`` attends over (its ``kv_len``): ``pos + 1``
+    rounded up to a multiple of ``bucket``, at most ``max_len``; ``bucket`` 0 = ``max_len``.
+
+    Steps in one bucket share one static shape (one captured CUDA graph)."""
+    if not 0 <= pos < max_len:
+        raise ValueError(f"pos must lie in [0, max_len={max_len}), got {pos}")
+    if bucket < 0:
+        raise ValueError(f"bucket must be >= 0 (0 = the whole cache), got {bucket}")
+    if bucket == 0:
+        return max_len
+    return min(max_len, -(-(pos + 1) // bucket) * bucket)
+
+
 class _Decoder:
     """Static buffers of one batch shape, and the prefill / step functions over them.
 
@@ -251,11 +274,33 @@ class _Decoder:
         self.forced_len = torch.zeros(B, **long)
         self.constraint = SequenceConstraint(fmt, B, budget=1 if has_budget else None, device=device)
         self.state = ConstraintState.initial(B, device)
-        self.graph = None  # set by compiled.capture_decoder when the step runs from a CUDA graph
+        self.kv_bucket = cfg.kv_bucket
+        # kv_len -> the step captured for it; set by compiled.capture_decoder when the step runs from
+        # CUDA graphs (empty: eager).
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.decode_fn = model.decode_step  # compiled.capture_decoder may swap in a compiled one
         # Dense (no-cache) mode keeps the whole input on the device.
         self.cond2 = None
         self.prefix2 = None
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured step over the whole cache (right at any position, only slower than the
+        step's own bucket), or None when the step runs eagerly."""
+        return self.graphs.get(self.cache.max_len) if self.graphs and self.cache is not None else None
+
+    # ------------------------------------------------------------------ KV length buckets
+    def kv_len(self, chosen: int) -> int:
+        """The ``kv_len`` of the step run after ``chosen`` tokens were chosen: that step feeds token
+        ``chosen - 1`` at position ``chosen - 1 + n + p0`` (host-side twin of ``pos`` in :meth:`step`)."""
+        return bucket_len(chosen - 1 + self.n + self.p0, self.kv_bucket, self.cache.max_len)
+
+    def kv_lens(self) -> list[int]:
+        """Every ``kv_len`` the run loop can use (steps after 1 .. G - 1 chosen tokens), ascending;
+        the last is always the whole cache."""
+        lens = {self.kv_len(chosen) for chosen in range(1, self.G)}
+        lens.add(self.cache.max_len)
+        return sorted(lens)
 
     # ------------------------------------------------------------------ buffers
     def load(self, constraint: SequenceConstraint, state: ConstraintState, u: torch.Tensor, scales: torch.Tensor,
@@ -307,11 +352,12 @@ class _Decoder:
         self.tok.copy_(tok)
         self.i.add_(1)
 
-    def step(self) -> None:
-        """Feed the last chosen token at its position, then choose the next one."""
+    def step(self, kv_len: int | None = None) -> None:
+        """Feed the last chosen token at its position, then choose the next one; attend over the
+        first ``kv_len`` cache positions (:meth:`kv_len`; None = the whole cache)."""
         feed = torch.cat([self.tok, self.tok]) if self.guided else self.tok
         pos = self.i + (self.n + self.p0 - 1)  # position of token i-1 in the model's input
-        logits = self.decode_fn(self.cache, feed, pos)
+        logits = self.decode_fn(self.cache, feed, pos, kv_len)
         self.choose(logits)
 
     def step_dense(self, i: int) -> None:
@@ -485,11 +531,12 @@ class Sampler:
         pre = prefix[:, :p0].to(device)
         pre2 = torch.cat([pre, pre]) if guided else pre
         mode = self.execution(device)
-        if mode != "eager" and dec.graph is None:
+        if mode != "eager" and not dec.graphs:
             from arvid.sampling.compiled import capture_decoder
 
-            # Capture first: the warm-up steps write garbage into the cache and the buffers;
-            # the decoder's buffers are restored and the prefill below overwrites the cache.
+            # Capture first (one graph per KV length bucket): the warm-up steps write garbage into
+            # the cache and the buffers; the decoder's buffers are restored and the prefill in
+            # run() overwrites the cache.
             capture_decoder(dec, compile_step=(mode == "compile"))
 
         return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint)
@@ -516,10 +563,13 @@ class Sampler:
             for _ in range(chunk):
                 if not cfg.use_cache:
                     dec.step_dense(steps)
-                elif dec.graph is not None:
-                    dec.graph.replay()
                 else:
-                    dec.step()
+                    # Eager and graph steps attend over the same bucket: bit-identical samples.
+                    kv_len = dec.kv_len(steps)
+                    if dec.graphs:
+                        dec.graphs[kv_len].replay()
+                    else:
+                        dec.step(kv_len)
                 steps += 1
             if steps >= min_left and bool(constraint.done(dec.state).all()):
                 break
@@ -541,4 +591,4 @@ def mean_tokens(out: SampleOutput) -> float:
 
 
 __all__ = ["SamplerConfig", "Sampler", "SampleOutput", "sample_from_logits", "length_bias", "cfg_scales",
-           "null_conditioning", "cat_conditioning", "conditioning_class", "mean_tokens"]
+           "null_conditioning", "cat_conditioning", "conditioning_class", "mean_tokens", "bucket_len"]
