@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sampling.py                                   # GPU: preset L, batch 1 and 64, CFG
     python benchmarks/bench_sampling.py --device cpu --preset debug --steps 4   # CPU smoke
-    python benchmarks/bench_sampling.py --kv-bucket 0                     # attend over the whole cache
+    python benchmarks/bench_sampling.py --kv-bucket 256                   # attend over the filled cache in 256-position buckets
 
 For each batch size and each step execution (eager, cuda_graph, compile) it reports
 

@@ -1,4 +1,5 @@
-"""The CUDA-graph (and compiled) decode step gives exactly the eager samples (GPU only), with one
+"""The CUDA-graph decode step gives exactly the eager samples (GPU only; the compiled step is
+close to the eager one, not bit-equal), with one
 graph per KV length bucket (``kv_bucket`` 16: 9 buckets over the 132-position cache, more than
 dynamo's default recompile limit of 8) or one over the whole cache (0, and 256 > the cache)."""
 
@@ -33,7 +34,7 @@ def gen(seed):
 
 
 @pytest.mark.parametrize("kv_bucket", [0, 16, 256])
-@pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
+@pytest.mark.parametrize("mode", ["cuda_graph"])
 def test_graph_step_equals_eager(gpt, mode, kv_bucket):
     cond = Conditioning(torch.tensor([0, 1, 2, 3, 4, 0], device="cuda"))
     base = dict(cfg_scale=2.0, top_k=20, temperature=1.0, kv_bucket=kv_bucket)
@@ -66,3 +67,26 @@ def test_greedy_graph_equals_dense_recompute(gpt, kv_bucket):
         cond, generator=gen(0))
     b = Sampler(gpt, FMT, SamplerConfig(temperature=0, use_cache=False)).generate(cond, generator=gen(0))
     assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("kv_bucket", [0, 256])
+def test_compiled_step_is_close_to_eager_and_samples_are_well_formed(gpt, kv_bucket):
+    # inductor fuses and reorders reductions, so a compiled step is close to the eager one, not
+    # bit-equal, and a sampled token can flip where a uniform lies on a CDF boundary (seen on the
+    # H100, 2026-11-23: exact equality of compiled and eager samples failed). So: the logits are
+    # compared with a tolerance, and the compiled samples are checked for form, not identity.
+    cond = Conditioning(torch.tensor([0, 1, 2, 3, 4, 0], device="cuda"))
+    cfg = SamplerConfig(cfg_scale=2.0, top_k=20, temperature=1.0, kv_bucket=kv_bucket, compile="compile")
+    sampler = Sampler(gpt, FMT, cfg)
+    out = sampler.generate(cond, generator=gen(0))
+    counts = torch.tensor(FMT.layout.candidates)
+    assert bool(torch.isin(out.tokens.block_lengths.cpu(), counts).all())  # every block a candidate count
+    dec = next(iter(sampler._decoders.values()))
+    assert sorted(dec.graphs) == dec.kv_lens()
+    cache = gpt.allocate_cache(2, dec.cache.max_len, "cuda", torch.float32)
+    toks = torch.tensor([3, 5], device="cuda")
+    for p in (0, 1, 2):
+        pos = torch.tensor(p, device="cuda")
+        ref = gpt.decode_step(cache, toks, pos)
+        got = torch.compile(gpt.decode_step, dynamic=False)(cache, toks, pos)
+        assert torch.allclose(ref, got, atol=1e-3, rtol=1e-3), (p, (ref - got).abs().max())
