@@ -53,6 +53,55 @@ def test_flex_block_mask_is_the_packed_rule():
     torch.testing.assert_close(out, packed_attention(q, k, v, qs, ks, backend="loop"), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tile", [8, 16, 128])
+@pytest.mark.parametrize("seed", range(4))
+def test_block_tiles_are_exact_against_the_element_mask(tile, seed):
+    # FlexAttention skips tiles that are in neither list and computes "full" tiles without the
+    # mask, so both must be exact. (Eager flex on CPU ignores the sparsity, so an output
+    # comparison could not catch a wrong tile list: this checks the lists themselves.)
+    from arvid.tokenizer.attention import block_tiles
+
+    g = torch.Generator().manual_seed(seed)
+    B = int(torch.randint(1, 7, (1,), generator=g))
+    qs = Segments.from_block_lengths(torch.randint(0, 4, (B, 4), generator=g) * 8 + 1)
+    ks = Segments.uniform(B, torch.arange(4).repeat_interleave(int(torch.randint(3, 40, (1,), generator=g))))
+    for a, b in ((qs, ks), (ks, qs), (qs, qs), (ks, ks)):
+        partial, full = block_tiles(a, b, tile)
+        allowed = packed_mask(a, b)
+        assert not bool((partial & full).any())
+        for i in range(partial.shape[0]):
+            for j in range(partial.shape[1]):
+                sub = allowed[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile]
+                if full[i, j]:
+                    assert sub.shape == (tile, tile) and bool(sub.all()), (i, j)
+                elif not partial[i, j]:
+                    assert not bool(sub.any()), (i, j)
+                elif a.vid[i * tile:(i + 1) * tile].unique().numel() == 1 and \
+                        b.vid[j * tile:(j + 1) * tile].unique().numel() == 1:
+                    # one video on both sides: partial exactly when mixed
+                    assert bool(sub.any()) and not (sub.shape == (tile, tile) and bool(sub.all())), (i, j)
+
+
+def test_flex_block_mask_tiles_match_create_block_mask():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    qs = Segments.from_block_lengths(torch.tensor([[64, 32, 128, 16], [16, 16, 256, 32], [128, 128, 128, 128]]))
+    ks = Segments.uniform(3, torch.arange(4).repeat_interleave(64))
+    for a, b in ((qs, qs), (qs, ks), (ks, qs)):
+        ours = flex_block_mask(a, b)
+
+        def rule(bb, h, qi, ki, a=a, b=b):
+            return (a.vid[qi] == b.vid[ki]) & (b.blk[ki] <= a.blk[qi])
+
+        ref = create_block_mask(rule, B=None, H=None, Q_LEN=a.total, KV_LEN=b.total, device="cpu")
+        # the same tiles computed (our boundary tiles may be kept as partial where the reference
+        # finds them empty, never the other way round), the same tiles computed unmasked
+        got, want = ours.to_dense().bool(), ref.to_dense().bool()
+        assert bool((want <= got).all()) and int(got.sum()) - int(want.sum()) <= 2 * (3 + got.shape[-2])
+        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
 @pytest.mark.gpu
 def test_evatok_flex_matches_loop_on_cuda():
     from arvid.tokenizer import build_tokenizer

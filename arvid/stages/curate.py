@@ -229,15 +229,19 @@ def run(cfg: CurateConfig) -> Path:
     log.info("curate: %d of %d videos left on process %d (%s, %d assignments, %s)", len(todo), n_total,
              dist.rank, cfg.mode, layout.num_assignments, distortion.name)
     t0 = time.time()
-    for s in range(0, len(todo), cfg.save_every):
-        chunk = todo[s:s + cfg.save_every]
-        recs = []
-        for ids, v in _load_videos(dataset, chunk, cfg.num_workers, cfg.videos_per_step):
-            res = search(scorer, v.to(device), cfg.mode, stats, cfg.w_q, cfg.w_l, cfg.beam_width)
-            recs.append(res.to_records(ids, layout, cfg.quality, cfg.mode))
-        CurationRecords.concat(recs).save(parts_dir / f"part_{chunk[0]:09d}.npz")
-        log.info("curate: %d/%d videos (%.1f videos/s)", s + len(chunk), len(todo),
-                 (s + len(chunk)) / max(time.time() - t0, 1e-9))
+    recs, in_part, finished = [], 0, 0
+    # one loader for the whole run (its workers start once), a part file every save_every videos
+    for ids, v in _load_videos(dataset, todo, cfg.num_workers, cfg.videos_per_step):
+        res = search(scorer, v.to(device), cfg.mode, stats, cfg.w_q, cfg.w_l, cfg.beam_width)
+        recs.append(res.to_records(ids, layout, cfg.quality, cfg.mode))
+        in_part += ids.numel()
+        finished += ids.numel()
+        if in_part >= cfg.save_every or finished == len(todo):
+            part = CurationRecords.concat(recs)
+            part.save(parts_dir / f"part_{int(part.searched_videos.min()):09d}.npz")
+            recs, in_part = [], 0
+            log.info("curate: %d/%d videos (%.1f videos/s)", finished, len(todo),
+                     finished / max(time.time() - t0, 1e-9))
     dist.wait()
 
     if dist.rank == 0:

@@ -102,17 +102,76 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def flex_block_mask(q: Segments, k: Segments):
-    """A FlexAttention BlockMask for the packed rule, built from the tag vectors."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def _tile_stats(seg: Segments, tile: int) -> tuple[torch.Tensor, ...]:
+    """Per tile of ``tile`` consecutive tokens: min/max video id, min/max block id, and whether the
+    tile is complete (no positions past the end). Statistics cover real tokens only."""
+    n = seg.total
+    tiles = -(-n // tile)
+    pad = tiles * tile - n
+    vid, blk = seg.vid, seg.blk
+    if pad:  # repeat the last token: padding must not widen the ranges
+        vid = torch.cat([vid, vid[-1:].expand(pad)])
+        blk = torch.cat([blk, blk[-1:].expand(pad)])
+    vid, blk = vid.view(tiles, tile), blk.view(tiles, tile)
+    complete = torch.ones(tiles, dtype=torch.bool, device=vid.device)
+    if pad:
+        complete[-1] = False
+    return vid.amin(1), vid.amax(1), blk.amin(1), blk.amax(1), complete
+
+
+def block_tiles(q: Segments, k: Segments, tile: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``tile x tile`` tiles of the packed mask need computing: ``(partial, full)``, each
+    ``BoolTensor[tiles_q, tiles_k]``, from per-tile ranges of the tags (``O(tiles_q * tiles_k)``
+    work, never the ``Nq x Nk`` element mask).
+
+    ``full``: every pair of the tile is allowed (one video on both sides, every key block <= every
+    query block, no padding): computed without the mask. ``partial``: some pair may be allowed (the
+    element rule is applied). Neither: no pair is allowed, skipped. Exact for ``full`` and for
+    skipping; a tile straddling a video boundary is kept as partial (its mask does the rest).
+    """
+    qv0, qv1, qb0, qb1, qc = _tile_stats(q, tile)
+    kv0, kv1, kb0, kb1, kc = _tile_stats(k, tile)
+    overlap = (qv0[:, None] <= kv1[None, :]) & (kv0[None, :] <= qv1[:, None])
+    one_video = (qv0 == qv1)[:, None] & (kv0 == kv1)[None, :] & (qv0[:, None] == kv0[None, :])
+    all_later = kb0[None, :] > qb1[:, None]  # every key block after every query block
+    maybe = overlap & ~(one_video & all_later)
+    full = one_video & (kb1[None, :] <= qb0[:, None]) & qc[:, None] & kc[None, :]
+    return maybe & ~full, full
+
+
+def _kv_lists(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BoolTensor[Tq, Tk]`` -> FlexAttention's ``(num_blocks [1, 1, Tq], indices [1, 1, Tq, Tk])``:
+    per query tile, the kept key tiles in ascending order first."""
+    num = tiles.sum(1, dtype=torch.int32)
+    idx = (~tiles).to(torch.int8).argsort(dim=1, stable=True).to(torch.int32)
+    return num[None, None], idx[None, None]
+
+
+def flex_block_mask(q: Segments, k: Segments, tile: int = 128):
+    """A FlexAttention BlockMask for the packed rule, built from per-tile tag ranges
+    (:func:`block_tiles`) rather than by evaluating the rule on all ``Nq x Nk`` pairs as
+    ``create_block_mask`` does (a billion pairs for a curation batch of 128 clips)."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     q_vid, q_blk, k_vid, k_blk = q.vid, q.blk, k.vid, k.blk
 
     def mask_mod(b, h, qi, ki):
         return (q_vid[qi] == k_vid[ki]) & (k_blk[ki] <= q_blk[qi])
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q.total, KV_LEN=k.total,
-                             device=q.vid.device)
+    partial, full = block_tiles(q, k, tile)
+    num, idx = _kv_lists(partial)
+    full_num, full_idx = _kv_lists(full)
+    extra = {"seq_lengths": (q.total, k.total)} if _takes_seq_lengths() else {}  # torch >= 2.6
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod, **extra)
+
+
+@lru_cache(maxsize=1)
+def _takes_seq_lengths() -> bool:
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q: Segments, k: Segments,
