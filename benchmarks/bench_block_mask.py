@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def rule(b, h, qi, ki, s=seg):
             return (s.vid[qi] == s.vid[ki]) & (s.blk[ki] <= s.blk[qi])
 
-        ref = _timed(lambda: create_block_mask(rule, None, None, seg.total, seg.total, device=device), device, a.repeat)
-        ours = _timed(lambda: flex_block_mask(seg, seg), device, a.repeat)
+        ref = _timed(lambda s=seg: create_block_mask(rule, None, None, s.total, s.total, device=device), device, a.repeat)
+        ours = _timed(lambda s=seg: flex_block_mask(s, s), device, a.repeat)
         rows.append({"benchmark": "bench_block_mask", "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
