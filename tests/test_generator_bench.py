@@ -32,3 +32,14 @@ def test_bench_generator_tiny_cpu(tmp_path):
     for r in res["rows"]:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 < r["fill"] <= 1
         assert 4.0 < r["loss"] < 12.0  # near log(vocab 8197) = 9.0 after two steps
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_block_mask_cpu_appends_results_and_tiles_win(tmp_path):
+    out = tmp_path / "m.jsonl"
+    out.write_text('{"old": 1}\n')
+    rows = load("bench_block_mask").main(["--clips", "4,16", "--repeat", "1", "--out", str(out)])
+    assert [r["tokens"] for r in rows] == [1024, 4096]
+    assert rows[-1]["tiles_s"] < rows[-1]["create_block_mask_s"]  # pair-by-pair evaluation is the slow one
+    lines = out.read_text().splitlines()
+    assert lines[0] == '{"old": 1}' and len(lines) == 3  # earlier results kept
