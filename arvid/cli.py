@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 # (module, group): group None registers at the top level, else under that command group.
@@ -74,9 +75,19 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
             return
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key.sub=value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Dotted overrides may also follow an option (`arvid pipeline CFG --until curve a.b=1`):
+    # argparse stops filling a positional list at the first option, so such key=value words come
+    # back unrecognised; they are the command's overrides, in the order written.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all(_OVERRIDE.match(e) for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:

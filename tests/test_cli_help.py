@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,20 @@ def test_help(path, capsys):
 def test_no_command_prints_help_and_returns_2(capsys):
     assert main([]) == 2
     assert capsys.readouterr().out.startswith("usage: arvid")
+
+
+def test_overrides_may_follow_options_and_other_words_are_refused(capsys, tmp_path):
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "demo.yaml")
+    outs = []
+    for argv in (["pipeline", "--dry-run", cfg, f"out_dir={tmp_path}", "proxy.trainer.max_steps=3"],
+                 ["pipeline", cfg, "--dry-run", f"out_dir={tmp_path}", "proxy.trainer.max_steps=3"],
+                 ["pipeline", cfg, f"out_dir={tmp_path}", "--dry-run", "proxy.trainer.max_steps=3"]):
+        assert main(argv) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2] and str(tmp_path / "proxy") in outs[0]
+    assert main(["pipeline", "--dry-run", cfg, f"out_dir={tmp_path}"]) == 0
+    assert capsys.readouterr().out != outs[0]  # the override after the option did change the plan
+    for bad in ("--bogus", "notanoverride"):
+        with pytest.raises(SystemExit):
+            main(["pipeline", cfg, "--dry-run", bad])
+        assert f"unrecognized arguments: {bad}" in capsys.readouterr().err
