@@ -166,10 +166,46 @@ def _describe(stage: str) -> str:
     }[stage]
 
 
+def weights_needed(stage: str, cfg: Any) -> list[tuple[str, str | None]]:
+    """The third-party weights a stage will load, as ``(spec name, explicit path or None)``."""
+    lpips = {"alex": "lpips-alexnet-v0.1", "vgg": "lpips-vgg16-v0.1"}
+    need: list[tuple[str, str | None]] = []
+    if stage in ("proxy", "final", "fixed") and cfg.loss.lpips_weight > 0:
+        need.append((lpips[cfg.loss.lpips_net], None))
+    if stage in ("curate", "curve") and cfg.quality == "lpips":
+        need.append((lpips[cfg.lpips_net], cfg.lpips_weights))
+    if stage == "curve" and cfg.fvd:
+        need.append(("i3d-kinetics-400", cfg.fvd_weights))
+    if stage == "report":
+        if cfg.lpips:
+            need.append((lpips["alex"], None))
+        if cfg.fvd:
+            need.append(("i3d-kinetics-400", cfg.fvd_weights))
+    return need
+
+
+def preflight(items: list) -> None:
+    """Before the first stage runs, check that every weights file a stage still to run will load
+    is there, so that a missing LPIPS or I3D file fails now, not hours in (the error names the
+    stage, the file and the install command)."""
+    from arvid.eval.weights import SPECS, WeightsError, require
+
+    for item in items:
+        if item.action == "skip":
+            continue
+        for name, path in weights_needed(item.stage.name, item.stage.config):
+            try:
+                require(SPECS[name], path)
+            except WeightsError as e:
+                raise ValueError(f"stage {item.stage.name!r} will need {name} weights: {e}") from None
+
+
 def run_pipeline(config: str, overrides: list[str], until: str | None = None, from_: str | None = None,
                  dry_run: bool = False) -> list:
     exp = load_config(ExperimentConfig, config, overrides)
     pipe = build_pipeline(exp)
+    if not dry_run:
+        preflight(pipe.plan(until=until, from_=from_))
     items = pipe.run(until=until, from_=from_, dry_run=dry_run)
     if not dry_run:
         save_config(exp, Path(exp.out_dir) / "experiment.yaml")

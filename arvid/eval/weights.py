@@ -243,6 +243,16 @@ def locate(spec: WeightSpec, path: str | os.PathLike | None = None) -> Path:
     raise WeightsError(f"{spec.name} weights not found (looked at: {', '.join(looked)}); {spec.install_hint()}")
 
 
+def require(spec: WeightSpec, path: str | os.PathLike | None = None) -> None:
+    """Raise :class:`WeightsError` now unless :func:`load_spec` will find ``spec``'s weights (an
+    explicit path, ``$ARVID_WEIGHTS_DIR``, the installed package, or the converted cache). Cheap: it
+    looks for files and reads none, so a pipeline can check every stage's weights before its first."""
+    cached = cache_dir() / f"{spec.name}.safetensors"
+    if path is None and cached.is_file() and not os.environ.get("ARVID_WEIGHTS_DIR"):
+        return
+    locate(spec, path)
+
+
 def _check_tensors(spec: WeightSpec, state: dict[str, torch.Tensor], source: str) -> str:
     digest = hash_state(state)
     if spec.tensors_sha256 and digest != spec.tensors_sha256:
