@@ -166,8 +166,11 @@ def _describe(stage: str) -> str:
     }[stage]
 
 
-def weights_needed(stage: str, cfg: Any) -> list[tuple[str, str | None]]:
-    """The third-party weights a stage will load, as ``(spec name, explicit path or None)``."""
+def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig | None = None) -> list[tuple[str, str | None]]:
+    """The third-party weights a stage will load, as ``(spec name, explicit path or None)``.
+
+    ``exp``: the experiment, for the router stage, which completes the held-out beam records with
+    the proxy and the curation's quality term after training."""
     lpips = {"alex": "lpips-alexnet-v0.1", "vgg": "lpips-vgg16-v0.1"}
     need: list[tuple[str, str | None]] = []
     if stage in ("proxy", "final", "fixed") and cfg.loss.lpips_weight > 0:
@@ -176,6 +179,8 @@ def weights_needed(stage: str, cfg: Any) -> list[tuple[str, str | None]]:
         need.append((lpips[cfg.lpips_net], cfg.lpips_weights))
     if stage == "curve" and cfg.fvd:
         need.append(("i3d-kinetics-400", cfg.fvd_weights))
+    if stage == "router" and exp is not None and exp.curate.quality == "lpips" and exp.curate.mode == "beam":
+        need.append((lpips[exp.curate.lpips_net], exp.curate.lpips_weights))
     if stage == "report":
         if cfg.lpips:
             need.append((lpips["alex"], None))
@@ -184,7 +189,7 @@ def weights_needed(stage: str, cfg: Any) -> list[tuple[str, str | None]]:
     return need
 
 
-def preflight(items: list) -> None:
+def preflight(items: list, exp: ExperimentConfig | None = None) -> None:
     """Before the first stage runs, check that every weights file a stage still to run will load
     is there, so that a missing LPIPS or I3D file fails now, not hours in (the error names the
     stage, the file and the install command)."""
@@ -193,7 +198,7 @@ def preflight(items: list) -> None:
     for item in items:
         if item.action == "skip":
             continue
-        for name, path in weights_needed(item.stage.name, item.stage.config):
+        for name, path in weights_needed(item.stage.name, item.stage.config, exp):
             try:
                 require(SPECS[name], path)
             except WeightsError as e:
@@ -205,7 +210,7 @@ def run_pipeline(config: str, overrides: list[str], until: str | None = None, fr
     exp = load_config(ExperimentConfig, config, overrides)
     pipe = build_pipeline(exp)
     if not dry_run:
-        preflight(pipe.plan(until=until, from_=from_))
+        preflight(pipe.plan(until=until, from_=from_), exp)
     items = pipe.run(until=until, from_=from_, dry_run=dry_run)
     if not dry_run:
         save_config(exp, Path(exp.out_dir) / "experiment.yaml")

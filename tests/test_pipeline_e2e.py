@@ -331,3 +331,10 @@ def test_missing_weights_fail_before_the_first_stage(tmp_path, monkeypatch):
     for name in ("i3d-kinetics-400", "lpips-alexnet-v0.1"):
         (tmp_path / "none" / f"{name}.safetensors").write_bytes(b"x")
     preflight(build_pipeline(load_config(ExperimentConfig, cfg, [f"out_dir={out}"])).plan())
+    # the router completes held-out beam records with the curation's quality term (after training)
+    from arvid.pipeline import weights_needed
+
+    for over, want in ((["curate.quality=lpips", "curate.mode=beam"], [("lpips-alexnet-v0.1", None)]),
+                       (["curate.quality=lpips", "curate.mode=brute"], []), (["curate.quality=mse"], [])):
+        exp = load_config(ExperimentConfig, cfg, [f"out_dir={out}", *over])
+        assert weights_needed("router", build_pipeline(exp).stages[2].config, exp) == want, over

@@ -69,12 +69,13 @@ def test_greedy_graph_equals_dense_recompute(gpt, kv_bucket):
     assert torch.equal(a.sequences, b.sequences)
 
 
-@pytest.mark.parametrize("kv_bucket", [0, 256])
+@pytest.mark.parametrize("kv_bucket", [0, 16])
 def test_compiled_step_is_close_to_eager_and_samples_are_well_formed(gpt, kv_bucket):
     # inductor fuses and reorders reductions, so a compiled step is close to the eager one, not
     # bit-equal, and a sampled token can flip where a uniform lies on a CDF boundary (seen on the
-    # H100, 2026-11-23: exact equality of compiled and eager samples failed). So: the logits are
-    # compared with a tolerance, and the compiled samples are checked for form, not identity.
+    # H100, 2026-11-23: exact equality of compiled and eager samples failed). So: the sampler's own
+    # compiled step is compared with the eager step for every bucket, with a tolerance, and the
+    # samples are checked for form. kv_bucket 16 gives 9 shapes, above dynamo's default limit of 8.
     cond = Conditioning(torch.tensor([0, 1, 2, 3, 4, 0], device="cuda"))
     cfg = SamplerConfig(cfg_scale=2.0, top_k=20, temperature=1.0, kv_bucket=kv_bucket, compile="compile")
     sampler = Sampler(gpt, FMT, cfg)
@@ -82,11 +83,14 @@ def test_compiled_step_is_close_to_eager_and_samples_are_well_formed(gpt, kv_buc
     counts = torch.tensor(FMT.layout.candidates)
     assert bool(torch.isin(out.tokens.block_lengths.cpu(), counts).all())  # every block a candidate count
     dec = next(iter(sampler._decoders.values()))
-    assert sorted(dec.graphs) == dec.kv_lens()
-    cache = gpt.allocate_cache(2, dec.cache.max_len, "cuda", torch.float32)
-    toks = torch.tensor([3, 5], device="cuda")
-    for p in (0, 1, 2):
-        pos = torch.tensor(p, device="cuda")
-        ref = gpt.decode_step(cache, toks, pos)
-        got = torch.compile(gpt.decode_step, dynamic=False)(cache, toks, pos)
-        assert torch.allclose(ref, got, atol=1e-3, rtol=1e-3), (p, (ref - got).abs().max())
+    assert sorted(dec.graphs) == dec.kv_lens() and len(dec.kv_lens()) == (9 if kv_bucket == 16 else 1)
+    assert dec.decode_fn is not gpt.decode_step  # the compiled step
+    rows = dec.cache.k.shape[1]
+    cache = gpt.allocate_cache(rows, dec.cache.max_len, "cuda", torch.float32)
+    toks = torch.arange(rows, device="cuda") % 50
+    for k in dec.kv_lens():
+        for p in sorted({0, k // 2, k - 1}):
+            pos = torch.tensor(p, device="cuda")
+            ref = gpt.decode_step(cache, toks, pos, k)
+            got = dec.decode_fn(cache, toks, pos, k)
+            assert torch.allclose(ref, got, atol=1e-3, rtol=1e-3), (k, p, (ref - got).abs().max())

@@ -229,6 +229,14 @@ def run(cfg: TrainRouterConfig) -> Path:
 
     router = Router(from_dict(RouterConfig, router_cfg, source=str(cfg.out_dir), prefix="router."))
     task = RouterTask(router, soft=cfg.targets == "soft")
+    device = resolve_device(cfg.device)
+    A = layout.num_assignments
+    # held-out beam records are completed with the proxy after training: load what its quality term
+    # needs (LPIPS weights) now, so a missing file fails before the training, not after it
+    incomplete = bool((np.bincount(np.searchsorted(val_records.videos(), val_records.video)) < A).any())
+    if incomplete:
+        cur = read_yaml(Path(cfg.curation) / "config.yaml")
+        Distortion(stats.quality, cur.get("lpips_net", "alex"), "cpu", cur.get("lpips_weights")).check()
     trainer = Trainer(cfg.trainer, task, train_set, out)
     trainer.fit()
     final = trainer.final_model()
@@ -239,9 +247,7 @@ def run(cfg: TrainRouterConfig) -> Path:
                                                  "proxy_tokenizer_fingerprint": info.get("tokenizer_fingerprint")})
 
     # held-out evaluation, with best/worst exact: complete beam records with the proxy
-    device = resolve_device(cfg.device)
-    A = layout.num_assignments
-    if (np.bincount(np.searchsorted(val_records.videos(), val_records.video)) < A).any():
+    if incomplete:
         proxy = read_yaml(Path(cfg.curation) / "config.yaml").get("tokenizer")
         tok = load_tokenizer(proxy, map_location=str(device)).eval()
         cur = read_yaml(Path(cfg.curation) / "config.yaml")
