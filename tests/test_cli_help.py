@@ -101,3 +101,21 @@ def test_overrides_may_follow_options_and_other_words_are_refused(capsys, tmp_pa
         with pytest.raises(SystemExit):
             main(["pipeline", cfg, "--dry-run", bad])
         assert f"unrecognized arguments: {bad}" in capsys.readouterr().err
+
+
+def test_eval_without_a_config_file_takes_a_first_override(tmp_path, monkeypatch):
+    # `config` is optional for `arvid eval recon|gen|fp`: a key=value first word is an override,
+    # not a config path (it used to be read as a YAML file name).
+    import argparse
+
+    from arvid.stages.evaluate import _config_and_overrides
+
+    ns = argparse.Namespace
+    assert _config_and_overrides(ns(config="tokenizer=runs/t", overrides=["num_videos=4"])) == (
+        None, ["tokenizer=runs/t", "num_videos=4"])
+    assert _config_and_overrides(ns(config="cfg.yaml", overrides=["a=1"])) == ("cfg.yaml", ["a=1"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x=1.yaml").write_text("{}")
+    assert _config_and_overrides(ns(config="x=1.yaml", overrides=[])) == ("x=1.yaml", [])  # a real file wins
+    args = build_parser().parse_args(["eval", "recon", "tokenizer=runs/t", "num_videos=4"])
+    assert _config_and_overrides(args) == (None, ["tokenizer=runs/t", "num_videos=4"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -551,6 +552,15 @@ def render_report(m: dict) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """The config file is optional here, so ``arvid eval recon tokenizer=x`` puts ``tokenizer=x`` into
+    argparse's ``config`` slot: a ``key=value`` word that names no file is the first override."""
+    config, overrides = args.config, list(args.overrides or [])
+    if config is not None and re.match(r"^[A-Za-z_][\w.]*=", config) and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, overrides
+
+
 def add_arguments(eval_subparsers) -> None:
     """Register ``arvid eval recon|gen|fp CONFIG [overrides]``."""
     for name, cls, fn, help_ in (
@@ -561,4 +571,4 @@ def add_arguments(eval_subparsers) -> None:
         p = eval_subparsers.add_parser(name, help=help_)
         p.add_argument("config", nargs="?", default=None, help=f"YAML config ({cls.__name__}); optional")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tokenizer=runs/tok/tokenizer")
-        p.set_defaults(func=lambda args, _cls=cls, _fn=fn: _fn(load_config(_cls, args.config, args.overrides)) and 0)
+        p.set_defaults(func=lambda args, _cls=cls, _fn=fn: _fn(load_config(_cls, *_config_and_overrides(args))) and 0)
