@@ -1,0 +1,102 @@
+"""Real-video input for FVD: clips/s that CPU workers decode, resize and crop, end to end.
+
+    python benchmarks/bench_video_decode.py                      # 48 UCF-101-like mp4s, 0/1/2 workers
+    python benchmarks/bench_video_decode.py --workers 0,4,8,16   # on a bigger host
+
+``arvid eval fvd`` reads videos through :class:`arvid.data.files.VideoFileDataset` in DataLoader
+workers (PyAV decode, short side resized to the protocol's size, centre crop, 16 frames) and
+resizes to 224 on the GPU. This measures that CPU side on files it writes itself (``--src-frames``
+frames of ``--src-size``, H.264 or MPEG-4, like UCF-101's 320 x 240 clips), and reports how many
+workers it takes to keep an I3D busy at ``--i3d-clips-per-s`` (default: 267, arvid's fp32 I3D on
+the H100, BENCHMARKS.md). Prints one JSON object (command, host, date) and appends it to
+``--out`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def write_sources(folder: Path, n: int, frames: int, width: int, height: int) -> None:
+    """``n`` mp4 files of moving synthetic sprites at ``width x height`` (drawn square, then resized)."""
+    from arvid.data.synthetic import SyntheticVideos
+    from arvid.data.writer import write_video
+
+    ds = SyntheticVideos(n, frames=frames, size=height, seed=1)
+    for i in range(n):
+        v = ds[i]["video"]  # [C, T, H, W] in [-1, 1]
+        v = F.interpolate(v.transpose(0, 1), size=(height, width), mode="bilinear", align_corners=False)
+        write_video(v.transpose(0, 1).clamp(-1, 1), folder / f"clip_{i:04d}.mp4", fps=25)
+
+
+def decode_rate(folder: Path, workers: int, frames: int, size: int, batch: int, passes: int) -> tuple[float, int]:
+    """(clips/s, clips) of ``passes`` passes over ``folder`` as ``arvid eval fvd`` reads it (each pass
+    draws other random clip starts; worker start-up is included, as in a real run)."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from arvid.data.files import ClipConfig
+    from arvid.stages.eval_fvd import _collate, open_videos
+
+    ds = open_videos(str(folder), ClipConfig(frames=frames, size=size, random_start=True, flip=False), seed=0)
+    loader = DataLoader(ConcatDataset([ds] * passes), batch_size=batch, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False)
+    t = time.perf_counter()
+    seen = sum(b["video"].shape[0] for b in loader)
+    return seen / (time.perf_counter() - t), seen
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=int, default=48, help="source files to write and read")
+    p.add_argument("--src-frames", type=int, default=64, help="frames per source file")
+    p.add_argument("--src-size", default="320x240", help="source WIDTHxHEIGHT")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p.add_argument("--size", type=int, default=128, help="clip size after resize + crop (the rFVD protocol's 128)")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--passes", type=int, default=4, help="passes over the files per measurement")
+    p.add_argument("--i3d-clips-per-s", type=float, default=267.0, help="the consumer's rate to keep busy")
+    p.add_argument("--out", default=None, help="append the JSON result to this file")
+    a = p.parse_args(argv)
+    width, height = (int(x) for x in a.src_size.lower().split("x"))
+    torch.set_num_threads(1)  # as in DataLoader workers
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t = time.perf_counter()
+        write_sources(folder, a.videos, a.src_frames, width, height)
+        write_s = time.perf_counter() - t
+        for w in (int(x) for x in a.workers.split(",")):
+            rate, seen = decode_rate(folder, w, a.frames, a.size, a.batch, a.passes)
+            rows.append({"workers": w, "clips_per_s": round(rate, 2), "clips": seen})
+    per_worker = max(r["clips_per_s"] / max(r["workers"], 1) for r in rows)
+    res = {"benchmark": "bench_video_decode", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+           "source": f"{a.videos} mp4 of {a.src_frames} frames at {width}x{height}", "write_s": round(write_s, 1),
+           "clip": [a.frames, a.size, a.size], "rows": rows, "best_clips_per_s_per_worker": round(per_worker, 2),
+           "workers_to_feed": math.ceil(a.i3d_clips_per_s / per_worker), "i3d_clips_per_s": a.i3d_clips_per_s}
+    print(json.dumps(res), flush=True)
+    if a.out:
+        from arvid.io import atomic_write
+
+        old = Path(a.out).read_text() if Path(a.out).is_file() else ""
+        with atomic_write(a.out, "w") as f:  # the old lines and the new one, or the old file untouched
+            f.write(old + json.dumps(res) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
