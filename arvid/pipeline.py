@@ -175,6 +175,8 @@ def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig | None = None) ->
     need: list[tuple[str, str | None]] = []
     if stage in ("proxy", "final", "fixed") and cfg.loss.lpips_weight > 0:
         need.append((lpips[cfg.loss.lpips_net], None))
+    if stage in ("proxy", "final", "fixed") and cfg.loss.align_weight > 0 and cfg.loss.align_encoder == "i3d":
+        need.append(("i3d-kinetics-400", None))
     if stage in ("curate", "curve") and cfg.quality == "lpips":
         need.append((lpips[cfg.lpips_net], cfg.lpips_weights))
     if stage == "curve" and cfg.fvd:

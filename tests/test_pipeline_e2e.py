@@ -321,6 +321,9 @@ def test_missing_weights_fail_before_the_first_stage(tmp_path, monkeypatch):
     # the curve's rFVD needs I3D too, and an LPIPS training loss needs LPIPS
     with pytest.raises(ValueError, match="stage 'curve' will need i3d-kinetics-400"):
         run_pipeline(cfg, [f"out_dir={out}", "curve.fvd=true", "report.fvd=false", "report.lpips=false"])
+    with pytest.raises(ValueError, match="stage 'final' will need i3d-kinetics-400"):
+        run_pipeline(cfg, [f"out_dir={out}", "final.loss.align_weight=0.7", "final.loss.align_encoder=i3d",
+                           "report.fvd=false", "report.lpips=false"])
     with pytest.raises(ValueError, match="stage 'proxy' will need lpips-alexnet-v0.1"):
         run_pipeline(cfg, [f"out_dir={out}", "proxy.loss.lpips_weight=0.5", "report.fvd=false", "report.lpips=false"])
     # the files in $ARVID_WEIGHTS_DIR satisfy it (a dry run plans; the check itself is preflight)

@@ -6,8 +6,9 @@ non-saturating loss and VQGAN's adaptive weight, the quantizer's losses (commitm
 entropy), and the per-sample assignment samplers of the three training stages (proxy: random,
 fixed, final: router or precomputed choices).
 
-Representation alignment to a frozen video encoder (the paper's final model) is not
-implemented: it needs weights we cannot ship or download.
+Representation alignment to a frozen video encoder (the paper's final model, weight 0.7) is
+on when ``align_weight > 0`` and ``align_encoder`` names the encoder (``i3d``, the offline FVD
+network, or a TorchScript file the user gives): :mod:`arvid.tokenizer.alignment`.
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ class LossConfig:
     disc_channels: int = doc(64, "channels of the discriminator's first layer")
     disc_layers: int = doc(3, "strided layers of the discriminator")
     disc_lr_scale: float = doc(1.0, "learning-rate multiplier of the discriminator's optimizer group")
+    align_weight: float = doc(0.0, "weight of the alignment of the encoder's patch features to a frozen video "
+                                   "encoder (the paper: 0.7; 0 = off; evatok only)")
+    align_encoder: str | None = doc(None, "the frozen encoder when align_weight > 0: 'i3d' (the offline FVD I3D, "
+                                          "Mixed_4f) or a TorchScript file [B,3,T,H,W] -> [B,D,t,h,w]")
+    align_hidden: int = doc(1024, "hidden width of the alignment projector MLP")
 
     def __post_init__(self) -> None:
         for name in ("l1_weight", "l2_weight", "lpips_weight", "commit_weight", "codebook_weight",
-                     "entropy_weight", "gan_weight"):
+                     "entropy_weight", "gan_weight", "align_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.align_weight > 0 and not self.align_encoder:
+            raise ValueError("align_weight > 0 needs align_encoder: 'i3d' or the path of a TorchScript video encoder")
+        if self.align_hidden < 1:
+            raise ValueError(f"align_hidden must be >= 1, got {self.align_hidden}")
         if self.disc_layers < 1:
             raise ValueError(f"disc_layers must be >= 1, got {self.disc_layers}")
 
@@ -221,6 +231,41 @@ class TokenizerTask(nn.Module):
         in_ch = getattr(tokenizer.config, "in_channels", 3)
         self.discriminator = (PatchDiscriminator(in_ch, loss_cfg.disc_channels, loss_cfg.disc_layers,
                                                  loss_cfg.disc_kind) if loss_cfg.gan_weight > 0 else None)
+        self.align = None
+        if loss_cfg.align_weight > 0:
+            self._setup_alignment(tokenizer, loss_cfg)
+
+    def _setup_alignment(self, tokenizer: nn.Module, cfg: LossConfig) -> None:
+        """Frozen encoder (kept out of the submodules: not trained, not checkpointed), a hook on the
+        encoder's last patch layer, and the trainable projector (sized by one probe forward)."""
+        from arvid.tokenizer.alignment import AlignmentHead, build_align_encoder
+
+        layers = getattr(tokenizer, "patch_layers", None)
+        if not layers:
+            raise ValueError(f"loss.align_weight > 0 needs a tokenizer with patch layers (evatok); "
+                             f"{type(tokenizer).__name__} has none")
+        enc = build_align_encoder(cfg.align_encoder)
+        self.__dict__["_align_encoder"] = enc
+        c = tokenizer.config
+        probe = torch.zeros(1, getattr(c, "in_channels", 3), sum(c.frames_per_block), c.image_size, c.image_size)
+        with torch.no_grad():
+            target_dim = enc(probe).shape[1]
+        self.align = AlignmentHead(c.dim, target_dim, cfg.align_hidden)
+        self.__dict__["_align_feats"] = None
+
+        def keep(_module, _inputs, output):
+            self.__dict__["_align_feats"] = output
+
+        layers[-1].register_forward_hook(keep)
+
+    def _align_loss(self, video: torch.Tensor) -> torch.Tensor:
+        c = self.tokenizer.config
+        feats = self.__dict__["_align_feats"]
+        grid = (video.shape[2] // c.patch_time, video.shape[3] // c.patch_size, video.shape[4] // c.patch_size)
+        enc = self.__dict__["_align_encoder"].to(video.device)
+        with torch.no_grad():
+            target = enc(video.float())
+        return self.align(feats, grid, target)
 
     @property
     def lpips(self) -> nn.Module | None:
@@ -236,7 +281,10 @@ class TokenizerTask(nn.Module):
         return net
 
     def optimizer_groups(self) -> dict[str, Any]:
-        groups: dict[str, Any] = {"main": [p for p in self.tokenizer.parameters() if p.requires_grad]}
+        main = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        if self.align is not None:
+            main += list(self.align.parameters())  # the projector trains with the tokenizer
+        groups: dict[str, Any] = {"main": main}
         if self.discriminator is not None:
             groups["disc"] = {"params": list(self.discriminator.parameters()), "lr_scale": self.loss_cfg.disc_lr_scale}
         return groups
@@ -279,6 +327,10 @@ class TokenizerTask(nn.Module):
             vq = vq + cfg.entropy_weight * qo.losses["entropy"]
             metrics["entropy_loss"] = float(qo.losses["entropy"].detach())
         main = rec + vq
+        if self.align is not None:
+            al = self._align_loss(video)
+            main = main + cfg.align_weight * al
+            metrics["align"] = float(al.detach())
 
         losses: dict[str, torch.Tensor] = {}
         if self.discriminator is not None:
