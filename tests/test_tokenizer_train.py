@@ -48,6 +48,11 @@ def test_proxy_training_psnr_rises_with_more_tokens(tmp_path):
     assert curve[2] > 17.0, curve  # it learned something (an untrained model is ~11 dB)
     assert 0 < m["codebook_usage"] <= 1 and m["codebook_perplexity"] > 1
     assert (out / "done").is_file() and (out / "val_recon.gif").stat().st_size > 0
+    import av  # the mp4 beside the gif: inputs and reconstructions side by side, every frame
+
+    with av.open(str(out / "val_recon.mp4")) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == cfg.data.frames and frames[0].shape[0] > frames[0].shape[1] / 8
     tok = load_tokenizer(out / "tokenizer")
     assert tok.layout.candidates == (1, 4, 16)
 

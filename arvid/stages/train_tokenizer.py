@@ -12,7 +12,8 @@ Outputs in ``out_dir``:
 - ``config.yaml`` (the resolved config), ``trainer.yaml``, ``metrics.jsonl``, ``checkpoints/``
   (the Trainer's; a rerun resumes from them);
 - ``tokenizer/``: the final (EMA) tokenizer, ``save_pretrained`` format;
-- ``val_recon.gif``: validation clips, each input row followed by its reconstruction row;
+- ``val_recon.gif`` (and ``val_recon.mp4`` where PyAV is installed): validation clips, each input
+  row followed by its reconstruction row;
 - ``val_metrics.json``: PSNR on validation clips (proxy: per uniform candidate count and under
   random assignments), tokens per video, codebook usage and perplexity;
 - ``done``: written last.
@@ -21,6 +22,7 @@ Outputs in ``out_dir``:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +199,11 @@ def validate(cfg: TrainTokenizerConfig, tokenizer, sampler, videos: torch.Tensor
     pairs = torch.cat([torch.stack([videos[i:i + rows], grid_recon[i:i + rows]]).flatten(0, 1)
                        for i in range(0, n, rows)])
     write_grid(pairs.float().cpu(), out_dir / "val_recon.gif", nrow=rows, fps=cfg.fps)
-    metrics["grid"] = "val_recon.gif (rows: inputs, then their reconstructions)"
+    names = ["val_recon.gif"]
+    if importlib.util.find_spec("av") is not None:  # mp4 needs PyAV; the gif is always written
+        write_grid(pairs.float().cpu(), out_dir / "val_recon.mp4", nrow=rows, fps=cfg.fps)
+        names.append("val_recon.mp4")
+    metrics["grid"] = f"{', '.join(names)} (rows: inputs, then their reconstructions)"
     return metrics
 
 
