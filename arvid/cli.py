@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
     """Append the YAML keys of the command's config dataclass (type, default, help) to its --help."""
     import dataclasses
-    import re
 
     from arvid.config import describe
 
@@ -75,9 +74,6 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
             return
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key.sub=value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Dotted overrides may also follow an option (`arvid pipeline CFG --until curve a.b=1`):
@@ -85,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     # back unrecognised; they are the command's overrides, in the order written.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if not hasattr(args, "overrides") or not all(_OVERRIDE.match(e) for e in extra):
+        from arvid.config import is_override
+
+        if not hasattr(args, "overrides") or not all(is_override(e) for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),

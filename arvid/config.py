@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -187,6 +188,14 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def is_override(word: str) -> bool:
+    """Whether a command-line word is a dotted override ``key.sub=value`` (not a path or an option)."""
+    return bool(_OVERRIDE.match(word))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

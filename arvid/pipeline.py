@@ -166,7 +166,7 @@ def _describe(stage: str) -> str:
     }[stage]
 
 
-def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig | None = None) -> list[tuple[str, str | None]]:
+def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig) -> list[tuple[str, str | None]]:
     """The third-party weights a stage will load, as ``(spec name, explicit path or None)``.
 
     ``exp``: the experiment, for the router stage, which completes the held-out beam records with
@@ -181,7 +181,7 @@ def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig | None = None) ->
         need.append((lpips[cfg.lpips_net], cfg.lpips_weights))
     if stage == "curve" and cfg.fvd:
         need.append(("i3d-kinetics-400", cfg.fvd_weights))
-    if stage == "router" and exp is not None and exp.curate.quality == "lpips" and exp.curate.mode == "beam":
+    if stage == "router" and exp.curate.quality == "lpips" and exp.curate.mode == "beam":
         need.append((lpips[exp.curate.lpips_net], exp.curate.lpips_weights))
     if stage == "report":
         if cfg.lpips:
@@ -191,7 +191,7 @@ def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig | None = None) ->
     return need
 
 
-def preflight(items: list, exp: ExperimentConfig | None = None) -> None:
+def preflight(items: list, exp: ExperimentConfig) -> None:
     """Before the first stage runs, check that every weights file a stage still to run will load
     is there, so that a missing LPIPS or I3D file fails now, not hours in (the error names the
     stage, the file and the install command)."""
@@ -211,9 +211,7 @@ def run_pipeline(config: str, overrides: list[str], until: str | None = None, fr
                  dry_run: bool = False) -> list:
     exp = load_config(ExperimentConfig, config, overrides)
     pipe = build_pipeline(exp)
-    if not dry_run:
-        preflight(pipe.plan(until=until, from_=from_), exp)
-    items = pipe.run(until=until, from_=from_, dry_run=dry_run)
+    items = pipe.run(until=until, from_=from_, dry_run=dry_run, preflight=lambda plan: preflight(plan, exp))
     if not dry_run:
         save_config(exp, Path(exp.out_dir) / "experiment.yaml")
     return items

@@ -128,10 +128,15 @@ class Pipeline:
                 items.append(PlanItem(s, d, fp, "run", "not run yet"))
         return items
 
-    def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False) -> list[PlanItem]:
+    def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
+            preflight: Callable[[list[PlanItem]], None] | None = None) -> list[PlanItem]:
+        """Plan, then run every stage that is not skipped. ``preflight(plan)`` runs between the two
+        (not on a dry run): a check that raises stops the pipeline before its first stage."""
         items = self.plan(until, from_)
         if dry_run:
             return items
+        if preflight is not None:
+            preflight(items)
         check_writable(self.out_dir)
         for it in items:
             if it.action == "skip":

@@ -38,7 +38,7 @@ from arvid.data.types import BlockLayout
 from arvid.generator.conditioning import Conditioning
 from arvid.generator.gpt import GPT
 from arvid.generator.sequence import SequenceFormat
-from arvid.sampling.sampler import Sampler, SamplerConfig, bucket_len, cat_conditioning, mean_tokens
+from arvid.sampling.sampler import Sampler, SamplerConfig, cat_conditioning, mean_tokens
 
 
 def parse() -> argparse.Namespace:
@@ -100,11 +100,7 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
     chosen = [fill + 1]
 
     def run() -> None:
-        kv_len = dec.kv_len(chosen[0])
-        if dec.graphs:
-            dec.graphs[kv_len].replay()
-        else:
-            dec.step(kv_len)
+        dec.advance(chosen[0])
         chosen[0] += 1
 
     dec.i.fill_(fill + 1)
@@ -118,7 +114,7 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
         dec.i.fill_(fill + 1)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for j in range(4):
-                dec.step(dec.kv_len(fill + 1 + j))
+                dec.advance(fill + 1 + j)
             sync(device)
         print(f"# eager decode step kernels, batch {B} (4 steps):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
@@ -183,12 +179,12 @@ def main() -> int:
         kv_fill = kv_elems_per_pos * (n_prefix + fill) * torch.finfo(dtype).bits // 8
         floor_full = (weight_bytes + kv_full) / a.bandwidth * 1e3
         floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
-        # The bucket a step at the start of the timed steps attends over (position n + fill).
-        kv_len = bucket_len(n_prefix + fill, a.kv_bucket, n_prefix + fmt.max_length - 1)
-        floor_bucket = (weight_bytes + kv_elems_per_pos * kv_len * torch.finfo(dtype).bits // 8) / a.bandwidth * 1e3
         full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
         for mode in modes:
             row = bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len)
+            # the bucket the first timed step attends over (row["kv_len"], from the decoder itself)
+            kv_bucket_bytes = kv_elems_per_pos * row["kv_len"] * torch.finfo(dtype).bits // 8
+            floor_bucket = (weight_bytes + kv_bucket_bytes) / a.bandwidth * 1e3
             row.update(floor_ms_full_cache=floor_full, floor_ms_bucket=floor_bucket, floor_ms_filled=floor_fill,
                        step_over_floor=row["step_ms"] / floor_full,
                        step_over_floor_filled=row["step_ms"] / floor_fill)

@@ -333,7 +333,8 @@ def test_missing_weights_fail_before_the_first_stage(tmp_path, monkeypatch):
     (tmp_path / "none").mkdir()
     for name in ("i3d-kinetics-400", "lpips-alexnet-v0.1"):
         (tmp_path / "none" / f"{name}.safetensors").write_bytes(b"x")
-    preflight(build_pipeline(load_config(ExperimentConfig, cfg, [f"out_dir={out}"])).plan())
+    exp = load_config(ExperimentConfig, cfg, [f"out_dir={out}"])
+    preflight(build_pipeline(exp).plan(), exp)
     # the router completes held-out beam records with the curation's quality term (after training)
     from arvid.pipeline import weights_needed
 

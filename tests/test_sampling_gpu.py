@@ -47,7 +47,7 @@ def test_graph_step_equals_eager(gpt, mode, kv_bucket):
         assert torch.equal(a.sequences, b.sequences), seed
     assert len(graph._decoders) == 1
     dec = next(iter(graph._decoders.values()))
-    assert dec.graph is not None and sorted(dec.graphs) == dec.kv_lens()
+    assert dec.graphs and sorted(dec.graphs) == dec.kv_lens()
     assert dec.cache.max_len == 132 and dec.kv_lens() == ([16 * k for k in range(1, 9)] + [132] if kv_bucket == 16
                                                           else [132])
     # Constraints, an exact budget and a per-row prefix (prefill + forced tokens) in the graph too.

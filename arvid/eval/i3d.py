@@ -266,6 +266,17 @@ class I3D(nn.Module):
         if x.shape[2] < 9:
             # Time shrinks by 8 before the VALID 2x7x7 average pool, which needs 2 steps left.
             raise ValueError(f"I3D needs clips of at least 9 frames (the FVD protocols use 16), got {x.shape[2]}")
+        x = self.features(x)
+        # VALID 2x7x7 average; in float32 (no bf16 CPU kernel, and an average is where low precision hurts)
+        x = F.avg_pool3d(x.float(), (2, 7, 7), stride=1).to(x.dtype)
+        x = self.logits(x)  # [B, 400, T', 1, 1]
+        return x.flatten(2).mean(dim=2)  # [B, 400, T', 1, 1] -> [B, 400]: average over time
+
+    def features(self, x: torch.Tensor, until: str = I3D_MIXED[-1]) -> torch.Tensor:
+        """The feature map after the Inception block ``until`` (default: the last, ``Mixed_5c``):
+        ``[B, 3, T, 224, 224]`` -> ``[B, D, t, h, w]`` (``Mixed_4f``: ``[B, 832, T/4, 14, 14]``)."""
+        if until not in I3D_MIXED:
+            raise ValueError(f"I3D layer {until!r} is not one of {list(I3D_MIXED)}")
         x = self.Conv3d_1a_7x7(x)
         x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))  # MaxPool3d_2a_3x3
         x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
@@ -273,10 +284,9 @@ class I3D(nn.Module):
             if name in _POOL_BEFORE:
                 x = _max_pool_same(x, *_POOL_BEFORE[name])
             x = getattr(self, name)(x)
-        # VALID 2x7x7 average; in float32 (no bf16 CPU kernel, and an average is where low precision hurts)
-        x = F.avg_pool3d(x.float(), (2, 7, 7), stride=1).to(x.dtype)
-        x = self.logits(x)  # [B, 400, T', 1, 1]
-        return x.flatten(2).mean(dim=2)  # [B, 400, T', 1, 1] -> [B, 400]: average over time
+            if name == until:
+                break
+        return x
 
     def fuse_(self) -> I3D:
         """Fold every batch norm into its conv, in place (faster inference); returns ``self``."""

@@ -243,14 +243,21 @@ def locate(spec: WeightSpec, path: str | os.PathLike | None = None) -> Path:
     raise WeightsError(f"{spec.name} weights not found (looked at: {', '.join(looked)}); {spec.install_hint()}")
 
 
+def _cached(spec: WeightSpec, path: str | os.PathLike | None, use_cache: bool = True) -> Path | None:
+    """The converted cache file :func:`load_spec` reads first, or None when it must look elsewhere (an
+    explicit path, ``$ARVID_WEIGHTS_DIR`` set, no cache file)."""
+    cached = cache_dir() / f"{spec.name}.safetensors"
+    if path is None and use_cache and cached.is_file() and not os.environ.get("ARVID_WEIGHTS_DIR"):
+        return cached
+    return None
+
+
 def require(spec: WeightSpec, path: str | os.PathLike | None = None) -> None:
     """Raise :class:`WeightsError` now unless :func:`load_spec` will find ``spec``'s weights (an
     explicit path, ``$ARVID_WEIGHTS_DIR``, the installed package, or the converted cache). Cheap: it
     looks for files and reads none, so a pipeline can check every stage's weights before its first."""
-    cached = cache_dir() / f"{spec.name}.safetensors"
-    if path is None and cached.is_file() and not os.environ.get("ARVID_WEIGHTS_DIR"):
-        return
-    locate(spec, path)
+    if _cached(spec, path) is None:
+        locate(spec, path)
 
 
 def _check_tensors(spec: WeightSpec, state: dict[str, torch.Tensor], source: str) -> str:
@@ -271,8 +278,8 @@ def load_spec(
     A ``.safetensors`` source (or the cache) is checked by its tensor hash; a pickle source by its
     file sha256, then converted, checked by its tensor hash and written to the cache.
     """
-    cached = cache_dir() / f"{spec.name}.safetensors"
-    if path is None and use_cache and cached.is_file() and not os.environ.get("ARVID_WEIGHTS_DIR"):
+    cached = _cached(spec, path, use_cache)
+    if cached is not None:
         state = load_weights(cached)
         try:
             return state, _check_tensors(spec, state, str(cached))
@@ -292,7 +299,7 @@ def load_spec(
     tensors = _check_tensors(spec, state, str(src))
     if use_cache:
         try:
-            save_weights(state, cached, metadata={"source_sha256": digest, "tensors_sha256": tensors})
+            save_weights(state, cache_dir() / f"{spec.name}.safetensors", metadata={"source_sha256": digest, "tensors_sha256": tensors})
         except OSError:
             pass  # a read-only home is no reason to fail: the converted weights are in memory
     return state, tensors

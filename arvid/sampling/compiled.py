@@ -48,7 +48,7 @@ def _recompile_limit(extra: int) -> Any:
 def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3) -> dict[int, torch.cuda.CUDAGraph]:
     """Capture ``dec.step(kv_len)`` into ``dec.graphs[kv_len]``: one CUDA graph over the decoder's
     static buffers per KV length bucket the run loop can use (``dec.kv_lens()``; the last is the
-    whole cache, also ``dec.graph``).
+    whole cache).
 
     The graphs share one memory pool: each step's results live in the decoder's static buffers
     and its temporaries die within the step, and graphs are replayed one at a time on one

@@ -284,12 +284,6 @@ class _Decoder:
         self.cond2 = None
         self.prefix2 = None
 
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The captured step over the whole cache (right at any position, only slower than the
-        step's own bucket), or None when the step runs eagerly."""
-        return self.graphs.get(self.cache.max_len) if self.graphs and self.cache is not None else None
-
     # ------------------------------------------------------------------ KV length buckets
     def kv_len(self, chosen: int) -> int:
         """The ``kv_len`` of the step run after ``chosen`` tokens were chosen: that step feeds token
@@ -360,6 +354,16 @@ class _Decoder:
         pos = self.i + (self.n + self.p0 - 1)  # position of token i-1 in the model's input
         logits = self.decode_fn(self.cache, feed, pos, kv_len)
         self.choose(logits)
+
+    def advance(self, chosen: int) -> None:
+        """Run the step that follows ``chosen`` chosen tokens over its KV length bucket: the bucket's
+        captured graph when the decoder has graphs, else the same step eagerly (so eager and graph
+        sampling attend over the same positions and give bit-identical samples)."""
+        kv_len = self.kv_len(chosen)
+        if self.graphs:
+            self.graphs[kv_len].replay()
+        else:
+            self.step(kv_len)
 
     def step_dense(self, i: int) -> None:
         """No-cache reference: recompute every position, keep the last logits. ``i`` = tokens chosen so far."""
@@ -565,12 +569,7 @@ class Sampler:
                 if not cfg.use_cache:
                     dec.step_dense(steps)
                 else:
-                    # Eager and graph steps attend over the same bucket: bit-identical samples.
-                    kv_len = dec.kv_len(steps)
-                    if dec.graphs:
-                        dec.graphs[kv_len].replay()
-                    else:
-                        dec.step(kv_len)
+                    dec.advance(steps)
                 steps += 1
             if steps >= min_left and bool(constraint.done(dec.state).all()):
                 break

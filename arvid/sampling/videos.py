@@ -53,17 +53,12 @@ def check_generator_tokenizer(generator_dir: str | os.PathLike, tokenizer: Any,
     garbage, so a different fingerprint is a :class:`~arvid.config.ConfigError` naming both
     fingerprints and both directories. A GPT saved without a recorded fingerprint (not written by
     ``train-generator``) is not checked. Returns the recorded fingerprint (or None)."""
-    import yaml
-
-    from arvid.config import ConfigError
+    from arvid.config import ConfigError, read_yaml
 
     path = Path(generator_dir) / "config.yaml"
-    try:
-        with open(path) as f:
-            meta = yaml.safe_load(f) or {}
-    except FileNotFoundError:
+    if not path.is_file():
         return None  # from_pretrained names the missing file
-    recorded = meta.get("tokenizer_fingerprint") if isinstance(meta, dict) else None
+    recorded = read_yaml(path).get("tokenizer_fingerprint")
     if not recorded:
         log.warning("generator %s records no tokenizer fingerprint: cannot check that tokenizer %s is the one it "
                     "was trained on", generator_dir, tokenizer_dir or "(given)")

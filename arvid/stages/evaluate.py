@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from arvid.config import ConfigError, doc, load_config, nested, save_config
+from arvid.config import ConfigError, doc, is_override, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import check_writable, read_json, write_json, write_text
 from arvid.sampling.sampler import SamplerConfig
@@ -556,7 +555,7 @@ def _config_and_overrides(args) -> tuple[str | None, list[str]]:
     """The config file is optional here, so ``arvid eval recon tokenizer=x`` puts ``tokenizer=x`` into
     argparse's ``config`` slot: a ``key=value`` word that names no file is the first override."""
     config, overrides = args.config, list(args.overrides or [])
-    if config is not None and re.match(r"^[A-Za-z_][\w.]*=", config) and not Path(config).exists():
+    if config is not None and is_override(config) and not Path(config).exists():
         return None, [config, *overrides]
     return config, overrides
 

@@ -236,7 +236,8 @@ def run(cfg: TrainRouterConfig) -> Path:
     incomplete = bool((np.bincount(np.searchsorted(val_records.videos(), val_records.video)) < A).any())
     if incomplete:
         cur = read_yaml(Path(cfg.curation) / "config.yaml")
-        Distortion(stats.quality, cur.get("lpips_net", "alex"), "cpu", cur.get("lpips_weights")).check()
+        distortion = Distortion(stats.quality, cur.get("lpips_net", "alex"), device, cur.get("lpips_weights"))
+        distortion.check()
     trainer = Trainer(cfg.trainer, task, train_set, out)
     trainer.fit()
     final = trainer.final_model()
@@ -248,11 +249,8 @@ def run(cfg: TrainRouterConfig) -> Path:
 
     # held-out evaluation, with best/worst exact: complete beam records with the proxy
     if incomplete:
-        proxy = read_yaml(Path(cfg.curation) / "config.yaml").get("tokenizer")
-        tok = load_tokenizer(proxy, map_location=str(device)).eval()
-        cur = read_yaml(Path(cfg.curation) / "config.yaml")
-        scorer = ProxyScorer(tok, Distortion(stats.quality, cur.get("lpips_net", "alex"), device,
-                                             cur.get("lpips_weights")), int(cur.get("batch_size", 64)))
+        tok = load_tokenizer(cur.get("tokenizer"), map_location=str(device)).eval()
+        scorer = ProxyScorer(tok, distortion, int(cur.get("batch_size", 64)))
         val_records = complete_records(
             val_records, scorer, lambda ids: torch.stack([val_base[i]["video"] for i in ids]).to(device))
     metrics = evaluate_router(final, val_base, val_records, stats, w_q, w_l, device, cfg.eval_batch_size)

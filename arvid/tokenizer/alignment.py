@@ -28,8 +28,8 @@ from torch import nn
 
 
 class I3DFeatureGrid(nn.Module):
-    """The I3D stem up to ``layer``: ``[B, 3, T, H, W]`` in [-1, 1] -> ``[B, D, t, h, w]`` (frames
-    resized to 224 x 224 as FVD does)."""
+    """``I3D.features`` up to ``layer`` on frames resized to 224 x 224 as FVD does:
+    ``[B, 3, T, H, W]`` in [-1, 1] -> ``[B, D, t, h, w]``."""
 
     def __init__(self, i3d: nn.Module, layer: str = "Mixed_4f"):
         super().__init__()
@@ -41,20 +41,9 @@ class I3DFeatureGrid(nn.Module):
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        from arvid.eval.i3d import _POOL_BEFORE, I3D_MIXED, _max_pool_same, i3d_preprocess
+        from arvid.eval.i3d import i3d_preprocess
 
-        m = self.i3d
-        x = i3d_preprocess(video.float())
-        x = m.Conv3d_1a_7x7(x)
-        x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))
-        x = m.Conv3d_2c_3x3(m.Conv3d_2b_1x1(x))
-        for name in I3D_MIXED:
-            if name in _POOL_BEFORE:
-                x = _max_pool_same(x, *_POOL_BEFORE[name])
-            x = getattr(m, name)(x)
-            if name == self.layer:
-                return x
-        raise AssertionError("unreachable: the layer was checked in __init__")
+        return self.i3d.features(i3d_preprocess(video.float()), until=self.layer)
 
 
 def build_align_encoder(spec: str) -> nn.Module:

@@ -262,7 +262,10 @@ class TokenizerTask(nn.Module):
         c = self.tokenizer.config
         feats = self.__dict__["_align_feats"]
         grid = (video.shape[2] // c.patch_time, video.shape[3] // c.patch_size, video.shape[4] // c.patch_size)
-        enc = self.__dict__["_align_encoder"].to(video.device)
+        enc = self.__dict__["_align_encoder"]
+        p = next(iter(enc.parameters()), None)
+        if p is not None and p.device != video.device:  # once: the first step on this device
+            enc = self.__dict__["_align_encoder"] = enc.to(video.device)
         with torch.no_grad():
             target = enc(video.float())
         return self.align(feats, grid, target)
