@@ -41,9 +41,12 @@ def write_sources(folder: Path, n: int, frames: int, width: int, height: int) ->
         write_video(v.transpose(0, 1).clamp(-1, 1), folder / f"clip_{i:04d}.mp4", fps=25)
 
 
-def decode_rate(folder: Path, workers: int, frames: int, size: int, batch: int, passes: int) -> tuple[float, int]:
+def decode_rate(folder: Path, workers: int, frames: int, size: int, batch: int, passes: int,
+                consumer=None) -> tuple[float, int]:
     """(clips/s, clips) of ``passes`` passes over ``folder`` as ``arvid eval fvd`` reads it (each pass
-    draws other random clip starts; worker start-up is included, as in a real run)."""
+    draws other random clip starts; worker start-up is included, as in a real run). ``consumer``
+    (e.g. an :class:`arvid.eval.i3d.I3DFeatures` on a GPU) is called on every batch: the rate is
+    then the end-to-end one, decoding and features together."""
     from torch.utils.data import ConcatDataset, DataLoader
 
     from arvid.data.files import ClipConfig
@@ -53,7 +56,11 @@ def decode_rate(folder: Path, workers: int, frames: int, size: int, batch: int, 
     loader = DataLoader(ConcatDataset([ds] * passes), batch_size=batch, num_workers=workers, collate_fn=_collate,
                         persistent_workers=False)
     t = time.perf_counter()
-    seen = sum(b["video"].shape[0] for b in loader)
+    seen = 0
+    for b in loader:
+        seen += b["video"].shape[0]
+        if consumer is not None:
+            consumer(b["video"])  # returns features on the CPU: the device work is finished
     return seen / (time.perf_counter() - t), seen
 
 
@@ -68,6 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--passes", type=int, default=4, help="passes over the files per measurement")
     p.add_argument("--i3d-clips-per-s", type=float, default=267.0, help="the consumer's rate to keep busy")
+    p.add_argument("--i3d", default=None, metavar="DEVICE",
+                   help="also feed every batch to the fp32 I3D on DEVICE (e.g. cuda) and report end-to-end clips/s; "
+                        "the network is randomly initialised (throughput does not depend on the weights)")
+    p.add_argument("--i3d-batch", type=int, default=32, help="I3D batch (clips)")
     p.add_argument("--out", default=None, help="append the JSON result to this file")
     a = p.parse_args(argv)
     width, height = (int(x) for x in a.src_size.lower().split("x"))
@@ -78,16 +89,27 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         write_sources(folder, a.videos, a.src_frames, width, height)
         write_s = time.perf_counter() - t
+        consumer = None
+        if a.i3d:
+            from arvid.eval.i3d import I3D, I3DFeatures
+
+            consumer = I3DFeatures(I3D().fuse_().to(a.i3d), precision="fp32", batch_size=a.i3d_batch)
+            consumer(torch.zeros(2, a.frames, a.size, a.size, 3, dtype=torch.uint8))  # warm up (cuDNN autotune)
         for w in (int(x) for x in a.workers.split(",")):
             rate, seen = decode_rate(folder, w, a.frames, a.size, a.batch, a.passes)
-            rows.append({"workers": w, "clips_per_s": round(rate, 2), "clips": seen})
+            row = {"workers": w, "clips_per_s": round(rate, 2), "clips": seen}
+            if consumer is not None:
+                rate, _ = decode_rate(folder, w, a.frames, a.size, a.i3d_batch, a.passes, consumer)
+                row["end_to_end_clips_per_s"] = round(rate, 2)
+            rows.append(row)
     per_worker = max(r["clips_per_s"] / max(r["workers"], 1) for r in rows)
     res = {"benchmark": "bench_video_decode", "command": " ".join([Path(sys.executable).name, *sys.argv]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
            "source": f"{a.videos} mp4 of {a.src_frames} frames at {width}x{height}", "write_s": round(write_s, 1),
            "clip": [a.frames, a.size, a.size], "rows": rows, "best_clips_per_s_per_worker": round(per_worker, 2),
-           "workers_to_feed": math.ceil(a.i3d_clips_per_s / per_worker), "i3d_clips_per_s": a.i3d_clips_per_s}
+           "workers_to_feed": math.ceil(a.i3d_clips_per_s / per_worker), "i3d_clips_per_s": a.i3d_clips_per_s,
+           "i3d_device": a.i3d}
     print(json.dumps(res), flush=True)
     if a.out:
         from arvid.io import atomic_write
