@@ -57,12 +57,15 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike, map_location: str = "cpu") -> M:
-        """Rebuild from ``config.yaml`` and load the weights strictly (mismatched keys are named)."""
+        """Rebuild from ``config.yaml``, load the weights strictly (mismatched keys are named) and
+        return the model on ``map_location``."""
         _, config = cls.read_pretrained_config(directory)
         model = cls(config)  # type: ignore[call-arg]
         state = load_weights(Path(directory) / WEIGHTS_NAME, device=map_location)
         load_state_strict(model, state, str(Path(directory) / WEIGHTS_NAME))  # type: ignore[arg-type]
-        return model
+        # load_state_dict copies into the parameters where they are (the CPU, as built): the model
+        # must move itself, or every map_location="cuda" caller silently runs on the CPU.
+        return model.to(map_location)  # type: ignore[attr-defined,return-value]
 
     def fingerprint(self) -> str:
         """sha256 over the kind, the config and every weight: equal iff the model computes the same thing."""

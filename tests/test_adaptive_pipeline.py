@@ -298,6 +298,16 @@ def test_curate_shards_across_processes(work, tmp_path, monkeypatch):
 def test_gpu_search_and_tokenize_agree_with_cpu(work, router_dir, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    # Trainer.fit earlier in the session turned TF32 on process-wide; compare in true fp32.
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _gpu_agrees_with_cpu(work, router_dir, tmp_path)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _gpu_agrees_with_cpu(work, router_dir, tmp_path):
     from arvid.stages.curate import read_stats
     from arvid.stages.tokenize import TokenizeConfig, run
     from arvid.tokenizer.reward import Distortion, ProxyScorer, beam_search, brute_force_search
@@ -306,16 +316,19 @@ def test_gpu_search_and_tokenize_agree_with_cpu(work, router_dir, tmp_path):
     x = torch.stack([ds[i]["video"] for i in range(8)])
     cpu = load_tokenizer(work / "proxy").eval()
     gpu = load_tokenizer(work / "proxy", map_location="cuda").eval()
+    assert next(gpu.parameters()).is_cuda
     d_cpu = brute_force_search(ProxyScorer(cpu, Distortion("mse")), x).block_distortion
-    d_gpu = brute_force_search(ProxyScorer(gpu, Distortion("mse", device="cuda")), x.cuda()).block_distortion
+    d_gpu = brute_force_search(ProxyScorer(gpu, Distortion("mse", device="cuda"), precision="fp32"),
+                               x.cuda()).block_distortion
     assert torch.allclose(d_cpu, d_gpu, rtol=2e-2, atol=2e-4)
     stats = read_stats(work / "cur_train")
     _, r_cpu = beam_search(ProxyScorer(cpu, Distortion("mse")), x, stats, W_Q, W_L).best(cpu.layout, stats, W_Q, W_L)
-    _, r_gpu = beam_search(ProxyScorer(gpu, Distortion("mse", device="cuda")), x.cuda(), stats, W_Q, W_L).best(
+    _, r_gpu = beam_search(ProxyScorer(gpu, Distortion("mse", device="cuda"), precision="fp32"), x.cuda(), stats,
+                           W_Q, W_L).best(
         cpu.layout, stats, W_Q, W_L)
     assert torch.allclose(r_cpu, r_gpu, atol=5e-2)
     out = run(TokenizeConfig(data=_data(), split="val", tokenizer=str(work / "proxy"), router=str(router_dir / "router"),
-                             device="cuda", out_dir=str(tmp_path / "tok")))
+                             device="cuda", precision="fp32", out_dir=str(tmp_path / "tok")))
     store = TokenStore(out / "tokens")
     from arvid.tokenizer.router import Router
 

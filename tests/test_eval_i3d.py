@@ -1,5 +1,6 @@
 """I3D: the weights' hashes, golden logits of the upstream JAX model (fixture made by
-tests/fixtures/eval_make_golden.py), the resize convention, BN folding, other weight formats."""
+tests/fixtures/eval_make_golden.py), the resize convention, BN folding and 1x1x1 merging, the
+copy-free TF "SAME" padding against the explicit-padding reference, other weight formats."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arvid.eval import i3d as i3d_module
 from arvid.eval import weights as W
-from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D, _tf1_resize_matrix, i3d_preprocess
+from arvid.eval.i3d import (
+    I3D,
+    I3DFeatures,
+    TorchScriptI3D,
+    Unit3D,
+    _max_pool_same,
+    _same_plan,
+    _tf1_resize_matrix,
+    i3d_preprocess,
+)
 from arvid.io import sha256_file
 
 GOLDEN = Path(__file__).parent / "fixtures" / "eval_golden.npz"
@@ -120,6 +131,119 @@ def test_fused_bn_and_piergiaj(i3d, clips, golden, tmp_path):
     torch.save(state, tmp_path / "broken.pt")
     with pytest.raises(OSError, match="missing keys.*Mixed_4b.b1b.conv3d.weight"):
         I3D.from_piergiaj(tmp_path / "broken.pt")
+
+
+def _explicit_padding(monkeypatch, fn):
+    """``fn()`` with every conv and max pool on the reference path: F.pad to TF "SAME", then no padding."""
+    with monkeypatch.context() as m:
+        m.setattr(i3d_module, "_same_plan", lambda *args: None)
+        return fn()
+
+
+def test_same_plan_on_the_i3d_shapes():
+    # 16 x 224 x 224: only the stride-2 7x7x7 stem needs a copy, (2, 3) on every axis
+    assert _same_plan((16, 224, 224), (7, 7, 7), (2, 2, 2), False) is None
+    assert _same_plan((8, 56, 56), (3, 3, 3), (1, 1, 1), False) == ((1, 1, 1), False)
+    assert _same_plan((8, 56, 56), (1, 1, 1), (1, 1, 1), False) == ((0, 0, 0), False)
+    assert _same_plan((8, 112, 112), (1, 3, 3), (1, 2, 2), True) == ((0, 0, 0), True)  # MaxPool3d_2a: (0, 1)
+    assert _same_plan((8, 56, 56), (3, 3, 3), (2, 2, 2), True) == ((0, 0, 0), True)  # MaxPool3d_4a
+    assert _same_plan((4, 28, 28), (2, 2, 2), (2, 2, 2), True) == ((0, 0, 0), False)  # MaxPool3d_5a: no pad
+    assert _same_plan((8, 28, 28), (3, 3, 3), (1, 1, 1), True) == ((1, 1, 1), False)  # the blocks' pools
+    # other sizes: the stem's pad is symmetric on 9 and 75 ((3, 3)), not on 10 ((2, 3)); MaxPool3d_4a's on 19
+    assert _same_plan((9, 75, 75), (7, 7, 7), (2, 2, 2), False) == ((3, 3, 3), False)
+    assert _same_plan((10, 75, 75), (7, 7, 7), (2, 2, 2), False) is None
+    assert _same_plan((5, 19, 19), (3, 3, 3), (2, 2, 2), True) == ((1, 1, 1), False)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_same_plan_matches_explicit_padding(pool, monkeypatch):
+    # every (size, kernel, stride) here, on all three axes at once with different sizes: the op's own
+    # padding (or ceil mode) gives exactly the windows of the explicit TF padding, or the plan falls back
+    g = torch.Generator().manual_seed(0)
+    cases = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3), (4, 2), (4, 3), (5, 2), (7, 2)]
+    for k, s in cases:
+        kernel, stride = (k, k, k), (s, s, s)
+        conv = Unit3D(2, 3, k, stride=s, bn=False, relu=False).double()
+        for n in range(1, 14):
+            x = torch.randn(2, 2, n, n + 1, n + 4, generator=g, dtype=torch.float64)
+
+            def op(x=x, kernel=kernel, stride=stride, conv=conv):
+                return _max_pool_same(x, kernel, stride) if pool else conv(x)
+
+            with torch.no_grad():
+                ref, out = _explicit_padding(monkeypatch, op), op()
+            assert out.shape == ref.shape, (k, s, n)
+            assert _maxdiff(out, ref) <= 1e-12, (k, s, n)
+    # a pool kernel that differs per axis (MaxPool3d_2a's 1x3x3, stride 1x2x2)
+    for n in range(1, 14):
+        x = torch.randn(1, 2, n, n + 1, n + 2, generator=g, dtype=torch.float64)
+        ref = _explicit_padding(monkeypatch, lambda x=x: _max_pool_same(x, (1, 3, 3), (1, 2, 2)))
+        assert torch.equal(_max_pool_same(x, (1, 3, 3), (1, 2, 2)), ref), n
+
+
+def test_unit_relu_in_place_keeps_autograd():
+    # Unit3D's ReLU runs in place on its own conv / norm output; gradients must still flow
+    unit = Unit3D(2, 3, 3).double()
+    torch.nn.init.normal_(unit.bn.running_mean)
+    x = torch.randn(1, 2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    unit(x).sum().backward()
+    ref = torch.autograd.grad(F.relu(unit.bn(F.conv3d(x, unit.conv3d.weight, padding=1))).sum(), x)[0]
+    assert x.grad is not None and torch.allclose(x.grad, ref)
+
+
+def test_fast_path_and_fusion_match_the_reference_network(i3d, monkeypatch):
+    # float64, random inputs: the unfused net on the explicit-padding path (the implementation before
+    # the copy-free padding) against the same net on the fast path, and the fused, merged net
+    ref_net = copy.deepcopy(i3d).double()
+    fused = copy.deepcopy(i3d).double().fuse_()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        # features() at sizes other than 224: odd T, H and W, where symmetric and (0, 1) pads mix
+        for shape in [(2, 3, 11, 75, 101), (1, 3, 9, 64, 48)]:
+            x = torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1
+            ref = _explicit_padding(monkeypatch, lambda x=x: ref_net.features(x))
+            assert _maxdiff(ref_net.features(x), ref) <= 1e-6 * max(1.0, float(ref.abs().max())), shape
+            assert _maxdiff(fused.features(x), ref) <= 1e-6 * max(1.0, float(ref.abs().max())), shape
+        # the shortest clip the logits take (9 frames: the stem pads time (3, 3) but 224 by (2, 3))
+        x = torch.rand(1, 3, 9, 224, 224, generator=g, dtype=torch.float64) * 2 - 1
+        ref = _explicit_padding(monkeypatch, lambda: ref_net(x))
+        assert _maxdiff(fused(x), ref) <= 1e-6
+
+
+def test_fuse_merges_the_heads_and_keeps_the_unfused_keys(i3d):
+    keys = set(i3d.state_dict())
+    assert {"Mixed_3b.b0.conv3d.weight", "Mixed_3b.b1a.bn.running_var", "Mixed_5c.b2a.bn.bias"} <= keys
+    assert set(I3D().state_dict()) == keys  # the unfused net loads the same files as before
+    fused = copy.deepcopy(i3d).fuse_()
+    fkeys = set(fused.state_dict())
+    assert not any(".b0." in k or ".b1a." in k or ".b2a." in k for k in fkeys)
+    block = fused.Mixed_5b  # reads Mixed_4f's 832 channels
+    assert block.heads is not None and block.heads.conv3d.weight.shape == (256 + 160 + 32, 832, 1, 1, 1)
+    assert set(copy.deepcopy(fused).fuse_().state_dict()) == fkeys  # idempotent
+
+
+def test_features_casts_the_backbone_once():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(3, 400, 1)
+            self.casts = 0
+
+        def to(self, *args, **kwargs):
+            self.casts += 1
+            return super().to(*args, **kwargs)
+
+        def forward(self, x):
+            return self.conv(x).mean(dim=(2, 3, 4))
+
+    tiny = Tiny()
+    videos = torch.randint(0, 256, (3, 2, 8, 8, 3), dtype=torch.uint8)
+    ext = I3DFeatures(tiny, batch_size=2, channels_last=True)
+    a = ext(videos)
+    assert tiny.casts == 2 and tiny.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(ext(videos), a) and tiny.casts == 2  # nothing to do the second time
+    tiny.double()  # cast behind the extractor's back: the next call casts back to float32
+    assert torch.equal(ext(videos), a) and tiny.conv.weight.dtype == torch.float32
 
 
 def test_torchscript_wrapper_calls_with_arvid_preprocessing(tmp_path):

@@ -76,6 +76,20 @@ def test_compiled_step_is_close_to_eager_and_samples_are_well_formed(gpt, kv_buc
     # H100, 2026-11-23: exact equality of compiled and eager samples failed). So: the sampler's own
     # compiled step is compared with the eager step for every bucket, with a tolerance, and the
     # samples are checked for form. kv_bucket 16 gives 9 shapes, above dynamo's default limit of 8.
+    # Trainer.fit in earlier tests of the session turns TF32 on process-wide (setup_backends), and
+    # TF32 in cuBLAS vs in inductor's kernels differs by ~1e-3 of the logits (H100, 2026-11-23):
+    # compare in true fp32.
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _compiled_vs_eager(gpt, kv_bucket)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
+        torch.set_float32_matmul_precision(old[2])
+
+
+def _compiled_vs_eager(gpt, kv_bucket):
     cond = Conditioning(torch.tensor([0, 1, 2, 3, 4, 0], device="cuda"))
     cfg = SamplerConfig(cfg_scale=2.0, top_k=20, temperature=1.0, kv_bucket=kv_bucket, compile="compile")
     sampler = Sampler(gpt, FMT, cfg)
@@ -93,4 +107,5 @@ def test_compiled_step_is_close_to_eager_and_samples_are_well_formed(gpt, kv_buc
             pos = torch.tensor(p, device="cuda")
             ref = gpt.decode_step(cache, toks, pos, k)
             got = dec.decode_fn(cache, toks, pos, k)
-            assert torch.allclose(ref, got, atol=1e-3, rtol=1e-3), (k, p, (ref - got).abs().max())
+            err = float((ref - got).abs().max())
+            assert err <= 1e-3 * float(ref.abs().max()), (k, p, err)  # fp32 reordering, not TF32

@@ -65,6 +65,8 @@ class SyntheticConfig:
     """What the synthetic clips look like; ``frames`` and ``size`` are given to the dataset."""
 
     max_objects: int = doc(6, "most sprites in a clip (at least 1); the count is uniform in 1..max_objects")
+    min_radius: float = doc(0.05, "smallest sprite radius, in frame widths")
+    max_radius: float = doc(0.15, "largest sprite radius, in frame widths (uniform in between; at most 0.5)")
     min_speed: float = doc(0.002, "slowest per-clip speed, in frame widths per frame")
     max_speed: float = doc(0.04, "fastest per-clip speed, in frame widths per frame (log-uniform in between)")
     textured_background_prob: float = doc(0.5, "probability that the background is a texture, not flat")
@@ -74,6 +76,8 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.max_objects < 1:
             raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+        if not 0 < self.min_radius <= self.max_radius <= 0.5:
+            raise ValueError(f"need 0 < min_radius <= max_radius <= 0.5, got {self.min_radius}, {self.max_radius}")
         if not 0 < self.min_speed <= self.max_speed:
             raise ValueError(f"need 0 < min_speed <= max_speed, got {self.min_speed}, {self.max_speed}")
         for name in ("textured_background_prob", "textured_sprite_prob"):
@@ -207,7 +211,7 @@ class SyntheticVideos(Dataset):
             shape = SHAPES[min(int(p[0] * len(SHAPES)), len(SHAPES) - 1)]
             if cls == "rotate" and shape in ("circle", "ring"):
                 shape = "square"  # a spinning circle shows no motion
-            radius = 0.05 + 0.1 * p[1]
+            radius = cfg.min_radius + (cfg.max_radius - cfg.min_radius) * p[1]
             ang = p[4] * 2 * math.pi
             v = speed * (0.7 + 0.6 * p[5])  # per-sprite speed near the clip's speed
             phase = p[6] * 2 * math.pi

@@ -17,6 +17,7 @@ Input preprocessing, the part of FVD where implementations silently differ, live
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -134,11 +135,53 @@ def _same_pad(size: int, k: int, s: int) -> tuple[int, int]:
 
 
 def _pad_same(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int], value: float) -> torch.Tensor:
-    """Pad ``x`` ``[B, C, T, H, W]`` for a TF-"SAME" op with ``kernel`` and ``stride``."""
+    """Pad ``x`` ``[B, C, T, H, W]`` for a TF-"SAME" op with ``kernel`` and ``stride`` (a full copy).
+
+    The reference path: the op then runs with no padding of its own. :func:`_same_plan` says when
+    the op's own padding gives the same windows without the copy.
+    """
     pt, ph, pw = (_same_pad(x.shape[2 + i], kernel[i], stride[i]) for i in range(3))
     if not any(pt + ph + pw):
         return x
     return F.pad(x, (*pw, *ph, *pt), value=value)  # F.pad lists the last dimension first
+
+
+def _pool_out(size: int, k: int, s: int, pad: int, ceil_mode: bool) -> int:
+    """Output length of a PyTorch conv/pool (dilation 1), as ATen's ``pooling_output_shape`` computes it."""
+    out = (size + 2 * pad - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + pad:
+        out -= 1  # ceil mode never starts a window in the right padding
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _same_plan(
+    sizes: tuple[int, int, int], kernel: tuple[int, int, int], stride: tuple[int, int, int], pool: bool
+) -> tuple[tuple[int, int, int], bool] | None:
+    """``(padding, ceil_mode)`` for the conv (``pool=False``) or -inf max pool (``pool=True``) that gives
+    exactly the windows of TF "SAME" on a ``sizes`` ``(T, H, W)`` input, without copying the input;
+    ``None`` when only an explicit :func:`_pad_same` can (then run the op with no padding).
+
+    A symmetric TF pad ``(p, p)`` is the op's own ``padding=p`` (zeros for a conv; a PyTorch max pool
+    skips padded positions, which is the -inf TF pads with). A pool whose TF pad is ``(p, p + 1)``
+    gets ``padding=p, ceil_mode=True``: the extra window at the end reads only real pixels and the
+    -inf after them, so clipping it is the same. A conv has no such mode: an asymmetric pad (the
+    stride-2 7x7x7 stem on 16x224x224 needs ``(2, 3)``) is copied. Depends on the input size, hence
+    per shape (cached).
+    """
+    pads = [_same_pad(n, k, s) for n, k, s in zip(sizes, kernel, stride)]
+    padding = (pads[0][0], pads[1][0], pads[2][0])
+    symmetric = all(lo == hi for lo, hi in pads)
+    if not pool:
+        return (padding, False) if symmetric else None
+    if any(2 * p > k for p, k in zip(padding, kernel)):  # PyTorch refuses pool padding over half the kernel
+        return None
+    ceil_mode = not symmetric
+    for n, k, s, p, (lo, hi) in zip(sizes, kernel, stride, padding, pads):
+        # the reference pads (lo, hi) then pools with floor mode: windows start at -lo + j * s in both
+        if _pool_out(n, k, s, p, ceil_mode) != _pool_out(n + lo + hi, k, s, 0, False):
+            return None
+    return padding, ceil_mode
 
 
 class FrozenBatchNorm3d(nn.Module):
@@ -172,10 +215,17 @@ class Unit3D(nn.Module):
         self.bn = FrozenBatchNorm3d(cout) if bn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv3d(_pad_same(x, self.kernel, self.stride, 0.0))
+        plan = _same_plan((x.shape[2], x.shape[3], x.shape[4]), self.kernel, self.stride, False)
+        if plan is None:
+            x, padding = _pad_same(x, self.kernel, self.stride, 0.0), (0, 0, 0)
+        else:
+            padding = plan[0]
+        conv = self.conv3d  # its own padding stays 0: the padding depends on the input's size, so per call
+        x = F.conv3d(x, conv.weight, conv.bias, conv.stride, padding)
         if self.bn is not None:
             x = self.bn(x)
-        return F.relu(x) if self.relu else x
+        # in place: x is this call's own fresh tensor, and neither conv nor the affine norm needs it for backward
+        return F.relu(x, inplace=True) if self.relu else x
 
     @torch.no_grad()
     def fuse_(self) -> None:
@@ -192,12 +242,19 @@ class Unit3D(nn.Module):
 
 
 def _max_pool_same(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> torch.Tensor:
-    # TF pads max pools with -inf (padding never wins the max).
-    return F.max_pool3d(_pad_same(x, kernel, stride, float("-inf")), kernel, stride)
+    # TF pads max pools with -inf (padding never wins the max); PyTorch's own padding does the same.
+    plan = _same_plan((x.shape[2], x.shape[3], x.shape[4]), kernel, stride, True)
+    if plan is None:
+        return F.max_pool3d(_pad_same(x, kernel, stride, float("-inf")), kernel, stride)
+    return F.max_pool3d(x, kernel, stride, plan[0], ceil_mode=plan[1])
 
 
 class InceptionBlock(nn.Module):
-    """Four branches: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 | 3x3 max pool -> 1x1; concatenated on channels."""
+    """Four branches: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 | 3x3 max pool -> 1x1; concatenated on channels.
+
+    After :meth:`fuse_` the three 1x1x1 units that read the block's input (``b0``, ``b1a``, ``b2a``)
+    are one wider unit, ``heads``, whose output channels are split back into the three branches.
+    """
 
     def __init__(self, cin: int, widths: tuple[int, int, int, int, int, int]):
         super().__init__()
@@ -208,10 +265,33 @@ class InceptionBlock(nn.Module):
         self.b2b = Unit3D(widths[3], widths[4], 3)
         self.b3b = Unit3D(cin, widths[5])
         self.out_channels = widths[0] + widths[2] + widths[4] + widths[5]
+        self.head_widths = (widths[0], widths[1], widths[3])  # b0, b1a, b2a: the split of ``heads``
+        self.heads: Unit3D | None = None  # set by fuse_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = _max_pool_same(x, (3, 3, 3), (1, 1, 1))
-        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)], dim=1)
+        if self.heads is None:
+            y0, y1, y2 = self.b0(x), self.b1a(x), self.b2a(x)
+        else:
+            y0, y1, y2 = torch.split(self.heads(x), self.head_widths, dim=1)  # views, no copy
+        return torch.cat([y0, self.b1b(y1), self.b2b(y2), self.b3b(pooled)], dim=1)
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """Fold the batch norms into the convs and merge ``b0``, ``b1a``, ``b2a`` into ``heads``: one
+        read of the input and one GEMM instead of three (the state dict's keys change)."""
+        if self.heads is not None:
+            return
+        units = (self.b0, self.b1a, self.b2a)
+        for u in (*units, self.b1b, self.b2b, self.b3b):
+            u.fuse_()
+        convs = [u.conv3d for u in units]
+        heads = Unit3D(convs[0].in_channels, sum(self.head_widths), bn=False, relu=True)
+        heads = heads.to(device=convs[0].weight.device, dtype=convs[0].weight.dtype)
+        heads.conv3d.weight.copy_(torch.cat([c.weight for c in convs]))
+        heads.conv3d.bias.copy_(torch.cat([c.bias for c in convs]))
+        self.heads = heads
+        del self.b0, self.b1a, self.b2a
 
 
 _MIXED_WIDTHS = {
@@ -289,9 +369,11 @@ class I3D(nn.Module):
         return x
 
     def fuse_(self) -> I3D:
-        """Fold every batch norm into its conv, in place (faster inference); returns ``self``."""
-        for m in self.modules():
-            if isinstance(m, Unit3D):
+        """Fold every batch norm into its conv and merge each Inception block's three 1x1x1 convs on
+        its input into one (:meth:`InceptionBlock.fuse_`), in place (faster inference; the state
+        dict's keys change, so load weights before); returns ``self``. Idempotent."""
+        for m in list(self.modules()):  # a list: the blocks replace submodules while this loops
+            if isinstance(m, (Unit3D, InceptionBlock)):
                 m.fuse_()
         return self
 
@@ -373,7 +455,8 @@ def precision_context(precision: str, device: torch.device) -> Iterator[torch.dt
     ``tf32`` turns it on; ``bf16`` runs the network in bfloat16; ``fp64`` in float64 (CPU checks).
     Yields the dtype the network should run in.
 
-    Measured on an H100 (torch 2.11, benchmarks/bench_i3d.py, 2026-11-23): against fp32 features
+    Measured on an H100 (torch 2.11, benchmarks/bench_i3d.py, 2026-11-23, before the padding and
+    1x1x1-merge changes, which leave the fp32 function the same): against fp32 features
     TF32 differs by ~1.4e-3 and bf16 by ~1.7e-2 of the largest feature, so numbers to report
     should use ``fp32`` (it matches the upstream golden logits to ~2.5e-5 there); the faster
     modes are for monitoring. bf16 on the CPU is very slow in PyTorch (reference conv3d kernel).
@@ -417,6 +500,19 @@ class I3DFeatures(nn.Module):
         self.backbone = backbone
         self.resize, self.pre_resize = resize, pre_resize
         self.precision, self.channels_last, self.batch_size = precision, channels_last, batch_size
+        self._prepared: tuple[torch.dtype, bool] | None = None  # what _prepare last made of the backbone
+
+    def _prepare(self, dtype: torch.dtype) -> nn.Module:
+        """The backbone in ``dtype`` (and channels-last 3D if asked), converted only when that changes:
+        ``Module.to`` walks every tensor, a cost paid per batch otherwise."""
+        first = next(iter(self.backbone.parameters()), None)
+        key = (dtype, self.channels_last)
+        if self._prepared != key or (first is not None and first.dtype != dtype):  # or cast behind our back
+            self.backbone.to(dtype)
+            if self.channels_last:
+                self.backbone.to(memory_format=torch.channels_last_3d)
+            self._prepared = key
+        return self.backbone
 
     @property
     def backbone_name(self) -> str:
@@ -433,9 +529,7 @@ class I3DFeatures(nn.Module):
         device = next(iter(self.backbone.parameters()), torch.empty(0)).device
         outs = []
         with precision_context(self.precision, device) as dtype:
-            net = self.backbone.to(dtype)
-            if self.channels_last:
-                net = net.to(memory_format=torch.channels_last_3d)
+            net = self._prepare(dtype)
             for start in range(0, videos.shape[0], self.batch_size):
                 chunk = videos[start : start + self.batch_size].to(device)
                 x = i3d_preprocess(chunk, self.resize, self.pre_resize).to(dtype)

@@ -76,6 +76,7 @@ class CurateConfig:
     save_every: int = doc(64, "videos per record shard (the resume granularity)")
     num_workers: int = doc(0, "DataLoader workers reading videos")
     device: str = doc("auto", "auto (the process's accelerator, else cpu), cpu, cuda, cuda:1 ...")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto", "tokenizer inference: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     seed: int = doc(0, "seed of the calibration draw")
     out_dir: str = doc("outputs/curate", "output directory")
 
@@ -188,7 +189,7 @@ def run(cfg: CurateConfig) -> Path:
     layout = tok.layout
     distortion = Distortion(cfg.quality, cfg.lpips_net, device, cfg.lpips_weights)
     distortion.check()
-    scorer = ProxyScorer(tok, distortion, cfg.batch_size)
+    scorer = ProxyScorer(tok, distortion, cfg.batch_size, precision=cfg.precision)
     dataset = build_dataset(cfg.data, cfg.split)
     n_total = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
     fp = tok.fingerprint()

@@ -42,6 +42,7 @@ from arvid.tokenizer.reward import (
     labels_for,
     threshold_search,
 )
+from arvid.training.device import inference_autocast
 
 log = logging.getLogger("arvid.eval_curve")
 
@@ -69,6 +70,7 @@ class EvalCurveConfig:
     fvd_protocol: str = doc("synthetic", "FVD protocol name written into the result (arvid.eval.protocols)")
     batch_size: int = doc(32, "videos per encode/decode")
     device: str = doc("auto", "auto (accelerator, else cpu), cpu, cuda ...")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto", "tokenizer inference: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     out_dir: str = doc("outputs/eval_curve", "output directory")
 
     def __post_init__(self) -> None:
@@ -89,9 +91,9 @@ class _Evaluator:
     """Reconstructs the evaluation videos under given assignments; per-video tokens, distortion, PSNR."""
 
     def __init__(self, tok, videos: torch.Tensor, distortion: Distortion, batch_size: int, device: torch.device,
-                 fvd=None):
+                 fvd=None, precision: str = "auto"):
         self.tok, self.videos, self.distortion, self.batch_size, self.fvd = tok, videos, distortion, batch_size, fvd
-        self.device = device
+        self.device, self.precision = device, precision
 
     @torch.no_grad()
     def __call__(self, assignments: torch.Tensor) -> dict:
@@ -100,7 +102,9 @@ class _Evaluator:
         dist, psnr, recons = [], [], []
         for s in range(0, a.shape[0], self.batch_size):
             x = self.videos[s:s + self.batch_size].to(self.device)
-            r = self.tok.decode(self.tok.encode(x, a[s:s + self.batch_size].to(x.device))).to(x.dtype)
+            with inference_autocast(self.precision, self.device):
+                r = self.tok.decode(self.tok.encode(x, a[s:s + self.batch_size].to(x.device)))
+            r = r.to(x.dtype)
             dist.append(self.distortion.per_frame(x, r).mean(1).double().cpu())
             psnr.append(psnr_per_video(x, r).double().cpu())
             if self.fvd is not None:
@@ -189,7 +193,7 @@ def run(cfg: EvalCurveConfig) -> Path:
     distortion = Distortion(cfg.quality, cfg.lpips_net, device, cfg.lpips_weights)
     distortion.check()
     fvd = _fvd_fn(cfg, videos, device) if cfg.fvd else None
-    evaluate = _Evaluator(tok, videos, distortion, cfg.batch_size, device, fvd)
+    evaluate = _Evaluator(tok, videos, distortion, cfg.batch_size, device, fvd, cfg.precision)
     points: list[dict] = []
 
     for c in layout.candidates:
@@ -223,7 +227,7 @@ def run(cfg: EvalCurveConfig) -> Path:
         u = [p["distortion"] for p in points if p["method"] == "uniform"]
         thresholds = np.linspace(min(u), max(u), cfg.n_thresholds).tolist()
     if thresholds:
-        scorer = ProxyScorer(tok, distortion, cfg.batch_size, device)
+        scorer = ProxyScorer(tok, distortion, cfg.batch_size, device, cfg.precision)
         choices = threshold_search(scorer, videos, list(thresholds))
         for thr, a in zip(thresholds, choices):
             points.append({"method": "threshold", "param": float(thr), **evaluate(a)})

@@ -29,6 +29,7 @@ from arvid.config import ConfigError, doc, is_override, load_config, nested, sav
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import check_writable, read_json, write_json, write_text
 from arvid.sampling.sampler import SamplerConfig
+from arvid.training.device import inference_autocast
 
 log = logging.getLogger("arvid.evaluate")
 
@@ -124,9 +125,10 @@ def _load_router(path: str | None, device: torch.device):
 
 @torch.no_grad()
 def reconstruct(tokenizer: Any, videos: torch.Tensor, assignment: torch.Tensor | None, device: torch.device,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Encode + decode in batches. ``assignment``: ``[K]`` / ``[N, K]`` or None (the tokenizer's own
-    choice: its router if attached, else its default). Returns ``(recon float [N, ...], block_lengths [N, K])``."""
+    choice: its router if attached, else its default); ``precision``: see
+    :func:`arvid.training.device.inference_autocast`. Returns ``(recon float [N, ...], block_lengths [N, K])``."""
     recs, lens = [], []
     for i in range(0, videos.shape[0], batch_size):
         v = videos[i:i + batch_size].to(device)
@@ -134,8 +136,9 @@ def reconstruct(tokenizer: Any, videos: torch.Tensor, assignment: torch.Tensor |
         if assignment is not None:
             a = assignment if assignment.dim() == 1 else assignment[i:i + batch_size]
             a = tokenizer.layout.validate(a.to(device), batch=v.shape[0])
-        tv = tokenizer.encode(v, a)
-        recs.append(tokenizer.decode(tv).float().clamp(-1, 1).cpu())
+        with inference_autocast(precision, device):
+            tv = tokenizer.encode(v, a)
+            recs.append(tokenizer.decode(tv).float().clamp(-1, 1).cpu())
         lens.append(tv.block_lengths.cpu())
     return torch.cat(recs), torch.cat(lens)
 

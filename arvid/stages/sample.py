@@ -49,6 +49,7 @@ from arvid.sampling.videos import (
     num_batches,
     sequence_format_for,
 )
+from arvid.training.device import inference_autocast
 
 log = logging.getLogger("arvid.sample")
 
@@ -314,7 +315,7 @@ def run(cfg: SampleConfig) -> Path:
         first = j * cfg.batch_size
         ids = torch.arange(first, first + tokens.batch_size)
         if need_videos and (cfg.save_videos or sum(v.shape[0] for v in grid) < cfg.max_grid):
-            with torch.no_grad():
+            with torch.no_grad(), inference_autocast("auto", device):
                 videos = tokenizer.decode(tokens.to(device)).float().clamp(-1, 1).cpu()
             _sync(device)
             t_decode += time.perf_counter() - t1

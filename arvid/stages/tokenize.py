@@ -29,6 +29,7 @@ from arvid.data.token_store import TokenStore, TokenStoreWriter, is_token_store,
 from arvid.io import check_writable, write_json
 from arvid.stages.curate import process_info, resolve_device
 from arvid.tokenizer.base import load_tokenizer
+from arvid.training.device import inference_autocast
 
 log = logging.getLogger("arvid.tokenize")
 
@@ -49,6 +50,7 @@ class TokenizeConfig:
     save_every: int = doc(1024, "videos per shard (the resume granularity)")
     num_workers: int = doc(0, "DataLoader workers")
     device: str = doc("auto", "auto (accelerator, else cpu), cpu, cuda ...")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto", "tokenizer inference: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     out_dir: str = doc("outputs/tokens", "output directory; the store is out_dir/tokens")
 
     def __post_init__(self) -> None:
@@ -136,7 +138,7 @@ def run(cfg: TokenizeConfig) -> Path:
                 for item in loader:
                     v = item["video"].to(device)
                     ids = torch.tensor(idx[pos:pos + v.shape[0]])
-                    with torch.no_grad():
+                    with torch.no_grad(), inference_autocast(cfg.precision, device):
                         tokens = tok.encode(v, choose(ids, v))
                     w.append(tokens.to("cpu"), item["label"], [_video_id(dataset, int(i)) for i in ids])
                     pos += v.shape[0]

@@ -250,7 +250,7 @@ def run(cfg: TrainRouterConfig) -> Path:
     # held-out evaluation, with best/worst exact: complete beam records with the proxy
     if incomplete:
         tok = load_tokenizer(cur.get("tokenizer"), map_location=str(device)).eval()
-        scorer = ProxyScorer(tok, distortion, int(cur.get("batch_size", 64)))
+        scorer = ProxyScorer(tok, distortion, int(cur.get("batch_size", 64)), precision=cur.get("precision", "auto"))
         val_records = complete_records(
             val_records, scorer, lambda ids: torch.stack([val_base[i]["video"] for i in ids]).to(device))
     metrics = evaluate_router(final, val_base, val_records, stats, w_q, w_l, device, cfg.eval_batch_size)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from arvid.data.types import BlockLayout
+from arvid.training.device import inference_autocast
 
 QualityTerm = Literal["lpips", "ssim", "mse"]
 QUALITY_TERMS: tuple[str, ...] = ("lpips", "ssim", "mse")
@@ -359,12 +360,14 @@ class ProxyScorer:
     ``num_decoded`` counts every assignment decoded, the cost measure of a curation search.
     """
 
-    def __init__(self, tokenizer, distortion: Distortion, batch_size: int = 64, device: str | torch.device | None = None):
+    def __init__(self, tokenizer, distortion: Distortion, batch_size: int = 64, device: str | torch.device | None = None,
+                 precision: str = "auto"):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.tokenizer = tokenizer
         self.distortion = distortion
         self.batch_size = batch_size
+        self.precision = precision  # arvid.training.device.inference_autocast: bf16 on CUDA by default
         self.num_decoded = 0
         if device is None:  # the tokenizer's own device: videos may stay on the host, batches move
             params = getattr(tokenizer, "parameters", None)
@@ -394,8 +397,9 @@ class ProxyScorer:
             r = rows[s:s + self.batch_size].to(videos.device)
             x = videos.index_select(0, r).to(self.device)  # [n, C, T, H, W]
             a = assignments[s:s + self.batch_size].to(self.device)
-            recon = self.tokenizer.decode(self.tokenizer.encode(x, a))
-            frames = self.distortion.per_frame(x, recon.to(x.dtype))  # [n, T]
+            with inference_autocast(self.precision, self.device):
+                recon = self.tokenizer.decode(self.tokenizer.encode(x, a))
+            frames = self.distortion.per_frame(x, recon.to(x.dtype))  # [n, T], outside autocast
             out[s:s + r.numel()] = per_block(frames, layout).double().cpu()
             self.num_decoded += r.numel()
         return out

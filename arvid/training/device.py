@@ -6,9 +6,27 @@ global torch flags only then.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 PRECISIONS = ("fp32", "bf16")
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def inference_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context for tokenizer inference (curation, curves, tokenizing, decoding samples).
+
+    ``auto``: bf16 autocast on CUDA, as the tokenizers were trained (fp32 without TF32 runs an S
+    tokenizer ~10x slower on an H100), and plain fp32 on the CPU, where bf16 is slow; ``bf16``: bf16
+    autocast on any device; ``fp32``: no autocast (exact fp32, for comparisons across devices).
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def accelerate_precision(precision: str) -> str:
