@@ -51,9 +51,10 @@ class SamplerConfig:
         "auto", "decode step execution: eager; cuda_graph (captured step); compile (torch.compile + captured "
                 "step); auto = cuda_graph on CUDA, eager on CPU")
     use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)")
-    kv_bucket: int = doc(0, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
-                            "this many positions (one captured CUDA graph per bucket, e.g. 256); 0 = always the "
-                            "whole cache (the default until the bucketed graphs are measured on a GPU)")
+    kv_bucket: int = doc(256, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
+                              "this many positions (one captured CUDA graph per bucket); 0 = always the whole "
+                              "cache. 256 made the L decode step 1.54x faster at batch 64 on the H100 "
+                              "(BENCHMARKS.md, Sampling)")
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -148,25 +148,31 @@ def tokens_at_equal_quality(uniform: list[dict], point: dict, key: str) -> float
     return float(np.interp(point[key], q, t))
 
 
-def _plot(points: list[dict], quality_name: str, path: Path) -> None:
+def plot_curve(points: list[dict], quality_name: str, path: str | Path) -> None:
+    """The curve's PNG: tokens vs the quality term and PSNR, and vs rFVD where the points have it.
+
+    ``points``: the ``points`` list of ``curve.json`` (so a saved curve can be redrawn:
+    ``plot_curve(json.load(open("curve.json"))["points"], "lpips[alex]", "curve.png")``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("distortion", f"{quality_name} (lower is better)"), ("psnr", "PSNR (dB)")]
+    if any(p.get("rfvd") is not None for p in points):
+        panels.append(("rfvd", "rFVD (lower is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
     styles = {"uniform": "o-", "max-reward": "s-", "router": "*", "threshold": "^--"}
     for method in ("uniform", "max-reward", "threshold", "router"):
         pts = sorted([p for p in points if p["method"] == method], key=lambda p: p["tokens"])
-        if not pts:
-            continue
-        tok = [p["tokens"] for p in pts]
-        ms = 14 if method == "router" else 6
-        axes[0].plot(tok, [p["distortion"] for p in pts], styles[method], label=method, markersize=ms)
-        axes[1].plot(tok, [p["psnr"] for p in pts], styles[method], label=method, markersize=ms)
-    axes[0].set_ylabel(f"{quality_name} (lower is better)")
-    axes[1].set_ylabel("PSNR (dB)")
-    for ax in axes:
+        for ax, (key, _) in zip(axes, panels):
+            have = [p for p in pts if p.get(key) is not None]
+            if have:
+                ax.plot([p["tokens"] for p in have], [p[key] for p in have], styles[method], label=method,
+                        markersize=14 if method == "router" else 6)
+    for ax, (_, label) in zip(axes, panels):
+        ax.set_ylabel(label)
         ax.set_xlabel("mean tokens per video")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -256,7 +262,7 @@ def run(cfg: EvalCurveConfig) -> Path:
         "rfvd_backbone": "i3d" if cfg.fvd else None,
         "rfvd_protocol": cfg.fvd_protocol if cfg.fvd else None,
     })
-    _plot(points, distortion.name, out / "curve.png")
+    plot_curve(points, distortion.name, out / "curve.png")
     write_json(out / "done", {"stage": "eval-curve", "points": len(points)})
     return out
 
