@@ -338,3 +338,20 @@ def _gpu_agrees_with_cpu(work, router_dir, tmp_path):
     rec = cpu.decode(store.get_batch(range(N_VAL)))
     direct = cpu.decode(cpu.encode(xs, store.block_lengths.long()))
     assert (_psnr(xs, rec) - _psnr(xs, direct)).abs().max() < 0.5
+
+
+def test_plot_curve_adds_an_rfvd_panel_only_when_points_have_rfvd(tmp_path):
+    from PIL import Image
+
+    from arvid.stages.eval_curve import plot_curve
+
+    pts = [{"method": "uniform", "param": c, "tokens": 4.0 * c, "distortion": 1.0 / c, "psnr": 20.0 + c, "rfvd": None}
+           for c in (1, 2, 4)]
+    plot_curve(pts, "mse", tmp_path / "two.png")
+    for p, f in zip(pts, (300.0, 200.0, 150.0)):
+        p["rfvd"] = f
+    plot_curve(pts + [{"method": "router", "param": 0, "tokens": 6.0, "distortion": 0.6, "psnr": 21.5, "rfvd": None}],
+               "mse", tmp_path / "three.png")
+    w2, h2 = Image.open(tmp_path / "two.png").size
+    w3, h3 = Image.open(tmp_path / "three.png").size
+    assert h2 == h3 and w3 == round(w2 * 3 / 2)  # 5.5 inches per panel
