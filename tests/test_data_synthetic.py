@@ -111,12 +111,30 @@ def test_config_validation_and_from_dict():
         from_dict(SyntheticConfig, {"min_speed": 0.5, "max_speed": 0.1})
     with pytest.raises(ValueError, match="frames"):
         SyntheticVideos(4, frames=0)
+    with pytest.raises(ValueError, match="min_radius"):
+        SyntheticConfig(min_radius=0.2, max_radius=0.1)
+    with pytest.raises(ConfigError, match="max_radius"):
+        from_dict(SyntheticConfig, {"max_radius": 0.6})
     cfg = SyntheticConfig(max_objects=1, textured_background_prob=0.0, textured_sprite_prob=0.0)
     simple = SyntheticVideos(64, 8, 32, seed=0, config=cfg)
     busy = SyntheticVideos(64, 8, 32, seed=0, config=SyntheticConfig(textured_background_prob=1.0))
     c_simple = sum(simple[i]["complexity"] for i in range(20))
     c_busy = sum(busy[i]["complexity"] for i in range(20))
     assert c_busy > 3 * c_simple
+
+
+def test_radius_range_sets_sprite_size():
+    # one flat sprite on a flat background, in the static clips (every 10th): its area scales with radius^2
+    def covered(r):
+        cfg = SyntheticConfig(max_objects=1, min_radius=r, max_radius=r, textured_background_prob=0.0,
+                              textured_sprite_prob=0.0)
+        ds = SyntheticVideos(80, 2, 64, seed=0, config=cfg)
+        frames = torch.stack([ds[i]["video"][:, 0] for i in range(0, 80, 10)])  # [8, 3, 64, 64]
+        bg = frames[:, :, :1, :1]  # a corner pixel: the sprite lies inside [r, 1 - r], off the corner
+        return float(((frames - bg).abs().amax(1) > 0.05).float().mean())
+
+    small, large = covered(0.1), covered(0.3)
+    assert 0.01 < small < large and 5.0 < large / small < 12.0  # (0.3 / 0.1)^2 = 9
 
 
 def test_throughput_sanity():

@@ -6,8 +6,9 @@ units of the frame size, so a clip at 128x128 is the 64x64 clip drawn finer).
 
 Why this data set: adaptive-length tokenization needs clips whose information content differs
 a lot. Here it does by construction. A clip is 1 to 6 sprites (circle, square, triangle,
-diamond, ring, cross; flat or striped) over a flat or textured background, moving with a
-per-clip speed drawn log-uniformly over a 20x range; the motion pattern is the class label:
+diamond, ring, cross; flat or striped; radius 0.05 to 0.15 of the frame) over a flat or
+textured background, moving with a per-clip speed drawn log-uniformly over a 20x range; the
+motion pattern is the class label (all of these ranges are :class:`SyntheticConfig` fields):
 
 ==============  ===============================================================
 ``static``      nothing moves: the temporal difference is exactly zero
@@ -69,7 +70,8 @@ class SyntheticConfig:
     max_radius: float = doc(0.15, "largest sprite radius, in frame widths (uniform in between; at most 0.5)")
     min_speed: float = doc(0.002, "slowest per-clip speed, in frame widths per frame")
     max_speed: float = doc(0.04, "fastest per-clip speed, in frame widths per frame (log-uniform in between)")
-    textured_background_prob: float = doc(0.5, "probability that the background is a texture, not flat")
+    textured_background_prob: float = doc(0.5, "probability that the background is a texture, not flat "
+                                         "(pan clips always have one: the texture shows the camera move)")
     textured_sprite_prob: float = doc(0.4, "probability that a sprite is striped, not flat")
     fps_scale: float = doc(1.0, "multiplies all speeds: 0.5 looks like the same motion filmed at twice the fps")
 
