@@ -75,3 +75,17 @@ def test_from_pretrained_lands_on_cuda_and_scorer_runs_there(tmp_path):
     assert torch.allclose(fp32.score(x, rows, a), ref, rtol=1e-2, atol=1e-4)
     bf16 = ProxyScorer(cuda_tok, Distortion("mse", device="cuda"))  # auto: bf16 autocast on CUDA
     assert torch.allclose(bf16.score(x, rows, a), ref, rtol=0.1, atol=1e-3)
+
+
+def test_backend_flags_are_restored():
+    from arvid.training.device import backend_flags, restore_backend_flags
+
+    before = backend_flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not before[0]
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.benchmark = not before[3]
+        assert backend_flags() != before
+    finally:
+        restore_backend_flags(before)
+    assert backend_flags() == before

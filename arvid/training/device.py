@@ -1,7 +1,7 @@
 """The one place that picks the device and the precision and sets backend flags.
 
 Nothing here runs at import: :func:`setup_backends` is called by ``Trainer.fit`` and changes
-global torch flags only then.
+global torch flags only for the length of the fit (it restores them on exit).
 """
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError(
             f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; use precision='fp32'"
         )
+
+
+def backend_flags() -> tuple:
+    """The process-wide flags :func:`setup_backends` changes, to hand to :func:`restore_backend_flags`."""
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
+
+
+def restore_backend_flags(flags: tuple) -> None:
+    """Put back what :func:`backend_flags` read (``Trainer.fit`` does, so TF32 does not outlive a fit)."""
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[0], flags[1]
+    torch.set_float32_matmul_precision(flags[2])
+    torch.backends.cudnn.benchmark = flags[3]
 
 
 def setup_backends(device: torch.device, tf32: bool = True) -> None:

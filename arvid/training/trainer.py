@@ -82,7 +82,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from arvid.config import ConfigError, doc, save_config
 from arvid.io import check_writable, load_state_strict, load_weights
 from arvid.training import checkpoint as ckpt
-from arvid.training.device import check_precision, make_accelerator, setup_backends, tensorboard_available
+from arvid.training.device import (
+    backend_flags,
+    check_precision,
+    make_accelerator,
+    restore_backend_flags,
+    setup_backends,
+    tensorboard_available,
+)
 from arvid.training.ema import EMA
 from arvid.training.logging import MetricsLogger
 from arvid.training.schedules import make_schedule
@@ -550,7 +557,12 @@ class Trainer:
         """Train until ``max_steps`` (resuming first if ``resume`` and a checkpoint exists)."""
         t0 = time.perf_counter()
         cfg = self.config
-        run = self._setup()
+        flags = backend_flags()  # TF32 etc. are set for this fit only: restored in the finally below
+        try:
+            run = self._setup()
+        except BaseException:
+            restore_backend_flags(flags)
+            raise
         acc = run.acc
         step = self.step
         last_losses, last_ckpt = run.resumed_losses, run.latest
@@ -592,6 +604,7 @@ class Trainer:
                     last_ckpt = self._save(run, step, last_losses)
                 window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
         finally:
+            restore_backend_flags(flags)
             bar.close()
             # Not acc.end_training(): it also destroys the process group, which the caller may
             # still need (a second fit, a sampling stage in the same launch).
