@@ -48,6 +48,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="default 1,64 on CUDA, 1,4 on CPU")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance (2 rows per sample); 1 = off")
     p.add_argument("--modes", default=None, help="eager,cuda_graph,compile (default: all on CUDA, eager on CPU)")
+    p.add_argument("--compile-mode", default=SamplerConfig().compile_mode,
+                   help="torch.compile mode of mode 'compile': default | max-autotune-no-cudagraphs")
     p.add_argument("--codebook", type=int, default=8192)
     p.add_argument("--frames-per-block", default="4,4,4,4")
     p.add_argument("--candidates", default="32,64,128,256,512")
@@ -82,7 +84,7 @@ def timed(fn, device: torch.device, reps: int = 1) -> float:
 
 def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len) -> dict:
     """Step time (cache filled to ``fill``) and samples/s of one step execution mode."""
-    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode, kv_bucket=a.kv_bucket))
+    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode, kv_bucket=a.kv_bucket, compile_mode=a.compile_mode))
     n_prefix = gpt.config.num_prefix
     # prepare() builds the decoder's static buffers and, for graph modes, compiles and captures the step.
     t0 = time.perf_counter()

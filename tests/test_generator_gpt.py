@@ -290,3 +290,54 @@ def test_gpu_backends_and_cuda_graph_decode():
             pos_buf.fill_(1 + t)
             graph.replay()
             torch.testing.assert_close(out_buf, eager[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_joint_rope_gives_the_same_bits(qk_norm):
+    """The decode step rotates q and k in one pass (``joint_rope``): exactly the values of rotating
+    them one by one, which prefill and training do."""
+    from arvid.generator.gpt import rope_tables
+
+    m = make(qk_norm=qk_norm)
+    attn = m.blocks[0].attn
+    x = torch.randn(3, 5, m.config.dim)
+    rope = rope_tables(torch.arange(7, 12), m.config.head_dim, m.config.rope_theta)
+    with torch.no_grad():
+        sep = attn.qkv(x, rope)
+        joint = attn.qkv(x, rope, joint_rope=True)
+    for a, b in zip(sep, joint):
+        assert a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_decode_step_kernel_count_per_layer():
+    """Launch overhead dominates a decode step at small batch: the step's compute ops (aten ops that
+    are not views, as dispatched on CPU) must not grow per layer. The rotary tables and the length
+    mask are built once per step; before that change a layer dispatched 58 compute ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "_unsafe_view", "t", "select", "slice", "permute", "unsqueeze", "split", "split_with_sizes",
+             "expand", "reshape", "unflatten", "transpose", "alias", "detach", "squeeze", "chunk"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in views:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    per_layer = []
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(vocab_size=V, max_seq_len=64, num_classes=5, dim=64, n_layers=layers, n_heads=4,
+                          n_kv_heads=2)).eval()
+        cache = m.allocate_cache(2, 32)
+        with torch.no_grad():
+            m.prefill(cache, cond_for(m, 2))
+            Count.n = 0
+            with Count():
+                m.decode_step(cache, torch.tensor([1, 2]), torch.tensor(m.config.num_prefix), 16)
+        per_layer.append(Count.n)
+    growth = (per_layer[1] - per_layer[0]) / 4  # ops added by each extra layer
+    assert growth <= 32, f"{growth} compute ops per layer per decode step (58 before the shared tables)"

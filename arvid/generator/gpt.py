@@ -124,16 +124,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x`` ``[..., T, H, D]`` by positions ``pos`` ``LongTensor[T]`` (rotate-half convention).
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles of positions ``pos`` ``LongTensor[T]``: ``float32 [T, 1, D/2]``
+    each (the 1 broadcasts over heads).
 
-    Angles are computed here, in float32, rather than read from a table: no buffer to keep in
-    sync with the dtype of the model, and it works for any position without a size limit.
-    """
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
+    Computed here, in float32, rather than read from a table: no buffer to keep in sync with the
+    dtype of the model, and any position works without a size limit. The model computes them
+    once per forward (or decode step) and every layer reuses them: per layer they were a dozen
+    small kernels, which dominate a decode step at batch 1."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]  # [T, 1, D/2]: broadcast over heads
+    return ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate ``x`` ``[..., T, H, D]`` by the angles of :func:`rope_tables` (rotate-half convention),
+    in float32; returns ``x``'s dtype."""
+    cos, sin = rope
+    d = x.shape[-1]
     xf = x.float()
     x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -150,29 +158,40 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [..., T, dim]``, ``pos [T]`` -> q ``[..., T, H, D]``, k and v ``[..., T, Hkv, D]`` (rotated)."""
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], joint_rope: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [..., T, dim]``, ``rope`` (:func:`rope_tables` of the positions) -> q ``[..., T, H, D]``,
+        k and v ``[..., T, Hkv, D]`` (q and k rotated).
+
+        ``joint_rope``: rotate q and k in one pass over their adjacent columns of the fused
+        projection (half the kernels; the same values, bit for bit). q and k are then views into
+        one tensor, contiguous only in their last dimension: the decode step uses it (SDPA and
+        ``index_copy_`` take such views); the packed kernels get contiguous q and k."""
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        if joint_rope and self.q_norm is None:
+            qk, v = self.wqkv(x).split([(h + kv) * d, kv * d], dim=-1)
+            q, k = apply_rope(qk.unflatten(-1, (h + kv, d)), rope).split([h, kv], dim=-2)
+            return q, k, v.unflatten(-1, (kv, d))
         q, k, v = self.wqkv(x).split([h * d, kv * d, kv * d], dim=-1)
         q = q.unflatten(-1, (h, d))  # [..., T, H, D]
         k = k.unflatten(-1, (kv, d))  # [..., T, Hkv, D]
         v = v.unflatten(-1, (kv, d))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta), v
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
-    def forward_packed(self, x: torch.Tensor, pos: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       backend: str) -> torch.Tensor:
-        """``x [N, dim]`` packed -> ``[N, dim]``."""
-        q, k, v = self.qkv(x, pos)
+    def forward_packed(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
+                       max_seqlen: int, backend: str) -> torch.Tensor:
+        """``x [N, dim]`` packed, ``rope`` of the position ids -> ``[N, dim]``."""
+        q, k, v = self.qkv(x, rope)
         out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend)  # [N, H, D]
         return self.wo(out.flatten(1))
 
-    def forward_dense(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None,
+    def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
                       layer: int = 0) -> torch.Tensor:
-        """``x [B, T, dim]`` at positions ``pos [T]`` (0..T-1), causal; with a cache, also write k/v
-        at cache positions 0..T-1 (prefill). Returns ``[B, T, dim]``."""
-        q, k, v = self.qkv(x, pos)
+        """``x [B, T, dim]`` at positions 0..T-1 (``rope`` of those), causal; with a cache, also write
+        k/v at cache positions 0..T-1 (prefill). Returns ``[B, T, dim]``."""
+        q, k, v = self.qkv(x, rope)
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
         if cache is not None:
             t = x.shape[1]
@@ -181,24 +200,24 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
-    def forward_decode(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, layer: int,
-                       kv_len: int | None = None) -> torch.Tensor:
-        """One new token per row: ``x [B, 1, dim]`` at position ``pos`` (0-dim device tensor) -> ``[B, 1, dim]``.
+    def forward_decode(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       bias: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """One new token per row: ``x [B, 1, dim]`` at position ``pos`` (``LongTensor[1]`` on the
+        device, ``rope`` its tables) -> ``[B, 1, dim]``.
 
-        Writes k/v in place at ``pos`` and attends over the first ``kv_len`` cache positions
-        (a view of the cache, no copy; None = the whole static cache) with the length mask
-        ``arange(kv_len) <= pos``: for a given ``kv_len`` the shapes never change and nothing
-        leaves the device (CUDA-graph capturable). The caller keeps ``pos < kv_len``."""
-        p = pos.reshape(1)
-        q, k, v = self.qkv(x, p)
+        Writes k/v in place at ``pos`` and attends over the first ``n = bias.shape[-1]`` cache
+        positions (a view of the cache, no copy) with the additive length mask ``bias``
+        (``[1, 1, 1, n]``: 0 where ``arange(n) <= pos``, -inf after; :meth:`GPT.decode_step` builds
+        it once per step for all layers): for a given ``n`` the shapes never change and nothing
+        leaves the device (CUDA-graph capturable)."""
+        q, k, v = self.qkv(x, rope, joint_rope=True)
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))  # t == 1
-        cache.k[layer].index_copy_(2, p, k.to(cache.dtype))
-        cache.v[layer].index_copy_(2, p, v.to(cache.dtype))
-        n = cache.max_len if kv_len is None else kv_len
+        cache.k[layer].index_copy_(2, pos, k.to(cache.dtype))
+        cache.v[layer].index_copy_(2, pos, v.to(cache.dtype))
+        n = bias.shape[-1]
         keys, values = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]  # [B, Hkv, n, D] views
-        valid = (torch.arange(n, device=x.device) <= p).reshape(1, 1, 1, -1)  # [1, 1, 1, n]
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                             attn_mask=valid, enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=bias.to(q.dtype),
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
 
@@ -382,9 +401,9 @@ class GPT(nn.Module, PretrainedMixin):
         cond = self.prefix_embeddings(Conditioning(batch.class_ids, batch.text_ids), s)  # [S, n, dim]
         slots = batch.cu_seqlens[:s].long()[:, None] + torch.arange(n, device=x.device)  # [S, n]
         x = x.index_put((slots.reshape(-1),), cond.reshape(s * n, -1).to(x.dtype))
-        pos = batch.position_ids
+        rope = rope_tables(batch.position_ids, self.config.head_dim, self.config.rope_theta)
         for blk in self.blocks:
-            x = x + blk.attn.forward_packed(blk.attn_norm(x), pos, batch.cu_seqlens, batch.max_seqlen, backend)
+            x = x + blk.attn.forward_packed(blk.attn_norm(x), rope, batch.cu_seqlens, batch.max_seqlen, backend)
             x = blk.mlp(x)
         return self.head(self.norm(x))
 
@@ -398,9 +417,9 @@ class GPT(nn.Module, PretrainedMixin):
         t = x.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(f"{t} input positions exceed max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(t, device=x.device)
+        rope = rope_tables(torch.arange(t, device=x.device), self.config.head_dim, self.config.rope_theta)
         for i, blk in enumerate(self.blocks):
-            x = x + blk.attn.forward_dense(blk.attn_norm(x), pos, cache, i)
+            x = x + blk.attn.forward_dense(blk.attn_norm(x), rope, cache, i)
             x = blk.mlp(x)
         return self.norm(x)
 
@@ -444,8 +463,18 @@ class GPT(nn.Module, PretrainedMixin):
         the host)."""
         if kv_len is not None and not 0 < kv_len <= cache.max_len:
             raise ValueError(f"kv_len must lie in [1, cache.max_len={cache.max_len}], got {kv_len}")
+        n = cache.max_len if kv_len is None else kv_len
+        p = pos.reshape(1)
         x = self.tok_emb(tokens)[:, None]  # [B, 1, dim]
+        # Shared by every layer (once per step, not once per layer): the rotary tables of the
+        # position and the additive length mask, in the dtype the attention will run in.
+        dt = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+        rope = rope_tables(p, self.config.head_dim, self.config.rope_theta)
+        bias = torch.zeros(n, device=x.device, dtype=dt).masked_fill(torch.arange(n, device=x.device) > p,
+                                                                      float("-inf")).reshape(1, 1, 1, n)
         for i, blk in enumerate(self.blocks):
-            x = x + blk.attn.forward_decode(blk.attn_norm(x), pos, cache, i, kv_len)
+            x = x + blk.attn.forward_decode(blk.attn_norm(x), p, rope, bias, cache, i)
             x = blk.mlp(x)
         return self.head(self.norm(x))[:, 0]

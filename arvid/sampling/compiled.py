@@ -5,8 +5,8 @@ more than the math. The whole step (``model.decode_step`` + guidance + constrain
 sampling + state update, see ``arvid.sampling.sampler._Decoder.step``) works on static buffers
 with the step index on the device, so it is captured once into a ``torch.cuda.CUDAGraph`` (one
 per KV length bucket, below) and replayed: one launch per token. ``compile`` additionally runs
-the model's decode step through ``torch.compile(mode="max-autotune-no-cudagraphs")`` (fused
-kernels) before capture; we capture ourselves rather than use ``mode="reduce-overhead"``
+the model's decode step through ``torch.compile`` (fused kernels; ``SamplerConfig.compile_mode``)
+before capture; we capture ourselves rather than use ``mode="reduce-overhead"``
 because the KV cache and the decoding state live outside the compiled function and are mutated
 in place, which cudagraph trees refuse to capture.
 
@@ -45,7 +45,8 @@ def _recompile_limit(extra: int) -> Any:
     return cfg.patch(**{name: max(getattr(cfg, name), _compiled_shapes)})
 
 
-def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3) -> dict[int, torch.cuda.CUDAGraph]:
+def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
+                    compile_mode: str = "default") -> dict[int, torch.cuda.CUDAGraph]:
     """Capture ``dec.step(kv_len)`` into ``dec.graphs[kv_len]``: one CUDA graph over the decoder's
     static buffers per KV length bucket the run loop can use (``dec.kv_lens()``; the last is the
     whole cache).
@@ -65,6 +66,10 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3) -> di
             before capturing; every bucket length is then its own compiled shape (one
             compilation per bucket and batch shape: capture takes longer).
         warmup: eager (or compiled) steps on a side stream before each capture.
+        compile_mode: ``torch.compile`` mode: ``default`` or ``max-autotune-no-cudagraphs``. The
+            latter ran 6.5 ms per L step at batch 1 on the H100 (2026-11-23), twice the plain
+            CUDA graph; its Triton matmul templates are the suspect at 2-row matmuls, so the
+            default keeps cuBLAS.
 
     Returns:
         ``dec.graphs``, ``{kv_len: graph}``.
@@ -77,7 +82,7 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3) -> di
         # Only the model's step is compiled: inductor (torch 2.11) fails to generate code for the
         # sampling part (a split cumsum fused with an argmax: "NYI TritonSplitDimKernel
         # reductions"), and the sampling ops are few and small next to the model's.
-        dec.decode_fn = torch.compile(dec.model.decode_step, mode="max-autotune-no-cudagraphs", dynamic=False)
+        dec.decode_fn = torch.compile(dec.model.decode_step, mode=compile_mode, dynamic=False)
         limit = _recompile_limit(len(lens))
     snap = dec.snapshot()
     main = torch.cuda.current_stream(dec.device)

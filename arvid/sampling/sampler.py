@@ -51,6 +51,9 @@ class SamplerConfig:
         "auto", "decode step execution: eager; cuda_graph (captured step); compile (torch.compile + captured "
                 "step); auto = cuda_graph on CUDA, eager on CPU")
     use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)")
+    compile_mode: str = doc("default", "torch.compile mode of the model's step under compile=compile: default "
+                            "(cuBLAS matmuls, fused pointwise kernels) or max-autotune-no-cudagraphs (also tries "
+                            "Triton matmul templates; CUDA graphs are captured by the sampler either way)")
     kv_bucket: int = doc(256, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
                               "this many positions (one captured CUDA graph per bucket); 0 = always the whole "
                               "cache. 256 made the L decode step 1.54x faster at batch 64 on the H100 "
@@ -73,6 +76,8 @@ class SamplerConfig:
             raise ValueError(f"budget_fn must be 'log' or 'linear', got {self.budget_fn!r}")
         if self.compile not in ("auto", "eager", "cuda_graph", "compile"):
             raise ValueError(f"compile must be auto|eager|cuda_graph|compile, got {self.compile!r}")
+        if self.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_mode must be default|max-autotune-no-cudagraphs, got {self.compile_mode!r}")
         if isinstance(self.kv_bucket, bool) or not isinstance(self.kv_bucket, int) or self.kv_bucket < 0:
             raise ValueError(f"kv_bucket must be an int >= 0 (0 = always the whole cache), got {self.kv_bucket!r}")
 
@@ -543,7 +548,7 @@ class Sampler:
             # Capture first (one graph per KV length bucket): the warm-up steps write garbage into
             # the cache and the buffers; the decoder's buffers are restored and the prefill in
             # run() overwrites the cache.
-            capture_decoder(dec, compile_step=(mode == "compile"))
+            capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode)
 
         return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint)
 
