@@ -10,19 +10,32 @@ its own resolved config and its upstream stages' fingerprints. Two files record 
 - ``pipeline_done.json``: written atomically after the stage finished, holding the fingerprint. A rerun
   with the same fingerprint skips the stage; a different one is refused unless the user asks
   to redo it (``--from``), which moves the old directory aside instead of deleting it.
+
+Several processes may run pipelines on one ``out_dir`` at once (say, the fixed-length branch
+beside the main chain on one GPU: ``stages=[fixed,fixed_tokenize,fixed_generator]`` in a second
+process). Each stage runs under an exclusive lock, ``<out_dir>/.<name>.lock`` (``flock``; the
+kernel drops it when its process dies, so a killed run leaves no stale lock). A process that
+finds the stage locked waits, then reads the stage's markers again: a stage another process
+finished with the same fingerprint is skipped, not run twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:  # POSIX; elsewhere stages run unlocked (one pipeline per out_dir at a time)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 from arvid.config import to_dict
 from arvid.io import check_writable, read_json, write_json
@@ -52,6 +65,34 @@ class Stage:
 def _fingerprint(config: Any, upstream: list[str]) -> str:
     blob = json.dumps({"config": to_dict(config), "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def stage_lock(out_dir: Path, name: str) -> Iterator[bool]:
+    """Hold the exclusive lock of stage ``name`` under ``out_dir``; yields whether it had to wait
+    for another process (which is then named in the log, with its pid)."""
+    if fcntl is None:  # pragma: no cover
+        yield False
+        return
+    path = out_dir / f".{name}.lock"
+    with open(path, "a+") as f:
+        waited = False
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            log.info("[%s] waiting: another process (pid %s) is running this stage on %s", name, holder, out_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -142,21 +183,42 @@ class Pipeline:
             if it.action == "skip":
                 log.info("[%s] skip: %s", it.stage.name, it.reason)
                 continue
-            if it.action == "redo":
-                aside = it.directory.with_name(f"{it.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(it.directory, aside)
-                log.info("[%s] moved the previous output to %s", it.stage.name, aside)
-            it.directory.mkdir(parents=True, exist_ok=True)
-            if it.action != "resume":
-                write_json(it.directory / STATE_FILE, {"fingerprint": it.fingerprint, "started": time.time(),
-                                                         "stage": it.stage.name})
-            log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
-            t0 = time.time()
-            it.stage.run(it.directory)
-            write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
-                                               "finished": time.time()})
-            log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)
+            with stage_lock(self.out_dir, it.stage.name):
+                if it.action != "redo" and self._finished_meanwhile(it):
+                    continue
+                self._run_item(it)
         return items
+
+    def _finished_meanwhile(self, it: PlanItem) -> bool:
+        """Under the stage's lock: whether another process finished it since the plan was made (then
+        it is skipped; a different fingerprint there is refused as in :meth:`plan`)."""
+        done = it.directory / DONE_FILE
+        if not done.exists():
+            return False
+        old = read_json(done).get("fingerprint")
+        if old != it.fingerprint:
+            raise PipelineError(
+                f"stage {it.stage.name!r}: another process finished {str(it.directory)!r} with a different "
+                f"config (fingerprint {old} there, {it.fingerprint} here); refusing to mix outputs.")
+        it.action, it.reason = "skip", "finished by another process"
+        log.info("[%s] skip: %s", it.stage.name, it.reason)
+        return True
+
+    def _run_item(self, it: PlanItem) -> None:
+        if it.action == "redo":
+            aside = it.directory.with_name(f"{it.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(it.directory, aside)
+            log.info("[%s] moved the previous output to %s", it.stage.name, aside)
+        it.directory.mkdir(parents=True, exist_ok=True)
+        if it.action != "resume":
+            write_json(it.directory / STATE_FILE, {"fingerprint": it.fingerprint, "started": time.time(),
+                                                     "stage": it.stage.name})
+        log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
+        t0 = time.time()
+        it.stage.run(it.directory)
+        write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
+                                           "finished": time.time()})
+        log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)
 
 
 def format_summary(items: list[PlanItem]) -> str:

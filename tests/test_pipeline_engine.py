@@ -63,3 +63,52 @@ def test_until_dry_run_and_bad_names(tmp_path):
         make(tmp_path, []).plan(until="bb")
     with pytest.raises(PipelineError, match="does not run before"):
         Pipeline([Stage("x", Cfg(), lambda d: None, deps=["y"])], tmp_path)
+
+
+def test_a_second_process_waits_for_a_running_stage_then_skips_it(tmp_path):
+    """Two pipelines on one out_dir (threads here; each takes the stage lock through its own open
+    file, as two processes do): the second waits for the stage the first is running, then finds it
+    finished with the same fingerprint and skips it instead of running it twice."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def run_a(d):
+        calls.append("a")
+        started.set()
+        assert release.wait(30)
+        (d / "out.txt").write_text("1")
+
+    def pipe():
+        return Pipeline([Stage("a", Cfg(1), run_a)], tmp_path / "out")
+
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", pipe().run()))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: results.setdefault("second", pipe().run()))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second pipeline must wait while the first runs the stage"
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert calls == ["a"]
+    assert [i.action for i in results["first"]] == ["run"]
+    assert [(i.action, i.reason) for i in results["second"]] == [("skip", "finished by another process")]
+    # the lock is free again: a later run plans a skip without waiting
+    assert [i.action for i in pipe().run()] == ["skip"]
+
+
+def test_a_stage_finished_elsewhere_with_another_config_is_refused(tmp_path):
+    """The lock's re-check keeps the refusal: a stage that another process finished with a different
+    config between this plan and this run is not overwritten."""
+    p = Pipeline([Stage("a", Cfg(1), lambda d: None)], tmp_path / "out")
+    plan = p.plan()
+    Pipeline([Stage("a", Cfg(2), lambda d: None)], tmp_path / "out").run()
+    import arvid.pipeline_engine as eng
+
+    with pytest.raises(PipelineError, match="another process finished .* different config"):
+        with eng.stage_lock(tmp_path / "out", "a"):
+            p._finished_meanwhile(plan[0])
