@@ -198,6 +198,28 @@ def is_override(word: str) -> bool:
     return bool(_OVERRIDE.match(word))
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``5e-4`` and ``1e5`` as floats, as YAML 1.2 (and Python) do:
+    PyYAML follows YAML 1.1, whose floats need a dot (``5.0e-4``), and would hand ``lr: 5e-4``
+    over as the string ``"5e-4"``."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b.c=3"`` -> (["a", "b", "c"], 3). The value is parsed as YAML (numbers, lists, null)."""
     if "=" not in text:
@@ -207,7 +229,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = _load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -238,7 +260,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = _load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {e}") from e
     if data is None:

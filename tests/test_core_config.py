@@ -86,3 +86,18 @@ def test_override_syntax_errors():
         apply_overrides({}, ["nokey"])
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"steps": 3}, ["steps.x=1"])
+
+
+def test_exponent_floats_without_a_dot_read_as_numbers(tmp_path):
+    """`5e-4` is a float in YAML 1.2 and Python; PyYAML's YAML 1.1 made it the string '5e-4', which
+    the strict float field then refused. Files and overrides both read it as a number now."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  dropout: 5e-4\n  dim: 1e2\n")
+    cfg = load_config(RunCfg, p, ["steps=2E+1", "tags.lr=3e-5"])
+    assert cfg.model.dropout == pytest.approx(5e-4) and isinstance(cfg.model.dropout, float)
+    assert cfg.model.dim == 100 and isinstance(cfg.model.dim, int)
+    assert cfg.steps == 20 and cfg.tags == {"lr": pytest.approx(3e-5)}
+    # strings that only look numeric stay strings and are still refused by a float field
+    p.write_text("model:\n  dropout: 5e\n")
+    with pytest.raises(ConfigError, match="dropout"):
+        load_config(RunCfg, p)
