@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num", type=int, default=10_000, help="generated clips")
     p.add_argument("--batch", type=int, default=64, help="clips per I3D batch")
     p.add_argument("--protocol", default="ucf-gfvd-10k")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "tf32-stem", "bf16"])
     p.add_argument("--weights", default=None, help="I3D weights (default: random init; the time is the same)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

