@@ -157,7 +157,7 @@ def main() -> int:
     gpt = GPT.from_preset(a.preset, vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 1,
                           num_classes=a.num_classes)
     torch.nn.init.normal_(gpt.head.weight, std=0.02)
-    gpt = gpt.to(device=device, dtype=dtype).eval()
+    gpt = gpt.to(device).cast_for_inference_(dtype).eval()
     modes = a.modes.split(",") if a.modes else (["eager", "cuda_graph", "compile"] if device.type == "cuda" else ["eager"])
     full_runs = a.full_runs if a.full_runs is not None else (3 if device.type == "cuda" else 0)
     mean_len = layout.num_blocks + layout.num_blocks * sum(layout.candidates) / len(layout.candidates)

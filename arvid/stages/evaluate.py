@@ -250,7 +250,7 @@ def _load_gpt(path: str, device: torch.device, precision: str, tokenizer: Any, t
     sequence_format_for(gpt, tokenizer)
     check_generator_tokenizer(path, tokenizer, tokenizer_dir)
     if precision == "bf16":
-        gpt = gpt.to(torch.bfloat16)
+        gpt = gpt.cast_for_inference_(torch.bfloat16)
     return gpt
 
 

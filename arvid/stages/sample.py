@@ -265,7 +265,7 @@ def run(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     gpt = GPT.from_pretrained(cfg.generator, map_location=str(device)).eval()
     if cfg.precision == "bf16":
-        gpt = gpt.to(torch.bfloat16)
+        gpt = gpt.cast_for_inference_(torch.bfloat16)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
     fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
