@@ -74,6 +74,16 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
             return
 
 
+def _run(args) -> int | None:
+    """The command, then the distributed teardown (a no-op without a process group)."""
+    try:
+        return args.func(args)
+    finally:
+        from arvid.training.device import shutdown_distributed
+
+        shutdown_distributed()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Dotted overrides may also follow an option (`arvid pipeline CFG --until curve a.b=1`):
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        rc = args.func(args)
+        rc = _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -145,5 +145,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from arvid.training.device import shutdown_distributed
+
     torch.set_num_threads(1)
-    sys.exit(main())
+    try:
+        rc = main()
+    finally:
+        shutdown_distributed()
+    sys.exit(rc)
