@@ -382,6 +382,16 @@ class ReportConfig:
     out_dir: str = doc("outputs/report", "output directory (set by the pipeline)")
 
 
+def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> None:
+    """The mp4 twin of a GIF grid; skipped with a warning when PyAV is missing (the GIF is the record)."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        log.warning("report: %s not written: PyAV is not installed (pip install av); the GIF beside it is", path)
+        return
+    write_grid(videos, str(path), nrow=nrow, fps=fps)
+
+
 def run_report(cfg: ReportConfig) -> Path:
     from arvid.data.writer import write_grid
     from arvid.tokenizer.base import load_tokenizer
@@ -442,7 +452,7 @@ def run_report(cfg: ReportConfig) -> Path:
             # reconstruction)
             k = min(8, n)
             write_grid(torch.cat([real[:k], pred[:k]]), str(out / "frame_prediction.gif"), nrow=k, fps=cfg.fps)
-            write_grid(torch.cat([real[:k], pred[:k]]), str(out / "frame_prediction.mp4"), nrow=k, fps=cfg.fps)
+            _write_mp4_grid(torch.cat([real[:k], pred[:k]]), out / "frame_prediction.mp4", nrow=k, fps=cfg.fps)
             metrics["frame_prediction"] = fp
     # 3. what the earlier stages measured
     for key, path in {"router": exp / "router" / "router_metrics.json", "curve": exp / "curve" / "curve.json",
