@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,19 +210,52 @@ def preflight(items: list, exp: ExperimentConfig) -> None:
                 raise ValueError(f"stage {item.stage.name!r} will need {name} weights: {e}") from None
 
 
+def stage_launcher(config: str, overrides: list[str], out_dir: str | Path,
+                   cli_options: list[str] | None = None) -> Any:
+    """For :meth:`Pipeline.run_parallel`: start ``arvid [cli_options] pipeline CONFIG --only STAGE
+    [--from STAGE] OVERRIDES`` in a process of its own, its output appended to
+    ``<out_dir>/logs/<stage>.log``. The child loads the same config and overrides, so it computes the
+    same fingerprints as the parent's plan."""
+    logs = Path(out_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def launch(item) -> subprocess.Popen:
+        name = item.stage.name
+        cmd = [sys.executable, "-m", "arvid", *(cli_options or []), "pipeline", config, "--only", name,
+               *(["--from", name] if item.action == "redo" else []), *overrides]
+        with open(logs / f"{name}.log", "ab") as f:
+            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            f.flush()
+            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    return launch
+
+
 def run_pipeline(config: str, overrides: list[str], until: str | None = None, from_: str | None = None,
-                 dry_run: bool = False) -> list:
+                 dry_run: bool = False, only: str | None = None, jobs: int = 1,
+                 cli_options: list[str] | None = None) -> list:
+    """Run (or with ``dry_run`` plan) the experiment; ``only``: that stage alone; ``jobs`` > 1: independent
+    stages at once, each in its own process (``cli_options``: the global ``arvid`` options they get)."""
     exp = load_config(ExperimentConfig, config, overrides)
     pipe = build_pipeline(exp)
-    items = pipe.run(until=until, from_=from_, dry_run=dry_run, preflight=lambda plan: preflight(plan, exp))
-    if not dry_run:
+    check = lambda plan: preflight(plan, exp)  # noqa: E731
+    if jobs > 1 and not dry_run:
+        if only is not None:
+            raise ValueError("--jobs and --only exclude each other: --only runs one stage")
+        launch = stage_launcher(config, overrides, exp.out_dir, cli_options)
+        items = pipe.run_parallel(launch, jobs, until=until, from_=from_, preflight=check)
+    else:
+        items = pipe.run(until=until, from_=from_, dry_run=dry_run, preflight=check, only=only)
+    if not dry_run and only is None:  # a --only child leaves the record to its parent
         save_config(exp, Path(exp.out_dir) / "experiment.yaml")
     return items
 
 
 def _main(args: argparse.Namespace) -> int:
+    opts = ["--log-level", str(args.log_level)] + (["--threads", str(args.threads)] if args.threads else [])
     try:
-        items = run_pipeline(args.config, list(args.overrides), args.until, getattr(args, "from"), args.dry_run)
+        items = run_pipeline(args.config, list(args.overrides), args.until, getattr(args, "from"), args.dry_run,
+                             only=args.only, jobs=args.jobs, cli_options=opts)
     except PipelineError as e:
         raise ValueError(str(e)) from e
     print(format_plan(items) if args.dry_run else format_summary(items))
@@ -227,12 +263,17 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def add_arguments(subparsers) -> None:
-    """Register ``arvid pipeline CONFIG [--until S] [--from S] [--dry-run] [overrides]``."""
+    """Register ``arvid pipeline CONFIG [--until S] [--from S] [--only S] [--jobs N] [--dry-run] [overrides]``."""
     p = subparsers.add_parser("pipeline", help="run the whole stage graph of an experiment, resumably",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML (ExperimentConfig), e.g. configs/experiments/demo.yaml")
     p.add_argument("--until", default=None, help="stop after this stage")
     p.add_argument("--from", default=None, help="redo from this stage on (old outputs are moved aside)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
+    p.add_argument("--only", default=None, metavar="STAGE",
+                   help="run this one stage (its upstream stages must be finished)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run up to N independent stages at once, each in its own process (logs in "
+                        "<out_dir>/logs/); e.g. the fixed-length branch beside the main chain on one GPU")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. proxy.trainer.max_steps=10")
     p.set_defaults(func=_main)

@@ -15,8 +15,15 @@ Several processes may run pipelines on one ``out_dir`` at once (say, the fixed-l
 beside the main chain on one GPU: ``stages=[fixed,fixed_tokenize,fixed_generator]`` in a second
 process). Each stage runs under an exclusive lock, ``<out_dir>/.<name>.lock`` (``flock``; the
 kernel drops it when its process dies, so a killed run leaves no stale lock). A process that
-finds the stage locked waits, then reads the stage's markers again: a stage another process
-finished with the same fingerprint is skipped, not run twice.
+finds the stage locked waits, then checks the stage's markers again as the plan did: a stage
+another process finished with the same fingerprint is skipped, not run twice (a ``--from`` redo
+too, when another process redid it after this one planned); one finished or left interrupted
+with a different fingerprint is refused. On a file system without ``flock`` (some NFS mounts) the
+stages run unlocked, with a warning.
+
+``Pipeline.run_parallel`` runs independent branches of the graph at once: each stage whose
+upstream stages are finished is launched in its own process (``arvid pipeline CFG --only STAGE``),
+up to ``jobs`` at a time, under the same locks and markers.
 """
 
 from __future__ import annotations
@@ -85,6 +92,11 @@ def stage_lock(out_dir: Path, name: str) -> Iterator[bool]:
             log.info("[%s] waiting: another process (pid %s) is running this stage on %s", name, holder, out_dir)
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
+        except OSError as e:  # no flock on this file system (some NFS mounts): run unlocked
+            log.warning("[%s] cannot lock %s (%s): running the stage unlocked; run one pipeline per "
+                        "out_dir at a time on this file system", name, path, e)
+            yield False
+            return
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -170,10 +182,28 @@ class Pipeline:
         return items
 
     def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
-            preflight: Callable[[list[PlanItem]], None] | None = None) -> list[PlanItem]:
+            preflight: Callable[[list[PlanItem]], None] | None = None, only: str | None = None) -> list[PlanItem]:
         """Plan, then run every stage that is not skipped. ``preflight(plan)`` runs between the two
-        (not on a dry run): a check that raises stops the pipeline before its first stage."""
+        (not on a dry run): a check that raises stops the pipeline before its first stage.
+
+        ``only``: run that one stage (planned as if ``until`` were it); its upstream stages must be
+        finished already. Returns the plan, or with ``only`` that stage's item alone."""
+        self._check_name(only, "--only")
+        if only is not None:
+            if until is not None and until != only:
+                raise PipelineError(f"--only {only!r} and --until {until!r} disagree; give one of them")
+            until = only
+        planned_at = time.time()
         items = self.plan(until, from_)
+        if only is not None:
+            target = items[-1]
+            by_name = {it.stage.name: it for it in items}
+            waiting = [d for d in target.stage.deps if by_name[d].action != "skip"]
+            if waiting and not dry_run:
+                raise PipelineError(
+                    f"--only {only!r}: its upstream stage(s) {', '.join(repr(w) for w in waiting)} are not "
+                    f"finished under {str(self.out_dir)!r}; run them first (or run the pipeline without --only)")
+            items = [target]
         if dry_run:
             return items
         if preflight is not None:
@@ -184,29 +214,120 @@ class Pipeline:
                 log.info("[%s] skip: %s", it.stage.name, it.reason)
                 continue
             with stage_lock(self.out_dir, it.stage.name):
-                if it.action != "redo" and self._finished_meanwhile(it):
-                    continue
-                self._run_item(it)
+                if self._recheck(it, planned_at):
+                    self._run_item(it)
         return items
 
-    def _finished_meanwhile(self, it: PlanItem) -> bool:
-        """Under the stage's lock: whether another process finished it since the plan was made (then
-        it is skipped; a different fingerprint there is refused as in :meth:`plan`)."""
-        done = it.directory / DONE_FILE
-        if not done.exists():
+    def _recheck(self, it: PlanItem, planned_at: float) -> bool:
+        """Under the stage's lock, the plan's check once more: another process may have run the stage
+        since this one planned (a plan made at ``planned_at``). Returns whether to run it; a stage that
+        is now finished with the same fingerprint is skipped, one finished or left interrupted with a
+        different fingerprint is refused as in :meth:`plan`."""
+        name, d = it.stage.name, it.directory
+        done, state = d / DONE_FILE, d / STATE_FILE
+        if it.action == "redo":
+            # `--from` in two processes: the one that got the lock second reuses the first's fresh output
+            if done.exists():
+                rec = read_json(done)
+                if rec.get("fingerprint") == it.fingerprint and float(rec.get("finished", 0)) >= planned_at:
+                    it.action, it.reason = "skip", "redone by another process after this one planned"
+                    log.info("[%s] skip: %s", name, it.reason)
+                    return False
+            return True
+        if done.exists():
+            old = read_json(done).get("fingerprint")
+            if old != it.fingerprint:
+                raise PipelineError(
+                    f"stage {name!r}: another process finished {str(d)!r} with a different "
+                    f"config (fingerprint {old} there, {it.fingerprint} here); refusing to mix outputs.")
+            it.action, it.reason = "skip", "finished by another process"
+            log.info("[%s] skip: %s", name, it.reason)
             return False
-        old = read_json(done).get("fingerprint")
-        if old != it.fingerprint:
-            raise PipelineError(
-                f"stage {it.stage.name!r}: another process finished {str(it.directory)!r} with a different "
-                f"config (fingerprint {old} there, {it.fingerprint} here); refusing to mix outputs.")
-        it.action, it.reason = "skip", "finished by another process"
-        log.info("[%s] skip: %s", it.stage.name, it.reason)
+        if state.exists():
+            old = read_json(state).get("fingerprint")
+            if old != it.fingerprint:
+                raise PipelineError(
+                    f"stage {name!r}: {str(d)!r} holds an interrupted run of a different config, left by "
+                    f"another process (fingerprint {old} there, {it.fingerprint} here). Rerun with "
+                    f"`--from {name}` to start it over.")
+            if it.action == "run":
+                it.action, it.reason = "resume", "interrupted in another process; resuming in place"
         return True
+
+    def run_parallel(self, launch: Callable[[PlanItem], Any], jobs: int, until: str | None = None,
+                     from_: str | None = None, preflight: Callable[[list[PlanItem]], None] | None = None,
+                     poll_s: float = 0.5) -> list[PlanItem]:
+        """Like :meth:`run`, but every stage whose upstream stages are finished starts at once in a
+        process of its own, up to ``jobs`` at a time, in plan order (on synthetic_gpu: the fixed-length
+        branch beside the main chain, ``curve`` beside ``final``).
+
+        ``launch(item)`` starts the stage's process and returns a ``subprocess.Popen``-like object
+        (``poll``, ``terminate``, ``wait``, ``pid``); the process runs that stage alone (the CLI's
+        ``--only``) under the stage's lock and writes its markers. After a stage fails no new stage
+        starts; those already running finish, then the failure is raised. An interrupt stops them all
+        (each resumes on the next run)."""
+        if jobs < 1:
+            raise PipelineError(f"--jobs must be at least 1, got {jobs}")
+        items = self.plan(until, from_)
+        if preflight is not None:
+            preflight(items)
+        check_writable(self.out_dir)
+        finished = {it.stage.name for it in items if it.action == "skip"}
+        for it in items:
+            if it.action == "skip":
+                log.info("[%s] skip: %s", it.stage.name, it.reason)
+        pending = [it for it in items if it.action != "skip"]
+        running: dict[str, tuple[PlanItem, Any, float]] = {}
+        failed: list[tuple[PlanItem, int]] = []
+        try:
+            while pending or running:
+                if not failed:
+                    for it in list(pending):
+                        if len(running) >= jobs:
+                            break
+                        if all(dep in finished for dep in it.stage.deps):
+                            pending.remove(it)
+                            proc = launch(it)
+                            running[it.stage.name] = (it, proc, time.time())
+                            log.info("[%s] started (%s) in process %s", it.stage.name, it.action, proc.pid)
+                if not running:
+                    break  # a failure left the rest pending
+                time.sleep(poll_s)
+                for name, (it, proc, t0) in list(running.items()):
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    del running[name]
+                    if rc != 0:
+                        failed.append((it, rc))
+                        log.error("[%s] failed (exit code %s) after %.1f s", name, rc, time.time() - t0)
+                        continue
+                    rec = read_json(it.directory / DONE_FILE) if (it.directory / DONE_FILE).exists() else {}
+                    if rec.get("fingerprint") != it.fingerprint:
+                        failed.append((it, rc))
+                        log.error("[%s] its process exited without finishing the stage (no %s with "
+                                  "fingerprint %s)", name, DONE_FILE, it.fingerprint)
+                        continue
+                    finished.add(name)
+                    log.info("[%s] finished in %.1f s", name, time.time() - t0)
+        finally:
+            for _it, proc, _t0 in running.values():  # an interrupt or an error here: stop the others
+                proc.terminate()
+            for _it, proc, _t0 in running.values():
+                proc.wait()
+        if failed:
+            names = ", ".join(f"{it.stage.name!r} (exit code {rc})" for it, rc in failed)
+            left = [it.stage.name for it in pending]
+            raise PipelineError(f"stage(s) {names} failed; not started: {', '.join(left) or 'none'}. "
+                                f"Each stage's log is in {str(self.out_dir / 'logs')!r}; rerun to resume.")
+        return items
 
     def _run_item(self, it: PlanItem) -> None:
         if it.action == "redo":
-            aside = it.directory.with_name(f"{it.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = f"{it.directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside, n = it.directory.with_name(stamp), 1
+            while aside.exists():  # two redos within one second
+                aside, n = it.directory.with_name(f"{stamp}.{n}"), n + 1
             os.replace(it.directory, aside)
             log.info("[%s] moved the previous output to %s", it.stage.name, aside)
         it.directory.mkdir(parents=True, exist_ok=True)

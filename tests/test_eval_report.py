@@ -55,3 +55,36 @@ def test_report_without_optional_sections():
         m.pop(k)
     md = render_report(m)
     assert "## Reconstruction" in md and "## Router" not in md and "## Class-to-video" not in md
+
+
+def test_the_mp4_twin_of_a_grid_is_skipped_without_pyav(tmp_path, monkeypatch, caplog):
+    """The report's frame-prediction mp4 needs PyAV; without it (the lent GPU machine has none) the
+    report warns and goes on with the GIF instead of dying at its end (the H200 run of 2026-12-04)."""
+    import sys
+
+    import torch
+
+    from arvid.stages.evaluate import _write_mp4_grid
+
+    videos = torch.zeros(2, 3, 4, 16, 16)
+    _write_mp4_grid(videos, tmp_path / "with.mp4", nrow=2, fps=4)
+    assert (tmp_path / "with.mp4").stat().st_size > 0
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with caplog.at_level("WARNING", logger="arvid.evaluate"):
+        _write_mp4_grid(videos, tmp_path / "without.mp4", nrow=2, fps=4)
+    assert not (tmp_path / "without.mp4").exists()
+    assert "PyAV is not installed" in caplog.text and "without.mp4" in caplog.text
+
+
+def test_writing_an_mp4_without_pyav_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from arvid.data.writer import write_video
+
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(RuntimeError, match=r"x\.mp4.*pip install av"):
+        write_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.mp4", fps=4)
+    assert not (tmp_path / "x.mp4").exists()

@@ -342,3 +342,47 @@ def test_missing_weights_fail_before_the_first_stage(tmp_path, monkeypatch):
                        (["curate.quality=lpips", "curate.mode=brute"], []), (["curate.quality=mse"], [])):
         exp = load_config(ExperimentConfig, cfg, [f"out_dir={out}", *over])
         assert weights_needed("router", build_pipeline(exp).stages[2].config, exp) == want, over
+
+
+@pytest.mark.slow
+def test_jobs_runs_branches_in_parallel_with_the_sequential_results(tmp_path, capsys):
+    """`arvid pipeline CFG --jobs 3` on the tiny graph with the fixed-length branch: each stage runs in
+    its own process as soon as its upstream stages are done (the fixed branch beside the main chain),
+    and the outputs are those of the sequential run, bit for bit (same fingerprints, same weights)."""
+    def weights(out: Path) -> dict[str, str]:
+        files = ["final/tokenizer/model.safetensors", "generator/gpt/model.safetensors",
+                 "fixed_generator/gpt/model.safetensors"]
+        return {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files}
+
+    stages = list(STAGES[:-1]) + ["fixed", "fixed_tokenize", "fixed_generator", "report"]
+    runs = {}
+    for mode in ("seq", "par"):
+        out = tmp_path / mode
+        exp = tiny_experiment(out, name="tiny_jobs")
+        exp["stages"] = stages
+        exp["final"]["trainer"] = _trainer(4, ema_decay=0.0)
+        cfg = _write_config(tmp_path / f"{mode}.yaml", exp)
+        t0 = time.time()
+        p = _run(cfg, *(["--jobs", "3"] if mode == "par" else []), timeout=600)
+        runs[mode] = (out, cfg, time.time() - t0, p)
+    out_s, _, t_seq, _ = runs["seq"]
+    out_p, cfg_p, t_par, p_par = runs["par"]
+    # every stage finished once, in its own process, with a log of its own
+    for s in stages:
+        assert (out_p / s / DONE_FILE).is_file(), s
+        assert "--only" in (out_p / "logs" / f"{s}.log").read_text().splitlines()[1], s
+    assert all(s in p_par.stdout for s in stages)
+    # the fixed branch started before the main chain's proxy finished
+    fixed_start = json.loads((out_p / "fixed" / STATE_FILE).read_text())["started"]
+    proxy_end = json.loads((out_p / "proxy" / DONE_FILE).read_text())["finished"]
+    assert fixed_start < proxy_end
+    # the same weights as the sequential run (the fingerprints hold each run's own out_dir)
+    assert weights(out_p) == weights(out_s)
+    m_p, m_s = (json.loads((o / "report" / "metrics.json").read_text()) for o in (out_p, out_s))
+    assert m_p["fixed_baseline"] == m_s["fixed_baseline"]
+    rec = lambda m: {k: (v["tokens_per_video"], v["psnr"]) for k, v in m["reconstruction"]["results"].items()}  # noqa: E731
+    assert rec(m_p) == rec(m_s) and len(rec(m_p)) >= 2
+    # a plain (sequential) plan over the parallel run's outputs skips every stage: the children
+    # wrote the fingerprints the parent's plan computed
+    assert set(_dry_run_plan(cfg_p, capsys).values()) == {"skip"}
+    print(f"sequential {t_seq:.1f} s, --jobs 3 {t_par:.1f} s")

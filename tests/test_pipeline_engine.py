@@ -103,12 +103,210 @@ def test_a_second_process_waits_for_a_running_stage_then_skips_it(tmp_path):
 
 def test_a_stage_finished_elsewhere_with_another_config_is_refused(tmp_path):
     """The lock's re-check keeps the refusal: a stage that another process finished with a different
-    config between this plan and this run is not overwritten."""
-    p = Pipeline([Stage("a", Cfg(1), lambda d: None)], tmp_path / "out")
-    plan = p.plan()
-    Pipeline([Stage("a", Cfg(2), lambda d: None)], tmp_path / "out").run()
-    import arvid.pipeline_engine as eng
+    config between this plan and this run is not overwritten (here stage a's run plays the other
+    process and finishes b with another config before b's turn)."""
+    calls = []
 
+    def run_a(d):
+        calls.append("a")
+        Pipeline([Stage("b", Cfg(9), lambda d: calls.append("b9"))], tmp_path / "out").run()
+
+    p = Pipeline([Stage("a", Cfg(1), run_a), Stage("b", Cfg(2), lambda d: calls.append("b"), deps=["a"])],
+                 tmp_path / "out")
     with pytest.raises(PipelineError, match="another process finished .* different config"):
-        with eng.stage_lock(tmp_path / "out", "a"):
-            p._finished_meanwhile(plan[0])
+        p.run()
+    assert calls == ["a", "b9"]
+
+
+def test_an_interrupted_stage_of_another_config_is_not_run_over(tmp_path):
+    """Under the lock the plan's whole check is repeated: a partial stage another process left
+    (its start marker, no done marker) with a different config is refused, not overwritten."""
+    calls = []
+
+    def fail(d):
+        (d / "partial").write_text("theirs")
+        raise RuntimeError("killed")
+
+    def run_a(d):
+        calls.append("a")
+        with pytest.raises(RuntimeError):
+            Pipeline([Stage("b", Cfg(9), fail)], tmp_path / "out").run()
+
+    p = Pipeline([Stage("a", Cfg(1), run_a), Stage("b", Cfg(2), lambda d: calls.append("b"), deps=["a"])],
+                 tmp_path / "out")
+    assert [i.action for i in p.plan()] == ["run", "run"]
+    with pytest.raises(PipelineError, match="interrupted run of a different config"):
+        p.run()
+    assert calls == ["a"]
+    assert (tmp_path / "out/b/partial").read_text() == "theirs"
+
+
+def test_an_interrupted_stage_of_the_same_config_is_resumed_not_restarted(tmp_path):
+    """Planned as 'run', found interrupted with the same fingerprint under the lock (another process
+    started it after this plan and died): resumed in place, its start marker and files kept."""
+    from arvid.io import write_json
+
+    calls = []
+    fp_b = {}
+
+    def run_a(d):  # plays the other process: it starts b with this config, then dies
+        (tmp_path / "out/b").mkdir(parents=True)
+        write_json(tmp_path / "out/b/pipeline_stage.json", {"fingerprint": fp_b["b"], "started": 1.0})
+        (tmp_path / "out/b/partial").write_text("x")
+
+    p = Pipeline([Stage("a", Cfg(1), run_a), Stage("b", Cfg(2), lambda d: calls.append("b"), deps=["a"])],
+                 tmp_path / "out")
+    fp_b["b"] = p.plan()[1].fingerprint
+    items = p.run()
+    assert [(i.action, i.reason) for i in items][1] == ("resume", "interrupted in another process; resuming in place")
+    assert calls == ["b"]
+    assert '"started": 1.0' in (tmp_path / "out/b/pipeline_stage.json").read_text()
+    assert (tmp_path / "out/b/partial").exists()
+
+
+def test_two_redos_at_once_run_the_stage_once(tmp_path):
+    """`--from a` in two processes: the second waits for the first's redo, then finds a done marker
+    written after its own plan with its fingerprint and reuses it instead of redoing it again."""
+    import threading
+
+    Pipeline([Stage("a", Cfg(1), lambda d: None)], tmp_path / "out").run()
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def run_a(d):
+        calls.append("a")
+        started.set()
+        assert release.wait(30)
+
+    def pipe():
+        return Pipeline([Stage("a", Cfg(1), run_a)], tmp_path / "out")
+
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", pipe().run(from_="a")))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: results.setdefault("second", pipe().run(from_="a")))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert calls == ["a"]
+    assert [i.action for i in results["first"]] == ["redo"]
+    assert [(i.action, i.reason) for i in results["second"]] == [("skip", "redone by another process after this one planned")]
+    assert len([p for p in (tmp_path / "out").iterdir() if p.name.startswith("a.old-")]) == 1
+    # a later --from run (planned after that done marker) redoes it again, as asked
+    calls.clear()
+    pipe_now = Pipeline([Stage("a", Cfg(1), lambda d: calls.append("again"))], tmp_path / "out")
+    assert [i.action for i in pipe_now.run(from_="a")] == ["redo"] and calls == ["again"]
+
+
+def test_only_runs_one_stage_and_needs_its_upstream(tmp_path):
+    calls = []
+    with pytest.raises(PipelineError, match="upstream stage.*'a'.*not finished"):
+        make(tmp_path, calls).run(only="b")
+    assert calls == []
+    items = make(tmp_path, calls).run(only="a")
+    assert [i.stage.name for i in items] == ["a"] and calls == ["a"]
+    items = make(tmp_path, calls).run(only="b")
+    assert [(i.stage.name, i.action) for i in items] == [("b", "run")] and calls == ["a", "b"]
+    with pytest.raises(PipelineError, match="--only 'c' is not a stage"):
+        make(tmp_path, calls).run(only="c")
+
+
+class _Proc:
+    """A stage 'process' for run_parallel's tests: the stage runs in a thread of this process."""
+
+    def __init__(self, pipe, item, log):
+        import threading
+
+        self.pid, self.rc = item.stage.name, None
+
+        def target():
+            log.append(("start", item.stage.name))
+            try:
+                pipe.run(only=item.stage.name, from_=item.stage.name if item.action == "redo" else None)
+                self.rc = 0
+            except Exception:  # noqa: BLE001 - a failing stage is an exit code here
+                self.rc = 1
+            log.append(("end", item.stage.name))
+
+        self.thread = threading.Thread(target=target)
+        self.thread.start()
+
+    def poll(self):
+        return None if self.thread.is_alive() else self.rc
+
+    def terminate(self):
+        pass
+
+    def wait(self):
+        self.thread.join()
+
+
+def _graph(tmp_path, gate, fail=()):
+    """a -> b -> d and a -> c (b, c independent); each stage waits on its gate event."""
+    def run(name):
+        def f(d):
+            assert gate[name].wait(30), name
+            if name in fail:
+                raise RuntimeError(name)
+            (d / "out.txt").write_text(name)
+        return f
+
+    return Pipeline([Stage("a", Cfg(1), run("a")), Stage("b", Cfg(2), run("b"), deps=["a"]),
+                     Stage("c", Cfg(3), run("c"), deps=["a"]), Stage("d", Cfg(4), run("d"), deps=["b"])],
+                    tmp_path / "out")
+
+
+def test_run_parallel_starts_independent_stages_together(tmp_path):
+    import threading
+
+    gate = {k: threading.Event() for k in "abcd"}
+    log = []
+    pipe = _graph(tmp_path, gate)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("items", pipe.run_parallel(
+        lambda it: _Proc(pipe, it, log), jobs=3, poll_s=0.01)))
+    t.start()
+    gate["a"].set()
+    deadline = __import__("time").time() + 30
+    while ("start", "c") not in log and __import__("time").time() < deadline:
+        __import__("time").sleep(0.01)
+    # b and c both started once a finished, before either of them ended
+    assert ("start", "b") in log and ("start", "c") in log
+    assert ("start", "d") not in log and not any(e == "end" and n in "bc" for e, n in log)
+    gate["c"].set()
+    gate["b"].set()
+    gate["d"].set()
+    t.join(30)
+    assert [i.action for i in result["items"]] == ["run"] * 4
+    assert all((tmp_path / "out" / n / "pipeline_done.json").exists() for n in "abcd")
+    assert log.index(("start", "d")) > log.index(("end", "b"))
+    # everything finished: a second parallel run skips every stage and launches nothing
+    launched = []
+    items = pipe.run_parallel(lambda it: launched.append(it) or _Proc(pipe, it, log), jobs=3, poll_s=0.01)
+    assert launched == [] and [i.action for i in items] == ["skip"] * 4
+
+
+def test_run_parallel_jobs_1_is_sequential_and_a_failure_stops_new_starts(tmp_path):
+    import threading
+
+    gate = {k: threading.Event() for k in "abcd"}
+    for g in gate.values():
+        g.set()
+    log = []
+    pipe = _graph(tmp_path, gate, fail={"b"})
+    with pytest.raises(PipelineError, match=r"stage\(s\) 'b' \(exit code 1\) failed; not started: c, d"):
+        pipe.run_parallel(lambda it: _Proc(pipe, it, log), jobs=1, poll_s=0.01)
+    # one at a time, in plan order: b fails, and c (independent of b) is not started after it
+    assert log == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
+    assert not (tmp_path / "out/c/pipeline_done.json").exists()
+    with pytest.raises(PipelineError, match="--jobs must be at least 1"):
+        pipe.run_parallel(lambda it: None, jobs=0)
+    # the rerun (b fixed) resumes b and runs c and d
+    log.clear()
+    pipe = _graph(tmp_path, gate)
+    items = pipe.run_parallel(lambda it: _Proc(pipe, it, log), jobs=2, poll_s=0.01)
+    assert [(i.stage.name, i.action) for i in items] == [("a", "skip"), ("b", "resume"), ("c", "run"), ("d", "run")]

@@ -94,7 +94,11 @@ def _default_permissions(path: Path) -> None:
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int) -> None:
-    import av
+    try:
+        import av
+    except ImportError:
+        raise RuntimeError(f"writing {str(path)!r}: mp4 needs PyAV (pip install av); write a .gif "
+                           "instead (no PyAV needed)") from None
 
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:

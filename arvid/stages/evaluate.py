@@ -384,6 +384,8 @@ class ReportConfig:
 
 def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> None:
     """The mp4 twin of a GIF grid; skipped with a warning when PyAV is missing (the GIF is the record)."""
+    from arvid.data.writer import write_grid
+
     try:
         import av  # noqa: F401
     except ImportError:
