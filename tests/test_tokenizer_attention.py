@@ -150,3 +150,24 @@ def test_evatok_flex_matches_loop_on_cuda():
     r2, q2 = tok(video, a)
     assert (q1.indices == q2.indices).float().mean() > 0.99
     torch.testing.assert_close(r1, r2, atol=2e-3, rtol=2e-3)
+
+
+def test_compiled_flex_raises_dynamo_recompile_limit():
+    """Past dynamo's default 8 recompiles flex_attention would run unfused for the rest of the
+    process (seen in curation on the H100 and H200): building the compiled function raises the
+    process's limit, never lowers it."""
+    import torch._dynamo
+
+    from arvid.tokenizer import attention
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    with cfg.patch(**{name: 8}):
+        attention._compiled_flex.cache_clear()
+        attention._compiled_flex()
+        assert getattr(cfg, name) == attention.FLEX_RECOMPILE_LIMIT == 64
+    with cfg.patch(**{name: 500}):
+        attention._compiled_flex.cache_clear()
+        attention._compiled_flex()
+        assert getattr(cfg, name) == 500
+    attention._compiled_flex.cache_clear()

@@ -94,11 +94,26 @@ def _flex_available() -> bool:
     return True
 
 
+#: recompiles of the compiled flex_attention allowed per process (dynamo's default is 8)
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @lru_cache(maxsize=1)
 def _compiled_flex():
-    # Compiled lazily, on first use on a GPU: uncompiled flex_attention materialises the scores.
+    """flex_attention compiled lazily, on first use on a GPU: uncompiled it materialises the scores.
+
+    Even with ``dynamic=True`` each new guard failure (duck-sized equal lengths of queries and keys,
+    masks with and without full tiles, ...) is a recompile, and curation's varying packed batches
+    reached dynamo's default limit of 8 on the H100 and H200 (logs in docs/synthetic_gpu/): past it
+    dynamo runs flex_attention eagerly, the unfused scores-materialising path, for the rest of the
+    process. The limit is raised once, process-wide, to :data:`FLEX_RECOMPILE_LIMIT`."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < FLEX_RECOMPILE_LIMIT:
+        setattr(cfg, name, FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=True)
 
 
