@@ -308,6 +308,10 @@ def test_joint_rope_gives_the_same_bits(qk_norm):
     for a, b in zip(sep, joint):
         assert a.shape == b.shape
         assert torch.equal(a, b)
+    # which path ran: without qk_norm q and k are views of the one rotated tensor (the joint pass);
+    # with it, each is normed by its own gain first, so the two are rotated one by one
+    q, k = joint[0], joint[1]
+    assert (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()) == (not qk_norm)
 
 
 def test_decode_step_kernel_count_per_layer():

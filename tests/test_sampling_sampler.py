@@ -270,3 +270,23 @@ def test_errors_are_clear():
         Sampler(m, FMT, SamplerConfig(cfg_scale=2.0)).generate(conditioning_class()(), batch_size=2)
     with pytest.raises(ValueError, match="prefix of sample 0 .* position 2"):
         s.generate(make_cond([0]), prefix=torch.tensor([[FMT.len_token(2), 1, FMT.len_token(1)]]))
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_compile_mode_reaches_the_capture(monkeypatch, mode):
+    """``compile_mode`` is handed to the decode step's capture (where ``torch.compile`` gets it):
+    the capture itself needs CUDA, so it is replaced by a recorder here."""
+    import arvid.sampling.compiled as compiled
+
+    seen = []
+
+    def capture(dec, compile_step=False, warmup=3, compile_mode="default"):
+        seen.append((compile_step, compile_mode))
+        dec.graphs = {0: None}
+        return dec.graphs
+
+    monkeypatch.setattr(compiled, "capture_decoder", capture)
+    monkeypatch.setattr(Sampler, "execution", lambda self, device: "compile")
+    s = Sampler(fake(), FMT, SamplerConfig(compile="compile", compile_mode=mode))
+    s.prepare(make_cond([0, 3]), generator=gen(0))
+    assert seen == [(True, mode)]
