@@ -33,6 +33,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -279,6 +281,13 @@ class Pipeline:
         pending = [it for it in items if it.action != "skip"]
         running: dict[str, tuple[PlanItem, Any, float]] = {}
         failed: list[tuple[PlanItem, int]] = []
+        old_term = None
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (`timeout`, a scheduler) must stop the stage processes too, through `finally`
+            def _term(signum, frame):
+                raise SystemExit(128 + signum)
+
+            old_term = signal.signal(signal.SIGTERM, _term)
         try:
             while pending or running:
                 if not failed:
@@ -315,6 +324,8 @@ class Pipeline:
                 proc.terminate()
             for _it, proc, _t0 in running.values():
                 proc.wait()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
         if failed:
             names = ", ".join(f"{it.stage.name!r} (exit code {rc})" for it, rc in failed)
             left = [it.stage.name for it in pending]

@@ -310,3 +310,31 @@ def test_run_parallel_jobs_1_is_sequential_and_a_failure_stops_new_starts(tmp_pa
     pipe = _graph(tmp_path, gate)
     items = pipe.run_parallel(lambda it: _Proc(pipe, it, log), jobs=2, poll_s=0.01)
     assert [(i.stage.name, i.action) for i in items] == [("a", "skip"), ("b", "resume"), ("c", "run"), ("d", "run")]
+
+
+def test_run_parallel_on_sigterm_stops_its_stage_processes(tmp_path):
+    """`timeout` or a scheduler ends the parent with SIGTERM: the stage processes it started are
+    terminated too (they resume on the next run), not left running as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    procs = []
+
+    def launch(it):
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        procs.append(p)
+        return p
+
+    pipe = Pipeline([Stage("a", Cfg(1), lambda d: None), Stage("b", Cfg(2), lambda d: None)], tmp_path / "out")
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(SystemExit) as e:
+        pipe.run_parallel(launch, jobs=2, poll_s=0.05)
+    timer.join()
+    assert e.value.code == 128 + signal.SIGTERM
+    assert len(procs) == 2 and all(p.poll() is not None for p in procs)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed, as one background job that outlives a single 10-minute device
+# call. The steps run one after another, so no benchmark shares the GPU with another:
+#   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 3 (issue [G]: report)
+#   2. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
+#   3. i3d       bench_i3d.py, batch 32, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
+#   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
+#
+#   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
+#   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
+#                                                     550), then print each step's state and log tail
+#   benchmarks/gpu_agenda.sh run   [RESULTS]        run in the foreground
+#
+# RESULTS (default /tmp/agenda) gets <step>.log, <step>.rc (exit status, written when the step
+# ends), the benchmarks' JSON and the pipeline's report.md / metrics.json. The weights come from
+# $ARVID_WEIGHTS_DIR (the lent machine has neither weight package). Set AGENDA_STEPS to run a subset,
+# e.g. AGENDA_STEPS="sampling i3d".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+cmd=${1:-run}
+R=${2:-/tmp/agenda}
+STEPS=${AGENDA_STEPS:-pipeline sampling i3d gputests}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+    echo "=== $(date -u +%FT%TZ) $*" > "$R/$name.log"
+    timeout "$limit" "$@" >> "$R/$name.log" 2>&1
+    echo $? > "$R/$name.rc"
+}
+
+run_all() {
+    mkdir -p "$R"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
+    step pipeline 1500 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 3
+    cp outputs/synthetic_gpu/report/report.md outputs/synthetic_gpu/report/metrics.json "$R/" 2>/dev/null
+    step sampling 420 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
+        --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
+    step i3d 300 python3 benchmarks/bench_i3d.py --batch 32 --iters 10 --clips-on device \
+        --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
+    step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sampling_gpu.py \
+        tests/test_generator_gpt.py tests/test_eval_i3d.py tests/test_tokenizer_attention.py
+    date -u +%FT%TZ > "$R/finished"
+}
+
+case $cmd in
+    run) run_all ;;
+    start)
+        mkdir -p "$R"
+        setsid nohup "$0" run "$R" > "$R/agenda.out" 2>&1 < /dev/null &
+        echo "started (pid $!); results in $R" ;;
+    wait)
+        secs=${3:-550}
+        end=$((SECONDS + secs))
+        while [ ! -f "$R/finished" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+        for s in $STEPS; do
+            if [ -f "$R/$s.rc" ]; then st="exit $(cat "$R/$s.rc")"
+            elif [ -f "$R/$s.log" ]; then st="running"
+            else st="not started"; fi
+            echo "--- $s: $st"
+            [ -f "$R/$s.log" ] && grep -v "it/s\]\|video/s\]" "$R/$s.log" | tail -n 6 | cut -c1-300
+        done
+        [ -f "$R/finished" ] && echo "agenda finished $(cat "$R/finished")" ;;
+    *) echo "usage: $0 start|wait|run [RESULTS] [SECS]" >&2; exit 2 ;;
+esac
