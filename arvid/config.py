@@ -4,8 +4,13 @@ Every component owns a small dataclass (``EVATokConfig``, ``GPTConfig``, ...); a
 nests them. Loading is strict: an unknown key or a value of the wrong type is a
 :class:`ConfigError` that names the key, the file, what was expected, and a close match.
 
-Field documentation lives in ``field(metadata={"help": ...})`` so ``arvid config show`` can
-print it.
+Field documentation lives in ``field(metadata={"help": ...})`` so every command's ``--help``
+can print it (:func:`describe`).
+
+Execution-only fields (``doc(..., execution=True)``: data loader workers, compile modes,
+logging and checkpoint intervals, progress bars) change how fast a stage runs, not what it
+writes. :func:`fingerprint_dict` leaves them out, so tuning them does not make a finished
+pipeline stage refuse to be reused.
 
     cfg = load_config(RunConfig, "configs/x.yaml", ["model.dim=256", "train.lr=3e-4"])
     save_config(cfg, run_dir / "config.yaml")
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -32,12 +38,25 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type. The message says where and what."""
 
 
-def doc(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """``dataclasses.field`` with a help text; mutable defaults go through ``default_factory``."""
+def doc(default: Any = dataclasses.MISSING, help: str = "", *, execution: bool = False,  # noqa: A002
+        **kw: Any) -> Any:
+    """``dataclasses.field`` with a help text; mutable defaults go through ``default_factory``.
+
+    ``execution=True`` marks a field that only changes how a stage runs (workers, compilation,
+    logging intervals), never what it produces: :func:`fingerprint_dict` leaves it out. Only mark
+    a field whose every value gives the same outputs; precision, seeds, batch sizes that shape the
+    computation and anything written to the outputs stay unmarked.
+    """
+    metadata = {"help": help, "execution": True} if execution else {"help": help}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def is_execution(f: dataclasses.Field) -> bool:
+    """Whether field ``f`` was declared with ``doc(..., execution=True)``."""
+    return bool(f.metadata.get("execution", False))
 
 
 def nested(cls: type, help: str = "") -> Any:  # noqa: A002
@@ -177,17 +196,43 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "<config>
     return obj
 
 
-def to_dict(obj: Any) -> Any:
-    """A dataclass (nested) as plain YAML-safe Python: tuples become lists."""
+def _plain(obj: Any, execution: bool) -> Any:
+    """``to_dict`` (``execution=True``) or ``fingerprint_dict`` (``False``: execution fields left out)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _plain(getattr(obj, f.name), execution) for f in dataclasses.fields(obj)
+                if execution or not is_execution(f)}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [_plain(v, execution) for v in obj]
     if isinstance(obj, dict):
-        return {str(k): to_dict(v) for k, v in obj.items()}
+        return {str(k): _plain(v, execution) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (nested) as plain YAML-safe Python: tuples become lists."""
+    return _plain(obj, execution=True)
+
+
+def fingerprint_dict(obj: Any) -> Any:
+    """:func:`to_dict` without the execution-only fields (``doc(..., execution=True)``), at every
+    depth: what identifies a stage's outputs. Two configs that differ only in how fast they run
+    (workers, compilation, logging intervals) give equal dicts."""
+    return _plain(obj, execution=False)
+
+
+def execution_fields(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the execution-only fields of config class ``cls`` and of the config
+    dataclasses nested in it (``["trainer.num_workers", ...]``), in declaration order."""
+    names = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if is_execution(f):
+            names.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            names.extend(execution_fields(hints[f.name], prefix + f.name + "."))
+    return names
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -198,26 +243,95 @@ def is_override(word: str) -> bool:
     return bool(_OVERRIDE.match(word))
 
 
+#: Floats as YAML 1.2 and Python write them (``5e-4``, ``1e5``, ``-.5``), plus YAML 1.1's base 60
+#: (``1:30.5``), ``.inf`` and ``.nan``. Every branch needs a digit where ``float()`` needs one,
+#: so a match always converts (``._e5`` does not match and stays a string).
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                   |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X)
+_FLOAT_FIRST = list("-+0123456789.")
+
+
+class _Overflow:
+    """A number written in the YAML that a float cannot hold (``1e999``: ``float()`` gives inf).
+    :func:`_load` refuses it, naming its key; it never reaches a config."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that reads ``5e-4`` and ``1e5`` as floats, as YAML 1.2 (and Python) do:
     PyYAML follows YAML 1.1, whose floats need a dot (``5.0e-4``), and would hand ``lr: 5e-4``
-    over as the string ``"5e-4"``."""
+    over as the string ``"5e-4"``. A number too large for a float becomes an :class:`_Overflow`
+    (refused by :func:`_load`), not a silent ``inf``."""
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
+        try:
+            value = super().construct_yaml_float(node)
+        except ValueError as e:  # unreachable while _FLOAT only matches numbers; never a traceback
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} looks like a number but is not one", node.start_mark) from e
+        if math.isinf(value) and "inf" not in str(node.value).lower():
+            return _Overflow(str(node.value))
+        return value
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                   |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, _FLOAT_FIRST)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
-def _load(stream: Any) -> Any:
-    return yaml.load(stream, Loader=_Loader)
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that knows :class:`_Loader`'s floats, so it quotes every string the
+    loader would read as a number: the string ``"1e3"`` is written ``'1e3'``, not ``1e3`` (which
+    would come back as the float 1000.0). Every config or config-derived dict is dumped with it
+    (:func:`dump_yaml`), so that what is saved loads back equal."""
+
+
+_Dumper.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, _FLOAT_FIRST)
+
+
+def dump_yaml(data: Any, stream: Any = None, *, sort_keys: bool = False) -> str | None:
+    """``yaml.safe_dump`` for arvid's loader: strings that :func:`read_yaml` would read as numbers
+    are quoted. Returns the text when ``stream`` is None (as ``yaml.safe_dump`` does)."""
+    return yaml.dump(data, stream, Dumper=_Dumper, sort_keys=sort_keys)
+
+
+def _refuse_overflow(value: Any, source: str, where: str, seen: set[int] | None = None) -> None:
+    """Raise a ConfigError naming the key of the first :class:`_Overflow` in ``value`` (YAML
+    aliases may share or nest containers: each is walked once)."""
+    if isinstance(value, _Overflow):
+        raise ConfigError(
+            f"{source}: `{where or '<top level>'}` = {value.text} is out of the float range (it would become "
+            f"inf); write .inf (or -.inf) for infinity, or quote it ('{value.text}') for a string")
+    if not isinstance(value, (dict, list, set)):
+        return
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = k.text if isinstance(k, _Overflow) else k
+            sub = f"{where}.{name}" if where else str(name)
+            _refuse_overflow(k, source, sub, seen)
+            _refuse_overflow(v, source, sub, seen)
+    else:
+        for i, v in enumerate(value):
+            _refuse_overflow(v, source, f"{where}[{i}]", seen)
+
+
+def _load(stream: Any, source: str, where: str = "") -> Any:
+    """Parse YAML with :class:`_Loader`; a number too large for a float is a ConfigError naming
+    ``source`` and its key (``where`` is the key of the whole value, for an override)."""
+    data = yaml.load(stream, Loader=_Loader)
+    _refuse_overflow(data, source, where)
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -229,7 +343,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = _load(raw) if raw.strip() != "" else ""
+        value = _load(raw, f"override {text!r}", key) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -260,7 +374,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         with open(path) as f:
-            data = _load(f)
+            data = _load(f, str(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {e}") from e
     if data is None:
@@ -299,18 +413,25 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
     from arvid.io import write_text
 
-    write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+    write_text(path, dump_yaml(to_dict(obj)))
 
 
 def config_fingerprint(obj: Any) -> str:
     """A short sha256 of the resolved config, used to tell pipeline stages' inputs apart."""
     import hashlib
 
+    # Hashed, never read back: plain safe_dump keeps the fingerprints recorded by earlier runs
+    # (dump_yaml only adds quotes, and str "1e3" and float 1000.0 hash apart either way).
     return hashlib.sha256(yaml.safe_dump(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: appended to the help line of an execution-only field by :func:`describe`
+EXECUTION_NOTE = "(execution only: not in the fingerprint)"
+
+
 def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per field: ``key: type = default  # help`` (nested configs recursively)."""
+    """One line per field: ``key: type = default  # help`` (nested configs recursively);
+    execution-only fields end with :data:`EXECUTION_NOTE`."""
     lines = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -325,5 +446,6 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             default = f.default_factory()
         else:
             default = "<required>"
-        lines.append(f"{prefix}{f.name}: {_type_name(tp)} = {to_dict(default)!r}  # {f.metadata.get('help', '')}")
+        help_text = f.metadata.get("help", "") + (f" {EXECUTION_NOTE}" if is_execution(f) else "")
+        lines.append(f"{prefix}{f.name}: {_type_name(tp)} = {to_dict(default)!r}  # {help_text}")
     return lines

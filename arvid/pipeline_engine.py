@@ -46,7 +46,7 @@ try:  # POSIX; elsewhere stages run unlocked (one pipeline per out_dir at a time
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from arvid.config import to_dict
+from arvid.config import fingerprint_dict
 from arvid.io import check_writable, read_json, write_json
 
 log = logging.getLogger("arvid.pipeline")
@@ -72,7 +72,7 @@ class Stage:
 
 
 def _fingerprint(config: Any, upstream: list[str]) -> str:
-    blob = json.dumps({"config": to_dict(config), "upstream": upstream}, sort_keys=True, default=str)
+    blob = json.dumps({"config": fingerprint_dict(config), "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

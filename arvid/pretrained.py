@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import yaml
 
-from arvid.config import ConfigError, from_dict, to_dict
+from arvid.config import ConfigError, dump_yaml, from_dict, to_dict
 from arvid.io import atomic_dir, hash_state, load_state_strict, load_weights, save_weights
 
 M = TypeVar("M", bound="PretrainedMixin")
@@ -40,7 +40,7 @@ class PretrainedMixin:
         with atomic_dir(directory) as tmp:
             save_weights(self.state_dict(), tmp / WEIGHTS_NAME)
             with open(tmp / CONFIG_NAME, "w") as f:
-                yaml.safe_dump(meta, f, sort_keys=False)
+                dump_yaml(meta, f)  # quotes strings such as '1e3' that arvid's loader reads as numbers
         return directory
 
     @classmethod
@@ -70,6 +70,7 @@ class PretrainedMixin:
     def fingerprint(self) -> str:
         """sha256 over the kind, the config and every weight: equal iff the model computes the same thing."""
         assert isinstance(self, torch.nn.Module)
+        # hashed, never read back: plain safe_dump keeps the fingerprints recorded in token stores
         extra = yaml.safe_dump({"kind": self.model_kind, "config": to_dict(self.config)}, sort_keys=True)
         return hash_state(self.state_dict(), extra)
 

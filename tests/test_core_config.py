@@ -1,18 +1,24 @@
 """arvid.config: strict typed configs, overrides, clear errors."""
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
 from arvid.config import (
+    EXECUTION_NOTE,
     ConfigError,
     apply_overrides,
     config_fingerprint,
+    describe,
     doc,
+    execution_fields,
+    fingerprint_dict,
     from_dict,
     load_config,
     nested,
+    read_yaml,
     save_config,
     to_dict,
 )
@@ -101,3 +107,181 @@ def test_exponent_floats_without_a_dot_read_as_numbers(tmp_path):
     p.write_text("model:\n  dropout: 5e\n")
     with pytest.raises(ConfigError, match="dropout"):
         load_config(RunCfg, p)
+
+
+# ----------------------------------------------------------------- YAML round trip of number-like strings
+
+# strings that arvid's loader (or YAML 1.1) would read as something else when written plainly
+NUMBER_LIKE = ["1e3", "5e-4", ".5", "-.5", "+.5", "-.5e3", "+1e5", "1E5", "1_000e3", "1.", "1:30.5", "1e999",
+               ".inf", "-.inf", "+.inf", ".nan", "inf", "nan", "-inf", "0x1F", "017", "1_000", "12:30", "yes",
+               "off", "null", "~", "", "._e5", "1_e5", "2024-01-01"]
+
+
+@dataclass
+class StrCfg:
+    name: str = doc("", "a free-form name")
+    names: list[str] = doc([], "more names")
+    table: dict[str, str] = doc({}, "named strings")
+
+
+@pytest.mark.parametrize("text", NUMBER_LIKE)
+def test_number_like_strings_round_trip_through_save_config(tmp_path, text):
+    """save_config quotes every string the loader would read as a number (``'1e3'``, not ``1e3``,
+    which came back as the float 1000.0 and failed the str field)."""
+    cfg = StrCfg(name=text, names=[text, "x"], table={"k": text})
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(StrCfg, tmp_path / "c.yaml")
+    assert again == cfg
+
+
+def test_dump_yaml_round_trips_any_string_and_float():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from arvid.config import _load, dump_yaml
+
+    @settings(max_examples=400, deadline=None)
+    @given(s=st.one_of(st.text(alphabet="0123456789_.eE+-:xXoOinfaINFA ", max_size=12), st.text(max_size=8)),
+           x=st.floats(allow_nan=False))
+    def check(s, x):
+        assert _load(dump_yaml({"s": s, "x": x}), "t") == {"s": s, "x": x}
+
+    check()
+
+
+def test_save_pretrained_quotes_number_like_strings(tmp_path):
+    import torch
+    from torch import nn
+
+    from arvid.pretrained import PretrainedMixin
+
+    class Tiny(nn.Module, PretrainedMixin):
+        config_class = StrCfg
+        model_kind = "tiny"
+
+        def __init__(self, config: StrCfg) -> None:
+            super().__init__()
+            self.config = config
+            self.w = nn.Parameter(torch.zeros(2))
+
+    cfg = StrCfg(name="1e3", names=["5e-4", ".5"], table={"a": "-.5e3"})
+    Tiny(cfg).save_pretrained(tmp_path / "m")
+    assert Tiny.from_pretrained(tmp_path / "m").config == cfg
+    # and arvid's own loader (read_yaml) reads the file back as written
+    from arvid.config import read_yaml
+
+    assert read_yaml(tmp_path / "m" / "config.yaml")["config"] == to_dict(cfg)
+
+
+# ----------------------------------------------------------------- float edge cases of the loader
+
+
+@dataclass
+class NumCfg:
+    x: float = doc(0.0, "a float")
+    s: str = doc("", "a string")
+    xs: list[float] = doc([], "floats")
+
+
+def test_signed_leading_dot_floats_are_numbers(tmp_path):
+    cfg = load_config(NumCfg, None, ["x=-.5e3", "xs=[+.5, -.25, .5E-1]"])
+    assert cfg.x == -500.0 and cfg.xs == [0.5, -0.25, 0.05]
+    p = tmp_path / "c.yaml"
+    p.write_text("x: -.5\n")
+    assert load_config(NumCfg, p).x == -0.5
+
+
+@pytest.mark.parametrize("text", ["._e5", "._", "-._1", "1e", "e5", ".e5", "1e5.", "--1e5"])
+def test_malformed_numbers_stay_strings(text):
+    """No digit where float() needs one: the text is a string (never a ValueError traceback), so a
+    str field takes it and a float field refuses it naming the key."""
+    assert load_config(NumCfg, None, [f"s={text}"]).s == text
+    with pytest.raises(ConfigError, match=r"`x` must be float, got '"):
+        load_config(NumCfg, None, [f"x={text}"])
+
+
+@pytest.mark.parametrize("text", ["123e4567", "1e309", "-1e400", "1.5e999", "1_000e999"])
+def test_float_overflow_is_refused_naming_the_key_and_value(tmp_path, text):
+    """A number that float() turns into inf is a typo more often than a wish for infinity: refused
+    with the key and the value (.inf spells infinity; quotes make it a string)."""
+    with pytest.raises(ConfigError, match=rf"`x` = {re.escape(text)} is out of the float range.*\.inf.*quote"):
+        load_config(NumCfg, None, [f"x={text}"])
+    with pytest.raises(ConfigError, match=rf"`xs\[1\]` = {re.escape(text)} is out of the float range"):
+        load_config(NumCfg, None, [f"xs=[1, {text}]"])
+    p = tmp_path / "c.yaml"
+    p.write_text(f"s: ok\nx: {text}\n")
+    with pytest.raises(ConfigError, match=rf"c\.yaml: `x` = {re.escape(text)} is out of the float range"):
+        load_config(NumCfg, p)
+    p.write_text(f"sub:\n  deep: [{text}]\n")
+    with pytest.raises(ConfigError, match=r"`sub\.deep\[0\]` = "):
+        read_yaml(p)
+    # quoted, it is a string; spelled .inf, it is infinity
+    assert load_config(NumCfg, None, [f"s='{text}'", "x=-.inf"]) == NumCfg(x=float("-inf"), s=text)
+
+
+# ----------------------------------------------------------------- execution-only fields
+
+
+@dataclass
+class InnerCfg:
+    lr: float = doc(1e-3, "learning rate")
+    num_workers: int = doc(0, "loader workers", execution=True)
+
+
+@dataclass
+class OuterCfg:
+    inner: InnerCfg = nested(InnerCfg, "inner")
+    items: list[InnerCfg] = doc([], "a list of inner configs")
+    seed: int = doc(0, "seed")
+    log_every: int = doc(10, "log interval", execution=True)
+
+
+def test_fingerprint_dict_leaves_out_execution_fields_at_every_depth():
+    a = OuterCfg(items=[InnerCfg(num_workers=1)])
+    b = OuterCfg(inner=InnerCfg(num_workers=8), items=[InnerCfg(num_workers=4)], log_every=1)
+    assert to_dict(a) != to_dict(b)
+    assert fingerprint_dict(a) == fingerprint_dict(b) == {"inner": {"lr": 1e-3}, "items": [{"lr": 1e-3}], "seed": 0}
+    assert fingerprint_dict(OuterCfg(seed=1)) != fingerprint_dict(a)
+    assert fingerprint_dict(OuterCfg(inner=InnerCfg(lr=1e-4))) != fingerprint_dict(a)
+    assert execution_fields(OuterCfg) == ["inner.num_workers", "log_every"]
+
+
+def test_execution_fields_of_the_sampler_and_trainer_configs():
+    """The fields left out of stage fingerprints: each changes only speed, logging or checkpoint
+    bookkeeping, never the outputs (precision, seeds, batch sizes, devices, cfg scales stay in)."""
+    from arvid.sampling.sampler import SamplerConfig
+    from arvid.stages.curate import CurateConfig
+    from arvid.stages.sample import SampleConfig
+    from arvid.stages.tokenize import TokenizeConfig
+    from arvid.stages.train_generator import TrainGeneratorConfig
+    from arvid.training import TrainerConfig
+
+    sampler = {"check_every", "compile", "use_cache", "compile_mode", "kv_bucket"}
+    trainer = {"checkpoint_every", "keep_last", "log_every", "num_workers", "compile", "resume",
+               "find_unused_parameters", "progress"}
+    assert set(execution_fields(SamplerConfig)) == sampler
+    assert set(execution_fields(TrainerConfig)) == trainer
+    assert set(execution_fields(SampleConfig)) == {f"sampler.{n}" for n in sampler}
+    assert set(execution_fields(TrainGeneratorConfig)) == {"peak_tflops"} | {f"trainer.{n}" for n in trainer}
+    # tokenize's save_every fixes which videos each resumable chunk holds: it stays in
+    assert execution_fields(TokenizeConfig) == ["num_workers"]
+    assert set(execution_fields(CurateConfig)) == {"num_workers", "save_every"}
+
+    base = SampleConfig()
+    fast = from_dict(SampleConfig, {"sampler": {"compile": "eager", "compile_mode": "max-autotune-no-cudagraphs",
+                                                "kv_bucket": 64, "check_every": 4, "use_cache": False}})
+    assert fingerprint_dict(fast) == fingerprint_dict(base) and to_dict(fast) != to_dict(base)
+    for real in ({"sampler": {"cfg_scale": 2.0}}, {"seed": 1}, {"precision": "bf16"}, {"batch_size": 8}):
+        assert fingerprint_dict(from_dict(SampleConfig, real)) != fingerprint_dict(base), real
+    t0 = TrainerConfig()
+    assert fingerprint_dict(TrainerConfig(num_workers=4, log_every=1, progress=False, compile=True)) == \
+        fingerprint_dict(t0)
+    for real in ({"precision": "bf16"}, {"batch_size": 64}, {"seed": 3}, {"grad_accum": 2}, {"tf32": False}):
+        assert fingerprint_dict(TrainerConfig(**real)) != fingerprint_dict(t0), real
+
+
+def test_describe_marks_execution_only_fields():
+    lines = describe(OuterCfg)
+    marked = [ln.split(":")[0].strip() for ln in lines if ln.endswith(EXECUTION_NOTE)]
+    assert marked == ["num_workers", "log_every"]
+    assert EXECUTION_NOTE == "(execution only: not in the fingerprint)"

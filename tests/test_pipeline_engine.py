@@ -338,3 +338,22 @@ def test_run_parallel_on_sigterm_stops_its_stage_processes(tmp_path):
     assert e.value.code == 128 + signal.SIGTERM
     assert len(procs) == 2 and all(p.poll() is not None for p in procs)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_execution_only_fields_do_not_change_the_fingerprint(tmp_path):
+    """Tuning how a stage runs (workers, compile mode) reuses its finished output; changing what it
+    computes is refused."""
+    from arvid.config import doc
+
+    @dataclass
+    class Run:
+        value: int = doc(1, "what the stage computes")
+        num_workers: int = doc(0, "loader workers", execution=True)
+
+    calls = []
+    mk = lambda cfg: Pipeline([Stage("a", cfg, lambda d: calls.append(cfg))], tmp_path / "out")  # noqa: E731
+    mk(Run()).run()
+    assert [i.action for i in mk(Run(num_workers=8)).run()] == ["skip"]
+    with pytest.raises(PipelineError, match="refusing to mix"):
+        mk(Run(value=2)).run()
+    assert len(calls) == 1

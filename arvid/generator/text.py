@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from arvid.config import dump_yaml
 from arvid.io import atomic_dir
 
 MODEL_NAME = "spm.model"
@@ -56,7 +57,7 @@ def train_spm(input_path: str | os.PathLike, out_dir: str | os.PathLike, vocab_s
         longest = max(len(sp.encode(_normalise(t))) for t in lines)
         meta = {"vocab_size": sp.get_piece_size(), "pad_id": PAD_ID, "unk_id": UNK_ID, "model_type": model_type,
                 "longest_line_tokens": longest, "lines": len(lines)}
-        (tmp / META_NAME).write_text(yaml.safe_dump(meta, sort_keys=False))
+        (tmp / META_NAME).write_text(dump_yaml(meta))
     return out_dir
 
 

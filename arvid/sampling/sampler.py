@@ -46,18 +46,21 @@ class SamplerConfig:
         "constant", "guidance over the sequence: constant s, or a linear ramp from 1 at the first token to s at the last")
     budget_bias: float = doc(0.0, "beta: add beta * f(count) to the length-token logits (negative: fewer tokens)")
     budget_fn: Literal["log", "linear"] = doc("log", "f(count) of the length bias: log(count) or count / max count")
-    check_every: int = doc(16, "steps between host checks for 'all samples finished' (each check is a device sync)")
+    check_every: int = doc(16, "steps between host checks for 'all samples finished' (each check is a device sync)",
+                           execution=True)
     compile: Literal["auto", "eager", "cuda_graph", "compile"] = doc(
         "auto", "decode step execution: eager; cuda_graph (captured step); compile (torch.compile + captured "
-                "step); auto = cuda_graph on CUDA, eager on CPU")
-    use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)")
+                "step); auto = cuda_graph on CUDA, eager on CPU", execution=True)
+    use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)",
+                          execution=True)
     compile_mode: str = doc("default", "torch.compile mode of the model's step under compile=compile: default "
                             "(cuBLAS matmuls, fused pointwise kernels) or max-autotune-no-cudagraphs (also tries "
-                            "Triton matmul templates; CUDA graphs are captured by the sampler either way)")
+                            "Triton matmul templates; CUDA graphs are captured by the sampler either way)",
+                            execution=True)
     kv_bucket: int = doc(256, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
                               "this many positions (one captured CUDA graph per bucket); 0 = always the whole "
                               "cache. 256 made the L decode step 1.54x faster at batch 64 on the H100 "
-                              "(BENCHMARKS.md, Sampling)")
+                              "(BENCHMARKS.md, Sampling)", execution=True)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -73,8 +73,9 @@ class CurateConfig:
                                   "(e.g. curate a held-out split with the training split's normalisation)")
     batch_size: int = doc(64, "(video, assignment) pairs decoded per forward pass")
     videos_per_step: int = doc(8, "videos searched together")
-    save_every: int = doc(64, "videos per record shard (the resume granularity)")
-    num_workers: int = doc(0, "DataLoader workers reading videos")
+    save_every: int = doc(64, "videos per record shard (the resume granularity; a rerun skips curated videos "
+                                  "whatever the shard size)", execution=True)
+    num_workers: int = doc(0, "DataLoader workers reading videos", execution=True)
     device: str = doc("auto", "auto (the process's accelerator, else cpu), cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16"] = doc("auto", "tokenizer inference: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     seed: int = doc(0, "seed of the calibration draw")

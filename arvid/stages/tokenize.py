@@ -47,8 +47,10 @@ class TokenizeConfig:
     assignments: str | None = doc(None, ".npy of assignment indices per dataset index (e.g. curate's labels.npy)")
     fixed_assignment: list[int] | None = doc(None, "one token count per block for every video")
     batch_size: int = doc(32, "videos per encode")
+    # not execution-only: chunk c holds videos [c * save_every, (c + 1) * save_every), so a resumed run
+    # must keep it (the pipeline resumes an interrupted stage only under the same fingerprint)
     save_every: int = doc(1024, "videos per shard (the resume granularity)")
-    num_workers: int = doc(0, "DataLoader workers")
+    num_workers: int = doc(0, "DataLoader workers", execution=True)
     device: str = doc("auto", "auto (accelerator, else cpu), cpu, cuda ...")
     precision: Literal["auto", "fp32", "bf16"] = doc("auto", "tokenizer inference: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     out_dir: str = doc("outputs/tokens", "output directory; the store is out_dir/tokens")

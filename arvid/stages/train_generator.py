@@ -56,7 +56,7 @@ class TrainGeneratorConfig:
     max_tokens: int = doc(16384, "packed positions per batch (the token budget; prefix slots count)")
     pad_batches: bool = doc(False, "pad every packed batch to max_tokens and report a fixed max_seqlen "
                                    "(static shapes: no recompiles under trainer.compile)")
-    peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
+    peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)", execution=True)
     trainer: TrainerConfig = field(
         default_factory=lambda: TrainerConfig(max_steps=20000, batch_size=1, lr=3e-4, weight_decay=0.05,
                                               warmup_steps=500, precision="bf16", ema_decay=0.0),

@@ -116,19 +116,22 @@ class TrainerConfig:
     grad_accum: int = doc(1, "micro-batches per optimizer step (memory knob; the global batch stays batch_size)")
     grad_clip: float = doc(1.0, "clip each group's gradient norm to this; 0 = no clipping")
     ema_decay: float = doc(0.0, "EMA decay of task.ema_model() weights (float32 shadow); 0 = no EMA")
-    checkpoint_every: int = doc(1000, "save a checkpoint every N steps (and always at the end); 0 = only at the end")
-    keep_last: int = doc(2, "checkpoints to keep (older ones are deleted)")
-    log_every: int = doc(10, "log loss/metrics/lr/throughput every N steps")
+    checkpoint_every: int = doc(1000, "save a checkpoint every N steps (and always at the end); 0 = only at the end",
+                                execution=True)
+    keep_last: int = doc(2, "checkpoints to keep (older ones are deleted)", execution=True)
+    log_every: int = doc(10, "log loss/metrics/lr/throughput every N steps", execution=True)
     eval_every: int = doc(0, "call eval_fn(task, step) every N steps on the main process; 0 = never")
     seed: int = doc(0, "seeds the data order, the per-step generators and the global RNGs")
     shuffle: bool = doc(True, "shuffle the data each epoch (a permutation from (seed, epoch))")
-    num_workers: int = doc(0, "DataLoader worker processes per training process")
-    compile: bool = doc(False, "torch.compile the training step")
-    resume: bool = doc(True, "continue from the newest checkpoint in out_dir/checkpoints if there is one")
+    num_workers: int = doc(0, "DataLoader worker processes per training process", execution=True)
+    compile: bool = doc(False, "torch.compile the training step", execution=True)
+    resume: bool = doc(True, "continue from the newest checkpoint in out_dir/checkpoints if there is one",
+                       execution=True)
     device: Literal["auto", "cpu"] = doc("auto", "auto: the launcher's device (GPU when there is one); cpu: force CPU")
     tf32: bool = doc(True, "allow TF32 matmuls/convolutions on CUDA")
-    find_unused_parameters: bool = doc(False, "DDP: set when some trainable parameters get no gradient in a step")
-    progress: bool = doc(True, "show a tqdm bar (only on a TTY, only on the main process)")
+    find_unused_parameters: bool = doc(False, "DDP: set when some trainable parameters get no gradient in a step",
+                                        execution=True)
+    progress: bool = doc(True, "show a tqdm bar (only on a TTY, only on the main process)", execution=True)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
