@@ -171,3 +171,38 @@ def test_compiled_flex_raises_dynamo_recompile_limit():
         attention._compiled_flex()
         assert getattr(cfg, name) == 500
     attention._compiled_flex.cache_clear()
+
+
+def test_flex_recompiles_are_bounded_over_varied_batches(monkeypatch):
+    """Curation feeds FlexAttention packed batches of every size and assignment mix. Dynamo's guards
+    (with dynamic shapes) must settle on a few graphs, one per relation of the query and key
+    lengths (self-attention Nq = Nk, cross-attention Nq < Nk and Nq > Nk) and a few size
+    specialisations (a single-tile mask), not one per batch: past the recompile limit FlexAttention
+    runs unfused. Counted with dynamo's eager backend, which guards as inductor does and needs no
+    compiler on the CPU. Inference alone makes 6 graphs here (torch 2.13); the H100 and H200 logs
+    show dynamo's default limit of 8 reached at curation's start, in the pipeline process that had
+    just trained the proxy tokenizer, hence FLEX_RECOMPILE_LIMIT. One graph per batch would make 21."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from arvid.tokenizer import attention
+    from arvid.tokenizer.base import build_tokenizer
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=True, backend="eager")
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: compiled)
+    m = build_tokenizer("evatok", {"attention": "flex", "image_size": 64, "patch_size": 8,
+                                   "frames_per_block": [4, 4, 4, 4], "candidates": [16, 32, 64, 128]},
+                        preset="debug").eval()
+    cands = torch.tensor([16, 32, 64, 128])
+    g = torch.Generator().manual_seed(0)
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for b in (4, 3, 8, 1, 5, 2, 7):
+            video = torch.rand(b, 3, 16, 64, 64, generator=g) * 2 - 1
+            assignment = cands[torch.randint(0, 4, (b, 4), generator=g)]
+            m.decode(m.encode(video, assignment))
+    graphs = counters["stats"]["unique_graphs"] - before
+    torch._dynamo.reset()
+    assert 3 <= graphs <= 8, graphs
