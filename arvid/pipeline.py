@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -143,12 +144,23 @@ def build_pipeline(exp: ExperimentConfig) -> Pipeline:
         "sample": ["generator"], "fixed": [], "fixed_tokenize": ["fixed"], "fixed_generator": ["fixed_tokenize"],
         "report": ["sample", "fixed_generator"],
     }
+    # what a stage reads without depending on it: ordering for `--jobs`, not in the fingerprint
+    reads = {"report": ["curve"]}
     selected = [s for s in STAGES if s in exp.stages]
+
+    def stands_for(stage: str) -> list[str]:
+        """The selected stages a dependency reaches: itself if selected, else its own dependencies'."""
+        if stage in selected:
+            return [stage]
+        return [x for d in deps[stage] for x in stands_for(d)]
+
     stages = []
     for s in selected:
         cfg = configs[s]
-        stages.append(Stage(s, cfg, lambda _dir, _run=runs[s], _cfg=cfg: _run(_cfg),
-                            deps=[x for x in deps[s] if x in selected], description=_describe(s)))
+        own = [x for x in deps[s] if x in selected]
+        after = [x for d in deps[s] + reads.get(s, []) for x in stands_for(d) if x not in own]
+        stages.append(Stage(s, cfg, lambda _dir, _run=runs[s], _cfg=cfg: _run(_cfg), deps=own,
+                            description=_describe(s), after=list(dict.fromkeys(after))))
     return Pipeline(stages, root)
 
 
@@ -194,6 +206,16 @@ def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig) -> list[tuple[st
     return need
 
 
+def pyav_needed(stage: str, cfg: Any, exp: ExperimentConfig) -> str | None:
+    """Why ``stage`` will need PyAV (reading video files, writing mp4), or None."""
+    if exp.data.source != "synthetic" and stage not in ("generator", "fixed_generator"):
+        return f"data.source={exp.data.source!r} reads video files"
+    if stage == "sample" and (cfg.grid_format in ("mp4", "both") or cfg.save_videos):
+        return (f"sample.grid_format={cfg.grid_format!r}, sample.save_videos={cfg.save_videos} write mp4; "
+                "sample.grid_format=gif needs none")
+    return None
+
+
 def preflight(items: list, exp: ExperimentConfig) -> None:
     """Before the first stage runs, check that every weights file a stage still to run will load
     is there, so that a missing LPIPS or I3D file fails now, not hours in (the error names the
@@ -203,6 +225,13 @@ def preflight(items: list, exp: ExperimentConfig) -> None:
     for item in items:
         if item.action == "skip":
             continue
+        need_av = pyav_needed(item.stage.name, item.stage.config, exp)
+        if need_av:
+            try:
+                import av  # noqa: F401
+            except ImportError:
+                raise ValueError(f"stage {item.stage.name!r} needs PyAV ({need_av}), which is not installed: "
+                                 f"pip install av") from None
         for name, path in weights_needed(item.stage.name, item.stage.config, exp):
             try:
                 require(SPECS[name], path)
@@ -210,43 +239,64 @@ def preflight(items: list, exp: ExperimentConfig) -> None:
                 raise ValueError(f"stage {item.stage.name!r} will need {name} weights: {e}") from None
 
 
-def stage_launcher(config: str, overrides: list[str], out_dir: str | Path,
-                   cli_options: list[str] | None = None) -> Any:
-    """For :meth:`Pipeline.run_parallel`: start ``arvid [cli_options] pipeline CONFIG --only STAGE
-    [--from STAGE] OVERRIDES`` in a process of its own, its output appended to
-    ``<out_dir>/logs/<stage>.log``. The child loads the same config and overrides, so it computes the
-    same fingerprints as the parent's plan."""
-    logs = Path(out_dir) / "logs"
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the stage process gets SIGTERM when the pipeline process dies, even by SIGKILL."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stage_launcher(exp: ExperimentConfig, cli_options: list[str] | None = None) -> Any:
+    """For :meth:`Pipeline.run_parallel`: start ``arvid [cli_options] pipeline RESOLVED --only STAGE
+    --expect-fingerprint FP --planned-at T [--from STAGE]`` in a process of its own, its output
+    appended to ``<out_dir>/logs/<stage>.log``. RESOLVED is the parent's config with its overrides
+    applied, written once to ``<out_dir>/logs/experiment.resolved.yaml``: a child never re-reads the
+    user's YAML (which may have been edited since), and refuses to run if its fingerprint is not
+    the one the parent planned."""
+    logs = Path(exp.out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    resolved = logs / "experiment.resolved.yaml"
+    save_config(exp, resolved)
 
     def launch(item) -> subprocess.Popen:
         name = item.stage.name
-        cmd = [sys.executable, "-m", "arvid", *(cli_options or []), "pipeline", config, "--only", name,
-               *(["--from", name] if item.action == "redo" else []), *overrides]
+        cmd = [sys.executable, "-m", "arvid", *(cli_options or []), "pipeline", str(resolved), "--only", name,
+               "--expect-fingerprint", item.fingerprint, "--planned-at", repr(item.planned_at),
+               *(["--from", name] if item.action == "redo" else [])]
         with open(logs / f"{name}.log", "ab") as f:
-            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
             f.flush()
-            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     return launch
 
 
 def run_pipeline(config: str, overrides: list[str], until: str | None = None, from_: str | None = None,
                  dry_run: bool = False, only: str | None = None, jobs: int = 1,
-                 cli_options: list[str] | None = None) -> list:
+                 cli_options: list[str] | None = None, expect_fingerprint: str | None = None,
+                 planned_at: float | None = None) -> list:
     """Run (or with ``dry_run`` plan) the experiment; ``only``: that stage alone; ``jobs`` > 1: independent
-    stages at once, each in its own process (``cli_options``: the global ``arvid`` options they get)."""
+    stages at once, each in its own process (``cli_options``: the global ``arvid`` options they get).
+    ``expect_fingerprint``, ``planned_at``: what a ``--jobs`` parent hands its ``--only`` children."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
     exp = load_config(ExperimentConfig, config, overrides)
     pipe = build_pipeline(exp)
     check = lambda plan: preflight(plan, exp)  # noqa: E731
     if jobs > 1 and not dry_run:
         if only is not None:
             raise ValueError("--jobs and --only exclude each other: --only runs one stage")
-        launch = stage_launcher(config, overrides, exp.out_dir, cli_options)
-        items = pipe.run_parallel(launch, jobs, until=until, from_=from_, preflight=check)
+        items = pipe.run_parallel(stage_launcher(exp, cli_options), jobs, until=until, from_=from_,
+                                  preflight=check)
     else:
-        items = pipe.run(until=until, from_=from_, dry_run=dry_run, preflight=check, only=only)
-    if not dry_run and only is None:  # a --only child leaves the record to its parent
+        items = pipe.run(until=until, from_=from_, dry_run=dry_run, preflight=check, only=only,
+                         expect_fingerprint=expect_fingerprint, planned_at=planned_at)
+    if not dry_run and only is None:  # a --only run (a --jobs child) leaves the record to its parent
         save_config(exp, Path(exp.out_dir) / "experiment.yaml")
     return items
 
@@ -255,7 +305,8 @@ def _main(args: argparse.Namespace) -> int:
     opts = ["--log-level", str(args.log_level)] + (["--threads", str(args.threads)] if args.threads else [])
     try:
         items = run_pipeline(args.config, list(args.overrides), args.until, getattr(args, "from"), args.dry_run,
-                             only=args.only, jobs=args.jobs, cli_options=opts)
+                             only=args.only, jobs=args.jobs, cli_options=opts,
+                             expect_fingerprint=args.expect_fingerprint, planned_at=args.planned_at)
     except PipelineError as e:
         raise ValueError(str(e)) from e
     print(format_plan(items) if args.dry_run else format_summary(items))
@@ -268,12 +319,16 @@ def add_arguments(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML (ExperimentConfig), e.g. configs/experiments/demo.yaml")
     p.add_argument("--until", default=None, help="stop after this stage")
-    p.add_argument("--from", default=None, help="redo from this stage on (old outputs are moved aside)")
+    p.add_argument("--from", default=None, help="redo this stage and those downstream of it (old outputs are moved aside; "
+                   "independent stages, such as the fixed-length branch after --from router, are kept)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and do nothing")
     p.add_argument("--only", default=None, metavar="STAGE",
                    help="run this one stage (its upstream stages must be finished)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run up to N independent stages at once, each in its own process (logs in "
                         "<out_dir>/logs/); e.g. the fixed-length branch beside the main chain on one GPU")
+    # what a --jobs parent hands its --only children
+    p.add_argument("--expect-fingerprint", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--planned-at", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. proxy.trainer.max_steps=10")
     p.set_defaults(func=_main)

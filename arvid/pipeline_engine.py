@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ try:  # POSIX; elsewhere stages run unlocked (one pipeline per out_dir at a time
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from arvid.config import fingerprint_dict
+from arvid.config import fingerprint_dict, to_dict
 from arvid.io import check_writable, read_json, write_json
 
 log = logging.getLogger("arvid.pipeline")
@@ -69,10 +70,18 @@ class Stage:
     run: Callable[[Path], Any]
     deps: list[str] = field(default_factory=list)
     description: str = ""
+    #: stages that must finish before this one starts under ``run_parallel``, beyond ``deps``: what it
+    #: reads without depending on it (the report's curve), or the selected stages a dropped dependency
+    #: stood for. Order only: not part of the fingerprint.
+    after: list[str] = field(default_factory=list)
 
 
-def _fingerprint(config: Any, upstream: list[str]) -> str:
-    blob = json.dumps({"config": fingerprint_dict(config), "upstream": upstream}, sort_keys=True, default=str)
+def _fingerprint(config: Any, upstream: list[str], legacy: bool = False) -> str:
+    """A stage's identity: its config less the execution-only fields, and its upstream fingerprints.
+    ``legacy``: the whole config, as fingerprints were before 2026-12-04 (accepted as a match, so that
+    outputs made then are still reused)."""
+    cfg = to_dict(config) if legacy else fingerprint_dict(config)
+    blob = json.dumps({"config": cfg, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -86,6 +95,7 @@ def stage_lock(out_dir: Path, name: str) -> Iterator[bool]:
     path = out_dir / f".{name}.lock"
     with open(path, "a+") as f:
         waited = False
+        unlocked = None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,8 +105,10 @@ def stage_lock(out_dir: Path, name: str) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
         except OSError as e:  # no flock on this file system (some NFS mounts): run unlocked
+            unlocked = e
+        if unlocked is not None:  # outside the except: the stage's own errors are not chained to it
             log.warning("[%s] cannot lock %s (%s): running the stage unlocked; run one pipeline per "
-                        "out_dir at a time on this file system", name, path, e)
+                        "out_dir at a time on this file system", name, path, unlocked)
             yield False
             return
         f.seek(0)
@@ -116,6 +128,8 @@ class PlanItem:
     fingerprint: str
     action: str  # "skip" | "run" | "resume" | "redo"
     reason: str
+    #: when the plan was made (``time.time()``): a redo another process finished after it is reused
+    planned_at: float = 0.0
 
 
 class Pipeline:
@@ -124,7 +138,7 @@ class Pipeline:
         if len(set(names)) != len(names):
             raise PipelineError(f"duplicate stage names in {names}")
         for s in stages:
-            for d in s.deps:
+            for d in [*s.deps, *s.after]:
                 if d not in names[: names.index(s.name)]:
                     raise PipelineError(f"stage {s.name!r} depends on {d!r}, which does not run before it")
         self.stages = stages
@@ -145,25 +159,57 @@ class Pipeline:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise PipelineError(f"{flag} {name!r} is not a stage{hint} (stages: {', '.join(self.names)})")
 
-    def plan(self, until: str | None = None, from_: str | None = None) -> list[PlanItem]:
-        """What a run would do, stage by stage, without doing it."""
+    def ancestors(self, name: str) -> set[str]:
+        """The stages ``name`` depends on, directly or through others (its fingerprint's inputs)."""
+        by_name = {s.name: s for s in self.stages}
+        seen: set[str] = set()
+        todo = list(by_name[name].deps)
+        while todo:
+            d = todo.pop()
+            if d not in seen:
+                seen.add(d)
+                todo.extend(by_name[d].deps)
+        return seen
+
+    def downstream(self, name: str) -> set[str]:
+        """``name`` and every stage that depends on it or reads it (``deps`` or ``after``), directly or
+        through others: what ``--from name`` redoes."""
+        out = {name}
+        for s in self.stages:  # plan order: a stage's dependencies come before it
+            if out & {*s.deps, *s.after}:
+                out.add(s.name)
+        return out
+
+    def plan(self, until: str | None = None, from_: str | None = None, only: str | None = None) -> list[PlanItem]:
+        """What a run would do, stage by stage, without doing it. ``only``: plan that stage and the
+        stages it depends on, nothing else (stages beside it may be running in other processes).
+        ``from_``: redo that stage and those downstream of it; other finished stages are skipped."""
         self._check_name(until, "--until")
         self._check_name(from_, "--from")
+        self._check_name(only, "--only")
+        if only is not None:
+            until = only
         last = self.names.index(until) if until else len(self.stages) - 1
-        first_redo = self.names.index(from_) if from_ else None
+        redo = self.downstream(from_) if from_ else set()
+        keep = None if only is None else self.ancestors(only) | {only}
+        now = time.time()
         fps: dict[str, str] = {}
+        legacy: dict[str, str] = {}
         items = []
-        for i, s in enumerate(self.stages[: last + 1]):
+        for s in self.stages[: last + 1]:
+            if keep is not None and s.name not in keep:
+                continue
             fp = _fingerprint(s.config, [fps[d] for d in s.deps])
             fps[s.name] = fp
+            legacy[s.name] = _fingerprint(s.config, [legacy[d] for d in s.deps], legacy=True)
             d = self.stage_dir(s.name)
             done = d / DONE_FILE
             state = d / STATE_FILE
-            if first_redo is not None and i >= first_redo and d.exists():
+            if s.name in redo and d.exists():
                 items.append(PlanItem(s, d, fp, "redo", f"--from {from_}: the old output is moved aside"))
             elif done.exists():
                 old = read_json(done).get("fingerprint")
-                if old == fp:
+                if old in (fp, legacy[s.name]):
                     items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
                 else:
                     raise PipelineError(
@@ -173,7 +219,7 @@ class Pipeline:
                     )
             elif state.exists():
                 old = read_json(state).get("fingerprint")
-                if old != fp:
+                if old not in (fp, legacy[s.name]):
                     raise PipelineError(
                         f"stage {s.name!r}: {str(d)!r} holds an interrupted run of a different config "
                         f"(fingerprint {old} there, {fp} now). Rerun with `--from {s.name}` to start it over."
@@ -181,24 +227,36 @@ class Pipeline:
                 items.append(PlanItem(s, d, fp, "resume", "interrupted before; resuming in place"))
             else:
                 items.append(PlanItem(s, d, fp, "run", "not run yet"))
+        for it in items:
+            it.planned_at = now
         return items
 
     def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
-            preflight: Callable[[list[PlanItem]], None] | None = None, only: str | None = None) -> list[PlanItem]:
+            preflight: Callable[[list[PlanItem]], None] | None = None, only: str | None = None,
+            expect_fingerprint: str | None = None, planned_at: float | None = None) -> list[PlanItem]:
         """Plan, then run every stage that is not skipped. ``preflight(plan)`` runs between the two
         (not on a dry run): a check that raises stops the pipeline before its first stage.
 
-        ``only``: run that one stage (planned as if ``until`` were it); its upstream stages must be
-        finished already. Returns the plan, or with ``only`` that stage's item alone."""
+        ``only``: run that one stage (planned with its upstream stages alone); they must be finished
+        already. ``expect_fingerprint``: refuse unless the stage's fingerprint is this one (a
+        ``run_parallel`` child checks that it computes its parent's). ``planned_at``: when the plan
+        this run carries out was made (default: now; a child gets its parent's). Returns the plan, or
+        with ``only`` that stage's item alone."""
         self._check_name(only, "--only")
         if only is not None:
             if until is not None and until != only:
                 raise PipelineError(f"--only {only!r} and --until {until!r} disagree; give one of them")
-            until = only
-        planned_at = time.time()
-        items = self.plan(until, from_)
+            if from_ is not None and from_ != only:
+                raise PipelineError(f"--only {only!r} runs one stage: --from may only name it, not {from_!r}")
+        items = self.plan(until, from_, only=only)
+        if planned_at is None:
+            planned_at = items[0].planned_at if items else time.time()
         if only is not None:
             target = items[-1]
+            if expect_fingerprint is not None and target.fingerprint != expect_fingerprint:
+                raise PipelineError(
+                    f"--only {only!r}: the stage's fingerprint is {target.fingerprint} here, but "
+                    f"{expect_fingerprint} was expected (its config changed since the parent planned)")
             by_name = {it.stage.name: it for it in items}
             waiting = [d for d in target.stage.deps if by_name[d].action != "skip"]
             if waiting and not dry_run:
@@ -294,7 +352,7 @@ class Pipeline:
                     for it in list(pending):
                         if len(running) >= jobs:
                             break
-                        if all(dep in finished for dep in it.stage.deps):
+                        if all(dep in finished for dep in [*it.stage.deps, *it.stage.after]):
                             pending.remove(it)
                             proc = launch(it)
                             running[it.stage.name] = (it, proc, time.time())
@@ -311,11 +369,13 @@ class Pipeline:
                         failed.append((it, rc))
                         log.error("[%s] failed (exit code %s) after %.1f s", name, rc, time.time() - t0)
                         continue
-                    rec = read_json(it.directory / DONE_FILE) if (it.directory / DONE_FILE).exists() else {}
-                    if rec.get("fingerprint") != it.fingerprint:
+                    done = it.directory / DONE_FILE
+                    got = read_json(done).get("fingerprint") if done.exists() else None
+                    if got != it.fingerprint:
                         failed.append((it, rc))
-                        log.error("[%s] its process exited without finishing the stage (no %s with "
-                                  "fingerprint %s)", name, DONE_FILE, it.fingerprint)
+                        log.error("[%s] its process exited without finishing the stage: %s", name,
+                                  f"no {DONE_FILE}" if got is None else
+                                  f"{DONE_FILE} holds fingerprint {got}, the plan {it.fingerprint}")
                         continue
                     finished.add(name)
                     log.info("[%s] finished in %.1f s", name, time.time() - t0)
@@ -323,7 +383,11 @@ class Pipeline:
             for _it, proc, _t0 in running.values():  # an interrupt or an error here: stop the others
                 proc.terminate()
             for _it, proc, _t0 in running.values():
-                proc.wait()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
         if failed:

@@ -372,10 +372,13 @@ def test_jobs_runs_branches_in_parallel_with_the_sequential_results(tmp_path, ca
         assert (out_p / s / DONE_FILE).is_file(), s
         assert "--only" in (out_p / "logs" / f"{s}.log").read_text().splitlines()[1], s
     assert all(s in p_par.stdout for s in stages)
-    # the fixed branch started before the main chain's proxy finished
-    fixed_start = json.loads((out_p / "fixed" / STATE_FILE).read_text())["started"]
-    proxy_end = json.loads((out_p / "proxy" / DONE_FILE).read_text())["finished"]
-    assert fixed_start < proxy_end
+    # the fixed branch was started beside proxy, before proxy finished (both have no upstream, so the
+    # parent launches them in its first pass, before it first polls)
+    err = p_par.stderr
+    assert err.index("[fixed] started") < err.index("[proxy] finished")
+    # the report waited for the curve it copies
+    m = json.loads((out_p / "report" / "metrics.json").read_text())
+    assert m["curve"]["points"] and (out_p / "report" / "curve.png").is_file()
     # the same weights as the sequential run (the fingerprints hold each run's own out_dir)
     assert weights(out_p) == weights(out_s)
     m_p, m_s = (json.loads((o / "report" / "metrics.json").read_text()) for o in (out_p, out_s))
@@ -385,4 +388,55 @@ def test_jobs_runs_branches_in_parallel_with_the_sequential_results(tmp_path, ca
     # a plain (sequential) plan over the parallel run's outputs skips every stage: the children
     # wrote the fingerprints the parent's plan computed
     assert set(_dry_run_plan(cfg_p, capsys).values()) == {"skip"}
+    # --from after a config change, in parallel: each child plans its own upstream only, so the
+    # curve and the final tokenizer, started together, do not trip over each other's old outputs;
+    # the fixed branch (not downstream of the router) is skipped
+    router_fp = json.loads((out_p / "router" / DONE_FILE).read_text())["fingerprint"]
+    p_redo = _run(cfg_p, "--jobs", "3", "--from", "router", "router.trainer.max_steps=3", timeout=600)
+    assert json.loads((out_p / "router" / DONE_FILE).read_text())["fingerprint"] != router_fp
+    redone = {d.name.split(".old-")[0] for d in out_p.iterdir() if ".old-" in d.name}
+    assert redone == {"router", "curve", "final", "tokenize", "generator", "sample", "report"}
+    assert "[fixed] skip" in p_redo.stderr and "[proxy] skip" in p_redo.stderr
+    from arvid.pipeline import run_pipeline
+
+    with pytest.raises(Exception, match="'router'.*refusing to mix"):  # the YAML itself still says 4 steps
+        run_pipeline(str(cfg_p), [], dry_run=True)
+    assert {i.stage.name: i.action for i in run_pipeline(str(cfg_p), ["router.trainer.max_steps=3"],
+                                                          dry_run=True)}["report"] == "skip"
     print(f"sequential {t_seq:.1f} s, --jobs 3 {t_par:.1f} s")
+
+
+def test_parallel_ordering_covers_what_stages_read_and_dropped_dependencies(tmp_path):
+    """`after` (ordering under --jobs, not in the fingerprint): the report waits for the curve it
+    copies; a stage whose dependency is not selected waits for the selected stages behind it."""
+    from arvid.config import load_config
+    from arvid.pipeline import ExperimentConfig, build_pipeline
+
+    exp = tiny_experiment(tmp_path / "o")
+    cfg = _write_config(tmp_path / "e.yaml", exp)
+    full = {s.name: s for s in build_pipeline(load_config(ExperimentConfig, str(cfg), [])).stages}
+    assert full["report"].deps == ["sample"] and full["report"].after == ["curve"]
+    assert full["curve"].deps == ["proxy", "router"] and full["curve"].after == []
+    sub = build_pipeline(load_config(ExperimentConfig, str(cfg), ["stages=[curate,curve,sample]"])).stages
+    by = {s.name: s for s in sub}
+    assert by["curate"].deps == [] and by["curate"].after == []
+    assert by["curve"].deps == [] and by["curve"].after == ["curate"]  # proxy and router not selected
+    assert by["sample"].deps == [] and by["sample"].after == ["curate"]  # through generator, tokenize, router
+
+
+def test_preflight_names_a_missing_pyav(tmp_path, monkeypatch):
+    import sys
+
+    from arvid.config import load_config
+    from arvid.pipeline import ExperimentConfig, build_pipeline, preflight, pyav_needed
+
+    exp = load_config(ExperimentConfig, str(_write_config(tmp_path / "e.yaml", tiny_experiment(tmp_path / "o"))),
+                      ["sample.grid_format=both"])
+    stages = {s.name: s for s in build_pipeline(exp).stages}
+    assert pyav_needed("sample", stages["sample"].config, exp).startswith("sample.grid_format='both'")
+    assert pyav_needed("proxy", stages["proxy"].config, exp) is None  # synthetic data: no files to read
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(ValueError, match=r"stage 'sample' needs PyAV .*grid_format=gif needs none.*pip install av"):
+        preflight(build_pipeline(exp).plan(), exp)
+    exp_gif = load_config(ExperimentConfig, str(tmp_path / "e.yaml"), [])  # the tiny config writes gifs
+    preflight(build_pipeline(exp_gif).plan(), exp_gif)

@@ -241,8 +241,8 @@ class _Proc:
     def terminate(self):
         pass
 
-    def wait(self):
-        self.thread.join()
+    def wait(self, timeout=None):
+        self.thread.join(timeout)
 
 
 def _graph(tmp_path, gate, fail=()):
@@ -357,3 +357,100 @@ def test_execution_only_fields_do_not_change_the_fingerprint(tmp_path):
     with pytest.raises(PipelineError, match="refusing to mix"):
         mk(Run(value=2)).run()
     assert len(calls) == 1
+
+
+def test_only_plans_its_upstream_alone(tmp_path):
+    """A `--only b` process checks b and what b depends on, not a stage beside it in plan order that
+    another process is redoing (here c, finished with another config)."""
+    calls = []
+    p = lambda c=3: Pipeline([Stage("a", Cfg(1), lambda d: calls.append("a")),  # noqa: E731
+                              Stage("c", Cfg(c), lambda d: calls.append("c")),
+                              Stage("b", Cfg(2), lambda d: calls.append("b"), deps=["a"])], tmp_path / "out")
+    p().run()
+    (tmp_path / "out/b/pipeline_done.json").unlink()
+    with pytest.raises(PipelineError, match="'c'.*refusing"):
+        p(c=9).plan()
+    calls.clear()
+    items = p(c=9).run(only="b")
+    assert [(i.stage.name, i.action) for i in items] == [("b", "resume")] and calls == ["b"]
+    assert [i.stage.name for i in p(c=9).plan(only="b")] == ["a", "b"]
+    with pytest.raises(PipelineError, match="--from may only name it"):
+        p().run(only="b", from_="a")
+
+
+def test_only_refuses_a_fingerprint_other_than_the_expected(tmp_path):
+    calls = []
+    p = Pipeline([Stage("a", Cfg(1), lambda d: calls.append("a"))], tmp_path / "out")
+    fp = p.plan()[0].fingerprint
+    with pytest.raises(PipelineError, match="fingerprint is .* but 0000 was expected"):
+        p.run(only="a", expect_fingerprint="0000")
+    assert calls == []
+    p.run(only="a", expect_fingerprint=fp)
+    assert calls == ["a"]
+
+
+def test_outputs_fingerprinted_before_execution_fields_left_out_are_reused(tmp_path):
+    """Done markers written with the old fingerprint (the whole config) still count as finished."""
+    from arvid.io import write_json
+    from arvid.pipeline_engine import _fingerprint
+
+    (tmp_path / "out/a").mkdir(parents=True)
+    write_json(tmp_path / "out/a/pipeline_done.json", {"fingerprint": _fingerprint(Cfg(1), [], legacy=True)})
+    (tmp_path / "out/b").mkdir(parents=True)
+    legacy_b = _fingerprint(Cfg(2), [_fingerprint(Cfg(1), [], legacy=True)], legacy=True)
+    write_json(tmp_path / "out/b/pipeline_done.json", {"fingerprint": legacy_b})
+    assert [i.action for i in make(tmp_path, []).plan()] == ["skip", "skip"]
+    write_json(tmp_path / "out/b/pipeline_done.json", {"fingerprint": "something else"})
+    with pytest.raises(PipelineError, match="'b'.*refusing"):
+        make(tmp_path, []).plan()
+
+
+def test_without_flock_stages_run_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some NFS mounts refuse flock (ENOLCK): the stage runs unlocked, and its own error is not
+    reported as raised while handling the lock's."""
+    import errno
+
+    import arvid.pipeline_engine as eng
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(eng.fcntl, "flock", no_locks)
+
+    def boom(d):
+        raise RuntimeError("stage failed")
+
+    with caplog.at_level("WARNING", logger="arvid.pipeline"):
+        with pytest.raises(RuntimeError, match="stage failed") as e:
+            Pipeline([Stage("a", Cfg(1), boom)], tmp_path / "out").run()
+    assert "running the stage unlocked" in caplog.text
+    assert e.value.__context__ is None
+    calls = []
+    make(tmp_path / "x", calls).run()
+    assert calls == ["a", "b"]
+
+
+def test_run_parallel_waits_for_after_stages(tmp_path):
+    """`after` orders without entering the fingerprint: d reads c's output, so it starts after c."""
+    import threading
+
+    gate = {k: threading.Event() for k in "abcd"}
+    for k in "abd":
+        gate[k].set()
+    log = []
+    base = _graph(tmp_path, gate)
+    stages = [s if s.name != "d" else Stage("d", s.config, s.run, deps=s.deps, after=["c"]) for s in base.stages]
+    pipe = Pipeline(stages, tmp_path / "out")
+    assert [i.fingerprint for i in pipe.plan()] == [i.fingerprint for i in base.plan()]
+    t = threading.Thread(target=lambda: pipe.run_parallel(lambda it: _Proc(pipe, it, log), jobs=4, poll_s=0.01))
+    t.start()
+    deadline = __import__("time").time() + 30
+    while ("end", "b") not in log and __import__("time").time() < deadline:
+        __import__("time").sleep(0.01)
+    __import__("time").sleep(0.1)
+    assert ("start", "d") not in log  # b is done, but c is not
+    gate["c"].set()
+    t.join(30)
+    assert log.index(("start", "d")) > log.index(("end", "c"))
+    with pytest.raises(PipelineError, match="depends on 'x'"):
+        Pipeline([Stage("d", Cfg(1), lambda d: None, after=["x"])], tmp_path / "y")

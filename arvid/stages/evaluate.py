@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -382,6 +383,16 @@ class ReportConfig:
     out_dir: str = doc("outputs/report", "output directory (set by the pipeline)")
 
 
+def _media(errors: list[str], path: Path, write: Callable[[], Any]) -> None:
+    """Write one of the report's pictures or videos. A failure (a full disk, a codec) is logged and
+    recorded in metrics.json (``media_errors``), so it never costs the metrics computed before it."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - any writer error; the metrics matter more
+        log.error("report: %s not written: %s: %s", path, type(e).__name__, e)
+        errors.append(f"{path.name}: {type(e).__name__}: {e}")
+
+
 def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> None:
     """The mp4 twin of a GIF grid; skipped with a warning when PyAV is missing (the GIF is the record)."""
     from arvid.data.writer import write_grid
@@ -407,6 +418,7 @@ def run_report(cfg: ReportConfig) -> Path:
     tok = load_tokenizer(tok_dir)
     fixed = cfg.fixed_count or fixed_baseline_count(tok.layout)
     protocol = cfg.protocol if cfg.fvd else None
+    media_errors: list[str] = []
     metrics: dict[str, Any] = {"experiment": cfg.name, "date": time.strftime("%Y-%m-%d"),
                                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                                "num_real_videos": int(real.shape[0]), "split": cfg.split,
@@ -431,7 +443,8 @@ def run_report(cfg: ReportConfig) -> Path:
             fake = gen.pop("_videos")
             metrics["generation"] = gen
             order = torch.argsort(labels, stable=True)[:32]
-            write_grid(fake[order], str(out / "samples_by_class.gif"), nrow=8, fps=cfg.fps)
+            _media(media_errors, out / "samples_by_class.gif",
+                   lambda: write_grid(fake[order], str(out / "samples_by_class.gif"), nrow=8, fps=cfg.fps))
         fixed_gpt = exp / "fixed_generator" / "gpt"
         if fixed_gpt.is_dir() and cfg.fvd and cfg.generation:
             # the fixed-length branch: same data, same training budget, one uniform assignment
@@ -453,8 +466,11 @@ def run_report(cfg: ReportConfig) -> Path:
             # rows: real clip, prediction (the first ctx frames of the prediction are the context's
             # reconstruction)
             k = min(8, n)
-            write_grid(torch.cat([real[:k], pred[:k]]), str(out / "frame_prediction.gif"), nrow=k, fps=cfg.fps)
-            _write_mp4_grid(torch.cat([real[:k], pred[:k]]), out / "frame_prediction.mp4", nrow=k, fps=cfg.fps)
+            pair = torch.cat([real[:k], pred[:k]])
+            _media(media_errors, out / "frame_prediction.gif",
+                   lambda: write_grid(pair, str(out / "frame_prediction.gif"), nrow=k, fps=cfg.fps))
+            _media(media_errors, out / "frame_prediction.mp4",
+                   lambda: _write_mp4_grid(pair, out / "frame_prediction.mp4", nrow=k, fps=cfg.fps))
             metrics["frame_prediction"] = fp
     # 3. what the earlier stages measured
     for key, path in {"router": exp / "router" / "router_metrics.json", "curve": exp / "curve" / "curve.json",
@@ -464,7 +480,9 @@ def run_report(cfg: ReportConfig) -> Path:
             metrics[key] = read_json(path)
     for src in (exp / "sample" / "grid.gif", exp / "sample" / "grid.mp4", exp / "curve" / "curve.png"):
         if src.is_file():
-            shutil.copyfile(src, out / src.name)
+            _media(media_errors, out / src.name, lambda src=src: shutil.copyfile(src, out / src.name))
+    if media_errors:
+        metrics["media_errors"] = media_errors
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", render_report(metrics))
     return out
@@ -560,6 +578,8 @@ def render_report(m: dict) -> str:
                   f"{t.get('num_videos')} videos, {_fmt(t.get('mean_tokens'), 1)} +- {_fmt(t.get('std_tokens'), 1)} "
                   f"tokens per video (min {t.get('min_tokens')}, max {t.get('max_tokens')}), assignments from "
                   f"{t.get('assignment_source')}. Most frequent assignments: {top}.", ""]
+    if m.get("media_errors"):
+        lines += ["## Files not written", ""] + [f"- {e}" for e in m["media_errors"]] + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -94,27 +94,33 @@ def _flex_available() -> bool:
     return True
 
 
-#: recompiles of the compiled flex_attention allowed per process (dynamo's default is 8)
+#: recompiles of the compiled flex_attention allowed (dynamo's default is 8)
 FLEX_RECOMPILE_LIMIT = 64
 
 
 @lru_cache(maxsize=1)
 def _compiled_flex():
-    """flex_attention compiled lazily, on first use on a GPU: uncompiled it materialises the scores.
-
-    Even with ``dynamic=True`` each new guard failure (duck-sized equal lengths of queries and keys,
-    masks with and without full tiles, ...) is a recompile, and curation's varying packed batches
-    reached dynamo's default limit of 8 on the H100 and H200 (logs in docs/synthetic_gpu/): past it
-    dynamo runs flex_attention eagerly, the unfused scores-materialising path, for the rest of the
-    process. The limit is raised once, process-wide, to :data:`FLEX_RECOMPILE_LIMIT`."""
-    import torch._dynamo
+    # Compiled lazily, on first use on a GPU: uncompiled flex_attention materialises the scores.
     from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_recompile_limit():
+    """A context raising dynamo's recompile limit to :data:`FLEX_RECOMPILE_LIMIT` (never lowering it)
+    for one call of the compiled flex_attention.
+
+    Even with ``dynamic=True`` each new guard failure is a recompile: the relation of query and key
+    lengths (self-attention, cross-attention either way), single-tile masks, training and inference.
+    A pipeline process that trained the proxy tokenizer and then curated reached the default limit
+    of 8 on the H100 and H200 (logs in docs/synthetic_gpu/); past it dynamo runs flex_attention
+    eagerly, the unfused scores-materialising path, for the rest of the process. Scoped to the call,
+    so other compiled functions of the process keep their own limit."""
+    import torch._dynamo
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    if getattr(cfg, name) < FLEX_RECOMPILE_LIMIT:
-        setattr(cfg, name, FLEX_RECOMPILE_LIMIT)
-    return torch.compile(flex_attention, dynamic=True)
+    return cfg.patch(**{name: max(getattr(cfg, name), FLEX_RECOMPILE_LIMIT)})
 
 
 def _tile_stats(seg: Segments, tile: int) -> tuple[torch.Tensor, ...]:
@@ -201,8 +207,11 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if kind == "flex":
         if block_mask is None:
             block_mask = flex_block_mask(q, k)
-        out = _compiled_flex()(query[None], key[None], value[None], block_mask=block_mask)
-        return out[0]
+        fn = _compiled_flex()
+        if torch.compiler.is_compiling():  # inside a compiled model: its own compilation decides
+            return fn(query[None], key[None], value[None], block_mask=block_mask)[0]
+        with _flex_recompile_limit():
+            return fn(query[None], key[None], value[None], block_mask=block_mask)[0]
     if kind == "dense":
         mask = packed_mask(q, k)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
