@@ -44,7 +44,9 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", *, execution: bool =
 
     ``execution=True`` marks a field that only changes how a stage runs (workers, compilation,
     logging intervals), never what it produces: :func:`fingerprint_dict` leaves it out. Only mark
-    a field whose every value gives the same outputs; precision, seeds, batch sizes that shape the
+    a field whose every value computes the same thing: the outputs may differ by floating-point
+    rounding (a compiled kernel, a cached attention; in sampling a rounding can flip a token at a
+    near tie), never by design. Precision settings (``tf32``), seeds, batch sizes that shape the
     computation and anything written to the outputs stay unmarked.
     """
     metadata = {"help": help, "execution": True} if execution else {"help": help}
