@@ -378,7 +378,11 @@ class Pipeline:
                                   f"{DONE_FILE} holds fingerprint {got}, the plan {it.fingerprint}")
                         continue
                     finished.add(name)
-                    log.info("[%s] finished in %.1f s", name, time.time() - t0)
+                    if float(read_json(done).get("finished", t0)) < t0:  # the child found it done
+                        it.action, it.reason = "skip", "finished by another process"
+                        log.info("[%s] skip: %s", name, it.reason)
+                    else:
+                        log.info("[%s] finished in %.1f s", name, time.time() - t0)
         finally:
             for _it, proc, _t0 in running.values():  # an interrupt or an error here: stop the others
                 proc.terminate()

@@ -454,3 +454,26 @@ def test_run_parallel_waits_for_after_stages(tmp_path):
     assert log.index(("start", "d")) > log.index(("end", "c"))
     with pytest.raises(PipelineError, match="depends on 'x'"):
         Pipeline([Stage("d", Cfg(1), lambda d: None, after=["x"])], tmp_path / "y")
+
+
+def test_run_parallel_reports_a_stage_its_child_found_finished_as_skipped(tmp_path):
+    """A child that finds its stage finished by another process meanwhile (done marker older than the
+    launch) is summarised as skipped, not as ran."""
+    import threading
+
+    gate = {k: threading.Event() for k in "abcd"}
+    for g in gate.values():
+        g.set()
+    pipe = _graph(tmp_path, gate)
+    plan_fps = {i.stage.name: i.fingerprint for i in pipe.plan()}
+
+    def launch(it):
+        if it.stage.name == "c":  # another process finished c just before this child started
+            from arvid.io import write_json
+
+            it.directory.mkdir(parents=True, exist_ok=True)
+            write_json(it.directory / "pipeline_done.json", {"fingerprint": plan_fps["c"], "finished": 1.0})
+        return _Proc(pipe, it, [])
+
+    items = pipe.run_parallel(launch, jobs=2, poll_s=0.01)
+    assert [(i.stage.name, i.action) for i in items] == [("a", "run"), ("b", "run"), ("c", "skip"), ("d", "run")]
