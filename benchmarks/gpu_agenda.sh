@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, as one background job that outlives a single 10-minute device
 # call. The steps run one after another, so no benchmark shares the GPU with another:
-#   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 3 (issue [G]: report)
+#   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report)
 #   2. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
 #   3. i3d       bench_i3d.py, batch 32, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
 #   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
@@ -41,7 +41,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in
 run_all() {
     mkdir -p "$R"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
-    step pipeline 1500 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 3
+    step pipeline 1500 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2
     cp outputs/synthetic_gpu/report/report.md outputs/synthetic_gpu/report/metrics.json "$R/" 2>/dev/null
     step sampling 420 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
         --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
