@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -208,8 +209,10 @@ def weights_needed(stage: str, cfg: Any, exp: ExperimentConfig) -> list[tuple[st
 
 def pyav_needed(stage: str, cfg: Any, exp: ExperimentConfig) -> str | None:
     """Why ``stage`` will need PyAV (reading video files, writing mp4), or None."""
-    if exp.data.source != "synthetic" and stage not in ("generator", "fixed_generator"):
+    if exp.data.source != "synthetic" and stage not in ("generator", "fixed_generator", "sample"):
         return f"data.source={exp.data.source!r} reads video files"
+    if stage == "sample" and cfg.context:
+        return f"sample.context={cfg.context!r} reads the context clips"
     if stage == "sample" and (cfg.grid_format in ("mp4", "both") or cfg.save_videos):
         return (f"sample.grid_format={cfg.grid_format!r}, sample.save_videos={cfg.save_videos} write mp4; "
                 "sample.grid_format=gif needs none")
@@ -239,28 +242,43 @@ def preflight(items: list, exp: ExperimentConfig) -> None:
                 raise ValueError(f"stage {item.stage.name!r} will need {name} weights: {e}") from None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the stage process gets SIGTERM when the pipeline process dies, even by SIGKILL."""
+def _death_signal() -> Any:
+    """Linux: a ``preexec_fn`` that makes the stage process get SIGTERM when the pipeline process dies,
+    even by SIGKILL (``PR_SET_PDEATHSIG``); None elsewhere. ``prctl`` is looked up here, in the parent:
+    after fork the child only calls it (no import, no dlopen), then exits at once if the parent is
+    already gone."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    parent = os.getpid()
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+        prctl(1, sigterm)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def stage_launcher(exp: ExperimentConfig, cli_options: list[str] | None = None) -> Any:
     """For :meth:`Pipeline.run_parallel`: start ``arvid [cli_options] pipeline RESOLVED --only STAGE
     --expect-fingerprint FP --planned-at T [--from STAGE]`` in a process of its own, its output
     appended to ``<out_dir>/logs/<stage>.log``. RESOLVED is the parent's config with its overrides
-    applied, written once to ``<out_dir>/logs/experiment.resolved.yaml``: a child never re-reads the
+    applied, written once to ``<out_dir>/logs/experiment.resolved.<pid>.yaml``: a child never re-reads the
     user's YAML (which may have been edited since), and refuses to run if its fingerprint is not
     the one the parent planned."""
     logs = Path(exp.out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    resolved = logs / "experiment.resolved.yaml"
+    resolved = logs / f"experiment.resolved.{os.getpid()}.yaml"  # one per parent: several may share out_dir
     save_config(exp, resolved)
+    preexec = _death_signal()
 
     def launch(item) -> subprocess.Popen:
         name = item.stage.name
@@ -271,7 +289,7 @@ def stage_launcher(exp: ExperimentConfig, cli_options: list[str] | None = None) 
             f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
             f.flush()
             return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                    preexec_fn=preexec)
 
     return launch
 

@@ -130,6 +130,8 @@ class PlanItem:
     reason: str
     #: when the plan was made (``time.time()``): a redo another process finished after it is reused
     planned_at: float = 0.0
+    #: the fingerprint as computed before 2026-12-04 (the whole config): markers holding it match too
+    legacy_fingerprint: str = ""
 
 
 class Pipeline:
@@ -228,7 +230,7 @@ class Pipeline:
             else:
                 items.append(PlanItem(s, d, fp, "run", "not run yet"))
         for it in items:
-            it.planned_at = now
+            it.planned_at, it.legacy_fingerprint = now, legacy[it.stage.name]
         return items
 
     def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
@@ -294,9 +296,10 @@ class Pipeline:
                     log.info("[%s] skip: %s", name, it.reason)
                     return False
             return True
+        accepted = (it.fingerprint, it.legacy_fingerprint or it.fingerprint)
         if done.exists():
             old = read_json(done).get("fingerprint")
-            if old != it.fingerprint:
+            if old not in accepted:
                 raise PipelineError(
                     f"stage {name!r}: another process finished {str(d)!r} with a different "
                     f"config (fingerprint {old} there, {it.fingerprint} here); refusing to mix outputs.")
@@ -305,7 +308,7 @@ class Pipeline:
             return False
         if state.exists():
             old = read_json(state).get("fingerprint")
-            if old != it.fingerprint:
+            if old not in accepted:
                 raise PipelineError(
                     f"stage {name!r}: {str(d)!r} holds an interrupted run of a different config, left by "
                     f"another process (fingerprint {old} there, {it.fingerprint} here). Rerun with "

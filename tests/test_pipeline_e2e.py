@@ -435,6 +435,13 @@ def test_preflight_names_a_missing_pyav(tmp_path, monkeypatch):
     stages = {s.name: s for s in build_pipeline(exp).stages}
     assert pyav_needed("sample", stages["sample"].config, exp).startswith("sample.grid_format='both'")
     assert pyav_needed("proxy", stages["proxy"].config, exp) is None  # synthetic data: no files to read
+    files = load_config(ExperimentConfig, str(tmp_path / "e.yaml"), ["data.source=folder", "data.root=x"])
+    fstages = {s.name: s for s in build_pipeline(files).stages}
+    assert pyav_needed("curate", fstages["curate"].config, files) == "data.source='folder' reads video files"
+    assert pyav_needed("sample", fstages["sample"].config, files) is None  # gif grids, no data read
+    ctx = load_config(ExperimentConfig, str(tmp_path / "e.yaml"), ["sample.context=clip.mp4"])
+    assert pyav_needed("sample", {s.name: s for s in build_pipeline(ctx).stages}["sample"].config, ctx) == \
+        "sample.context='clip.mp4' reads the context clips"
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(ValueError, match=r"stage 'sample' needs PyAV .*grid_format=gif needs none.*pip install av"):
         preflight(build_pipeline(exp).plan(), exp)

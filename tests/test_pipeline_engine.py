@@ -477,3 +477,18 @@ def test_run_parallel_reports_a_stage_its_child_found_finished_as_skipped(tmp_pa
 
     items = pipe.run_parallel(launch, jobs=2, poll_s=0.01)
     assert [(i.stage.name, i.action) for i in items] == [("a", "run"), ("b", "run"), ("c", "skip"), ("d", "run")]
+
+
+def test_an_interrupted_stage_with_the_old_fingerprint_resumes(tmp_path):
+    """A start marker written before 2026-12-04 (legacy fingerprint) is resumed, through the plan
+    and through the re-check under the lock."""
+    from arvid.io import write_json
+    from arvid.pipeline_engine import _fingerprint
+
+    calls = []
+    (tmp_path / "out/a").mkdir(parents=True)
+    write_json(tmp_path / "out/a/pipeline_stage.json", {"fingerprint": _fingerprint(Cfg(1), [], legacy=True)})
+    (tmp_path / "out/a/partial").write_text("x")
+    items = Pipeline([Stage("a", Cfg(1), lambda d: calls.append("a"))], tmp_path / "out").run()
+    assert [i.action for i in items] == ["resume"] and calls == ["a"]
+    assert (tmp_path / "out/a/partial").exists()
