@@ -66,6 +66,10 @@ case $cmd in
         echo "started (pid $!); results in $R" ;;
     wait)
         secs=${3:-550}
+        if [ ! -d "$R" ]; then  # a fresh machine (the last one was given back): nothing to wait for
+            echo "no $R on this machine: the agenda was never started here (fresh machine?)" >&2
+            exit 4
+        fi
         end=$((SECONDS + secs))
         while [ ! -f "$R/finished" ] && [ $SECONDS -lt $end ]; do sleep 5; done
         for s in $STEPS; do
