@@ -194,6 +194,13 @@ class Pipeline:
         last = self.names.index(until) if until else len(self.stages) - 1
         redo = self.downstream(from_) if from_ else set()
         keep = None if only is None else self.ancestors(only) | {only}
+        planned = [s.name for s in self.stages[: last + 1] if keep is None or s.name in keep]
+        if from_ and not redo & set(planned):
+            limit = f"--only {only!r}" if only is not None else f"--until {until!r}"
+            raise PipelineError(
+                f"--from {from_!r} would redo nothing: it and the stages after it ({', '.join(sorted(redo))}) "
+                f"are outside what {limit} plans ({', '.join(planned)}). Give a --from stage at or "
+                f"before the last planned one.")
         now = time.time()
         fps: dict[str, str] = {}
         legacy: dict[str, str] = {}

@@ -160,6 +160,9 @@ def test_router_beats_random_assignment(router_dir, work):
     assert a.shape == (4, 4) and set(a.unique().tolist()) <= {1, 4, 16}
     # the held-out beam records were completed with the proxy: every assignment has a reward
     assert m["held_out"] == "val_curation"
+    # where the stage's time went, for sizing recipes: three positive phases
+    assert set(m["seconds"]) == {"train", "complete_held_out", "evaluate"}
+    assert all(v >= 0 for v in m["seconds"].values()) and m["seconds"]["train"] > 0
 
 
 def test_router_held_out_fraction_of_curated_videos(work, tmp_path):

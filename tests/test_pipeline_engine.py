@@ -63,6 +63,12 @@ def test_until_dry_run_and_bad_names(tmp_path):
         make(tmp_path, []).plan(until="bb")
     with pytest.raises(PipelineError, match="does not run before"):
         Pipeline([Stage("x", Cfg(), lambda d: None, deps=["y"])], tmp_path)
+    # --from after --until would redo nothing: refused instead of silently doing nothing
+    with pytest.raises(PipelineError, match="--from 'b' would redo nothing.*--until 'a'"):
+        make(tmp_path, []).plan(until="a", from_="b")
+    with pytest.raises(PipelineError, match="--only 'a'"):
+        make(tmp_path, []).plan(only="a", from_="b")
+    assert [i.action for i in make(tmp_path, []).plan(until="a", from_="a")] == ["redo"]
 
 
 def test_a_second_process_waits_for_a_running_stage_then_skips_it(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -239,7 +240,9 @@ def run(cfg: TrainRouterConfig) -> Path:
         distortion = Distortion(stats.quality, cur.get("lpips_net", "alex"), device, cur.get("lpips_weights"))
         distortion.check()
     trainer = Trainer(cfg.trainer, task, train_set, out)
+    t0 = time.perf_counter()
     trainer.fit()
+    seconds = {"train": time.perf_counter() - t0}
     final = trainer.final_model()
     # Provenance only: the router maps raw clips to assignments of the layout and holds nothing of
     # the proxy's weights, so the final tokenizer (another fingerprint, the same layout) uses it by
@@ -248,19 +251,26 @@ def run(cfg: TrainRouterConfig) -> Path:
                                                  "proxy_tokenizer_fingerprint": info.get("tokenizer_fingerprint")})
 
     # held-out evaluation, with best/worst exact: complete beam records with the proxy
+    t0 = time.perf_counter()
     if incomplete:
         tok = load_tokenizer(cur.get("tokenizer"), map_location=str(device)).eval()
         scorer = ProxyScorer(tok, distortion, int(cur.get("batch_size", 64)), precision=cur.get("precision", "auto"))
         val_records = complete_records(
             val_records, scorer, lambda ids: torch.stack([val_base[i]["video"] for i in ids]).to(device))
+    seconds["complete_held_out"] = time.perf_counter() - t0  # every assignment of each held-out video
+    t0 = time.perf_counter()
     metrics = evaluate_router(final, val_base, val_records, stats, w_q, w_l, device, cfg.eval_batch_size)
+    seconds["evaluate"] = time.perf_counter() - t0
     metrics.update({"w_q": w_q, "w_l": w_l, "quality": info.get("quality", stats.quality),
                     "targets": cfg.targets, "train_videos": int(train_ids.size),
-                    "held_out": "val_curation" if cfg.val_curation else f"last {cfg.val_fraction:.0%} of curated"})
+                    "held_out": "val_curation" if cfg.val_curation else f"last {cfg.val_fraction:.0%} of curated",
+                    "seconds": {k: round(v, 2) for k, v in seconds.items()}})
     write_json(out / "router_metrics.json", metrics)
     log.info("router: top1 %.3f top5 %.3f P %.3f (best uniform %.3f, random %.3f)", metrics["top1"],
              metrics["top5"], metrics["reward_percentile"], metrics["reward_percentile_best_uniform"],
              metrics["reward_percentile_random"])
+    log.info("router: %.1f s training, %.1f s completing the held-out records with the proxy, %.1f s evaluating",
+             seconds["train"], seconds["complete_held_out"], seconds["evaluate"])
     write_json(out / "done", {"stage": "train-router"})
     return out
 
