@@ -217,8 +217,12 @@ class Pipeline:
             if s.name in redo and d.exists():
                 items.append(PlanItem(s, d, fp, "redo", f"--from {from_}: the old output is moved aside"))
             elif done.exists():
-                old = read_json(done).get("fingerprint")
-                if old in (fp, legacy[s.name]):
+                rec = read_json(done)
+                old = rec.get("fingerprint")
+                stale = self._stale_reads(s, rec, {it.stage.name: it for it in items}, legacy)
+                if old in (fp, legacy[s.name]) and stale:
+                    items.append(PlanItem(s, d, fp, "redo", f"refresh: {stale} changed since it ran"))
+                elif old in (fp, legacy[s.name]):
                     items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
                 else:
                     raise PipelineError(
@@ -239,6 +243,25 @@ class Pipeline:
         for it in items:
             it.planned_at, it.legacy_fingerprint = now, legacy[it.stage.name]
         return items
+
+    @staticmethod
+    def _stale_reads(stage: Stage, done: dict, planned: dict[str, PlanItem], legacy: dict[str, str]) -> str:
+        """The ``after`` stages of a finished ``stage`` whose output is not the one it read: ones that
+        are (re)run in this plan, finished with another fingerprint, or finished only since (the
+        report made before the curve was added). Stages outside the plan (``--only``) and markers
+        from before 2026-12-04, which hold no record of what was read, are not judged. Returns their
+        names, comma-separated ("" when none)."""
+        read = done.get("after")
+        if read is None:
+            return ""
+        stale = []
+        for a in stage.after:
+            it = planned.get(a)
+            if it is None:
+                continue
+            if it.action != "skip" or read.get(a) not in (it.fingerprint, legacy.get(a)):
+                stale.append(a)
+        return ", ".join(stale)
 
     def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
             preflight: Callable[[list[PlanItem]], None] | None = None, only: str | None = None,
@@ -426,8 +449,12 @@ class Pipeline:
         log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
         t0 = time.time()
         it.stage.run(it.directory)
+        # what the stage read of its `after` stages (their fingerprints, null where unfinished): a later
+        # plan refreshes it when they change
+        read = {a: (read_json(self.stage_dir(a) / DONE_FILE).get("fingerprint")
+                    if (self.stage_dir(a) / DONE_FILE).exists() else None) for a in it.stage.after}
         write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
-                                           "finished": time.time()})
+                                           "finished": time.time(), "after": read})
         log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)
 
 

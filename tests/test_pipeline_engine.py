@@ -1,5 +1,6 @@
 """The pipeline engine: skip finished stages, resume interrupted ones, refuse mixed outputs."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -498,3 +499,48 @@ def test_an_interrupted_stage_with_the_old_fingerprint_resumes(tmp_path):
     items = Pipeline([Stage("a", Cfg(1), lambda d: calls.append("a"))], tmp_path / "out").run()
     assert [i.action for i in items] == ["resume"] and calls == ["a"]
     assert (tmp_path / "out/a/partial").exists()
+
+
+def test_a_stage_is_refreshed_when_what_it_reads_appears_or_changes(tmp_path):
+    """`after` stages are read, not depended on (the report copies the curve): a finished stage is
+    redone when one of them is added later or rerun, and skipped while they are unchanged."""
+    calls = []
+
+    def stage(name, value=1, after=()):
+        def run(d):
+            calls.append(name)
+            (d / "out.txt").write_text(str(value))
+        return Stage(name, Cfg(value), run, after=list(after))
+
+    out = tmp_path / "out"
+    Pipeline([stage("report")], out).run()  # made before the curve existed
+    assert calls == ["report"]
+    calls.clear()
+    pipe = Pipeline([stage("curve"), stage("report", after=["curve"])], out)
+    plan = pipe.plan()
+    assert [(i.stage.name, i.action) for i in plan] == [("curve", "run"), ("report", "redo")]
+    assert "refresh: curve" in plan[1].reason
+    pipe.run()
+    assert calls == ["curve", "report"]
+    assert json.loads((out / "report/pipeline_done.json").read_text())["after"] == {"curve": plan[0].fingerprint}
+    calls.clear()
+    assert [i.action for i in pipe.run()] == ["skip", "skip"] and calls == []
+    # --only does not plan the curve, so it cannot judge it: the report is left alone
+    assert Pipeline([stage("curve"), stage("report", after=["curve"])], out).plan(only="report")[-1].action == "skip"
+    # the curve redone (another config, another process): the report no longer matches it
+    Pipeline([stage("curve", value=2)], out).run(from_="curve")
+    calls.clear()
+    items = Pipeline([stage("curve", value=2), stage("report", after=["curve"])], out).run()
+    assert [i.action for i in items] == ["skip", "redo"] and calls == ["report"]
+    # a marker written before the record existed is not judged
+    done = out / "report/pipeline_done.json"
+    rec = json.loads(done.read_text())
+    del rec["after"]
+    done.write_text(json.dumps(rec))
+    Pipeline([stage("curve", value=3)], out).run(from_="curve")
+    calls.clear()
+    items = Pipeline([stage("curve", value=3), stage("report", after=["curve"])], out).run()
+    assert [i.action for i in items] == ["skip", "skip"] and calls == []
+    # --from still redoes what reads it
+    Pipeline([stage("curve", value=4), stage("report", after=["curve"])], out).run(from_="curve")
+    assert calls == ["curve", "report"]

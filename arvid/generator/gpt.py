@@ -391,7 +391,10 @@ class GPT(nn.Module, PretrainedMixin):
         return self
 
     # ------------------------------------------------------------------ training: packed
-    @torch.compiler.disable
+    # torch._disable_dynamo is torch.compiler.disable applied at the first call: the decorator
+    # imports torch._dynamo, which costs ~1.4 s at start-up. Its wrapper lives in a module dynamo
+    # skips, so a first call inside torch.compile still runs eagerly.
+    @torch._disable_dynamo
     def _backend(self, device: torch.device, dtype: torch.dtype) -> str:
         """The concrete attention backend for inputs on ``device`` in ``dtype`` (resolved once, eagerly:
         the availability checks import modules, which torch.compile should not trace)."""
