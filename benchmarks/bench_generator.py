@@ -3,6 +3,7 @@
     python benchmarks/bench_generator.py                        # CUDA: B, L, XL; router vs fixed lengths
     python benchmarks/bench_generator.py --presets B --no-compile
     python benchmarks/bench_generator.py --tiny --device cpu    # CPU smoke run (debug preset)
+    python benchmarks/bench_generator.py --presets L --lengths router --profile   # where the step's time goes
 
 Each step: forward on a packed batch of ``--max-tokens`` positions (router-like lengths, mean
 ~764 tokens, first-fit-decreasing into the budget, or every sequence 1028 = 4 + 4*256 tokens),
@@ -11,6 +12,10 @@ torch.compile (batches padded to the budget for static shapes; ``max_seqlen`` is
 format's bound so varying lengths do not recompile). tokens/s counts real sequence positions
 (padding excluded); MFU = (6 * matmul params * tokens + causal attention FLOPs) / time / peak.
 Prints a table and a JSON line (``--json PATH`` also writes it).
+
+``--profile``: after the timed steps, ``--profile-steps`` more under torch.profiler; the kernels'
+(on CPU: the operators') own time is split into matmul, attention, fused elementwise (Triton),
+optimizer and other, with the top kernels, in the row's ``profile`` and printed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -56,6 +62,54 @@ def make_batches(kind: str, fmt: SequenceFormat, max_tokens: int, count: int, nu
     return batches
 
 
+# Kernel (or CPU operator) names -> the part of the step they belong to; first match wins.
+CATEGORIES = (
+    ("attention", re.compile(r"flash|fmha|attention|attn|varlen|cudnn.*sdpa", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
+    ("loss", re.compile(r"log_softmax|nll_loss|cross_entropy", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|"
+                          r"aten::linear|sm90_|sm80_", re.I)),
+    ("fused elementwise", re.compile(r"^triton_|triton", re.I)),
+)
+
+
+def categorize(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if pat.search(name):
+            return cat
+    return "other"
+
+
+def profile_steps(step, batches: list, device: torch.device, top: int = 12) -> dict:
+    """Run ``step`` on ``batches`` under torch.profiler; the own time of every kernel (CUDA) or
+    operator (CPU), by category (shares of the total) and the ``top`` largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for b in batches:
+            step(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            t = e.self_device_time_total if e.device_type == torch.autograd.DeviceType.CUDA else 0.0
+        else:  # operators' own CPU time; python and profiler bookkeeping events are left out
+            t = e.self_cpu_time_total if e.key.startswith("aten::") or "Triton" in e.key else 0.0
+        if t > 0:
+            rows.append((e.key, float(t), int(e.count)))
+    total = sum(t for _, t, _ in rows) or 1.0
+    shares: dict[str, float] = {}
+    for name, t, _ in rows:
+        shares[categorize(name)] = shares.get(categorize(name), 0.0) + t / total
+    rows.sort(key=lambda r: -r[1])
+    return {"steps": len(batches), "total_ms_per_step": total / 1e3 / max(1, len(batches)),
+            "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:120], "category": categorize(n), "share": t / total, "calls": c}
+                    for n, t, c in rows[:top]]}
+
+
 def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceFormat) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -66,6 +120,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
                             fused=device.type == "cuda" or None)
     batches = make_batches(kind, fmt, args.max_tokens, args.steps + args.warmup, 101, gen, device)
+    n_prof = args.profile_steps if args.profile else 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def loss_fn(batch):
@@ -93,7 +148,8 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     row["warmup_s"] = time.perf_counter() - t_compile
     tokens, flops = 0, 0.0
     t0 = time.perf_counter()
-    for b in batches[args.warmup:]:
+    timed = batches[args.warmup:]
+    for b in timed:
         loss = step(b)
         lens = b.seqlens().cpu()
         tokens += int(lens.sum())
@@ -108,6 +164,8 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         mean_len=tokens / max(1, sum(b.num_seqs for b in batches[args.warmup:])),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     )
+    if n_prof:
+        row["profile"] = profile_steps(step, timed[:n_prof], device)
     return row
 
 
@@ -125,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--tiny", action="store_true", help="debug preset, small batches, no compile (CPU smoke)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--profile", action="store_true", help="profile a few more steps: time by kernel category")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (with --profile)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     layout = BlockLayout()
@@ -163,6 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
         print(f"{r['preset']:6s} {r['lengths']:7s} {r['params_M']:7.1f}M {r['backend']:>12s} {r['mean_len']:7.0f} "
               f"{r['fill']:5.2f} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['tflops']:8.1f} {r['mfu']:6.1%} {mem:>7s}")
+    for r in rows:
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"# profile {r['preset']} {r['lengths']}: {pr['total_ms_per_step']:.1f} ms of "
+                  f"{'kernel' if device.type == 'cuda' else 'operator'} time per step; "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in pr["shares"].items()))
+            for t in pr["top"]:
+                print(f"#   {t['share']:6.1%} {t['calls']:6d}x {t['category']:18s} {t['name']}")
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -4,8 +4,10 @@
 #   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report)
 #   2. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
 #   3. i3d       bench_i3d.py, batch 32, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
-#   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
-#   5. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
+#   4. genprof   bench_generator.py --presets L --lengths router --profile: MFU and where the
+#                step's kernel time goes (matmul, attention, fused elementwise, ...) ([E])
+#   5. gputests  pytest -m gpu on the tests of code changed since the last GPU run
+#   6. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
 #                needs PyAV: skipped (exit 3) where `import av` fails
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
@@ -26,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-pipeline sampling i3d gputests decode}
+STEPS=${AGENDA_STEPS:-pipeline sampling i3d genprof gputests decode}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -47,6 +49,8 @@ run_all() {
         --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 32 --iters 10 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
+    step genprof 300 python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+        --profile --json "$R/generator.json"
     step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sampling_gpu.py \
         tests/test_generator_gpt.py tests/test_eval_i3d.py tests/test_tokenizer_attention.py
     if python3 -c "import av" 2> /dev/null; then

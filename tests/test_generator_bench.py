@@ -34,6 +34,20 @@ def test_bench_generator_tiny_cpu(tmp_path):
         assert 4.0 < r["loss"] < 12.0  # near log(vocab 8197) = 9.0 after two steps
 
 
+def test_bench_generator_profile_splits_the_step_by_kernel_category():
+    mod = load("bench_generator")
+    res = mod.main(["--tiny", "--device", "cpu", "--lengths", "router", "--profile"])
+    pr = res["rows"][0]["profile"]
+    assert pr["steps"] == 2 and pr["total_ms_per_step"] > 0
+    assert abs(sum(pr["shares"].values()) - 1.0) < 1e-6
+    # a transformer's step: matmuls are a large part, attention and the loss are present
+    assert pr["shares"]["matmul"] > 0.1 and pr["shares"]["attention"] > 0 and pr["shares"]["loss"] > 0
+    assert pr["top"][0]["share"] >= pr["top"][-1]["share"]
+    assert [mod.categorize(n) for n in ("sm90_xmma_gemm_bf16", "flash_fwd_kernel", "triton_per_fused_add_0",
+                                        "multi_tensor_apply_kernel", "aten::mm", "elementwise_kernel")] == [
+        "matmul", "attention", "fused elementwise", "optimizer", "matmul", "other"]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_bench_block_mask_cpu_appends_results_and_tiles_win(tmp_path):
     out = tmp_path / "m.jsonl"
