@@ -32,6 +32,7 @@ from arvid.generator.attention import (  # noqa: E402
     _sdpa_dense,
     attention_flops,
     backend_unavailable_reason,
+    document_block_mask,
     padded_causal_attention,
     varlen_causal_attention,
 )
@@ -80,6 +81,17 @@ def variants(device: torch.device, dtype: torch.dtype) -> list[tuple[str, object
     for b in BACKENDS[1:]:
         reason = backend_unavailable_reason(b, device, dtype)
         out.append((b, (lambda q, k, v, cu, m, _b=b: varlen_causal_attention(q, k, v, cu, m, _b)), reason))
+    # flex as the GPT runs it: the batch's block mask built once and shared by every layer, so the
+    # time is the attention's alone (the row above builds it in every call)
+    masks: dict = {}
+
+    def flex_shared(q, k, v, cu, m):
+        key = (cu.data_ptr(), q.shape[0])
+        if key not in masks:
+            masks[key] = document_block_mask(cu, q.shape[0])
+        return varlen_causal_attention(q, k, v, cu, m, "flex", masks[key])
+
+    out.append(("flex[shared mask]", flex_shared, backend_unavailable_reason("flex", device, dtype)))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
 

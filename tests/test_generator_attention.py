@@ -102,6 +102,60 @@ def test_no_attention_across_sequence_boundaries(backend):
     assert torch.equal(out[:18], out3[:18]) and not torch.allclose(out[18:], out3[18:])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_document_block_mask_tiles_are_exact(seed):
+    """The flex backend's tile lists, built in closed form from cu_seqlens: a key tile is listed
+    for a query tile iff some pair of the two may attend, and listed as full iff every pair may."""
+    import random
+
+    from arvid.generator.attention import document_block_mask
+
+    rng = random.Random(seed)
+    for _ in range(60):
+        block = rng.choice([4, 8, 16])
+        lens = [rng.randint(1, 50) for _ in range(rng.randint(1, 8))]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        n = int(cu[-1])
+        n_pad = -(-n // block) * block
+        bm = document_block_mask(cu, n, block)
+        cu_pad = torch.cat([cu, torch.tensor([n_pad], dtype=torch.int32)]) if n_pad != n else cu  # padding: own doc
+        t = document_causal_mask(cu_pad, n_pad).view(n_pad // block, block, n_pad // block, block).transpose(1, 2)
+        listed, full = (torch.zeros(n_pad // block, n_pad // block, dtype=torch.bool) for _ in range(2))
+        for i in range(n_pad // block):
+            kv = bm.kv_indices[0, 0, i, :bm.kv_num_blocks[0, 0, i]].tolist()
+            fk = bm.full_kv_indices[0, 0, i, :bm.full_kv_num_blocks[0, 0, i]].tolist()
+            assert kv == sorted(set(kv)) and fk == sorted(set(fk)) and not set(kv) & set(fk)
+            listed[i, kv + fk], full[i, fk] = True, True
+        assert torch.equal(listed, t.any(-1).any(-1)), (lens, block)
+        assert torch.equal(full, t.all(-1).all(-1)), (lens, block)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_flex_with_the_document_block_mask_matches_reference():
+    """Eager FlexAttention ignores the tile lists (it applies mask_mod everywhere); the compiled
+    kernel skips unlisted tiles and drops the mask on full ones, so it is the one that checks them:
+    multi-tile documents, unaligned starts, a tile spanning documents, and padding."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from arvid.generator.attention import document_block_mask
+
+    flex = torch.compile(flex_attention)
+    for lens in ([40, 100, 7, 150, 87], [300]):  # 384 positions (3 tiles); 300 padded to 384
+        q, k, v, cu = random_batch(5, lens, h=2, hkv=2, d=16)
+        n, n_pad = q.shape[0], 384
+        ref = reference(q, k, v, cu)
+        bm = document_block_mask(cu, n)
+        pq, pk, pv = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, n_pad - n)).transpose(0, 1)[None] for t in (q, k, v))
+        out = flex(pq, pk, pv, block_mask=bm)[0, :, :n].transpose(0, 1)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    # the check can fail: the same kernel with only the diagonal tiles listed is wrong
+    diag = torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1).expand(1, 1, 3, 3).contiguous()
+    bad = BlockMask.from_kv_blocks(torch.ones(1, 1, 3, dtype=torch.int32), diag, BLOCK_SIZE=128,
+                                   mask_mod=bm.mask_mod, seq_lengths=(n_pad, n_pad))
+    out = flex(pq, pk, pv, block_mask=bad)[0, :, :n].transpose(0, 1)
+    assert (out.double() - ref).abs().max() > 0.1
+
+
 def test_document_causal_mask():
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     m = document_causal_mask(cu, 5)
@@ -168,3 +222,30 @@ def test_sdpa_padded_path_equals_dense_mask():
     padded = padded_causal_attention(q, k, v, cu, max(lens))
     assert torch.allclose(dense, padded, atol=1e-12)
     assert torch.allclose(_sdpa(q, k, v, cu, max(lens)), dense, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gpt_flex_builds_one_block_mask_per_batch_and_traces(monkeypatch):
+    """The flex GPT builds the batch's mask once for all layers (not once per layer), matches the
+    sdpa GPT, and the mask's construction traces under torch.compile (aot_eager on the CPU)."""
+    import arvid.generator.gpt as gpt_mod
+    from arvid.generator.gpt import GPT
+    from arvid.generator.packing import pack_sequences
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=300, max_seq_len=400, num_classes=5)
+    flex_m = GPT.from_preset("debug", attn_backend="flex", **kw).eval()
+    sdpa_m = GPT.from_preset("debug", attn_backend="sdpa", **kw).eval()
+    sdpa_m.load_state_dict(flex_m.state_dict())
+    seqs = [torch.randint(0, 300, (n,)) for n in (150, 40, 90, 200)]
+    batch = pack_sequences(seqs, 1, torch.tensor([0, 1, 2, 3]), pad_to=512, max_seqlen=399)
+    built = []
+    real = gpt_mod.document_block_mask
+    monkeypatch.setattr(gpt_mod, "document_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ref = sdpa_m(batch)
+        out = flex_m(batch)
+        assert len(built) == 1 and flex_m.config.n_layers > 1
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(flex_m, backend="aot_eager")(batch)
+        torch.testing.assert_close(compiled, ref, atol=1e-5, rtol=1e-5)

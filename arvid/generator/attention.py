@@ -249,28 +249,69 @@ def _flex_fn(device: torch.device):
 FLEX_BLOCK = 128
 
 
-def _flex(q, k, v, cu_seqlens, max_seqlen):
-    from torch.nn.attention.flex_attention import create_block_mask
+def document_block_mask(cu_seqlens: torch.Tensor, n: int, block: int = FLEX_BLOCK):
+    """The FlexAttention BlockMask of per-sequence causal attention over ``n`` packed positions
+    (``n`` rounded up to a multiple of ``block``; positions past ``cu_seqlens[-1]`` are padding, a
+    document of their own), built from tile ranges in closed form: no ``n x n`` evaluation and no
+    host sync, so one mask per batch serves every layer (``create_block_mask`` in each layer cost
+    ~8 ms per call on the H100).
 
+    Documents are contiguous, so query tile ``i`` needs the key tiles from the one holding the
+    start of its first row's document up to ``i``. Those wholly inside its document and before
+    it are *full* (every pair allowed: computed without the mask), when the query tile lies in one
+    document; the diagonal tile, a tile holding a document's unaligned start, and every tile of a
+    query tile spanning documents are *partial* (``mask_mod`` decides per pair)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n_pad = -(-n // block) * block
+    cu = cu_seqlens.long()
+    if n_pad != n:  # the padding is one more document (cu_seqlens ends at n)
+        cu = torch.cat([cu, cu.new_full((1,), n_pad)])
+    doc = torch.searchsorted(cu[1:], torch.arange(n_pad, device=cu.device), right=True)  # [n_pad]
+    tiles = n_pad // block
+    i = torch.arange(tiles, device=cu.device)
+    first, last = doc[i * block], doc[i * block + block - 1]  # documents of each query tile's ends
+    lo = cu[first] // block  # key tile holding the start of the first row's document
+    full_lo = torch.where(first == last, (cu[last] + block - 1) // block, i)  # first full key tile
+    cols = i[None, :]  # [1, tiles]
+    n_before = (full_lo - lo)[:, None]  # partial tiles before the full run (0 or 1, or all for spans)
+    kv_idx = torch.where(cols < n_before, lo[:, None] + cols, torch.where(cols == n_before, i[:, None], 0))
+    full_num = i - full_lo
+    full_idx = torch.where(cols < full_num[:, None], full_lo[:, None] + cols, 0)
+
+    def mask_mod(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    def bh(t: torch.Tensor) -> torch.Tensor:  # FlexAttention's [batch, heads, ...] int32 layout
+        return t.to(torch.int32)[None, None]
+
+    extra = {"seq_lengths": (n_pad, n_pad)} if _from_kv_blocks_takes_seq_lengths() else {}
+    return BlockMask.from_kv_blocks(bh(n_before[:, 0] + 1), bh(kv_idx), bh(full_num), bh(full_idx),
+                                    BLOCK_SIZE=block, mask_mod=mask_mod, **extra)
+
+
+@functools.lru_cache(maxsize=1)
+def _from_kv_blocks_takes_seq_lengths() -> bool:
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters  # torch >= 2.6
+
+
+def _flex(q, k, v, cu_seqlens, max_seqlen, block_mask=None):
     n, h, _ = q.shape
     if q.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise AttentionBackendUnavailable(
             "FlexAttention has no backward pass on CPU (torch raises NotImplementedError); "
             "train with attn_backend='sdpa' on CPU, or run 'flex' on a CUDA GPU")
     # Pad N to a multiple of the block size: fewer distinct shapes to compile for; the padding is
-    # its own document (id S), so it never mixes with real tokens.
+    # its own document, so it never mixes with real tokens.
     n_pad = -(-n // FLEX_BLOCK) * FLEX_BLOCK
-    doc = document_ids(cu_seqlens, n)
     if n_pad != n:
-        doc = torch.cat([doc, doc.new_full((n_pad - n,), cu_seqlens.numel() - 1)])
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, n_pad - n)) for t in (q, k, v))
-
-    def mask_mod(b, hh, qi, ki):
-        return (doc[qi] == doc[ki]) & (qi >= ki)
-
-    # On CUDA the mask is built by a compiled kernel; eagerly it would materialise [N, N] first.
-    block_mask = create_block_mask(mask_mod, None, None, n_pad, n_pad, device=q.device,
-                                   BLOCK_SIZE=FLEX_BLOCK, _compile=q.device.type == "cuda")
+    if block_mask is None:
+        block_mask = document_block_mask(cu_seqlens, n)
     out = _flex_fn(q.device)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                              block_mask=block_mask, enable_gqa=k.shape[1] != h)  # [1, H, Npad, D]
     return out[0, :, :n].transpose(0, 1)
@@ -329,16 +370,20 @@ _IMPLS = {
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, backend: str = "auto") -> torch.Tensor:
+                            max_seqlen: int, backend: str = "auto", block_mask=None) -> torch.Tensor:
     """Per-sequence causal attention over a packed batch.
 
     q: ``[N, H, D]``, k/v: ``[N, Hkv, D]``, ``cu_seqlens``: ``IntTensor[S+1]`` (0 first, N last),
     ``max_seqlen``: the longest sequence. Returns ``[N, H, D]``. Scale is ``1/sqrt(D)``.
+    ``block_mask``: for ``flex``, :func:`document_block_mask` of the batch, built once and shared
+    by the layers (built here when not given); ignored by the other backends.
     """
     _check(q, k, v, cu_seqlens)
     if int(max_seqlen) <= 0:
         raise ValueError(f"max_seqlen must be the longest sequence's length (> 0), got {max_seqlen}")
     name = resolve_backend(backend, q.device, q.dtype)
+    if name == "flex":
+        return _flex(q, k, v, cu_seqlens, int(max_seqlen), block_mask)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
 
 

@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from arvid.config import doc
-from arvid.generator.attention import BACKENDS, resolve_backend, varlen_causal_attention
+from arvid.generator.attention import BACKENDS, document_block_mask, resolve_backend, varlen_causal_attention
 from arvid.generator.conditioning import Conditioning, drop_classes, drop_text
 from arvid.generator.kv_cache import KVCache
 from arvid.generator.packing import PackedBatch
@@ -185,10 +185,11 @@ class Attention(nn.Module):
         return apply_rope(q, rope), apply_rope(k, rope), v
 
     def forward_packed(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
-                       max_seqlen: int, backend: str) -> torch.Tensor:
-        """``x [N, dim]`` packed, ``rope`` of the position ids -> ``[N, dim]``."""
+                       max_seqlen: int, backend: str, block_mask=None) -> torch.Tensor:
+        """``x [N, dim]`` packed, ``rope`` of the position ids -> ``[N, dim]``. ``block_mask``: the
+        batch's FlexAttention mask, shared by the layers (``flex`` only)."""
         q, k, v = self.qkv(x, rope)
-        out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend)  # [N, H, D]
+        out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend, block_mask)  # [N, H, D]
         return self.wo(out.flatten(1))
 
     def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
@@ -419,8 +420,10 @@ class GPT(nn.Module, PretrainedMixin):
         slots = batch.cu_seqlens[:s].long()[:, None] + torch.arange(n, device=x.device)  # [S, n]
         x = x.index_put((slots.reshape(-1),), cond.reshape(s * n, -1).to(x.dtype))
         rope = rope_tables(batch.position_ids, self.config.head_dim, self.config.rope_theta)
+        # flex: one block mask per batch for all layers (built from tile ranges, no host sync)
+        mask = document_block_mask(batch.cu_seqlens, x.shape[0]) if backend == "flex" else None
         for blk in self.blocks:
-            x = x + blk.attn.forward_packed(blk.attn_norm(x), rope, batch.cu_seqlens, batch.max_seqlen, backend)
+            x = x + blk.attn.forward_packed(blk.attn_norm(x), rope, batch.cu_seqlens, batch.max_seqlen, backend, mask)
             x = blk.mlp(x)
         return self.head(self.norm(x))
 
