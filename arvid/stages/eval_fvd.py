@@ -24,15 +24,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_under
-from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, get_protocol
 from arvid.io import write_json
+
+if TYPE_CHECKING:
+    from arvid.eval.fvd import FrechetVideoDistance
 
 log = logging.getLogger("arvid.eval_fvd")
 
@@ -101,6 +104,9 @@ def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.N
 
 def run(args: argparse.Namespace) -> dict:
     """Compute (and/or save statistics for) the FVD the arguments describe; returns the result dict."""
+    # imported here: torchmetrics (under arvid.eval.fvd) costs ~1.4 s at start-up
+    from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
+
     protocol = get_protocol(args.protocol)
     if args.b is None and not args.save_stats:
         raise ValueError("give a second set B, or --save-stats to only compute A's statistics")

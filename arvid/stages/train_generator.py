@@ -105,7 +105,9 @@ class GeneratorTask(nn.Module):
         loss = self.loss(batch)
         return StepOutput(losses={"main": loss}, metrics=self._throughput(batch))
 
-    @torch.compiler.disable
+    # torch.compiler.disable applied at the first call (the decorator imports torch._dynamo: ~1.4 s
+    # at start-up); see GPT._backend.
+    @torch._disable_dynamo
     def _throughput(self, batch: PackedBatch) -> dict[str, float]:
         """Token counts, and the FLOP rate since the previous call (host-side bookkeeping, not compiled)."""
         now = time.perf_counter()
