@@ -201,3 +201,43 @@ def test_file_cut_mid_stream_keeps_the_frames_before_the_cut(tmp_path):
     cut = got.index(got[-1])
     assert 3 <= cut < 19 and got[:cut + 1] == list(range(cut + 1))  # the frames before the cut, in order
     assert got[cut:] == [got[-1]] * (20 - cut)  # then the last one repeats
+
+
+def test_shared_scaler_gives_the_pixels_of_a_fresh_one_across_geometries(tmp_path):
+    """decode_clip keeps one FFmpeg scaler per thread across frames and files (a fresh one per
+    frame was half the decode time); files of other sizes and pixel formats in between must get
+    exactly what a fresh scaler gives."""
+    from arvid.data.files import _resize_crop
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (shape, fmt) in enumerate([((3, 48, 80, 3), "yuv420p"), ((3, 60, 34, 3), "yuv444p"),
+                                      ((3, 23, 37), "gray"), ((3, 48, 80, 3), "yuv420p")]):
+        write_raw(tmp_path / f"v{i}.mkv", rng.integers(0, 256, shape, dtype=np.uint8), pix_fmt=fmt)
+        files.append(tmp_path / f"v{i}.mkv")
+    for size in (16, 32):
+        for path in files:
+            with av.open(str(path)) as c:
+                for frame in c.decode(video=0):
+                    w, h = frame.width, frame.height
+                    nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+                    fresh = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="AREA").to_ndarray()
+                    y0, x0 = (nh - size) // 2, (nw - size) // 2
+                    assert np.array_equal(_resize_crop(frame, size), fresh[y0:y0 + size, x0:x0 + size]), (path, size)
+
+
+def test_decoding_in_a_forked_worker_after_the_parent_decoded(tmp_path):
+    """The per-thread scaler must not cross a fork: reused in the child it hangs (FFmpeg's scaler
+    threads stay in the parent). The parent decodes first, then DataLoader workers (fork) decode."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    frames = np.random.default_rng(1).integers(0, 256, (4, 48, 80, 3), dtype=np.uint8)
+    write_raw(tmp_path / "v.mkv", frames, pix_fmt="yuv420p")
+    parent = decode_clip(tmp_path / "v.mkv", frames=4, size=32)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        res = pool.apply_async(decode_clip, (tmp_path / "v.mkv",), {"frames": 4, "size": 32})
+        child = res.get(timeout=60)  # hung before the fix
+    assert np.array_equal(parent, child)
