@@ -2,13 +2,16 @@
 # The GPU measurements still owed, as one background job that outlives a single 10-minute device
 # call. The steps run one after another, so no benchmark shares the GPU with another:
 #   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report)
-#   2. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
-#   3. i3d       bench_i3d.py, batch 32, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
-#   4. genprof   bench_generator.py --presets L --lengths router --profile: MFU and where the
-#                step's kernel time goes (matmul, attention, fused elementwise, ...) ([E])
-#   5. gputests  pytest -m gpu on the tests of code changed since the last GPU run
-#   6. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
+#   2. genprof   bench_generator.py --presets L --lengths router --profile, with torch_varlen and
+#                with flex (one block mask per batch since 2026-12-04): MFU and where the step's
+#                kernel time goes (matmul, attention, fused elementwise, ...) ([E])
+#   3. attention bench_attention.py: every backend, flex[shared mask] included ([E])
+#   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
+#   5. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
+#   6. i3d       bench_i3d.py, batch 64, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
+#   7. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
 #                needs PyAV: skipped (exit 3) where `import av` fails
+# Sampling and I3D were measured on 2026-12-04 (BENCHMARKS.md); the earlier steps matter more.
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -28,7 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-pipeline sampling i3d genprof gputests decode}
+STEPS=${AGENDA_STEPS:-pipeline genprof attention gputests sampling i3d decode}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -45,14 +48,16 @@ run_all() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
     step pipeline 1500 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2
     cp outputs/synthetic_gpu/report/report.md outputs/synthetic_gpu/report/metrics.json "$R/" 2>/dev/null
+    step genprof 420 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
+        --warmup 3 --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py --presets L \
+        --lengths router --steps 6 --warmup 3 --backend flex --profile --json '$R/generator_flex.json'"
+    step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
+    step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
+        tests/test_generator_gpt.py tests/test_sampling_gpu.py
     step sampling 420 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
         --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
-    step i3d 300 python3 benchmarks/bench_i3d.py --batch 32 --iters 10 --clips-on device \
+    step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
-    step genprof 300 python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-        --profile --json "$R/generator.json"
-    step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_sampling_gpu.py \
-        tests/test_generator_gpt.py tests/test_eval_i3d.py tests/test_tokenizer_attention.py
     if python3 -c "import av" 2> /dev/null; then
         step decode 420 python3 benchmarks/bench_video_decode.py --videos 96 --passes 8 --workers 0,4,8,15 \
             --batch 8 --i3d cuda --i3d-batch 32 --i3d-clips-per-s 441 --out "$R/decode.jsonl"
