@@ -241,3 +241,32 @@ def test_decoding_in_a_forked_worker_after_the_parent_decoded(tmp_path):
         res = pool.apply_async(decode_clip, (tmp_path / "v.mkv",), {"frames": 4, "size": 32})
         child = res.get(timeout=60)  # hung before the fix
     assert np.array_equal(parent, child)
+
+
+def test_fork_while_another_thread_holds_a_scaler(tmp_path):
+    """A live thread that decoded holds its own scaler; a fork must not free it in the child
+    (freeing waits on scaler threads that do not exist there: the child hung inside fork)."""
+    import multiprocessing
+    import threading
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    frames = np.random.default_rng(2).integers(0, 256, (4, 48, 80, 3), dtype=np.uint8)
+    write_raw(tmp_path / "v.mkv", frames, pix_fmt="yuv420p")
+    decoded, stop = threading.Event(), threading.Event()
+
+    def worker():
+        decode_clip(tmp_path / "v.mkv", frames=4, size=32)
+        decoded.set()
+        stop.wait(60)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert decoded.wait(30)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(decode_clip, (tmp_path / "v.mkv",), {"frames": 4, "size": 32}).get(timeout=60)
+        assert np.array_equal(child, decode_clip(tmp_path / "v.mkv", frames=4, size=32))
+    finally:
+        stop.set()
+        t.join()

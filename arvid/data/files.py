@@ -79,8 +79,7 @@ class ClipConfig:
 # --------------------------------------------------------------------------- decoding
 
 
-_SCALERS = threading.local()
-_INHERITED: list = []  # scalers a forked process got from its parent: kept, never used nor freed
+_SCALERS: dict[tuple[int, int], object] = {}  # (pid, thread id) -> that thread's scaler
 
 
 def _reformatter():
@@ -89,18 +88,17 @@ def _reformatter():
     which was half of a clip's decode time (320 x 240 -> 128: 14.6 -> 6.8 ms per 16 frames, the same
     pixels).
 
-    One per process too: a scaler used before a fork (DataLoader workers) hangs in the child, whose
-    copy refers to the parent's scaler threads. Freeing that copy could hang as well, so a child
-    keeps it referenced and makes its own."""
-    pid = os.getpid()
-    held = getattr(_SCALERS, "held", None)
-    if held is None or held[0] != pid:
+    Keyed by process and thread in a module-level dict, never freed: a scaler used before a fork
+    hangs in the child (its copy refers to the parent's scaler threads), and so does freeing one,
+    which a ``threading.local`` would do in the child for every other thread's scaler. A forked
+    child makes its own and keeps the inherited ones referenced."""
+    key = (os.getpid(), threading.get_ident())
+    r = _SCALERS.get(key)
+    if r is None:
         from av.video.reformatter import VideoReformatter
 
-        if held is not None:
-            _INHERITED.append(held[1])
-        held = _SCALERS.held = (pid, VideoReformatter())
-    return held[1]
+        r = _SCALERS[key] = VideoReformatter()
+    return r
 
 
 def _resize_crop(frame, size: int) -> np.ndarray:  # frame: av.VideoFrame
