@@ -205,6 +205,7 @@ class Pipeline:
         fps: dict[str, str] = {}
         legacy: dict[str, str] = {}
         items = []
+        refreshed: set[str] = set()  # stages redone because what they read changed, and their dependents
         for s in self.stages[: last + 1]:
             if keep is not None and s.name not in keep:
                 continue
@@ -219,9 +220,12 @@ class Pipeline:
             elif done.exists():
                 rec = read_json(done)
                 old = rec.get("fingerprint")
-                stale = self._stale_reads(s, rec, {it.stage.name: it for it in items}, legacy)
-                if old in (fp, legacy[s.name]) and stale:
-                    items.append(PlanItem(s, d, fp, "redo", f"refresh: {stale} changed since it ran"))
+                stale = self._stale_reads(s, rec, {it.stage.name: it for it in items})
+                upstream = [x for x in s.deps if x in refreshed]
+                if old in (fp, legacy[s.name]) and (stale or upstream):
+                    why = f"{stale} changed since it ran" if stale else f"its upstream {', '.join(upstream)} is refreshed"
+                    items.append(PlanItem(s, d, fp, "redo", f"refresh: {why}"))
+                    refreshed.add(s.name)
                 elif old in (fp, legacy[s.name]):
                     items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
                 else:
@@ -244,13 +248,13 @@ class Pipeline:
             it.planned_at, it.legacy_fingerprint = now, legacy[it.stage.name]
         return items
 
-    @staticmethod
-    def _stale_reads(stage: Stage, done: dict, planned: dict[str, PlanItem], legacy: dict[str, str]) -> str:
+    def _stale_reads(self, stage: Stage, done: dict, planned: dict[str, PlanItem]) -> str:
         """The ``after`` stages of a finished ``stage`` whose output is not the one it read: ones that
-        are (re)run in this plan, finished with another fingerprint, or finished only since (the
-        report made before the curve was added). Stages outside the plan (``--only``) and markers
-        from before 2026-12-04, which hold no record of what was read, are not judged. Returns their
-        names, comma-separated ("" when none)."""
+        are (re)run in this plan, or whose current run is not the one it read (each run is identified
+        by its marker's ``finished`` time, so a rerun with the same config counts too, and so does
+        one finished only since: the report made before the curve was added). Stages outside the
+        plan (``--only``) and markers from before 2026-12-04, which hold no record of what was read,
+        are not judged. Returns their names, comma-separated ("" when none)."""
         read = done.get("after")
         if read is None:
             return ""
@@ -259,7 +263,9 @@ class Pipeline:
             it = planned.get(a)
             if it is None:
                 continue
-            if it.action != "skip" or read.get(a) not in (it.fingerprint, legacy.get(a)):
+            marker = self.stage_dir(a) / DONE_FILE
+            current = read_json(marker).get("finished") if marker.exists() else None
+            if it.action != "skip" or read.get(a) != current:
                 stale.append(a)
         return ", ".join(stale)
 
@@ -449,9 +455,9 @@ class Pipeline:
         log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
         t0 = time.time()
         it.stage.run(it.directory)
-        # what the stage read of its `after` stages (their fingerprints, null where unfinished): a later
-        # plan refreshes it when they change
-        read = {a: (read_json(self.stage_dir(a) / DONE_FILE).get("fingerprint")
+        # which run of each `after` stage it read (that marker's finish time, null where unfinished): a
+        # later plan refreshes it when another run of one of them has taken its place
+        read = {a: (read_json(self.stage_dir(a) / DONE_FILE).get("finished")
                     if (self.stage_dir(a) / DONE_FILE).exists() else None) for a in it.stage.after}
         write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
                                            "finished": time.time(), "after": read})

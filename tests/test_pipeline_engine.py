@@ -522,7 +522,8 @@ def test_a_stage_is_refreshed_when_what_it_reads_appears_or_changes(tmp_path):
     assert "refresh: curve" in plan[1].reason
     pipe.run()
     assert calls == ["curve", "report"]
-    assert json.loads((out / "report/pipeline_done.json").read_text())["after"] == {"curve": plan[0].fingerprint}
+    curve_run = json.loads((out / "curve/pipeline_done.json").read_text())["finished"]
+    assert json.loads((out / "report/pipeline_done.json").read_text())["after"] == {"curve": curve_run}
     calls.clear()
     assert [i.action for i in pipe.run()] == ["skip", "skip"] and calls == []
     # --only does not plan the curve, so it cannot judge it: the report is left alone
@@ -544,3 +545,31 @@ def test_a_stage_is_refreshed_when_what_it_reads_appears_or_changes(tmp_path):
     # --from still redoes what reads it
     Pipeline([stage("curve", value=4), stage("report", after=["curve"])], out).run(from_="curve")
     assert calls == ["curve", "report"]
+
+
+def test_a_refresh_is_not_lost_and_reaches_dependents(tmp_path):
+    """Review findings: a curve rerun with the same config in a run that stops before the report
+    still refreshes the report next time; and stages depending on a refreshed stage are redone too."""
+    calls = []
+
+    def stage(name, after=(), deps=()):
+        def run(d):
+            calls.append(name)
+            (d / "out.txt").write_text(name)
+        return Stage(name, Cfg(1), run, deps=list(deps), after=list(after))
+
+    out = tmp_path / "out"
+
+    def pipe():
+        return Pipeline([stage("curve"), stage("report", after=["curve"]), stage("publish", deps=["report"])], out)
+
+    pipe().run()
+    calls.clear()
+    pipe().run(from_="curve", until="curve")  # same config, another run of the curve
+    assert calls == ["curve"]
+    calls.clear()
+    items = pipe().run()
+    assert [i.action for i in items] == ["skip", "redo", "redo"] and calls == ["report", "publish"]
+    assert "upstream report" in items[2].reason
+    calls.clear()
+    assert [i.action for i in pipe().run()] == ["skip", "skip", "skip"] and calls == []
