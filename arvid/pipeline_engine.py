@@ -205,6 +205,7 @@ class Pipeline:
         fps: dict[str, str] = {}
         legacy: dict[str, str] = {}
         items = []
+        by_name: dict[str, PlanItem] = {}
         refreshed: set[str] = set()  # stages redone because what they read changed, and their dependents
         for s in self.stages[: last + 1]:
             if keep is not None and s.name not in keep:
@@ -220,20 +221,20 @@ class Pipeline:
             elif done.exists():
                 rec = read_json(done)
                 old = rec.get("fingerprint")
-                stale = self._stale_reads(s, rec, {it.stage.name: it for it in items})
-                upstream = [x for x in s.deps if x in refreshed]
-                if old in (fp, legacy[s.name]) and (stale or upstream):
-                    why = f"{stale} changed since it ran" if stale else f"its upstream {', '.join(upstream)} is refreshed"
-                    items.append(PlanItem(s, d, fp, "redo", f"refresh: {why}"))
-                    refreshed.add(s.name)
-                elif old in (fp, legacy[s.name]):
-                    items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
-                else:
+                if old not in (fp, legacy[s.name]):
                     raise PipelineError(
                         f"stage {s.name!r}: {str(d)!r} was made with a different config or upstream "
                         f"(fingerprint {old} there, {fp} now); refusing to mix outputs. Rerun with "
                         f"`--from {s.name}` to redo it (the old directory is kept aside), or use another out_dir."
                     )
+                stale = self._stale_reads(s, rec, by_name)
+                upstream = [x for x in s.deps if x in refreshed]
+                if stale or upstream:
+                    why = f"{stale} changed since it ran" if stale else f"its upstream {', '.join(upstream)} is refreshed"
+                    items.append(PlanItem(s, d, fp, "redo", f"refresh: {why}"))
+                    refreshed.add(s.name)
+                else:
+                    items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
             elif state.exists():
                 old = read_json(state).get("fingerprint")
                 if old not in (fp, legacy[s.name]):
@@ -244,6 +245,7 @@ class Pipeline:
                 items.append(PlanItem(s, d, fp, "resume", "interrupted before; resuming in place"))
             else:
                 items.append(PlanItem(s, d, fp, "run", "not run yet"))
+            by_name[s.name] = items[-1]
         for it in items:
             it.planned_at, it.legacy_fingerprint = now, legacy[it.stage.name]
         return items
@@ -263,11 +265,15 @@ class Pipeline:
             it = planned.get(a)
             if it is None:
                 continue
-            marker = self.stage_dir(a) / DONE_FILE
-            current = read_json(marker).get("finished") if marker.exists() else None
-            if it.action != "skip" or read.get(a) != current:
+            if it.action != "skip" or read.get(a) != self._finished(a):
                 stale.append(a)
         return ", ".join(stale)
+
+    def _finished(self, name: str) -> float | None:
+        """When stage ``name``'s output on disk was finished (its marker's time; identifies the run),
+        or None when it is not finished."""
+        marker = self.stage_dir(name) / DONE_FILE
+        return read_json(marker).get("finished") if marker.exists() else None
 
     def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
             preflight: Callable[[list[PlanItem]], None] | None = None, only: str | None = None,
@@ -457,8 +463,7 @@ class Pipeline:
         it.stage.run(it.directory)
         # which run of each `after` stage it read (that marker's finish time, null where unfinished): a
         # later plan refreshes it when another run of one of them has taken its place
-        read = {a: (read_json(self.stage_dir(a) / DONE_FILE).get("finished")
-                    if (self.stage_dir(a) / DONE_FILE).exists() else None) for a in it.stage.after}
+        read = {a: self._finished(a) for a in it.stage.after}
         write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
                                            "finished": time.time(), "after": read})
         log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)

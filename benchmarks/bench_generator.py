@@ -69,7 +69,7 @@ CATEGORIES = (
     ("loss", re.compile(r"log_softmax|nll_loss|cross_entropy", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|"
                           r"aten::linear|sm90_|sm80_", re.I)),
-    ("fused elementwise", re.compile(r"^triton_|triton", re.I)),
+    ("fused elementwise", re.compile(r"triton", re.I)),
 )
 
 
@@ -102,7 +102,8 @@ def profile_steps(step, batches: list, device: torch.device, top: int = 12) -> d
     total = sum(t for _, t, _ in rows) or 1.0
     shares: dict[str, float] = {}
     for name, t, _ in rows:
-        shares[categorize(name)] = shares.get(categorize(name), 0.0) + t / total
+        cat = categorize(name)
+        shares[cat] = shares.get(cat, 0.0) + t / total
     rows.sort(key=lambda r: -r[1])
     return {"steps": len(batches), "total_ms_per_step": total / 1e3 / max(1, len(batches)),
             "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),

@@ -70,3 +70,8 @@ def test_bench_video_decode_reads_every_clip_and_counts_workers(tmp_path):
                                                      for r in res["rows"])
     assert res["workers_to_feed"] == -(-1000 // res["best_clips_per_s_per_worker"])
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 1
+
+
+def test_bench_sampling_floor_bandwidth_follows_the_device():
+    bw = load("bench_sampling").default_bandwidth
+    assert bw("NVIDIA H200") == 4.3e12 and bw("NVIDIA H100 80GB HBM3") == 3.0e12 and bw("") == 3.0e12

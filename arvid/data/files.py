@@ -84,9 +84,8 @@ _SCALERS: dict[tuple[int, int], object] = {}  # (pid, thread id) -> that thread'
 
 def _reformatter():
     """This thread's ``av.video.reformatter.VideoReformatter``. It keeps FFmpeg's scaler context
-    between frames of the same geometry; ``VideoFrame.reformat`` builds a new one for every frame,
-    which was half of a clip's decode time (320 x 240 -> 128: 14.6 -> 6.8 ms per 16 frames, the same
-    pixels).
+    between frames of the same geometry, where ``VideoFrame.reformat`` builds a new one for every
+    frame (the same pixels; BENCHMARKS.md, Real-video input, has the speed-up).
 
     Keyed by process and thread in a module-level dict, never freed: a scaler used before a fork
     hangs in the child (its copy refers to the parent's scaler threads), and so does freeing one,

@@ -267,7 +267,7 @@ def document_block_mask(cu_seqlens: torch.Tensor, n: int, block: int = FLEX_BLOC
     cu = cu_seqlens.long()
     if n_pad != n:  # the padding is one more document (cu_seqlens ends at n)
         cu = torch.cat([cu, cu.new_full((1,), n_pad)])
-    doc = torch.searchsorted(cu[1:], torch.arange(n_pad, device=cu.device), right=True)  # [n_pad]
+    doc = document_ids(cu, n_pad)  # [n_pad]
     tiles = n_pad // block
     i = torch.arange(tiles, device=cu.device)
     first, last = doc[i * block], doc[i * block + block - 1]  # documents of each query tile's ends
