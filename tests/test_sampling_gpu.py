@@ -99,7 +99,7 @@ def _compiled_vs_eager(gpt, kv_bucket):
     dec = next(iter(sampler._decoders.values()))
     assert sorted(dec.graphs) == dec.kv_lens() and len(dec.kv_lens()) == (9 if kv_bucket == 16 else 1)
     assert dec.decode_fn is not gpt.decode_step  # the compiled step
-    rows = dec.cache.k.shape[1]
+    rows = dec.cache.batch_size
     cache = gpt.allocate_cache(rows, dec.cache.max_len, "cuda", torch.float32)
     toks = torch.arange(rows, device="cuda") % 50
     for k in dec.kv_lens():

@@ -200,8 +200,8 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
         if cache is not None:
             t = x.shape[1]
-            cache.k[layer, :, :, :t] = k.to(cache.dtype)
-            cache.v[layer, :, :, :t] = v.to(cache.dtype)
+            cache.k[layer][:, :, :t] = k.to(cache.dtype)
+            cache.v[layer][:, :, :t] = v.to(cache.dtype)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -220,7 +220,7 @@ class Attention(nn.Module):
         cache.k[layer].index_copy_(2, pos, k.to(cache.dtype))
         cache.v[layer].index_copy_(2, pos, v.to(cache.dtype))
         n = bias.shape[-1]
-        keys, values = cache.k[layer, :, :, :n], cache.v[layer, :, :, :n]  # [B, Hkv, n, D] views
+        keys, values = cache.k[layer][:, :, :n], cache.v[layer][:, :, :n]  # [B, Hkv, n, D] views
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=bias.to(q.dtype),
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))

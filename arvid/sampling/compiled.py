@@ -68,8 +68,9 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
         warmup: eager (or compiled) steps on a side stream before each capture.
         compile_mode: ``torch.compile`` mode: ``default`` or ``max-autotune-no-cudagraphs``. The
             latter ran 6.5 ms per L step at batch 1 on the H100 (2026-11-23), twice the plain
-            CUDA graph; its Triton matmul templates are the suspect at 2-row matmuls, so the
-            default keeps cuBLAS.
+            CUDA graph, but so did ``default``: the compiled step copied the whole KV cache once
+            per layer (the layers' caches were views of one tensor; fixed 2026-12-05, see
+            ``arvid.generator.kv_cache``). The default keeps cuBLAS for the 2-row matmuls.
 
     Returns:
         ``dec.graphs``, ``{kv_len: graph}``.
