@@ -102,3 +102,16 @@ def test_two_gpus_match_one_gpu(tmp_path):
                                        rtol=1e-4, atol=1e-5)
         rng = torch.load(tmp_path / "two" / name / "checkpoints" / "step_00000012" / "rng.pt", weights_only=True)
         assert len(rng["ranks"]) == 2
+
+
+def test_cuda_profile_reports_device_busy_time(tmp_path):
+    import re
+
+    Trainer(_cfg(max_steps=6, profile_start=1, profile_steps=3), ToyTask(hidden=512), toy_data(), tmp_path / "p").fit()
+    text = (tmp_path / "p" / "profile.txt").read_text()
+    assert text.startswith("# steps 1..3 (3 optimizer steps), device cuda")
+    m = re.search(r"device busy \(sum of kernel times\): ([0-9.]+) s = ([0-9.]+)% of wall time", text)
+    assert m, text[:400]
+    # a toy MLP is launch-bound: the device is busy for a small, nonzero part of the wall time
+    assert 0.0 < float(m.group(2)) < 100.0
+    assert "## top operators by device time" in text

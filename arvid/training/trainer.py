@@ -64,6 +64,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import logging
 import math
 import random
 import sys
@@ -92,7 +93,10 @@ from arvid.training.device import (
 )
 from arvid.training.ema import EMA
 from arvid.training.logging import MetricsLogger
+from arvid.training.profiling import StepProfiler
 from arvid.training.schedules import make_schedule
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- config and types
 
@@ -132,6 +136,9 @@ class TrainerConfig:
     find_unused_parameters: bool = doc(False, "DDP: set when some trainable parameters get no gradient in a step",
                                         execution=True)
     progress: bool = doc(True, "show a tqdm bar (only on a TTY, only on the main process)", execution=True)
+    profile_start: int = doc(-1, "profile optimizer steps profile_start .. + profile_steps - 1 (0-based) with "
+                             "torch.profiler: out_dir/profile.txt and profile_trace.json; -1 = off", execution=True)
+    profile_steps: int = doc(5, "steps recorded when profile_start >= 0", execution=True)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -157,6 +164,8 @@ class TrainerConfig:
         need(self.log_every >= 1, "log_every", ">= 1")
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.num_workers >= 0, "num_workers", ">= 0")
+        need(self.profile_start >= -1, "profile_start", ">= 0, or -1 (off)")
+        need(self.profile_steps >= 1, "profile_steps", ">= 1")
 
 
 @dataclass
@@ -581,6 +590,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_main_process and sys.stderr.isatty()))
         window = _Window(run.names)
+        profiler = StepProfiler(self.out_dir, cfg.profile_start, cfg.profile_steps,
+                                cfg.profile_start >= 0 and acc.is_main_process, run.device)
         it: Iterator[Any] | None = None
         epoch = -1
         try:
@@ -588,7 +599,11 @@ class Trainer:
                 if it is None or step // run.steps_per_epoch != epoch:
                     epoch, start = divmod(step, run.steps_per_epoch)
                     it = iter(self._loader(run, epoch, start))
+                profiler.before_step(step)
                 values, grad_norms, factor = self._train_step(run, step, it, window, last_ckpt)
+                if profiler.after_step(step) is not None:
+                    log.info("profile of steps %d..%d -> %s", cfg.profile_start,
+                             cfg.profile_start + cfg.profile_steps - 1, profiler.written)
                 step += 1
                 self.step = step
                 last_losses = dict(zip(run.names, values))
@@ -607,6 +622,7 @@ class Trainer:
                     last_ckpt = self._save(run, step, last_losses)
                 window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
         finally:
+            profiler.close()
             restore_backend_flags(flags)
             bar.close()
             # Not acc.end_training(): it also destroys the process group, which the caller may
@@ -703,7 +719,9 @@ class Trainer:
         cfg, acc = self.config, run.acc
         loss_sum = torch.zeros(len(run.groups), device=run.device)
         for micro in range(cfg.grad_accum):
+            t_data = time.perf_counter()
             batch = _to_device(next(it), run.device)
+            window.data_s += time.perf_counter() - t_data
             gen = step_generator(cfg.seed, step, run.rank, micro)
             last_micro = micro == cfg.grad_accum - 1
             # DDP: all-reduce gradients only on the last micro-batch. (FSDP reduce-scatters each
@@ -1026,6 +1044,7 @@ class _Window:
         self.metric_sum: dict[str, Any] = {}
         self.metric_n: dict[str, int] = {}
         self.t0 = time.perf_counter()
+        self.data_s = 0.0  # waiting for the next batch (loader workers and the copy to the device)
         self.lr: dict[str, float] = {}
         self.grad_norm: dict[str, torch.Tensor] = {}
 
@@ -1062,6 +1081,9 @@ class _Window:
             if name in self.grad_norm:
                 record[f"grad_norm/{name}"] = float(self.grad_norm[name])
         record["items_per_s"] = batch_size * self.steps / elapsed
+        # on the host's clock: with asynchronous CUDA a slow step shows up as a small fraction here;
+        # a large one means the model waits for the loader (more num_workers, cheaper decoding)
+        record["data_wait_fraction"] = min(self.data_s / elapsed, 1.0)
         for k in sorted(total):
             if k == "tokens":
                 record["tokens_per_s"] = total[k] / elapsed

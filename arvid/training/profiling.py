@@ -1,0 +1,123 @@
+"""Profile a few optimizer steps of a training run with ``torch.profiler`` (``trainer.profile_start``).
+
+Where a step's time goes is the first question when a run is slow: waiting for data, the host
+launching kernels (the device idles), or the kernels themselves. The profiler records steps
+``profile_start .. profile_start + profile_steps - 1`` (0-based optimizer steps) and writes to the
+run's directory:
+
+- ``profile.txt``: wall time per step, the device's busy time (sum of kernel times, CUDA only) as
+  a fraction of it, and the top operators by device time and by host (CPU) time;
+- ``profile_trace.json``: the whole timeline, for ``chrome://tracing`` or Perfetto.
+
+The data loader's wait is outside the profiler's reach (worker processes); the Trainer logs it
+every ``log_every`` steps as ``data_wait_fraction``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arvid.io import write_text
+
+
+def _device_key(avgs: Any) -> str:
+    """The attribute holding self device time (``self_cuda_time_total`` before torch 2.4)."""
+    first = next(iter(avgs), None)
+    return "self_device_time_total" if first is None or hasattr(first, "self_device_time_total") else \
+        "self_cuda_time_total"
+
+
+def device_busy_seconds(avgs: Any) -> float:
+    """Kernel time in a profile: the self device time of the device's own events (kernels, copies),
+    as torch's table totals it; CPU operators also carry their kernels' time and are skipped so that
+    nothing counts twice."""
+    from torch.autograd import DeviceType
+
+    key = _device_key(avgs)
+    total = 0.0
+    for e in avgs:
+        if getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            total += float(getattr(e, key, 0.0))
+    return total / 1e6
+
+
+class StepProfiler:
+    """Starts ``torch.profiler`` before step ``start`` and writes its report after ``start + steps - 1``.
+
+    Args:
+        out_dir: where ``profile.txt`` and ``profile_trace.json`` go.
+        start: the first profiled optimizer step (0-based; ``0`` profiles from the first step).
+        steps: how many steps to record.
+        enabled: False on every process but the main one (and when profiling is off).
+        device: the training device (CUDA adds device activity and a sync at the window's ends).
+    """
+
+    def __init__(self, out_dir: str | Path, start: int, steps: int, enabled: bool, device: torch.device) -> None:
+        self.out_dir = Path(out_dir)
+        self.start, self.steps = int(start), int(steps)
+        self.enabled = bool(enabled) and self.steps > 0
+        self.cuda = torch.device(device).type == "cuda"
+        self._prof = None
+        self._t0 = 0.0
+        self.written: Path | None = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def before_step(self, step: int) -> None:
+        """Call before optimizer step ``step`` (0-based) runs."""
+        if not self.enabled or step != self.start or self._prof is not None:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._sync()
+        self._prof = profile(activities=acts)
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def after_step(self, step: int) -> Path | None:
+        """Call after optimizer step ``step`` (0-based) finished; writes the report after the last one."""
+        if self._prof is None or step != self.start + self.steps - 1:
+            return None
+        self._sync()
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.enabled = False
+        self.written = self._write(prof, wall)
+        return self.written
+
+    def close(self) -> None:
+        """Stop a profile left open (the run ended inside the window); nothing is written."""
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof = None
+
+    def _write(self, prof: Any, wall: float) -> Path:
+        avgs = prof.key_averages()
+        lines = [f"# steps {self.start}..{self.start + self.steps - 1} ({self.steps} optimizer steps), "
+                 f"device {'cuda' if self.cuda else 'cpu'}",
+                 f"wall time: {wall:.4f} s, {wall / self.steps * 1e3:.2f} ms per step"]
+        if self.cuda:
+            # top-level events only would miss kernels; self device time sums each kernel once
+            busy = device_busy_seconds(avgs)
+            lines.append(f"device busy (sum of kernel times): {busy:.4f} s = {busy / wall:.1%} of wall time; "
+                         "the rest the device waited for the host (launches, syncs, data)")
+            lines += ["", "## top operators by device time", "",
+                      avgs.table(sort_by=_device_key(avgs), row_limit=25, max_name_column_width=70)]
+        lines += ["", "## top operators by host (CPU) time", "",
+                  avgs.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.out_dir / "profile.txt"
+        write_text(out, "\n".join(lines) + "\n")
+        trace = self.out_dir / "profile_trace.json"
+        tmp = trace.with_name(trace.name + ".tmp")
+        prof.export_chrome_trace(str(tmp))
+        tmp.replace(trace)
+        return out
