@@ -106,7 +106,7 @@ def test_task_before_gan_start_and_without_gan():
     assert out.metrics["tokens"] == 2 * 4 * 64
     # the main loss is exactly L1 + weighted VQ terms (no GAN, no LPIPS, no L2 by default)
     m = out.metrics
-    expect = m["l1"] + 0.25 * m["commit"] + 1.0 * m["codebook"] + 0.02 * m["entropy_loss"]
+    expect = float(m["l1"] + 0.25 * m["commit"] + 1.0 * m["codebook"] + 0.02 * m["entropy_loss"])
     assert out.losses["main"].item() == pytest.approx(expect, rel=1e-5)
 
 

@@ -56,7 +56,8 @@ class Segments:
         vid = torch.repeat_interleave(torch.arange(B).repeat_interleave(K), flat)
         blk = torch.repeat_interleave(torch.arange(K).repeat(B), flat)
         device = device if device is not None else block_lengths.device
-        return Segments(vid.to(device), blk.to(device), bl.sum(1).tolist())
+        both = host_to_device(torch.stack([vid, blk]), device)  # one copy, no stream sync
+        return Segments(both[0], both[1], bl.sum(1).tolist())
 
     @staticmethod
     def uniform(batch: int, block_ids: torch.Tensor) -> Segments:
@@ -64,6 +65,19 @@ class Segments:
         n = block_ids.numel()
         vid = torch.arange(batch, device=block_ids.device).repeat_interleave(n)
         return Segments(vid, block_ids.repeat(batch), [n] * batch)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a (small, index) tensor from the host to ``device`` without stalling the device's queue.
+
+    A plain ``.to("cuda")`` of a pageable CPU tensor synchronises the stream: the host waits until
+    every queued kernel has run, and the GPU then idles while the host launches the next ones. On
+    CUDA the tensor goes through pinned memory with ``non_blocking`` instead (torch's pinned
+    allocator keeps the buffer alive until the copy is done). Elsewhere it is ``.to(device)``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def block_causal_mask(q_blk: torch.Tensor, k_blk: torch.Tensor) -> torch.Tensor:

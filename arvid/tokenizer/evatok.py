@@ -58,6 +58,7 @@ from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.pretrained import PretrainedMixin
 from arvid.tokenizer.attention import (
     Segments,
+    host_to_device,
     block_causal_mask,
     flex_block_mask,
     packed_attention,
@@ -221,6 +222,7 @@ class TokenMeta:
     pos: torch.Tensor  # position inside its block
     cand: torch.Tensor  # index of the block's count in the layout's candidates
     block_start: torch.Tensor  # [B, K] offset of each block's first token in the packed sequence
+    block_start_cpu: torch.Tensor  # the same on the host, for index arithmetic without a device sync
 
 
 # --------------------------------------------------------------------------- the tokenizer
@@ -340,7 +342,18 @@ class EVATok(nn.Module, PretrainedMixin):
         """Block id of every patch of a ``num_blocks``-block prefix, ``LongTensor[Np]`` (t, h, w order)."""
         per_block = [f // self.config.patch_time for f in self.layout.frames_per_block[:num_blocks]]
         lat = torch.repeat_interleave(torch.arange(num_blocks), torch.tensor(per_block))
-        return lat.repeat_interleave(self.grid * self.grid).to(device)
+        return host_to_device(lat.repeat_interleave(self.grid * self.grid), device)
+
+    def _block_ranges(self, num_blocks: int) -> list[tuple[int, int]]:
+        """``[(start, end)]`` of each block's patches in (t, h, w) raster order: time-major, so a
+        block's patches are one contiguous range (slicing them needs no boolean mask, whose
+        ``nonzero`` would wait for the device)."""
+        ranges, start = [], 0
+        for f in self.layout.frames_per_block[:num_blocks]:
+            n = f // self.config.patch_time * self.grid * self.grid
+            ranges.append((start, start + n))
+            start += n
+        return ranges
 
     def _check_assignment(self, assignment: torch.Tensor, batch: int, num_blocks: int) -> torch.Tensor:
         layout = BlockLayout(self.layout.frames_per_block[:num_blocks], self.layout.candidates)
@@ -348,12 +361,17 @@ class EVATok(nn.Module, PretrainedMixin):
 
     def _token_meta(self, block_lengths: torch.Tensor, device: torch.device) -> TokenMeta:
         bl = block_lengths.detach().to("cpu", torch.long)
-        seg = Segments.from_block_lengths(bl, device)
+        host = Segments.from_block_lengths(bl, "cpu")
         starts = F.pad(bl.reshape(-1).cumsum(0), (1, 0))[:-1]  # [B*K] start of each block
         first = torch.repeat_interleave(starts, bl.reshape(-1))
-        pos = torch.arange(seg.total) - first
+        pos = torch.arange(host.total) - first
         cand = torch.repeat_interleave(self.layout.candidate_positions(bl).reshape(-1), bl.reshape(-1))
-        return TokenMeta(seg, pos.to(device), cand.to(device), starts.reshape(bl.shape).to(device))
+        # every per-token tag in one host-to-device copy (each copy of its own would sync the stream)
+        n = host.total
+        flat = host_to_device(torch.cat([host.vid, host.blk, pos, cand, starts]), device)
+        vid, blk, pos_d, cand_d, starts_d = flat.split([n, n, n, n, starts.numel()])
+        return TokenMeta(Segments(vid, blk, host.counts), pos_d, cand_d, starts_d.reshape(bl.shape),
+                         starts.reshape(bl.shape))
 
     def _backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attention, device)
@@ -390,7 +408,7 @@ class EVATok(nn.Module, PretrainedMixin):
         for layer in self.patch_layers:
             x = layer(x, mask)
 
-        q = self._init_queries(x, assignment, p_blk, meta)
+        q = self._init_queries(x, assignment, meta)
         q = q + self.query_pos[meta.pos] + self.query_block[meta.segments.blk] + self.query_count[meta.cand]
         ctx = rearrange(x, "b n d -> (b n) d")  # packed patches, video-major
         ps = Segments.uniform(B, p_blk)
@@ -401,21 +419,34 @@ class EVATok(nn.Module, PretrainedMixin):
             q = layer(q, ctx, meta.segments, ps, backend, masks)
         return self.to_code(self.enc_norm(q)), meta
 
-    def _init_queries(self, x: torch.Tensor, assignment: torch.Tensor, p_blk: torch.Tensor,
-                      meta: TokenMeta) -> torch.Tensor:
+    def _groups(self, block_lengths: torch.Tensor, meta: TokenMeta, device: torch.device
+                ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """The videos that give block ``k`` the same count, with their tokens' packed positions:
+        ``[(k, count, sel LongTensor[m], idx LongTensor[m, count])]`` on ``device``, computed on the
+        host and copied in one go (no device sync)."""
+        bl = block_lengths.detach().to("cpu", torch.long)
+        plan, parts = [], []
+        for k in range(bl.shape[1]):
+            for count in bl[:, k].unique().tolist():
+                sel = (bl[:, k] == count).nonzero().flatten()
+                idx = meta.block_start_cpu[sel, k][:, None] + torch.arange(count)[None]  # [m, count]
+                plan.append((k, count, sel.numel()))
+                parts += [sel, idx.reshape(-1)]
+        if not parts:
+            return []
+        flat = host_to_device(torch.cat(parts), device).split([p.numel() for p in parts])
+        return [(k, count, flat[2 * i], flat[2 * i + 1].view(m, count)) for i, (k, count, m) in enumerate(plan)]
+
+    def _init_queries(self, x: torch.Tensor, assignment: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
         """Pool each block's patch features to its token count; returns packed ``[N, D]``."""
         B, _, D = x.shape
         out = x.new_zeros(meta.segments.total, D)
-        a_cpu = assignment.cpu()
-        for k in range(assignment.shape[1]):
-            feats = x[:, p_blk == k]  # [B, n_k, D], raster order inside the block
-            for count in a_cpu[:, k].unique().tolist():
-                sel = (a_cpu[:, k] == count).nonzero().flatten()
-                pooled = F.adaptive_avg_pool1d(rearrange(feats[sel.to(x.device)], "m n d -> m d n"), count)
-                pooled = rearrange(pooled, "m d q -> (m q) d")
-                dest = (meta.block_start[sel.to(x.device), k][:, None]
-                        + torch.arange(count, device=x.device)[None]).reshape(-1)  # [(m q)]
-                out = out.index_copy(0, dest, pooled)
+        ranges = self._block_ranges(assignment.shape[1])
+        for k, count, sel, idx in self._groups(assignment, meta, x.device):
+            s, e = ranges[k]
+            feats = x[:, s:e]  # [B, n_k, D], raster order inside the block
+            pooled = F.adaptive_avg_pool1d(rearrange(feats[sel], "m n d -> m d n"), count)
+            out = out.index_copy(0, idx.reshape(-1), rearrange(pooled, "m d q -> (m q) d"))
         return out
 
     # ------------------------------------------------------------------ decoder
@@ -436,11 +467,11 @@ class EVATok(nn.Module, PretrainedMixin):
         t = self.from_code(z_q.to(self.from_code.weight.dtype))
         t = t + self.token_pos[meta.pos] + self.token_block[meta.segments.blk] + self.token_count[meta.cand]
         if self.config.token_pos == "pooled":
-            t = t + self._pooled_positions(pos, p_blk, meta)
+            t = t + self._pooled_positions(pos, nb, meta)
         first = t[meta.block_start.reshape(-1)].reshape(B, nb, -1)  # [B, K', D] first token of each block
         y = first[:, p_blk] + pos  # [B, Np, D]
         if self.config.decoder_init == "first_unpooled":
-            y = self._unpool_tokens(y, t, block_lengths, p_blk, meta)
+            y = self._unpool_tokens(y, t, block_lengths, meta)
         mask = block_causal_mask(p_blk, p_blk)
         ps = Segments.uniform(B, p_blk)
         cross_mask = flex_block_mask(ps, meta.segments) if backend == "flex" else None
@@ -448,35 +479,33 @@ class EVATok(nn.Module, PretrainedMixin):
             y = layer(y, t, mask, ps, meta.segments, backend, cross_mask)
         return self.unpatchify(self.head(self.dec_norm(y)), frames)
 
-    def _unpool_tokens(self, y: torch.Tensor, t: torch.Tensor, block_lengths: torch.Tensor, p_blk: torch.Tensor,
+    def _unpool_tokens(self, y: torch.Tensor, t: torch.Tensor, block_lengths: torch.Tensor,
                        meta: TokenMeta) -> torch.Tensor:
         """Add to each patch query ``y [B, Np, D]`` the tokens ``t [N, D]`` of its block spread back over
         the raster chunks they were pooled from (adaptive average pooling from q tokens to n_k patches):
         a direct path from a token to its region, which the decoder's attention then refines."""
-        bl = block_lengths.detach().cpu()
-        for k in range(bl.shape[1]):
-            cols = (p_blk == k).nonzero().flatten()  # [n_k] patch indices of block k
-            for count in bl[:, k].unique().tolist():
-                sel = (bl[:, k] == count).nonzero().flatten().to(y.device)
-                idx = meta.block_start[sel, k][:, None] + torch.arange(count, device=y.device)[None]  # [m, q]
-                up = F.adaptive_avg_pool1d(rearrange(t[idx], "m q d -> m d q"), cols.numel())
-                up = rearrange(up, "m d n -> m n d").to(y.dtype)  # [m, n_k, D]
-                y = y.index_put((sel[:, None], cols[None, :]), up, accumulate=True)
+        ranges = self._block_ranges(block_lengths.shape[1])
+        for k, count, sel, idx in self._groups(block_lengths, meta, y.device):
+            s, e = ranges[k]
+            cols = torch.arange(s, e, device=y.device)  # [n_k] patch indices of block k
+            up = F.adaptive_avg_pool1d(rearrange(t[idx], "m q d -> m d q"), e - s)
+            up = rearrange(up, "m d n -> m n d").to(y.dtype)  # [m, n_k, D]
+            y = y.index_put((sel[:, None], cols[None, :]), up, accumulate=True)
         return y
 
-    def _pooled_positions(self, pos: torch.Tensor, p_blk: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
+    def _pooled_positions(self, pos: torch.Tensor, nb: int, meta: TokenMeta) -> torch.Tensor:
         """Token i of a block with q tokens gets the mean of the patch position embeddings of the
         raster chunk its encoder query was pooled from (the same chunks as ``_init_queries``):
         the same region has the same position whatever the count. ``pos [Np, D]`` -> ``[N, D]``."""
-        nb, C = int(p_blk.max()) + 1, self.layout.num_candidates
+        C = self.layout.num_candidates
         tables, offsets, off = [], torch.zeros(nb, C, dtype=torch.long), 0
-        for k in range(nb):
-            block_pos = rearrange(pos[p_blk == k], "n d -> d n")[None]  # [1, D, n_k]
+        for k, (s, e) in enumerate(self._block_ranges(nb)):
+            block_pos = rearrange(pos[s:e], "n d -> d n")[None]  # [1, D, n_k]
             for ci, count in enumerate(self.layout.candidates):
                 tables.append(rearrange(F.adaptive_avg_pool1d(block_pos, count)[0], "d q -> q d"))
                 offsets[k, ci], off = off, off + count
         table = torch.cat(tables)  # [sum over (k, c) of c, D]
-        offsets = offsets.to(pos.device)
+        offsets = host_to_device(offsets, pos.device)
         return table[offsets[meta.segments.blk, meta.cand] + meta.pos]
 
     # ------------------------------------------------------------------ public API

@@ -319,21 +319,21 @@ class TokenizerTask(nn.Module):
         err = recon.float() - video.float()
         l1, l2 = err.abs().mean(), err.pow(2).mean()
         rec = cfg.l1_weight * l1 + cfg.l2_weight * l2
-        metrics: dict[str, float] = {"l1": float(l1.detach()), "mse": float(l2.detach())}
+        metrics: dict[str, float | torch.Tensor] = {"l1": l1.detach(), "mse": l2.detach()}
         if cfg.lpips_weight > 0:
             lp = self._lpips_loss(video, recon, generator)
             rec = rec + cfg.lpips_weight * lp
-            metrics["lpips"] = float(lp.detach())
+            metrics["lpips"] = lp.detach()
         vq = cfg.commit_weight * qo.losses.get("commit", rec.new_zeros(()))
         vq = vq + cfg.codebook_weight * qo.losses.get("codebook", rec.new_zeros(()))
         if "entropy" in qo.losses:
             vq = vq + cfg.entropy_weight * qo.losses["entropy"]
-            metrics["entropy_loss"] = float(qo.losses["entropy"].detach())
+            metrics["entropy_loss"] = qo.losses["entropy"].detach()
         main = rec + vq
         if self.align is not None:
             al = self._align_loss(video)
             main = main + cfg.align_weight * al
-            metrics["align"] = float(al.detach())
+            metrics["align"] = al.detach()
 
         losses: dict[str, torch.Tensor] = {}
         if self.discriminator is not None:
@@ -346,17 +346,19 @@ class TokenizerTask(nn.Module):
                      if cfg.adaptive_weight and torch.is_grad_enabled() else rec.new_ones(()))
                 main = main + cfg.gan_weight * w * g
                 d = disc_loss(self.discriminator(video.detach()), self.discriminator(recon.detach()), cfg.gan_loss)
-                metrics.update(gan_g=float(g.detach()), gan_d=float(d.detach()), gan_adaptive_w=float(w))
+                metrics.update(gan_g=g.detach(), gan_d=d.detach(), gan_adaptive_w=w.detach())
             else:
                 # Not yet: a zero loss that still reaches every discriminator weight (zero grads).
                 d = sum(p.sum() * 0.0 for p in self.discriminator.parameters())
             losses["disc"] = d
         losses["main"] = main
+        # 0-dim tensors stay on the device: the Trainer averages them and reads them at its log
+        # interval, so a step does not wait for the GPU to report them (float() would sync)
         metrics.update(
-            rec=float(rec.detach()), psnr=float(psnr(recon.detach(), video).mean()),
+            rec=rec.detach(), psnr=psnr(recon.detach(), video).mean().detach(),
             usage=qo.metrics.get("usage", 0.0), perplexity=qo.metrics.get("perplexity", 0.0),
-            commit=float(qo.losses.get("commit", torch.zeros(())).detach()),
-            codebook=float(qo.losses.get("codebook", torch.zeros(())).detach()), tokens=float(assignment.sum()),
+            commit=qo.losses.get("commit", torch.zeros(())).detach(),
+            codebook=qo.losses.get("codebook", torch.zeros(())).detach(), tokens=float(assignment.sum()),
         )
         # the Trainer steps groups in dict order: main first, then disc
         return StepOutput(losses={k: losses[k] for k in ("main", "disc") if k in losses}, metrics=metrics)

@@ -80,12 +80,19 @@ class QuantOutput:
 
 def code_statistics(indices: torch.Tensor, num_codes: int) -> dict[str, float]:
     """Usage share and perplexity of ``indices`` (``LongTensor[N]``) over ``num_codes`` codes."""
+    return {k: float(v) for k, v in code_statistics_tensors(indices, num_codes).items()}
+
+
+def code_statistics_tensors(indices: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
+    """:func:`code_statistics` as 0-dim tensors on the indices' device: no host sync (a training
+    step logs them every step; the Trainer reads them at its log interval)."""
     if indices.numel() == 0:
-        return {"usage": 0.0, "perplexity": 0.0}
+        zero = torch.zeros((), device=indices.device)
+        return {"usage": zero, "perplexity": zero.clone()}
     counts = torch.bincount(indices.reshape(-1), minlength=num_codes).float()
     p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"usage": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
+    entropy = -torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum()
+    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
 
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -170,7 +177,7 @@ class VectorQuantizer(nn.Module):
         if self.training and torch.is_grad_enabled():
             self._update(z.detach(), indices, generator)
         return QuantOutput(z_q=z_q, indices=indices, losses=losses,
-                           metrics=code_statistics(indices, self.codebook_size))
+                           metrics=code_statistics_tensors(indices, self.codebook_size))
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -253,7 +260,7 @@ class FSQ(nn.Module):
         q = b + (torch.round(b) - b).detach()  # straight-through rounding
         indices = self.codes_to_indices(torch.round(b).detach())
         return QuantOutput(z_q=self._to_unit(q), indices=indices, losses={},
-                           metrics=code_statistics(indices, self.codebook_size))
+                           metrics=code_statistics_tensors(indices, self.codebook_size))
 
     def codes_to_indices(self, q: torch.Tensor) -> torch.Tensor:
         """Rounded grid values ``[..., D]`` -> ``LongTensor[...]`` mixed-radix indices."""
