@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, as one background job that outlives a single 10-minute device
 # call. The steps run one after another, so no benchmark shares the GPU with another:
-#   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report)
+#   0. tokprof   the synthetic_gpu proxy tokenizer for 30 steps, steps 20-24 under torch.profiler
+#                (trainer.profile_start): ms per step and the GPU's busy share, after the host-sync
+#                removal of 2026-12-05 (the H200 proxy stage ran ~0.3 s per step) ([G]'s cost)
+#   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report);
+#                the training stages' last metrics records (data_wait_fraction) go to train_metrics.txt
 #   2. genprof   bench_generator.py --presets L --lengths router --profile, with torch_varlen and
 #                with flex (one block mask per batch since 2026-12-04): MFU and where the step's
 #                kernel time goes (matmul, attention, fused elementwise, ...) ([E])
@@ -31,7 +35,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-pipeline genprof attention gputests sampling i3d decode}
+STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention gputests sampling i3d decode}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -46,14 +50,22 @@ step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in
 run_all() {
     mkdir -p "$R"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
+    step tokprof 300 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --until proxy \
+        out_dir=/tmp/tokprof proxy.trainer.max_steps=30 proxy.trainer.profile_start=20 \
+        proxy.trainer.checkpoint_every=0
+    cp /tmp/tokprof/proxy/profile.txt "$R/tokenizer_profile.txt" 2>/dev/null
     step pipeline 1500 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2
     cp outputs/synthetic_gpu/report/report.md outputs/synthetic_gpu/report/metrics.json "$R/" 2>/dev/null
+    for m in outputs/synthetic_gpu/*/metrics.jsonl; do  # each training stage's last logged record
+        [ -f "$m" ] && echo "$m $(tail -n 1 "$m")"
+    done > "$R/train_metrics.txt" 2>/dev/null
     step genprof 420 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
         --warmup 3 --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py --presets L \
         --lengths router --steps 6 --warmup 3 --backend flex --profile --json '$R/generator_flex.json'"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
     step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
-        tests/test_generator_gpt.py tests/test_sampling_gpu.py
+        tests/test_generator_gpt.py tests/test_sampling_gpu.py tests/test_tokenizer_attention.py \
+        tests/test_training_gpu.py
     step sampling 420 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
         --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
