@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--flash-impl", default="", help="FA4 or FA3: torch's flash kernels for torch_varlen "
+                                                    "(arvid.generator.attention.activate_flash_impl)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--tiny", action="store_true", help="debug preset, small batches, no compile (CPU smoke)")
@@ -195,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cpu":
             args.precision, args.backend = "fp32", "sdpa"
     fmt = SequenceFormat(8192, layout)
+    if args.flash_impl:
+        from arvid.generator.attention import activate_flash_impl
+
+        activate_flash_impl(args.flash_impl)  # raises, saying what to install, when it cannot
     rows = []
     for preset in args.presets.split(","):
         for kind in args.lengths.split(","):
@@ -211,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
+        "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops, "rows": rows,
     }
     print(f"# {result['device']}, torch {result['torch']}, {args.precision}, compile={args.compile}, "

@@ -10,6 +10,10 @@
 #                with flex (one block mask per batch since 2026-12-04): MFU and where the step's
 #                kernel time goes (matmul, attention, fused elementwise, ...) ([E])
 #   3. attention bench_attention.py: every backend, flex[shared mask] included ([E])
+#   3b. fa4     where benchmarks/fa4_wheels.sh installed FlashAttention-4 into /tmp/fa4site (two
+#                calls carrying .fa4/p1 and .fa4/p2, then `fa4_wheels.sh install`; the step waits a
+#                minute for it): bench_attention (torch_varlen[FA4] rows), the GPT L with
+#                --flash-impl FA4, and the FA4 agreement test ([E]: "measure FA3/FA4 too")
 #   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
 #   5. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
 #   6. i3d       bench_i3d.py, batch 64, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
@@ -35,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention gputests sampling i3d decode}
+STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention fa4 gputests sampling i3d decode}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -63,6 +67,19 @@ run_all() {
         --warmup 3 --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py --presets L \
         --lengths router --steps 6 --warmup 3 --backend flex --profile --json '$R/generator_flex.json'"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
+    case " $STEPS " in *" fa4 "*)
+        for _ in $(seq 12); do [ -d /tmp/fa4site/flash_attn ] && break; sleep 5; done ;;
+    esac
+    if [ -d /tmp/fa4site/flash_attn ]; then
+        step fa4 600 env PYTHONPATH="/tmp/fa4site:$PYTHONPATH" bash -c "python3 benchmarks/bench_attention.py \
+            --json '$R/attention_fa4.json'; python3 benchmarks/bench_generator.py --presets L --lengths router \
+            --steps 6 --warmup 3 --backend torch_varlen --flash-impl FA4 --json '$R/generator_fa4.json'; \
+            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k fa4"
+    else
+        case " $STEPS " in *" fa4 "*)
+            echo "FlashAttention-4 is not installed in /tmp/fa4site: fa4 skipped" > "$R/fa4.log"; echo 3 > "$R/fa4.rc" ;;
+        esac
+    fi
     step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
         tests/test_generator_gpt.py tests/test_sampling_gpu.py tests/test_tokenizer_attention.py \
         tests/test_training_gpu.py

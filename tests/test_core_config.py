@@ -262,7 +262,7 @@ def test_execution_fields_of_the_sampler_and_trainer_configs():
     assert set(execution_fields(SamplerConfig)) == sampler
     assert set(execution_fields(TrainerConfig)) == trainer
     assert set(execution_fields(SampleConfig)) == {f"sampler.{n}" for n in sampler}
-    assert set(execution_fields(TrainGeneratorConfig)) == {"peak_tflops"} | {f"trainer.{n}" for n in trainer}
+    assert set(execution_fields(TrainGeneratorConfig)) == {"peak_tflops", "flash_impl"} | {f"trainer.{n}" for n in trainer}
     # tokenize's save_every fixes which videos each resumable chunk holds: it stays in
     assert execution_fields(TokenizeConfig) == ["num_workers"]
     assert set(execution_fields(CurateConfig)) == {"num_workers", "save_every"}

@@ -249,3 +249,64 @@ def test_gpt_flex_builds_one_block_mask_per_batch_and_traces(monkeypatch):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         compiled = torch.compile(flex_m, backend="aot_eager")(batch)
         torch.testing.assert_close(compiled, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_impl_activation_errors_say_what_to_install():
+    from arvid.generator.attention import FLASH_IMPLS, activate_flash_impl
+
+    assert activate_flash_impl("") is None  # torch's own kernels: nothing changes
+    with pytest.raises(ValueError, match="flash_impl must be"):
+        activate_flash_impl("FA9")
+    assert FLASH_IMPLS == ("FA3", "FA4")
+    # neither the fa4 package nor a Hopper GPU here: a clear error, not torch's ImportError
+    with pytest.raises(AttentionBackendUnavailable, match="pip install fa4|does not offer|torch>=2.10"):
+        activate_flash_impl("FA4")
+
+
+def test_flash_attn_namespace_alone_is_not_the_flash_attn_backend(tmp_path, monkeypatch):
+    """fa4 installs flash_attn/cute without flash_attn/__init__.py: `import flash_attn` then works but
+    has no varlen function, so it must not count as the flash-attn package (auto would pick it)."""
+    import importlib
+    import sys
+
+    from arvid.generator.attention import _flash_attn_problem
+
+    (tmp_path / "ns" / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "ns" / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "ns"))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    importlib.invalidate_caches()
+    assert "only a namespace" in _flash_attn_problem()
+    (tmp_path / "ns" / "flash_attn" / "__init__.py").write_text("def flash_attn_varlen_func(*a, **k): pass\n")
+    importlib.invalidate_caches()
+    assert _flash_attn_problem() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_varlen_with_fa4_matches_reference():
+    """With the fa4 package installed (see benchmarks/fa4_wheels.sh for the lent machine), torch_varlen
+    runs FlashAttention-4's kernels; they must agree with the reference like FA2's do."""
+    from torch.nn.attention import restore_flash_attention_impl
+
+    from arvid.generator.attention import activate_flash_impl
+
+    try:
+        activate_flash_impl("FA4")
+    except AttentionBackendUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        lens = [100, 3, 250, 64]
+        q, k, v, cu = random_batch(5, lens, h=8, hkv=8, d=64)
+        ref = reference(q, k, v, cu)
+        w = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+        qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+        ref_grads = torch.autograd.grad((reference(qr, kr, vr, cu) * w.double()).sum(), (qr, kr, vr))
+        qc, kc, vc = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
+        out = varlen_causal_attention(qc, kc, vc, cu.cuda(), max(lens), "torch_varlen")
+        torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2)
+        grads = torch.autograd.grad((out.float() * w.cuda()).sum(), (qc, kc, vc))
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double().cpu(), rg.double(), atol=6e-2, rtol=6e-2)
+    finally:
+        restore_flash_attention_impl()

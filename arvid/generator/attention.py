@@ -74,9 +74,7 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
     if name in ("flash_attn", "torch_varlen", "cudnn") and dtype not in _HALF:
         return f"attention backend {name!r} needs fp16/bf16 inputs, got {dtype}; train with precision=bf16"
     if name == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            return "attention backend 'flash_attn' needs the flash-attn package: pip install 'arvid[flash]' (flash-attn>=2.6)"
-        return None
+        return _flash_attn_problem()
     if name == "torch_varlen":
         try:
             from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -92,6 +90,57 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
             return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"
         return _xformers_kernel_problem()
     return None
+
+
+def _flash_attn_problem() -> str | None:
+    """None when the flash-attn package (its ``flash_attn_varlen_func``) is installed, else what to do.
+
+    A ``flash_attn`` folder without ``__init__.py`` is only a namespace: the ``fa4`` package
+    installs ``flash_attn/cute`` that way (FlashAttention-4, used through :func:`activate_flash_impl`),
+    and with it alone ``import flash_attn`` succeeds but holds no varlen function."""
+    spec = importlib.util.find_spec("flash_attn")
+    if spec is None:
+        return "attention backend 'flash_attn' needs the flash-attn package: pip install 'arvid[flash]' (flash-attn>=2.6)"
+    if spec.origin is None:  # a namespace package
+        return ("attention backend 'flash_attn' needs the flash-attn package; the installed 'flash_attn' is only a "
+                "namespace (such as fa4's flash_attn.cute: use it with flash_impl=FA4 and attn_backend=torch_varlen)")
+    return None
+
+
+FLASH_IMPLS = ("FA3", "FA4")
+_FLASH_IMPL_HELP = {
+    "FA4": "FlashAttention-4 needs the fa4 package (pip install fa4; it brings nvidia-cutlass-dsl) and a Hopper or "
+           "Blackwell GPU",
+    "FA3": "FlashAttention-3 needs flash_attn_interface (flash-attention's hopper/ build) and a Hopper GPU",
+}
+
+
+def activate_flash_impl(name: str) -> str | None:
+    """Route torch's flash-attention kernels (``torch_varlen``, SDPA's flash path) to ``name``
+    (``FA3`` or ``FA4``) through ``torch.nn.attention.activate_flash_attention_impl``; ``""``: torch's
+    own FA2 kernels (nothing is changed). Returns the active implementation, or None.
+
+    Raises :class:`AttentionBackendUnavailable` saying what to install when torch or the kernels'
+    package cannot provide it."""
+    if not name:
+        return None
+    if name not in FLASH_IMPLS:
+        raise ValueError(f"flash_impl must be '' (torch's own kernels) or one of {', '.join(FLASH_IMPLS)}, got {name!r}")
+    try:
+        from torch.nn.attention import activate_flash_attention_impl, list_flash_attention_impls
+    except ImportError as e:
+        raise AttentionBackendUnavailable(
+            f"flash_impl={name} needs torch.nn.attention.activate_flash_attention_impl (torch>=2.10); upgrade torch") from e
+    if name not in list_flash_attention_impls():
+        raise AttentionBackendUnavailable(
+            f"this torch does not offer flash_impl={name} (it offers {list_flash_attention_impls()})")
+    try:
+        activate_flash_attention_impl(name)
+    except (ImportError, RuntimeError) as e:
+        raise AttentionBackendUnavailable(f"flash_impl={name} could not be activated ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0][:200]}): {_FLASH_IMPL_HELP[name]}") from e
+    log.info("flash attention kernels: %s (torch_varlen and SDPA's flash path)", name)
+    return name
 
 
 @functools.lru_cache(maxsize=1)

@@ -57,6 +57,8 @@ class TrainGeneratorConfig:
     pad_batches: bool = doc(False, "pad every packed batch to max_tokens and report a fixed max_seqlen "
                                    "(static shapes: no recompiles under trainer.compile)")
     peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)", execution=True)
+    flash_impl: str = doc("", "'' (torch's FA2 kernels), FA4 (pip install fa4; Hopper/Blackwell) or FA3: the "
+                              "flash kernels behind attn_backend torch_varlen", execution=True)
     trainer: TrainerConfig = field(
         default_factory=lambda: TrainerConfig(max_steps=20000, batch_size=1, lr=3e-4, weight_decay=0.05,
                                               warmup_steps=500, precision="bf16", ema_decay=0.0),
@@ -66,6 +68,8 @@ class TrainGeneratorConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.flash_impl not in ("", "FA3", "FA4"):
+            raise ValueError(f"flash_impl must be '', 'FA3' or 'FA4', got {self.flash_impl!r}")
         if self.max_tokens <= 0 or self.peak_tflops <= 0:
             raise ValueError(f"max_tokens and peak_tflops must be positive, got {self.max_tokens}, {self.peak_tflops}")
         if self.conditioning == "frames" and self.context_blocks < 1:
@@ -164,6 +168,10 @@ def run(cfg: TrainGeneratorConfig) -> Path:
         raise ConfigError("train-generator: `token_store` (an `arvid tokenize` output) is required")
     if not cfg.tokenizer:
         raise ConfigError("train-generator: `tokenizer` is required: the store's fingerprint is checked against it")
+    if cfg.flash_impl:
+        from arvid.generator.attention import activate_flash_impl
+
+        activate_flash_impl(cfg.flash_impl)  # before anything else: a missing package fails at once
     out = Path(cfg.out_dir)
     if (out / "done").is_file() and (out / "gpt").is_dir():
         log.info("train-generator: %s is complete (done marker present); nothing to do", out)
