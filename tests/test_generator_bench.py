@@ -75,3 +75,12 @@ def test_bench_video_decode_reads_every_clip_and_counts_workers(tmp_path):
 def test_bench_sampling_floor_bandwidth_follows_the_device():
     bw = load("bench_sampling").default_bandwidth
     assert bw("NVIDIA H200") == 4.3e12 and bw("NVIDIA H100 80GB HBM3") == 3.0e12 and bw("") == 3.0e12
+
+
+def test_bench_compiled_decode_cpu(tmp_path):
+    res = load("bench_compiled_decode").main(["--cache-lens", "64,128", "--kv-len", "32", "--iters", "2",
+                                               "--json", str(tmp_path / "c.json")])
+    rows = res["rows"]
+    assert [r["cache_len"] for r in rows] == [64, 128]
+    assert rows[1]["cache_mb"] == pytest.approx(2 * rows[0]["cache_mb"])
+    assert all(r["compiled_ms"] > 0 and r["eager_ms"] > 0 for r in rows) and (tmp_path / "c.json").is_file()
