@@ -5,7 +5,8 @@ more than the math. The whole step (``model.decode_step`` + guidance + constrain
 sampling + state update, see ``arvid.sampling.sampler._Decoder.step``) works on static buffers
 with the step index on the device, so it is captured once into a ``torch.cuda.CUDAGraph`` (one
 per KV length bucket, below) and replayed: one launch per token. ``compile`` additionally runs
-the model's decode step through ``torch.compile`` (fused kernels; ``SamplerConfig.compile_mode``)
+the model's decode step, and the sampling part apart from it (``SamplerConfig.compile_sampling``,
+:func:`compile_choose`), through ``torch.compile`` (fused kernels; ``SamplerConfig.compile_mode``)
 before capture; we capture ourselves rather than use ``mode="reduce-overhead"``
 because the KV cache and the decoding state live outside the compiled function and are mutated
 in place, which cudagraph trees refuse to capture.
@@ -20,9 +21,12 @@ On CPU the sampler runs the same step eagerly (``Sampler.execution``).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _compiled_shapes = 0  # decode-step shapes compiled by capture_decoder in this process
 
@@ -45,8 +49,33 @@ def _recompile_limit(extra: int) -> Any:
     return cfg.patch(**{name: max(getattr(cfg, name), _compiled_shapes)})
 
 
+def compile_choose(dec: Any, compile_mode: str = "default") -> bool:
+    """Compile the decoder's sampling part (``dec.choose``: guidance, constraint mask, truncation,
+    the draw, the state update) and install it as ``dec.choose_fn``; True on success.
+
+    Inductor 2.11 failed once to generate Triton code for it ("NYI TritonSplitDimKernel
+    reductions": the cumulative sum of the draw fused with an argmax). The compilation is therefore
+    tried here, on one call with neutral logits, and on any failure the part stays eager with a
+    warning; the decoder's buffers are restored either way."""
+    compiled = torch.compile(dec.choose, mode=compile_mode, dynamic=False)
+    rows = dec.B * (2 if dec.guided else 1)
+    logits = torch.zeros(rows, dec.fmt.vocab_size, device=dec.device, dtype=dec.logits_dtype)
+    snap = dec.snapshot()
+    try:
+        compiled(logits)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: keep the eager sampling part
+        log.warning("sampling: the sampling part of the decode step stays eager; torch.compile failed on it "
+                    "(%s: %s)", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        dec.choose_fn = dec.choose
+        return False
+    finally:
+        dec.restore(snap)
+    dec.choose_fn = compiled
+    return True
+
+
 def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
-                    compile_mode: str = "default") -> dict[int, torch.cuda.CUDAGraph]:
+                    compile_mode: str = "default", compile_sampling: bool = False) -> dict[int, torch.cuda.CUDAGraph]:
     """Capture ``dec.step(kv_len)`` into ``dec.graphs[kv_len]``: one CUDA graph over the decoder's
     static buffers per KV length bucket the run loop can use (``dec.kv_lens()``; the last is the
     whole cache).
@@ -66,6 +95,7 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
             before capturing; every bucket length is then its own compiled shape (one
             compilation per bucket and batch shape: capture takes longer).
         warmup: eager (or compiled) steps on a side stream before each capture.
+        compile_sampling: with ``compile_step``, also compile the sampling part (:func:`compile_choose`).
         compile_mode: ``torch.compile`` mode: ``default`` or ``max-autotune-no-cudagraphs``. The
             latter ran 6.5 ms per L step at batch 1 on the H100 (2026-11-23), twice the plain
             CUDA graph, but so did ``default``: the compiled step copied the whole KV cache once
@@ -80,11 +110,12 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
     lens = dec.kv_lens()
     limit = contextlib.nullcontext()
     if compile_step:
-        # Only the model's step is compiled: inductor (torch 2.11) fails to generate code for the
-        # sampling part (a split cumsum fused with an argmax: "NYI TritonSplitDimKernel
-        # reductions"), and the sampling ops are few and small next to the model's.
+        # The model's step and the sampling part are compiled apart: the sampling part may fail in
+        # inductor (see compile_choose), and then only it stays eager.
         dec.decode_fn = torch.compile(dec.model.decode_step, mode=compile_mode, dynamic=False)
         limit = _recompile_limit(len(lens))
+        if compile_sampling:
+            compile_choose(dec, compile_mode)
     snap = dec.snapshot()
     main = torch.cuda.current_stream(dec.device)
     side = torch.cuda.Stream(device=dec.device)

@@ -57,6 +57,10 @@ class SamplerConfig:
                             "(cuBLAS matmuls, fused pointwise kernels) or max-autotune-no-cudagraphs (also tries "
                             "Triton matmul templates; CUDA graphs are captured by the sampler either way)",
                             execution=True)
+    compile_sampling: bool = doc(True, "under compile=compile, also compile the step's sampling part (guidance, "
+                                       "constraint mask, truncation, draw): about 75 small kernels at batch 1 "
+                                       "become a few; if inductor cannot compile it, it stays eager (a warning)",
+                                 execution=True)
     kv_bucket: int = doc(256, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
                               "this many positions (one captured CUDA graph per bucket); 0 = always the whole "
                               "cache. 256 made the L decode step 1.54x faster at batch 64 on the H100 "
@@ -289,6 +293,8 @@ class _Decoder:
         # CUDA graphs (empty: eager).
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.decode_fn = model.decode_step  # compiled.capture_decoder may swap in a compiled one
+        self.choose_fn = self.choose  # likewise (compiled.compile_choose)
+        self.logits_dtype = dtype  # what decode_fn returns (the model's dtype)
         # Dense (no-cache) mode keeps the whole input on the device.
         self.cond2 = None
         self.prefix2 = None
@@ -362,7 +368,7 @@ class _Decoder:
         feed = torch.cat([self.tok, self.tok]) if self.guided else self.tok
         pos = self.i + (self.n + self.p0 - 1)  # position of token i-1 in the model's input
         logits = self.decode_fn(self.cache, feed, pos, kv_len)
-        self.choose(logits)
+        self.choose_fn(logits)
 
     def advance(self, chosen: int) -> None:
         """Run the step that follows ``chosen`` chosen tokens over its KV length bucket: the bucket's
@@ -551,7 +557,8 @@ class Sampler:
             # Capture first (one graph per KV length bucket): the warm-up steps write garbage into
             # the cache and the buffers; the decoder's buffers are restored and the prefill in
             # run() overwrites the cache.
-            capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode)
+            capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode,
+                            compile_sampling=self.cfg.compile_sampling)
 
         return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint)
 
