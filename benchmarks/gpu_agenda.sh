@@ -54,6 +54,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in
 run_all() {
     mkdir -p "$R"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
+    rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage
     step tokprof 300 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --until proxy \
         out_dir=/tmp/tokprof proxy.trainer.max_steps=30 proxy.trainer.profile_start=20 \
         proxy.trainer.checkpoint_every=0
@@ -71,10 +72,15 @@ run_all() {
         for _ in $(seq 12); do [ -d /tmp/fa4site/flash_attn ] && break; sleep 5; done ;;
     esac
     if [ -d /tmp/fa4site/flash_attn ]; then
-        step fa4 600 env PYTHONPATH="/tmp/fa4site:$PYTHONPATH" bash -c "python3 benchmarks/bench_attention.py \
-            --json '$R/attention_fa4.json'; python3 benchmarks/bench_generator.py --presets L --lengths router \
-            --steps 6 --warmup 3 --backend torch_varlen --flash-impl FA4 --json '$R/generator_fa4.json'; \
-            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k fa4"
+        # each part runs whatever the others did; the step's status is the first failure's
+        step fa4 600 env PYTHONPATH="/tmp/fa4site:$PYTHONPATH" bash -c '
+            rc=0
+            python3 benchmarks/bench_attention.py --json "$1/attention_fa4.json" || rc=$?
+            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+                --backend torch_varlen --flash-impl FA4 --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k fa4 \
+                || { s=$?; [ $rc = 0 ] && rc=$s; }
+            exit $rc' _ "$R"
     else
         case " $STEPS " in *" fa4 "*)
             echo "FlashAttention-4 is not installed in /tmp/fa4site: fa4 skipped" > "$R/fa4.log"; echo 3 > "$R/fa4.rc" ;;

@@ -154,35 +154,37 @@ def test_evatok_flex_matches_loop_on_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["loop", "flex"])
-def test_evatok_training_pass_barely_syncs_with_the_host(backend):
+def test_evatok_training_step_barely_syncs_with_the_host(backend):
     """Each host sync drains the GPU's queue, which then idles while the host launches the next
     kernels. EVATok's per-(block, count) index paths synced twice per group (a boolean mask's
-    nonzero, blocking copies of index tensors: 30-40 syncs for 8 clips of mixed assignments);
-    they now slice contiguous patch ranges and copy their indices once, non-blocking. What may
-    remain: the quantizer's restart-interval check."""
+    nonzero, blocking copies of index tensors: 30-40 syncs for 8 clips of mixed assignments); they
+    now slice contiguous patch ranges and copy their indices once, non-blocking; the task keeps the
+    assignment on the host and its metrics on the device, and the VQ counts codes without
+    bincount. What may remain: the quantizer's restart-interval check. Counted over the Trainer's
+    task step (L1 + LPIPS-free losses, VQ with its codebook update), forward and backward."""
     import warnings
 
     from arvid.tokenizer import build_tokenizer
+    from arvid.tokenizer.losses import LossConfig, RandomAssignments, TokenizerTask
 
     torch.manual_seed(0)
     tok = build_tokenizer("evatok", preset="debug").cuda().train()
     tok.config.attention = backend
-    cands = torch.tensor(tok.layout.candidates)
-    g = torch.Generator().manual_seed(0)
+    task = TokenizerTask(tok, LossConfig(lpips_weight=0.0), RandomAssignments(tok.layout)).cuda()
     video = torch.rand(8, 3, 8, 32, 32, device="cuda") * 2 - 1
+    g = torch.Generator().manual_seed(0)
 
-    def step():
-        a = cands[torch.randint(0, len(cands), (8, tok.layout.num_blocks), generator=g)]  # on the host
-        recon, qo = tok(video, a)
-        (recon.float().pow(2).mean() + qo.losses["commit"]).backward()
+    def step(i):
+        out = task.training_step({"video": video, "label": torch.zeros(8, dtype=torch.long)}, i, g)
+        out.losses["main"].backward()
 
-    step()  # warm-up: compilation (flex) syncs as it likes
+    step(0)  # warm-up: compilation (flex) syncs as it likes
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            step()
+            step(1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

@@ -277,7 +277,7 @@ def test_data_wait_fraction_is_logged_and_tells_a_slow_loader(tmp_path):
     assert all("data_wait_fraction" in r for r in logged)
 
 
-def test_profile_writes_a_report_for_the_asked_steps(tmp_path):
+def test_profile_writes_a_report_for_the_asked_steps(tmp_path, caplog):
     cfg = _cfg(max_steps=8, profile_start=2, profile_steps=3)
     Trainer(cfg, ToyTask(), toy_data(), tmp_path / "run").fit()
     text = (tmp_path / "run" / "profile.txt").read_text()
@@ -288,7 +288,9 @@ def test_profile_writes_a_report_for_the_asked_steps(tmp_path):
     assert "aten::addmm" in names
     # off by default; a window the run never reaches writes nothing
     Trainer(_cfg(max_steps=4), ToyTask(), toy_data(), tmp_path / "off").fit()
-    Trainer(_cfg(max_steps=4, profile_start=3, profile_steps=5), ToyTask(), toy_data(), tmp_path / "late").fit()
+    with caplog.at_level("WARNING", logger="arvid.training.trainer"):
+        Trainer(_cfg(max_steps=4, profile_start=3, profile_steps=5), ToyTask(), toy_data(), tmp_path / "late").fit()
     assert not (tmp_path / "off" / "profile.txt").exists() and not (tmp_path / "late" / "profile.txt").exists()
+    assert "no profile written: the run ended inside the profile window" in caplog.text
     with pytest.raises(ConfigError, match="profile_start"):
         TrainerConfig(profile_start=-2)

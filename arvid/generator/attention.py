@@ -120,6 +120,10 @@ def activate_flash_impl(name: str) -> str | None:
     (``FA3`` or ``FA4``) through ``torch.nn.attention.activate_flash_attention_impl``; ``""``: torch's
     own FA2 kernels (nothing is changed). Returns the active implementation, or None.
 
+    The activation holds for the whole process (every later stage of a pipeline run in one process
+    too). With the flash-attn package installed as well, its ``flash_attn`` shadows fa4's
+    ``flash_attn/cute`` namespace and FA4 cannot load: install one or the other.
+
     Raises :class:`AttentionBackendUnavailable` saying what to install when torch or the kernels'
     package cannot provide it."""
     if not name:
@@ -136,7 +140,7 @@ def activate_flash_impl(name: str) -> str | None:
             f"this torch does not offer flash_impl={name} (it offers {list_flash_attention_impls()})")
     try:
         activate_flash_attention_impl(name)
-    except (ImportError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - import, driver or DSL loading errors alike: say what to install
         raise AttentionBackendUnavailable(f"flash_impl={name} could not be activated ({type(e).__name__}: "
                                           f"{str(e).splitlines()[0][:200]}): {_FLASH_IMPL_HELP[name]}") from e
     log.info("flash attention kernels: %s (torch_varlen and SDPA's flash path)", name)

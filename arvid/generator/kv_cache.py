@@ -5,9 +5,10 @@ Shapes never change after allocation, so a decode step that writes into it in pl
 
 Each layer's keys and values are their own allocation, not views of one
 ``[n_layers, ...]`` tensor: ``torch.compile`` sees a write into a view of a larger graph input
-as a write into the whole input, and the functionalised step then copied the *whole* cache (every
-layer) once per layer and step. With the debug GPT on the CPU, the compiled step went from
-0.50 ms at a 512-position cache to 12.3 ms at 32,768; with separate tensors it stays at 0.38 ms
+as a write into the whole input, and the functionalised step copied each layer's slice into a
+new buffer and the whole cache back at the end: traffic in proportion to the cache's allocated
+length at every step. With the debug GPT on the CPU, the compiled step went from 0.50 ms at a
+512-position cache to 12.3 ms at 32,768; with separate tensors it stays at 0.38 ms
 (``benchmarks/bench_compiled_decode.py``;
 ``tests/test_generator_gpt.py::test_compiled_decode_step_does_not_copy_the_cache``).
 """

@@ -59,10 +59,18 @@ def compile_choose(dec: Any, compile_mode: str = "default") -> bool:
     warning; the decoder's buffers are restored either way."""
     compiled = torch.compile(dec.choose, mode=compile_mode, dynamic=False)
     rows = dec.B * (2 if dec.guided else 1)
-    logits = torch.zeros(rows, dec.fmt.vocab_size, device=dec.device, dtype=dec.logits_dtype)
     snap = dec.snapshot()
     try:
-        compiled(logits)
+        with torch.no_grad():
+            # logits as the step will produce them (shape and dtype: the compiled part is specialised
+            # to them), from one eager model step; it writes position 0 of the cache, which the
+            # prefill rewrites
+            logits = dec.model.decode_step(dec.cache, torch.zeros(rows, dtype=torch.long, device=dec.device),
+                                           torch.zeros((), dtype=torch.long, device=dec.device))
+            # every decoder shape is a recompile of the one `choose` code object: raise dynamo's
+            # limit for it, or past 8 shapes in a process it would run eagerly without a word
+            with _recompile_limit(1):
+                compiled(torch.zeros_like(logits))
     except Exception as e:  # noqa: BLE001 - any compiler failure: keep the eager sampling part
         log.warning("sampling: the sampling part of the decode step stays eager; torch.compile failed on it "
                     "(%s: %s)", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
@@ -98,8 +106,8 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
         compile_sampling: with ``compile_step``, also compile the sampling part (:func:`compile_choose`).
         compile_mode: ``torch.compile`` mode: ``default`` or ``max-autotune-no-cudagraphs``. The
             latter ran 6.5 ms per L step at batch 1 on the H100 (2026-11-23), twice the plain
-            CUDA graph, but so did ``default``: the compiled step copied the whole KV cache once
-            per layer (the layers' caches were views of one tensor; fixed 2026-12-05, see
+            CUDA graph, and so did ``default`` (6.47 ms): until 2026-12-05 the compiled step also
+            copied the KV cache at every step (the layers' caches were views of one tensor; see
             ``arvid.generator.kv_cache``). The default keeps cuBLAS for the 2-row matmuls.
 
     Returns:

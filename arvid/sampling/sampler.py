@@ -294,7 +294,6 @@ class _Decoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.decode_fn = model.decode_step  # compiled.capture_decoder may swap in a compiled one
         self.choose_fn = self.choose  # likewise (compiled.compile_choose)
-        self.logits_dtype = dtype  # what decode_fn returns (the model's dtype)
         # Dense (no-cache) mode keeps the whole input on the device.
         self.cond2 = None
         self.prefix2 = None

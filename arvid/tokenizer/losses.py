@@ -313,7 +313,9 @@ class TokenizerTask(nn.Module):
 
         cfg = self.loss_cfg
         video = batch["video"]
-        assignment = self.assignment_sampler(batch, generator).to(video.device)
+        # the assignment stays on the host: the tokenizer computes its index tensors there and
+        # copies them once (a device assignment would be read back, a sync per use)
+        assignment = self.assignment_sampler(batch, generator).cpu()
         recon, qo = self.tokenizer(video, assignment, generator=generator, entropy=cfg.entropy_weight > 0)
 
         err = recon.float() - video.float()

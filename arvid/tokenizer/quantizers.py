@@ -83,13 +83,21 @@ def code_statistics(indices: torch.Tensor, num_codes: int) -> dict[str, float]:
     return {k: float(v) for k, v in code_statistics_tensors(indices, num_codes).items()}
 
 
+def _code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """``float [num_codes]``: how often each code occurs. A scatter-add rather than ``torch.bincount``,
+    which on CUDA reads the indices' min and max back to the host (a sync) to size its output."""
+    flat = indices.reshape(-1)
+    counts = torch.zeros(num_codes, device=indices.device, dtype=torch.float32)
+    return counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+
+
 def code_statistics_tensors(indices: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
     """:func:`code_statistics` as 0-dim tensors on the indices' device: no host sync (a training
     step logs them every step; the Trainer reads them at its log interval)."""
     if indices.numel() == 0:
         zero = torch.zeros((), device=indices.device)
         return {"usage": zero, "perplexity": zero.clone()}
-    counts = torch.bincount(indices.reshape(-1), minlength=num_codes).float()
+    counts = _code_counts(indices, num_codes)
     p = counts / counts.sum()
     entropy = -torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum()
     return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
@@ -182,7 +190,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update(self, z: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None) -> None:
         cfg = self.config
-        onehot_counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        onehot_counts = _code_counts(indices, self.codebook_size)
         sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, z.to(self.ema_sum.dtype))
         _all_reduce_sum(onehot_counts)
         _all_reduce_sum(sums)

@@ -6,7 +6,8 @@ launching kernels (the device idles), or the kernels themselves. The profiler re
 run's directory:
 
 - ``profile.txt``: wall time per step, the device's busy time (sum of kernel times, CUDA only) as
-  a fraction of it, and the top operators by device time and by host (CPU) time;
+  a fraction of it (kernels on several streams may overlap: then the sum can pass 100%), and the
+  top operators by device time and by host (CPU) time;
 - ``profile_trace.json``: the whole timeline, for ``chrome://tracing`` or Perfetto.
 
 The data loader's wait is outside the profiler's reach (worker processes); the Trainer logs it
@@ -93,11 +94,18 @@ class StepProfiler:
         self.written = self._write(prof, wall)
         return self.written
 
-    def close(self) -> None:
-        """Stop a profile left open (the run ended inside the window); nothing is written."""
+    def close(self) -> str | None:
+        """Stop a profile left open; nothing is written. Returns why no report was written, when
+        one was asked for and none was (None otherwise)."""
+        why = None
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             self._prof = None
+            why = "the run ended inside the profile window"
+        elif self.enabled:
+            why = "the run never reached the profile window (it ended before, or resumed after, its start)"
+        self.enabled = False
+        return why
 
     def _write(self, prof: Any, wall: float) -> Path:
         avgs = prof.key_averages()

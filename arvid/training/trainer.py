@@ -577,6 +577,7 @@ class Trainer:
             raise
         acc = run.acc
         step = self.step
+        self._first_step = step  # where this fit() started (a resume starts past 0)
         last_losses, last_ckpt = run.resumed_losses, run.latest
         logger = MetricsLogger(self.out_dir / "metrics.jsonl", enabled=acc.is_main_process,
                                accelerator=acc if acc.log_with else None)
@@ -601,9 +602,11 @@ class Trainer:
                     it = iter(self._loader(run, epoch, start))
                 profiler.before_step(step)
                 values, grad_norms, factor = self._train_step(run, step, it, window, last_ckpt)
+                t_prof = time.perf_counter()
                 if profiler.after_step(step) is not None:
                     log.info("profile of steps %d..%d -> %s", cfg.profile_start,
                              cfg.profile_start + cfg.profile_steps - 1, profiler.written)
+                    window.t0 += time.perf_counter() - t_prof  # writing the report is not training time
                 step += 1
                 self.step = step
                 last_losses = dict(zip(run.names, values))
@@ -622,7 +625,10 @@ class Trainer:
                     last_ckpt = self._save(run, step, last_losses)
                 window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
         finally:
-            profiler.close()
+            why = profiler.close()
+            if why:
+                log.warning("trainer.profile_start=%d: no profile written: %s (steps this run: %d..%d)",
+                            cfg.profile_start, why, self._first_step, step - 1)
             restore_backend_flags(flags)
             bar.close()
             # Not acc.end_training(): it also destroys the process group, which the caller may
