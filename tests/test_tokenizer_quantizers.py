@@ -164,3 +164,35 @@ def test_config_validation_and_build():
         from_dict(QuantizerConfig, {"kind": "rvq"})
     with pytest.raises(ValueError, match="indices"):
         VectorQuantizer(QuantizerConfig(codebook_size=8, code_dim=2)).lookup(torch.tensor([8]))
+
+
+def test_restart_interval_counts_from_the_loaded_steps(monkeypatch):
+    """The restart interval is counted on the host (reading the step buffer every call would sync
+    with the GPU); a loaded state replaces the count, also in a quantizer that had already run."""
+    cfg = QuantizerConfig(codebook_size=16, code_dim=4, restart_every=5)
+    calls = []
+    monkeypatch.setattr(VectorQuantizer, "restart_dead_codes", lambda self, z, g=None: calls.append(int(self.steps)))
+    z = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    src = VectorQuantizer(cfg).train()
+    for _ in range(3):
+        src(z)
+    vq = VectorQuantizer(cfg).train()
+    vq(z)  # its own count is 1
+    vq.load_state_dict(src.state_dict())  # ... and now 3
+    for _ in range(8):
+        vq(z)
+    assert calls == [5, 10] and int(vq.steps) == 11
+
+
+def test_ema_codebook_update_touches_only_used_codes():
+    cfg = QuantizerConfig(codebook_size=8, code_dim=4, use_ema=True, restart_dead=False)
+    vq = VectorQuantizer(cfg).train()
+    with torch.no_grad():
+        vq.ema_count.zero_()
+        vq.ema_count[2] = 5.0
+        vq.ema_sum[2] = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    old = vq.codebook.detach().clone()
+    vq._update(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None)  # no new vectors: decay only
+    new = vq.codebook.detach()
+    assert torch.allclose(new[2], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # normalised EMA sum
+    assert torch.equal(torch.cat([new[:2], new[3:]]), torch.cat([old[:2], old[3:]]))  # unused rows untouched

@@ -141,6 +141,13 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_sum", weight.clone())
         self.register_buffer("ema_count", torch.ones(config.codebook_size))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # the host's copy of `steps` for the restart interval (reading the buffer each step would be
+        # a device sync): read once after construction or a load, then counted alongside
+        self._host_steps: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_steps = None  # `steps` was replaced: read it again
 
     @property
     def num_codes(self) -> int:
@@ -199,10 +206,14 @@ class VectorQuantizer(nn.Module):
         if cfg.use_ema:
             self.ema_count.mul_(cfg.ema_decay).add_(onehot_counts, alpha=1 - cfg.ema_decay)
             self.ema_sum.mul_(cfg.ema_decay).add_(sums, alpha=1 - cfg.ema_decay)
-            used = self.ema_count > 1e-6
-            self.codebook.data[used] = F.normalize(self.ema_sum[used], dim=-1).to(self.codebook.dtype)
+            used = (self.ema_count > 1e-6)[:, None]  # a where, not a boolean index (which would sync)
+            fresh = F.normalize(self.ema_sum, dim=-1).to(self.codebook.dtype)
+            self.codebook.data.copy_(torch.where(used, fresh, self.codebook.data))
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
         self.steps += 1
-        if cfg.restart_dead and cfg.restart_every > 0 and int(self.steps) % cfg.restart_every == 0:
+        self._host_steps += 1
+        if cfg.restart_dead and cfg.restart_every > 0 and self._host_steps % cfg.restart_every == 0:
             self.restart_dead_codes(z, generator)
 
     @torch.no_grad()
