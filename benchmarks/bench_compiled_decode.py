@@ -8,6 +8,12 @@ time in proportion to the cache's length; one that writes in place does not. The
 the first ``--kv-len`` positions in every case, so only the cache's allocated length changes between
 rows. Prints one line per length and a JSON line (``--json PATH`` also writes it). On CUDA the times
 include the launches (no CUDA graph): compare rows with each other, not with ``bench_sampling.py``.
+
+It also counts the kernel launches of one step: in inductor's generated code for the compiled step
+(fused kernels, library calls such as matmuls, aten fallbacks such as attention) and, for the eager
+step, the compute operators dispatched (aten ops that are not views; on CUDA each is about one
+kernel). At batch 1 a CUDA-graph step costs a few microseconds per kernel, so the ratio of the two
+counts bounds what compiling can save there.
 """
 
 from __future__ import annotations
@@ -39,6 +45,44 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return (time.perf_counter() - t) / iters
 
 
+_VIEWS = {"view", "_unsafe_view", "t", "select", "slice", "permute", "unsqueeze", "split", "split_with_sizes",
+          "expand", "reshape", "unflatten", "transpose", "alias", "detach", "squeeze", "chunk", "as_strided"}
+
+
+def eager_ops(fn) -> int:
+    """Compute (non-view) aten operators dispatched by ``fn()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEWS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def compiled_launches(codes: list[str]) -> dict[str, int]:
+    """Kernel launches in the ``call`` functions of inductor's generated code: fused (Triton or C++)
+    kernels, library calls (``extern_kernels.mm`` ...) and aten fallbacks (attention ...)."""
+    import re
+
+    out = {"fused": 0, "library": 0, "aten": 0}
+    for code in codes:
+        if "def call(" not in code:
+            continue
+        body = code[code.index("def call("):]
+        out["fused"] += len(re.findall(r"^\s+(?:cpp_fused_\w+\(|\w+\.run\()", body, re.M))
+        out["library"] += len(re.findall(r"^\s+(?:\w+ = )?extern_kernels\.\w+\(", body, re.M))
+        out["aten"] += len(re.findall(r"^\s+(?:\w+ = )?torch\.ops\.aten\.\w+\.\w+\(", body, re.M))
+    out["total"] = out["fused"] + out["library"] + out["aten"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="debug")
@@ -60,10 +104,19 @@ def main(argv: list[str] | None = None) -> dict:
     tok = torch.arange(a.rows, device=device) % 10
     pos = torch.tensor(a.kv_len // 2, device=device)
     rows = []
+    launches = None
     with torch.no_grad():
         for n in lens:
             cache = gpt.allocate_cache(a.rows, n, device, dtype)
             gpt.prefill(cache, Conditioning(torch.arange(a.rows, device=device) % 10))
+            if launches is None:  # the first compilation: read its generated code
+                from torch._inductor.utils import run_and_get_code
+
+                _, codes = run_and_get_code(step, cache, tok, pos, a.kv_len)
+                launches = compiled_launches(codes)
+                launches["eager_ops"] = eager_ops(lambda c=cache: gpt.decode_step(c, tok, pos, a.kv_len))
+                print(f"one step: eager {launches['eager_ops']} compute ops; compiled {launches['total']} launches "
+                      f"({launches['fused']} fused, {launches['library']} library, {launches['aten']} aten)", flush=True)
             for _ in range(3):  # warm-up (compilation for this cache shape)
                 step(cache, tok, pos, a.kv_len)
                 gpt.decode_step(cache, tok, pos, a.kv_len)
@@ -76,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"bench": "compiled_decode", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "preset": a.preset, "dtype": a.dtype, "rows": rows}
+              "torch": torch.__version__, "preset": a.preset, "dtype": a.dtype, "launches": launches, "rows": rows}
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -84,3 +84,7 @@ def test_bench_compiled_decode_cpu(tmp_path):
     assert [r["cache_len"] for r in rows] == [64, 128]
     assert rows[1]["cache_mb"] == pytest.approx(2 * rows[0]["cache_mb"])
     assert all(r["compiled_ms"] > 0 and r["eager_ms"] > 0 for r in rows) and (tmp_path / "c.json").is_file()
+    # the debug GPT (2 layers): matmuls, attention and fused pointwise kernels, fewer than eager's ops
+    n = res["launches"]
+    assert n["library"] >= 2 * 4 + 1 and n["aten"] >= 2 and n["fused"] >= 2
+    assert n["total"] < n["eager_ops"]
