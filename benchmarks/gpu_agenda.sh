@@ -15,7 +15,8 @@
 #                minute for it): bench_attention (torch_varlen[FA4] rows), the GPT L with
 #                --flash-impl FA4, and the FA4 agreement test ([E]: "measure FA3/FA4 too")
 #   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
-#   5. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F])
+#   5. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F]); compile
+#                makes one compilation per KV bucket (9) and batch shape: its setup_s says how long
 #   6. i3d       bench_i3d.py, batch 64, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
 #   7. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
 #                needs PyAV: skipped (exit 3) where `import av` fails
@@ -89,7 +90,7 @@ run_all() {
     step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
         tests/test_generator_gpt.py tests/test_sampling_gpu.py tests/test_tokenizer_attention.py \
         tests/test_training_gpu.py
-    step sampling 420 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
+    step sampling 600 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
         --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
