@@ -114,6 +114,40 @@ def test_nan_loss_stops_with_clear_error_and_checkpoint_loads(tmp_path):
     assert Trainer(_cfg(), fixed, toy_data(), tmp_path).fit().step == 20 and fixed.seen[0] == 5
 
 
+def test_deferred_loss_check_skips_the_nan_step_on_the_device_and_raises_one_step_later(tmp_path):
+    # loss_check=deferred: the fused AdamW skips step 7 through found_inf; the host reads step 7's
+    # loss during step 8 (before step 8's update) and raises naming step 7
+    task = ToyTask(nan_at=7)
+    cfg = _cfg(loss_check="deferred", log_every=10, checkpoint_every=5)
+    trainer = Trainer(cfg, task, toy_data(), tmp_path / "nan")
+    with pytest.raises(NonFiniteLossError, match=r"step 7: losses\['main'\] = nan") as info:
+        trainer.fit()
+    assert info.value.step == 7 and info.value.checkpoint.name == "step_00000005"
+    assert task.seen[-2:] == [7, 8]  # step 8's forward ran before the check of step 7 was read
+    # the weights are those after steps 0..6: neither step 7 nor step 8 was applied
+    ref = ToyTask(crash_at=7)  # the same run stopped at step 7's forward
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, ref, toy_data(), tmp_path / "ref").fit()
+    assert _same(task, ref)
+    opt = next(iter(trainer.optimizers.values()))
+    assert all(int(st["step"]) == 7 for st in opt.state.values())  # found_inf undid step 7's count
+
+
+def test_deferred_loss_check_logs_the_same_losses_as_the_sync_check(tmp_path):
+    runs = {}
+    for mode in ("sync", "deferred"):
+        result = Trainer(_cfg(loss_check=mode, log_every=3, max_steps=11), ToyTask(), toy_data(),
+                         tmp_path / mode).fit()
+        runs[mode] = result, [(r["step"], r["loss/main"]) for r in read_metrics(tmp_path / mode / "metrics.jsonl")]
+    (sync, sync_log), (deferred, deferred_log) = runs["sync"], runs["deferred"]
+    assert [s for s, _ in deferred_log] == [s for s, _ in sync_log] == [3, 6, 9, 11]
+    # every window averages all of its steps (the deferred check catches up before each log)
+    assert [v for _, v in deferred_log] == pytest.approx([v for _, v in sync_log], rel=1e-5)
+    assert deferred.losses == pytest.approx(sync.losses, rel=1e-5) and deferred.step == 11
+    with pytest.raises(ConfigError, match="loss_check"):
+        _cfg(loss_check="later")
+
+
 def test_global_batches_do_not_depend_on_processes_or_accumulation():
     def steps(n_proc, accum, start=0):
         per_rank = [list(GlobalBatchSampler(40, 8, accum, n_proc, r, seed=1, epoch=2, start_batch=start))

@@ -139,6 +139,12 @@ class TrainerConfig:
     profile_start: int = doc(-1, "profile optimizer steps profile_start .. + profile_steps - 1 (0-based) with "
                              "torch.profiler: out_dir/profile.txt and profile_trace.json; -1 = off", execution=True)
     profile_steps: int = doc(5, "steps recorded when profile_start >= 0", execution=True)
+    loss_check: Literal["auto", "sync", "deferred"] = doc(
+        "auto", "the NaN/inf check of each step's loss. sync: the host reads the losses before the optimizer "
+        "step (one device sync per step); deferred: the fused optimizer skips a non-finite step on the device "
+        "and the host reads the losses one step later, so the host never waits for the GPU (a CPU run uses the "
+        "fused AdamW then); auto: deferred on CUDA with fused optimizers and without FSDP, else sync",
+        execution=True)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -166,6 +172,7 @@ class TrainerConfig:
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.profile_start >= -1, "profile_start", ">= 0, or -1 (off)")
         need(self.profile_steps >= 1, "profile_steps", ">= 1")
+        need(self.loss_check in ("auto", "sync", "deferred"), "loss_check", "'auto', 'sync' or 'deferred'")
 
 
 @dataclass
@@ -302,6 +309,7 @@ class _Run:
     n_items: int
     steps_per_epoch: int
     latest: Path | None
+    check: _LossCheck
     resumed_losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -572,6 +580,7 @@ class Trainer:
         flags = backend_flags()  # TF32 etc. are set for this fit only: restored in the finally below
         try:
             run = self._setup()
+            self.optimizers = run.optimizers  # for inspection after fit() (tests, notebooks)
         except BaseException:
             restore_backend_flags(flags)
             raise
@@ -601,7 +610,7 @@ class Trainer:
                     epoch, start = divmod(step, run.steps_per_epoch)
                     it = iter(self._loader(run, epoch, start))
                 profiler.before_step(step)
-                values, grad_norms, factor = self._train_step(run, step, it, window, last_ckpt)
+                done, grad_norms, factor = self._train_step(run, step, it, window, last_ckpt)
                 t_prof = time.perf_counter()
                 if profiler.after_step(step) is not None:
                     log.info("profile of steps %d..%d -> %s", cfg.profile_start,
@@ -609,11 +618,17 @@ class Trainer:
                     window.t0 += time.perf_counter() - t_prof  # writing the report is not training time
                 step += 1
                 self.step = step
-                last_losses = dict(zip(run.names, values))
-                window.add_step(values, {g.name: cfg.lr * g.lr_scale * factor for g in run.groups}, grad_norms)
+                window.add_step({g.name: cfg.lr * g.lr_scale * factor for g in run.groups}, grad_norms)
                 bar.update(1)
+                logs = step % cfg.log_every == 0 or step == cfg.max_steps
+                saves = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps
+                if logs or saves:  # a deferred loss check catches up here: logs and checkpoints see every step
+                    done = done + run.check.resolve()
+                for _, values in done:
+                    last_losses = dict(zip(run.names, values))
+                    window.add_losses(values)
 
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if logs:
                     record = window.flush(acc, cfg.batch_size, epoch)
                     logger.log(record, step)
                     history.append({"step": step, **record})
@@ -621,7 +636,7 @@ class Trainer:
                 t_aside = time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0 and self.eval_fn is not None:
                     self._evaluate(step, logger, history)
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+                if saves:
                     last_ckpt = self._save(run, step, last_losses)
                 window.t0 += time.perf_counter() - t_aside  # throughput counts training time only
         finally:
@@ -698,9 +713,12 @@ class Trainer:
             model = torch.compile(model)
         ema_module = ckpt.ema_target(self.task)
         self._ema = EMA(ema_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        optimizers = {g.name: self._make_optimizer(g, device, fused_cpu=cfg.loss_check == "deferred")
+                      for g in groups}
+        names = [g.name for g in groups]
         run = _Run(
-            acc=acc, device=device, model=model, groups=groups, names=[g.name for g in groups],
-            optimizers={g.name: self._make_optimizer(g, device) for g in groups},
+            acc=acc, device=device, model=model, groups=groups, names=names, optimizers=optimizers,
+            check=_LossCheck(names, self._defer_loss_check(device, fsdp, optimizers), device),
             schedule=make_schedule(cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.decay_fraction,
                                    cfg.min_lr_ratio),
             ema_module=ema_module, ddp=ddp, manual_sync=(not ddp) and (not fsdp) and n_proc > 1, fsdp=fsdp,
@@ -720,8 +738,12 @@ class Trainer:
         return run
 
     def _train_step(self, run: _Run, step: int, it: Iterator[Any], window: _Window,
-                    last_ckpt: Path | None) -> tuple[list[float], dict[str, torch.Tensor], float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (global losses, grad norms, lr factor)."""
+                    last_ckpt: Path | None) -> tuple[list[tuple[int, list[float]]], dict[str, torch.Tensor], float]:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        Returns (the steps whose global losses were read in this call, with them: this step's
+        under ``loss_check=sync``, the previous one's under ``deferred``; grad norms; lr factor).
+        """
         cfg, acc = self.config, run.acc
         loss_sum = torch.zeros(len(run.groups), device=run.device)
         for micro in range(cfg.grad_accum):
@@ -752,11 +774,11 @@ class Trainer:
         # One small all-reduce per step: the global-batch loss for logging and the NaN check,
         # which every process must agree on so that all of them stop together.
         global_loss = acc.reduce(loss_sum, reduction="mean") if run.n_proc > 1 else loss_sum
-        values = global_loss.tolist()
-        for name, v in zip(run.names, values):
-            if not math.isfinite(v):
-                self.task.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(step, name, v, last_ckpt)
+        try:
+            done, found_inf = run.check.push(step, global_loss, last_ckpt)
+        except NonFiniteLossError:
+            self.task.zero_grad(set_to_none=True)
+            raise
         factor = run.schedule(step)
         grad_norms = {}
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, do not clip
@@ -771,13 +793,34 @@ class Trainer:
                 grad_norms[g.name] = _full(norm)
             else:
                 grad_norms[g.name] = torch.nn.utils.clip_grad_norm_(g.params, max_norm)
-            opt.step()
+            if found_inf is None:
+                opt.step()
+            else:  # deferred check: the fused kernel skips the update (and its step count) when it is 1
+                opt.grad_scale, opt.found_inf = None, found_inf
+                try:
+                    opt.step()
+                finally:
+                    del opt.grad_scale, opt.found_inf
         self.task.zero_grad(set_to_none=True)
         if self._ema is not None:
             self._ema.update(run.ema_module)
-        return values, grad_norms, factor
+        return done, grad_norms, factor
 
-    def _make_optimizer(self, g: _Group, device: torch.device) -> torch.optim.Optimizer:
+    def _defer_loss_check(self, device: torch.device, fsdp: bool, optimizers: dict[str, torch.optim.Optimizer]
+                          ) -> bool:
+        """Whether this fit checks its losses one step late (``TrainerConfig.loss_check``)."""
+        mode = self.config.loss_check
+        if mode == "sync":
+            return False
+        unfused = [n for n, o in optimizers.items() if not o.defaults.get("fused")]
+        why = ("FSDP shards the optimizer step" if fsdp else
+               f"the optimizers of {unfused} are not fused AdamW (found_inf skips a step only there)" if unfused
+               else "")
+        if mode == "deferred" and why:
+            raise ConfigError(f"TrainerConfig.loss_check='deferred' is not possible here: {why}; use 'sync' or 'auto'")
+        return not why and (mode == "deferred" or device.type == "cuda")
+
+    def _make_optimizer(self, g: _Group, device: torch.device, fused_cpu: bool = False) -> torch.optim.Optimizer:
         # Biases and norm gains (1-D) get no weight decay: decaying them only hurts.
         decay = [p for p in g.params if p.ndim >= 2]
         no_decay = [p for p in g.params if p.ndim < 2]
@@ -787,7 +830,8 @@ class Trainer:
         if no_decay:
             param_groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": g.lr_scale})
         # (FSDP with fsdp_offload_params keeps the parameters, so the optimizer step, on the CPU)
-        fused = device.type == "cuda" and all(p.is_floating_point() and p.device.type == "cuda" for p in g.params)
+        fused = (device.type == "cuda" or fused_cpu) and all(
+            p.is_floating_point() and p.device.type == device.type for p in g.params)
         return torch.optim.AdamW(param_groups, lr=self.config.lr * g.lr_scale, betas=g.betas,
                                  eps=self.config.eps, fused=fused or None)
 
@@ -1037,6 +1081,61 @@ def _all_reduce_mean(params: list[nn.Parameter], n_proc: int) -> None:
             offset += g.numel()
 
 
+class _LossCheck:
+    """The NaN/inf check of each step's global losses (``TrainerConfig.loss_check``).
+
+    ``sync``: :meth:`push` reads the losses on the host and raises before the optimizer step.
+    ``deferred``: :meth:`push` returns a device flag (1.0 when any loss is not finite) that the
+    fused AdamW takes as ``found_inf`` and skips its update with, and starts a non-blocking copy
+    of the losses to the host; the next step's :meth:`resolve` (called after that step's
+    backward, before its optimizer step) reads them and raises there. Either way a non-finite
+    step never updates the weights, and the error names that step. (Deferred: the EMA shadow
+    took its usual step towards the unchanged weights; the run stops and resumes from the last
+    checkpoint anyway.)
+    """
+
+    def __init__(self, names: list[str], deferred: bool, device: torch.device):
+        self.names, self.deferred, self.device = names, deferred, device
+        self._pending: tuple[int, torch.Tensor, Any, Path | None] | None = None
+
+    def push(self, step: int, global_loss: torch.Tensor, last_ckpt: Path | None
+             ) -> tuple[list[tuple[int, list[float]]], torch.Tensor | None]:
+        """This step's losses. Returns (the steps whose losses are now known, with them; found_inf or None)."""
+        if not self.deferred:
+            values = global_loss.tolist()
+            self._raise_if_bad(step, values, last_ckpt)
+            return [(step, values)], None
+        done = self.resolve()
+        loss = global_loss.detach().float()
+        found_inf = (~torch.isfinite(loss)).any().float()
+        cuda = loss.device.type == "cuda"
+        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=cuda)
+        host.copy_(loss, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (step, host, event, last_ckpt)
+        return done, found_inf
+
+    def resolve(self) -> list[tuple[int, list[float]]]:
+        """Wait for the pending step's losses (if any), check them, and return them."""
+        if self._pending is None:
+            return []
+        step, host, event, last_ckpt = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        values = host.tolist()
+        self._raise_if_bad(step, values, last_ckpt)
+        return [(step, values)]
+
+    def _raise_if_bad(self, step: int, values: list[float], last_ckpt: Path | None) -> None:
+        for name, v in zip(self.names, values):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(step, name, v, last_ckpt)
+
+
 class _Window:
     """Sums over the steps since the last log: losses, metrics, item counts, time."""
 
@@ -1047,6 +1146,7 @@ class _Window:
     def _reset(self) -> None:
         self.steps = 0
         self.loss = [0.0] * len(self.names)
+        self.loss_steps = 0  # steps whose losses were read (a deferred check reads them a step late)
         self.metric_sum: dict[str, Any] = {}
         self.metric_n: dict[str, int] = {}
         self.t0 = time.perf_counter()
@@ -1061,10 +1161,13 @@ class _Window:
             self.metric_sum[k] = self.metric_sum.get(k, 0.0) + v
             self.metric_n[k] = self.metric_n.get(k, 0) + 1
 
-    def add_step(self, losses: list[float], lr: dict[str, float], grad_norm: dict[str, torch.Tensor]) -> None:
+    def add_step(self, lr: dict[str, float], grad_norm: dict[str, torch.Tensor]) -> None:
         self.steps += 1
-        self.loss = [a + b for a, b in zip(self.loss, losses)]
         self.lr, self.grad_norm = lr, grad_norm
+
+    def add_losses(self, losses: list[float]) -> None:
+        self.loss_steps += 1
+        self.loss = [a + b for a, b in zip(self.loss, losses)]
 
     def flush(self, acc: Any, batch_size: int, epoch: int) -> dict[str, Any]:
         from accelerate.utils import gather_object
@@ -1081,7 +1184,7 @@ class _Window:
                 count[k] = count.get(k, 0) + n[k]
         record: dict[str, Any] = {"epoch": epoch}
         for name, v in zip(self.names, self.loss):
-            record[f"loss/{name}"] = v / max(self.steps, 1)
+            record[f"loss/{name}"] = v / max(self.loss_steps, 1)
         for name in self.names:
             record[f"lr/{name}"] = self.lr.get(name, 0.0)
             if name in self.grad_norm:
