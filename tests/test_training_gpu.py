@@ -115,3 +115,30 @@ def test_cuda_profile_reports_device_busy_time(tmp_path):
     # a toy MLP is launch-bound: the device is busy for a small, nonzero part of the wall time
     assert 0.0 < float(m.group(2)) < 100.0
     assert "## top operators by device time" in text
+
+
+def test_cuda_deferred_loss_check_leaves_the_steps_without_a_host_sync(tmp_path):
+    """loss_check=auto on CUDA is deferred: steps 5..8 (no log, no checkpoint) make no stream sync;
+    under loss_check=sync each step makes at least one (the host reads the losses)."""
+    import warnings
+
+    class Task(ToyTask):
+        def training_step(self, batch, step, generator):
+            if step == 5:
+                torch.cuda.set_sync_debug_mode("warn")
+            elif step == 9:
+                torch.cuda.set_sync_debug_mode("default")
+            return super().training_step(batch, step, generator)
+
+    counts = {}
+    for mode in ("auto", "sync"):
+        cfg = _cfg(precision="bf16", max_steps=12, checkpoint_every=0, log_every=100, loss_check=mode)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                Trainer(cfg, Task(), toy_data(), tmp_path / mode).fit()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts[mode] = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert counts["auto"] == [], counts
+    assert len(counts["sync"]) >= 4, counts
