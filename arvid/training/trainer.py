@@ -1097,6 +1097,7 @@ class _LossCheck:
     def __init__(self, names: list[str], deferred: bool, device: torch.device):
         self.names, self.deferred, self.device = names, deferred, device
         self._pending: tuple[int, torch.Tensor, Any, Path | None] | None = None
+        self._host: torch.Tensor | None = None
 
     def push(self, step: int, global_loss: torch.Tensor, last_ckpt: Path | None
              ) -> tuple[list[tuple[int, list[float]]], torch.Tensor | None]:
@@ -1109,7 +1110,9 @@ class _LossCheck:
         loss = global_loss.detach().float()
         found_inf = (~torch.isfinite(loss)).any().float()
         cuda = loss.device.type == "cuda"
-        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=cuda)
+        if self._host is None or self._host.shape != loss.shape:  # one pinned buffer, reused: resolve()
+            self._host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=cuda)  # above has read it
+        host = self._host
         host.copy_(loss, non_blocking=cuda)
         event = None
         if cuda:
