@@ -243,3 +243,69 @@ def test_training_forward_has_gradients_and_losses(tok):
     finally:
         tok.zero_grad(set_to_none=True)
         tok.eval()
+
+
+def test_token_meta_matches_a_per_video_reference(tok):
+    a = torch.tensor([[8, 16, 4, 32], [32, 4, 8, 8], [4, 4, 4, 4]])
+    meta = tok._token_meta(a, torch.device("cpu"))
+    cands = list(tok.layout.candidates)
+    vid, blk, pos, cand, starts = [], [], [], [], []
+    for b in range(a.shape[0]):
+        for k in range(a.shape[1]):
+            n = int(a[b, k])
+            starts.append(len(vid))
+            vid += [b] * n
+            blk += [k] * n
+            pos += list(range(n))
+            cand += [cands.index(n)] * n
+    assert meta.segments.vid.tolist() == vid and meta.segments.blk.tolist() == blk
+    assert meta.pos.tolist() == pos and meta.cand.tolist() == cand
+    assert meta.block_start.reshape(-1).tolist() == starts == meta.block_start_cpu.reshape(-1).tolist()
+    assert meta.segments.counts == a.sum(1).tolist()
+    with pytest.raises(ValueError, match=r"token counts \[5\] are not candidates"):
+        tok._token_meta(torch.tensor([[4, 5, 4, 4]]), torch.device("cpu"))
+
+
+def test_decoder_inputs_match_plain_indexing_in_value_and_gradient():
+    """The decoder's first-token spread, unpooling and learned-table lookups (index_select, expand,
+    F.embedding, index_copy slabs) give the values and gradients of a direct per-video loop."""
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", {"decoder_init": "first_unpooled", "token_pos": "pooled"}, preset="debug")
+    a = torch.tensor([[8, 16, 4, 32], [32, 4, 8, 8], [8, 16, 16, 4]])
+    B, K = a.shape
+    D = tok.config.dim
+    meta = tok._token_meta(a, torch.device("cpu"))
+    ranges = tok._block_ranges(K)
+    Np = ranges[-1][1]
+    t = torch.randn(int(a.sum()), D, requires_grad=True)
+    y0 = torch.randn(B, Np, D, requires_grad=True)
+
+    def reference(t, y0):
+        out = []
+        for b in range(B):
+            rows = []
+            for k, (s, e) in enumerate(ranges):
+                st, n = int(meta.block_start_cpu[b, k]), int(a[b, k])
+                tok_k = t[st:st + n]  # [n, D]
+                up = torch.nn.functional.adaptive_avg_pool1d(tok_k.T[None], e - s)[0].T  # [n_k, D]
+                rows.append(y0[b, s:e] + tok_k[0] + up)
+            out.append(torch.cat(rows))
+        return torch.stack(out)
+
+    first = t.index_select(0, meta.block_start.reshape(-1)).reshape(B, K, -1)
+    spread = torch.cat([first[:, k:k + 1].expand(-1, e - s, -1) for k, (s, e) in enumerate(ranges)], dim=1)
+    got = tok._unpool_tokens(y0 + spread, t, a, meta)
+    want = reference(t, y0)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(want)
+    g_got = torch.autograd.grad((got * w).sum(), (t, y0))
+    g_want = torch.autograd.grad((want * w).sum(), (t, y0))
+    for x, y in zip(g_got, g_want):
+        torch.testing.assert_close(x, y)
+    # the learned tables: F.embedding's gradient is plain indexing's
+    table = torch.randn(7, D, requires_grad=True)
+    idx = torch.tensor([0, 3, 3, 3, 6, 0, 1])
+    from arvid.tokenizer.evatok import _rows
+    ga = torch.autograd.grad((_rows(table, idx) * w[0, :7]).sum(), table)[0]
+    gb = torch.autograd.grad((table[idx] * w[0, :7]).sum(), table)[0]
+    torch.testing.assert_close(ga, gb)

@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -58,6 +59,7 @@ from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.pretrained import PretrainedMixin
 from arvid.tokenizer.attention import (
     Segments,
+    host_tags,
     host_to_device,
     block_causal_mask,
     flex_block_mask,
@@ -225,6 +227,14 @@ class TokenMeta:
     block_start_cpu: torch.Tensor  # the same on the host, for index arithmetic without a device sync
 
 
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a learned table ``[R, D]`` and ``LongTensor[N]`` of rows with many repeats
+    (a token's block, count or position): ``F.embedding``, whose CUDA backward reduces each row's
+    repeats in parallel, where plain indexing's backward runs the sort-based accumulating
+    ``index_put`` (22% of the EVATok proxy step's device time on an H100, 2026-12-05)."""
+    return F.embedding(index, table)
+
+
 # --------------------------------------------------------------------------- the tokenizer
 
 
@@ -340,9 +350,9 @@ class EVATok(nn.Module, PretrainedMixin):
 
     def _patch_blocks(self, num_blocks: int, device: torch.device) -> torch.Tensor:
         """Block id of every patch of a ``num_blocks``-block prefix, ``LongTensor[Np]`` (t, h, w order)."""
-        per_block = [f // self.config.patch_time for f in self.layout.frames_per_block[:num_blocks]]
-        lat = torch.repeat_interleave(torch.arange(num_blocks), torch.tensor(per_block))
-        return host_to_device(lat.repeat_interleave(self.grid * self.grid), device)
+        per_block = [f // self.config.patch_time * self.grid * self.grid
+                     for f in self.layout.frames_per_block[:num_blocks]]
+        return host_to_device(torch.from_numpy(np.repeat(np.arange(num_blocks, dtype=np.int64), per_block)), device)
 
     def _block_ranges(self, num_blocks: int) -> list[tuple[int, int]]:
         """``[(start, end)]`` of each block's patches in (t, h, w) raster order: time-major, so a
@@ -360,18 +370,25 @@ class EVATok(nn.Module, PretrainedMixin):
         return layout.validate(assignment, batch=batch).to(torch.long)
 
     def _token_meta(self, block_lengths: torch.Tensor, device: torch.device) -> TokenMeta:
-        bl = block_lengths.detach().to("cpu", torch.long)
-        host = Segments.from_block_lengths(bl, "cpu")
-        starts = F.pad(bl.reshape(-1).cumsum(0), (1, 0))[:-1]  # [B*K] start of each block
-        first = torch.repeat_interleave(starts, bl.reshape(-1))
-        pos = torch.arange(host.total) - first
-        cand = torch.repeat_interleave(self.layout.candidate_positions(bl).reshape(-1), bl.reshape(-1))
+        # host index arithmetic in numpy (see attention.host_tags: no intra-op thread pool)
+        bl = block_lengths.detach().to("cpu", torch.long).numpy()
+        flat = bl.reshape(-1)
+        cands = np.asarray(self.layout.candidates, dtype=np.int64)
+        cpos = np.minimum(np.searchsorted(cands, flat), len(cands) - 1)
+        if not (cands[cpos] == flat).all():
+            bad = sorted(set(flat[cands[cpos] != flat].tolist()))
+            raise ValueError(f"token counts {bad} are not candidates of this layout {self.layout.candidates}")
+        vid, blk = host_tags(bl)
+        n = vid.size
+        starts = np.concatenate([[0], np.cumsum(flat)[:-1]]).astype(np.int64)  # [B*K] start of each block
+        pos = np.arange(n, dtype=np.int64) - np.repeat(starts, flat)
+        cand = np.repeat(cpos, flat)
         # every per-token tag in one host-to-device copy (each copy of its own would sync the stream)
-        n = host.total
-        flat = host_to_device(torch.cat([host.vid, host.blk, pos, cand, starts]), device)
-        vid, blk, pos_d, cand_d, starts_d = flat.split([n, n, n, n, starts.numel()])
-        return TokenMeta(Segments(vid, blk, host.counts), pos_d, cand_d, starts_d.reshape(bl.shape),
-                         starts.reshape(bl.shape))
+        tags = host_to_device(torch.from_numpy(np.concatenate([vid, blk, pos, cand, starts])), device)
+        vid_d, blk_d, pos_d, cand_d, starts_d = tags.split([n, n, n, n, starts.size])
+        starts_cpu = torch.from_numpy(starts).reshape(bl.shape)
+        return TokenMeta(Segments(vid_d, blk_d, bl.sum(1).tolist()), pos_d, cand_d, starts_d.reshape(bl.shape),
+                         starts_cpu)
 
     def _backend(self, device: torch.device) -> str:
         return resolve_backend(self.config.attention, device)
@@ -409,7 +426,8 @@ class EVATok(nn.Module, PretrainedMixin):
             x = layer(x, mask)
 
         q = self._init_queries(x, assignment, meta)
-        q = q + self.query_pos[meta.pos] + self.query_block[meta.segments.blk] + self.query_count[meta.cand]
+        q = q + _rows(self.query_pos, meta.pos) + _rows(self.query_block, meta.segments.blk) \
+            + _rows(self.query_count, meta.cand)
         ctx = rearrange(x, "b n d -> (b n) d")  # packed patches, video-major
         ps = Segments.uniform(B, p_blk)
         masks = (None, None)
@@ -445,7 +463,7 @@ class EVATok(nn.Module, PretrainedMixin):
         for k, count, sel, idx in self._groups(assignment, meta, x.device):
             s, e = ranges[k]
             feats = x[:, s:e]  # [B, n_k, D], raster order inside the block
-            pooled = F.adaptive_avg_pool1d(rearrange(feats[sel], "m n d -> m d n"), count)
+            pooled = F.adaptive_avg_pool1d(rearrange(feats.index_select(0, sel), "m n d -> m d n"), count)
             out = out.index_copy(0, idx.reshape(-1), rearrange(pooled, "m d q -> (m q) d"))
         return out
 
@@ -465,11 +483,15 @@ class EVATok(nn.Module, PretrainedMixin):
         pos = (self.dec_time[:lat, None, :] + self.dec_space[None]).reshape(-1, self.config.dim)  # [Np, D]
 
         t = self.from_code(z_q.to(self.from_code.weight.dtype))
-        t = t + self.token_pos[meta.pos] + self.token_block[meta.segments.blk] + self.token_count[meta.cand]
+        t = t + _rows(self.token_pos, meta.pos) + _rows(self.token_block, meta.segments.blk) \
+            + _rows(self.token_count, meta.cand)
         if self.config.token_pos == "pooled":
             t = t + self._pooled_positions(pos, nb, meta)
-        first = t[meta.block_start.reshape(-1)].reshape(B, nb, -1)  # [B, K', D] first token of each block
-        y = first[:, p_blk] + pos  # [B, Np, D]
+        first = t.index_select(0, meta.block_start.reshape(-1)).reshape(B, nb, -1)  # [B, K', D] first tokens
+        # each block's first token over the block's patches: expands (whose backward is a sum), not an
+        # index by p_blk (whose backward would accumulate Np rows into K' on the device)
+        y = torch.cat([first[:, k:k + 1].expand(-1, e - s, -1) for k, (s, e) in enumerate(self._block_ranges(nb))],
+                      dim=1) + pos  # [B, Np, D]
         if self.config.decoder_init == "first_unpooled":
             y = self._unpool_tokens(y, t, block_lengths, meta)
         mask = block_causal_mask(p_blk, p_blk)
@@ -485,13 +507,18 @@ class EVATok(nn.Module, PretrainedMixin):
         the raster chunks they were pooled from (adaptive average pooling from q tokens to n_k patches):
         a direct path from a token to its region, which the decoder's attention then refines."""
         ranges = self._block_ranges(block_lengths.shape[1])
+        B, _, D = y.shape
+        # each block's videos are split among its count groups: fill a [B, n_k, D] slab per block by
+        # index_copy (backward: index_select) and add the slabs once; an accumulating index_put per
+        # group would run the device's sort-based accumulate kernel, forward and backward
+        slabs = [y.new_zeros(B, e - s, D) for s, e in ranges]
         for k, count, sel, idx in self._groups(block_lengths, meta, y.device):
             s, e = ranges[k]
-            cols = torch.arange(s, e, device=y.device)  # [n_k] patch indices of block k
-            up = F.adaptive_avg_pool1d(rearrange(t[idx], "m q d -> m d q"), e - s)
-            up = rearrange(up, "m d n -> m n d").to(y.dtype)  # [m, n_k, D]
-            y = y.index_put((sel[:, None], cols[None, :]), up, accumulate=True)
-        return y
+            m = sel.numel()
+            src = t.index_select(0, idx.reshape(-1)).view(m, count, -1)
+            up = F.adaptive_avg_pool1d(rearrange(src, "m q d -> m d q"), e - s)
+            slabs[k] = slabs[k].index_copy(0, sel, rearrange(up, "m d n -> m n d").to(y.dtype))  # [B, n_k, D]
+        return y + torch.cat(slabs, dim=1)
 
     def _pooled_positions(self, pos: torch.Tensor, nb: int, meta: TokenMeta) -> torch.Tensor:
         """Token i of a block with q tokens gets the mean of the patch position embeddings of the
@@ -506,7 +533,7 @@ class EVATok(nn.Module, PretrainedMixin):
                 offsets[k, ci], off = off, off + count
         table = torch.cat(tables)  # [sum over (k, c) of c, D]
         offsets = host_to_device(offsets, pos.device)
-        return table[offsets[meta.segments.blk, meta.cand] + meta.pos]
+        return _rows(table, offsets[meta.segments.blk, meta.cand] + meta.pos)
 
     # ------------------------------------------------------------------ public API
     def forward(self, video: torch.Tensor, assignment: torch.Tensor, generator: torch.Generator | None = None,
