@@ -54,6 +54,55 @@ def test_pad_and_concat():
         pack_sequences([torch.arange(5)], 1, loss_masks=[torch.ones(4, dtype=torch.bool)])
 
 
+def _pack_reference(seqs, num_prefix, masks, pad_to, max_seqlen):
+    """pack_sequences written one sequence at a time, as the layout is defined."""
+    toks, tgts, pos, pm, lens = [], [], [], [], []
+    for i, seq in enumerate(seqs):
+        L = len(seq)
+        toks += [0] * num_prefix + seq[:-1]
+        t = [IGNORE] * (num_prefix - 1) + list(seq)
+        if masks is not None:
+            t[num_prefix - 1:] = [x if m else IGNORE for x, m in zip(seq, masks[i])]
+        tgts += t
+        pos += list(range(num_prefix + L - 1))
+        pm += [True] * num_prefix + [False] * (L - 1)
+        lens.append(num_prefix + L - 1)
+    left = (pad_to - sum(lens)) if pad_to else 0
+    while left > 0:
+        k = left if max_seqlen is None else min(left, max_seqlen)
+        toks += [0] * k
+        tgts += [IGNORE] * k
+        pos += list(range(k))
+        pm += [False] * k
+        lens.append(k)
+        left -= k
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return toks, tgts, pos, pm, cu
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=30), num_prefix=st.integers(1, 3),
+       masked=st.booleans(), extra=st.integers(0, 90), bound=st.sampled_from([None, 45]), seed=st.integers(0, 99))
+def test_pack_sequences_matches_the_per_sequence_definition(lengths, num_prefix, masked, extra, bound, seed):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 1000, (n,), generator=g) for n in lengths]
+    masks = [torch.rand(n, generator=g) < 0.7 for n in lengths] if masked else None
+    total = sum(num_prefix + n - 1 for n in lengths)
+    if bound is not None and max(num_prefix + n - 1 for n in lengths) > bound:
+        bound = None
+    pad_to = total + extra if extra else None
+    b = pack_sequences(seqs, num_prefix, loss_masks=masks, pad_to=pad_to, max_seqlen=bound)
+    toks, tgts, pos, pm, cu = _pack_reference([q.tolist() for q in seqs], num_prefix,
+                                              [m.tolist() for m in masks] if masks else None, pad_to, bound)
+    assert b.tokens.tolist() == toks and b.targets.tolist() == tgts
+    assert b.position_ids.tolist() == pos and b.prefix_mask.tolist() == pm
+    assert b.cu_seqlens.tolist() == cu and b.num_seqs == len(lengths)
+    assert b.tokens.dtype == b.targets.dtype == b.position_ids.dtype == torch.long
+    assert b.prefix_mask.dtype == torch.bool
+
+
 @settings(max_examples=40, deadline=None)
 @given(lengths=st.lists(st.integers(1, 100), min_size=1, max_size=120), budget=st.integers(100, 400),
        seed=st.integers(0, 5), window=st.integers(1, 64))
@@ -146,3 +195,35 @@ def test_collate_class_and_frames():
     assert torch.equal(tb.text_ids, text[[0, 1, 2, 0]]) and tb.class_ids is None
     with pytest.raises(ValueError, match="context_blocks"):
         PackingSpec(fmt, conditioning="frames")
+
+
+def test_dataset_batches_from_a_token_store_equal_collating_its_items(tmp_path):
+    """PackedBatchDataset gathers a TokenStore batch at once (get_batch, labels_of); the result is
+    the per-item collate's, field by field, for class and frame conditioning."""
+    from arvid.data.token_store import TokenStore, TokenStoreWriter
+    from arvid.generator.packing import PackedBatchDataset
+
+    layout = BlockLayout((2, 2), (2, 4, 8))
+    g = torch.Generator().manual_seed(0)
+    bl = torch.tensor([2, 4, 8])[torch.randint(0, 3, (40, 2), generator=g)]
+    with TokenStoreWriter(tmp_path / "s", "fp", layout, 64) as w:
+        w.append(TokenizedVideo(torch.randint(0, 64, (int(bl.sum()),), generator=g), bl),
+                 labels=torch.randint(0, 5, (40,), generator=g))
+    store = TokenStore(tmp_path / "s")
+    fmt = SequenceFormat(64, layout)
+    for spec in (PackingSpec(fmt, 1, "class", pad_to=160, static_max_seqlen=True),
+                 PackingSpec(fmt, 1, "frames", context_blocks=1)):
+        ds = PackedBatchDataset(store, spec, 160, seed=3)
+        assert len(ds) > 2
+        for i in range(len(ds)):
+            got = ds[i]
+            want = collate_token_items([store[j] for j in ds.batches[i]], spec)
+            for name in ("tokens", "targets", "position_ids", "cu_seqlens", "prefix_mask"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (name, i)
+            assert (got.class_ids is None) == (want.class_ids is None)
+            if got.class_ids is not None:
+                assert torch.equal(got.class_ids, want.class_ids)
+            assert got.max_seqlen == want.max_seqlen and got.num_seqs == want.num_seqs
+    assert store.labels_of([-1]).tolist() == [int(store.labels[-1])]
+    with pytest.raises(IndexError, match="index 40 out of range"):
+        store.get_batch([0, 40])

@@ -347,14 +347,30 @@ class TokenStore:
 
     def get_batch(self, indices: Sequence[int] | torch.Tensor) -> TokenizedVideo:
         """The videos ``indices`` packed in that order: ``TokenizedVideo(codes[sum L], block_lengths[B, K])``."""
-        idx = [self._check_index(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        idx = self._check_indices(indices)
         codes = self._codes_array()
         off = self._index["offsets"]
-        parts = [np.asarray(codes[int(off[i]):int(off[i + 1])]) for i in idx]
-        flat = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-        bl = self._index["block_lengths"][idx].astype(np.int64) if idx else np.zeros(
-            (0, self.layout.num_blocks), np.int64)
-        return TokenizedVideo(torch.from_numpy(flat), torch.from_numpy(bl).reshape(len(idx), -1))
+        # one gather over the codes (no per-video slices): every wanted position at once
+        starts, counts = off[idx].astype(np.int64), (off[idx + 1] - off[idx]).astype(np.int64)
+        firsts = np.cumsum(counts) - counts  # where each video begins in the output
+        pos = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - firsts, counts)
+        flat = np.asarray(codes[pos]).astype(np.int64)
+        bl = self._index["block_lengths"][idx].astype(np.int64).reshape(len(idx), self.layout.num_blocks)
+        return TokenizedVideo(torch.from_numpy(flat), torch.from_numpy(bl))
+
+    def labels_of(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``LongTensor[len(indices)]`` labels of the videos ``indices`` (-1 where none was given)."""
+        return torch.from_numpy(self._index["labels"][self._check_indices(indices)].astype(np.int64))
+
+    def _check_indices(self, indices: Sequence[int] | torch.Tensor) -> np.ndarray:
+        """``int64[n]`` of ``indices`` with negative ones wrapped; IndexError naming the first bad one."""
+        n = len(self)
+        idx = np.asarray(torch.as_tensor(indices, dtype=torch.long).reshape(-1)).copy()
+        idx[idx < 0] += n
+        bad = (idx < 0) | (idx >= n)
+        if bad.any():
+            raise IndexError(f"token store index {int(idx[np.argmax(bad)])} out of range [0, {n})")
+        return idx
 
 
 def merge_shards(directory: str | os.PathLike, num_shards: int | None = None, remove: bool = True,

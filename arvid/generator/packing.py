@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from arvid.data.types import BlockLayout, TokenizedVideo
@@ -111,48 +112,56 @@ def pack_sequences(
     for name, c in (("class_ids", class_ids), ("text_ids", text_ids)):
         if c is not None and c.shape[0] != s:
             raise ValueError(f"{name} has {c.shape[0]} rows for {s} sequences")
-    toks, tgts, pos, pmask, lens = [], [], [], [], []
-    for i, seq in enumerate(seqs):
-        seq = torch.as_tensor(seq, dtype=torch.long).reshape(-1)
-        L = seq.numel()
-        if L < 1:
-            raise ValueError(f"sequence {i} is empty")
-        n = num_prefix + L - 1  # [cond_1..cond_n, s_1..s_{L-1}]
-        tok = torch.cat([seq.new_zeros(num_prefix), seq[:-1]])
-        tgt = torch.cat([seq.new_full((num_prefix - 1,), IGNORE), seq])
-        if loss_masks is not None:
-            m = torch.as_tensor(loss_masks[i], dtype=torch.bool).reshape(-1)
-            if m.numel() != L:
-                raise ValueError(f"loss mask {i} has {m.numel()} entries for a sequence of {L} tokens")
-            tgt[num_prefix - 1:] = torch.where(m, seq, torch.full_like(seq, IGNORE))
-        pm = torch.zeros(n, dtype=torch.bool)
-        pm[:num_prefix] = True
-        toks.append(tok)
-        tgts.append(tgt)
-        pos.append(torch.arange(n))
-        pmask.append(pm)
-        lens.append(n)
-    total = sum(lens)
+    # Vectorised over the batch (one numpy pass, no per-sequence tensors: a 32k-position batch of
+    # ~430 short sequences took 23 ms to pack one sequence at a time on a 2-core host, 2026-12-05)
+    flat_seqs = [np.asarray(torch.as_tensor(q, dtype=torch.long).reshape(-1)) for q in seqs]
+    L = np.fromiter((q.size for q in flat_seqs), dtype=np.int64, count=s)
+    if (L < 1).any():
+        raise ValueError(f"sequence {int(np.argmax(L < 1))} is empty")
+    lens = (num_prefix + L - 1).tolist()  # positions per sequence: [cond_1..cond_n, s_1..s_{L-1}]
+    total = int(sum(lens))
     if max_seqlen is not None and max(lens) > max_seqlen:
         raise ValueError(f"a packed sequence has {max(lens)} positions, more than max_seqlen={max_seqlen}")
+    pads: list[int] = []
     if pad_to is not None:
         if total > pad_to:
             raise ValueError(f"packed batch has {total} positions, more than pad_to={pad_to}")
         left = pad_to - total
         while left > 0:
             k = left if max_seqlen is None else min(left, max_seqlen)
-            toks.append(torch.zeros(k, dtype=torch.long))
-            tgts.append(torch.full((k,), IGNORE, dtype=torch.long))
-            pos.append(torch.arange(k))
-            pmask.append(torch.zeros(k, dtype=torch.bool))
-            lens.append(k)
+            pads.append(k)
             left -= k
+    flat = np.concatenate(flat_seqs)  # [sum L]
+    n = np.asarray(lens, dtype=np.int64)
+    pos = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # position in its sequence
+    prefix = pos < num_prefix
+    # each sequence's tokens but its last fill the non-prefix slots; all its tokens are the targets
+    # of the positions from its last prefix slot on
+    idx_in_seq = np.arange(flat.size, dtype=np.int64) - np.repeat(np.cumsum(L) - L, L)
+    tokens = np.zeros(total, dtype=np.int64)
+    tokens[~prefix] = flat[idx_in_seq < np.repeat(L - 1, L)]
+    if loss_masks is not None:
+        ms = [np.asarray(torch.as_tensor(m, dtype=torch.bool).reshape(-1)) for m in loss_masks]
+        for i, m in enumerate(ms):
+            if m.size != L[i]:
+                raise ValueError(f"loss mask {i} has {m.size} entries for a sequence of {int(L[i])} tokens")
+        flat = np.where(np.concatenate(ms), flat, IGNORE)
+    targets = np.full(total, IGNORE, dtype=np.int64)
+    targets[pos >= num_prefix - 1] = flat
+    if pads:
+        k = np.asarray(pads, dtype=np.int64)
+        pad_pos = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
+        tokens = np.concatenate([tokens, np.zeros(pad_pos.size, dtype=np.int64)])
+        targets = np.concatenate([targets, np.full(pad_pos.size, IGNORE, dtype=np.int64)])
+        pos = np.concatenate([pos, pad_pos])
+        prefix = np.concatenate([prefix, np.zeros(pad_pos.size, dtype=bool)])
+        lens = lens + pads
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     return PackedBatch(
-        tokens=torch.cat(toks), targets=torch.cat(tgts), position_ids=torch.cat(pos), cu_seqlens=cu,
-        max_seqlen=max(lens) if max_seqlen is None else int(max_seqlen), class_ids=class_ids, text_ids=text_ids,
-        prefix_mask=torch.cat(pmask), num_prefix=num_prefix, num_seqs=s,
+        tokens=torch.from_numpy(tokens), targets=torch.from_numpy(targets), position_ids=torch.from_numpy(pos),
+        cu_seqlens=cu, max_seqlen=max(lens) if max_seqlen is None else int(max_seqlen), class_ids=class_ids,
+        text_ids=text_ids, prefix_mask=torch.from_numpy(prefix), num_prefix=num_prefix, num_seqs=s,
     )
 
 
@@ -338,13 +347,20 @@ def collate_token_items(items: Sequence[dict], spec: PackingSpec) -> PackedBatch
         raise ValueError("collate_token_items got an empty batch")
     tv = TokenizedVideo(torch.cat([torch.as_tensor(it["codes"], dtype=torch.long) for it in items]),
                         torch.stack([torch.as_tensor(it["block_lengths"], dtype=torch.long) for it in items]))
+    labels = torch.tensor([int(it.get("label", 0) if it.get("label") is not None else 0) for it in items])
+    return collate_tokenized(tv, labels, spec)
+
+
+def collate_tokenized(tv: TokenizedVideo, labels: torch.Tensor, spec: PackingSpec) -> PackedBatch:
+    """Videos ``tv`` (``B`` of them) with ``labels LongTensor[B]`` -> one :class:`PackedBatch`."""
+    if tv.batch_size == 0:
+        raise ValueError("collate_tokenized got an empty batch")
     seq, lengths = spec.fmt.to_sequences(tv)
     seqs = list(torch.split(seq, lengths.tolist()))
     masks = None
     if spec.context_blocks > 0:
         ctx = spec.fmt.context_mask(tv.block_lengths, spec.context_blocks)  # [sum L]
         masks = [~m for m in torch.split(ctx, lengths.tolist())]
-    labels = torch.tensor([int(it.get("label", 0) if it.get("label") is not None else 0) for it in items])
     class_ids = labels if spec.conditioning == "class" else None
     text_ids = None
     if spec.conditioning == "text":
@@ -376,7 +392,11 @@ class PackedBatchDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> PackedBatch:
-        return collate_token_items([self.store[j] for j in self.batches[i]], self.spec)
+        idx = self.batches[i]
+        if not hasattr(self.store, "get_batch"):  # any indexable of token-store items
+            return collate_token_items([self.store[j] for j in idx], self.spec)
+        # a TokenStore: one gather for the whole batch
+        return collate_tokenized(self.store.get_batch(idx), self.store.labels_of(idx), self.spec)
 
     @staticmethod
     def collate(items: Sequence[PackedBatch]) -> PackedBatch:
