@@ -337,3 +337,30 @@ def test_sampler_always_returns_well_formed_sequences(gpt_and_fmt, temperature, 
     assert ((out.tokens.codes >= 0) & (out.tokens.codes < 256)).all()
     if budget is not None:
         assert (bl.sum(1) <= max(budget, 4)).all()
+
+
+def test_frame_prediction_context_gets_the_routers_counts(env, tmp_path):
+    """Frame prediction encodes each clip's context with the router's counts (the counts the
+    generator's training clips had), not the tokenizer's default assignment; a router of another
+    layout is refused by name."""
+    from arvid.sampling.frame_prediction import encode_context, pad_frames
+    from arvid.stages import evaluate
+    from arvid.tokenizer.base import load_tokenizer
+    from arvid.tokenizer.router import Router
+
+    tok = load_tokenizer(env / "A").eval()
+    torch.manual_seed(3)
+    router = Router.from_preset("debug", tok.layout, image_size=16)
+    router.save_pretrained(tmp_path / "router")
+    ctx = torch.rand(6, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    default = encode_context(tok, ctx, 2).block_lengths
+    assert torch.equal(default, tok.default_assignment(6, 2))
+    evaluate._attach_router(tok, str(tmp_path / "router"), torch.device("cpu"))
+    chosen = encode_context(tok, ctx, 2).block_lengths
+    want = Router.from_pretrained(tmp_path / "router").eval().choose(pad_frames(ctx, tok.layout.num_frames))[:, :2]
+    assert torch.equal(chosen, want)
+    assert not torch.equal(chosen, default)
+    other = Router.from_preset("debug", BlockLayout((2, 2, 2, 2), (1, 4)), image_size=16)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="router .*other.* was trained for layout"):
+        evaluate._attach_router(load_tokenizer(env / "A"), str(tmp_path / "other"), torch.device("cpu"))

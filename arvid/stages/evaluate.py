@@ -124,6 +124,19 @@ def _load_router(path: str | None, device: torch.device):
     return Router.from_pretrained(path).to(device).eval()
 
 
+def _attach_router(tok: Any, path: str | None, device: torch.device) -> None:
+    """Let ``tok.encode`` without an assignment use the router at ``path`` (frame prediction's context:
+    the clip's own token counts, as the tokenize stage gave the generator's training clips)."""
+    router = _load_router(path, device)
+    if router is None:
+        return
+    if router.layout != tok.layout:
+        raise ConfigError(f"router {path!r} was trained for layout {router.layout}, but the tokenizer has {tok.layout}")
+    if not hasattr(tok, "router"):
+        raise ConfigError(f"router {path!r} given, but the {type(tok).__name__} tokenizer takes no router")
+    tok.router = router
+
+
 @torch.no_grad()
 def reconstruct(tokenizer: Any, videos: torch.Tensor, assignment: torch.Tensor | None, device: torch.device,
                 batch_size: int, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +309,8 @@ class FPEvalConfig:
     num_videos: int = doc(64, "clips to continue")
     generator: str = doc("", "GPT directory")
     tokenizer: str = doc("", "tokenizer directory")
+    router: str | None = doc(None, "router directory: it picks each clip's context token counts (adaptive); "
+                             "null: the tokenizer's default assignment")
     context_frames: int = doc(5, "frames given (K600 protocol: 5, padded to 8 = the first two blocks)")
     sampler: SamplerConfig = nested(SamplerConfig, "temperature, top-k/top-p")
     protocol: str = doc("synthetic", "FVD protocol (K600: k600-fp-50k)")
@@ -340,6 +355,7 @@ def evaluate_fp(cfg: FPEvalConfig) -> dict:
     real, labels = real_clips(cfg.data, cfg.split, cfg.num_videos)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
     gpt = _load_gpt(cfg.generator, device, "fp32", tok, cfg.tokenizer)
+    _attach_router(tok, cfg.router, device)
     fake, tpv = predict(gpt, tok, real, labels, cfg.context_frames, cfg.sampler, cfg.batch_size, cfg.seed, device)
     f = QualityMeter(device, False, cfg.protocol, cfg.fvd_weights).fvd(real, fake, tpv)
     return {"fvd_fp": f["fvd"], "fvd_record": f, "tokens_per_video": tpv, "context_frames": cfg.context_frames,
@@ -455,6 +471,11 @@ def run_report(cfg: ReportConfig) -> Path:
         if cfg.frame_prediction:
             gpt = _load_gpt(str(gpt_dir), device, "fp32", tok, tok_dir)
             tokd = tok.to(device).eval()
+            # the context clips get the router's counts, as the generator's training clips did
+            # (before 2026-12-05 they got the tokenizer's default assignment: 64 per block in
+            # synthetic_gpu, against ~18 chosen by the router)
+            router_dir = exp / "router" / "router"
+            _attach_router(tokd, str(router_dir) if router_dir.is_dir() else None, device)
             ctx = cfg.context_frames or sum(tok.layout.frames_per_block[:min(2, tok.layout.num_blocks - 1)])
             n = min(cfg.num_videos, real.shape[0])
             pred, tpv = predict(gpt, tokd, real[:n], labels[:n], ctx, cfg.sampler, cfg.batch_size, cfg.seed, device)
