@@ -227,3 +227,12 @@ def test_dataset_batches_from_a_token_store_equal_collating_its_items(tmp_path):
     assert store.labels_of([-1]).tolist() == [int(store.labels[-1])]
     with pytest.raises(IndexError, match="index 40 out of range"):
         store.get_batch([0, 40])
+
+
+def test_token_store_labels_of_on_a_fresh_store(tmp_path):
+    from arvid.data.token_store import TokenStore, TokenStoreWriter
+
+    layout = BlockLayout((2, 2), (2, 4))
+    with TokenStoreWriter(tmp_path / "s", "fp", layout, 16) as w:
+        w.append(TokenizedVideo(torch.zeros(12, dtype=torch.long), torch.tensor([[2, 4], [4, 2]])), labels=[3, 1])
+    assert TokenStore(tmp_path / "s").labels_of([1, 0]).tolist() == [1, 3]  # before any other access

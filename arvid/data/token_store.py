@@ -360,7 +360,8 @@ class TokenStore:
 
     def labels_of(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``LongTensor[len(indices)]`` labels of the videos ``indices`` (-1 where none was given)."""
-        return torch.from_numpy(self._index["labels"][self._check_indices(indices)].astype(np.int64))
+        idx = self._check_indices(indices)  # loads the index first
+        return torch.from_numpy(self._index["labels"][idx].astype(np.int64))
 
     def _check_indices(self, indices: Sequence[int] | torch.Tensor) -> np.ndarray:
         """``int64[n]`` of ``indices`` with negative ones wrapped; IndexError naming the first bad one."""

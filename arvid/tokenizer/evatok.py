@@ -380,7 +380,7 @@ class EVATok(nn.Module, PretrainedMixin):
             raise ValueError(f"token counts {bad} are not candidates of this layout {self.layout.candidates}")
         vid, blk = host_tags(bl)
         n = vid.size
-        starts = np.concatenate([[0], np.cumsum(flat)[:-1]]).astype(np.int64)  # [B*K] start of each block
+        starts = (np.cumsum(flat) - flat).astype(np.int64)  # [B*K] start of each block
         pos = np.arange(n, dtype=np.int64) - np.repeat(starts, flat)
         cand = np.repeat(cpos, flat)
         # every per-token tag in one host-to-device copy (each copy of its own would sync the stream)
