@@ -10,6 +10,8 @@
 #                with flex (one block mask per batch since 2026-12-04): MFU and where the step's
 #                kernel time goes (matmul, attention, fused elementwise, ...) ([E])
 #   3. attention bench_attention.py: every backend, flex[shared mask] included ([E])
+#   3a. packing  bench_packing.py on the host's CPU: the generator's batch building (its stage logged
+#                data_wait_fraction 0.52 on the H100, 2026-12-05, before the vectorised packing)
 #   3b. fa4     where benchmarks/fa4_wheels.sh installed FlashAttention-4 into /tmp/fa4site (two
 #                calls carrying .fa4/p1 and .fa4/p2, then `fa4_wheels.sh install`; the step waits a
 #                minute for it): bench_attention (torch_varlen[FA4] rows), the GPT L with
@@ -40,7 +42,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention fa4 gputests sampling i3d decode}
+STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention packing fa4 gputests sampling i3d decode}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -69,6 +71,7 @@ run_all() {
         --warmup 3 --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py --presets L \
         --lengths router --steps 6 --warmup 3 --backend flex --profile --json '$R/generator_flex.json'"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
+    step packing 120 python3 benchmarks/bench_packing.py --json "$R/packing.jsonl"
     case " $STEPS " in *" fa4 "*)
         for _ in $(seq 12); do [ -d /tmp/fa4site/flash_attn ] && break; sleep 5; done ;;
     esac
@@ -108,6 +111,15 @@ run_all() {
 case $cmd in
     run) run_all ;;
     start)
+        case " $STEPS " in *" tokprof "*|*" pipeline "*)
+            # both train with an LPIPS loss: without the weights they fail at once (a fresh machine
+            # has none; carry .wts and copy it out, see above)
+            if [ ! -f "${ARVID_WEIGHTS_DIR:-/nonexistent}/lpips-alexnet-v0.1.safetensors" ]; then
+                echo "ARVID_WEIGHTS_DIR=${ARVID_WEIGHTS_DIR:-} has no lpips-alexnet-v0.1.safetensors: tokprof and" \
+                     "pipeline would fail; carry .wts and set ARVID_WEIGHTS_DIR" >&2
+                exit 5
+            fi ;;
+        esac
         mkdir -p "$R"
         setsid nohup "$0" run "$R" > "$R/agenda.out" 2>&1 < /dev/null &
         echo "started (pid $!); results in $R" ;;
