@@ -270,3 +270,42 @@ def test_fork_while_another_thread_holds_a_scaler(tmp_path):
     finally:
         stop.set()
         t.join()
+
+
+class _ThreadsSeen(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from arvid.data import files
+
+        seen = []
+        real = files._tolerant_decode
+
+        def spy(container, stream, *a, **k):  # the thread count decode_clip gave the stream
+            seen.append(stream.thread_count)
+            return real(container, stream, *a, **k)
+
+        files._tolerant_decode = spy
+        try:
+            clip = files.decode_clip(self.path, frames=T, size=S)
+        finally:
+            files._tolerant_decode = real
+        return {"threads": seen[0], "clip": torch.from_numpy(clip)}
+
+
+def test_decoder_threads_one_per_worker_and_the_same_frames(synth_dir):
+    """Inside DataLoader workers the FFmpeg decoder runs one thread (the workers are the
+    parallelism); in the main process FFmpeg picks. The decoded frames do not depend on it."""
+    from arvid.data.files import decoder_threads
+
+    path = sorted(synth_dir.glob("**/*.mp4"))[0]
+    assert decoder_threads() == 0
+    main = _ThreadsSeen(path)[0]
+    assert main["threads"] == 0
+    got = list(torch.utils.data.DataLoader(_ThreadsSeen(path), batch_size=None, num_workers=1))
+    assert [g["threads"] for g in got] == [1, 1]
+    assert all(torch.equal(g["clip"], main["clip"]) for g in got)

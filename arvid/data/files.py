@@ -100,6 +100,17 @@ def _reformatter():
     return r
 
 
+def decoder_threads() -> int:
+    """FFmpeg decoder threads for this process: 1 inside a DataLoader worker, else 0 (FFmpeg's
+    automatic choice, one per core). Parallelism across workers already fills the cores; FFmpeg's
+    default in each worker would start one thread per core in every one of them (15 workers on a
+    16-core host: ~250 threads), where decoding stopped scaling past 8 workers (H100 host,
+    2026-11-23, BENCHMARKS.md). Threading does not change the decoded frames."""
+    import torch.utils.data
+
+    return 1 if torch.utils.data.get_worker_info() is not None else 0
+
+
 def _resize_crop(frame, size: int) -> np.ndarray:  # frame: av.VideoFrame
     """Resize so the short side is ``size`` (FFmpeg's area scaler), centre crop: ``uint8 [size, size, 3]``."""
     w, h = frame.width, frame.height
@@ -160,6 +171,7 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
         if not container.streams.video:
             raise BadVideoError(f"{str(path)!r} has no video stream")
         stream = container.streams.video[0]
+        stream.thread_count = decoder_threads()
         tb = float(stream.time_base) if stream.time_base else 1 / av.time_base
         rate = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0) or 25.0
         step = 1.0 / fps if fps else frame_stride / rate  # seconds between output frames
