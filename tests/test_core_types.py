@@ -80,3 +80,11 @@ def test_video_conversion_roundtrip():
     assert m.shape == (3, 5, 6, 7) and m.min() >= -1 and m.max() <= 1
     assert torch.equal(to_file(m), x)
     assert torch.equal(to_file(to_model(x[None])), x[None])
+
+
+def test_segment_positions():
+    from arvid.data.types import segment_positions
+
+    assert segment_positions([2, 3]).tolist() == [0, 1, 0, 1, 2]
+    assert segment_positions([1, 0, 2]).tolist() == [0, 0, 1]
+    assert segment_positions([]).tolist() == []

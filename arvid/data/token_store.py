@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arvid.data.types import BlockLayout, TokenizedVideo
+from arvid.data.types import BlockLayout, TokenizedVideo, segment_positions
 from arvid.io import write_json
 
 FORMAT = "arvid-token-store"
@@ -352,9 +352,7 @@ class TokenStore:
         off = self._index["offsets"]
         # one gather over the codes (no per-video slices): every wanted position at once
         starts, counts = off[idx].astype(np.int64), (off[idx + 1] - off[idx]).astype(np.int64)
-        firsts = np.cumsum(counts) - counts  # where each video begins in the output
-        pos = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - firsts, counts)
-        flat = np.asarray(codes[pos]).astype(np.int64)
+        flat = np.asarray(codes[np.repeat(starts, counts) + segment_positions(counts)]).astype(np.int64)
         bl = self._index["block_lengths"][idx].astype(np.int64).reshape(len(idx), self.layout.num_blocks)
         return TokenizedVideo(torch.from_numpy(flat), torch.from_numpy(bl))
 

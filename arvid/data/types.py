@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from arvid.config import doc
@@ -221,3 +222,11 @@ class TokenizedVideo:
     def equal(self, other: TokenizedVideo) -> bool:
         return torch.equal(self.codes.cpu(), other.codes.cpu()) and torch.equal(
             self.block_lengths.cpu(), other.block_lengths.cpu())
+
+
+def segment_positions(lengths: np.ndarray) -> np.ndarray:
+    """``int64[sum(lengths)]``: each element's position inside its segment, for segments of
+    ``lengths`` laid end to end (``[2, 3] -> [0, 1, 0, 1, 2]``). Host index arithmetic of packed
+    sequences, in numpy: torch's CPU ``repeat_interleave`` waits on its intra-op thread pool."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from arvid.data.types import BlockLayout, TokenizedVideo
+from arvid.data.types import BlockLayout, TokenizedVideo, segment_positions
 from arvid.generator.sequence import SequenceFormat
 
 IGNORE = -100
@@ -104,8 +104,6 @@ def pack_sequences(
     """
     if not seqs:
         raise ValueError("pack_sequences needs at least one sequence")
-    if num_prefix < 1:
-        raise ValueError(f"num_prefix must be >= 1 (the last prefix slot predicts the first token), got {num_prefix}")
     if loss_masks is not None and len(loss_masks) != len(seqs):
         raise ValueError(f"{len(loss_masks)} loss masks for {len(seqs)} sequences")
     s = len(seqs)
@@ -130,40 +128,31 @@ def _pack_flat(flat: np.ndarray, L: np.ndarray, num_prefix: int, class_ids: torc
                text_ids: torch.Tensor | None, mask: np.ndarray | None, pad_to: int | None,
                max_seqlen: int | None) -> PackedBatch:
     """:func:`pack_sequences` of the sequences ``flat int64[sum L]`` cut at ``L int64[S]`` (all >= 1),
-    with the loss mask ``mask bool[sum L]`` or None. Vectorised over the batch: whole-batch numpy
-    ops, no per-sequence tensors (one sequence at a time, a 32k-position batch of ~330 short
-    sequences took 17 ms to pack on a 2-core host, 2026-12-05)."""
+    with the loss mask ``mask bool[sum L]`` or None. Whole-batch numpy ops, no per-sequence tensors
+    (``benchmarks/bench_packing.py``: 17.1 -> 1.4-2.0 ms per 32k-position batch, 2-core CPU,
+    2026-12-05)."""
+    if num_prefix < 1:
+        raise ValueError(f"num_prefix must be >= 1 (the last prefix slot predicts the first token), got {num_prefix}")
     lens = (num_prefix + L - 1).tolist()  # positions per sequence: [cond_1..cond_n, s_1..s_{L-1}]
     total = int(sum(lens))
     if max_seqlen is not None and max(lens) > max_seqlen:
         raise ValueError(f"a packed sequence has {max(lens)} positions, more than max_seqlen={max_seqlen}")
-    pads: list[int] = []
-    if pad_to is not None:
+    if pad_to is not None:  # padding segments, each no longer than max_seqlen
         if total > pad_to:
             raise ValueError(f"packed batch has {total} positions, more than pad_to={pad_to}")
         left = pad_to - total
         while left > 0:
-            k = left if max_seqlen is None else min(left, max_seqlen)
-            pads.append(k)
-            left -= k
-    n = np.asarray(lens, dtype=np.int64)
-    pos = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # position in its sequence
-    prefix = pos < num_prefix
+            lens.append(left if max_seqlen is None else min(left, max_seqlen))
+            left -= lens[-1]
+    pos = segment_positions(lens)  # position in its sequence, padding segments included
+    real = np.arange(pos.size) < total
+    prefix = (pos < num_prefix) & real
     # each sequence's tokens but its last fill the non-prefix slots; all its tokens are the targets
     # of the positions from its last prefix slot on
-    idx_in_seq = np.arange(flat.size, dtype=np.int64) - np.repeat(np.cumsum(L) - L, L)
-    tokens = np.zeros(total, dtype=np.int64)
-    tokens[~prefix] = flat[idx_in_seq < np.repeat(L - 1, L)]
-    targets = np.full(total, IGNORE, dtype=np.int64)
-    targets[pos >= num_prefix - 1] = flat if mask is None else np.where(mask, flat, IGNORE)
-    if pads:
-        k = np.asarray(pads, dtype=np.int64)
-        pad_pos = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
-        tokens = np.concatenate([tokens, np.zeros(pad_pos.size, dtype=np.int64)])
-        targets = np.concatenate([targets, np.full(pad_pos.size, IGNORE, dtype=np.int64)])
-        pos = np.concatenate([pos, pad_pos])
-        prefix = np.concatenate([prefix, np.zeros(pad_pos.size, dtype=bool)])
-        lens = lens + pads
+    tokens = np.zeros(pos.size, dtype=np.int64)
+    tokens[~prefix & real] = flat[segment_positions(L) < np.repeat(L - 1, L)]
+    targets = np.full(pos.size, IGNORE, dtype=np.int64)
+    targets[(pos >= num_prefix - 1) & real] = flat if mask is None else np.where(mask, flat, IGNORE)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     return PackedBatch(
@@ -374,8 +363,6 @@ def collate_tokenized(tv: TokenizedVideo, labels: torch.Tensor, spec: PackingSpe
             raise ValueError(f"labels {labels.tolist()} outside the text table of {spec.text_table.shape[0]} rows")
         text_ids = spec.text_table[labels]
     bound = spec.packed_length(spec.fmt.max_length) if spec.static_max_seqlen else None
-    if spec.num_prefix < 1:
-        raise ValueError(f"num_prefix must be >= 1, got {spec.num_prefix}")
     return _pack_flat(np.asarray(seq, dtype=np.int64), np.asarray(lengths, dtype=np.int64), spec.num_prefix,
                       class_ids, text_ids, mask, spec.pad_to, bound)
 
@@ -401,10 +388,7 @@ class PackedBatchDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> PackedBatch:
-        idx = self.batches[i]
-        if not hasattr(self.store, "get_batch"):  # any indexable of token-store items
-            return collate_token_items([self.store[j] for j in idx], self.spec)
-        # a TokenStore: one gather for the whole batch
+        idx = self.batches[i]  # one gather from the TokenStore for the whole batch
         return collate_tokenized(self.store.get_batch(idx), self.store.labels_of(idx), self.spec)
 
     @staticmethod

@@ -116,22 +116,25 @@ def _mean(d: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.float().mean()) for k, v in d.items()}
 
 
-def _load_router(path: str | None, device: torch.device):
+def _load_router(path: str | None, device: torch.device, tok: Any, tok_name: str = "in use"):
+    """The router at ``path`` (None: none) for ``tok``; ConfigError when its layout differs."""
     if not path:
         return None
     from arvid.tokenizer.router import Router
 
-    return Router.from_pretrained(path).to(device).eval()
+    router = Router.from_pretrained(path).to(device).eval()
+    if router.layout != tok.layout:
+        raise ConfigError(f"router {path!r} was trained for layout {router.layout}, but tokenizer "
+                          f"{tok_name!r} has layout {tok.layout}")
+    return router
 
 
 def _attach_router(tok: Any, path: str | None, device: torch.device) -> None:
     """Let ``tok.encode`` without an assignment use the router at ``path`` (frame prediction's context:
     the clip's own token counts, as the tokenize stage gave the generator's training clips)."""
-    router = _load_router(path, device)
+    router = _load_router(path, device, tok)
     if router is None:
         return
-    if router.layout != tok.layout:
-        raise ConfigError(f"router {path!r} was trained for layout {router.layout}, but the tokenizer has {tok.layout}")
     if not hasattr(tok, "router"):
         raise ConfigError(f"router {path!r} given, but the {type(tok).__name__} tokenizer takes no router")
     tok.router = router
@@ -188,10 +191,7 @@ def evaluate_recon(cfg: ReconEvalConfig, videos: torch.Tensor | None = None, met
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
     meter = meter or QualityMeter(device, cfg.lpips, cfg.protocol, cfg.fvd_weights)
     settings: list[tuple[str, torch.Tensor | None]] = []
-    router = _load_router(cfg.router, device)
-    if router is not None and router.layout != tok.layout:
-        raise ConfigError(f"router {cfg.router!r} was trained for layout {router.layout}, but tokenizer "
-                          f"{cfg.tokenizer!r} has layout {tok.layout}")
+    router = _load_router(cfg.router, device, tok, cfg.tokenizer)
     if router is not None:
         with torch.no_grad():
             choice = torch.cat([router.choose(videos[i:i + cfg.batch_size].to(device)).cpu()

@@ -52,7 +52,6 @@ class Segments:
     def from_block_lengths(block_lengths: torch.Tensor, device: torch.device | str | None = None) -> Segments:
         """Tags of a packed token sequence whose video b has ``block_lengths[b, k]`` tokens in block k."""
         bl = block_lengths.detach().to("cpu", torch.long).numpy()
-        B, K = bl.shape
         vid, blk = host_tags(bl)
         device = device if device is not None else block_lengths.device
         both = host_to_device(torch.from_numpy(np.stack([vid, blk])), device)  # one copy, no stream sync
@@ -72,7 +71,7 @@ def host_tags(block_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Host index arithmetic is done in numpy, single-threaded: torch's CPU ``repeat_interleave``
     enters its intra-op thread pool, and on a GPU host whose cores are busy with data-loader
     workers each such call waited milliseconds for the pool (4.3 ms per call on the H100 host,
-    2026-12-05, 37% of the EVATok step's host time), against ~20 us here."""
+    2026-12-05, 37% of the EVATok step's host time; ``benchmarks/bench_tokenizer_host.py``)."""
     B, K = block_lengths.shape
     flat = block_lengths.reshape(-1)
     vid = np.repeat(np.arange(B, dtype=np.int64), block_lengths.sum(1))

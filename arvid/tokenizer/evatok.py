@@ -55,14 +55,14 @@ from einops import rearrange
 from torch import nn
 
 from arvid.config import doc, nested
-from arvid.data.types import BlockLayout, TokenizedVideo
+from arvid.data.types import BlockLayout, TokenizedVideo, segment_positions
 from arvid.pretrained import PretrainedMixin
 from arvid.tokenizer.attention import (
     Segments,
-    host_tags,
-    host_to_device,
     block_causal_mask,
     flex_block_mask,
+    host_tags,
+    host_to_device,
     packed_attention,
     resolve_backend,
 )
@@ -371,17 +371,14 @@ class EVATok(nn.Module, PretrainedMixin):
 
     def _token_meta(self, block_lengths: torch.Tensor, device: torch.device) -> TokenMeta:
         # host index arithmetic in numpy (see attention.host_tags: no intra-op thread pool)
-        bl = block_lengths.detach().to("cpu", torch.long).numpy()
+        bl_t = block_lengths.detach().to("cpu", torch.long)
+        cpos = self.layout.candidate_positions(bl_t).numpy().reshape(-1)  # raises on a non-candidate
+        bl = bl_t.numpy()
         flat = bl.reshape(-1)
-        cands = np.asarray(self.layout.candidates, dtype=np.int64)
-        cpos = np.minimum(np.searchsorted(cands, flat), len(cands) - 1)
-        if not (cands[cpos] == flat).all():
-            bad = sorted(set(flat[cands[cpos] != flat].tolist()))
-            raise ValueError(f"token counts {bad} are not candidates of this layout {self.layout.candidates}")
         vid, blk = host_tags(bl)
         n = vid.size
-        starts = (np.cumsum(flat) - flat).astype(np.int64)  # [B*K] start of each block
-        pos = np.arange(n, dtype=np.int64) - np.repeat(starts, flat)
+        starts = np.cumsum(flat) - flat  # [B*K] start of each block
+        pos = segment_positions(flat)  # position inside its block
         cand = np.repeat(cpos, flat)
         # every per-token tag in one host-to-device copy (each copy of its own would sync the stream)
         tags = host_to_device(torch.from_numpy(np.concatenate([vid, blk, pos, cand, starts])), device)
