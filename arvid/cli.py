@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:
-        # Config errors, bad inputs and I/O problems carry a message that says what to fix;
-        # a traceback would only hide it. ARVID_DEBUG=1 shows the traceback.
+        # Config errors, bad inputs, I/O problems and an attention backend that cannot run here
+        # (AttentionBackendUnavailable is a ValueError) carry a message that says what to fix or
+        # install; a traceback would only hide it. ARVID_DEBUG=1 shows the traceback.
         import os
 
         if os.environ.get("ARVID_DEBUG"):

@@ -17,6 +17,8 @@ from arvid.generator.attention import (  # noqa: E402
     backend_unavailable_reason,
     document_causal_mask,
     padded_causal_attention,
+    resolve_backend,
+    resolve_training_backend,
     varlen_causal_attention,
 )
 
@@ -310,3 +312,24 @@ def test_torch_varlen_with_fa4_matches_reference():
             torch.testing.assert_close(g.double().cpu(), rg.double(), atol=6e-2, rtol=6e-2)
     finally:
         restore_flash_attention_impl()
+
+
+def test_unavailable_backend_is_a_value_error_that_says_what_to_install():
+    import importlib.util
+
+    assert issubclass(AttentionBackendUnavailable, ValueError)  # the CLI reports it as one line
+    reason = backend_unavailable_reason("flash_attn", "cpu", torch.bfloat16)
+    assert reason.startswith("attention backend 'flash_attn' needs a CUDA GPU (got device cpu)")
+    if importlib.util.find_spec("flash_attn") is None:
+        assert "it also needs the flash-attn package: pip install 'arvid[flash]'" in reason
+    if importlib.util.find_spec("xformers") is None:
+        assert "pip install 'arvid[xformers]'" in backend_unavailable_reason("xformers", "cpu", torch.float32)
+    assert "pip install" not in backend_unavailable_reason("cudnn", "cpu", torch.float32)
+    # training: flex has no backward pass off CUDA; auto and sdpa train on CPU
+    assert resolve_training_backend("auto", "cpu", torch.float32) == "sdpa"
+    assert resolve_training_backend("sdpa", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_backend("flex", "cpu", torch.float32) == "flex"  # inference is fine
+    with pytest.raises(AttentionBackendUnavailable, match="'flex' cannot train on cpu"):
+        resolve_training_backend("flex", "cpu", torch.float32)
+    with pytest.raises(AttentionBackendUnavailable, match="unknown attention backend 'nope'"):
+        resolve_training_backend("nope", "cpu", torch.float32)

@@ -135,3 +135,76 @@ def test_text_prompts(dirs, tmp_path):
     z = load(out)
     assert z["prompt_index"].tolist() == [0, 0, 1, 1] and z["classes"].tolist() == [-1] * 4
     assert z["block_lengths"].shape == (4, 4)
+
+
+def test_fixed_assignment_and_allowed_counts(dirs):
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0,1,2",
+            "--per-class", "3", "--batch-size", "4"]
+    assert cli(base + ["--out", str(dirs / "free"), "grid_format=none"]) == 0
+    free = load(dirs / "free")["block_lengths"]
+    assert len({tuple(r) for r in free.tolist()}) > 1  # free counts vary
+    assert not ((free[:, 0] == 4).all() and (free[:, 2] == 8).all())  # so the allowed sets below bind
+    out = dirs / "fixed"
+    assert cli(base + ["--fixed-assignment", "8,4,4,8", "--out", str(out), "grid_format=none"]) == 0
+    z = load(out)
+    assert z["block_lengths"].tolist() == [[8, 4, 4, 8]] * 9
+    assert z["lengths"].tolist() == [24 + 4] * 9  # codes + one length token per block
+    stats = json.loads((out / "sample_stats.json").read_text())
+    assert stats["constraints"] == {"fixed_assignment": [8, 4, 4, 8], "allowed_counts": None}
+    # one --allowed-counts per block
+    out = dirs / "allowed"
+    assert cli(base + ["--allowed-counts", "4", "--allowed-counts", "4,8", "--allowed-counts", "8",
+                       "--allowed-counts", "4,8", "--out", str(out), "grid_format=none"]) == 0
+    bl = load(out)["block_lengths"]
+    assert (bl[:, 0] == 4).all() and (bl[:, 2] == 8).all()
+    # one set for every block, as a YAML override; the config round-trips
+    out = dirs / "allowed8"
+    assert cli(base + ["--out", str(out), "grid_format=none", "allowed_counts=[8]"]) == 0
+    assert load(out)["block_lengths"].tolist() == [[8, 8, 8, 8]] * 9
+    assert cli(["sample", "--config", str(out / "config.yaml"), "--out", str(dirs / "allowed8b")]) == 0
+    assert load(dirs / "allowed8b")["block_lengths"].tolist() == [[8, 8, 8, 8]] * 9
+
+
+def test_fixed_assignment_with_context(dirs):
+    from arvid.config import ConfigError
+    from arvid.data.writer import write_video
+
+    write_video(torch.rand(3, 6, 40, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1, dirs / "ctx2.mp4", fps=8)
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "1",
+            "--per-class", "3", "--batch-size", "2", "--context", str(dirs / "ctx2.mp4"), "--context-frames", "3"]
+    out = dirs / "ctx_fixed"
+    assert cli(base + ["--fixed-assignment", "8,4,8,4", "--out", str(out), "grid_format=none"]) == 0  # context encoded at [8, 4]
+    z = load(out)
+    assert z["block_lengths"].tolist() == [[8, 4, 8, 4]] * 3
+    codes = np.split(z["codes"], np.cumsum(z["block_lengths"].sum(1))[:-1])
+    assert all(np.array_equal(c[:12], codes[0][:12]) for c in codes)
+    with pytest.raises(ConfigError, match=r"encoded with block counts \[4, 4\] \(context_count=4\).*block 0.*"
+                                          r"allowed counts of block 0: \[8\]"):
+        cli(base + ["--fixed-assignment", "8,4,8,4", "--out", str(dirs / "ctx_bad"), "context_count=4"])
+
+
+def test_bad_constraints_are_named(dirs, capsys):
+    from arvid.cli import main
+    from arvid.config import ConfigError
+
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--out", str(dirs / "bad")]
+    layout = r"has 4 blocks with candidate counts \[4, 8\]"
+    with pytest.raises(ConfigError, match=r"fixed_assignment \[8, 4, 4, 16\]: token counts \[16\] are not "
+                                          r"candidates.*" + layout):
+        cli(base + ["--fixed-assignment", "8,4,4,16"])
+    with pytest.raises(ConfigError, match=r"fixed_assignment \[8, 4\] gives 2 counts; the .*" + layout):
+        cli(base + ["--fixed-assignment", "8,4"])
+    with pytest.raises(ConfigError, match=r"allowed_counts: 5 \(block 0\) is not a candidate count.*" + layout):
+        cli(base + ["--allowed-counts", "5"])
+    with pytest.raises(ConfigError, match=r"one set of counts per block \(4\), got 2"):
+        cli(base + ["--allowed-counts", "4", "--allowed-counts", "8"])
+    with pytest.raises(ConfigError, match="no allowed token count for sample 0, block 0"):
+        cli(base + ["--fixed-assignment", "4,8,8,8", "allowed_counts=[8]"])
+    with pytest.raises(ConfigError, match=r"--fixed-assignment must be comma-separated integers.*'8,a'"):
+        cli(base + ["--fixed-assignment", "8,a"])
+    with pytest.raises(ConfigError, match=r"fixes every video at 24 tokens: budget=20 has nothing to choose"):
+        cli(base + ["--fixed-assignment", "8,4,4,8", "--budget", "20"])
+    # through the `arvid` entry point: one line on stderr, exit code 1
+    assert main(base + ["--allowed-counts", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arvid sample: error: allowed_counts: 5 (block 0)")

@@ -48,8 +48,12 @@ CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "cudnn", "flex", "sdpa")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class AttentionBackendUnavailable(RuntimeError):
-    """The requested attention backend cannot run here; the message says what to install or change."""
+class AttentionBackendUnavailable(ValueError):
+    """The requested attention backend cannot run here; the message says what to install or change.
+
+    A ``ValueError``: the configured value (``attn_backend``, ``flash_impl``) does not fit this
+    machine, so ``arvid`` reports it as one line (``arvid <command>: error: ...``) like any other
+    config error, without a traceback."""
 
 
 # --------------------------------------------------------------------------- availability
@@ -70,7 +74,11 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
             return "FlexAttention needs torch>=2.5 (torch.nn.attention.flex_attention); upgrade torch"
         return None
     if not cuda:
-        return f"attention backend {name!r} needs a CUDA GPU (got device {device}); use 'sdpa' or 'flex' on CPU"
+        # Say what to install as well: the package is needed on the GPU machine too.
+        missing = _package_problem(name)
+        also = f"; it also needs {missing.split(' needs ', 1)[1]}" if missing else ""
+        return (f"attention backend {name!r} needs a CUDA GPU (got device {device}){also}; use 'sdpa' (or 'flex' "
+                "for inference) on CPU")
     if name in ("flash_attn", "torch_varlen", "cudnn") and dtype not in _HALF:
         return f"attention backend {name!r} needs fp16/bf16 inputs, got {dtype}; train with precision=bf16"
     if name == "flash_attn":
@@ -86,9 +94,17 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
             return "attention backend 'cudnn' needs torch built with cuDNN (cuDNN SDPA, cuDNN>=9)"
         return None
     if name == "xformers":
-        if importlib.util.find_spec("xformers") is None:
-            return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"
-        return _xformers_kernel_problem()
+        return _package_problem(name) or _xformers_kernel_problem()
+    return None
+
+
+def _package_problem(name: str) -> str | None:
+    """For backends that come from a package of their own (``flash_attn``, ``xformers``): None when
+    it is installed, else ``"attention backend ... needs the ... package: pip install ..."``."""
+    if name == "flash_attn":
+        return _flash_attn_problem()
+    if name == "xformers" and importlib.util.find_spec("xformers") is None:
+        return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"
     return None
 
 
@@ -188,6 +204,19 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
     if reason is not None:
         raise AttentionBackendUnavailable(reason)
     return name
+
+
+def resolve_training_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """:func:`resolve_backend` for training (forward and backward passes): also refuses ``flex``
+    off CUDA, whose unfused CPU path has no backward pass. Stages call it before they build or
+    write anything, so a backend that cannot train here fails at once, not at the first step."""
+    device = torch.device(device)
+    resolved = resolve_backend(name, device, dtype)
+    if resolved == "flex" and device.type != "cuda":
+        raise AttentionBackendUnavailable(
+            f"attention backend 'flex' cannot train on {device} (FlexAttention has no backward pass off CUDA); "
+            "train with attn_backend='sdpa' (or 'auto') on CPU, or run 'flex' on a CUDA GPU")
+    return resolved
 
 
 # --------------------------------------------------------------------------- helpers

@@ -99,7 +99,12 @@ class SequenceConstraint:
         if allowed_counts is not None:
             allowed &= _allowed_from_counts(fmt, allowed_counts, B)
         if fixed_assignment is not None:
-            a = fmt.layout.validate(fixed_assignment, batch=B)  # [B, K], raises on non-candidates
+            try:
+                a = fmt.layout.validate(fixed_assignment, batch=B)  # [B, K], raises on non-candidates
+            except ValueError as e:
+                shown = (fixed_assignment.tolist() if isinstance(fixed_assignment, torch.Tensor)
+                         else list(fixed_assignment))
+                raise ValueError(f"fixed_assignment {shown}: {e}") from None
             allowed &= a[..., None] == cand  # [B, K, C]
         empty = ~allowed.any(-1)  # [B, K]
         if bool(empty.any()):
@@ -149,6 +154,32 @@ class SequenceConstraint:
         self.allowed = other.allowed
         self.has_budget = other.has_budget
         return self
+
+    def check_prefix_counts(self, block_lengths: torch.Tensor) -> None:
+        """Refuse a given prefix (frame prediction's context) whose block counts the constraints do
+        not allow, naming the sample, the block, its count and the allowed counts.
+
+        ``block_lengths``: ``LongTensor[P, n]`` of the ``n <= K`` leading blocks; ``P`` equals this
+        constraint's batch, or either of the two is 1 (it applies to every row of the other)."""
+        bl = torch.as_tensor(block_lengths, dtype=torch.long).cpu()
+        if bl.dim() == 1:
+            bl = bl[None]
+        P, n = bl.shape
+        K, B = self.fmt.layout.num_blocks, self.batch_size
+        if n > K:
+            raise ValueError(f"a prefix of {n} blocks is longer than the layout's {K}")
+        if P != B and 1 not in (P, B):
+            raise ValueError(f"prefix block counts for {P} samples do not fit a constraint over {B} samples")
+        M = max(P, B)
+        pos = self.fmt.layout.candidate_positions(bl)  # [P, n]; raises on a non-candidate count
+        ok = self.allowed[:, :n].expand(M, n, -1).gather(2, pos.expand(M, n)[..., None])[..., 0]  # [M, n]
+        if not bool(ok.all()):
+            b, k = (int(x) for x in (~ok).nonzero()[0])
+            count = int(bl[b if P > 1 else 0, k])
+            allowed = [c for c, a in zip(self.fmt.layout.candidates, self.allowed[b if B > 1 else 0, k].tolist()) if a]
+            raise ValueError(f"the prefix of sample {b} has {count} tokens in block {k}, which the constraints do not "
+                             f"allow there (allowed counts of block {k}: {allowed}): check allowed_counts / "
+                             "fixed_assignment against the prefix")
 
     # ------------------------------------------------------------------ step functions
     def done(self, state: ConstraintState) -> torch.Tensor:

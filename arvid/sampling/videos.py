@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 
 from arvid.data.types import TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
+from arvid.sampling.constraints import SequenceConstraint
 from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
 
 log = logging.getLogger("arvid.sampling")
@@ -92,6 +93,9 @@ def iter_sample_batches(
     budget: int | None = None,
     decode: bool = True,
     sampler: Sampler | None = None,
+    fixed_assignment: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
+    allowed_counts: Sequence | torch.Tensor | None = None,
+    prefix: TokenizedVideo | None = None,
     **generate_kwargs,
 ) -> Iterator[tuple[int, torch.Tensor | None, TokenizedVideo]]:
     """Yield ``(batch_index, videos float [b, C, T, H, W] (CPU) or None, TokenizedVideo)`` batch by batch.
@@ -106,7 +110,17 @@ def iter_sample_batches(
         batches: the batch indices to run (this process's share); None = all.
         budget: exact per-video cap on codes (None: none).
         sampler: reuse a :class:`Sampler` (keeps its captured graphs).
-        generate_kwargs: passed to ``Sampler.generate`` (``allowed_counts``, ``fixed_assignment``).
+        fixed_assignment: token counts to force: ``[K]`` (every sample) or ``[N, K]`` (one row per
+            sample, split into batches like the conditioning).
+        allowed_counts: the counts each block may take, for every sample: one collection of counts
+            for every block, one collection per block (``K``), or a ``BoolTensor [K, C]`` over the
+            layout's candidates (see :class:`~arvid.sampling.constraints.SequenceConstraint`).
+        prefix: given leading blocks (frame prediction's context) as a ``TokenizedVideo`` of 1 row
+            (every sample), ``N`` rows (one per sample) or ``batch_size`` rows (every batch as given).
+        generate_kwargs: passed to ``Sampler.generate`` (``guided``, ``budget_bias``, ...).
+
+    The constraints are checked against the tokenizer's layout (and the prefix against them)
+    before the first batch: a bad value is a ``ValueError`` naming it and the layout's candidates.
     """
     fmt = sequence_format_for(gpt, tokenizer)
     sampler = sampler or Sampler(gpt, fmt, cfg)
@@ -122,6 +136,7 @@ def iter_sample_batches(
         raise ValueError("give class_ids, text_ids or num_samples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    fixed, fixed_rows = _check_constraints(fmt, N, fixed_assignment, allowed_counts, prefix, batch_size)
     Cond = conditioning_class()
     todo = range(num_batches(N, batch_size)) if batches is None else batches
     for j in todo:
@@ -135,8 +150,15 @@ def iter_sample_batches(
             cond = Cond(text_ids=rows[idx])
         else:
             cond = Cond()
+        extra = dict(generate_kwargs)
+        if fixed is not None:
+            extra["fixed_assignment"] = fixed[idx] if fixed_rows else fixed
+        if allowed_counts is not None:
+            extra["allowed_counts"] = allowed_counts
+        if prefix is not None:
+            extra["prefix"] = _prefix_rows(prefix, idx, N, batch_size)
         g = torch.Generator().manual_seed(batch_seed(seed, j))
-        out = sampler.generate(cond, batch_size=batch_size, generator=g, budget=budget, **generate_kwargs)
+        out = sampler.generate(cond, batch_size=batch_size, generator=g, budget=budget, **extra)
         keep = hi - lo
         tokens = out.tokens if keep == batch_size else out.tokens.select(list(range(keep)))
         videos = None
@@ -145,6 +167,46 @@ def iter_sample_batches(
             with torch.no_grad():
                 videos = tokenizer.decode(tokens.to(dev)).float().clamp(-1, 1).cpu()
         yield j, videos, tokens
+
+
+def _check_constraints(fmt: SequenceFormat, n: int, fixed_assignment: Any, allowed_counts: Any,
+                       prefix: TokenizedVideo | None, batch_size: int) -> tuple[torch.Tensor | None, bool]:
+    """Check the sampling constraints (and the prefix against them) before any batch runs.
+
+    Returns the fixed assignment as ``LongTensor[K]`` or ``[N, K]`` (or None) and whether it has
+    one row per sample. Raises ``ValueError`` naming the bad value and the layout's candidates."""
+    K = fmt.layout.num_blocks
+    fixed, per_row = None, False
+    if fixed_assignment is not None:
+        fixed = torch.as_tensor(fixed_assignment, dtype=torch.long).cpu()
+        if fixed.dim() == 2 and fixed.shape[0] == 1:
+            fixed = fixed[0]
+        per_row = fixed.dim() == 2
+        if fixed.dim() not in (1, 2) or fixed.shape[-1] != K or (per_row and fixed.shape[0] != n):
+            raise ValueError(f"fixed_assignment must be [K={K}] counts (every sample) or [N={n}, K={K}] (one row "
+                             f"per sample), got shape {tuple(fixed.shape)}; the layout's candidates are "
+                             f"{fmt.layout.candidates}")
+    check = SequenceConstraint(fmt, n if per_row else 1, allowed_counts, fixed)  # raises on a bad value
+    if prefix is not None:
+        rows = prefix.batch_size
+        if rows not in (1, n, batch_size):
+            raise ValueError(f"prefix must have 1 row (every sample), {n} (one per sample) or batch_size={batch_size}"
+                             f" rows, got {rows}")
+        if 1 in (rows, check.batch_size) or rows == check.batch_size:
+            check.check_prefix_counts(prefix.block_lengths)
+    return fixed, per_row
+
+
+def _prefix_rows(prefix: TokenizedVideo, idx: torch.Tensor, n: int, batch_size: int) -> TokenizedVideo:
+    """The prefix rows of one batch (rows ``idx`` of the samples; see ``iter_sample_batches``)."""
+    rows = prefix.batch_size
+    if rows == n and n != batch_size:
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), prefix.block_lengths.sum(1).cumsum(0)])
+        codes = [prefix.codes[int(starts[i]):int(starts[i + 1])] for i in idx.tolist()]
+        return TokenizedVideo(torch.cat(codes), prefix.block_lengths[idx])
+    if rows == 1 and batch_size > 1:
+        return TokenizedVideo(prefix.codes.repeat(batch_size), prefix.block_lengths.expand(batch_size, -1).clone())
+    return prefix  # batch_size rows: every batch as given (also n == batch_size, where idx is every row)
 
 
 def sample_videos(gpt: Any, tokenizer: Any, cfg: SamplerConfig, class_ids: torch.Tensor | None = None, *,

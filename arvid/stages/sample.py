@@ -5,6 +5,8 @@
     arvid sample --generator G --tokenizer T --context clip.mp4 --per-class 4      # frame prediction
     arvid sample --generator G --tokenizer T --text "a red ball bounces" --per-class 4
     arvid sample --generator G --tokenizer T --budget 600                          # mean tokens/video
+    arvid sample --generator G --tokenizer T --fixed-assignment 64,64,128,256      # every video's counts
+    arvid sample --generator G --tokenizer T --allowed-counts 64,128               # counts every block may take
     arvid sample --config sample.yaml sampler.top_k=100                            # YAML + overrides
 
 Outputs in ``out``:
@@ -14,8 +16,9 @@ Outputs in ``out``:
 - ``tokens.npz``: ``sequences`` (packed, length tokens included), ``lengths``, ``codes``
   (packed), ``block_lengths [N, K]``, ``classes [N]`` (-1: none), ``prompt_index [N]``;
 - ``sample_stats.json``: samples, seconds, samples/s (tokens only and with decoding), tokens
-  per video (mean, std, min, max, per block), the budget and the calibrated length bias, device
-  and step execution (eager / CUDA graph); the quality for a budget comes from ``arvid eval``;
+  per video (mean, std, min, max, per block), the budget and the calibrated length bias, the
+  constraints (``fixed_assignment``, ``allowed_counts``), device and step execution (eager / CUDA
+  graph); the quality for a budget comes from ``arvid eval``;
 - ``done``: written last.
 
 Multi-process (``accelerate launch``): the batches are split between processes; batch ``j`` is
@@ -38,6 +41,7 @@ import torch
 
 from arvid.config import ConfigError, doc, load_config, nested, save_config
 from arvid.data.types import TokenizedVideo
+from arvid.generator.sequence import SequenceFormat
 from arvid.io import atomic_write, check_writable, write_json
 from arvid.sampling.budget import calibrate_budget_bias
 from arvid.sampling.frame_prediction import context_blocks_for, encode_context
@@ -70,6 +74,12 @@ class SampleConfig:
     context_frames: int = doc(5, "context frames read from --context (Kinetics-600 protocol: 5, padded to 8)")
     context_count: int = doc(0, "fixed token count of each context block; 0 = the tokenizer's own choice")
     sampler: SamplerConfig = nested(SamplerConfig, "guidance, temperature, top-k/top-p, length bias, execution")
+    fixed_assignment: list[int] | None = doc(
+        None, "one token count per block, forced on every video, e.g. [64, 64, 128, 256] (each a candidate of the "
+              "tokenizer's layout; with --context, the context blocks are encoded at these counts)")
+    allowed_counts: list[int] | list[list[int]] | None = doc(
+        None, "the token counts the sampler may choose: one list for every block, e.g. [64, 128], or one list per "
+              "block, e.g. [[64], [64, 128], [128, 256], [256]]; null = every candidate of the layout")
     budget: float = doc(0.0, "tokens per video: the mean to aim for (mode mean) or the cap (mode exact); 0 = off")
     budget_mode: Literal["mean", "exact"] = doc(
         "mean", "mean: calibrate the length bias beta to meet the mean; exact: cap every video at `budget`")
@@ -92,6 +102,20 @@ class SampleConfig:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
         if self.context is not None and self.text:
             raise ValueError("give either --context or --text, not both")
+        if self.fixed_assignment is not None:
+            if not self.fixed_assignment or any(c <= 0 for c in self.fixed_assignment):
+                raise ValueError(f"fixed_assignment must be one positive token count per block, got "
+                                 f"{self.fixed_assignment}")
+            if self.budget > 0:
+                raise ValueError(f"fixed_assignment {self.fixed_assignment} fixes every video at "
+                                 f"{sum(self.fixed_assignment)} tokens: budget={self.budget:g} has nothing to choose; "
+                                 "give one of them")
+        if self.allowed_counts is not None:
+            per_block = [list(c) if isinstance(c, (list, tuple)) else [c] for c in self.allowed_counts]
+            if not self.allowed_counts or any(not cs for cs in per_block) or any(
+                    x <= 0 for cs in per_block for x in cs):
+                raise ValueError(f"allowed_counts must be positive token counts (one list for every block, or one "
+                                 f"non-empty list per block), got {self.allowed_counts}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -215,12 +239,26 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device)
     if cfg.context:
         video = read_context(cfg.context, cfg.context_frames, _frame_size(tokenizer))
         blocks = context_blocks_for(tokenizer.layout, cfg.context_frames)
-        plan.prefix = encode_context(tokenizer, video, blocks, cfg.context_count or None)
+        counts: int | list[int] | None = cfg.context_count or None
+        if counts is None and cfg.fixed_assignment is not None:
+            counts = list(cfg.fixed_assignment[:blocks])  # the context blocks at the forced counts
+        plan.prefix = encode_context(tokenizer, video, blocks, counts)
+        if cfg.fixed_assignment is not None or cfg.allowed_counts is not None:
+            from arvid.sampling.constraints import SequenceConstraint
+
+            try:
+                SequenceConstraint(SequenceFormat(tokenizer.codebook_size, tokenizer.layout), 1, cfg.allowed_counts,
+                                   cfg.fixed_assignment).check_prefix_counts(plan.prefix.block_lengths)
+            except ValueError as e:
+                raise ConfigError(f"--context {cfg.context!r} was encoded with block counts "
+                                  f"{plan.prefix.block_lengths[0].tolist()} (context_count={cfg.context_count}), "
+                                  f"which the constraints refuse: {e}; set context_count (or fixed_assignment) to "
+                                  "counts they allow") from None
     return plan
 
 
-def _batch_kwargs(plan: _Plan, batch_size: int) -> dict:
-    """``iter_sample_batches`` arguments for the plan."""
+def _batch_kwargs(plan: _Plan, cfg: SampleConfig) -> dict:
+    """``iter_sample_batches`` arguments for the plan and the config's constraints."""
     kw: dict[str, Any] = {}
     if plan.text_ids is not None:
         kw["text_ids"] = plan.text_ids
@@ -229,8 +267,32 @@ def _batch_kwargs(plan: _Plan, batch_size: int) -> dict:
     else:
         kw["num_samples"] = plan.n
     if plan.prefix is not None:
-        kw["prefix"] = TokenizedVideo.cat([plan.prefix] * batch_size)
+        kw["prefix"] = plan.prefix  # one row: the same context for every sample
+    if cfg.fixed_assignment is not None:
+        kw["fixed_assignment"] = list(cfg.fixed_assignment)
+    if cfg.allowed_counts is not None:
+        kw["allowed_counts"] = list(cfg.allowed_counts)
     return kw
+
+
+def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> None:
+    """Refuse ``fixed_assignment`` / ``allowed_counts`` that do not fit the tokenizer's layout, with a
+    :class:`~arvid.config.ConfigError` naming the field, the value, and the layout's blocks and
+    candidates (before any sampling)."""
+    from arvid.sampling.constraints import SequenceConstraint
+
+    if cfg.fixed_assignment is None and cfg.allowed_counts is None:
+        return
+    layout = fmt.layout
+    where = (f"tokenizer {str(cfg.tokenizer)!r} has {layout.num_blocks} blocks with candidate counts "
+             f"{list(layout.candidates)}")
+    if cfg.fixed_assignment is not None and len(cfg.fixed_assignment) != layout.num_blocks:
+        raise ConfigError(f"fixed_assignment {cfg.fixed_assignment} gives {len(cfg.fixed_assignment)} counts; the "
+                          f"{where}: give one count per block")
+    try:
+        SequenceConstraint(fmt, 1, cfg.allowed_counts, cfg.fixed_assignment)
+    except ValueError as e:
+        raise ConfigError(f"{e}; the {where}") from None
 
 
 def _calibration_cond(plan: _Plan, cfg: SampleConfig) -> tuple[Any, int]:
@@ -269,17 +331,20 @@ def run(cfg: SampleConfig) -> Path:
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
     fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
+    check_constraints(cfg, fmt)
     plan = plan_rows(cfg, gpt, tokenizer, device)
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
-    kw = _batch_kwargs(plan, cfg.batch_size)
+    kw = _batch_kwargs(plan, cfg)
 
     beta = scfg.budget_bias
     budget_cap = None
     calibration = None
     if cfg.budget > 0 and cfg.budget_mode == "mean":
         cond, n = _calibration_cond(plan, cfg)
-        extra = {"prefix": TokenizedVideo.cat([plan.prefix] * n)} if plan.prefix is not None else {}
+        extra = {k: v for k, v in kw.items() if k in ("allowed_counts", "fixed_assignment")}
+        if plan.prefix is not None:
+            extra["prefix"] = TokenizedVideo.cat([plan.prefix] * n)
         calibration = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n,
                                             seed=batch_seed(cfg.seed, -1), **extra)
         beta = calibration.beta
@@ -404,6 +469,7 @@ def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibr
                    "calibration_mean": calibration.mean_tokens if calibration else None,
                    "calibration_history": calibration.history if calibration else None},
         "sampler": dataclasses.asdict(scfg),  # as used: budget_bias holds the calibrated beta
+        "constraints": {"fixed_assignment": cfg.fixed_assignment, "allowed_counts": cfg.allowed_counts},
         "seed": cfg.seed,
         "generator": str(cfg.generator),
         "tokenizer": str(cfg.tokenizer),
@@ -446,6 +512,11 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     put("sampler.top_p", args.top_p)
     put("sampler.compile", args.compile)
     put("seed", args.seed)
+    if args.fixed_assignment is not None:
+        put("fixed_assignment", _int_list(args.fixed_assignment, "--fixed-assignment"))
+    if args.allowed_counts:
+        sets = [_int_list(a, "--allowed-counts") for a in args.allowed_counts]
+        put("allowed_counts", sets[0] if len(sets) == 1 else sets)
     put("budget", args.budget)
     put("budget_mode", args.budget_mode)
     put("batch_size", args.batch_size)
@@ -454,6 +525,17 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     if args.save_videos:
         put("save_videos", True)
     return load_config(SampleConfig, args.config, overrides + list(args.overrides))
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """``"64,64,128"`` -> ``[64, 64, 128]``; a ConfigError naming the flag otherwise."""
+    try:
+        values = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, e.g. 64,128, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} must be comma-separated integers, e.g. 64,128, got {text!r}")
+    return values
 
 
 def _yaml(value: Any) -> str:
@@ -490,6 +572,10 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--top-p", type=float, help="nucleus truncation (1 = off)")
     p.add_argument("--compile", choices=["auto", "eager", "cuda_graph", "compile"], help="decode step execution")
     p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--fixed-assignment", help="one token count per block for every video, e.g. 64,64,128,256")
+    p.add_argument("--allowed-counts", action="append",
+                   help="token counts the sampler may choose, e.g. 64,128: once for every block, or once per block "
+                        "(in block order)")
     p.add_argument("--budget", type=float, help="tokens per video: mean target (or cap with --budget-mode exact)")
     p.add_argument("--budget-mode", choices=["mean", "exact"], help="mean: calibrated length bias; exact: a cap")
     p.add_argument("--batch-size", type=int, help="videos per batch")

@@ -159,6 +159,37 @@ def build_gpt_config(cfg: TrainGeneratorConfig, fmt: SequenceFormat, num_classes
     return gpt
 
 
+def training_device(trainer: TrainerConfig) -> torch.device:
+    """The device type the Trainer will train on: ``cpu`` with ``trainer.device=cpu`` or without a
+    GPU, else ``cuda`` (accelerate's choice; the index does not matter for the checks here)."""
+    if trainer.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def check_attention_backend(cfg: TrainGeneratorConfig) -> str:
+    """The concrete attention backend ``gpt.attn_backend`` (the GPTConfig default when not
+    overridden) resolves to for the training device and ``trainer.precision``; raises
+    :class:`~arvid.generator.attention.AttentionBackendUnavailable` (a ValueError) saying what to
+    install or change when it cannot train there. Called before anything is built or written."""
+    from arvid.generator.attention import AttentionBackendUnavailable, resolve_training_backend
+
+    name = cfg.gpt.get("attn_backend", GPTConfig.__dataclass_fields__["attn_backend"].default)
+    if not isinstance(name, str):
+        raise ConfigError(f"gpt.attn_backend must be a string (auto, sdpa, flex, ...), got {name!r}")
+    device = training_device(cfg.trainer)
+    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    try:
+        resolved = resolve_training_backend(name, device, dtype)
+    except AttentionBackendUnavailable as e:
+        raise AttentionBackendUnavailable(
+            f"gpt.attn_backend={name} cannot train here (device {device.type}, trainer.precision="
+            f"{cfg.trainer.precision}): {e}") from None
+    log.info("train-generator: attention backend %s%s (device %s, %s)", resolved,
+             "" if resolved == name else f" (from {name})", device.type, cfg.trainer.precision)
+    return resolved
+
+
 def run(cfg: TrainGeneratorConfig) -> Path:
     """Train and save ``out_dir/gpt``; returns ``out_dir``."""
     from arvid.data.token_store import TokenStore
@@ -176,6 +207,7 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     if (out / "done").is_file() and (out / "gpt").is_dir():
         log.info("train-generator: %s is complete (done marker present); nothing to do", out)
         return out
+    check_attention_backend(cfg)  # before the run directory, the dataset or the model exist
     out = check_writable(out)
     store = TokenStore(cfg.token_store)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -240,4 +272,5 @@ def add_arguments(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
-__all__ = ["TrainGeneratorConfig", "GeneratorTask", "build_gpt_config", "run", "add_arguments"]
+__all__ = ["TrainGeneratorConfig", "GeneratorTask", "build_gpt_config", "check_attention_backend", "training_device",
+           "run", "add_arguments"]

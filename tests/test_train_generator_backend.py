@@ -1,0 +1,81 @@
+"""`arvid train-generator` with an attention backend that cannot train here: a one-line error that
+names the backend and what to install, before the run directory, the dataset or the model exist."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from arvid.cli import main
+from arvid.config import load_config
+from arvid.data.token_store import TokenStoreWriter
+from arvid.data.types import TokenizedVideo
+from arvid.generator.attention import AttentionBackendUnavailable
+from arvid.stages import train_generator
+from arvid.stages.train_generator import TrainGeneratorConfig, check_attention_backend
+from arvid.tokenizer.base import build_tokenizer
+
+FLASH_MISSING = importlib.util.find_spec("flash_attn") is None
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen_backend")
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", preset="debug")
+    tok.save_pretrained(root / "tok")
+    g = torch.Generator().manual_seed(0)
+    a = tok.layout.random_assignments(8, g)
+    codes = torch.randint(0, tok.codebook_size, (int(a.sum()),), generator=g)
+    with TokenStoreWriter(root / "store", tok.fingerprint(), tok.layout, tok.codebook_size) as w:
+        w.append(TokenizedVideo(codes, a), labels=[i % 2 for i in range(8)], video_ids=list(range(8)))
+    return root
+
+
+def overrides(root, out, *extra):
+    return [f"token_store={root / 'store'}", f"tokenizer={root / 'tok'}", f"out_dir={out}", "preset=debug",
+            "max_tokens=400", "trainer.max_steps=1", "trainer.batch_size=1", "trainer.precision=fp32",
+            "trainer.device=cpu", "trainer.checkpoint_every=0", "trainer.progress=false", *extra]
+
+
+def test_cli_unavailable_backend_is_one_line_and_writes_nothing(store, tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(train_generator, "PackedBatchDataset",
+                        lambda *a, **k: built.append("dataset") or pytest.fail("the dataset was built"))
+    out = tmp_path / "run"
+    rc = main(["train-generator", "configs/generator/debug.yaml",
+               *overrides(store, out, "gpt.attn_backend=flash_attn", "trainer.precision=bf16")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("arvid train-generator: error: gpt.attn_backend=flash_attn cannot train here")
+    assert "'flash_attn' needs a CUDA GPU (got device cpu)" in lines[0]
+    if FLASH_MISSING:
+        assert "pip install 'arvid[flash]'" in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists() and built == []
+
+
+def test_check_names_precision_and_flex_on_cpu(store, tmp_path, monkeypatch):
+    cfg = load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "a"))
+    assert check_attention_backend(cfg) == "sdpa"  # the GPTConfig default 'auto' on CPU
+    cfg = load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "b", "gpt.attn_backend=flex"))
+    with pytest.raises(AttentionBackendUnavailable, match="'flex' cannot train on cpu .*no backward pass"):
+        check_attention_backend(cfg)
+    assert not (tmp_path / "b").exists()
+    # On a GPU machine: fp32 training with a half-precision-only kernel is named with its fix.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(TrainGeneratorConfig, None, overrides(
+        store, tmp_path / "c", "gpt.attn_backend=torch_varlen", "trainer.device=auto"))
+    with pytest.raises(ValueError, match=r"torch_varlen cannot train here \(device cuda, trainer.precision=fp32\)"
+                                         r".*needs fp16/bf16 inputs.*precision=bf16"):
+        check_attention_backend(cfg)
+    if FLASH_MISSING:
+        cfg = load_config(TrainGeneratorConfig, None, overrides(
+            store, tmp_path / "d", "gpt.attn_backend=flash_attn", "trainer.device=auto", "trainer.precision=bf16"))
+        with pytest.raises(AttentionBackendUnavailable, match=r"pip install 'arvid\[flash\]'"):
+            train_generator.run(cfg)
+        assert not (tmp_path / "d").exists()
