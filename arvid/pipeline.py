@@ -31,7 +31,7 @@ from arvid.data.datasets import DataConfig
 from arvid.pipeline_engine import Pipeline, PipelineError, Stage, format_plan, format_summary
 from arvid.stages import curate as curate_stage
 from arvid.stages import eval_curve as curve_stage
-from arvid.stages import evaluate as evaluate_stage
+from arvid.stages import report as report_stage
 from arvid.stages import sample as sample_stage
 from arvid.stages import tokenize as tokenize_stage
 from arvid.stages import train_generator as generator_stage
@@ -71,7 +71,7 @@ class ExperimentConfig:
     generator: generator_stage.TrainGeneratorConfig = field(
         default_factory=generator_stage.TrainGeneratorConfig, metadata={"help": "GPT training on the token store"})
     sample: sample_stage.SampleConfig = nested(sample_stage.SampleConfig, "class-conditional samples")
-    report: evaluate_stage.ReportConfig = nested(evaluate_stage.ReportConfig, "metrics.json and report.md")
+    report: report_stage.ReportConfig = nested(report_stage.ReportConfig, "metrics.json and report.md")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -118,7 +118,7 @@ def build_pipeline(exp: ExperimentConfig) -> Pipeline:
         from arvid.tokenizer.base import tokenizer_config
 
         layout = tokenizer_config(exp.tokenizer.name, exp.tokenizer.params, preset=exp.tokenizer.preset).layout
-        count = exp.fixed_count or evaluate_stage.fixed_baseline_count(layout)
+        count = exp.fixed_count or report_stage.fixed_baseline_count(layout)
         if count not in layout.candidates:
             raise ValueError(f"fixed_count={count} is not a candidate count {layout.candidates}")
         uniform = [count] * layout.num_blocks
@@ -136,7 +136,7 @@ def build_pipeline(exp: ExperimentConfig) -> Pipeline:
     runs = {
         "proxy": tokenizer_stage.run, "curate": curate_stage.run, "router": router_stage.run,
         "curve": curve_stage.run, "final": tokenizer_stage.run, "tokenize": tokenize_stage.run,
-        "generator": generator_stage.run, "sample": sample_stage.run, "report": evaluate_stage.run_report,
+        "generator": generator_stage.run, "sample": sample_stage.run, "report": report_stage.run_report,
         "fixed": tokenizer_stage.run, "fixed_tokenize": tokenize_stage.run, "fixed_generator": generator_stage.run,
     }
     deps = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arvid.stages.evaluate import render_report
+from arvid.stages.report import render_report
 
 
 def _metrics() -> dict:
@@ -64,7 +64,7 @@ def test_the_mp4_twin_of_a_grid_is_skipped_without_pyav(tmp_path, monkeypatch, c
 
     import torch
 
-    from arvid.stages.evaluate import _write_mp4_grid
+    from arvid.stages.report import _write_mp4_grid
 
     videos = torch.zeros(2, 3, 4, 16, 16)
     try:
@@ -98,7 +98,7 @@ def test_writing_an_mp4_without_pyav_names_the_file_and_the_fix(tmp_path, monkey
 def test_a_media_file_that_fails_is_recorded_not_fatal(tmp_path, caplog):
     """A picture the report cannot write (a full disk, a codec) must not cost the metrics computed
     before it: the error is logged and listed in metrics.json and report.md."""
-    from arvid.stages.evaluate import _media
+    from arvid.stages.report import _media
 
     errors: list[str] = []
 

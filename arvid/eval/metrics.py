@@ -60,15 +60,19 @@ class ReconstructionMetrics(Metric):
 
     ``update(real, recon, tokens=None)``: videos ``[B, C, T, H, W]`` in [-1, 1]; ``tokens``: the
     number of tokens each video was coded with (``LongTensor[B]`` or one int for all).
-    ``lpips_net=None`` leaves LPIPS out (no weights needed).
+    ``lpips_net=None`` leaves LPIPS out (no weights needed); ``lpips``: an :class:`LPIPS` to use
+    instead of building one (several metrics can share one network).
     """
 
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, lpips_net: str | None = "alex", lpips_weights: str | None = None, **kwargs):
+    def __init__(self, lpips_net: str | None = "alex", lpips_weights: str | None = None, lpips: LPIPS | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.lpips = LPIPS(lpips_net, lpips_weights) if lpips_net is not None else None
+        if lpips is None and lpips_net is not None:
+            lpips = LPIPS(lpips_net, lpips_weights)
+        self.lpips = lpips
         for name in ("psnr", "ssim", "lpips_sum", "videos", "tokens", "token_videos"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 

@@ -1,0 +1,244 @@
+"""What `arvid eval recon | gen | fp | budget` and the report stream: real clips, FVD sides, progress.
+
+No evaluation holds a whole set of clips. Real clips come from a DataLoader in batches and leave
+only sums behind (FVD feature sums, per-video quality sums); generated clips likewise. At
+10,000 clips of 16 x 128 x 128 a float copy of one set is ~31 GB; the sums are ~1.3 MB.
+
+- :class:`ClipSet`: the protocol's real clips of a split. ``random-clips`` protocols
+  (``ucf-gfvd-*``) draw a seeded subset (``protocol.seed``), the others take the first N.
+  Batches are numbered globally; under ``torchrun`` process ``r`` takes batches
+  ``r, r + world, ...``, so every clip is read once (no sampler padding) and a batch's result
+  does not depend on the number of processes (a batch's sampling seed is its global number).
+- :class:`FVDSides`: one real side and any number of named fake sides sharing one I3D; the
+  real side is computed from the clips or loaded from a ``.npz`` (``real_stats``), and can be
+  saved for the next run (``save_real_stats``). Each result is reduced across processes.
+- :func:`progress`: a tqdm bar on rank 0, silent when stderr is not a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from arvid.data.datasets import DataConfig, build_dataset
+from arvid.eval.protocols import FVDProtocol, get_protocol
+
+log = logging.getLogger("arvid.evaluate")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU if there is one (``LOCAL_RANK`` under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world)``; joins the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    from arvid.stages.eval_fvd import _dist
+
+    return _dist()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over processes (itself when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` when there is one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def progress(total: int, desc: str, unit: str = "video"):
+    """A tqdm bar on rank 0 (disabled elsewhere and when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    rank, _ = dist_info()
+    return tqdm(total=total, desc=desc, unit=unit, disable=True if rank > 0 else None, leave=False)
+
+
+def protocol_draw(n_total: int, num: int | None, protocol: FVDProtocol | None) -> list[int]:
+    """Dataset indices of the real clips: a seeded subset of ``num`` for ``random-clips`` protocols
+    (sorted; seed ``protocol.seed``), else the first ``num``; all when ``num`` is None or larger."""
+    if num is not None and num < 1:
+        raise ValueError(f"num_videos must be >= 1 or null (all), got {num}")
+    if num is not None and num > n_total:
+        log.warning("asked for %d real clips but the split has only %d: using %d", num, n_total, n_total)
+    n = n_total if num is None else min(num, n_total)
+    if protocol is not None and protocol.clip_sampling.startswith("random") and n < n_total:
+        g = torch.Generator().manual_seed(protocol.seed)
+        return torch.randperm(n_total, generator=g)[:n].sort().values.tolist()
+    return list(range(n))
+
+
+def label_of(ds: Dataset, i: int) -> int:
+    """The class label of item ``i`` without decoding it where the dataset allows."""
+    if hasattr(ds, "label_of"):
+        return int(ds.label_of(i))  # type: ignore[attr-defined]
+    if hasattr(ds, "labels"):
+        return int(ds.labels[i])  # type: ignore[attr-defined]
+    return int(ds[i]["label"])
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"video": torch.stack([it["video"] for it in items]),
+            "label": torch.tensor([int(it["label"]) for it in items]),
+            "index": torch.tensor([int(it["index"]) for it in items])}
+
+
+class ClipSet:
+    """The protocol's real clips of one split, read in globally numbered batches (see the module doc).
+
+    ``len(clips)``: all processes' clips; :meth:`labels`: every clip's label in draw order (no
+    decoding for the built-in and file datasets); :meth:`batches`: this process's batches as
+    ``(j, dict(video float [b, C, T, H, W], label, index, pos))`` where ``pos`` are the clips'
+    positions in the draw (the fake side's sample ids).
+    """
+
+    def __init__(self, data: DataConfig, split: str, num: int | None, protocol: str | FVDProtocol | None,
+                 batch_size: int, workers: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = build_dataset(data, split=split)  # type: ignore[arg-type]
+        self.protocol = get_protocol(protocol) if protocol is not None else None
+        self.indices = protocol_draw(len(self.dataset), num, self.protocol)  # type: ignore[arg-type]
+        if not self.indices:
+            raise ValueError(f"the {split!r} split of the data is empty")
+        self.split, self.batch_size, self.workers = split, batch_size, workers
+        self.rank, self.world = dist_info()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def my_batches(self) -> list[int]:
+        """This process's global batch numbers."""
+        return list(range(self.rank, self.num_batches, self.world))
+
+    def positions(self, j: int) -> range:
+        """Draw positions of global batch ``j``."""
+        return range(j * self.batch_size, min((j + 1) * self.batch_size, len(self.indices)))
+
+    def labels(self) -> torch.Tensor:
+        """``LongTensor[N]``: every drawn clip's label, in draw order."""
+        return torch.tensor([label_of(self.dataset, i) for i in self.indices], dtype=torch.long)
+
+    def batches(self, desc: str | None = None) -> Iterator[tuple[int, dict]]:
+        mine = self.my_batches()
+        plan = [[self.indices[p] for p in self.positions(j)] for j in mine]
+        loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate)
+        bar = progress(sum(len(b) for b in plan), desc or f"{self.split} clips")
+        try:
+            for j, batch in zip(mine, loader):
+                batch["pos"] = torch.tensor(list(self.positions(j)))
+                yield j, batch
+                bar.update(batch["video"].shape[0])
+        finally:
+            bar.close()
+
+    def first(self, k: int) -> dict:
+        """The first ``k`` drawn clips (for pictures), read directly; every process gets them."""
+        return _collate([self.dataset[i] for i in self.indices[:k]])
+
+
+class FVDSides:
+    """One real side and named fake sides of FVD, one shared I3D, reduced across processes.
+
+    ``real_stats``: a ``.npz`` of real-side statistics (``arvid eval fvd --save-stats`` or
+    ``save_real_stats`` of an earlier run); checked against the protocol, backbone and weights.
+    Then :meth:`add_real` is not needed (and :attr:`needs_real` is False).
+    """
+
+    def __init__(self, protocol: str, weights: str | None, device: torch.device, real_stats: str | None = None):
+        from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
+
+        self.protocol, self.weights, self.device = protocol, weights, device
+        self.real = FrechetVideoDistance(protocol=protocol, weights=weights, precision="fp32", batch_size=8).to(device)
+        self.fakes: dict[str, Any] = {}
+        self._real_stats = None  # set once the real side is complete (loaded, or summed after its pass)
+        self.real_stats_source = real_stats
+        if real_stats:
+            path = Path(real_stats)
+            if not path.is_file():
+                raise FileNotFoundError(f"real_stats {real_stats!r} does not exist (write one with "
+                                        f"`arvid eval fvd REAL --save-stats FILE.npz` or save_real_stats)")
+            stats = FeatureStats.load(path)
+            self._extractor()  # the fake sides need it anyway; the check compares its backbone and weights
+            self.real.load_real_stats(stats)  # checks protocol key, backbone and weights
+            self._real_stats = stats
+
+    @property
+    def needs_real(self) -> bool:
+        """True until the real side is complete: loaded from a file, or closed by :meth:`real_side`
+        after the pass that fed it (a second pass over the same clips then adds nothing)."""
+        return self._real_stats is None
+
+    def _extractor(self):
+        if self.real.extractor is None:
+            self.real.extractor = self.real._default_extractor()
+        return self.real.extractor
+
+    @torch.no_grad()
+    def add_real(self, videos: torch.Tensor, ids: torch.Tensor) -> None:
+        if not self.needs_real:
+            return
+        self._extractor()
+        self.real.update(videos.to(self.device), real=True, ids=ids)
+
+    @torch.no_grad()
+    def add_fake(self, name: str, videos: torch.Tensor, ids: torch.Tensor) -> None:
+        from arvid.eval.fvd import FrechetVideoDistance
+
+        m = self.fakes.get(name)
+        if m is None:
+            m = self.fakes[name] = FrechetVideoDistance(protocol=self.protocol, extractor=self._extractor(),
+                                                        precision="fp32", batch_size=8).to(self.device)
+        m.update(videos.to(self.device), real=False, ids=ids)
+
+    def real_side(self):
+        """The real side's statistics, summed over processes (computed once; closes the real side).
+        Every process must call it (it is a collective under torchrun)."""
+        if self._real_stats is None:
+            self._extractor()
+            self._real_stats = self.real.side_stats("real")
+        return self._real_stats
+
+    def save_real(self, path: str) -> None:
+        """Write the real side's statistics (rank 0) for later runs' ``real_stats``."""
+        stats = self.real_side()
+        if dist_info()[0] == 0:
+            stats.save(path)
+            log.info("real-side FVD statistics (N = %d) written to %s", stats.n, path)
+
+    def result(self, name: str, tokens_per_video: float | None = None, **extra: Any) -> dict:
+        """The FVD record of fake side ``name`` against the real side."""
+        if name not in self.fakes:
+            raise ValueError(f"no clips were added to the fake side {name!r}")
+        m = self.fakes[name]
+        m.load_real_stats(self.real_side())
+        if self.real_stats_source:
+            extra.setdefault("real_stats", str(self.real_stats_source))
+        return m.result(tokens_per_video=tokens_per_video, **extra).to_dict()

@@ -1,0 +1,225 @@
+"""`arvid eval recon | gen | fp | budget` stream clips in batches: the protocol's draw, shards that
+cover every clip once, per-frame metrics, a real side saved and reused, quality vs token budget,
+and 2 processes (gloo) that give the numbers of 1.
+
+I3D is replaced by a small fixed random feature map (:class:`FakeI3D`): the tests check how clips
+reach FVD and how its sums are kept, not the network (tests/test_eval_i3d.py does that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arvid.data.datasets import DataConfig, build_dataset
+from arvid.data.token_store import TokenStoreWriter
+from arvid.data.types import TokenizedVideo
+from arvid.tokenizer.base import build_tokenizer
+
+TOK_PARAMS = dict(frames_per_block=[2, 2, 2, 2], candidates=[1, 4, 16], image_size=16)
+DATA = dict(source="synthetic", frames=8, size=16, num_videos=8, num_val_videos=7, random_start=False)
+
+
+class FakeI3D:
+    """400 features per clip: a fixed random projection of the clip pooled to 2 x 4 x 4."""
+
+    backbone_name = "fake-i3d"
+    weights_sha256 = "f" * 64
+
+    def __init__(self) -> None:
+        self.w = torch.randn(96, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.adaptive_avg_pool3d(x.double(), (2, 4, 4)).flatten(1)  # [B, 3 * 32]
+        return torch.tanh(p @ self.w.to(x.device))
+
+
+def fake_i3d(monkeypatch) -> None:
+    from arvid.eval.fvd import FrechetVideoDistance
+
+    monkeypatch.setattr(FrechetVideoDistance, "_default_extractor", lambda self: FakeI3D())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Path:
+    """A debug EVATok tokenizer and a class-conditional GPT trained one step on its codes (the synthetic
+    data's classes)."""
+    from arvid.stages.train_generator import TrainGeneratorConfig, run
+    from arvid.training import TrainerConfig
+
+    root = tmp_path_factory.mktemp("evalstages")
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", TOK_PARAMS, preset="debug")
+    tok.save_pretrained(root / "tok")
+    g = torch.Generator().manual_seed(0)
+    asg = tok.layout.random_assignments(8, g)
+    codes = torch.randint(0, tok.codebook_size, (int(asg.sum()),), generator=g)
+    with TokenStoreWriter(root / "store", tok.fingerprint(), tok.layout, tok.codebook_size) as w:
+        w.append(TokenizedVideo(codes, asg), labels=[i % 4 for i in range(8)], video_ids=list(range(8)))
+    run(TrainGeneratorConfig(token_store=str(root / "store"), tokenizer=str(root / "tok"), preset="debug",
+                             gpt=dict(attn_backend="sdpa"), max_tokens=200, out_dir=str(root / "gen"),
+                             num_classes=10,  # the synthetic data's
+                             trainer=TrainerConfig(max_steps=1, batch_size=1, device="cpu", progress=False,
+                                                   checkpoint_every=0)))
+    return root
+
+
+# --------------------------------------------------------------------------- the clips
+
+
+def test_clip_set_draws_the_protocols_clips_and_shards_cover_each_once(monkeypatch):
+    from arvid.stages import eval_stream
+    from arvid.stages.eval_stream import ClipSet
+
+    data = DataConfig(**{**DATA, "num_val_videos": 10})
+    first = ClipSet(data, "val", 5, "synthetic", batch_size=2)
+    assert first.indices == [0, 1, 2, 3, 4]
+    drawn = ClipSet(data, "val", 5, "ucf-gfvd-2048", batch_size=2)  # random-clips: seeded subset
+    want = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:5].sort().values.tolist()
+    assert drawn.indices == want and drawn.indices != first.indices
+    ds = build_dataset(data, "val")
+    assert drawn.labels().tolist() == [ds[i]["label"] for i in want]
+    # one process: every clip once, in draw order
+    seen = [(b["index"].tolist(), b["pos"].tolist()) for _, b in drawn.batches()]
+    assert [i for idx, _ in seen for i in idx] == want
+    assert [p for _, pos in seen for p in pos] == list(range(5))
+    # two processes: disjoint shares of whole batches that together are every batch
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(eval_stream, "dist_info", lambda rank=rank: (rank, 2))
+        shares.append([int(i) for _, b in ClipSet(data, "val", 5, "ucf-gfvd-2048", 2).batches() for i in b["index"]])
+    assert sorted(shares[0] + shares[1]) == want and not set(shares[0]) & set(shares[1])
+    assert len(shares[0]) == 3 and len(shares[1]) == 2  # batches 0, 2 and batch 1
+
+
+def test_a_protocol_the_data_cannot_meet_fails_before_loading_models(tmp_path):
+    from arvid.config import ConfigError
+    from arvid.stages.evaluate import ReconEvalConfig, evaluate_recon
+
+    cfg = ReconEvalConfig(data=DataConfig(**DATA), protocol="ucf-train-rfvd", tokenizer=str(tmp_path / "none"),
+                          device="cpu")
+    with pytest.raises(ConfigError, match="ucf-train-rfvd.*16-frame.*data.frames is 8"):
+        evaluate_recon(cfg)
+
+
+# --------------------------------------------------------------------------- recon
+
+
+def _recon_cfg(env: Path, tmp_path: Path, **kw):
+    from arvid.stages.evaluate import ReconEvalConfig
+
+    base = dict(data=DataConfig(**DATA), split="val", num_videos=5, tokenizer=str(env / "tok"), uniform=[4, 16],
+                fvd_uniform=[4], protocol="synthetic", lpips=False, batch_size=2, device="cpu",
+                out_dir=str(tmp_path / "recon"))
+    return ReconEvalConfig(**{**base, **kw})
+
+
+def test_recon_streams_per_frame_metrics_and_reuses_saved_real_statistics(env, tmp_path, monkeypatch):
+    from arvid.eval.fvd import FrechetVideoDistance
+    from arvid.eval.metrics import psnr_per_frame, ssim_per_frame
+    from arvid.stages.evaluate import evaluate_recon, reconstruct, run_recon
+    from arvid.tokenizer.base import load_tokenizer
+
+    fake_i3d(monkeypatch)
+    stats = tmp_path / "real.npz"
+    out = run_recon(_recon_cfg(env, tmp_path, save_real_stats=str(stats)))
+    res = json.loads((out / "recon.json").read_text())
+    assert "| uniform-4 |" in (out / "recon.md").read_text()
+    rows = res["results"]
+    assert set(rows) == {"uniform-4", "uniform-16"} and res["num_videos"] == 5
+    # the same numbers computed on the whole set at once
+    ds = build_dataset(DataConfig(**DATA), "val")
+    real = torch.stack([ds[i]["video"] for i in range(5)])
+    tok = load_tokenizer(env / "tok").eval()
+    for c in (4, 16):
+        rec, bl = reconstruct(tok, real, tok.layout.uniform(c)[0], torch.device("cpu"), 5)
+        r = rows[f"uniform-{c}"]
+        assert r["psnr"] == pytest.approx(float(psnr_per_frame(real, rec).double().mean()), rel=1e-5)
+        assert r["ssim"] == pytest.approx(float(ssim_per_frame(real, rec).double().mean()), rel=1e-5)
+        assert r["tokens_per_video"] == 4 * c
+    assert "rfvd" not in rows["uniform-16"]  # not in fvd_uniform
+    m = FrechetVideoDistance("synthetic", extractor=FakeI3D())
+    m.update(real, real=True)
+    m.update(reconstruct(tok, real, tok.layout.uniform(4)[0], torch.device("cpu"), 5)[0], real=False)
+    assert rows["uniform-4"]["rfvd"] == pytest.approx(float(m.compute()), rel=1e-9)
+    assert rows["uniform-4"]["fvd_record"]["num_real"] == 5 and rows["uniform-4"]["fvd_record"]["num_fake"] == 5
+    # the saved real side gives the same rFVD without computing it again
+    again = evaluate_recon(_recon_cfg(env, tmp_path, real_stats=str(stats), uniform=[4]))
+    assert again["results"]["uniform-4"]["rfvd"] == pytest.approx(rows["uniform-4"]["rfvd"], rel=1e-12)
+    assert again["results"]["uniform-4"]["fvd_record"]["extra"]["real_stats"] == str(stats)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        evaluate_recon(_recon_cfg(env, tmp_path, real_stats=str(tmp_path / "missing.npz")))
+
+
+def _two_process_worker(rank: int, port: int, env: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)
+    from arvid.eval.fvd import FrechetVideoDistance
+    from arvid.stages.evaluate import run_recon
+
+    FrechetVideoDistance._default_extractor = lambda self: FakeI3D()
+    run_recon(_recon_cfg(Path(env), Path(out), num_videos=7, batch_size=2))
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+
+
+def test_two_processes_give_the_numbers_of_one(env, tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    from arvid.stages.evaluate import evaluate_recon
+
+    fake_i3d(monkeypatch)
+    one = evaluate_recon(_recon_cfg(env, tmp_path, num_videos=7, batch_size=2))["results"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker, args=(port, str(env), str(tmp_path / "two")), nprocs=2, join=True)
+    two = json.loads((tmp_path / "two" / "recon" / "recon.json").read_text())["results"]
+    for name in one:
+        for key in ("psnr", "ssim", "tokens_per_video", "rfvd"):
+            if key in one[name]:
+                assert two[name][key] == pytest.approx(one[name][key], rel=1e-9), (name, key)
+    assert two["uniform-4"]["fvd_record"]["num_real"] == 7 and two["uniform-4"]["fvd_record"]["num_fake"] == 7
+
+
+# --------------------------------------------------------------------------- gen, budget
+
+
+def _gen_kw(env: Path, tmp_path: Path) -> dict:
+    return dict(data=DataConfig(**DATA), split="train", num_videos=8, generator=str(env / "gen" / "gpt"),
+                tokenizer=str(env / "tok"), protocol="synthetic", batch_size=4, device="cpu",
+                calibration_videos=16)
+
+
+def test_gen_with_a_token_cap_and_the_budget_sweep(env, tmp_path, monkeypatch):
+    from arvid.stages.evaluate import BudgetEvalConfig, GenEvalConfig, evaluate_gen, run_budget
+
+    fake_i3d(monkeypatch)
+    free = evaluate_gen(GenEvalConfig(**_gen_kw(env, tmp_path)))
+    capped = evaluate_gen(GenEvalConfig(**_gen_kw(env, tmp_path), budget=10, budget_mode="exact"))
+    assert capped["budget"] == {"mode": "exact", "target": 10, "cap": 10}
+    assert capped["tokens_per_video"] <= 10 < free["tokens_per_video"]
+    assert free["num_samples"] == 8 and free["fvd_record"]["num_real"] == 8
+    out = run_budget(BudgetEvalConfig(**_gen_kw(env, tmp_path), budgets=[8, 40], out_dir=str(tmp_path / "b")))
+    res = json.loads((out / "budget.json").read_text())
+    rows = res["rows"]
+    assert [r["target"] for r in rows] == [None, 8, 40]
+    assert rows[0]["tokens_per_video"] == pytest.approx(free["tokens_per_video"])  # same seed, no budget
+    assert rows[0]["gfvd"] == pytest.approx(free["gfvd"], rel=1e-9)
+    assert rows[1]["tokens_per_video"] < rows[2]["tokens_per_video"]
+    for r in rows[1:]:  # 8 samples against a calibration on 16 labels: near, not exact
+        assert abs(r["off_target"]) < 0.35, r
+        assert r["beta"] != 0.0
+    md = (out / "budget.md").read_text()
+    assert "| none |" in md and "| 8 |" in md and "| 40 |" in md
+    with pytest.raises(Exception, match="budgets"):
+        BudgetEvalConfig(**_gen_kw(env, tmp_path))
