@@ -115,7 +115,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     overrides = dict(vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101,
-                     attn_backend=args.backend)
+                     attn_backend=args.backend, residual_dtype=args.residual_dtype)
     model = GPT.from_preset(preset, **overrides).to(device)
     n_params = model.num_params()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
@@ -128,7 +128,8 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         return F.cross_entropy(model(batch).float(), batch.targets, ignore_index=IGNORE)
 
     step_loss = torch.compile(loss_fn) if args.compile else loss_fn
-    row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None}
+    row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None,
+           "residual_dtype": args.residual_dtype}
     with autocast:
         row["backend"] = model._backend(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     t_compile = time.perf_counter()
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--residual-dtype", default="float32", choices=("float32", "compute"),
+                   help="GPTConfig.residual_dtype: compute keeps the residual stream in bf16")
     p.add_argument("--flash-impl", default="", help="FA4 or FA3: torch's flash kernels for torch_varlen "
                                                     "(arvid.generator.attention.activate_flash_impl)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)

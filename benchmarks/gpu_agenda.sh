@@ -7,8 +7,10 @@
 #   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report);
 #                the training stages' last metrics records (data_wait_fraction) go to train_metrics.txt
 #   2. genprof   bench_generator.py --presets L --lengths router --profile, with torch_varlen and
-#                with flex (one block mask per batch since 2026-12-04): MFU and where the step's
-#                kernel time goes (matmul, attention, fused elementwise, ...) ([E])
+#                with flex (one block mask per batch since 2026-12-04), and with the bf16 residual
+#                stream (--residual-dtype compute; inductor's byte count on the CPU: -21% elementwise
+#                bytes per layer): MFU and where the step's kernel time goes (matmul, attention, fused
+#                elementwise, ...) ([E])
 #   3. attention bench_attention.py: every backend, flex[shared mask] included ([E])
 #   3a. packing  bench_packing.py on the host's CPU: the generator's batch building (its stage logged
 #                data_wait_fraction 0.52 on the H100, 2026-12-05, before the vectorised packing)
@@ -67,8 +69,10 @@ run_all() {
     for m in outputs/synthetic_gpu/*/metrics.jsonl; do  # each training stage's last logged record
         [ -f "$m" ] && echo "$m $(tail -n 1 "$m")"
     done > "$R/train_metrics.txt" 2>/dev/null
-    step genprof 420 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
+    step genprof 540 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
         --warmup 3 --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py --presets L \
+        --lengths router --steps 6 --warmup 3 --residual-dtype compute --profile \
+        --json '$R/generator_bf16res.json' && python3 benchmarks/bench_generator.py --presets L \
         --lengths router --steps 6 --warmup 3 --backend flex --profile --json '$R/generator_flex.json'"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
     step packing 120 python3 benchmarks/bench_packing.py --json "$R/packing.jsonl"

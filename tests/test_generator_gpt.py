@@ -400,3 +400,31 @@ def test_cast_for_inference_keeps_norm_gains_float32_and_samples():
         m.prefill(cache, cond_for(m, 2))
         logits = m.decode_step(cache, torch.tensor([1, 2]), torch.tensor(m.config.num_prefix), 16)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_bf16_residual_stream_matches_float32_within_bf16_rounding():
+    """residual_dtype=compute keeps the packed forward's residual stream in the autocast dtype: the
+    hidden states are bf16 between blocks, the logits and gradients stay within bf16 rounding of
+    the float32 stream, and without autocast it is the float32 model bit for bit."""
+    with pytest.raises(ValueError, match="residual_dtype"):
+        GPTConfig(vocab_size=V, max_seq_len=10, residual_dtype="bf16")
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, V, (n,), generator=g) for n in (9, 5, 12)]
+    batch = pack_sequences(seqs, 1, torch.tensor([0, 3, 1]))
+    ref, half = make(attn_backend="sdpa"), make(attn_backend="sdpa", residual_dtype="compute")
+    assert torch.equal(ref(batch), half(batch))  # no autocast: the stream is float32 either way
+    seen = []  # the residual stream entering the second block
+    for m in (ref, half):
+        m.blocks[1].attn_norm.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].dtype))
+    outs = []
+    for m in (ref, half):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(batch)
+        logits.float().square().mean().backward()
+        outs.append((logits.float(), m.blocks[0].attn.wqkv.weight.grad.clone()))
+    assert seen == [torch.float32, torch.bfloat16]
+    (l32, g32), (l16, g16) = outs
+    assert not torch.equal(l32, l16)  # the stream did change
+    assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99

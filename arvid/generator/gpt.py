@@ -56,6 +56,9 @@ class GPTConfig:
     norm_eps: float = doc(1e-5, "RMSNorm epsilon")
     init_std: float = doc(0.02, "std of the normal init of linear layers and embeddings")
     attn_backend: str = doc("auto", "packed attention: auto|flash_attn|torch_varlen|flex|cudnn|xformers|sdpa")
+    residual_dtype: str = doc("float32", "training's residual stream under autocast: float32 (the parameters' "
+                              "dtype) or compute (bf16: every residual add, norm input and their gradients "
+                              "move half the bytes; the norms still sum in float32)")
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
@@ -76,6 +79,8 @@ class GPTConfig:
             raise ValueError(f"text_pad_id {self.text_pad_id} outside the text vocabulary [0, {self.text_vocab_size})")
         if self.num_classes < 0 or not 0.0 <= self.class_dropout <= 1.0:
             raise ValueError(f"num_classes must be >= 0 and class_dropout in [0, 1], got {self.num_classes}, {self.class_dropout}")
+        if self.residual_dtype not in ("float32", "compute"):
+            raise ValueError(f"residual_dtype must be 'float32' or 'compute', got {self.residual_dtype!r}")
         if self.max_seq_len <= self.num_prefix:
             raise ValueError(f"max_seq_len {self.max_seq_len} leaves no room after {self.num_prefix} prefix slots")
 
@@ -425,6 +430,8 @@ class GPT(nn.Module, PretrainedMixin):
             raise ValueError(f"a packed sequence has {batch.max_seqlen} positions, more than max_seq_len="
                              f"{self.config.max_seq_len}")
         x = self.tok_emb(batch.tokens)  # [N, dim]
+        if self.config.residual_dtype == "compute":
+            x = x.to(dtype)  # the residual stream in the autocast dtype from here on
         cond = self.prefix_embeddings(Conditioning(batch.class_ids, batch.text_ids), s)  # [S, n, dim]
         slots = batch.cu_seqlens[:s].long()[:, None] + torch.arange(n, device=x.device)  # [S, n]
         x = x.index_put((slots.reshape(-1),), cond.reshape(s * n, -1).to(x.dtype))
