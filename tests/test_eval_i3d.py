@@ -363,3 +363,14 @@ def test_tf32_stem_is_fp32_on_cpu_and_needs_arvids_i3d():
     assert net.tf32_through is None
     with pytest.raises(ValueError, match="precision must be one of fp32, tf32, tf32-stem, bf16, fp64, got 'tf16'"):
         I3DFeatures(net, precision="tf16")(videos)
+
+
+def test_a_state_dict_saved_as_code_pt_is_not_mistaken_for_torchscript(tmp_path):
+    """torch.save names the zip's top folder after the file: ``code.pt`` holds ``code/data.pkl``;
+    a TorchScript archive holds ``<name>/code/``."""
+    from arvid.eval.i3d import _is_torchscript
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "code.pt")
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "scripted.pt"))
+    assert not _is_torchscript(tmp_path / "code.pt")
+    assert _is_torchscript(tmp_path / "scripted.pt")

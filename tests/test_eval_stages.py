@@ -166,6 +166,8 @@ def _two_process_worker(rank: int, port: int, env: str, out: str) -> None:
 
     FrechetVideoDistance._default_extractor = lambda self: FakeI3D()
     run_recon(_recon_cfg(Path(env), Path(out), num_videos=7, batch_size=2))
+    # fewer batches than processes: rank 1 reads nothing and still takes part in every reduction
+    run_recon(_recon_cfg(Path(env), Path(out), num_videos=2, batch_size=2, out_dir=str(Path(out) / "small")))
     import torch.distributed as dist
 
     dist.barrier()
@@ -179,16 +181,18 @@ def test_two_processes_give_the_numbers_of_one(env, tmp_path, monkeypatch):
 
     fake_i3d(monkeypatch)
     one = evaluate_recon(_recon_cfg(env, tmp_path, num_videos=7, batch_size=2))["results"]
+    small = evaluate_recon(_recon_cfg(env, tmp_path, num_videos=2, batch_size=2))["results"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_two_process_worker, args=(port, str(env), str(tmp_path / "two")), nprocs=2, join=True)
-    two = json.loads((tmp_path / "two" / "recon" / "recon.json").read_text())["results"]
-    for name in one:
-        for key in ("psnr", "ssim", "tokens_per_video", "rfvd"):
-            if key in one[name]:
-                assert two[name][key] == pytest.approx(one[name][key], rel=1e-9), (name, key)
-    assert two["uniform-4"]["fvd_record"]["num_real"] == 7 and two["uniform-4"]["fvd_record"]["num_fake"] == 7
+    for ref, path, n in ((one, tmp_path / "two" / "recon", 7), (small, tmp_path / "two" / "small", 2)):
+        two = json.loads((path / "recon.json").read_text())["results"]
+        for name in ref:
+            for key in ("psnr", "ssim", "tokens_per_video", "rfvd"):
+                if key in ref[name]:
+                    assert two[name][key] == pytest.approx(ref[name][key], rel=1e-9), (name, key, n)
+        assert two["uniform-4"]["fvd_record"]["num_real"] == n and two["uniform-4"]["fvd_record"]["num_fake"] == n
 
 
 # --------------------------------------------------------------------------- gen, budget
@@ -223,3 +227,17 @@ def test_gen_with_a_token_cap_and_the_budget_sweep(env, tmp_path, monkeypatch):
     assert "| none |" in md and "| 8 |" in md and "| 40 |" in md
     with pytest.raises(Exception, match="budgets"):
         BudgetEvalConfig(**_gen_kw(env, tmp_path))
+    with pytest.raises(Exception, match="repeat"):
+        BudgetEvalConfig(**_gen_kw(env, tmp_path), budgets=[8, 8])
+
+
+def test_an_exact_reconstruction_caps_psnr_instead_of_infinity():
+    from arvid.eval.metrics import PSNR_CAP, ReconstructionMetrics
+
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    y = x.clone()
+    y[1] += 0.1  # the second clip differs, the first is exact
+    m = ReconstructionMetrics(lpips_net=None)
+    m.update(x, y.clamp(-1, 1), 10)
+    out = m.compute()
+    assert PSNR_CAP > out["psnr"] > (PSNR_CAP + 20) / 2  # finite: the exact clip counts as PSNR_CAP dB

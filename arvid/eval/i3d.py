@@ -500,11 +500,13 @@ class I3D(nn.Module):
 
 
 def _is_torchscript(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (a zip with a ``code/`` folder; ``torch.save`` zips have none)."""
+    """Whether ``path`` is a TorchScript archive: a zip whose top folder (named after the file) holds a
+    ``code/`` folder. ``torch.save`` zips hold ``data.pkl`` and ``data/`` there, whatever the top
+    folder's name (a state dict saved as ``code.pt`` has entries ``code/data.pkl``)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
-        return any("/code/" in n or n.startswith("code/") for n in z.namelist())
+        return any(n.split("/")[1:2] == ["code"] for n in z.namelist())
 
 
 class TorchScriptI3D(nn.Module):

@@ -4,6 +4,8 @@ Conventions: videos are model-facing ``float [B, C, T, H, W]`` in [-1, 1]; PSNR 
 computed on ``(x + 1) / 2`` with data range 1 (torchmetrics functional; SSIM with its default
 11x11 Gaussian window, sigma 1.5); every metric is per frame, averaged over a video's frames,
 then over videos. The token count goes beside every quality number (:meth:`ReconstructionMetrics.compute`).
+A frame reconstructed exactly has an infinite PSNR; the mean over videos caps each frame at
+:data:`PSNR_CAP` dB so that one such frame does not make the mean (and a JSON file) infinite.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from arvid.eval.lpips import LPIPS
+
+#: per-frame PSNR ceiling (dB) in :class:`ReconstructionMetrics` (identical frames: MSE 0)
+PSNR_CAP = 100.0
 
 
 def _frames(video: torch.Tensor, name: str) -> torch.Tensor:
@@ -78,7 +83,7 @@ class ReconstructionMetrics(Metric):
 
     def update(self, real: torch.Tensor, recon: torch.Tensor, tokens: torch.Tensor | int | None = None) -> None:
         b = real.shape[0]
-        self.psnr += psnr_per_frame(real, recon).double().mean(1).sum()
+        self.psnr += psnr_per_frame(real, recon).double().clamp(max=PSNR_CAP).mean(1).sum()
         self.ssim += ssim_per_frame(real, recon).double().mean(1).sum()
         if self.lpips is not None:
             self.lpips_sum += lpips_per_frame(self.lpips, real, recon).double().mean(1).sum()

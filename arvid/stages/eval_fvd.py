@@ -47,6 +47,7 @@ from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_u
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.io import write_json
+from arvid.stages.eval_stream import _collate
 
 if TYPE_CHECKING:
     from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
@@ -74,21 +75,13 @@ def open_videos(source: str, clip: ClipConfig, seed: int) -> VideoFileDataset:
 
 
 def choose(ds: Dataset, num: int | None, random: bool, seed: int) -> Dataset:
-    """The first ``num`` items, or a seeded random subset of ``num`` (the protocol's draw)."""
+    """The first ``num`` items, or a seeded random subset of ``num`` (the protocol's draw; the same
+    draw as ``arvid eval recon | gen | fp``, :func:`arvid.stages.eval_stream.draw_indices`)."""
+    from arvid.stages.eval_stream import draw_indices
+
     n = len(ds)  # type: ignore[arg-type]
-    if num is None or num >= n:
-        if num is not None and num > n:
-            log.warning("asked for %d clips but the set has only %d", num, n)
-        return ds
-    if random:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num].sort().values.tolist()
-    else:
-        idx = list(range(num))
-    return Subset(ds, idx)
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"video": torch.stack([it["video"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+    idx = draw_indices(n, num, random, seed)
+    return ds if len(idx) == n else Subset(ds, idx)
 
 
 def _dist() -> tuple[int, int]:

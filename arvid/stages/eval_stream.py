@@ -2,7 +2,9 @@
 
 No evaluation holds a whole set of clips. Real clips come from a DataLoader in batches and leave
 only sums behind (FVD feature sums, per-video quality sums); generated clips likewise. At
-10,000 clips of 16 x 128 x 128 a float copy of one set is ~31 GB; the sums are ~1.3 MB.
+10,000 clips of 16 x 128 x 128 a float copy of one set is ~31 GB; the sums are ~1.3 MB. (No
+sample ids go to the FVD metric: a clip set has no sampler padding to detect, and ids would
+keep every clip's 400 features.)
 
 - :class:`ClipSet`: the protocol's real clips of a split. ``random-clips`` protocols
   (``ucf-gfvd-*``) draw a seeded subset (``protocol.seed``), the others take the first N.
@@ -69,6 +71,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return [obj]
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (``obj`` itself when there is one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def progress(total: int, desc: str, unit: str = "video"):
     """A tqdm bar on rank 0 (disabled elsewhere and when stderr is not a terminal)."""
     from tqdm.auto import tqdm
@@ -77,18 +90,24 @@ def progress(total: int, desc: str, unit: str = "video"):
     return tqdm(total=total, desc=desc, unit=unit, disable=True if rank > 0 else None, leave=False)
 
 
+def draw_indices(n_total: int, num: int | None, random: bool, seed: int) -> list[int]:
+    """The first ``num`` of ``n_total`` items, or (``random``) a seeded subset of ``num``, sorted; all
+    when ``num`` is None or larger (with a warning). ``arvid eval fvd`` draws its sets the same way."""
+    if num is not None and num < 1:
+        raise ValueError(f"the number of clips must be >= 1 or null (all), got {num}")
+    if num is not None and num > n_total:
+        log.warning("asked for %d clips but the set has only %d: using %d", num, n_total, n_total)
+    n = n_total if num is None else min(num, n_total)
+    if random and n < n_total:
+        return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    return list(range(n))
+
+
 def protocol_draw(n_total: int, num: int | None, protocol: FVDProtocol | None) -> list[int]:
     """Dataset indices of the real clips: a seeded subset of ``num`` for ``random-clips`` protocols
-    (sorted; seed ``protocol.seed``), else the first ``num``; all when ``num`` is None or larger."""
-    if num is not None and num < 1:
-        raise ValueError(f"num_videos must be >= 1 or null (all), got {num}")
-    if num is not None and num > n_total:
-        log.warning("asked for %d real clips but the split has only %d: using %d", num, n_total, n_total)
-    n = n_total if num is None else min(num, n_total)
-    if protocol is not None and protocol.clip_sampling.startswith("random") and n < n_total:
-        g = torch.Generator().manual_seed(protocol.seed)
-        return torch.randperm(n_total, generator=g)[:n].sort().values.tolist()
-    return list(range(n))
+    (seed ``protocol.seed``), else the first ``num``."""
+    random = protocol is not None and protocol.clip_sampling.startswith("random")
+    return draw_indices(n_total, num, random, protocol.seed if protocol is not None else 0)
 
 
 def label_of(ds: Dataset, i: int) -> int:
@@ -123,7 +142,8 @@ class ClipSet:
         self.protocol = get_protocol(protocol) if protocol is not None else None
         self.indices = protocol_draw(len(self.dataset), num, self.protocol)  # type: ignore[arg-type]
         if not self.indices:
-            raise ValueError(f"the {split!r} split of the data is empty")
+            where = f"root {data.root!r}" if data.root else "the synthetic set (num_videos / num_val_videos)"
+            raise ValueError(f"the {split!r} split of the data ({data.source}, {where}) has no clips")
         self.split, self.batch_size, self.workers = split, batch_size, workers
         self.rank, self.world = dist_info()
 
@@ -158,10 +178,6 @@ class ClipSet:
                 bar.update(batch["video"].shape[0])
         finally:
             bar.close()
-
-    def first(self, k: int) -> dict:
-        """The first ``k`` drawn clips (for pictures), read directly; every process gets them."""
-        return _collate([self.dataset[i] for i in self.indices[:k]])
 
 
 class FVDSides:
@@ -202,21 +218,27 @@ class FVDSides:
         return self.real.extractor
 
     @torch.no_grad()
-    def add_real(self, videos: torch.Tensor, ids: torch.Tensor) -> None:
+    def add_real(self, videos: torch.Tensor) -> None:
+        """Real clips of this process's batch (nothing once the real side is complete)."""
         if not self.needs_real:
             return
         self._extractor()
-        self.real.update(videos.to(self.device), real=True, ids=ids)
+        self.real.update(videos.to(self.device), real=True)
 
-    @torch.no_grad()
-    def add_fake(self, name: str, videos: torch.Tensor, ids: torch.Tensor) -> None:
+    def fake(self, name: str):
+        """The fake side ``name`` (made empty on first use, so a process without batches takes part
+        in the reduction like the others)."""
         from arvid.eval.fvd import FrechetVideoDistance
 
         m = self.fakes.get(name)
         if m is None:
             m = self.fakes[name] = FrechetVideoDistance(protocol=self.protocol, extractor=self._extractor(),
                                                         precision="fp32", batch_size=8).to(self.device)
-        m.update(videos.to(self.device), real=False, ids=ids)
+        return m
+
+    @torch.no_grad()
+    def add_fake(self, name: str, videos: torch.Tensor) -> None:
+        self.fake(name).update(videos.to(self.device), real=False)
 
     def real_side(self):
         """The real side's statistics, summed over processes (computed once; closes the real side).
@@ -235,9 +257,7 @@ class FVDSides:
 
     def result(self, name: str, tokens_per_video: float | None = None, **extra: Any) -> dict:
         """The FVD record of fake side ``name`` against the real side."""
-        if name not in self.fakes:
-            raise ValueError(f"no clips were added to the fake side {name!r}")
-        m = self.fakes[name]
+        m = self.fake(name)
         m.load_real_stats(self.real_side())
         if self.real_stats_source:
             extra.setdefault("real_stats", str(self.real_stats_source))

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from arvid.stages.eval_stream import (
     FVDSides,
     all_gather_objects,
     all_sum,
+    broadcast_object,
     dist_info,
     progress,
     resolve_device,
@@ -135,6 +136,16 @@ def _writer(out_dir: str, cfg: Any) -> Path | None:
     return out
 
 
+def _run(cfg: Any, evaluate: Callable[[Any], dict], stem: str, render: Callable[[dict], str]) -> Path | None:
+    """Evaluate on every process; rank 0 writes ``config.yaml``, ``<stem>.json`` and ``<stem>.md``."""
+    out = _writer(cfg.out_dir, cfg)
+    res = evaluate(cfg)
+    if out is not None:
+        write_json(out / f"{stem}.json", res)
+        write_text(out / f"{stem}.md", render(res))
+    return out
+
+
 def _fmt(x: Any, nd: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -217,7 +228,7 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
     for _, b in clips.batches(f"recon {cfg.split}"):
         v = b["video"].to(device)
         if fvd is not None:
-            fvd.add_real(v, b["index"])
+            fvd.add_real(v)
         for name in names:
             t0 = time.perf_counter()
             a = router.choose(v) if name == "router" else fixed.get(name)
@@ -225,9 +236,9 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
             quality[name].update(v.float(), rec.to(device), bl.sum(1))
             if name == "router":
                 counts += torch.bincount(tok.layout.assignments_to_indices(bl), minlength=counts.numel())
+            seconds[name] += time.perf_counter() - t0  # reconstruction and frame metrics, as before FVD
             if wants_fvd(name):
-                fvd.add_fake(name, rec, b["pos"])  # type: ignore[union-attr]
-            seconds[name] += time.perf_counter() - t0
+                fvd.add_fake(name, rec)  # type: ignore[union-attr]
     if fvd is not None:
         fvd.real_side()  # the real side is complete: later passes over these clips add nothing to it
     rows = {}
@@ -260,20 +271,21 @@ def render_recon(r: dict) -> str:
     lines = [f"# Reconstruction: `{r['tokenizer']}`", "",
              f"{r['num_videos']} clips of the {r['split']} split; PSNR, SSIM and LPIPS ({r.get('lpips_net') or 'off'}) "
              f"per frame, averaged over frames and clips. {_fvd_line(rec)}", "",
-             "| assignment | tokens/video | PSNR | SSIM | LPIPS | rFVD |", "|---|---|---|---|---|---|"]
-    for name, x in rows.items():
-        lines.append(f"| {name} | {_fmt(x['tokens_per_video'], 1)} | {_fmt(x['psnr'])} | {_fmt(x['ssim'], 3)} | "
-                     f"{_fmt(x.get('lpips'), 4)} | {_fmt(x.get('rfvd'), 1)} |")
+             *recon_table(rows)]
     return "\n".join(lines) + "\n"
 
 
+def recon_table(rows: dict[str, dict]) -> list[str]:
+    """The markdown table of :func:`evaluate_recon`'s rows (also the report's)."""
+    lines = ["| assignment | tokens/video | PSNR | SSIM | LPIPS | rFVD |", "|---|---|---|---|---|---|"]
+    for name, x in rows.items():
+        lines.append(f"| {name} | {_fmt(x['tokens_per_video'], 1)} | {_fmt(x['psnr'])} | {_fmt(x['ssim'], 3)} | "
+                     f"{_fmt(x.get('lpips'), 4)} | {_fmt(x.get('rfvd'), 1)} |")
+    return lines
+
+
 def run_recon(cfg: ReconEvalConfig) -> Path | None:
-    out = _writer(cfg.out_dir, cfg)
-    res = evaluate_recon(cfg)
-    if out is not None:
-        write_json(out / "recon.json", res)
-        write_text(out / "recon.md", render_recon(res))
-    return out
+    return _run(cfg, evaluate_recon, "recon", render_recon)
 
 
 # --------------------------------------------------------------------------- eval gen
@@ -330,7 +342,10 @@ def _budgeted_sampler(cfg: GenEvalConfig, gpt: Any, tok: Any, labels: torch.Tens
         cond = Cond(class_ids=labels[:n].to(device))
     else:
         n, cond = cfg.calibration_videos, Cond()
-    cal = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n, seed=batch_seed(cfg.seed, -1))
+    cal = None
+    if dist_info()[0] == 0:  # one calibration, shared: every process must sample with the same beta
+        cal = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n, seed=batch_seed(cfg.seed, -1))
+    cal = broadcast_object(cal)
     log.info("budget %.1f tokens/video: beta=%.4f (calibration mean %.1f over %d videos)", cfg.budget, cal.beta,
              cal.mean_tokens, n)
     return (dataclasses.replace(cfg.sampler, budget_bias=cal.beta), None,
@@ -359,7 +374,7 @@ def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides
     fvd = fvd or FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats)
     if fvd.needs_real:
         for _, b in clips.batches(f"real {cfg.split} clips"):
-            fvd.add_real(b["video"], b["index"])
+            fvd.add_real(b["video"])
         fvd.real_side()
     if labels is None:
         labels = clips.labels()
@@ -373,19 +388,26 @@ def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides
     sums = torch.zeros(2, dtype=torch.float64)  # codes, videos
     bar = progress(sum(len(range(j * cfg.batch_size, min(n, (j + 1) * cfg.batch_size))) for j in mine),
                    f"sample ({name})")
-    t0 = time.perf_counter()
     sampler = Sampler(gpt, sequence_format_for(gpt, tok), scfg)
-    for j, videos, tokens in iter_sample_batches(gpt, tok, scfg, class_ids, num_samples=n, batch_size=cfg.batch_size,
-                                                 seed=cfg.seed, batches=mine, budget=cap, sampler=sampler):
+    batches = iter_sample_batches(gpt, tok, scfg, class_ids, num_samples=n, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  batches=mine, budget=cap, sampler=sampler)
+    sampling = 0.0  # seconds inside the sampler and the decoder (samples/s leaves the FVD features out)
+    while True:
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        sampling += time.perf_counter() - t0
+        if item is None:
+            break
+        j, videos, tokens = item
         pos = torch.arange(j * cfg.batch_size, j * cfg.batch_size + videos.shape[0])
-        fvd.add_fake(name, videos, pos)
+        fvd.add_fake(name, videos)
         sums += torch.tensor([float(tokens.lengths.sum()), float(videos.shape[0])], dtype=torch.float64)
         for i, p in enumerate(pos.tolist()):
             if p in want:
-                kept[p] = videos[i]
+                kept[p] = videos[i].clone()  # not a view: a view keeps (and pickles) its whole batch
         bar.update(videos.shape[0])
     bar.close()
-    seconds = max(all_gather_objects(time.perf_counter() - t0))
+    seconds = max(all_gather_objects(sampling))
     codes, count = all_sum(sums.to(device)).tolist()
     tpv = codes / max(count, 1.0)
     f = fvd.result(name, tpv)
@@ -414,12 +436,7 @@ def render_gen(r: dict) -> str:
 
 
 def run_gen(cfg: GenEvalConfig) -> Path | None:
-    out = _writer(cfg.out_dir, cfg)
-    res = evaluate_gen(cfg)
-    if out is not None:
-        write_json(out / "gen.json", res)
-        write_text(out / "gen.md", render_gen(res))
-    return out
+    return _run(cfg, evaluate_gen, "gen", render_gen)
 
 
 # --------------------------------------------------------------------------- eval budget
@@ -439,6 +456,8 @@ class BudgetEvalConfig(GenEvalConfig):
             raise ConfigError("eval budget: give the budgets to evaluate, e.g. budgets=[200,400,600]")
         if any(b <= 0 for b in self.budgets):
             raise ConfigError(f"eval budget: every budget must be > 0 tokens per video, got {self.budgets}")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ConfigError(f"eval budget: budgets repeat a value: {self.budgets}")
 
 
 def evaluate_budget(cfg: BudgetEvalConfig) -> dict:
@@ -473,12 +492,7 @@ def render_budget(r: dict) -> str:
 
 
 def run_budget(cfg: BudgetEvalConfig) -> Path | None:
-    out = _writer(cfg.out_dir, cfg)
-    res = evaluate_budget(cfg)
-    if out is not None:
-        write_json(out / "budget.json", res)
-        write_text(out / "budget.md", render_budget(res))
-    return out
+    return _run(cfg, evaluate_budget, "budget", render_budget)
 
 
 # --------------------------------------------------------------------------- eval fp
@@ -549,15 +563,15 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for j, b in clips.batches("frame prediction"):
         if fvd is not None:
-            fvd.add_real(b["video"], b["index"])
+            fvd.add_real(b["video"])
         labels = b["label"] if gpt.config.num_classes > 0 else None
         pred, lens = predict_batch(sampler, tok, b["video"], labels, cfg.context_frames, cfg.seed, j, device)
         if fvd is not None:
-            fvd.add_fake("fp", pred, b["pos"])
+            fvd.add_fake("fp", pred)
         sums += torch.tensor([float(lens.sum()), float(lens.numel())], dtype=torch.float64)
         for i, p in enumerate(b["pos"].tolist()):
             if p < keep:
-                kept[p] = (b["video"][i], pred[i])
+                kept[p] = (b["video"][i].clone(), pred[i].clone())
     if fvd is not None:
         fvd.real_side()
     codes, count = all_sum(sums.to(device)).tolist()
@@ -586,12 +600,7 @@ def render_fp(r: dict) -> str:
 
 
 def run_fp(cfg: FPEvalConfig) -> Path | None:
-    out = _writer(cfg.out_dir, cfg)
-    res = evaluate_fp(cfg)
-    if out is not None:
-        write_json(out / "fp.json", res)
-        write_text(out / "fp.md", render_fp(res))
-    return out
+    return _run(cfg, evaluate_fp, "fp", render_fp)
 
 
 # --------------------------------------------------------------------------- CLI

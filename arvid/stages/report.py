@@ -38,6 +38,7 @@ from arvid.stages.evaluate import (
     evaluate_fp,
     evaluate_gen,
     evaluate_recon,
+    recon_table,
 )
 
 log = logging.getLogger("arvid.report")
@@ -107,7 +108,8 @@ def run_report(cfg: ReportConfig) -> Path | None:
     device = resolve_device(cfg.device)
     protocol = cfg.protocol if cfg.fvd else None
     check_protocol(protocol, cfg.data)
-    clips = ClipSet(cfg.data, cfg.split, cfg.num_videos, protocol, cfg.batch_size, cfg.workers)
+    # the protocol's draw whether or not FVD is computed: the same clips either way
+    clips = ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
     labels = clips.labels()
     tok_dir = str(exp / "final" / "tokenizer")
     tok = load_tokenizer(tok_dir)
@@ -208,10 +210,7 @@ def render_report(m: dict) -> str:
         proto = next((r["fvd_record"]["protocol"]["name"] for r in rec.values() if "fvd_record" in r), "-")
         lines += ["## Reconstruction (final tokenizer)", "",
                   f"rFVD is `{fvd_name}` under protocol `{proto}`.", "",
-                  "| assignment | tokens/video | PSNR | SSIM | LPIPS | rFVD |", "|---|---|---|---|---|---|"]
-        for name, r in rec.items():
-            lines.append(f"| {name} | {_fmt(r['tokens_per_video'], 1)} | {_fmt(r['psnr'])} | {_fmt(r['ssim'], 3)} | "
-                         f"{_fmt(r.get('lpips'), 4)} | {_fmt(r.get('rfvd'), 1)} |")
+                  *recon_table(rec)]
         fb = m["fixed_baseline"]
         if "router" in rec:
             saved = 1 - rec["router"]["tokens_per_video"] / fb["tokens"]
