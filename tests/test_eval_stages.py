@@ -79,21 +79,21 @@ def test_clip_set_draws_the_protocols_clips_and_shards_cover_each_once(monkeypat
 
     data = DataConfig(**{**DATA, "num_val_videos": 10})
     first = ClipSet(data, "val", 5, "synthetic", batch_size=2)
-    assert first.indices == [0, 1, 2, 3, 4]
+    assert first.pairs == [(i, 0) for i in range(5)]
     drawn = ClipSet(data, "val", 5, "ucf-gfvd-2048", batch_size=2)  # random-clips: seeded subset
     want = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:5].sort().values.tolist()
-    assert drawn.indices == want and drawn.indices != first.indices
+    assert [i for i, _ in drawn.pairs] == want != list(range(5))
     ds = build_dataset(data, "val")
     assert drawn.labels().tolist() == [ds[i]["label"] for i in want]
     # one process: every clip once, in draw order
-    seen = [(b["index"].tolist(), b["pos"].tolist()) for _, b in drawn.batches()]
+    seen = [(b["video_index"].tolist(), b["pos"].tolist()) for _, b in drawn.batches()]
     assert [i for idx, _ in seen for i in idx] == want
     assert [p for _, pos in seen for p in pos] == list(range(5))
     # two processes: disjoint shares of whole batches that together are every batch
     shares = []
     for rank in (0, 1):
         monkeypatch.setattr(eval_stream, "dist_info", lambda rank=rank: (rank, 2))
-        shares.append([int(i) for _, b in ClipSet(data, "val", 5, "ucf-gfvd-2048", 2).batches() for i in b["index"]])
+        shares.append([int(i) for _, b in ClipSet(data, "val", 5, "ucf-gfvd-2048", 2).batches() for i in b["video_index"]])
     assert sorted(shares[0] + shares[1]) == want and not set(shares[0]) & set(shares[1])
     assert len(shares[0]) == 3 and len(shares[1]) == 2  # batches 0, 2 and batch 1
 
@@ -241,3 +241,33 @@ def test_an_exact_reconstruction_caps_psnr_instead_of_infinity():
     m.update(x, y.clamp(-1, 1), 10)
     out = m.compute()
     assert PSNR_CAP > out["psnr"] > (PSNR_CAP + 20) / 2  # finite: the exact clip counts as PSNR_CAP dB
+
+
+def test_a_random_clips_protocol_takes_more_clips_than_videos_in_rounds(tmp_path):
+    """ucf-gfvd-10k asks for 10,000 real clips of UCF-101's 9,537 training videos: every video once
+    per full round, each round its own random starts, a seeded subset for the last round; at most
+    two clips a video."""
+    pytest.importorskip("av")
+    from arvid.stages.data_cmd import synth
+    from arvid.stages.eval_fvd import choose, open_videos
+    from arvid.stages.eval_stream import ClipSet
+
+    synth(tmp_path / "v", fmt="mp4", num=3, seed=1, frames=40, size=16)
+    data = DataConfig(source="folder", root=str(tmp_path / "v"), frames=4, size=16, random_start=True)
+    clips = ClipSet(data, "train", 5, "ucf-gfvd-2048", batch_size=3)
+    assert len(clips) == 5 and [r for _, r in clips.pairs] == [0, 0, 0, 1, 1]
+    got = {int(p): v for _, b in clips.batches() for p, v in zip(b["pos"], b["video"])}
+    assert sorted(got) == list(range(5))
+    again = {int(p): v for _, b in ClipSet(data, "train", 5, "ucf-gfvd-2048", batch_size=2).batches()
+             for p, v in zip(b["pos"], b["video"])}
+    assert all(torch.equal(got[p], again[p]) for p in got)  # the draw and the starts are seeded
+    assert not torch.equal(got[1], got[4])  # round 1 of video 1 is another clip of it (video 0 is static)
+    ds = clips.dataset
+    assert clips.labels().tolist() == [ds.labels[i] for i, _ in clips.pairs]
+    # one clip a video for a non-random protocol, and for a generated set in eval fvd
+    assert len(ClipSet(data, "train", 7, "synthetic", batch_size=3)) == 3
+    assert len(ClipSet(data, "train", 9, "ucf-gfvd-2048", batch_size=3)) == 6  # at most 2 clips a video
+    clip = data.clip_config("train")
+    assert len(choose(open_videos(str(tmp_path / "v"), clip, 0), 7, True, 0, several=False)) == 3
+    assert len(choose(open_videos(str(tmp_path / "v"), clip, 0), 5, True, 0, several=True)) == 5
+    assert len(choose(open_videos(str(tmp_path / "v"), clip, 0), 9, True, 0, several=True)) == 6  # 2 a video

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_under
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.io import write_json
-from arvid.stages.eval_stream import _collate
+from arvid.stages.eval_stream import MAX_CLIPS_PER_VIDEO, _collate, draws_several_clips
 
 if TYPE_CHECKING:
     from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
@@ -74,14 +74,18 @@ def open_videos(source: str, clip: ClipConfig, seed: int) -> VideoFileDataset:
     return VideoFileDataset(paths, labels, names, clip=clip, seed=seed)
 
 
-def choose(ds: Dataset, num: int | None, random: bool, seed: int) -> Dataset:
-    """The first ``num`` items, or a seeded random subset of ``num`` (the protocol's draw; the same
-    draw as ``arvid eval recon | gen | fp``, :func:`arvid.stages.eval_stream.draw_indices`)."""
-    from arvid.stages.eval_stream import draw_indices
+def choose(ds: Dataset, num: int | None, random: bool, seed: int, several: bool = False) -> Dataset:
+    """The first ``num`` videos, or a seeded random draw of ``num`` clips (the protocol's; with
+    ``several``, more clips than videos take further random clips of the videos): the same draw as
+    ``arvid eval recon | gen | fp`` (:func:`arvid.stages.eval_stream.draw_clips`). Items' ``index``
+    is the position in the draw, so the sampler's padding is counted once and a second clip of a
+    video is not taken for a copy."""
+    from arvid.stages.eval_stream import DrawnClips, draw_clips
 
-    n = len(ds)  # type: ignore[arg-type]
-    idx = draw_indices(n, num, random, seed)
-    return ds if len(idx) == n else Subset(ds, idx)
+    pairs = draw_clips(ds, num, random, seed, several)
+    if len(pairs) == len(ds) and all(p == (i, 0) for i, p in enumerate(pairs)):  # type: ignore[arg-type]
+        return ds
+    return DrawnClips(ds, pairs)
 
 
 def _dist() -> tuple[int, int]:
@@ -173,9 +177,10 @@ def run(args: argparse.Namespace) -> dict:
             sets.append((source, real, stats))
             continue
         ds = open_videos(source, clip, protocol.seed)
-        if args.num is None and need is not None and len(ds) < need:
+        several = real and random_clips and draws_several_clips(ds)  # real clips: up to 2 a video
+        if args.num is None and need is not None and len(ds) * (MAX_CLIPS_PER_VIDEO if several else 1) < need:
             raise _too_few(protocol, source, real, len(ds), need)
-        ds = choose(ds, args.num if args.num is not None else need, random_clips, protocol.seed)
+        ds = choose(ds, args.num if args.num is not None else need, random_clips, protocol.seed, several)
         if len(ds) < 2:  # type: ignore[arg-type]
             raise ValueError(f"{source!r}: FVD needs at least 2 videos, found {len(ds)}")  # type: ignore[arg-type]
         sets.append((source, real, ds))
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
             metric.load_stats(data, "real" if real else "fake")
             continue
         feed(metric, data, real, args, world, rank)
-        skipped = getattr(getattr(data, "dataset", data), "num_skipped", 0)
+        skipped = getattr(getattr(data, "ds", data), "num_skipped", 0)
         if skipped:
             log.warning("%s: %d unreadable files were skipped (replaced by the next readable one)", source, skipped)
 

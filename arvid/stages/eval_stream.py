@@ -103,11 +103,62 @@ def draw_indices(n_total: int, num: int | None, random: bool, seed: int) -> list
     return list(range(n))
 
 
-def protocol_draw(n_total: int, num: int | None, protocol: FVDProtocol | None) -> list[int]:
-    """Dataset indices of the real clips: a seeded subset of ``num`` for ``random-clips`` protocols
-    (seed ``protocol.seed``), else the first ``num``."""
+#: the most clips a random-clips draw takes of one video (see :func:`draw_clips`)
+MAX_CLIPS_PER_VIDEO = 2
+
+
+def draws_several_clips(ds: Dataset) -> bool:
+    """Whether ``ds`` gives another clip of a video in another epoch (files with random starts)."""
+    clip = getattr(ds, "clip", None)
+    return hasattr(ds, "set_epoch") and clip is not None and bool(clip.random_start)
+
+
+def draw_clips(ds: Dataset, num: int | None, random: bool, seed: int, several: bool = True
+               ) -> list[tuple[int, int]]:
+    """``(video index, round)`` of each drawn clip. Up to one clip per video: :func:`draw_indices`
+    (round 0). A ``random`` draw of more clips than videos, from a dataset with random clip starts
+    (:func:`draws_several_clips`), takes every video once per full round, each round its own
+    random starts (the dataset's epoch), and a seeded subset of videos for the last, partial
+    round: UCF-101's 9,537 training videos give ``ucf-gfvd-10k``'s 10,000 real clips. At most
+    :data:`MAX_CLIPS_PER_VIDEO` clips a video (more is capped, with a warning): a small set is not
+    stretched into a large one. ``several`` False: one clip a video (generated videos, whose one
+    clip is the whole file)."""
+    n = len(ds)  # type: ignore[arg-type]
+    if not (several and random and num is not None and num > n and n > 0 and draws_several_clips(ds)):
+        return [(i, 0) for i in draw_indices(n, num, random, seed)]
+    if num > MAX_CLIPS_PER_VIDEO * n:
+        log.warning("asked for %d clips of %d videos: taking %d (at most %d a video)", num, n,
+                    MAX_CLIPS_PER_VIDEO * n, MAX_CLIPS_PER_VIDEO)
+        num = MAX_CLIPS_PER_VIDEO * n
+    rounds, rest = divmod(num, n)
+    pairs = [(i, r) for r in range(rounds) for i in range(n)]
+    return pairs + [(i, rounds) for i in draw_indices(n, rest, True, seed + rounds)] if rest else pairs
+
+
+def protocol_draw(ds: Dataset, num: int | None, protocol: FVDProtocol | None) -> list[tuple[int, int]]:
+    """The real clips of a protocol: :func:`draw_clips`, random for ``random-clips`` protocols
+    (seed ``protocol.seed``), else the first ``num`` videos."""
     random = protocol is not None and protocol.clip_sampling.startswith("random")
-    return draw_indices(n_total, num, random, protocol.seed if protocol is not None else 0)
+    return draw_clips(ds, num, random, protocol.seed if protocol is not None else 0)
+
+
+class DrawnClips(Dataset):
+    """Items ``k`` of a draw: clip ``pairs[k] = (video, round)`` of ``ds`` (the round as its epoch);
+    ``index`` is ``k`` (unique per clip), ``video_index`` the video."""
+
+    def __init__(self, ds: Dataset, pairs: list[tuple[int, int]]):
+        self.ds, self.pairs = ds, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int) -> dict:
+        i, r = self.pairs[k]
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(r)  # type: ignore[attr-defined]
+        item = dict(self.ds[i])
+        item["video_index"], item["index"] = item.get("index", i), k
+        return item
 
 
 def label_of(ds: Dataset, i: int) -> int:
@@ -121,8 +172,9 @@ def label_of(ds: Dataset, i: int) -> int:
 
 def _collate(items: list[dict]) -> dict:
     return {"video": torch.stack([it["video"] for it in items]),
-            "label": torch.tensor([int(it["label"]) for it in items]),
-            "index": torch.tensor([int(it["index"]) for it in items])}
+            "label": torch.tensor([int(it.get("label", -1)) for it in items]),  # -1: unlabelled
+            "index": torch.tensor([int(it["index"]) for it in items]),
+            **({"video_index": torch.tensor([int(it["video_index"]) for it in items])} if "video_index" in items[0] else {})}
 
 
 class ClipSet:
@@ -130,8 +182,8 @@ class ClipSet:
 
     ``len(clips)``: all processes' clips; :meth:`labels`: every clip's label in draw order (no
     decoding for the built-in and file datasets); :meth:`batches`: this process's batches as
-    ``(j, dict(video float [b, C, T, H, W], label, index, pos))`` where ``pos`` are the clips'
-    positions in the draw (the fake side's sample ids).
+    ``(j, dict(video float [b, C, T, H, W], label, index, pos))`` where ``index`` and ``pos`` are
+    the clips' positions in the draw.
     """
 
     def __init__(self, data: DataConfig, split: str, num: int | None, protocol: str | FVDProtocol | None,
@@ -140,19 +192,19 @@ class ClipSet:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = build_dataset(data, split=split)  # type: ignore[arg-type]
         self.protocol = get_protocol(protocol) if protocol is not None else None
-        self.indices = protocol_draw(len(self.dataset), num, self.protocol)  # type: ignore[arg-type]
-        if not self.indices:
+        self.pairs = protocol_draw(self.dataset, num, self.protocol)  # (video, round) per clip
+        if not self.pairs:
             where = f"root {data.root!r}" if data.root else "the synthetic set (num_videos / num_val_videos)"
             raise ValueError(f"the {split!r} split of the data ({data.source}, {where}) has no clips")
         self.split, self.batch_size, self.workers = split, batch_size, workers
         self.rank, self.world = dist_info()
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.pairs)
 
     @property
     def num_batches(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return -(-len(self.pairs) // self.batch_size)
 
     def my_batches(self) -> list[int]:
         """This process's global batch numbers."""
@@ -160,16 +212,17 @@ class ClipSet:
 
     def positions(self, j: int) -> range:
         """Draw positions of global batch ``j``."""
-        return range(j * self.batch_size, min((j + 1) * self.batch_size, len(self.indices)))
+        return range(j * self.batch_size, min((j + 1) * self.batch_size, len(self.pairs)))
 
     def labels(self) -> torch.Tensor:
         """``LongTensor[N]``: every drawn clip's label, in draw order."""
-        return torch.tensor([label_of(self.dataset, i) for i in self.indices], dtype=torch.long)
+        return torch.tensor([label_of(self.dataset, i) for i, _ in self.pairs], dtype=torch.long)
 
     def batches(self, desc: str | None = None) -> Iterator[tuple[int, dict]]:
         mine = self.my_batches()
-        plan = [[self.indices[p] for p in self.positions(j)] for j in mine]
-        loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate)
+        plan = [list(self.positions(j)) for j in mine]
+        loader = DataLoader(DrawnClips(self.dataset, self.pairs), batch_sampler=plan, num_workers=self.workers,
+                            collate_fn=_collate)
         bar = progress(sum(len(b) for b in plan), desc or f"{self.split} clips")
         try:
             for j, batch in zip(mine, loader):
