@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _toy_store import write_random_store
 
 from arvid.data.datasets import DataConfig, build_dataset
-from arvid.data.token_store import TokenStoreWriter
-from arvid.data.types import TokenizedVideo
 from arvid.tokenizer.base import build_tokenizer
 
 TOK_PARAMS = dict(frames_per_block=[2, 2, 2, 2], candidates=[1, 4, 16], image_size=16)
@@ -57,11 +56,7 @@ def env(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tok = build_tokenizer("evatok", TOK_PARAMS, preset="debug")
     tok.save_pretrained(root / "tok")
-    g = torch.Generator().manual_seed(0)
-    asg = tok.layout.random_assignments(8, g)
-    codes = torch.randint(0, tok.codebook_size, (int(asg.sum()),), generator=g)
-    with TokenStoreWriter(root / "store", tok.fingerprint(), tok.layout, tok.codebook_size) as w:
-        w.append(TokenizedVideo(codes, asg), labels=[i % 4 for i in range(8)], video_ids=list(range(8)))
+    write_random_store(root / "store", tok, 8, 4)
     run(TrainGeneratorConfig(token_store=str(root / "store"), tokenizer=str(root / "tok"), preset="debug",
                              gpt=dict(attn_backend="sdpa"), max_tokens=200, out_dir=str(root / "gen"),
                              num_classes=10,  # the synthetic data's

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from _toy_store import write_random_store
 
 from arvid.config import ConfigError, load_config
-from arvid.data.token_store import TokenStoreError, TokenStoreWriter
-from arvid.data.types import TokenizedVideo
+from arvid.data.token_store import TokenStoreError
 from arvid.generator import GPT, Conditioning
 from arvid.generator.text import TextEncoder, train_spm
 from arvid.stages import text_cmd, train_generator
@@ -26,11 +26,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     tok = build_tokenizer("evatok", preset="debug")
     tok.save_pretrained(root / "tok")
-    g = torch.Generator().manual_seed(0)
-    a = tok.layout.random_assignments(24, g)
-    codes = torch.randint(0, tok.codebook_size, (int(a.sum()),), generator=g)
-    with TokenStoreWriter(root / "store", tok.fingerprint(), tok.layout, tok.codebook_size) as w:
-        w.append(TokenizedVideo(codes, a), labels=[i % 4 for i in range(24)], video_ids=list(range(24)))
+    write_random_store(root / "store", tok, 24, 4)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     return root, tok
 

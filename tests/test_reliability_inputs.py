@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _toy_store import write_random_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arvid.config import ConfigError
-from arvid.data.token_store import TokenStoreError, TokenStoreWriter
+from arvid.data.token_store import TokenStoreError
 from arvid.data.types import BlockLayout, TokenizedVideo
 from arvid.tokenizer.base import build_tokenizer
 
@@ -38,11 +39,7 @@ def env(tmp_path_factory) -> Path:
     c = _tok(0, quantizer=dict(kind="vq", codebook_size=128, code_dim=8))
     for name, t in (("A", a), ("B", b), ("C", c)):
         t.save_pretrained(root / name)
-    g = torch.Generator().manual_seed(0)
-    asg = a.layout.random_assignments(8, g)
-    codes = torch.randint(0, a.codebook_size, (int(asg.sum()),), generator=g)
-    with TokenStoreWriter(root / "store", a.fingerprint(), a.layout, a.codebook_size) as w:
-        w.append(TokenizedVideo(codes, asg), labels=[i % 4 for i in range(8)], video_ids=list(range(8)))
+    write_random_store(root / "store", a, 8, 4)
     run(TrainGeneratorConfig(token_store=str(root / "store"), tokenizer=str(root / "A"), preset="debug",
                              gpt=dict(attn_backend="sdpa"), max_tokens=200, out_dir=str(root / "gen"),
                              trainer=TrainerConfig(max_steps=1, batch_size=1, device="cpu", progress=False,

@@ -7,11 +7,10 @@ import importlib.util
 
 import pytest
 import torch
+from _toy_store import write_random_store
 
 from arvid.cli import main
 from arvid.config import load_config
-from arvid.data.token_store import TokenStoreWriter
-from arvid.data.types import TokenizedVideo
 from arvid.generator.attention import AttentionBackendUnavailable
 from arvid.stages import train_generator
 from arvid.stages.train_generator import TrainGeneratorConfig, check_attention_backend
@@ -26,11 +25,7 @@ def store(tmp_path_factory):
     torch.manual_seed(0)
     tok = build_tokenizer("evatok", preset="debug")
     tok.save_pretrained(root / "tok")
-    g = torch.Generator().manual_seed(0)
-    a = tok.layout.random_assignments(8, g)
-    codes = torch.randint(0, tok.codebook_size, (int(a.sum()),), generator=g)
-    with TokenStoreWriter(root / "store", tok.fingerprint(), tok.layout, tok.codebook_size) as w:
-        w.append(TokenizedVideo(codes, a), labels=[i % 2 for i in range(8)], video_ids=list(range(8)))
+    write_random_store(root / "store", tok, 8, 2)
     return root
 
 
