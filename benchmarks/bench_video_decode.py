@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "the network is randomly initialised (throughput does not depend on the weights)")
     p.add_argument("--i3d-batch", type=int, default=32, help="I3D batch (clips)")
     p.add_argument("--out", default=None, help="append the JSON result to this file")
+    p.add_argument("--skip-nonref", default="on", choices=("on", "off"),
+                   help="leave non-reference frames before a clip undecoded (arvid.data.files.SKIP_NONREF)")
     a = p.parse_args(argv)
+    from arvid.data import files
+
+    files.SKIP_NONREF = a.skip_nonref == "on"  # before the DataLoader forks its workers
     width, height = (int(x) for x in a.src_size.lower().split("x"))
     torch.set_num_threads(1)  # as in DataLoader workers
     rows = []
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
            "source": f"{a.videos} mp4 of {a.src_frames} frames at {width}x{height}", "write_s": round(write_s, 1),
            "clip": [a.frames, a.size, a.size], "rows": rows, "best_clips_per_s_per_worker": round(per_worker, 2),
            "workers_to_feed": math.ceil(a.i3d_clips_per_s / per_worker), "i3d_clips_per_s": a.i3d_clips_per_s,
-           "i3d_device": a.i3d}
+           "i3d_device": a.i3d, "skip_nonref": a.skip_nonref}
     print(json.dumps(res), flush=True)
     if a.out:
         from arvid.io import atomic_write

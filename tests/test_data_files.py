@@ -309,3 +309,56 @@ def test_decoder_threads_one_per_worker_and_the_same_frames(synth_dir):
     got = list(torch.utils.data.DataLoader(_ThreadsSeen(path), batch_size=None, num_workers=1))
     assert [g["threads"] for g in got] == [1, 1]
     assert all(torch.equal(g["clip"], main["clip"]) for g in got)
+
+
+def _write_h264(path, frames, pts_ms):
+    """H.264 with B-frames (x264 defaults) of ``frames`` uint8 [T, H, W, 3] at times ``pts_ms``."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.time_base = Fraction(1, 1000)
+        s.codec_context.time_base = Fraction(1, 1000)
+        for f, t in zip(frames, pts_ms):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = int(t), Fraction(1, 1000)
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_skipping_non_reference_frames_before_the_clip_gives_the_frames_of_a_full_decode(tmp_path, monkeypatch):
+    """Non-reference frames before the clip are not decoded (skip_frame NONREF); the clips equal a
+    full decode's for every start, also where a gap in the time stamps puts a skipped frame first
+    (the clip is then decoded again without skipping)."""
+    from arvid.data import files
+
+    if "libx264" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx264 (no B-frames to skip)")
+    g = np.random.default_rng(0)
+    frames = np.clip(np.cumsum(g.integers(-12, 13, (96, 32, 48, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+    steady = tmp_path / "steady.mp4"
+    _write_h264(steady, frames, np.arange(96) * 40)
+    gappy = tmp_path / "gappy.mp4"  # 25 fps with two 1-s holes: a target can fall long after its frame
+    pts = np.arange(96) * 40 + np.where(np.arange(96) >= 30, 1000, 0) + np.where(np.arange(96) >= 60, 1000, 0)
+    _write_h264(gappy, frames, pts)
+    with av.open(str(steady)) as c:
+        c.streams.video[0].codec_context.skip_frame = "NONREF"
+        assert len(list(c.decode(video=0))) < 80  # the file has frames to skip (of 96)
+    retries = []
+    plain = files._decode_clip
+
+    def counted(*a, skip_nonref, **k):
+        try:
+            return plain(*a, skip_nonref=skip_nonref, **k)
+        except files._SkippedTooMuch:
+            retries.append(a[0])
+            raise
+
+    monkeypatch.setattr(files, "_decode_clip", counted)
+    for path in (steady, gappy):
+        for u in np.linspace(0, 1, 23):
+            for stride in (1, 3):
+                full = plain(path, 8, 16, stride, None, float(u), False, skip_nonref=False)
+                assert np.array_equal(files.decode_clip(path, 8, 16, stride, start_fraction=float(u)), full), (path, u)
+    assert str(gappy) in map(str, retries) and str(steady) not in map(str, retries)

@@ -149,6 +149,15 @@ def video_info(path: str | os.PathLike) -> dict:
         raise BadVideoError(f"{str(path)!r} cannot be decoded: {e}") from e
 
 
+#: decode_clip leaves non-reference frames before the clip undecoded (False: decode every frame;
+#: the frames are the same either way, ``benchmarks/bench_video_decode.py --skip-nonref off``)
+SKIP_NONREF = True
+
+
+class _SkippedTooMuch(Exception):
+    """A frame skipped as non-reference before the clip could have been the one to emit."""
+
+
 def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame_stride: int = 1,
                 fps: float | None = None, start_fraction: float | None = None, flip: bool = False) -> np.ndarray:
     """Decode one clip of ``path``: ``uint8 [frames, size, size, 3]``.
@@ -160,7 +169,20 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     repeats. A container that states no duration (nor frame count) always starts at the first
     frame. Damaged packets are skipped (a truncated file gives the frames before the cut).
     Raises :class:`BadVideoError` naming the file when no frame can be decoded.
+
+    Frames before the clip that no other frame refers to (B-frames, most often) are not decoded
+    at all (FFmpeg's ``skip_frame = NONREF``), up to two frame intervals before the first target;
+    should the frame to emit first have been one of them (a gap in the time stamps), the clip
+    is decoded again without skipping. The frames are those of a full decode either way.
     """
+    try:
+        return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=SKIP_NONREF)
+    except _SkippedTooMuch:
+        return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=False)
+
+
+def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: int, fps: float | None,
+                 start_fraction: float | None, flip: bool, skip_nonref: bool) -> np.ndarray:
     import av
 
     try:
@@ -198,16 +220,23 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
         out: list[np.ndarray] = []
         prev = None
         prev_rgb: tuple[object, np.ndarray] | None = None
+        # packets shown before this time (seconds) decode only if other frames refer to them
+        skip_before = targets[0] - 2.0 / rate if skip_nonref else None
+        skipping = {"used": False}
 
         def emit(f) -> None:
             nonlocal prev_rgb
+            if not out and skipping["used"] and (f is not prev or f.time is None or f.time < skip_before):
+                raise _SkippedTooMuch  # a skipped frame may have been the last one at or before target 0
             if prev_rgb is None or prev_rgb[0] is not f:  # padding repeats a frame: convert it once
                 prev_rgb = (f, _resize_crop(f, size))
             out.append(prev_rgb[1])
 
         n_decoded = 0
         errors: list[str] = []
-        for frame in _tolerant_decode(container, stream, errors):
+        for frame in _tolerant_decode(container, stream, errors, skip_before, tb, skipping):
+            if frame.time is None and skipping["used"]:
+                raise _SkippedTooMuch  # times counted by frame would miss the skipped ones
             ft = frame.time if frame.time is not None else t_first + n_decoded / rate
             n_decoded += 1
             while len(out) < frames and ft > targets[len(out)] + tol:
@@ -227,16 +256,21 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     return np.ascontiguousarray(clip[:, :, ::-1]) if flip else clip
 
 
-def _tolerant_decode(container, stream, errors: list[str], max_errors: int = 16):
+def _tolerant_decode(container, stream, errors: list[str], skip_before: float | None = None, tb: float = 0.0,
+                     skipping: dict | None = None, max_errors: int = 16):
     """Yield the decoded frames of ``stream``, packet by packet.
 
     A damaged packet is recorded in ``errors`` and skipped (up to ``max_errors``); a read error
     of the container flushes the decoder and stops. So a truncated file still yields the frames
-    before the damage.
+    before the damage. ``skip_before`` (seconds; ``tb``: the stream's time base): packets shown
+    before it are decoded only if they are reference frames (``skipping["used"]`` records that
+    it happened).
     """
     import av
 
     packets = container.demux(stream)
+    cc = stream.codec_context
+    mode = "DEFAULT"
     while True:
         try:
             packet = next(packets)
@@ -249,6 +283,12 @@ def _tolerant_decode(container, stream, errors: list[str], max_errors: int = 16)
             except av.FFmpegError as e2:
                 errors.append(str(e2))
             return
+        if skip_before is not None:
+            want = "NONREF" if packet.pts is not None and packet.pts * tb < skip_before else "DEFAULT"
+            if want != mode:
+                cc.skip_frame, mode = want, want
+                if want == "NONREF" and skipping is not None:
+                    skipping["used"] = True
         try:
             yield from packet.decode()  # the last (empty) packet flushes the decoder
         except av.FFmpegError as e:
