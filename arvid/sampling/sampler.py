@@ -115,6 +115,23 @@ class SampleOutput:
 # --------------------------------------------------------------------------- token choice
 
 
+def prefix_sum(p: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """``p.cumsum(-1)`` of ``float [B, V]``, as sums within chunks of ``chunk`` entries plus each
+    chunk's offset (a cumulative sum over ``V / chunk`` chunk totals).
+
+    The same sums in another order (float rounding apart). Why: on the GPU, inductor (torch 2.11)
+    splits a cumulative sum over the ~8k-entry vocabulary into a multi-kernel scan whose code it
+    fails to generate ("NYI TritonSplitDimKernel reductions", a TypeError in the split-scan
+    code; H100, 2026-12-05), so the compiled sampling part fell back to eager; scans of 128 and
+    of ``V / 128`` entries are not split."""
+    B, V = p.shape
+    n = -(-V // chunk)
+    x = torch.nn.functional.pad(p, (0, n * chunk - V)).view(B, n, chunk).cumsum(-1)  # [B, n, chunk]
+    totals = x[..., -1]  # [B, n]
+    offsets = totals.cumsum(-1) - totals  # sum of the chunks before each chunk
+    return (x + offsets[..., None]).view(B, n * chunk)[:, :V]
+
+
 def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Draw one token per row by inverse-CDF sampling.
@@ -140,9 +157,9 @@ def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float
     if top_p < 1.0:
         probs, order = probs.sort(-1, descending=True)
         # Drop a token when the tokens before it already hold top_p; the first always stays.
-        before = probs.cumsum(-1) - probs
+        before = prefix_sum(probs) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
-    cdf = probs.cumsum(-1)  # [B, V]
+    cdf = prefix_sum(probs)  # [B, V]
     x = u.to(cdf.dtype) * cdf[:, -1]
     idx = (cdf <= x[:, None]).sum(-1).clamp(max=V - 1)  # first index with cdf > x
     # Rounding at the top end of the cdf could land on a zero-probability token: take the mode.
@@ -606,4 +623,4 @@ def mean_tokens(out: SampleOutput) -> float:
 
 
 __all__ = ["SamplerConfig", "Sampler", "SampleOutput", "sample_from_logits", "length_bias", "cfg_scales",
-           "null_conditioning", "cat_conditioning", "conditioning_class", "mean_tokens", "bucket_len"]
+           "null_conditioning", "cat_conditioning", "conditioning_class", "mean_tokens", "bucket_len", "prefix_sum"]
