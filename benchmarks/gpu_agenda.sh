@@ -8,7 +8,7 @@
 #                the training stages' last metrics records (data_wait_fraction) go to train_metrics.txt
 #   2. genprof   bench_generator.py --presets L --lengths router --profile, with torch_varlen and
 #                with flex (one block mask per batch since 2026-12-04), and with the bf16 residual
-#                stream (--residual-dtype compute; inductor's byte count on the CPU: -21% elementwise
+#                stream (--residual-dtype compute; inductor's byte count on the CPU: -18% elementwise
 #                bytes per layer): MFU and where the step's kernel time goes (matmul, attention, fused
 #                elementwise, ...) ([E])
 #   3. attention bench_attention.py: every backend, flex[shared mask] included ([E])

@@ -313,12 +313,16 @@ def test_stats_file_records_frames_and_size(tmp_path):
     assert (direct.side_stats("real").num_frames, direct.side_stats("real").resolution) == (8, [16, 20])
     with pytest.raises(ValueError, match="side must be 'real', 'fake' or None, got 'gen'"):
         direct.features(_videos(1, 8, 16, 20, 0, uint8=True), side="gen")
-    # a refused file leaves the side's record as it was
-    with pytest.raises(ValueError, match="real clips have 10 frames, but the fake clips before have 12"):
-        legacy_fake = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
-        legacy_fake.update(_videos(2, 12, 24, 32, 1, uint8=False), real=False)
-        legacy_fake.load_real_stats(path)
-    assert legacy_fake._frames == {"fake": 12}
+    # a refused file leaves the side's record as it was (the first file's clips)
+    twelve = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    twelve.update(_videos(3, 12, 8, 8, 2, uint8=False), real=True)
+    path12 = twelve.save_stats(tmp_path / "twelve.npz")
+    kept = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    kept.load_real_stats(path)  # 10 frames of 24 x 32
+    kept.update(_videos(2, 10, 24, 32, 1, uint8=False), real=False)
+    with pytest.raises(ValueError, match="real clips have 12 frames, but the fake clips before have 10"):
+        kept.load_real_stats(path12)
+    assert kept._frames == {"real": 10, "fake": 10} and kept._sizes == {"real": (24, 32), "fake": (24, 32)}
 
     # a file written before these fields existed: they read as None, the fake side's values are used
     old = tmp_path / "old.npz"

@@ -108,7 +108,8 @@ def test_cli_protocol_sample_counts(sets16, capsys, caplog):
     # no --num: the protocol's N is required, and a folder of 2 clips has too few (before any weights load)
     assert main(["eval", "fvd", real, fake, *common]) == 1
     err = capsys.readouterr().err
-    assert f"protocol 'ucf-gfvd-2048' needs 2048 real clips, but {real!r} (the real set, A) has 2" in err
+    # (2 videos give 4 real clips: a random-clips draw takes up to 2 clips a video)
+    assert f"protocol 'ucf-gfvd-2048' needs 2048 real clips, but {real!r} (the real set, A) gives 4" in err
     assert "pass --num K to run a non-standard count" in err
     # --num 2: runs, and the result says it is not the protocol's count
     stats = sets16 / "real.npz"
@@ -124,8 +125,8 @@ def test_cli_protocol_sample_counts(sets16, capsys, caplog):
     capsys.readouterr()
     # a statistics file with fewer clips than the protocol's N is refused the same way
     assert main(["eval", "fvd", str(stats), fake, *common]) == 1
-    assert f"needs 2048 real clips, but {str(stats)!r} (the real set, A) has 2" in capsys.readouterr().err
-    # ... and B is counted against num_fake
+    assert f"needs 2048 real clips, but {str(stats)!r} (the real set, A) gives 2" in capsys.readouterr().err
+    # with --num the same statistics file is accepted
     assert main(["eval", "fvd", str(stats), fake, *common[:2], "--num", "2", "--device", "cpu", "--workers", "0",
                  "--out", str(sets16 / "r2.json")]) == 0
     r2 = json.loads((sets16 / "r2.json").read_text())
@@ -205,7 +206,7 @@ def test_progress_bar_over_batches(monkeypatch, tty, rank, drawn):
     monkeypatch.setattr(sys, "stderr", err)
     rec = _Recorder()
     args = argparse.Namespace(batch_size=2, workers=0)
-    assert feed(rec, _Clips(), True, args, 1, rank) == 5
+    feed(rec, _Clips(), True, args, 1, rank)
     assert rec.batches == [(2, True, [0, 1]), (2, True, [2, 3]), (1, True, [4])]
     out = err.getvalue()
     assert ("fvd real" in out and "3/3" in out and "batch" in out) == drawn

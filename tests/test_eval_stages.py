@@ -81,7 +81,7 @@ def test_clip_set_draws_the_protocols_clips_and_shards_cover_each_once(monkeypat
     ds = build_dataset(data, "val")
     assert drawn.labels().tolist() == [ds[i]["label"] for i in want]
     # one process: every clip once, in draw order
-    seen = [(b["video_index"].tolist(), b["pos"].tolist()) for _, b in drawn.batches()]
+    seen = [(b["video_index"].tolist(), b["index"].tolist()) for _, b in drawn.batches()]
     assert [i for idx, _ in seen for i in idx] == want
     assert [p for _, pos in seen for p in pos] == list(range(5))
     # two processes: disjoint shares of whole batches that together are every batch
@@ -251,10 +251,10 @@ def test_a_random_clips_protocol_takes_more_clips_than_videos_in_rounds(tmp_path
     data = DataConfig(source="folder", root=str(tmp_path / "v"), frames=4, size=16, random_start=True)
     clips = ClipSet(data, "train", 5, "ucf-gfvd-2048", batch_size=3)
     assert len(clips) == 5 and [r for _, r in clips.pairs] == [0, 0, 0, 1, 1]
-    got = {int(p): v for _, b in clips.batches() for p, v in zip(b["pos"], b["video"])}
+    got = {int(p): v for _, b in clips.batches() for p, v in zip(b["index"], b["video"])}
     assert sorted(got) == list(range(5))
     again = {int(p): v for _, b in ClipSet(data, "train", 5, "ucf-gfvd-2048", batch_size=2).batches()
-             for p, v in zip(b["pos"], b["video"])}
+             for p, v in zip(b["index"], b["video"])}
     assert all(torch.equal(got[p], again[p]) for p in got)  # the draw and the starts are seeded
     assert not torch.equal(got[1], got[4])  # round 1 of video 1 is another clip of it (video 0 is static)
     ds = clips.dataset

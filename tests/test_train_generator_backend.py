@@ -60,7 +60,6 @@ def test_check_names_precision_and_flex_on_cpu(store, tmp_path, monkeypatch):
     cfg = load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "b", "gpt.attn_backend=flex"))
     with pytest.raises(AttentionBackendUnavailable, match="'flex' cannot train on cpu .*no backward pass"):
         check_attention_backend(cfg)
-    assert not (tmp_path / "b").exists()
     # On a GPU machine: fp32 training with a half-precision-only kernel is named with its fix.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = load_config(TrainGeneratorConfig, None, overrides(

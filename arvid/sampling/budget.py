@@ -106,10 +106,24 @@ def calibrate_budget_bias(sampler: Sampler, target: float, cond=None, *, batch_s
 
     Returns:
         :class:`BudgetCalibration`; set ``SamplerConfig.budget_bias = result.beta``.
+
+    Under ``torch.distributed`` with several processes, rank 0 calibrates and every process gets its
+    result: they all sample with one ``beta`` (GPU kernels need not give each process the same
+    calibration means, and a per-process ``beta`` would make the samples depend on the process count).
     """
+    import torch.distributed as dist
+
     def measure(beta: float) -> float:
         g = torch.Generator().manual_seed(seed)
         out = sampler.generate(cond, batch_size=batch_size, generator=g, budget_bias=beta, **generate_kwargs)
         return mean_tokens(out)
 
-    return bisect_bias(measure, target, lo=lo, hi=hi, iters=iters, rel_tol=rel_tol)
+    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    result = None
+    if not shared or dist.get_rank() == 0:
+        result = bisect_bias(measure, target, lo=lo, hi=hi, iters=iters, rel_tol=rel_tol)
+    if shared:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result

@@ -116,14 +116,17 @@ class SampleOutput:
 
 
 def prefix_sum(p: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """``p.cumsum(-1)`` of ``float [B, V]``, as sums within chunks of ``chunk`` entries plus each
-    chunk's offset (a cumulative sum over ``V / chunk`` chunk totals).
+    """``p.cumsum(-1)`` of ``float [B, V]``; under ``torch.compile``, as sums within chunks of
+    ``chunk`` entries plus each chunk's offset (a cumulative sum over ``V / chunk`` chunk totals).
 
     The same sums in another order (float rounding apart). Why: on the GPU, inductor (torch 2.11)
     splits a cumulative sum over the ~8k-entry vocabulary into a multi-kernel scan whose code it
     fails to generate ("NYI TritonSplitDimKernel reductions", a TypeError in the split-scan
     code; H100, 2026-12-05), so the compiled sampling part fell back to eager; scans of 128 and
-    of ``V / 128`` entries are not split."""
+    of ``V / 128`` entries are not split. Eagerly the plain ``cumsum`` is the faster (the blocked
+    one took 2.1 ms against 0.26 ms at batch 64 on a 2-core CPU), so it stays."""
+    if not torch.compiler.is_compiling():
+        return p.cumsum(-1)
     B, V = p.shape
     n = -(-V // chunk)
     x = torch.nn.functional.pad(p, (0, n * chunk - V)).view(B, n, chunk).cumsum(-1)  # [B, n, chunk]

@@ -47,7 +47,7 @@ from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_u
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.io import write_json
-from arvid.stages.eval_stream import MAX_CLIPS_PER_VIDEO, _collate, draws_several_clips
+from arvid.stages.eval_stream import DrawnClips, _collate, draw_clips, draws_several_clips
 
 if TYPE_CHECKING:
     from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
@@ -74,18 +74,13 @@ def open_videos(source: str, clip: ClipConfig, seed: int) -> VideoFileDataset:
     return VideoFileDataset(paths, labels, names, clip=clip, seed=seed)
 
 
-def choose(ds: Dataset, num: int | None, random: bool, seed: int, several: bool = False) -> Dataset:
+def choose(ds: Dataset, num: int | None, random: bool, seed: int, several: bool = False) -> DrawnClips:
     """The first ``num`` videos, or a seeded random draw of ``num`` clips (the protocol's; with
     ``several``, more clips than videos take further random clips of the videos): the same draw as
     ``arvid eval recon | gen | fp`` (:func:`arvid.stages.eval_stream.draw_clips`). Items' ``index``
     is the position in the draw, so the sampler's padding is counted once and a second clip of a
     video is not taken for a copy."""
-    from arvid.stages.eval_stream import DrawnClips, draw_clips
-
-    pairs = draw_clips(ds, num, random, seed, several)
-    if len(pairs) == len(ds) and all(p == (i, 0) for i, p in enumerate(pairs)):  # type: ignore[arg-type]
-        return ds
-    return DrawnClips(ds, pairs)
+    return DrawnClips(ds, draw_clips(ds, num, random, seed, several))
 
 
 def _dist() -> tuple[int, int]:
@@ -100,7 +95,7 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int, rank: int) -> int:
+def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int, rank: int) -> None:
     """Extract features of every clip of ``ds`` (this process's shard) into one side of ``metric``.
 
     A tqdm bar over this shard's batches, on rank 0 only and only when stderr is a terminal.
@@ -110,18 +105,15 @@ def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.N
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=_collate)
-    seen = 0
     bar = tqdm(total=len(loader), desc=f"fvd {'real' if real else 'fake'}", unit="batch", dynamic_ncols=True,
                disable=rank != 0 or not sys.stderr.isatty())
     try:
         for batch in loader:
-            # ids: the file index, so the sampler's padding (repeated files) is counted once
+            # ids: the position in the draw, so the sampler's padding (repeated items) is counted once
             metric.update(batch["video"], real=real, ids=batch["index"])
-            seen += batch["video"].shape[0]
             bar.update(1)
     finally:
         bar.close()
-    return seen
 
 
 def protocol_count(protocol: FVDProtocol, real: bool) -> int | None:
@@ -132,7 +124,7 @@ def protocol_count(protocol: FVDProtocol, real: bool) -> int | None:
 def _too_few(protocol: FVDProtocol, source: str, real: bool, found: int, need: int) -> ValueError:
     side, name = ("real", "A") if real else ("fake", "B")
     return ValueError(
-        f"protocol {protocol.name!r} needs {need} {side} clips, but {source!r} (the {side} set, {name}) has "
+        f"protocol {protocol.name!r} needs {need} {side} clips, but {source!r} (the {side} set, {name}) gives "
         f"{found}; pass --num K to run a non-standard count (the result then records conforms: false)"
     )
 
@@ -176,13 +168,13 @@ def run(args: argparse.Namespace) -> dict:
                 raise _too_few(protocol, source, real, stats.n, need)
             sets.append((source, real, stats))
             continue
-        ds = open_videos(source, clip, protocol.seed)
-        several = real and random_clips and draws_several_clips(ds)  # real clips: up to 2 a video
-        if args.num is None and need is not None and len(ds) * (MAX_CLIPS_PER_VIDEO if several else 1) < need:
+        videos = open_videos(source, clip, protocol.seed)
+        several = real and random_clips and draws_several_clips(videos)  # real clips: up to 2 a video
+        ds = choose(videos, args.num if args.num is not None else need, random_clips, protocol.seed, several)
+        if args.num is None and need is not None and len(ds) < need:
             raise _too_few(protocol, source, real, len(ds), need)
-        ds = choose(ds, args.num if args.num is not None else need, random_clips, protocol.seed, several)
-        if len(ds) < 2:  # type: ignore[arg-type]
-            raise ValueError(f"{source!r}: FVD needs at least 2 videos, found {len(ds)}")  # type: ignore[arg-type]
+        if len(ds) < 2:
+            raise ValueError(f"{source!r}: FVD needs at least 2 clips, found {len(ds)}")
         sets.append((source, real, ds))
 
     backbone = TorchScriptI3D(args.torchscript).load() if args.torchscript else I3D.from_file(args.weights)
@@ -197,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
             metric.load_stats(data, "real" if real else "fake")
             continue
         feed(metric, data, real, args, world, rank)
-        skipped = getattr(getattr(data, "ds", data), "num_skipped", 0)
+        skipped = getattr(data.ds, "num_skipped", 0)
         if skipped:
             log.warning("%s: %d unreadable files were skipped (replaced by the next readable one)", source, skipped)
 

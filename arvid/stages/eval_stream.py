@@ -71,17 +71,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return [obj]
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every process (``obj`` itself when there is one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
 def progress(total: int, desc: str, unit: str = "video"):
     """A tqdm bar on rank 0 (disabled elsewhere and when stderr is not a terminal)."""
     from tqdm.auto import tqdm
@@ -182,8 +171,8 @@ class ClipSet:
 
     ``len(clips)``: all processes' clips; :meth:`labels`: every clip's label in draw order (no
     decoding for the built-in and file datasets); :meth:`batches`: this process's batches as
-    ``(j, dict(video float [b, C, T, H, W], label, index, pos))`` where ``index`` and ``pos`` are
-    the clips' positions in the draw.
+    ``(j, dict(video float [b, C, T, H, W], label, index, video_index))`` where ``index`` is the
+    clips' positions in the draw.
     """
 
     def __init__(self, data: DataConfig, split: str, num: int | None, protocol: str | FVDProtocol | None,
@@ -226,7 +215,6 @@ class ClipSet:
         bar = progress(sum(len(b) for b in plan), desc or f"{self.split} clips")
         try:
             for j, batch in zip(mine, loader):
-                batch["pos"] = torch.tensor(list(self.positions(j)))
                 yield j, batch
                 bar.update(batch["video"].shape[0])
         finally:
@@ -244,7 +232,7 @@ class FVDSides:
     def __init__(self, protocol: str, weights: str | None, device: torch.device, real_stats: str | None = None):
         from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
 
-        self.protocol, self.weights, self.device = protocol, weights, device
+        self.protocol, self.device = protocol, device
         self.real = FrechetVideoDistance(protocol=protocol, weights=weights, precision="fp32", batch_size=8).to(device)
         self.fakes: dict[str, Any] = {}
         self._real_stats = None  # set once the real side is complete (loaded, or summed after its pass)

@@ -39,7 +39,6 @@ from arvid.stages.eval_stream import (
     FVDSides,
     all_gather_objects,
     all_sum,
-    broadcast_object,
     dist_info,
     progress,
     resolve_device,
@@ -342,10 +341,7 @@ def _budgeted_sampler(cfg: GenEvalConfig, gpt: Any, tok: Any, labels: torch.Tens
         cond = Cond(class_ids=labels[:n].to(device))
     else:
         n, cond = cfg.calibration_videos, Cond()
-    cal = None
-    if dist_info()[0] == 0:  # one calibration, shared: every process must sample with the same beta
-        cal = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n, seed=batch_seed(cfg.seed, -1))
-    cal = broadcast_object(cal)
+    cal = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n, seed=batch_seed(cfg.seed, -1))
     log.info("budget %.1f tokens/video: beta=%.4f (calibration mean %.1f over %d videos)", cfg.budget, cal.beta,
              cal.mean_tokens, n)
     return (dataclasses.replace(cfg.sampler, budget_bias=cal.beta), None,
@@ -569,7 +565,7 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
         if fvd is not None:
             fvd.add_fake("fp", pred)
         sums += torch.tensor([float(lens.sum()), float(lens.numel())], dtype=torch.float64)
-        for i, p in enumerate(b["pos"].tolist()):
+        for i, p in enumerate(b["index"].tolist()):
             if p < keep:
                 kept[p] = (b["video"][i].clone(), pred[i].clone())
     if fvd is not None:
