@@ -88,13 +88,17 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
 
 
 def _run(args) -> int | None:
-    """The command, then the distributed teardown (a no-op without a process group)."""
-    try:
-        return args.func(args)
-    finally:
-        from arvid.training.device import shutdown_distributed
+    """The command, then the distributed teardown (a no-op without a process group; no barrier
+    after a failure)."""
+    from arvid.training.device import shutdown_distributed
 
-        shutdown_distributed()
+    try:
+        rc = args.func(args)
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,5 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def entry() -> None:
+    """The ``arvid`` console script and ``python -m arvid``: :func:`main`, then an exit that a
+    launched worker survives (:func:`arvid.training.device.exit_process`)."""
+    from arvid.training.device import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

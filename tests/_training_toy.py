@@ -9,7 +9,6 @@ The script trains and writes ``OUT_DIR/final.safetensors`` (the task's weights) 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -145,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from arvid.training.device import shutdown_distributed
+    from arvid.training.device import exit_process, shutdown_distributed
 
     torch.set_num_threads(1)
     try:
         rc = main()
-    finally:
-        shutdown_distributed()
-    sys.exit(rc)
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
+    exit_process(rc)

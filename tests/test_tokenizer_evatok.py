@@ -245,6 +245,32 @@ def test_training_forward_has_gradients_and_losses(tok):
         tok.eval()
 
 
+def test_training_forward_shares_the_encoders_tags_with_the_decoder(tok, monkeypatch):
+    """forward hands the encoder's TokenMeta (and its group plan) to the decoder: one tag build
+    and one plan per step, the same reconstruction as a decoder that builds its own."""
+    video = _video(3, seed=2)
+    a = torch.tensor([[4, 8, 16, 32], [8, 8, 8, 8], [4, 8, 16, 8]])
+    calls = {"meta": 0, "plan": 0}
+    meta_fn = tok._token_meta
+
+    def counting_meta(*args, **kwargs):
+        calls["meta"] += 1
+        return meta_fn(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "_token_meta", counting_meta)
+    with torch.no_grad():
+        recon, qo = tok(video, a)
+        assert calls["meta"] == 1
+        alone = tok.decode_features(qo.z_q, a)  # builds its own tags
+        assert calls["meta"] == 2
+    torch.testing.assert_close(recon, alone, rtol=0, atol=0)
+    meta = meta_fn(a, torch.device("cpu"))
+    plan = tok._groups(a, meta, torch.device("cpu"))
+    assert tok._groups(a, meta, torch.device("cpu")) is plan  # kept on the meta
+    assert sorted((k, c, sel.tolist()) for k, c, sel, _ in plan) == sorted(
+        (k, c, [b for b in range(3) if int(a[b, k]) == c]) for k in range(4) for c in set(a[:, k].tolist()))
+
+
 def test_token_meta_matches_a_per_video_reference(tok):
     a = torch.tensor([[8, 16, 4, 32], [32, 4, 8, 8], [4, 4, 4, 4]])
     meta = tok._token_meta(a, torch.device("cpu"))

@@ -79,3 +79,25 @@ def test_two_processes_match_one_process(tmp_path):
         # there really were 2 processes: the checkpoint keeps one RNG state per process
         rng = torch.load(tmp_path / "two" / name / "checkpoints" / "step_00000012" / "rng.pt", weights_only=True)
         assert len(rng["ranks"]) == 2
+
+
+_EXIT_SCRIPT = """
+import sys
+import torch.distributed as dist
+from arvid.training.device import exit_process, shutdown_distributed
+if sys.argv[1] == "group":
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%s", rank=0, world_size=1)
+print("results written")  # block-buffered (a pipe): lost unless exit_process flushes
+shutdown_distributed()
+assert not dist.is_initialized()
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["group", "plain"])
+def test_exit_process_tears_down_flushes_and_keeps_the_status(mode):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    out = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT % _free_port(), mode], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout == "results written\n"

@@ -173,4 +173,12 @@ def test_fsdp1_is_refused():
 
 
 if __name__ == "__main__":
-    _script(Path(sys.argv[1]))
+    from arvid.training.device import exit_process, shutdown_distributed
+
+    try:
+        _script(Path(sys.argv[1]))
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
+    exit_process(0)

@@ -225,6 +225,7 @@ class TokenMeta:
     cand: torch.Tensor  # index of the block's count in the layout's candidates
     block_start: torch.Tensor  # [B, K] offset of each block's first token in the packed sequence
     block_start_cpu: torch.Tensor  # the same on the host, for index arithmetic without a device sync
+    groups: list | None = None  # EVATok._groups's plan, made on first use (encoder and decoder share it)
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -438,7 +439,10 @@ class EVATok(nn.Module, PretrainedMixin):
                 ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """The videos that give block ``k`` the same count, with their tokens' packed positions:
         ``[(k, count, sel LongTensor[m], idx LongTensor[m, count])]`` on ``device``, computed on the
-        host and copied in one go (no device sync)."""
+        host and copied in one go (no device sync). Kept on ``meta``: a training step's encoder
+        and decoder use the same plan."""
+        if meta.groups is not None:
+            return meta.groups
         bl = block_lengths.detach().to("cpu", torch.long)
         plan, parts = [], []
         for k in range(bl.shape[1]):
@@ -447,10 +451,12 @@ class EVATok(nn.Module, PretrainedMixin):
                 idx = meta.block_start_cpu[sel, k][:, None] + torch.arange(count)[None]  # [m, count]
                 plan.append((k, count, sel.numel()))
                 parts += [sel, idx.reshape(-1)]
-        if not parts:
-            return []
-        flat = host_to_device(torch.cat(parts), device).split([p.numel() for p in parts])
-        return [(k, count, flat[2 * i], flat[2 * i + 1].view(m, count)) for i, (k, count, m) in enumerate(plan)]
+        meta.groups = []
+        if parts:
+            flat = host_to_device(torch.cat(parts), device).split([p.numel() for p in parts])
+            meta.groups = [(k, count, flat[2 * i], flat[2 * i + 1].view(m, count))
+                           for i, (k, count, m) in enumerate(plan)]
+        return meta.groups
 
     def _init_queries(self, x: torch.Tensor, assignment: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
         """Pool each block's patch features to its token count; returns packed ``[N, D]``."""
@@ -465,14 +471,17 @@ class EVATok(nn.Module, PretrainedMixin):
         return out
 
     # ------------------------------------------------------------------ decoder
-    def decode_features(self, z_q: torch.Tensor, block_lengths: torch.Tensor) -> torch.Tensor:
+    def decode_features(self, z_q: torch.Tensor, block_lengths: torch.Tensor,
+                        meta: TokenMeta | None = None) -> torch.Tensor:
         """Quantized vectors ``[sum(block_lengths), code_dim]`` (packed) -> video ``[B, C, T', H, W]``
-        with ``T' = sum(frames_per_block[:K'])`` for ``K' = block_lengths.shape[1]`` blocks."""
+        with ``T' = sum(frames_per_block[:K'])`` for ``K' = block_lengths.shape[1]`` blocks.
+        ``meta``: the encoder's tags for these block lengths (a training step), else made here."""
         device = z_q.device
         B, nb = block_lengths.shape
         if nb < 1 or nb > self.layout.num_blocks:
             raise ValueError(f"block_lengths has {nb} blocks; this tokenizer has {self.layout.num_blocks}")
-        meta = self._token_meta(block_lengths, device)
+        if meta is None:
+            meta = self._token_meta(block_lengths, device)
         backend = self._backend(device)
         frames = sum(self.layout.frames_per_block[:nb])
         lat = frames // self.config.patch_time
@@ -541,7 +550,7 @@ class EVATok(nn.Module, PretrainedMixin):
         z, meta = self.encode_features(video, assignment)
         qo = self.quantizer(z, generator=generator, entropy=entropy)
         bl = self._check_assignment(assignment, video.shape[0], self._num_blocks_of(video))
-        recon = self.decode_features(qo.z_q, bl)
+        recon = self.decode_features(qo.z_q, bl, meta)
         return recon, qo
 
     @torch.no_grad()

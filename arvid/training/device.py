@@ -7,8 +7,12 @@ global torch flags only for the length of the fit (it restores them on exit).
 from __future__ import annotations
 
 import contextlib
+import logging
+from typing import NoReturn
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
@@ -77,17 +81,55 @@ def setup_backends(device: torch.device, tf32: bool = True) -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def shutdown_distributed() -> None:
-    """Destroy the default process group, if one was set up, before the interpreter exits.
+#: set once this process has torn a process group down (see :func:`exit_process`)
+_TORN_DOWN = False
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """Destroy the default process group, if one was set up, while the interpreter is whole.
 
     Left to interpreter shutdown, gloo's worker threads can be torn down mid-flight and abort the
     process ("terminate called without an active exception", exit -6) after all its work is
-    done: seen once in a 2-process CPU test. Every process calls this at its end, so no
-    peer is still waiting on a collective when the group goes away."""
+    done: seen in a 2-process CPU test, also with an explicit ``destroy_process_group`` whose
+    peer was still writing its results. So, after a run that ended normally (``clean``), the
+    processes first meet at a barrier (none is mid-collective or still working when the group
+    goes away), then garbage still holding communication buffers (DDP reducers, finished work
+    objects) is collected, then the group is destroyed. After a failure (``clean=False``) there
+    is no barrier: a peer may be waiting in another collective, and the launcher stops it."""
+    import gc
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    global _TORN_DOWN
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        try:
+            dist.barrier()
+        except RuntimeError as e:  # a peer is gone (it failed; the launcher reports it)
+            log.warning("barrier before the process group's teardown failed: %s", e)
+    gc.collect()
+    dist.destroy_process_group()
+    _TORN_DOWN = True
+
+
+def exit_process(rc: int | None) -> NoReturn:
+    """End a script with exit status ``rc``. A process that ran in a process group (torn down by
+    :func:`shutdown_distributed`) flushes its output and leaves through ``os._exit``: interpreter
+    finalization is where gloo's threads abort a finished process (see above), and nothing of
+    a finished run is left for it to do. Any other process exits normally (``sys.exit``)."""
+    import os
+    import sys
+
+    if not _TORN_DOWN:
+        sys.exit(rc)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(int(rc or 0))
 
 
 def make_accelerator(precision: str, cpu: bool, find_unused_parameters: bool = False, log_dir: str | None = None):
