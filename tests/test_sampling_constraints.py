@@ -135,6 +135,56 @@ def test_bad_constraints_are_named():
         SequenceConstraint(FMT, 2, budget=torch.tensor([3, 4, 5]))
 
 
+def stepwise_state_after(c: SequenceConstraint, prefix: torch.Tensor, plen: torch.Tensor):
+    """Reference: feed the prefix token by token through mask/advance; the first bad (position,
+    row) with the state before it, or the final state."""
+    B, P = prefix.shape
+    state = ConstraintState.initial(B)
+    for j in range(P):
+        active = j < plen
+        tok = prefix[:, j]
+        in_vocab = (tok >= 0) & (tok < c.fmt.vocab_size)
+        ok = c.mask(state).gather(1, tok.clamp(0, c.fmt.vocab_size - 1)[:, None]).squeeze(1)
+        bad = active & ~(ok & in_vocab & ~c.done(state))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            return (f"prefix of sample {b} breaks the format or the constraints at position {j} "
+                    f"(token {int(tok[b])}, block {int(state.block[b])}, codes left {int(state.left[b])})")
+        before = state.clone()
+        c.advance(state, tok)
+        for a, b_ in zip(state.tensors(), before.tensors()):
+            a.copy_(torch.where(active, a, b_))
+    return state
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5), st.sampled_from(["none", "allowed", "fixed", "budget"]),
+       st.integers(0, 3))
+def test_state_after_matches_a_token_by_token_walk(seed, B, kind, corrupt):
+    """The block-at-a-time state_after gives the state (or the first error, word for word) of
+    feeding the prefix token by token, on well-formed walks cut anywhere, with corrupted tokens."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {"none": {}, "allowed": {"allowed_counts": [[1, 3], [3, 5], [1, 5]]},
+          "fixed": {"fixed_assignment": [3, 1, 5]}, "budget": {"budget": 7}}[kind]
+    c = SequenceConstraint(FMT, B, **kw)
+    free = SequenceConstraint(FMT, B)  # walks that the constrained kinds may refuse
+    seqs, state = walk(free if torch.rand(1, generator=g).item() < 0.5 else c, g)
+    P = seqs.shape[1]
+    plen = torch.randint(0, P + 1, (B,), generator=g)
+    prefix = seqs.clone()
+    for _ in range(corrupt):  # a random token anywhere: a code, a length token, or out of range
+        b, j = int(torch.randint(0, B, (1,), generator=g)), int(torch.randint(0, P, (1,), generator=g))
+        prefix[b, j] = int(torch.randint(-1, FMT.vocab_size + 1, (1,), generator=g))
+    ref = stepwise_state_after(c, prefix, plen)
+    if isinstance(ref, str):
+        with pytest.raises(ValueError) as e:
+            c.state_after(prefix, plen)
+        assert str(e.value) == ref
+    else:
+        got = c.state_after(prefix, plen)
+        assert [t.tolist() for t in got.tensors()] == [t.tolist() for t in ref.tensors()]
+
+
 def test_prefix_state_and_validation():
     tv = TokenizedVideo(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 0]), torch.tensor([[3, 1], [1, 5]]))
     pre, plen = prefix_tokens(FMT, tv)

@@ -24,6 +24,7 @@ forced, and the state is advanced over them like over sampled tokens (:meth:`adv
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -226,32 +227,74 @@ class SequenceConstraint:
         state.block.add_(is_len.long())
 
     def state_after(self, prefix: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> ConstraintState:
-        """The state after ``prefix`` ``LongTensor[B, P]`` (entries past ``prefix_lengths`` are
-        ignored). Checks that the prefix follows the format and the constraints."""
+        """The state (on this constraint's device) after ``prefix`` ``LongTensor[B, P]`` (entries past
+        ``prefix_lengths`` are ignored). Checks that the prefix follows the format and the
+        constraints, naming the first offending position.
+
+        Computed on the host a block at a time (``K`` steps over ``[B]`` vectors, the codes of a
+        block checked in one comparison), not token by token: the same state and the same first
+        error as feeding the tokens one by one through :meth:`mask` and :meth:`advance`, which
+        took 2.6 s for 64 two-block prefixes of ~500 tokens on a CPU."""
         B, P = prefix.shape
         if B != self.batch_size:
             raise ValueError(f"prefix batch {B} does not match the constraint batch {self.batch_size}")
-        dev = self.device
-        plen = torch.full((B,), P, dtype=torch.long) if prefix_lengths is None else prefix_lengths
-        plen = plen.to(dev)
-        prefix = prefix.to(dev)
-        state = ConstraintState.initial(B, dev)
-        for j in range(P):
-            active = j < plen
-            tok = prefix[:, j]
-            in_vocab = (tok >= 0) & (tok < self.fmt.vocab_size)
-            ok = self.mask(state).gather(1, tok.clamp(0, self.fmt.vocab_size - 1)[:, None]).squeeze(1)
-            bad = active & ~(ok & in_vocab & ~self.done(state))
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0])
-                raise ValueError(f"prefix of sample {b} breaks the format or the constraints at position {j} "
-                                 f"(token {int(tok[b])}, block {int(state.block[b])}, codes left {int(state.left[b])})")
-            before = state.clone()
-            self.advance(state, tok)
-            # Rows past their own prefix length keep their state.
-            for a, b_ in zip(state.tensors(), before.tensors()):
-                a.copy_(torch.where(active, a, b_))
-        return state
+        host = self._host()
+        K, V = self.fmt.layout.num_blocks, self.fmt.codebook_size
+        prefix = prefix.detach().to("cpu", torch.long)
+        plen = torch.full((B,), P, dtype=torch.long) if prefix_lengths is None else (
+            torch.as_tensor(prefix_lengths, dtype=torch.long).cpu().reshape(B))
+        state = ConstraintState.initial(B)
+        pos = torch.zeros(B, dtype=torch.long)  # where each row's next length token is
+        rows, cols = torch.arange(B), torch.arange(P)
+        # the first offending position of each row (P: none) and the state shown for it
+        bad_at = torch.full((B,), P, dtype=torch.long)
+        bad_block, bad_left = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+
+        def flag(bad: torch.Tensor, at: torch.Tensor, block: torch.Tensor, left: torch.Tensor) -> None:
+            new = bad & (at < bad_at)
+            bad_at.copy_(torch.where(new, at, bad_at))
+            bad_block.copy_(torch.where(new, block, bad_block))
+            bad_left.copy_(torch.where(new, left, bad_left))
+
+        zero = torch.zeros(B, dtype=torch.long)
+        for _block in range(K):
+            active = (pos < plen) & (bad_at == P)  # rows with a length token of this block in their prefix
+            tok = prefix[rows, pos.clamp(max=max(P - 1, 0))] if P else zero
+            c = tok - self.fmt.len_token_base
+            is_len = (c >= 0) & (c < host.cand.numel())
+            ok = is_len & host.allowed_lengths(state)[rows, c.clamp(0, host.cand.numel() - 1)]
+            flag(active & ~ok, pos, state.block, state.left)
+            active &= ok
+            count = torch.where(active, host.cand[c.clamp(0, host.cand.numel() - 1)], zero)
+            # the block's codes: positions pos+1 .. pos+count that lie inside the prefix
+            span = (cols[None] > pos[:, None]) & (cols[None] <= (pos + count)[:, None]) & (cols[None] < plen[:, None])
+            not_code = span & ((prefix < 0) | (prefix >= V))
+            first = torch.where(not_code, cols[None], P).amin(1) if P else zero + P
+            seen = (plen - pos - 1).clamp(min=0).minimum(count)  # codes of the block inside the prefix
+            state.block.add_(active.long())
+            state.used.add_(count)
+            state.length.add_(active.long() + seen)
+            state.left.copy_(torch.where(active, count - seen, state.left))
+            flag(active & (first < P), first, state.block, count - (first - pos - 1))
+            pos = torch.where(active, pos + 1 + count, pos)
+        # a token after the last block (the sequence is complete there)
+        flag((pos < plen) & (bad_at == P), pos, state.block, state.left)
+        if bool((bad_at < P).any()):
+            j = int(bad_at.min())
+            b = int((bad_at == j).nonzero()[0])
+            raise ValueError(f"prefix of sample {b} breaks the format or the constraints at position {j} "
+                             f"(token {int(prefix[b, j])}, block {int(bad_block[b])}, codes left {int(bad_left[b])})")
+        return ConstraintState(*(t.to(self.device) for t in state.tensors()))
+
+    def _host(self) -> SequenceConstraint:
+        """This constraint with its step functions' tensors on the host (itself on a CPU)."""
+        if self.device.type == "cpu":
+            return self
+        twin = copy.copy(self)
+        twin.device = torch.device("cpu")
+        for name in ("cand", "allowed_pad", "min_rest", "min_onehot", "budget"):
+            setattr(twin, name, getattr(self, name).cpu())
+        return twin
 
 
 def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
