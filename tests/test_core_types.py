@@ -41,6 +41,11 @@ def test_tokenized_video_views():
     parts = tv.split()
     assert TokenizedVideo.cat(parts).equal(tv)
     assert tv.select([1]).codes.tolist() == list(range(6, 14))
+    picked = tv.select(torch.tensor([1, 0, -1]))  # any order, repeats, negative from the end
+    assert picked.equal(TokenizedVideo.cat([parts[1], parts[0], parts[1]]))
+    assert tv.select([]).batch_size == 0 and tv.select([]).codes.numel() == 0
+    with pytest.raises(IndexError, match="out of range for 2 videos"):
+        tv.select([2])
     with pytest.raises(ValueError, match="sum to"):
         TokenizedVideo(torch.arange(5), bl)
 

@@ -327,17 +327,8 @@ class TokenStore:
                 "would decode to garbage. Re-run `arvid tokenize` with this tokenizer, or use the one that wrote it.")
 
     # ------------------------------------------------------------------ access
-    def _check_index(self, i: int) -> int:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"token store index {i} out of range [0, {n})")
-        return i
-
     def __getitem__(self, i: int) -> dict:
-        i = self._check_index(i)
+        i = int(self._check_indices([i])[0])
         codes = self._codes_array()
         off = self._index["offsets"]
         c = torch.from_numpy(np.asarray(codes[int(off[i]):int(off[i + 1])]).astype(np.int64))

@@ -206,9 +206,18 @@ class TokenizedVideo:
                 for i in range(self.batch_size)]
 
     def select(self, indices: list[int] | torch.Tensor) -> TokenizedVideo:
-        idx = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
-        return TokenizedVideo.cat([self.split()[i] for i in idx]) if idx else TokenizedVideo(
-            self.codes[:0], self.block_lengths[:0])
+        """The videos ``indices`` (negative ones count from the end) in that order, by one gather
+        of their codes (index arithmetic on the host)."""
+        B = self.batch_size
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
+        idx = torch.where(idx < 0, idx + B, idx)
+        if bool(((idx < 0) | (idx >= B)).any()):
+            raise IndexError(f"video index {torch.as_tensor(indices).reshape(-1).tolist()} out of range for {B} videos")
+        lengths = self.block_lengths.detach().cpu().sum(1).numpy()
+        starts = np.cumsum(lengths) - lengths
+        n = lengths[idx.numpy()]
+        pos = torch.from_numpy(np.repeat(starts[idx.numpy()], n) + segment_positions(n))
+        return TokenizedVideo(self.codes[pos.to(self.codes.device)], self.block_lengths[idx.to(self.block_lengths.device)])
 
     @staticmethod
     def cat(items: list[TokenizedVideo]) -> TokenizedVideo:

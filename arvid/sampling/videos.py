@@ -201,9 +201,7 @@ def _prefix_rows(prefix: TokenizedVideo, idx: torch.Tensor, n: int, batch_size: 
     """The prefix rows of one batch (rows ``idx`` of the samples; see ``iter_sample_batches``)."""
     rows = prefix.batch_size
     if rows == n and n != batch_size:
-        starts = torch.cat([torch.zeros(1, dtype=torch.long), prefix.block_lengths.sum(1).cumsum(0)])
-        codes = [prefix.codes[int(starts[i]):int(starts[i + 1])] for i in idx.tolist()]
-        return TokenizedVideo(torch.cat(codes), prefix.block_lengths[idx])
+        return prefix.select(idx)
     if rows == 1 and batch_size > 1:
         return TokenizedVideo(prefix.codes.repeat(batch_size), prefix.block_lengths.expand(batch_size, -1).clone())
     return prefix  # batch_size rows: every batch as given (also n == batch_size, where idx is every row)
