@@ -29,7 +29,7 @@ STAGE_MODULES: list[tuple[str, str | None]] = [
     ("arvid.stages.eval_curve", "eval"),
 ]
 
-GROUP_HELP = {"eval": "evaluation: fvd, recon, gen, fp, curve"}
+GROUP_HELP = {"eval": "evaluation: fvd, recon, gen, fp, budget, curve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
