@@ -257,7 +257,7 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
                                        "videos": int(counts[i])} for i in top if counts[i] > 0]
         rows[name] = row
         log.info("recon %-12s tokens %7.1f  PSNR %.2f  LPIPS %s  rFVD %s", name, row["tokens_per_video"], row["psnr"],
-                 f"{row.get('lpips', float('nan')):.4f}", f"{row.get('rfvd', float('nan')):.1f}")
+                 f"{row['lpips']:.4f}" if "lpips" in row else "-", f"{row['rfvd']:.1f}" if "rfvd" in row else "-")
     if fvd is not None and cfg.save_real_stats:
         fvd.save_real(cfg.save_real_stats)
     return {"tokenizer": cfg.tokenizer, "num_videos": len(clips), "split": cfg.split, "protocol": cfg.protocol,
