@@ -61,3 +61,41 @@ def test_exact_budget_caps_every_video():
     assert int(free.tokens.lengths.max()) > cap
     assert int(capped.tokens.lengths.max()) <= cap
     assert float(capped.tokens.lengths.float().mean()) > 0.5 * cap  # it uses the room it has
+
+
+def _calibration_worker(rank: int, init: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    # a short timeout: without the shared failure, process 1 would wait in the broadcast
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        s = Sampler(model(), FMT, SamplerConfig())
+        try:
+            calibrate_budget_bias(s, 4.0, make_cond(torch.arange(4)), seed=0, iters=2)  # out of reach
+            msg = "no error"
+        except (ValueError, RuntimeError) as e:
+            msg = f"{type(e).__name__}: {e}"
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failed_calibration_on_process_0_reaches_every_process(tmp_path):
+    """Rank 0 calibrates for all; when it fails (a target out of reach) the others get the failure
+    instead of waiting forever for its result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "msg")
+    mp.start_processes(_calibration_worker, args=(f"tcp://127.0.0.1:{port}", out), nprocs=2, join=True,
+                       start_method="spawn")
+    zero, one = (open(f"{out}.{r}").read() for r in (0, 1))
+    assert zero.startswith("ValueError") and "out of reach" in zero
+    assert one.startswith("RuntimeError: budget calibration failed on process 0") and "out of reach" in one

@@ -270,6 +270,31 @@ def test_errors_are_clear():
         Sampler(m, FMT, SamplerConfig(cfg_scale=2.0)).generate(conditioning_class()(), batch_size=2)
     with pytest.raises(ValueError, match="prefix of sample 0 .* position 2"):
         s.generate(make_cond([0]), prefix=torch.tensor([[FMT.len_token(2), 1, FMT.len_token(1)]]))
+    with pytest.raises(ValueError, match=r"prefix_lengths must be \[B=2\] values in \[0, 3\], got \[-1, 3\]"):
+        s.generate(make_cond([0, 1]), prefix=torch.tensor([[FMT.len_token(2), 1, 2]] * 2),
+                   prefix_lengths=torch.tensor([-1, 3]))
+
+
+def test_decoders_kept_are_bounded():
+    """Frame prediction with per-batch context counts gives a new batch shape (shortest prefix,
+    forced width) per batch: the sampler keeps only the most recently used decoders (each holds a
+    whole KV cache), and reuses a kept one."""
+    from arvid.sampling.sampler import MAX_DECODERS
+
+    s = Sampler(fake(scale=0.5), FMT, SamplerConfig())
+    g = torch.Generator().manual_seed(0)
+    keys = []
+    for j in range(8):
+        bl = torch.tensor(FMT.layout.candidates)[torch.randint(0, 4, (3, 2), generator=g)]
+        ctx = TokenizedVideo(torch.randint(0, FMT.codebook_size, (int(bl.sum()),), generator=g), bl)
+        s.generate(make_cond([0, 1, 2]), prefix=ctx, generator=gen(j))
+        keys.append(next(reversed(s._decoders)))
+        assert len(s._decoders) <= MAX_DECODERS
+    assert len(set(keys)) > MAX_DECODERS  # the shapes did vary
+    kept = dict(s._decoders)
+    first = next(iter(kept))
+    s.generate(make_cond([0, 1, 2]), generator=gen(0))  # a new shape evicts the least recently used
+    assert first not in s._decoders and next(reversed(kept)) in s._decoders
 
 
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])

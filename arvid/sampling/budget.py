@@ -119,11 +119,18 @@ def calibrate_budget_bias(sampler: Sampler, target: float, cond=None, *, batch_s
         return mean_tokens(out)
 
     shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    result = None
-    if not shared or dist.get_rank() == 0:
-        result = bisect_bias(measure, target, lo=lo, hi=hi, iters=iters, rel_tol=rel_tol)
-    if shared:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
+    if not shared:
+        return bisect_bias(measure, target, lo=lo, hi=hi, iters=iters, rel_tol=rel_tol)
+    result: BudgetCalibration | Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = bisect_bias(measure, target, lo=lo, hi=hi, iters=iters, rel_tol=rel_tol)
+        except Exception as e:  # noqa: BLE001 - shared below, so no process waits for a result that never comes
+            result = e
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        if dist.get_rank() == 0:
+            raise box[0]
+        raise RuntimeError(f"budget calibration failed on process 0: {box[0]}") from box[0]
+    return box[0]

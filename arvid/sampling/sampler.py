@@ -425,6 +425,12 @@ class PreparedBatch:
     constraint: SequenceConstraint
 
 
+#: decoders a Sampler keeps (each holds a whole KV cache and, on a GPU, its captured graphs). Frame
+#: prediction with router-chosen context counts gives many batch shapes (the shortest prefix of
+#: each batch is part of the shape): kept without a bound, their caches filled the memory.
+MAX_DECODERS = 2
+
+
 class Sampler:
     """Samples token sequences from a GPT, constrained to the sequence format.
 
@@ -434,8 +440,8 @@ class Sampler:
         fmt: the sequence format the model was trained on.
         cfg: :class:`SamplerConfig`.
 
-    Decoders (static buffers, KV cache, captured graph) are kept per batch shape and reused;
-    :meth:`clear` frees them.
+    Decoders (static buffers, KV cache, captured graphs) are kept per batch shape and reused, the
+    :data:`MAX_DECODERS` most recently used ones; :meth:`clear` frees them all.
     """
 
     def __init__(self, model: torch.nn.Module, fmt: SequenceFormat, cfg: SamplerConfig | None = None) -> None:
@@ -532,14 +538,15 @@ class Sampler:
             prefix, prefix_lengths = prefix_tokens(fmt, prefix)
         if prefix is None:
             prefix = torch.zeros(B, 0, dtype=torch.long)
-        prefix = torch.as_tensor(prefix, dtype=torch.long)
+        prefix = torch.as_tensor(prefix, dtype=torch.long).cpu()  # kept for the output, on the host
         if prefix.dim() != 2 or prefix.shape[0] != B:
             raise ValueError(f"prefix must be LongTensor[B={B}, P], got shape {tuple(prefix.shape)}")
         if prefix_lengths is None:
             prefix_lengths = torch.full((B,), prefix.shape[1], dtype=torch.long)
         prefix_lengths = torch.as_tensor(prefix_lengths, dtype=torch.long).cpu()
-        if prefix_lengths.shape != (B,) or bool((prefix_lengths > prefix.shape[1]).any()):
-            raise ValueError(f"prefix_lengths must be [B={B}] values <= {prefix.shape[1]}, got {prefix_lengths.tolist()[:8]}")
+        if prefix_lengths.shape != (B,) or bool(((prefix_lengths < 0) | (prefix_lengths > prefix.shape[1])).any()):
+            raise ValueError(f"prefix_lengths must be [B={B}] values in [0, {prefix.shape[1]}], got "
+                             f"{prefix_lengths.tolist()[:8]}")
         p0 = int(prefix_lengths.min()) if B else 0
         if p0 >= fmt.max_length:
             raise ValueError(f"the prefix ({p0} tokens) leaves nothing to generate (max length {fmt.max_length})")
@@ -554,10 +561,12 @@ class Sampler:
         forced = prefix[:, p0:]
         forced_len = prefix_lengths - p0
         key = (B, n, p0, forced.shape[1], guided, budget is not None, cfg.use_cache)
-        dec = self._decoders.get(key)
+        dec = self._decoders.pop(key, None)
         if dec is None:
+            while len(self._decoders) >= MAX_DECODERS:  # the least recently used goes (its cache and graphs)
+                self._decoders.pop(next(iter(self._decoders)))
             dec = _Decoder(model, fmt, cfg, B, n, p0, forced.shape[1], guided, budget is not None, device, dtype)
-            self._decoders[key] = dec
+        self._decoders[key] = dec  # most recently used last
 
         G = dec.G
         gdev = generator.device if generator is not None else torch.device("cpu")
