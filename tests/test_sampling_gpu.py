@@ -58,6 +58,14 @@ def test_graph_step_equals_eager(gpt, mode, kv_bucket):
     b = graph.generate(c2, generator=gen(9), **kw)
     assert torch.equal(a.sequences, b.sequences)
     assert bool((b.tokens.lengths <= torch.tensor([40, 60])).all())
+    # Another shortest context (p0 14 -> 10): the same decoder and graphs replayed, no new capture.
+    graphs = {k: d.graphs for k, d in graph._decoders.items()}
+    ctx2 = TokenizedVideo(torch.arange(20) % 64, torch.tensor([[4, 4], [8, 4]]))
+    a = eager.generate(c2, generator=gen(10), prefix=ctx2)
+    b = graph.generate(c2, generator=gen(10), prefix=ctx2)
+    assert torch.equal(a.sequences, b.sequences)
+    assert {k: d.graphs for k, d in graph._decoders.items()} == graphs
+    assert all(graph._decoders[k].graphs is g for k, g in graphs.items())
 
 
 @pytest.mark.parametrize("kv_bucket", [0, 16, 256])

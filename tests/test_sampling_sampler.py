@@ -275,26 +275,35 @@ def test_errors_are_clear():
                    prefix_lengths=torch.tensor([-1, 3]))
 
 
-def test_decoders_kept_are_bounded():
-    """Frame prediction with per-batch context counts gives a new batch shape (shortest prefix,
-    forced width) per batch: the sampler keeps only the most recently used decoders (each holds a
-    whole KV cache), and reuses a kept one."""
+def test_batches_with_other_context_lengths_share_one_decoder():
+    """Frame prediction at per-batch context counts: each batch's shortest prefix (p0) differs,
+    yet one decoder (one KV cache, one set of graphs on a GPU) serves them all, with the samples
+    of a fresh decoder per batch; other shapes are kept up to MAX_DECODERS (least recently used
+    out); a prepared batch whose decoder was loaded again since is refused."""
     from arvid.sampling.sampler import MAX_DECODERS
 
-    s = Sampler(fake(scale=0.5), FMT, SamplerConfig())
+    m = fake(scale=0.5)
+    s = Sampler(m, FMT, SamplerConfig(cfg_scale=1.5))
     g = torch.Generator().manual_seed(0)
-    keys = []
-    for j in range(8):
+    p0s = set()
+    for j in range(6):
         bl = torch.tensor(FMT.layout.candidates)[torch.randint(0, 4, (3, 2), generator=g)]
         ctx = TokenizedVideo(torch.randint(0, FMT.codebook_size, (int(bl.sum()),), generator=g), bl)
-        s.generate(make_cond([0, 1, 2]), prefix=ctx, generator=gen(j))
-        keys.append(next(reversed(s._decoders)))
+        out = s.generate(make_cond([0, 1, 2]), prefix=ctx, generator=gen(j))
+        p0s.add(int((bl.sum(1) + 2).min()))
+        alone = Sampler(m, FMT, SamplerConfig(cfg_scale=1.5)).generate(make_cond([0, 1, 2]), prefix=ctx,
+                                                                         generator=gen(j))
+        assert torch.equal(out.sequences, alone.sequences) and torch.equal(out.lengths, alone.lengths)
+    assert len(p0s) > 1 and len(s._decoders) == 1  # the context lengths did vary
+    first = next(iter(s._decoders))
+    for b in (1, 2, 4):  # other batch sizes are other shapes
+        s.generate(make_cond(list(range(b))), generator=gen(0))
         assert len(s._decoders) <= MAX_DECODERS
-    assert len(set(keys)) > MAX_DECODERS  # the shapes did vary
-    kept = dict(s._decoders)
-    first = next(iter(kept))
-    s.generate(make_cond([0, 1, 2]), generator=gen(0))  # a new shape evicts the least recently used
-    assert first not in s._decoders and next(reversed(kept)) in s._decoders
+    assert first not in s._decoders
+    a = s.prepare(make_cond([0, 1]), generator=gen(1))
+    s.prepare(make_cond([2, 3]), generator=gen(2))  # the same shape: loads the same decoder
+    with pytest.raises(RuntimeError, match="run each prepared batch before preparing the next"):
+        s.run(a)
 
 
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])

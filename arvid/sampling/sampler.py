@@ -282,29 +282,34 @@ class _Decoder:
     """Static buffers of one batch shape, and the prefill / step functions over them.
 
     Reused across calls with the same shape (a captured graph stays valid); :meth:`load`
-    refills the buffers in place for a new batch.
+    refills the buffers in place for a new batch. The prefilled prefix length ``p0`` is not part
+    of the shape: the buffers hold room for a whole sequence and the step reads its first
+    position from a device scalar, so batches whose shortest context differs (frame prediction
+    at router-chosen counts) share one decoder and its graphs.
     """
 
     def __init__(self, model, fmt: SequenceFormat, cfg: SamplerConfig, batch_size: int, n_prefix: int,
-                 p0: int, forced_width: int, guided: bool, has_budget: bool,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 guided: bool, has_budget: bool, device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.fmt, self.cfg = model, fmt, cfg
-        self.B, self.n, self.p0, self.guided = batch_size, n_prefix, p0, guided
-        self.G = fmt.max_length - p0  # most tokens any sample can still need
+        self.B, self.n, self.guided = batch_size, n_prefix, guided
+        # per batch (load): the prefilled prefix length and the most tokens a sample can still need
+        self.p0, self.G = 0, fmt.max_length
+        self.loads = 0  # batches loaded so far (a PreparedBatch remembers which one is its own)
         self.device = device
         rows = 2 * batch_size if guided else batch_size
         # Positions 0 .. n + max_length - 2: the last token of the longest sequence is never fed.
         self.cache = (model.allocate_cache(rows, n_prefix + fmt.max_length - 1, device, dtype)
                       if cfg.use_cache else None)
-        B, G, Fw = batch_size, self.G, max(forced_width, 1)
+        B, G = batch_size, fmt.max_length
         long = dict(dtype=torch.long, device=device)
         self.i = torch.zeros((), **long)  # index of the next token to choose (device scalar)
+        self.pos_base = torch.zeros((), **long)  # n + p0 - 1: the input position of token -1
         self.tok = torch.zeros(B, **long)  # the last chosen token
         self.out = torch.zeros(B, G, **long)
         self.u = torch.zeros(G, B, device=device)
         self.scales = torch.ones(G, device=device)
         self.bias = torch.zeros(fmt.vocab_size, device=device)
-        self.forced = torch.zeros(B, Fw, **long)
+        self.forced = torch.zeros(B, G, **long)
         self.forced_len = torch.zeros(B, **long)
         self.constraint = SequenceConstraint(fmt, B, budget=1 if has_budget else None, device=device)
         self.state = ConstraintState.initial(B, device)
@@ -325,22 +330,34 @@ class _Decoder:
         return bucket_len(chosen - 1 + self.n + self.p0, self.kv_bucket, self.cache.max_len)
 
     def kv_lens(self) -> list[int]:
-        """Every ``kv_len`` the run loop can use (steps after 1 .. G - 1 chosen tokens), ascending;
-        the last is always the whole cache."""
-        lens = {self.kv_len(chosen) for chosen in range(1, self.G)}
+        """Every ``kv_len`` the run loop can use, whatever the batch's ``p0``, ascending; the last
+        is always the whole cache. A step feeds a position from ``n`` (the first token after the
+        prefill, ``p0 = 0``) to ``n + max_length - 2`` (the last token is never fed)."""
+        first, last = self.n, self.n + self.fmt.max_length - 2
+        lens = {bucket_len(pos, self.kv_bucket, self.cache.max_len) for pos in range(first, last + 1)}
         lens.add(self.cache.max_len)
         return sorted(lens)
 
     # ------------------------------------------------------------------ buffers
-    def load(self, constraint: SequenceConstraint, state: ConstraintState, u: torch.Tensor, scales: torch.Tensor,
-             bias: torch.Tensor, forced: torch.Tensor, forced_len: torch.Tensor) -> None:
+    def load(self, p0: int, constraint: SequenceConstraint, state: ConstraintState, u: torch.Tensor,
+             scales: torch.Tensor, bias: torch.Tensor, forced: torch.Tensor, forced_len: torch.Tensor) -> None:
+        """Fill the buffers for a batch whose first ``p0`` tokens are prefilled: ``u [G, B]`` and
+        ``scales [G]`` for its ``G = max_length - p0`` steps, ``forced [B, F]`` (``F <= G``)."""
+        self.p0, self.G = p0, self.fmt.max_length - p0
+        self.loads += 1
+        if u.shape[0] != self.G or scales.shape[0] != self.G or forced.shape[1] > self.G:
+            raise ValueError(f"a batch with p0={p0} needs u [{self.G}, B], scales [{self.G}] and at most {self.G} "
+                             f"forced tokens; got {tuple(u.shape)}, {tuple(scales.shape)}, {tuple(forced.shape)}")
         self.constraint.load_(constraint)
         self.state.copy_(state)
         self.i.zero_()
+        self.pos_base.fill_(self.n + p0 - 1)
         self.tok.zero_()
         self.out.zero_()
-        self.u.copy_(u)
-        self.scales.copy_(scales)
+        self.u.zero_()
+        self.u[:self.G].copy_(u)
+        self.scales.fill_(1.0)
+        self.scales[:self.G].copy_(scales)
         self.bias.copy_(bias)
         self.forced.zero_()
         if forced.shape[1]:
@@ -385,7 +402,7 @@ class _Decoder:
         """Feed the last chosen token at its position, then choose the next one; attend over the
         first ``kv_len`` cache positions (:meth:`kv_len`; None = the whole cache)."""
         feed = torch.cat([self.tok, self.tok]) if self.guided else self.tok
-        pos = self.i + (self.n + self.p0 - 1)  # position of token i-1 in the model's input
+        pos = self.i + self.pos_base  # position of token i-1 in the model's input (a device scalar)
         logits = self.decode_fn(self.cache, feed, pos, kv_len)
         self.choose_fn(logits)
 
@@ -416,18 +433,20 @@ class _Decoder:
 class PreparedBatch:
     """A batch set up by :meth:`Sampler.prepare`: its decoder (static buffers, cache, graph), the
     model's conditioning rows (``2B`` with guidance), the prefilled prefix rows (or None), the
-    prefix kept for the output (``[B, p0]``, CPU) and the constraint."""
+    prefix kept for the output (``[B, p0]``, CPU), the constraint, and which of the decoder's
+    loads is this batch's (batches of one shape share a decoder: run one before preparing the next)."""
 
     decoder: _Decoder
     cond: Any
     prefix_rows: torch.Tensor | None
     prefix: torch.Tensor
     constraint: SequenceConstraint
+    load: int
 
 
-#: decoders a Sampler keeps (each holds a whole KV cache and, on a GPU, its captured graphs). Frame
-#: prediction with router-chosen context counts gives many batch shapes (the shortest prefix of
-#: each batch is part of the shape): kept without a bound, their caches filled the memory.
+#: decoders a Sampler keeps (each holds a whole KV cache and, on a GPU, its captured graphs): the
+#: most recently used ones. Until 2026-12-06 the prefilled prefix length was part of a decoder's
+#: shape, and frame prediction at router-chosen context counts made (and kept) one per batch.
 MAX_DECODERS = 2
 
 
@@ -560,19 +579,19 @@ class Sampler:
 
         forced = prefix[:, p0:]
         forced_len = prefix_lengths - p0
-        key = (B, n, p0, forced.shape[1], guided, budget is not None, cfg.use_cache)
+        key = (B, n, guided, budget is not None, cfg.use_cache)  # not p0: see _Decoder
         dec = self._decoders.pop(key, None)
         if dec is None:
             while len(self._decoders) >= MAX_DECODERS:  # the least recently used goes (its cache and graphs)
                 self._decoders.pop(next(iter(self._decoders)))
-            dec = _Decoder(model, fmt, cfg, B, n, p0, forced.shape[1], guided, budget is not None, device, dtype)
+            dec = _Decoder(model, fmt, cfg, B, n, guided, budget is not None, device, dtype)
         self._decoders[key] = dec  # most recently used last
 
-        G = dec.G
+        G = fmt.max_length - p0  # most tokens any sample can still need
         gdev = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand(G, B, generator=generator, device=gdev)  # [G, B]: one uniform per step and sample
         beta = cfg.budget_bias if budget_bias is None else float(budget_bias)
-        dec.load(constraint, state, u.to(device), cfg_scales(cfg, fmt, p0, G).to(device),
+        dec.load(p0, constraint, state, u.to(device), cfg_scales(cfg, fmt, p0, G).to(device),
                  length_bias(fmt, beta, cfg.budget_fn).to(device), forced.to(device), forced_len.to(device))
 
         full_cond = cat_conditioning(cond, cond_to(null_conditioning(model, cond), device)) if guided else cond
@@ -588,14 +607,17 @@ class Sampler:
             capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode,
                             compile_sampling=self.cfg.compile_sampling)
 
-        return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint)
+        return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint, dec.loads)
 
     @torch.no_grad()
     def run(self, prep: PreparedBatch) -> SampleOutput:
         """Prefill, then step until every sample is finished (see :meth:`generate`)."""
         cfg, fmt, model = self.cfg, self.fmt, self.model
-        dec, constraint, p0, pre2 = prep.decoder, prep.constraint, prep.decoder.p0, prep.prefix_rows
-        G = dec.G
+        dec, constraint, pre2 = prep.decoder, prep.constraint, prep.prefix_rows
+        p0, G = dec.p0, dec.G
+        if dec.loads != prep.load:
+            raise RuntimeError("this prepared batch's decoder was loaded for another batch since: run each prepared "
+                               "batch before preparing the next")
         if cfg.use_cache:
             dec.cache.reset()
             logits = model.prefill(dec.cache, prep.cond, pre2)  # [rows, V]
