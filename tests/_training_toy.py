@@ -94,11 +94,40 @@ class ToyGANTask(nn.Module):
         return self.net
 
 
+class ToyWeightedTask(nn.Module):
+    """Items of unequal weight (as packed batches hold unequal numbers of loss tokens): item i counts
+    ``w_i = 1 + floor(4 * |x_i0|) % 4`` times; a slice's loss is its weighted mean, and
+    ``loss_weight`` (its weight sum) lets the Trainer turn the slices' means into the global one."""
+
+    def __init__(self, dim: int = 4, hidden: int = 16, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    @staticmethod
+    def weights(x: torch.Tensor) -> torch.Tensor:
+        return 1.0 + torch.floor(4 * x[:, 0].abs()) % 4  # [b]
+
+    def loss_weight(self, batch) -> float:
+        return float(self.weights(batch[0]).sum())
+
+    def training_step(self, batch, step: int, generator: torch.Generator) -> StepOutput:
+        x, y = batch
+        w = self.weights(x)
+        err = ((self.net(x) - y) ** 2)[:, 0]
+        return StepOutput({"main": (w * err).sum() / w.sum()}, {"tokens": float(w.sum())})
+
+    def ema_model(self) -> nn.Module:
+        return self.net
+
+
 def run(out_dir: str | Path, task_name: str = "mlp", max_steps: int = 40, batch_size: int = 8, grad_accum: int = 1,
         checkpoint_every: int = 5, sleep: float = 0.0, dropout: float = 0.0, noise: float = 0.0, ema: float = 0.0,
         n: int = 96, device: str = "cpu", precision: str = "fp32", eval_fail_at: int = -1) -> tuple[Trainer, nn.Module]:
     """Train one toy task into ``out_dir`` and save its final weights as ``final.safetensors``."""
-    task = (ToyTask(dropout=dropout, noise=noise, sleep=sleep) if task_name == "mlp" else ToyGANTask())
+    task = (ToyTask(dropout=dropout, noise=noise, sleep=sleep) if task_name == "mlp" else
+            ToyWeightedTask() if task_name == "weighted" else ToyGANTask())
     cfg = TrainerConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=3e-2,
                         warmup_steps=3, checkpoint_every=checkpoint_every, log_every=1, ema_decay=ema,
                         eval_every=1 if eval_fail_at >= 0 else 0,
@@ -121,7 +150,8 @@ def run(out_dir: str | Path, task_name: str = "mlp", max_steps: int = 40, batch_
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out_dir")
-    p.add_argument("--task", default="mlp", help="mlp, gan, or both comma-separated (each into OUT_DIR/<task>)")
+    p.add_argument("--task", default="mlp", help="mlp, gan, weighted, or several comma-separated (each into "
+                   "OUT_DIR/<task>)")
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)

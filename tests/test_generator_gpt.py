@@ -206,6 +206,13 @@ def test_class_dropout_rate_is_as_configured():
     d2 = m.drop_condition(c, torch.Generator().manual_seed(5))
     assert torch.equal(d1.class_ids, d2.class_ids)
     assert abs((d1.class_ids == 7).float().mean().item() - 0.25) < 0.01
+    # class and text together: one draw per row drops both (the null row guidance samples with)
+    m = make(num_classes=7, class_dropout=0.1, text_vocab_size=30, max_text_len=4, text_pad_id=0)
+    both = Conditioning(torch.randint(0, 7, (40_000,), generator=g), torch.randint(1, 30, (40_000, 4), generator=g))
+    d = m.drop_condition(both, torch.Generator().manual_seed(6))
+    cls_null, text_null = d.class_ids == 7, (d.text_ids == 0).all(1)
+    assert torch.equal(cls_null, text_null)
+    assert abs(cls_null.float().mean().item() - 0.1) < 0.01
 
 
 def test_presets_sizes_and_init():

@@ -134,6 +134,15 @@ def test_sampler_deterministic_per_seed_epoch_and_resumable():
     s3 = TokenBudgetBatchSampler(lengths, 4096, seed=7, window=128)
     s3.load_state_dict({"epoch": 3, "skip": 5, "seed": 7})
     assert list(s3) == full[5:]
+    # a checkpoint taken mid-epoch records the batches yielded so far and resumes after them
+    s4 = TokenBudgetBatchSampler(lengths, 4096, seed=7, window=128)
+    s4.set_epoch(3)
+    it = iter(s4)
+    seen = [next(it) for _ in range(4)]
+    assert seen == full[:4] and s4.state_dict() == {"epoch": 3, "skip": 4, "seed": 7}
+    s5 = TokenBudgetBatchSampler(lengths, 4096, seed=7, window=128)
+    s5.load_state_dict(s4.state_dict())
+    assert len(s5) == len(full) - 4 and list(s5) == full[4:]
     # first-fit-decreasing fills the budget well on router-like lengths
     fill = sum(lengths) / (4096 * len(full))
     assert fill > 0.9, fill

@@ -120,3 +120,21 @@ def test_spm_errors(tmp_path):
         train_spm(tmp_path / "missing.txt", tmp_path / "spm", 20)
     with pytest.raises(FileNotFoundError, match="train-spm"):
         TextEncoder(tmp_path / "nothing")
+
+
+def test_a_blank_caption_line_is_its_labels_empty_text(tmp_path):
+    """captions: line i is label i; a blank line gives label i the empty (all-pad) text and leaves
+    the later labels on their own lines (it used to be skipped, shifting them by one)."""
+    from arvid.stages.train_generator import _text_table
+
+    names = ["apply eye makeup", "", "basketball dunk", "playing guitar"]
+    (tmp_path / "caps.txt").write_text("\n".join(names) + "\n\n")  # and a trailing blank line
+    (tmp_path / "corpus.txt").write_text("\n".join(n for n in names if n) * 20 + "\n")
+    train_spm(tmp_path / "corpus.txt", tmp_path / "spm", 40)
+    cfg = TrainGeneratorConfig(token_store="x", tokenizer="y", conditioning="text", spm_dir=str(tmp_path / "spm"),
+                               captions=str(tmp_path / "caps.txt"))
+    table, _, _, pad = _text_table(cfg)
+    enc = TextEncoder(tmp_path / "spm")
+    assert table.shape[0] == 4
+    assert [enc.decode(table[i:i + 1])[0] for i in range(4)] == names
+    assert bool((table[1] == pad).all())

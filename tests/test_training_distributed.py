@@ -39,15 +39,15 @@ def test_two_processes_match_one_process(tmp_path):
     # of several groups (the GAN-like task)
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(TOY), str(tmp_path / "two"), "--task", "mlp,gan", *args]
+           str(TOY), str(tmp_path / "two"), "--task", "mlp,gan,weighted", *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "done mlp step=12" in out.stdout and "done gan step=12" in out.stdout
+    assert all(f"done {t} step=12" in out.stdout for t in ("mlp", "gan", "weighted"))
     uninterrupted = load_weights(tmp_path / "two" / "gan" / "final.safetensors")
     # resume on 2 processes: drop the last checkpoint, relaunch, it continues from step 6
     shutil.rmtree(tmp_path / "two" / "gan" / "checkpoints" / "step_00000012")
     (tmp_path / "two" / "gan" / "final.safetensors").unlink()
-    relaunch = [c if c != "mlp,gan" else "gan" for c in cmd]
+    relaunch = [c if c != "mlp,gan,weighted" else "gan" for c in cmd]
     relaunch[relaunch.index(str(tmp_path / "two"))] = str(tmp_path / "two" / "gan")
     relaunch[relaunch.index("--main_process_port") + 1] = str(_free_port())
     out = subprocess.run(relaunch, env=env, capture_output=True, text=True, timeout=300)
@@ -62,7 +62,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert out.returncode != 0
     assert "planted eval failure at step 3" in out.stderr
     assert "eval_fn at step 3 failed on another process" in out.stderr
-    for name, keys in (("mlp", ["loss/main"]), ("gan", ["loss/main", "loss/critic"])):
+    for name, keys in (("mlp", ["loss/main"]), ("gan", ["loss/main", "loss/critic"]), ("weighted", ["loss/main"])):
         run(tmp_path / "one" / name, name, max_steps=12, checkpoint_every=6, batch_size=8, grad_accum=2)
         two = read_metrics(tmp_path / "two" / name / "metrics.jsonl")
         one = read_metrics(tmp_path / "one" / name / "metrics.jsonl")
@@ -71,7 +71,8 @@ def test_two_processes_match_one_process(tmp_path):
             torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]),
                                        rtol=1e-5, atol=1e-5)
         # throughput counts the global batch: the 'tokens' metric is summed over both processes
-        assert all(r["tokens_per_s"] == pytest.approx(r["items_per_s"]) for r in two if "tokens_per_s" in r)
+        if name != "weighted":  # (its 'tokens' are item weights)
+            assert all(r["tokens_per_s"] == pytest.approx(r["items_per_s"]) for r in two if "tokens_per_s" in r)
         a = load_weights(tmp_path / "two" / name / "final.safetensors")
         b = load_weights(tmp_path / "one" / name / "final.safetensors")
         for k in a:
@@ -101,3 +102,17 @@ def test_exit_process_tears_down_flushes_and_keeps_the_status(mode):
                          text=True, timeout=120)
     assert out.returncode == 3, out.stderr[-2000:]
     assert out.stdout == "results written\n"
+
+
+def test_slices_of_unequal_weight_give_the_global_weighted_mean(tmp_path):
+    """A task with loss_weight (slices of unequal weight, as packed token batches): 1 micro-batch or
+    2 per step optimise the same objective (the weighted mean over the global batch): the same
+    losses and weights. Without the weighting the two differ."""
+    for accum in (1, 2):
+        run(tmp_path / f"a{accum}", "weighted", max_steps=6, checkpoint_every=0, batch_size=8, grad_accum=accum)
+    one, two = (read_metrics(tmp_path / f"a{a}" / "metrics.jsonl") for a in (1, 2))
+    torch.testing.assert_close(torch.tensor([r["loss/main"] for r in two]), torch.tensor([r["loss/main"] for r in one]),
+                               rtol=1e-5, atol=1e-6)
+    a, b = (load_weights(tmp_path / f"a{x}" / "final.safetensors") for x in (1, 2))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

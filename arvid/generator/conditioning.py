@@ -68,26 +68,30 @@ class Conditioning:
 
 
 def drop_classes(class_ids: torch.Tensor, p: float, null_id: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
     """Replace each class id by ``null_id`` with probability ``p`` (classifier-free guidance training).
 
     ``class_ids``: ``LongTensor[S]`` -> ``LongTensor[S]``. The draw uses ``generator`` (on the CPU,
-    so the same seed drops the same rows on every device).
+    so the same seed drops the same rows on every device). ``drop``: a given ``BoolTensor[S]``
+    instead of a draw (one draw shared with the text, see ``GPT.drop_condition``).
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"class dropout must lie in [0, 1], got {p}")
     if p == 0.0 or class_ids.numel() == 0:
         return class_ids
-    drop = torch.rand(class_ids.shape, generator=generator) < p  # [S] on CPU
+    if drop is None:
+        drop = torch.rand(class_ids.shape, generator=generator) < p  # [S] on CPU
     return torch.where(drop.to(class_ids.device), torch.full_like(class_ids, null_id), class_ids)
 
 
 def drop_text(text_ids: torch.Tensor, p: float, pad_id: int,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each row of ``text_ids`` ``LongTensor[S, Lt]`` by all-pad (the empty text) with probability ``p``."""
+              generator: torch.Generator | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """Replace each row of ``text_ids`` ``LongTensor[S, Lt]`` by all-pad (the empty text) with probability
+    ``p`` (or where a given ``drop`` ``BoolTensor[S]`` is True)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"text dropout must lie in [0, 1], got {p}")
     if p == 0.0 or text_ids.numel() == 0:
         return text_ids
-    drop = (torch.rand(text_ids.shape[:1], generator=generator) < p).to(text_ids.device)  # [S]
-    return torch.where(drop[:, None], torch.full_like(text_ids, pad_id), text_ids)
+    if drop is None:
+        drop = torch.rand(text_ids.shape[:1], generator=generator) < p  # [S]
+    return torch.where(drop.to(text_ids.device)[:, None], torch.full_like(text_ids, pad_id), text_ids)

@@ -378,12 +378,18 @@ class GPT(nn.Module, PretrainedMixin):
 
     def drop_condition(self, cond: Conditioning, generator: torch.Generator | None = None,
                        p: float | None = None) -> Conditioning:
-        """Training-time CFG dropout: each row's class (and text) replaced by the null one with
-        probability ``p`` (default ``config.class_dropout``); the draw comes from ``generator``."""
+        """Training-time CFG dropout: each row's condition replaced by the null one with probability
+        ``p`` (default ``config.class_dropout``); the draw comes from ``generator``. A model conditioned
+        on both class and text drops both together (one draw per row): the fully null row is what
+        guidance samples with, and half-dropped rows would never be used."""
         p = self.config.class_dropout if p is None else p
+        drop = None
+        if cond.class_ids is not None and cond.text_ids is not None and 0.0 < p <= 1.0:
+            drop = torch.rand(cond.class_ids.shape, generator=generator) < p  # [S] on CPU
         return Conditioning(
-            None if cond.class_ids is None else drop_classes(cond.class_ids, p, self.config.num_classes, generator),
-            None if cond.text_ids is None else drop_text(cond.text_ids, p, self.config.text_pad_id, generator),
+            None if cond.class_ids is None else drop_classes(cond.class_ids, p, self.config.num_classes, generator,
+                                                             drop),
+            None if cond.text_ids is None else drop_text(cond.text_ids, p, self.config.text_pad_id, generator, drop),
         )
 
     def cast_for_inference_(self, dtype: torch.dtype = torch.bfloat16) -> GPT:

@@ -239,24 +239,27 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.drop_last = drop_last
         self.window = int(window)
         self.epoch = 0
-        self._skip = 0
+        self._skip = 0  # batches of this epoch to leave out at the next __iter__
+        self._consumed = 0  # batches of this epoch yielded (or skipped) so far
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self._skip = 0
+        self._skip = self._consumed = 0
 
     def skip(self, num_batches: int) -> None:
         """The next ``__iter__`` starts after ``num_batches`` batches of the current epoch."""
-        self._skip = int(num_batches)
+        self._skip = self._consumed = int(num_batches)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "skip": self._skip, "seed": self.seed}
+        """Where this epoch stands: ``skip`` counts the batches already yielded (a checkpoint taken
+        mid-epoch resumes after them, not at batch 0)."""
+        return {"epoch": self.epoch, "skip": self._consumed, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
         self.epoch = int(state["epoch"])
-        self._skip = int(state["skip"])
+        self._skip = self._consumed = int(state["skip"])
 
     def plan(self, epoch: int | None = None) -> list[list[int]]:
         """All batches of ``epoch`` (default: the current one), in yield order."""
@@ -295,10 +298,14 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         plan = self.plan()
         skip, self._skip = self._skip, 0
-        yield from plan[skip:]
+        self._consumed = skip
+        for batch in plan[skip:]:
+            self._consumed += 1
+            yield batch
 
     def __len__(self) -> int:
-        return len(self.plan())
+        """Batches the next ``__iter__`` yields (after a pending :meth:`skip`)."""
+        return max(0, len(self.plan()) - self._skip)
 
 
 # --------------------------------------------------------------------------- collate from the token store

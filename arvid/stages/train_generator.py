@@ -98,9 +98,16 @@ class GeneratorTask(nn.Module):
         return self.gpt
 
     def loss(self, batch: PackedBatch) -> torch.Tensor:
-        """Mean cross-entropy over positions whose target is not -100."""
+        """Mean cross-entropy over positions whose target is not -100 (0 when there is none)."""
         logits = self.gpt(batch)  # [N, vocab]
-        return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE)
+        total = F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE, reduction="sum")
+        return total / (batch.targets != IGNORE).sum().clamp(min=1)
+
+    def loss_weight(self, batch: PackedBatch) -> float:
+        """The slice's loss tokens: packed batches hold different numbers of them, and the Trainer
+        weighs each slice's mean by its share, so a step optimises the mean over every loss token of
+        the global batch, whatever the number of processes or ``grad_accum`` (see the Trainer)."""
+        return float(batch.num_loss_tokens)
 
     def training_step(self, batch: PackedBatch, step: int, generator: torch.Generator) -> StepOutput:
         cond = self.gpt.drop_condition(Conditioning(batch.class_ids, batch.text_ids), generator)
@@ -133,7 +140,11 @@ def _text_table(cfg: TrainGeneratorConfig) -> tuple[torch.Tensor, int, int, int]
     path = Path(cfg.captions)
     if not path.is_file():
         raise FileNotFoundError(f"captions file {str(path)!r} does not exist")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    # line i is label i: a blank line is that label's empty text (all pad), not skipped (skipping it
+    # would move every later label onto the next caption); a trailing blank line is dropped
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
     return enc.encode(lines), enc.vocab_size, enc.max_len, enc.pad_id
 
 

@@ -2,7 +2,7 @@
 
 A model plugs in through a *task*: an ``nn.Module`` holding the model and its loss modules,
 with ``training_step(batch, step, generator) -> StepOutput`` and optionally
-``optimizer_groups()`` and ``ema_model()``. The Trainer owns everything else: devices and
+``optimizer_groups()``, ``ema_model()`` and ``loss_weight(batch)``. The Trainer owns everything else: devices and
 precision, data order and sharding, gradient accumulation and clipping, lr schedules, EMA,
 checkpoints, exact resume, logging.
 
@@ -21,7 +21,12 @@ is cut into ``grad_accum`` micro-batches and each micro-batch into one slice per
 1 process and N processes see the same global batches, and a resumed run skips exactly the
 batches its checkpoint had consumed. The loss is averaged over the global batch (each process
 averages its slice, gradients are averaged across processes and micro-batches), so the loss
-curve does not depend on the number of processes or on ``grad_accum``.
+curve does not depend on the number of processes or on ``grad_accum``. That holds when every
+slice weighs the same (equal numbers of items); a task whose slices hold different amounts of
+what its loss averages over (a packed token batch: loss tokens) defines ``loss_weight(batch) ->
+float`` (on the host batch, before it moves to the device): the step's micro-batches are then
+fetched first, their weights summed over processes (one small all-reduce), and each slice's
+mean loss is scaled by its share, so the step optimises the mean over the whole global batch.
 
 Distribution. Launch with ``accelerate launch`` and the same code runs on N processes.
 Tasks with one optimizer group are wrapped in DDP by ``accelerator.prepare`` (gradient
@@ -310,6 +315,7 @@ class _Run:
     steps_per_epoch: int
     latest: Path | None
     check: _LossCheck
+    weigh: bool = False  # the task defines loss_weight(batch): slices weighed by their share
     resumed_losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -724,6 +730,7 @@ class Trainer:
             ema_module=ema_module, ddp=ddp, manual_sync=(not ddp) and (not fsdp) and n_proc > 1, fsdp=fsdp,
             n_proc=n_proc, rank=rank,
             n_items=n_items, steps_per_epoch=steps_per_epoch, latest=latest,
+            weigh=callable(getattr(self.task, "loss_weight", None)),
         )
         self.step = 0
         if latest is not None:
@@ -746,9 +753,13 @@ class Trainer:
         """
         cfg, acc = self.config, run.acc
         loss_sum = torch.zeros(len(run.groups), device=run.device)
+        t_data = time.perf_counter()
+        host = [next(it) for _ in range(cfg.grad_accum)] if run.weigh else None
+        shares = self._loss_shares(run, host) if run.weigh else None
+        window.data_s += time.perf_counter() - t_data
         for micro in range(cfg.grad_accum):
             t_data = time.perf_counter()
-            batch = _to_device(next(it), run.device)
+            batch = _to_device(host[micro] if host is not None else next(it), run.device)
             window.data_s += time.perf_counter() - t_data
             gen = step_generator(cfg.seed, step, run.rank, micro)
             last_micro = micro == cfg.grad_accum - 1
@@ -759,7 +770,8 @@ class Trainer:
                 with acc.autocast():
                     losses, metrics = run.model(batch, step, gen)
                 self._check_losses(losses, run.names, step)
-                scaled = [losses[n].float() / cfg.grad_accum for n in run.names]
+                share = shares[micro] if shares is not None else 1.0
+                scaled = [losses[n].float() * (share / cfg.grad_accum) for n in run.names]
                 if len(run.groups) == 1:
                     scaled[0].backward()
                 else:
@@ -805,6 +817,28 @@ class Trainer:
         if self._ema is not None:
             self._ema.update(run.ema_module)
         return done, grad_norms, factor
+
+    def _loss_shares(self, run: _Run, batches: list[Any]) -> list[float]:
+        """Each micro-batch's share of the global batch's weight (``task.loss_weight``), times the
+        number of slices (``grad_accum * processes``): the Trainer's mean over slices of
+        ``share * slice mean`` is then the weighted mean over the global batch. One all-reduce of
+        a float64 scalar on several processes; the weights are host values."""
+        weights = [float(self.task.loss_weight(b)) for b in batches]
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"{type(self.task).__name__}.loss_weight returned {weights}: weights must be finite "
+                             "and >= 0")
+        total = sum(weights)
+        if run.n_proc > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([total], dtype=torch.float64, device=run.device)
+            dist.all_reduce(t)
+            total = float(t.item())
+        if total <= 0:
+            raise ValueError(f"{type(self.task).__name__}.loss_weight is 0 for every slice of this step's global "
+                             "batch: nothing to average over")
+        slices = len(batches) * run.n_proc
+        return [w * slices / total for w in weights]
 
     def _defer_loss_check(self, device: torch.device, fsdp: bool, optimizers: dict[str, torch.optim.Optimizer]
                           ) -> bool:
