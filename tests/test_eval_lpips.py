@@ -138,3 +138,17 @@ def test_reconstruction_metrics(alex):
     same.update(real, real)
     r2 = same.compute()
     assert r2["ssim"] == pytest.approx(1.0, abs=1e-6) and r2["lpips"] == 0.0 and r2["tokens_per_video"] is None
+
+
+def test_a_damaged_cache_file_is_rebuilt_from_the_source(tmp_path, monkeypatch):
+    """A truncated cache entry (unreadable as safetensors: ArvidIOError, not WeightsError) is rebuilt
+    from the installed source, as a stale one is."""
+    from arvid.io import load_weights
+
+    monkeypatch.setenv("ARVID_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ARVID_WEIGHTS_DIR", raising=False)
+    cached = tmp_path / "lpips-alexnet-v0.1.safetensors"
+    cached.write_bytes(b"\x00" * 100)
+    state, sha = W.load_spec(W.LPIPS_ALEX)
+    assert sha == W.LPIPS_ALEX.tensors_sha256
+    assert W.hash_state(load_weights(cached)) == W.LPIPS_ALEX.tensors_sha256  # the cache was written again

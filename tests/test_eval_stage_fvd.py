@@ -249,3 +249,65 @@ def test_fvd_sharded_over_two_processes_equals_one_process(tmp_path):
     assert one["fvd"] > 0
     assert two["fvd"] == pytest.approx(one["fvd"], rel=1e-6)
     assert {k: v for k, v in two.items() if k != "fvd"} == {k: v for k, v in one.items() if k != "fvd"}
+
+
+def test_cli_num_under_an_all_clips_protocol_does_not_conform(tmp_path, capsys):
+    """ucf-train-rfvd takes every clip of the split: `--num 2` of 3 files is a non-standard count, its
+    statistics carry N = 2 in their key, and they are not taken for the whole set without --num."""
+    for side, shift in (("real", 0.0), ("fake", 0.4)):
+        (tmp_path / side).mkdir()
+        for i in range(3):
+            write_video(_clip(i + (5 if side == "fake" else 0), shift, frames=16), tmp_path / side / f"{side[0]}{i}.mp4")
+    real, fake, stats = str(tmp_path / "real"), str(tmp_path / "fake"), tmp_path / "s.npz"
+    common = ["--protocol", "ucf-train-rfvd", "--device", "cpu", "--batch-size", "2", "--workers", "0"]
+    assert main(["eval", "fvd", real, fake, *common, "--num", "2", "--save-stats", str(stats),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["num_real"], r["num_fake"]) == (2, 2)
+    assert r["conforms"] is False and r["deviations"] == ["num_real 2 < all (3)", "num_fake 2 < all (3)"]
+    saved = FeatureStats.load(stats)
+    assert saved.n == 2 and saved.partial and saved.clips["drawn"] == 2 and saved.clips["available"] == 3
+    assert saved.clips["source"] == "folder" and saved.clips["root"] == str(Path(real).resolve())
+    assert "_n2_" in saved.stats_key()
+    capsys.readouterr()
+    assert main(["eval", "fvd", str(stats), fake, *common]) == 1
+    assert f"{str(stats)!r} (the real set, A) holds the statistics of 2 of its 3 clips" in capsys.readouterr().err
+    assert main(["eval", "fvd", str(stats), fake, *common, "--num", "2", "--out", str(tmp_path / "r2.json")]) == 0
+    r2 = json.loads((tmp_path / "r2.json").read_text())
+    assert r2["fvd"] == pytest.approx(r["fvd"], rel=1e-9) and r2["deviations"] == r["deviations"]
+
+
+def _cheap_extractor(videos: torch.Tensor) -> torch.Tensor:
+    f = videos.double().mean(dim=(3, 4)).flatten(1)  # [B, C*T]: mean colour per frame
+    return f.repeat(1, 400 // f.shape[1] + 1)[:, :400]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_file_is_left_out_not_counted_twice(tmp_path, workers, caplog):
+    """--on-bad-video skip: the dataset gives the next readable video for a bad file; that video is
+    drawn itself, so it would count twice. The item is left out, and the count of left-out files
+    comes from the batches (with DataLoader workers the dataset's own count stays in the workers)."""
+    from arvid.data.datasets import DataConfig
+    from arvid.stages.eval_fvd import choose
+    from arvid.stages.eval_stream import ClipSet
+
+    g = torch.Generator().manual_seed(3)
+    (tmp_path / "a").mkdir()  # one class folder: what the folder data source reads
+    for i in range(3):
+        write_video(torch.rand(3, 16, 32, 32, generator=g) * 2 - 1, tmp_path / "a" / f"v{i}.mp4")
+    (tmp_path / "a" / "v0.mp4").write_bytes(b"not a video")
+    clip = ClipConfig(frames=16, size=32, random_start=False, on_bad_video="skip")
+    ds = choose(open_videos(str(tmp_path), clip, 0), None, False, 0)
+    metric = FrechetVideoDistance("synthetic", extractor=_cheap_extractor)
+    skipped = feed(metric, ds, True, argparse.Namespace(batch_size=3, workers=workers), 1, 0)
+    assert skipped == {0}  # draw position 0 (v0.mp4) was left out
+    assert int(metric.real_n) == 2 and sorted(metric._features_by_id["real"]) == [1, 2]
+    want = torch.stack([open_videos(str(tmp_path), clip, 0)[i]["video"] for i in (1, 2)])
+    assert torch.allclose(metric.real_sum, _cheap_extractor(want).sum(0))  # v1 and v2 once each
+    # the eval recon | gen | fp | report clips: the same, and the batch holds no copy either
+    data = DataConfig(source="folder", root=str(tmp_path), frames=16, size=32, random_start=False, on_bad_video="skip")
+    clips = ClipSet(data, "train", None, "ucf-train-rfvd", batch_size=3, workers=workers)
+    with caplog.at_level(logging.WARNING, logger="arvid.evaluate"):
+        got = [(b["index"].tolist(), b["video_index"].tolist(), b["skipped"].tolist()) for _, b in clips.batches()]
+    assert got == [([1, 2], [1, 2], [0])] and clips.num_skipped == 1
+    assert "1 drawn clips of this process were left out" in caplog.text

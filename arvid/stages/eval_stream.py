@@ -7,18 +7,22 @@ sample ids go to the FVD metric: a clip set has no sampler padding to detect, an
 keep every clip's 400 features.)
 
 - :class:`ClipSet`: the protocol's real clips of a split. ``random-clips`` protocols
-  (``ucf-gfvd-*``) draw a seeded subset (``protocol.seed``), the others take the first N.
+  (``ucf-gfvd-*``) draw a seeded subset (``protocol.seed``), the others take the first N; clips
+  of files are cut as the protocol says (random starts seeded by ``protocol.seed``, or the first
+  frames), as ``arvid eval fvd`` cuts them. A drawn file that cannot be read is left out.
   Batches are numbered globally; under ``torchrun`` process ``r`` takes batches
   ``r, r + world, ...``, so every clip is read once (no sampler padding) and a batch's result
   does not depend on the number of processes (a batch's sampling seed is its global number).
 - :class:`FVDSides`: one real side and any number of named fake sides sharing one I3D; the
-  real side is computed from the clips or loaded from a ``.npz`` (``real_stats``), and can be
-  saved for the next run (``save_real_stats``). Each result is reduced across processes.
+  real side is computed from the clips or loaded from a ``.npz`` (``real_stats``, checked against
+  the clips: data source, split, seed, N), and can be saved for the next run
+  (``save_real_stats``, which records them). Each result is reduced across processes.
 - :func:`progress`: a tqdm bar on rank 0, silent when stderr is not a terminal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -133,7 +137,14 @@ def protocol_draw(ds: Dataset, num: int | None, protocol: FVDProtocol | None) ->
 
 class DrawnClips(Dataset):
     """Items ``k`` of a draw: clip ``pairs[k] = (video, round)`` of ``ds`` (the round as its epoch);
-    ``index`` is ``k`` (unique per clip), ``video_index`` the video."""
+    ``index`` is ``k`` (unique per clip), ``video_index`` the video.
+
+    A drawn file that cannot be read (``on_bad_video: skip``) is left out, not replaced: a file
+    dataset then returns the next readable video instead, which may be drawn itself (and would be
+    counted twice), so such an item comes back as ``{"skipped": True, "index": k, "video_index": i}``
+    and :func:`_collate` drops it, counting it in the batch's ``skipped`` (the draw positions left
+    out). The set is then that many clips short, which an FVD record reports as a deviation.
+    """
 
     def __init__(self, ds: Dataset, pairs: list[tuple[int, int]]):
         self.ds, self.pairs = ds, pairs
@@ -146,7 +157,9 @@ class DrawnClips(Dataset):
         if hasattr(self.ds, "set_epoch"):
             self.ds.set_epoch(r)  # type: ignore[attr-defined]
         item = dict(self.ds[i])
-        item["video_index"], item["index"] = item.get("index", i), k
+        if int(item.get("index", i)) != i:  # video i is unreadable; the dataset gave another one
+            return {"skipped": True, "index": k, "video_index": i}
+        item["video_index"], item["index"] = i, k
         return item
 
 
@@ -160,10 +173,16 @@ def label_of(ds: Dataset, i: int) -> int:
 
 
 def _collate(items: list[dict]) -> dict:
-    return {"video": torch.stack([it["video"] for it in items]),
-            "label": torch.tensor([int(it.get("label", -1)) for it in items]),  # -1: unlabelled
-            "index": torch.tensor([int(it["index"]) for it in items]),
-            **({"video_index": torch.tensor([int(it["video_index"]) for it in items])} if "video_index" in items[0] else {})}
+    """A batch of the readable items; ``skipped``: the draw positions of those left out (see
+    :class:`DrawnClips`). A batch of skipped items only has ``video`` None and empty ``index``."""
+    skipped = [int(it["index"]) for it in items if it.get("skipped")]
+    items = [it for it in items if not it.get("skipped")]
+    return {"video": torch.stack([it["video"] for it in items]) if items else None,
+            "label": torch.tensor([int(it.get("label", -1)) for it in items], dtype=torch.long),  # -1: unlabelled
+            "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
+            **({"video_index": torch.tensor([int(it["video_index"]) for it in items], dtype=torch.long)}
+               if items and "video_index" in items[0] else {}),
+            "skipped": torch.tensor(skipped, dtype=torch.long)}
 
 
 class ClipSet:
@@ -172,7 +191,17 @@ class ClipSet:
     ``len(clips)``: all processes' clips; :meth:`labels`: every clip's label in draw order (no
     decoding for the built-in and file datasets); :meth:`batches`: this process's batches as
     ``(j, dict(video float [b, C, T, H, W], label, index, video_index))`` where ``index`` is the
-    clips' positions in the draw.
+    clips' positions in the draw. A drawn file that cannot be read is left out of its batch
+    (:class:`DrawnClips`; a batch left with no clip is not yielded) and counted in
+    :attr:`num_skipped`.
+
+    Under a protocol the clips are the protocol's, whatever ``data`` says about cutting them: for
+    file datasets ``random_start`` is forced from the protocol's ``clip_sampling`` (``random-clips``:
+    a random start; ``one-clip-per-video:first-16``: the first frames), the starts are seeded with
+    ``protocol.seed`` (not ``data.seed``) and there are no flips, so the clips (and the statistics
+    saved for them) are those of ``arvid eval fvd`` under that protocol. A ``generator`` protocol
+    (``synthetic``) leaves the data's settings alone. :attr:`protocol` is the protocol with
+    ``split`` set to the split read, as every result records it.
     """
 
     def __init__(self, data: DataConfig, split: str, num: int | None, protocol: str | FVDProtocol | None,
@@ -180,7 +209,14 @@ class ClipSet:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = build_dataset(data, split=split)  # type: ignore[arg-type]
-        self.protocol = get_protocol(protocol) if protocol is not None else None
+        p = get_protocol(protocol) if protocol is not None else None
+        self.protocol = dataclasses.replace(p, split=split) if p is not None else None
+        if p is not None and p.fixed_set and hasattr(self.dataset, "clip") and hasattr(self.dataset, "seed"):
+            random = p.clip_sampling.startswith("random")
+            self.dataset.clip = dataclasses.replace(self.dataset.clip, random_start=random, flip=False)
+            self.dataset.seed = p.seed
+        self.data = data
+        self.num_skipped = 0  # drawn clips of this process left out (unreadable files), over all passes
         self.pairs = protocol_draw(self.dataset, num, self.protocol)  # (video, round) per clip
         if not self.pairs:
             where = f"root {data.root!r}" if data.root else "the synthetic set (num_videos / num_val_videos)"
@@ -203,6 +239,22 @@ class ClipSet:
         """Draw positions of global batch ``j``."""
         return range(j * self.batch_size, min((j + 1) * self.batch_size, len(self.pairs)))
 
+    def describe(self) -> dict:
+        """The set these clips are drawn from, as statistics files record it (``FeatureStats.clips``):
+        data ``source``, ``root`` (``val_root`` for a held-out split that has one), ``split``,
+        ``seed`` (the one the clips depend on: synthetic content, or random starts and flips of
+        files; None: none), ``drawn`` (N) and ``available`` (the split's videos)."""
+        d = self.data
+        clip = getattr(self.dataset, "clip", None)
+        if d.source == "synthetic":
+            seed = d.seed
+        else:
+            seed = int(getattr(self.dataset, "seed", d.seed)) if clip is not None and (clip.random_start or clip.flip) \
+                else None
+        root = d.val_root if self.split != "train" and d.val_root else d.root
+        return {"source": d.source, "root": str(Path(root).resolve()) if root else None, "split": self.split,
+                "seed": seed, "drawn": len(self.pairs), "available": len(self.dataset)}  # type: ignore[arg-type]
+
     def labels(self) -> torch.Tensor:
         """``LongTensor[N]``: every drawn clip's label, in draw order."""
         return torch.tensor([label_of(self.dataset, i) for i, _ in self.pairs], dtype=torch.long)
@@ -213,27 +265,44 @@ class ClipSet:
         loader = DataLoader(DrawnClips(self.dataset, self.pairs), batch_sampler=plan, num_workers=self.workers,
                             collate_fn=_collate)
         bar = progress(sum(len(b) for b in plan), desc or f"{self.split} clips")
+        skipped = 0
         try:
             for j, batch in zip(mine, loader):
-                yield j, batch
-                bar.update(batch["video"].shape[0])
+                skipped += batch["skipped"].numel()
+                bar.update(batch["index"].numel() + batch["skipped"].numel())
+                if batch["video"] is not None:
+                    yield j, batch
         finally:
             bar.close()
+            if skipped:
+                self.num_skipped += skipped
+                log.warning("%s split: %d drawn clips of this process were left out (unreadable files); the "
+                            "set is that many clips short", self.split, skipped)
 
 
 class FVDSides:
     """One real side and named fake sides of FVD, one shared I3D, reduced across processes.
 
-    ``real_stats``: a ``.npz`` of real-side statistics (``arvid eval fvd --save-stats`` or
-    ``save_real_stats`` of an earlier run); checked against the protocol, backbone and weights.
-    Then :meth:`add_real` is not needed (and :attr:`needs_real` is False).
+    ``clips``: the real clips (a :class:`ClipSet`); their split goes into the protocol every result
+    records, and their set (data source, root, split, seed, N drawn, set size) into the saved
+    statistics. ``real_stats``: a ``.npz`` of real-side statistics (``arvid eval fvd --save-stats``
+    or ``save_real_stats`` of an earlier run); checked against the protocol, backbone and weights,
+    and against ``clips``: a file whose data source, split, seed or N drawn differ is refused
+    (fields the file does not record are not compared; a different root only warns, as data can
+    move). Then :meth:`add_real` is not needed (and :attr:`needs_real` is False).
     """
 
-    def __init__(self, protocol: str, weights: str | None, device: torch.device, real_stats: str | None = None):
+    def __init__(self, protocol: str | FVDProtocol, weights: str | None, device: torch.device,
+                 real_stats: str | None = None, clips: ClipSet | None = None):
         from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
 
-        self.protocol, self.device = protocol, device
-        self.real = FrechetVideoDistance(protocol=protocol, weights=weights, precision="fp32", batch_size=8).to(device)
+        p = get_protocol(protocol)
+        self.protocol = dataclasses.replace(p, split=clips.split) if clips is not None else p
+        self.device = device
+        self.real = FrechetVideoDistance(protocol=self.protocol, weights=weights, precision="fp32",
+                                         batch_size=8).to(device)
+        if clips is not None:
+            self.real.set_clips("real", clips.describe())
         self.fakes: dict[str, Any] = {}
         self._real_stats = None  # set once the real side is complete (loaded, or summed after its pass)
         self.real_stats_source = real_stats
@@ -243,6 +312,8 @@ class FVDSides:
                 raise FileNotFoundError(f"real_stats {real_stats!r} does not exist (write one with "
                                         f"`arvid eval fvd REAL --save-stats FILE.npz` or save_real_stats)")
             stats = FeatureStats.load(path)
+            if clips is not None:
+                check_clips(path, stats.clips, clips.describe())
             self._extractor()  # the fake sides need it anyway; the check compares its backbone and weights
             self.real.load_real_stats(stats)  # checks protocol key, backbone and weights
             self._real_stats = stats
@@ -303,3 +374,28 @@ class FVDSides:
         if self.real_stats_source:
             extra.setdefault("real_stats", str(self.real_stats_source))
         return m.result(tokens_per_video=tokens_per_video, **extra).to_dict()
+
+
+#: the fields of a statistics file's ``clips`` that must equal the run's clips' (where both record them)
+CHECKED_CLIP_FIELDS = ("source", "split", "seed", "drawn")
+
+
+def check_clips(path: str | os.PathLike, recorded: dict | None, mine: dict) -> None:
+    """Refuse real statistics of other clips than ``mine`` (:meth:`ClipSet.describe`): a differing
+    data source, split, seed or N drawn is a ValueError naming the file and the field. A file that
+    does not record its clips (older versions, or a field it could not know, as the split of
+    ``arvid eval fvd``'s folders) is compared on what it records; a different root only warns."""
+    if recorded is None:
+        log.warning("real_stats %s do not record the clips they were computed on (a file of an older "
+                    "version): only the protocol, backbone and weights are checked", path)
+        return
+    for field in CHECKED_CLIP_FIELDS:
+        theirs, ours = recorded.get(field), mine.get(field)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(
+                f"real_stats {str(path)!r} were computed on clips with {field} {theirs!r}, but this run's real "
+                f"clips have {field} {ours!r}: statistics stand only for the clips they were computed on "
+                "(save them for these clips with save_real_stats, or leave real_stats out)")
+    if recorded.get("root") and mine.get("root") and recorded["root"] != mine["root"]:
+        log.warning("real_stats %s were computed on clips under %s; this run's are under %s (the same data "
+                    "moved?)", path, recorded["root"], mine["root"])

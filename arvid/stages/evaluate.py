@@ -54,8 +54,12 @@ __all__ = ["ReconEvalConfig", "GenEvalConfig", "FPEvalConfig", "BudgetEvalConfig
 # --------------------------------------------------------------------------- shared pieces
 
 
-def check_protocol(protocol: str | None, data: DataConfig) -> None:
-    """Fail before any model is loaded when the data cannot meet the protocol's frames or size."""
+def check_protocol(protocol: str | None, data: DataConfig, split: str | None = None) -> None:
+    """Fail before any model is loaded when the data cannot meet the protocol's frames, size or split.
+
+    ``split``: the split the real clips are read from; a protocol that names one (``ucf-*``: train,
+    ``k600-fp-50k``: test) refuses another, since its numbers (and cached statistics) are of that
+    split's clips. ``synthetic`` takes any split (the results record the one used)."""
     if protocol is None:
         return
     from arvid.eval.protocols import get_protocol
@@ -66,6 +70,9 @@ def check_protocol(protocol: str | None, data: DataConfig) -> None:
     if p.resolution is not None and data.size != p.resolution:
         raise ConfigError(f"protocol {p.name!r} uses {p.resolution} x {p.resolution} clips, but data.size is "
                           f"{data.size}")
+    if split is not None and p.split is not None and split != p.split:
+        raise ConfigError(f"protocol {p.name!r} takes its real clips from the {p.split!r} split, but split is "
+                          f"{split!r}; set split: {p.split} (or use protocol: synthetic, which takes any split)")
 
 
 def _load_router(path: str | None, device: torch.device, tok: Any, tok_name: str = "in use"):
@@ -207,14 +214,14 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
     from arvid.tokenizer.base import load_tokenizer
 
     device = resolve_device(cfg.device)
-    check_protocol(cfg.protocol, cfg.data)
+    check_protocol(cfg.protocol, cfg.data, cfg.split)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
     router = _load_router(cfg.router, device, tok, cfg.tokenizer)
     fixed = {f"uniform-{c}": tok.layout.uniform(c)[0] for c in cfg.uniform}
     names = (["router"] if router is not None else []) + list(fixed) or ["default"]
     if fvd is None and cfg.protocol:
-        fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats)
+        fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
 
     def wants_fvd(name: str) -> bool:
         return fvd is not None and (name in ("router", "default") or cfg.fvd_uniform is None
@@ -363,11 +370,11 @@ def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides
     from arvid.tokenizer.base import load_tokenizer
 
     device = resolve_device(cfg.device)
-    check_protocol(cfg.protocol, cfg.data)
+    check_protocol(cfg.protocol, cfg.data, cfg.split)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()  # the models first: a wrong pair fails at once
     gpt = _load_gpt(cfg.generator, device, cfg.precision, tok, cfg.tokenizer)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
-    fvd = fvd or FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats)
+    fvd = fvd or FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
     if fvd.needs_real:
         for _, b in clips.batches(f"real {cfg.split} clips"):
             fvd.add_real(b["video"])
@@ -458,9 +465,9 @@ class BudgetEvalConfig(GenEvalConfig):
 
 def evaluate_budget(cfg: BudgetEvalConfig) -> dict:
     device = resolve_device(cfg.device)
-    check_protocol(cfg.protocol, cfg.data)
+    check_protocol(cfg.protocol, cfg.data, cfg.split)
     clips = ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
-    fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats)
+    fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
     labels = clips.labels()
     rows = []
     for target in [0.0, *cfg.budgets]:
@@ -546,14 +553,14 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
     from arvid.tokenizer.base import load_tokenizer
 
     device = resolve_device(cfg.device)
-    check_protocol(cfg.protocol, cfg.data)
+    check_protocol(cfg.protocol, cfg.data, cfg.split)
     if tok is None:
         tok = load_tokenizer(cfg.tokenizer).to(device).eval()
         _attach_router(tok, cfg.router, device)
     gpt = gpt or _load_gpt(cfg.generator, device, "fp32", tok, cfg.tokenizer)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
     if fvd is None and cfg.protocol:
-        fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats)
+        fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
     sampler = Sampler(gpt, sequence_format_for(gpt, tok), cfg.sampler)
     sums = torch.zeros(2, dtype=torch.float64)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -107,7 +107,7 @@ def run_report(cfg: ReportConfig) -> Path | None:
     exp = Path(cfg.experiment_dir)
     device = resolve_device(cfg.device)
     protocol = cfg.protocol if cfg.fvd else None
-    check_protocol(protocol, cfg.data)
+    check_protocol(protocol, cfg.data, cfg.split)
     # the protocol's draw whether or not FVD is computed: the same clips either way
     clips = ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
     labels = clips.labels()
@@ -121,7 +121,7 @@ def run_report(cfg: ReportConfig) -> Path | None:
                                "layout": tok.layout.to_dict(), "fixed_baseline": {"per_block": fixed,
                                                                                  "tokens": fixed * tok.layout.num_blocks}}
     # one real side for every FVD of the report (the same held-out clips), computed in the first pass
-    fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats) if protocol else None
+    fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips) if protocol else None
     # 1. reconstruction: router vs uniform assignments with the final tokenizer
     rcfg = ReconEvalConfig(data=cfg.data, split=cfg.split, num_videos=cfg.num_videos, tokenizer=tok_dir,
                            router=str(exp / "router" / "router"),
@@ -166,14 +166,15 @@ def run_report(cfg: ReportConfig) -> Path | None:
             fp = evaluate_fp(fcfg, clips, fvd if with_fvd else None, gpt=gpt, tok=tokd, keep=k)
             kept = fp.pop("_kept")
             metrics["frame_prediction"] = fp
-            if main:
+            shown = sorted(kept)[:k]  # the first k drawn clips that were read (an unreadable file is left out)
+            if main and shown:
                 # rows: real clips, predictions (the first ctx frames of a prediction are the context's
                 # reconstruction)
-                pair = torch.stack([kept[p][0] for p in range(k)] + [kept[p][1] for p in range(k)])
+                pair = torch.stack([kept[p][0] for p in shown] + [kept[p][1] for p in shown])
                 _media(media_errors, out / "frame_prediction.gif",
-                       lambda: write_grid(pair, str(out / "frame_prediction.gif"), nrow=k, fps=cfg.fps))
+                       lambda: write_grid(pair, str(out / "frame_prediction.gif"), nrow=len(shown), fps=cfg.fps))
                 _media(media_errors, out / "frame_prediction.mp4",
-                       lambda: _write_mp4_grid(pair, out / "frame_prediction.mp4", nrow=k, fps=cfg.fps))
+                       lambda: _write_mp4_grid(pair, out / "frame_prediction.mp4", nrow=len(shown), fps=cfg.fps))
     if fvd is not None and cfg.save_real_stats:
         fvd.save_real(cfg.save_real_stats)
     if not main:
