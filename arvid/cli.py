@@ -90,15 +90,10 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
 def _run(args) -> int | None:
     """The command, then the distributed teardown (a no-op without a process group; no barrier
     after a failure)."""
-    from arvid.training.device import shutdown_distributed
+    from arvid.training.device import distributed_teardown
 
-    try:
-        rc = args.func(args)
-    except BaseException:
-        shutdown_distributed(clean=False)
-        raise
-    shutdown_distributed()
-    return rc
+    with distributed_teardown():
+        return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,13 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from arvid.training.device import exit_process, shutdown_distributed
+    from arvid.training.device import distributed_teardown, exit_process
 
     torch.set_num_threads(1)
-    try:
+    with distributed_teardown():
         rc = main()
-    except BaseException:
-        shutdown_distributed(clean=False)
-        raise
-    shutdown_distributed()
     exit_process(rc)

@@ -173,12 +173,8 @@ def test_fsdp1_is_refused():
 
 
 if __name__ == "__main__":
-    from arvid.training.device import exit_process, shutdown_distributed
+    from arvid.training.device import distributed_teardown, exit_process
 
-    try:
+    with distributed_teardown():
         _script(Path(sys.argv[1]))
-    except BaseException:
-        shutdown_distributed(clean=False)
-        raise
-    shutdown_distributed()
     exit_process(0)

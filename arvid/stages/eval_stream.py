@@ -296,13 +296,14 @@ class FVDSides:
                  real_stats: str | None = None, clips: ClipSet | None = None):
         from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
 
-        p = get_protocol(protocol)
-        self.protocol = dataclasses.replace(p, split=clips.split) if clips is not None else p
+        # the clips' protocol records the split they were read from
+        self.protocol = clips.protocol if clips is not None and clips.protocol is not None else get_protocol(protocol)
         self.device = device
         self.real = FrechetVideoDistance(protocol=self.protocol, weights=weights, precision="fp32",
                                          batch_size=8).to(device)
-        if clips is not None:
-            self.real.set_clips("real", clips.describe())
+        described = clips.describe() if clips is not None else None
+        if described is not None:
+            self.real.set_clips("real", described)
         self.fakes: dict[str, Any] = {}
         self._real_stats = None  # set once the real side is complete (loaded, or summed after its pass)
         self.real_stats_source = real_stats
@@ -312,8 +313,8 @@ class FVDSides:
                 raise FileNotFoundError(f"real_stats {real_stats!r} does not exist (write one with "
                                         f"`arvid eval fvd REAL --save-stats FILE.npz` or save_real_stats)")
             stats = FeatureStats.load(path)
-            if clips is not None:
-                check_clips(path, stats.clips, clips.describe())
+            if described is not None:
+                check_clips(path, stats.clips, described)
             self._extractor()  # the fake sides need it anyway; the check compares its backbone and weights
             self.real.load_real_stats(stats)  # checks protocol key, backbone and weights
             self._real_stats = stats

@@ -113,6 +113,18 @@ def shutdown_distributed(clean: bool = True) -> None:
     _TORN_DOWN = True
 
 
+@contextlib.contextmanager
+def distributed_teardown():
+    """Run the body, then :func:`shutdown_distributed`: clean (with the barrier) after a body that
+    returned, without the barrier after one that raised (the exception goes on)."""
+    try:
+        yield
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
+
+
 def exit_process(rc: int | None) -> NoReturn:
     """End a script with exit status ``rc``. A process that ran in a process group (torn down by
     :func:`shutdown_distributed`) flushes its output and leaves through ``os._exit``: interpreter
