@@ -818,27 +818,29 @@ class Trainer:
             self._ema.update(run.ema_module)
         return done, grad_norms, factor
 
-    def _loss_shares(self, run: _Run, batches: list[Any]) -> list[float]:
+    def _loss_shares(self, run: _Run, batches: list[Any]) -> list[float | torch.Tensor]:
         """Each micro-batch's share of the global batch's weight (``task.loss_weight``), times the
         number of slices (``grad_accum * processes``): the Trainer's mean over slices of
-        ``share * slice mean`` is then the weighted mean over the global batch. One all-reduce of
-        a float64 scalar on several processes; the weights are host values."""
+        ``share * slice mean`` is then the weighted mean over the global batch. On several processes
+        the weight total is one all-reduce of a float64 scalar and the shares stay on the device (no
+        host sync in the step; a global total of 0 makes the loss non-finite, which the loss check
+        reports)."""
         weights = [float(self.task.loss_weight(b)) for b in batches]
         if any(not math.isfinite(w) or w < 0 for w in weights):
             raise ValueError(f"{type(self.task).__name__}.loss_weight returned {weights}: weights must be finite "
                              "and >= 0")
-        total = sum(weights)
-        if run.n_proc > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor([total], dtype=torch.float64, device=run.device)
-            dist.all_reduce(t)
-            total = float(t.item())
-        if total <= 0:
-            raise ValueError(f"{type(self.task).__name__}.loss_weight is 0 for every slice of this step's global "
-                             "batch: nothing to average over")
         slices = len(batches) * run.n_proc
-        return [w * slices / total for w in weights]
+        if run.n_proc == 1:
+            total = sum(weights)
+            if total <= 0:
+                raise ValueError(f"{type(self.task).__name__}.loss_weight is 0 for every slice of this step's "
+                                 "global batch: nothing to average over")
+            return [w * slices / total for w in weights]
+        import torch.distributed as dist
+
+        total_t = torch.tensor([sum(weights)], dtype=torch.float64, device=run.device)
+        dist.all_reduce(total_t)
+        return [(slices * w / total_t).to(torch.float32)[0] for w in weights]
 
     def _defer_loss_check(self, device: torch.device, fsdp: bool, optimizers: dict[str, torch.optim.Optimizer]
                           ) -> bool:
