@@ -65,7 +65,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=None,
                    help="bytes/s for the floor (default: the device-to-device copy rate measured on the lent "
                         "machines: 4.3e12 on an H200, 3.0e12 on an H100 or anything else)")
-    p.add_argument("--profile", action="store_true", help="print the CUDA kernels of the eager decode step")
+    p.add_argument("--profile", action="store_true",
+                   help="print the CUDA kernels of the decode step (eager, CUDA-graph or compiled: the profiler "
+                        "traces the kernels inside a graph replay)")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args()
 
@@ -112,7 +114,7 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
     dec.i.fill_(fill + 1)
     chosen[0] = fill + 1
     step_s = timed(run, device, steps)
-    if a.profile and not dec.graphs and device.type == "cuda":
+    if a.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         dec.i.fill_(fill + 1)
@@ -120,8 +122,8 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
             for j in range(4):
                 dec.advance(fill + 1 + j)
             sync(device)
-        print(f"# eager decode step kernels, batch {B} (4 steps):")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(f"# decode step kernels, {sampler.execution(device)}, batch {B} (4 steps):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
            "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix,
            "kv_bucket": a.kv_bucket, "kv_len": dec.kv_len(fill + 1), "graphs": len(dec.graphs),

@@ -98,7 +98,7 @@ run_all() {
         tests/test_generator_gpt.py tests/test_sampling_gpu.py tests/test_tokenizer_attention.py \
         tests/test_training_gpu.py
     step sampling 600 python3 benchmarks/bench_sampling.py --preset L --modes cuda_graph,compile \
-        --batch-sizes 1,64 --full-runs 1 --json "$R/sampling.json"
+        --batch-sizes 1,64 --full-runs 1 --profile --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
     if python3 -c "import av" 2> /dev/null; then

@@ -68,6 +68,19 @@ def test_train_generator_class_conditional_cli(setup, tmp_path):
     before = (out / "gpt" / "model.safetensors").stat().st_mtime_ns
     train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(root, out)))
     assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
+    # ... but not for another tokenizer's store (consistent with it): refused, naming both
+    torch.manual_seed(2)
+    other = build_tokenizer("evatok", preset="debug")
+    other.save_pretrained(tmp_path / "other_tok")
+    write_random_store(tmp_path / "other_store", other, 8, 4)
+    with pytest.raises(ConfigError, match=f"holds a finished GPT for tokenizer '{tok.fingerprint()}'.*other_tok"):
+        train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(
+            root, out, f"tokenizer={tmp_path / 'other_tok'}", f"token_store={tmp_path / 'other_store'}")))
+    assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
+    # ... and a changed config (more steps) is not finished: it trains again
+    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
+                                    overrides(root, out, "trainer.max_steps=4")))
+    assert json.loads((out / "done").read_text())["step"] == 4
 
 
 def test_train_generator_frames_and_text(setup, tmp_path):

@@ -215,15 +215,15 @@ def run(cfg: TrainGeneratorConfig) -> Path:
 
         activate_flash_impl(cfg.flash_impl)  # before anything else: a missing package fails at once
     out = Path(cfg.out_dir)
-    if (out / "done").is_file() and (out / "gpt").is_dir():
-        log.info("train-generator: %s is complete (done marker present); nothing to do", out)
-        return out
     check_attention_backend(cfg)  # before the run directory, the dataset or the model exist
-    out = check_writable(out)
     store = TokenStore(cfg.token_store)
     tokenizer = load_tokenizer(cfg.tokenizer)
     fingerprint = tokenizer.fingerprint()
     store.check_fingerprint(fingerprint)
+    if _finished(out, cfg, fingerprint):
+        log.info("train-generator: %s is complete (done marker, same config and tokenizer); nothing to do", out)
+        return out
+    out = check_writable(out)
     if store.layout != tokenizer.layout or store.codebook_size != tokenizer.codebook_size:
         raise ConfigError(f"token store layout/codebook {store.layout}/{store.codebook_size} differs from the "
                           f"tokenizer's {tokenizer.layout}/{tokenizer.codebook_size}")
@@ -267,6 +267,37 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     write_json(out / "done", {"stage": "train-generator", "step": result.step, "losses": result.losses,
                               "params": gpt.num_params(), "batches_per_epoch": len(dataset)})
     return out
+
+
+def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
+    """Whether ``out`` holds a finished run of this config on this tokenizer's tokens.
+
+    A finished run for another tokenizer is refused (its GPT would be kept for codes it never
+    saw); one whose config differs (e.g. a raised ``trainer.max_steps``) is not finished: the
+    run goes on from its last checkpoint, as an interrupted one would."""
+    from arvid.config import read_yaml, to_dict
+    from arvid.pretrained import CONFIG_NAME
+
+    if not ((out / "done").is_file() and (out / "gpt" / CONFIG_NAME).is_file()):
+        return False
+    saved_fp = read_yaml(out / "gpt" / CONFIG_NAME).get("tokenizer_fingerprint")
+    if saved_fp != fingerprint:
+        raise ConfigError(f"{str(out)!r} holds a finished GPT for tokenizer {saved_fp!r}, not for {cfg.tokenizer!r} "
+                          f"(fingerprint {fingerprint!r}): give another out_dir, or delete that one to retrain")
+    saved = read_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+    changed = sorted(_diff(saved, to_dict(cfg)))
+    if changed:
+        log.info("train-generator: %s finished with another config (%s changed): training again "
+                 "(from its last checkpoint if it has one)", out, ", ".join(changed[:6]))
+        return False
+    return True
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _main(args: argparse.Namespace) -> int:
