@@ -216,6 +216,7 @@ def run(cfg: TrainGeneratorConfig) -> Path:
         activate_flash_impl(cfg.flash_impl)  # before anything else: a missing package fails at once
     out = Path(cfg.out_dir)
     check_attention_backend(cfg)  # before the run directory, the dataset or the model exist
+    out = check_writable(out)  # before any work
     store = TokenStore(cfg.token_store)
     tokenizer = load_tokenizer(cfg.tokenizer)
     fingerprint = tokenizer.fingerprint()
@@ -223,7 +224,6 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     if _finished(out, cfg, fingerprint):
         log.info("train-generator: %s is complete (done marker, same config and tokenizer); nothing to do", out)
         return out
-    out = check_writable(out)
     if store.layout != tokenizer.layout or store.codebook_size != tokenizer.codebook_size:
         raise ConfigError(f"token store layout/codebook {store.layout}/{store.codebook_size} differs from the "
                           f"tokenizer's {tokenizer.layout}/{tokenizer.codebook_size}")
