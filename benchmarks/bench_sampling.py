@@ -68,6 +68,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="print the CUDA kernels of the decode step (eager, CUDA-graph or compiled: the profiler "
                         "traces the kernels inside a graph replay)")
+    p.add_argument("--decode-attention", default="sdpa",
+                   help="comma-separated decode attentions to time under the compile mode (sdpa, flex; "
+                        "SamplerConfig.decode_attention); the other modes use sdpa")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args()
 
@@ -86,9 +89,11 @@ def timed(fn, device: torch.device, reps: int = 1) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len) -> dict:
+def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len,
+               attention: str = "sdpa") -> dict:
     """Step time (cache filled to ``fill``) and samples/s of one step execution mode."""
-    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode, kv_bucket=a.kv_bucket, compile_mode=a.compile_mode))
+    sampler = Sampler(gpt, fmt, SamplerConfig(cfg_scale=a.cfg_scale, compile=mode, kv_bucket=a.kv_bucket,
+                                              compile_mode=a.compile_mode, decode_attention=attention))
     n_prefix = gpt.config.num_prefix
     # prepare() builds the decoder's static buffers and, for graph modes, compiles and captures the step.
     t0 = time.perf_counter()
@@ -122,9 +127,10 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
             for j in range(4):
                 dec.advance(fill + 1 + j)
             sync(device)
-        print(f"# decode step kernels, {sampler.execution(device)}, batch {B} (4 steps):")
+        print(f"# decode step kernels, {sampler.execution(device)} ({attention} attention), batch {B} (4 steps):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "step_ms": step_s * 1e3,
+    row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "decode_attention": attention,
+           "step_ms": step_s * 1e3,
            "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix,
            "kv_bucket": a.kv_bucket, "kv_len": dec.kv_len(fill + 1), "graphs": len(dec.graphs),
            "sampling_part_compiled": dec.choose_fn != dec.choose}
@@ -196,8 +202,10 @@ def main() -> int:
         floor_full = (weight_bytes + kv_full) / a.bandwidth * 1e3
         floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
         full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
-        for mode in modes:
-            row = bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len)
+        runs = [(m, att) for m in modes for att in (a.decode_attention.split(",") if m == "compile" else ["sdpa"])]
+        for mode, att in runs:
+            row = bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len,
+                             att)
             # the bucket the first timed step attends over (row["kv_len"], from the decoder itself)
             kv_bucket_bytes = kv_elems_per_pos * row["kv_len"] * torch.finfo(dtype).bits // 8
             floor_bucket = (weight_bytes + kv_bucket_bytes) / a.bandwidth * 1e3
@@ -227,7 +235,7 @@ def main() -> int:
     print(f"{'batch':>5} {'mode':>10} {'kv_len':>6} {'step ms':>8} {'floor ms':>9} {'(bucket)':>9} {'(filled)':>9} "
           f"{'x floor':>7} {'(filled)':>8} {'samples/s':>10} {'kind':>9} {'vs recompute':>12}")
     for r in results:
-        print(f"{r['batch']:>5} {r['mode']:>10} {r['kv_len']:>6} {r['step_ms']:>8.3f} {r['floor_ms_full_cache']:>9.3f} "
+        print(f"{r['batch']:>5} {r['mode'] + ('+flex' if r['decode_attention'] == 'flex' else ''):>10} {r['kv_len']:>6} {r['step_ms']:>8.3f} {r['floor_ms_full_cache']:>9.3f} "
               f"{r['floor_ms_bucket']:>9.3f} {r['floor_ms_filled']:>9.3f} {r['step_over_floor']:>7.1f} "
               f"{r['step_over_floor_filled']:>8.1f} {r['samples_per_s']:>10.2f} "
               f"{r['samples_per_s_kind']:>9} {r.get('recompute_speedup', float('nan')):>11.1f}x")

@@ -35,7 +35,8 @@
 # ends), the benchmarks' JSON and the pipeline's report.md / metrics.json. The weights come from
 # $ARVID_WEIGHTS_DIR (the lent machine has neither weight package). Set AGENDA_STEPS to run a subset,
 # e.g. AGENDA_STEPS="sampling i3d". SAMPLING_MODES (default cuda_graph,compile) and DECODE_WORKERS
-# (default 0,4,8,15) narrow the sampling and decode steps when device time is short.
+# (default 0,4,8,15) narrow the sampling and decode steps when device time is short; DECODE_ATTENTION
+# (default sdpa,flex) the compiled decode step's attentions.
 #
 # On the lent machine (64 MiB carried per call): the weights (58 MB) and the PyAV wheel (36 MB)
 # do not travel together. Copy the weights out of the checkout in a first call (`cp -r .wts
@@ -98,8 +99,9 @@ run_all() {
     step gputests 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
         tests/test_generator_gpt.py tests/test_sampling_gpu.py tests/test_tokenizer_attention.py \
         tests/test_training_gpu.py
-    step sampling 600 python3 benchmarks/bench_sampling.py --preset L --modes "${SAMPLING_MODES:-cuda_graph,compile}" \
-        --batch-sizes 1,64 --full-runs 1 --profile --json "$R/sampling.json"
+    step sampling 900 python3 benchmarks/bench_sampling.py --preset L --modes "${SAMPLING_MODES:-cuda_graph,compile}" \
+        --batch-sizes 1,64 --full-runs 1 --decode-attention "${DECODE_ATTENTION:-sdpa,flex}" --profile \
+        --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
     if python3 -c "import av" 2> /dev/null; then

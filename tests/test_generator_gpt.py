@@ -353,12 +353,16 @@ def test_decode_step_kernel_count_per_layer():
     assert growth <= 27, f"{growth} compute ops per layer per decode step (58 before the shared tables)"
 
 
-def test_compiled_decode_step_does_not_copy_the_cache():
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_decode_step_does_not_copy_the_cache(attention):
     """torch.compile must write k/v into the cache in place. When the layers' caches were views of one
     ``[n_layers, ...]`` tensor, the functionalised step copied each layer's slice into a new buffer (of
     the layer cache's shape, in inductor's code) and the whole cache back, and the compiled step's
     time grew with the cache's length (0.50 ms at 512 positions, 12.3 ms at 32,768, debug GPT on the
-    CPU, benchmarks/bench_compiled_decode.py)."""
+    CPU, benchmarks/bench_compiled_decode.py). Both decode attentions (``flex``: FlexAttention with
+    the length mask as a score modification) give the eager sdpa step's logits."""
+    import functools
+
     from torch._inductor.utils import run_and_get_code
 
     m = make()
@@ -371,7 +375,7 @@ def test_compiled_decode_step_does_not_copy_the_cache():
         m.prefill(ref, cond, tokens[:, :2])
         buffers = [t.data_ptr() for t in cache.tensors()]
         n = m.num_prefix(cond)
-        step = torch.compile(m.decode_step, dynamic=False)
+        step = torch.compile(functools.partial(m.decode_step, attention=attention), dynamic=False)
         got, codes = run_and_get_code(step, cache, tokens[:, 2], torch.tensor(n + 2), 16)
         want = m.decode_step(ref, tokens[:, 2], torch.tensor(n + 2), 16)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -386,6 +390,24 @@ def test_compiled_decode_step_does_not_copy_the_cache():
     allocs = [line for line in code.splitlines() for shape in re.findall(r"empty_strided\w*\(\(([^)]*)\)", line)
               if str(max_len) in [x.strip() for x in shape.split(",")]]
     assert not allocs, "the compiled step allocates cache-sized buffers:\n" + "\n".join(allocs[:4])
+
+
+def test_flex_decode_attention_equals_sdpa_with_grouped_heads_and_rejects_unknown_names():
+    """The FlexAttention decode path (eager here) masks the positions after ``pos`` as the sdpa
+    length mask does, for grouped kv heads too; an unknown attention name is refused."""
+    m = make(n_kv_heads=1)
+    cond = cond_for(m, 3)
+    tokens = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = m.allocate_cache(3, 40)
+        m.prefill(cache, cond, tokens[:, :6])
+        n = m.num_prefix(cond)
+        for kv_len in (n + 7, 32, None):
+            want = m.decode_step(cache, tokens[:, 6], torch.tensor(n + 6), kv_len)
+            got = m.decode_step(cache, tokens[:, 6], torch.tensor(n + 6), kv_len, attention="flex")
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="decode attention must be 'sdpa' or 'flex', got 'fa'"):
+            m.decode_step(cache, tokens[:, 6], torch.tensor(n + 6), attention="fa")
 
 
 def test_cast_for_inference_keeps_norm_gains_float32_and_samples():

@@ -314,8 +314,9 @@ def test_compile_mode_reaches_the_capture(monkeypatch, mode):
 
     seen = []
 
-    def capture(dec, compile_step=False, warmup=3, compile_mode="default", compile_sampling=False):
-        seen.append((compile_step, compile_mode, compile_sampling))
+    def capture(dec, compile_step=False, warmup=3, compile_mode="default", compile_sampling=False,
+                attention="sdpa"):
+        seen.append((compile_step, compile_mode, compile_sampling, attention))
         dec.graphs = {0: None}
         return dec.graphs
 
@@ -323,9 +324,14 @@ def test_compile_mode_reaches_the_capture(monkeypatch, mode):
     monkeypatch.setattr(Sampler, "execution", lambda self, device: "compile")
     s = Sampler(fake(), FMT, SamplerConfig(compile="compile", compile_mode=mode))
     s.prepare(make_cond([0, 3]), generator=gen(0))
-    s2 = Sampler(fake(), FMT, SamplerConfig(compile="compile", compile_mode=mode, compile_sampling=False))
+    s2 = Sampler(fake(), FMT, SamplerConfig(compile="compile", compile_mode=mode, compile_sampling=False,
+                                            decode_attention="flex"))
     s2.prepare(make_cond([0, 3]), generator=gen(0))
-    assert seen == [(True, mode, True), (True, mode, False)]
+    assert seen == [(True, mode, True, "sdpa"), (True, mode, False, "flex")]
+    # the function capture_decoder compiles: the model's own step for sdpa, flex bound in for flex
+    m = fake()
+    assert compiled.compiled_decode_step(m, "sdpa") == m.decode_step
+    assert compiled.compiled_decode_step(m, "flex").keywords == {"attention": "flex"}
 
 
 @pytest.mark.parametrize("cfg", [dict(cfg_scale=2.0, top_k=5, top_p=0.9), dict(cfg_scale=1.0, temperature=0.0)])

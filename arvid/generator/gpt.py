@@ -211,7 +211,7 @@ class Attention(nn.Module):
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
     def forward_decode(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                       bias: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+                       bias: torch.Tensor, cache: KVCache, layer: int, attention: str = "sdpa") -> torch.Tensor:
         """One new token per row: ``x [B, 1, dim]`` at position ``pos`` (``LongTensor[1]`` on the
         device, ``rope`` its tables) -> ``[B, 1, dim]``.
 
@@ -219,16 +219,36 @@ class Attention(nn.Module):
         positions (a view of the cache, no copy) with the additive length mask ``bias``
         (``[1, 1, 1, n]``: 0 where ``arange(n) <= pos``, -inf after; :meth:`GPT.decode_step` builds
         it once per step for all layers): for a given ``n`` the shapes never change and nothing
-        leaves the device (CUDA-graph capturable)."""
+        leaves the device (CUDA-graph capturable).
+
+        ``attention``: ``sdpa`` (scaled_dot_product_attention with the mask ``bias``) or ``flex``
+        (FlexAttention, the length mask as a score modification; under ``torch.compile`` a query
+        of one position runs its split-KV decoding kernel, which spreads the cache over the SMs
+        rather than one block per (row, head)). ``flex`` is meant for a compiled step: eagerly,
+        FlexAttention runs unfused."""
         q, k, v = self.qkv(x, rope, joint_rope=True)
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))  # t == 1
         cache.k[layer].index_copy_(2, pos, k.to(cache.dtype))
         cache.v[layer].index_copy_(2, pos, v.to(cache.dtype))
         n = bias.shape[-1]
         keys, values = cache.k[layer][:, :, :n], cache.v[layer][:, :, :n]  # [B, Hkv, n, D] views
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=bias.to(q.dtype),
-                                             enable_gqa=self.n_kv != self.n_heads)
+        if attention == "flex":
+            out = _flex_decode(q, keys.to(q.dtype), values.to(q.dtype), pos, self.n_kv != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                                 attn_mask=bias.to(q.dtype), enable_gqa=self.n_kv != self.n_heads)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
+
+
+def _flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """Decode attention of ``q [B, H, 1, D]`` over ``k, v [B, Hkv, n, D]``, key positions after
+    ``pos`` (``LongTensor[1]``, on the device) masked, through FlexAttention."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def length_mask(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx <= pos[0], score, -float("inf"))
+
+    return flex_attention(q.contiguous(), k, v, score_mod=length_mask, enable_gqa=gqa)
 
 
 class SwiGLU(nn.Module):
@@ -484,7 +504,7 @@ class GPT(nn.Module, PretrainedMixin):
         return self.head(h[:, -1])
 
     def decode_step(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
-                    kv_len: int | None = None) -> torch.Tensor:
+                    kv_len: int | None = None, attention: str = "sdpa") -> torch.Tensor:
         """Feed ``tokens LongTensor[B]`` at sequence position ``pos`` (0-dim LongTensor on the device,
         shared by the batch); return the logits predicting the next token, ``[B, vocab]``.
 
@@ -493,7 +513,10 @@ class GPT(nn.Module, PretrainedMixin):
         the whole preallocated cache (None = the whole cache). Each value is its own static
         shape (one CUDA graph, or one compiled shape, per value): callers round it up to a few
         bucket lengths. ``pos`` must be below ``kv_len`` (not checked: a check would sync with
-        the host)."""
+        the host). ``attention``: ``sdpa`` or ``flex`` (for a compiled step; see
+        :meth:`Attention.forward_decode`)."""
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"decode attention must be 'sdpa' or 'flex', got {attention!r}")
         if kv_len is not None and not 0 < kv_len <= cache.max_len:
             raise ValueError(f"kv_len must lie in [1, cache.max_len={cache.max_len}], got {kv_len}")
         n = cache.max_len if kv_len is None else kv_len
@@ -508,6 +531,6 @@ class GPT(nn.Module, PretrainedMixin):
         bias = torch.zeros(n, device=x.device, dtype=dt).masked_fill(torch.arange(n, device=x.device) > p,
                                                                       float("-inf")).reshape(1, 1, 1, n)
         for i, blk in enumerate(self.blocks):
-            x = x + blk.attn.forward_decode(blk.attn_norm(x), p, rope, bias, cache, i)
+            x = x + blk.attn.forward_decode(blk.attn_norm(x), p, rope, bias, cache, i, attention)
             x = blk.mlp(x)
         return self.head(self.norm(x))[:, 0]

@@ -21,6 +21,7 @@ On CPU the sampler runs the same step eagerly (``Sampler.execution``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -82,8 +83,16 @@ def compile_choose(dec: Any, compile_mode: str = "default") -> bool:
     return True
 
 
+def compiled_decode_step(model: Any, attention: str = "sdpa") -> Any:
+    """``model.decode_step`` with its decode ``attention`` fixed, as the function to compile."""
+    if attention == "sdpa":
+        return model.decode_step
+    return functools.partial(model.decode_step, attention=attention)
+
+
 def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
-                    compile_mode: str = "default", compile_sampling: bool = False) -> dict[int, torch.cuda.CUDAGraph]:
+                    compile_mode: str = "default", compile_sampling: bool = False,
+                    attention: str = "sdpa") -> dict[int, torch.cuda.CUDAGraph]:
     """Capture ``dec.step(kv_len)`` into ``dec.graphs[kv_len]``: one CUDA graph over the decoder's
     static buffers per KV length bucket the run loop can use (``dec.kv_lens()``; the last is the
     whole cache).
@@ -104,6 +113,8 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
             compilation per bucket and batch shape: capture takes longer).
         warmup: eager (or compiled) steps on a side stream before each capture.
         compile_sampling: with ``compile_step``, also compile the sampling part (:func:`compile_choose`).
+        attention: with ``compile_step``, the compiled step's decode attention (``sdpa`` or ``flex``,
+            ``GPT.decode_step``); without it the step keeps ``sdpa`` (eager FlexAttention is unfused).
         compile_mode: ``torch.compile`` mode: ``default`` or ``max-autotune-no-cudagraphs``. The
             latter ran 6.5 ms per L step at batch 1 on the H100 (2026-11-23), twice the plain
             CUDA graph, and so did ``default`` (6.47 ms): until 2026-12-05 the compiled step also
@@ -120,7 +131,7 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
     if compile_step:
         # The model's step and the sampling part are compiled apart: the sampling part may fail in
         # inductor (see compile_choose), and then only it stays eager.
-        dec.decode_fn = torch.compile(dec.model.decode_step, mode=compile_mode, dynamic=False)
+        dec.decode_fn = torch.compile(compiled_decode_step(dec.model, attention), mode=compile_mode, dynamic=False)
         limit = _recompile_limit(len(lens))
         if compile_sampling:
             compile_choose(dec, compile_mode)

@@ -61,6 +61,10 @@ class SamplerConfig:
                                        "constraint mask, truncation, draw): about 75 small kernels at batch 1 "
                                        "become a few; if inductor cannot compile it, it stays eager (a warning)",
                                  execution=True)
+    decode_attention: Literal["sdpa", "flex"] = doc(
+        "sdpa", "attention of the compiled decode step (compile=compile only; the other modes use sdpa): sdpa "
+                "(scaled_dot_product_attention with a length mask) or flex (FlexAttention's split-KV decoding "
+                "kernel)", execution=True)
     kv_bucket: int = doc(256, "a decode step attends over the KV cache filled so far, rounded up to a multiple of "
                               "this many positions (one captured CUDA graph per bucket); 0 = always the whole "
                               "cache. 256 made the L decode step 1.54x faster at batch 64 on the H100 "
@@ -605,7 +609,7 @@ class Sampler:
             # the cache and the buffers; the decoder's buffers are restored and the prefill in
             # run() overwrites the cache.
             capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode,
-                            compile_sampling=self.cfg.compile_sampling)
+                            compile_sampling=self.cfg.compile_sampling, attention=self.cfg.decode_attention)
 
         return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint, dec.loads)
 
