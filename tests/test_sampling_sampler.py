@@ -389,3 +389,37 @@ def test_the_blocked_prefix_sum_is_the_cumulative_sum_and_draws_the_same_tokens(
     want = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=8196)
     got = torch.compile(sample_from_logits, dynamic=False)(logits, u)
     assert (got == want).float().mean() > 0.999  # differ only where u falls within rounding of a boundary
+
+
+def test_compiled_decode_step_compiles_three_times_for_any_number_of_buckets():
+    """The model's compiled decode step (what capture_decoder captures under compile=compile)
+    leaves ``kv_len`` to automatic dynamic shapes: 9 bucket lengths (buckets of 16 over a
+    132-position cache) cost at most three compilations (a static first one, one for any length
+    below the whole cache, the whole cache), not nine, and every length gives the eager logits."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from arvid.generator.conditioning import Conditioning
+    from arvid.generator.gpt import GPT
+    from arvid.sampling.compiled import compile_decode_step
+    from arvid.sampling.sampler import bucket_len
+
+    torch._dynamo.reset()  # no shape history of earlier compilations of decode_step
+    torch.manual_seed(0)
+    m = GPT.from_preset("debug", vocab_size=80, max_seq_len=140, num_classes=3).eval()
+    torch.nn.init.normal_(m.head.weight, std=0.3)
+    max_len = 132
+    lens = sorted({bucket_len(p, 16, max_len) for p in range(1, max_len)} | {max_len})
+    assert len(lens) == 9
+    with torch.no_grad():
+        cache = m.allocate_cache(2, max_len)
+        m.prefill(cache, Conditioning(torch.tensor([0, 2])), torch.randint(0, 64, (2, 10)))
+        step = compile_decode_step(m)
+        before = counters["stats"]["unique_graphs"]
+        toks = torch.tensor([5, 7])
+        for kv_len in lens:
+            pos = torch.tensor(min(10, kv_len - 1))
+            got = step(cache, toks, pos, kv_len)
+            want = m.decode_step(cache, toks, pos, kv_len)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] - before <= 3

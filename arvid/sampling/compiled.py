@@ -33,14 +33,13 @@ _compiled_shapes = 0  # decode-step shapes compiled by capture_decoder in this p
 
 
 def _recompile_limit(extra: int) -> Any:
-    """A context that lets dynamo compile ``extra`` more shapes of the model's decode step.
+    """A context that lets dynamo compile ``extra`` more shapes of a decoder's function.
 
-    With ``dynamic=False`` every (batch shape, ``kv_len``) pair is a recompile of the same
-    function, and the default limit (8) is below the bucket count of a long cache (9 at 2,052
-    positions and buckets of 256): past it dynamo would run the step eagerly (one warning). Only
-    the capture calls the compiled function (the run loop replays graphs), so the limit is
-    raised for the capture alone, to at least the number of shapes compiled so far in this
-    process."""
+    Every batch shape (and, for the model's step, up to three ``kv_len`` variants: see
+    :func:`compile_decode_step`) is a recompile of the same code object, and past the default
+    limit (8) in a process dynamo would run it eagerly (one warning). Only the capture calls the
+    compiled functions (the run loop replays graphs), so the limit is raised for the capture
+    alone, to at least the number of shapes compiled so far in this process."""
     import torch._dynamo
 
     global _compiled_shapes
@@ -90,6 +89,17 @@ def compiled_decode_step(model: Any, attention: str = "sdpa") -> Any:
     return functools.partial(model.decode_step, attention=attention)
 
 
+def compile_decode_step(model: Any, attention: str = "sdpa", compile_mode: str = "default") -> Any:
+    """``torch.compile`` of the model's decode step, with ``kv_len`` (the attended cache length,
+    a Python int) left to dynamo's automatic dynamic shapes: the first length compiles a static
+    graph, the second one graph for any length below the whole cache, the whole cache its own.
+    So a decoder's KV buckets cost three compilations, however fine the buckets, where they
+    cost one each with ``dynamic=False`` (until 2026-12-06: 9 for the L layout's 2,052-position
+    cache at buckets of 256, 135-155 s on an H100). Only ``kv_len`` varies between the calls:
+    the cache, batch and dtype stay static (one decoder, one shape)."""
+    return torch.compile(compiled_decode_step(model, attention), mode=compile_mode, dynamic=None)
+
+
 def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
                     compile_mode: str = "default", compile_sampling: bool = False,
                     attention: str = "sdpa") -> dict[int, torch.cuda.CUDAGraph]:
@@ -108,9 +118,9 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
 
     Args:
         dec: a ``_Decoder`` whose buffers were loaded for the batch to come.
-        compile_step: run the model's decode step through ``torch.compile`` (``dynamic=False``)
-            before capturing; every bucket length is then its own compiled shape (one
-            compilation per bucket and batch shape: capture takes longer).
+        compile_step: run the model's decode step through ``torch.compile``
+            (:func:`compile_decode_step`: at most three compilations per batch shape, whatever
+            the number of buckets) before capturing.
         warmup: eager (or compiled) steps on a side stream before each capture.
         compile_sampling: with ``compile_step``, also compile the sampling part (:func:`compile_choose`).
         attention: with ``compile_step``, the compiled step's decode attention (``sdpa`` or ``flex``,
@@ -131,8 +141,8 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
     if compile_step:
         # The model's step and the sampling part are compiled apart: the sampling part may fail in
         # inductor (see compile_choose), and then only it stays eager.
-        dec.decode_fn = torch.compile(compiled_decode_step(dec.model, attention), mode=compile_mode, dynamic=False)
-        limit = _recompile_limit(len(lens))
+        dec.decode_fn = compile_decode_step(dec.model, attention, compile_mode)
+        limit = _recompile_limit(min(len(lens), 3))
         if compile_sampling:
             compile_choose(dec, compile_mode)
     snap = dec.snapshot()
