@@ -79,7 +79,7 @@ def test_config_validation():
     for bad in (-1, 2.5, "256", True):
         with pytest.raises(ValueError, match=f"kv_bucket must be an int >= 0 .*got {bad!r}"):
             SamplerConfig(kv_bucket=bad)
-    assert SamplerConfig().kv_bucket == 256 and SamplerConfig(kv_bucket=0).kv_bucket == 0
+    assert SamplerConfig().kv_bucket == 64 and SamplerConfig(kv_bucket=0).kv_bucket == 0
     with pytest.raises(ValueError, match="compile_mode must be .*got 'reduce-overhead'"):
         SamplerConfig(compile_mode="reduce-overhead")  # cudagraph trees refuse the mutated cache
     assert SamplerConfig().compile_mode == "default"
