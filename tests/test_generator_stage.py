@@ -151,3 +151,21 @@ def test_a_blank_caption_line_is_its_labels_empty_text(tmp_path):
     assert table.shape[0] == 4
     assert [enc.decode(table[i:i + 1])[0] for i in range(4)] == names
     assert bool((table[1] == pad).all())
+
+
+def test_generator_host_metrics_count_real_positions_not_padding():
+    """``GeneratorTask.host_metrics`` (read on the host batch, before the device): ``tokens`` are the
+    real sequences' positions, prefix slots included, not ``pad_batches`` padding; ``loss_tokens``
+    the targets; the FLOP rate appears from the second call on."""
+    from arvid.generator.packing import pack_sequences
+    from arvid.stages.train_generator import GeneratorTask
+
+    gpt = GPT.from_preset("debug", vocab_size=40, max_seq_len=64, num_classes=3)
+    task = GeneratorTask(gpt, peak_tflops=1.0)
+    seqs = [torch.arange(1, 6), torch.arange(1, 10)]  # 5 and 9 tokens
+    batch = pack_sequences(seqs, num_prefix=1, class_ids=torch.tensor([0, 2]), pad_to=40)
+    assert batch.num_tokens == 40
+    first = task.host_metrics(batch)
+    assert first == {"tokens": 14.0, "loss_tokens": 14.0}  # 1 + 4 and 1 + 8 positions; 5 + 9 targets
+    second = task.host_metrics(batch)
+    assert second["tokens"] == 14.0 and second["tflops"] > 0 and second["mfu"] > 0

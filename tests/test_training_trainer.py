@@ -197,6 +197,34 @@ def test_each_loss_trains_only_its_group(tmp_path):
     assert not all(torch.equal(v, net0[k]) for k, v in task.net.state_dict().items())
 
 
+def test_host_metrics_are_read_from_each_micro_batch_before_its_step(tmp_path):
+    """A task's ``host_metrics(batch)`` is called once per micro-batch, on the batch the loader gave
+    and before the step that trains on it (the Trainer moves it to the device in between), and its
+    counts reach the log like the step's own."""
+
+    class Counted(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def host_metrics(self, batch):
+            self.events.append(("host", batch[0].data_ptr()))
+            return {"tokens": 10.0 * batch[0].shape[0]}
+
+        def training_step(self, batch, step, generator):
+            self.events.append(("step", batch[0].data_ptr()))
+            out = super().training_step(batch, step, generator)
+            out.metrics.pop("tokens")  # counted on the host only
+            return out
+
+    task = Counted()
+    Trainer(_cfg(max_steps=3, log_every=3, grad_accum=2, checkpoint_every=0), task, toy_data(), tmp_path).fit()
+    assert [e for e, _ in task.events] == ["host", "step"] * 6  # 3 steps x 2 micro-batches
+    assert all(task.events[i][1] == task.events[i + 1][1] for i in range(0, 12, 2))
+    train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/main" in r]
+    assert train[-1]["tokens_per_s"] == pytest.approx(10 * train[-1]["items_per_s"])
+
+
 def test_metrics_log_and_eval_hook(tmp_path):
     calls = []
 

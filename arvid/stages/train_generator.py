@@ -113,17 +113,20 @@ class GeneratorTask(nn.Module):
         cond = self.gpt.drop_condition(Conditioning(batch.class_ids, batch.text_ids), generator)
         batch = PackedBatch(batch.tokens, batch.targets, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                             cond.class_ids, cond.text_ids, batch.prefix_mask, batch.num_prefix, batch.num_seqs)
-        loss = self.loss(batch)
-        return StepOutput(losses={"main": loss}, metrics=self._throughput(batch))
+        return StepOutput(losses={"main": self.loss(batch)})
 
-    # torch.compiler.disable applied at the first call (the decorator imports torch._dynamo: ~1.4 s
-    # at start-up); see GPT._backend.
-    @torch._disable_dynamo
-    def _throughput(self, batch: PackedBatch) -> dict[str, float]:
-        """Token counts, and the FLOP rate since the previous call (host-side bookkeeping, not compiled)."""
+    def host_metrics(self, batch: PackedBatch) -> dict[str, float]:
+        """Token counts, and the FLOP rate since the previous call, from the batch on the host (the
+        Trainer calls this before moving it to the device).
+
+        Until 2026-12-06 ``training_step`` read them off the device batch (``seqlens().cpu()``,
+        the loss-token count): two host syncs per step, each waiting for the forward pass before
+        the backward could be launched. ``tokens`` counts the real sequences' positions (prefix
+        slots included), not ``pad_batches`` padding (counted until then)."""
         now = time.perf_counter()
-        flops = self.gpt.training_flops(batch.seqlens().cpu())
-        metrics = {"tokens": float(batch.num_tokens), "loss_tokens": float(batch.num_loss_tokens)}
+        seqlens = batch.seqlens().cpu()
+        flops = self.gpt.training_flops(seqlens)
+        metrics = {"tokens": float(seqlens.sum()), "loss_tokens": float(batch.num_loss_tokens)}
         if self._last is not None and now > self._last[0]:
             achieved = self._last[1] / (now - self._last[0])
             metrics["tflops"] = achieved / 1e12

@@ -2,7 +2,7 @@
 
 A model plugs in through a *task*: an ``nn.Module`` holding the model and its loss modules,
 with ``training_step(batch, step, generator) -> StepOutput`` and optionally
-``optimizer_groups()``, ``ema_model()`` and ``loss_weight(batch)``. The Trainer owns everything else: devices and
+``optimizer_groups()``, ``ema_model()``, ``loss_weight(batch)`` and ``host_metrics(batch)``. The Trainer owns everything else: devices and
 precision, data order and sharding, gradient accumulation and clipping, lr schedules, EMA,
 checkpoints, exact resume, logging.
 
@@ -27,6 +27,10 @@ what its loss averages over (a packed token batch: loss tokens) defines ``loss_w
 float`` (on the host batch, before it moves to the device): the step's micro-batches are then
 fetched first, their weights summed over processes (one small all-reduce), and each slice's
 mean loss is scaled by its share, so the step optimises the mean over the whole global batch.
+``host_metrics(batch) -> dict`` (optional) is likewise called on each micro-batch while it is still
+on the host: counts read there (tokens, for ``tokens_per_s``) cost no wait for the device, where
+reading them off the device batch inside ``training_step`` stalls the step until its forward pass
+has run (and, under ``compile``, breaks the graph).
 
 Distribution. Launch with ``accelerate launch`` and the same code runs on N processes.
 Tasks with one optimizer group are wrapped in DDP by ``accelerator.prepare`` (gradient
@@ -316,6 +320,7 @@ class _Run:
     latest: Path | None
     check: _LossCheck
     weigh: bool = False  # the task defines loss_weight(batch): slices weighed by their share
+    host_metrics: bool = False  # the task defines host_metrics(batch): metrics of the host batch
     resumed_losses: dict[str, float] = field(default_factory=dict)
 
 
@@ -731,6 +736,7 @@ class Trainer:
             n_proc=n_proc, rank=rank,
             n_items=n_items, steps_per_epoch=steps_per_epoch, latest=latest,
             weigh=callable(getattr(self.task, "loss_weight", None)),
+            host_metrics=callable(getattr(self.task, "host_metrics", None)),
         )
         self.step = 0
         if latest is not None:
@@ -759,7 +765,12 @@ class Trainer:
         window.data_s += time.perf_counter() - t_data
         for micro in range(cfg.grad_accum):
             t_data = time.perf_counter()
-            batch = _to_device(host[micro] if host is not None else next(it), run.device)
+            batch = host[micro] if host is not None else next(it)
+            window.data_s += time.perf_counter() - t_data
+            if run.host_metrics:
+                window.add_metrics(self.task.host_metrics(batch))
+            t_data = time.perf_counter()
+            batch = _to_device(batch, run.device)
             window.data_s += time.perf_counter() - t_data
             gen = step_generator(cfg.seed, step, run.rank, micro)
             last_micro = micro == cfg.grad_accum - 1
