@@ -68,6 +68,10 @@ def test_train_generator_class_conditional_cli(setup, tmp_path):
     before = (out / "gpt" / "model.safetensors").stat().st_mtime_ns
     train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(root, out)))
     assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
+    # ... nor when only execution settings differ (log interval, loader workers)
+    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
+                                    overrides(root, out, "trainer.log_every=5", "trainer.num_workers=1")))
+    assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
     # ... but not for another tokenizer's store (consistent with it): refused, naming both
     torch.manual_seed(2)
     other = build_tokenizer("evatok", preset="debug")

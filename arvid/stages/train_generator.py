@@ -278,7 +278,7 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     A finished run for another tokenizer is refused (its GPT would be kept for codes it never
     saw); one whose config differs (e.g. a raised ``trainer.max_steps``) is not finished: the
     run goes on from its last checkpoint, as an interrupted one would."""
-    from arvid.config import read_yaml, to_dict
+    from arvid.config import read_yaml
     from arvid.pretrained import CONFIG_NAME
 
     if not ((out / "done").is_file() and (out / "gpt" / CONFIG_NAME).is_file()):
@@ -287,13 +287,29 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     if saved_fp != fingerprint:
         raise ConfigError(f"{str(out)!r} holds a finished GPT for tokenizer {saved_fp!r}, not for {cfg.tokenizer!r} "
                           f"(fingerprint {fingerprint!r}): give another out_dir, or delete that one to retrain")
-    saved = read_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}
-    changed = sorted(_diff(saved, to_dict(cfg)))
+    changed = _changed_fields(out / "config.yaml", cfg)
     if changed:
         log.info("train-generator: %s finished with another config (%s changed): training again "
                  "(from its last checkpoint if it has one)", out, ", ".join(changed[:6]))
         return False
     return True
+
+
+def _changed_fields(saved_path: Path, cfg: TrainGeneratorConfig) -> list[str]:
+    """Dotted names of the fields that differ between the config saved at ``saved_path`` and
+    ``cfg``; execution-only fields (workers, compilation, logging: ``doc(..., execution=True)``)
+    and ``out_dir`` (where the run lives, not what it trained) do not count. A missing or
+    unreadable saved config counts as changed (``["config.yaml"]``)."""
+    from arvid.config import fingerprint_dict, read_yaml
+
+    try:
+        saved = from_dict(TrainGeneratorConfig, read_yaml(saved_path), source=str(saved_path))
+    except (OSError, ValueError, ConfigError):
+        return ["config.yaml"]
+    a, b = fingerprint_dict(saved), fingerprint_dict(cfg)
+    a.pop("out_dir", None)
+    b.pop("out_dir", None)
+    return sorted(_diff(a, b))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
