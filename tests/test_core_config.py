@@ -256,7 +256,8 @@ def test_execution_fields_of_the_sampler_and_trainer_configs():
     from arvid.stages.train_generator import TrainGeneratorConfig
     from arvid.training import TrainerConfig
 
-    sampler = {"check_every", "compile", "use_cache", "compile_mode", "kv_bucket", "compile_sampling"}
+    sampler = {"check_every", "compile", "use_cache", "compile_mode", "kv_bucket", "compile_sampling",
+               "decode_attention"}
     trainer = {"checkpoint_every", "keep_last", "log_every", "num_workers", "compile", "resume",
                "find_unused_parameters", "progress", "profile_start", "profile_steps", "loss_check"}
     assert set(execution_fields(SamplerConfig)) == sampler
