@@ -36,9 +36,8 @@
 # $ARVID_WEIGHTS_DIR (the lent machine has neither weight package). Set AGENDA_STEPS to run a subset,
 # e.g. AGENDA_STEPS="sampling i3d". SAMPLING_MODES (default cuda_graph,compile) and DECODE_WORKERS
 # (default 0,4,8,15) narrow the sampling and decode steps when device time is short; DECODE_ATTENTION
-# (default sdpa,flex) the compiled decode step's attentions; KV_BUCKET (default 256) its bucket (64 is
-# the next to time: at batch 64 the step reads the bucket at the bandwidth, BENCHMARKS.md, and since
-# 2026-12-06 finer buckets no longer cost a compilation each).
+# (default sdpa,flex) the compiled decode step's attentions; KV_BUCKET (default 64, the sampler's
+# default since 2026-12-06) its bucket.
 #
 # On the lent machine (64 MiB carried per call): the weights (58 MB) and the PyAV wheel (36 MB)
 # do not travel together. Copy the weights out of the checkout in a first call (`cp -r .wts
@@ -103,7 +102,7 @@ run_all() {
         tests/test_training_gpu.py
     step sampling 900 python3 benchmarks/bench_sampling.py --preset L --modes "${SAMPLING_MODES:-cuda_graph,compile}" \
         --batch-sizes 1,64 --full-runs 1 --decode-attention "${DECODE_ATTENTION:-sdpa,flex}" \
-        --kv-bucket "${KV_BUCKET:-256}" --profile \
+        --kv-bucket "${KV_BUCKET:-64}" --profile \
         --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"

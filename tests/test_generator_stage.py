@@ -81,7 +81,13 @@ def test_train_generator_class_conditional_cli(setup, tmp_path):
         train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(
             root, out, f"tokenizer={tmp_path / 'other_tok'}", f"token_store={tmp_path / 'other_store'}")))
     assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
-    # ... and a changed config (more steps) is not finished: it trains again
+    # ... another config (not only more steps) is refused, naming what changed: resuming would
+    # train nothing and keep the old weights under the new config
+    with pytest.raises(ConfigError, match=r"finished run of another config \(gpt.class_dropout, trainer.lr changed"):
+        train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(
+            root, out, "trainer.lr=0.05", "gpt.class_dropout=0.3")))
+    assert (out / "gpt" / "model.safetensors").stat().st_mtime_ns == before
+    # ... and a raised max_steps continues the run
     train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
                                     overrides(root, out, "trainer.max_steps=4")))
     assert json.loads((out / "done").read_text())["step"] == 4
@@ -160,16 +166,16 @@ def test_a_blank_caption_line_is_its_labels_empty_text(tmp_path):
 def test_generator_host_metrics_count_real_positions_not_padding():
     """``GeneratorTask.host_metrics`` (read on the host batch, before the device): ``tokens`` are the
     real sequences' positions, prefix slots included, not ``pad_batches`` padding; ``loss_tokens``
-    the targets; the FLOP rate appears from the second call on."""
+    the targets; ``flops`` the model's training FLOPs of the real sequences and ``peak_seconds``
+    those over the peak rate (the Trainer turns both into TFLOP/s and MFU over its log window)."""
     from arvid.generator.packing import pack_sequences
     from arvid.stages.train_generator import GeneratorTask
 
     gpt = GPT.from_preset("debug", vocab_size=40, max_seq_len=64, num_classes=3)
-    task = GeneratorTask(gpt, peak_tflops=1.0)
+    task = GeneratorTask(gpt, peak_tflops=2.0)
     seqs = [torch.arange(1, 6), torch.arange(1, 10)]  # 5 and 9 tokens
     batch = pack_sequences(seqs, num_prefix=1, class_ids=torch.tensor([0, 2]), pad_to=40)
     assert batch.num_tokens == 40
-    first = task.host_metrics(batch)
-    assert first == {"tokens": 14.0, "loss_tokens": 14.0}  # 1 + 4 and 1 + 8 positions; 5 + 9 targets
-    second = task.host_metrics(batch)
-    assert second["tokens"] == 14.0 and second["tflops"] > 0 and second["mfu"] > 0
+    m = task.host_metrics(batch)
+    flops = gpt.training_flops(torch.tensor([5, 9]))
+    assert m == {"tokens": 14.0, "loss_tokens": 14.0, "flops": flops, "peak_seconds": flops / 2e12}

@@ -79,6 +79,8 @@ def test_config_validation():
     for bad in (-1, 2.5, "256", True):
         with pytest.raises(ValueError, match=f"kv_bucket must be an int >= 0 .*got {bad!r}"):
             SamplerConfig(kv_bucket=bad)
+    with pytest.raises(ValueError, match=r"decode_attention must be sdpa\|flex, got 'fa'"):
+        SamplerConfig(decode_attention="fa")
     assert SamplerConfig().kv_bucket == 64 and SamplerConfig(kv_bucket=0).kv_bucket == 0
     with pytest.raises(ValueError, match="compile_mode must be .*got 'reduce-overhead'"):
         SamplerConfig(compile_mode="reduce-overhead")  # cudagraph trees refuse the mutated cache
@@ -395,7 +397,9 @@ def test_compiled_decode_step_compiles_three_times_for_any_number_of_buckets():
     """The model's compiled decode step (what capture_decoder captures under compile=compile)
     leaves ``kv_len`` to automatic dynamic shapes: 9 bucket lengths (buckets of 16 over a
     132-position cache) cost at most three compilations (a static first one, one for any length
-    below the whole cache, the whole cache), not nine, and every length gives the eager logits."""
+    below the whole cache, the whole cache), not nine, and every length gives the eager logits.
+    The batch stays static: decoders of 3 and then 4 rows each compile their own graphs (a
+    symbolic batch would have let the third reuse the second's)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -411,15 +415,21 @@ def test_compiled_decode_step_compiles_three_times_for_any_number_of_buckets():
     max_len = 132
     lens = sorted({bucket_len(p, 16, max_len) for p in range(1, max_len)} | {max_len})
     assert len(lens) == 9
-    with torch.no_grad():
-        cache = m.allocate_cache(2, max_len)
-        m.prefill(cache, Conditioning(torch.tensor([0, 2])), torch.randint(0, 64, (2, 10)))
-        step = compile_decode_step(m)
-        before = counters["stats"]["unique_graphs"]
-        toks = torch.tensor([5, 7])
-        for kv_len in lens:
-            pos = torch.tensor(min(10, kv_len - 1))
-            got = step(cache, toks, pos, kv_len)
-            want = m.decode_step(cache, toks, pos, kv_len)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert counters["stats"]["unique_graphs"] - before <= 3
+
+    def graphs_for(rows: int, kv_lens: list[int]) -> int:
+        with torch.no_grad():
+            cache = m.allocate_cache(rows, max_len)
+            m.prefill(cache, Conditioning(torch.arange(rows) % 3), torch.randint(0, 64, (rows, 10)))
+            step = compile_decode_step(m)
+            before = counters["stats"]["unique_graphs"]
+            toks = torch.arange(rows) + 5
+            for kv_len in kv_lens:
+                pos = torch.tensor(min(10, kv_len - 1))
+                got = step(cache, toks, pos, kv_len)
+                want = m.decode_step(cache, toks, pos, kv_len)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            return counters["stats"]["unique_graphs"] - before
+
+    assert 1 <= graphs_for(2, lens) <= 3
+    assert graphs_for(3, lens[:3]) >= 1
+    assert graphs_for(4, lens[:3]) >= 1  # the batch is static: 4 rows do not reuse the 3-row graph

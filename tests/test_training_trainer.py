@@ -200,7 +200,8 @@ def test_each_loss_trains_only_its_group(tmp_path):
 def test_host_metrics_are_read_from_each_micro_batch_before_its_step(tmp_path):
     """A task's ``host_metrics(batch)`` is called once per micro-batch, on the batch the loader gave
     and before the step that trains on it (the Trainer moves it to the device in between), and its
-    counts reach the log like the step's own."""
+    counts reach the log like the step's own (``tokens``, ``flops`` and ``peak_seconds`` as rates
+    over the log window's wall time)."""
 
     class Counted(ToyTask):
         def __init__(self):
@@ -209,7 +210,8 @@ def test_host_metrics_are_read_from_each_micro_batch_before_its_step(tmp_path):
 
         def host_metrics(self, batch):
             self.events.append(("host", batch[0].data_ptr()))
-            return {"tokens": 10.0 * batch[0].shape[0]}
+            b = batch[0].shape[0]
+            return {"tokens": 10.0 * b, "flops": 1e13 * b, "peak_seconds": 0.5 * b}
 
         def training_step(self, batch, step, generator):
             self.events.append(("step", batch[0].data_ptr()))
@@ -223,6 +225,9 @@ def test_host_metrics_are_read_from_each_micro_batch_before_its_step(tmp_path):
     assert all(task.events[i][1] == task.events[i + 1][1] for i in range(0, 12, 2))
     train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss/main" in r]
     assert train[-1]["tokens_per_s"] == pytest.approx(10 * train[-1]["items_per_s"])
+    # flops and peak_seconds are counts too: rates over the same window (one process)
+    assert train[-1]["tflops"] == pytest.approx(10 * train[-1]["items_per_s"])
+    assert train[-1]["mfu"] == pytest.approx(0.5 * train[-1]["items_per_s"])
 
 
 def test_metrics_log_and_eval_hook(tmp_path):

@@ -93,11 +93,24 @@ def compile_decode_step(model: Any, attention: str = "sdpa", compile_mode: str =
     """``torch.compile`` of the model's decode step, with ``kv_len`` (the attended cache length,
     a Python int) left to dynamo's automatic dynamic shapes: the first length compiles a static
     graph, the second one graph for any length below the whole cache, the whole cache its own.
-    So a decoder's KV buckets cost three compilations, however fine the buckets, where they
-    cost one each with ``dynamic=False`` (until 2026-12-06: 9 for the L layout's 2,052-position
-    cache at buckets of 256, 135-155 s on an H100). Only ``kv_len`` varies between the calls:
-    the cache, batch and dtype stay static (one decoder, one shape)."""
-    return torch.compile(compiled_decode_step(model, attention), mode=compile_mode, dynamic=None)
+    So a decoder's KV buckets cost at most three compilations, however fine the buckets, where
+    they cost one each with ``dynamic=False`` (until 2026-12-06: 9 for the L layout's
+    2,052-position cache at buckets of 256, 135-155 s on an H100).
+
+    Dynamo keeps one shape history per code object, and every decoder compiles the same
+    ``GPT.decode_step``: a second decoder (another batch size) would get a graph with a symbolic
+    batch. The returned function therefore marks the cache and the fed tokens static at every
+    call (only ``kv_len`` varies); it is called during capture only (graphs replay afterwards)."""
+    import torch._dynamo
+
+    compiled = torch.compile(compiled_decode_step(model, attention), mode=compile_mode, dynamic=None)
+
+    def step(cache: Any, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        for t in (*cache.tensors(), tokens):
+            torch._dynamo.mark_static(t)
+        return compiled(cache, tokens, pos, kv_len)
+
+    return step
 
 
 def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,

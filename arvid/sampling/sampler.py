@@ -92,6 +92,8 @@ class SamplerConfig:
             raise ValueError(f"compile_mode must be default|max-autotune-no-cudagraphs, got {self.compile_mode!r}")
         if isinstance(self.kv_bucket, bool) or not isinstance(self.kv_bucket, int) or self.kv_bucket < 0:
             raise ValueError(f"kv_bucket must be an int >= 0 (0 = always the whole cache), got {self.kv_bucket!r}")
+        if self.decode_attention not in ("sdpa", "flex"):
+            raise ValueError(f"decode_attention must be sdpa|flex, got {self.decode_attention!r}")
 
     @property
     def guided(self) -> bool:

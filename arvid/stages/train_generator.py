@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,15 +83,14 @@ class GeneratorTask(nn.Module):
     """The GPT plus its training loss: next-token cross-entropy over the loss-bearing positions.
 
     CFG dropout draws from the step's generator (``GPT.drop_condition``) so a resumed run repeats
-    exactly. MFU is measured between consecutive calls: the interval covers the previous
-    batch's forward, backward and optimizer step.
+    exactly. Throughput (``host_metrics``): each batch's tokens and model FLOPs, which the Trainer
+    sums over its log window and divides by the window's wall time (tokens/s, TFLOP/s, MFU).
     """
 
     def __init__(self, gpt: GPT, peak_tflops: float = 989.0) -> None:
         super().__init__()
         self.gpt = gpt
         self.peak_flops = peak_tflops * 1e12
-        self._last: tuple[float, float] | None = None  # (time, flops) of the previous call
 
     def ema_model(self) -> nn.Module:
         return self.gpt
@@ -116,23 +114,18 @@ class GeneratorTask(nn.Module):
         return StepOutput(losses={"main": self.loss(batch)})
 
     def host_metrics(self, batch: PackedBatch) -> dict[str, float]:
-        """Token counts, and the FLOP rate since the previous call, from the batch on the host (the
-        Trainer calls this before moving it to the device).
+        """Token and FLOP counts of the batch on the host (the Trainer calls this before moving it
+        to the device, and turns ``tokens`` / ``flops`` / ``peak_seconds`` into rates over its
+        log window: tokens/s, TFLOP/s, MFU).
 
         Until 2026-12-06 ``training_step`` read them off the device batch (``seqlens().cpu()``,
         the loss-token count): two host syncs per step, each waiting for the forward pass before
         the backward could be launched. ``tokens`` counts the real sequences' positions (prefix
         slots included), not ``pad_batches`` padding (counted until then)."""
-        now = time.perf_counter()
         seqlens = batch.seqlens().cpu()
-        flops = self.gpt.training_flops(seqlens)
-        metrics = {"tokens": float(seqlens.sum()), "loss_tokens": float(batch.num_loss_tokens)}
-        if self._last is not None and now > self._last[0]:
-            achieved = self._last[1] / (now - self._last[0])
-            metrics["tflops"] = achieved / 1e12
-            metrics["mfu"] = achieved / self.peak_flops
-        self._last = (now, flops)
-        return metrics
+        flops = float(self.gpt.training_flops(seqlens))
+        return {"tokens": float(seqlens.sum()), "loss_tokens": float(batch.num_loss_tokens), "flops": flops,
+                "peak_seconds": flops / self.peak_flops}
 
 
 def _text_table(cfg: TrainGeneratorConfig) -> tuple[torch.Tensor, int, int, int]:
@@ -275,10 +268,14 @@ def run(cfg: TrainGeneratorConfig) -> Path:
 def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     """Whether ``out`` holds a finished run of this config on this tokenizer's tokens.
 
-    A finished run for another tokenizer is refused (its GPT would be kept for codes it never
-    saw); one whose config differs (e.g. a raised ``trainer.max_steps``) is not finished: the
-    run goes on from its last checkpoint, as an interrupted one would."""
-    from arvid.config import read_yaml
+    Execution-only settings (workers, compilation, logging) and ``out_dir`` do not count. A
+    finished run whose only change is a raised ``trainer.max_steps`` is not finished: its
+    ``done`` marker goes and training continues from its last checkpoint (an interrupted
+    continuation is then resumed, never taken for finished). Any other change, or another
+    tokenizer, is refused: the Trainer would resume the old weights at their last step and train
+    nothing (or fail to load them), and the saved GPT would be kept under a config it was not
+    trained with."""
+    from arvid.config import fingerprint_dict, read_yaml
     from arvid.pretrained import CONFIG_NAME
 
     if not ((out / "done").is_file() and (out / "gpt" / CONFIG_NAME).is_file()):
@@ -287,29 +284,26 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     if saved_fp != fingerprint:
         raise ConfigError(f"{str(out)!r} holds a finished GPT for tokenizer {saved_fp!r}, not for {cfg.tokenizer!r} "
                           f"(fingerprint {fingerprint!r}): give another out_dir, or delete that one to retrain")
-    changed = _changed_fields(out / "config.yaml", cfg)
-    if changed:
-        log.info("train-generator: %s finished with another config (%s changed): training again "
-                 "(from its last checkpoint if it has one)", out, ", ".join(changed[:6]))
-        return False
-    return True
-
-
-def _changed_fields(saved_path: Path, cfg: TrainGeneratorConfig) -> list[str]:
-    """Dotted names of the fields that differ between the config saved at ``saved_path`` and
-    ``cfg``; execution-only fields (workers, compilation, logging: ``doc(..., execution=True)``)
-    and ``out_dir`` (where the run lives, not what it trained) do not count. A missing or
-    unreadable saved config counts as changed (``["config.yaml"]``)."""
-    from arvid.config import fingerprint_dict, read_yaml
-
+    saved_path = out / "config.yaml"
     try:
         saved = from_dict(TrainGeneratorConfig, read_yaml(saved_path), source=str(saved_path))
-    except (OSError, ValueError, ConfigError):
-        return ["config.yaml"]
+    except (OSError, ValueError, ConfigError) as e:
+        raise ConfigError(f"{str(out)!r} holds a finished run whose config cannot be read ({e}): give another "
+                          "out_dir, or delete that one to retrain") from e
     a, b = fingerprint_dict(saved), fingerprint_dict(cfg)
     a.pop("out_dir", None)
     b.pop("out_dir", None)
-    return sorted(_diff(a, b))
+    changed = sorted(_diff(a, b))
+    if not changed:
+        return True
+    if changed == ["trainer.max_steps"] and cfg.trainer.max_steps > saved.trainer.max_steps:
+        log.info("train-generator: %s finished at %d steps; continuing to %d", out, saved.trainer.max_steps,
+                 cfg.trainer.max_steps)
+        (out / "done").unlink()
+        return False
+    raise ConfigError(f"{str(out)!r} holds a finished run of another config ({', '.join(changed[:8])} changed; "
+                      "only a raised trainer.max_steps continues one): give another out_dir, or delete that one "
+                      "to retrain")
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -191,7 +191,11 @@ class StepOutput:
     ``losses``: one scalar tensor per optimizer group (``{"main": loss}`` for one group), each
     the MEAN over the step's (micro-)batch on this process.
     ``metrics``: floats or scalar tensors to log (averaged over micro-batches, processes and the
-    log window); ``metrics["tokens"]`` is a count (summed) that turns into ``tokens_per_s``.
+    log window). Three keys are counts, summed over the window and divided by its wall time:
+    ``tokens`` -> ``tokens_per_s`` (all processes), ``flops`` -> ``tflops`` (per process) and
+    ``peak_seconds`` (the FLOPs over the accelerator's peak rate) -> ``mfu`` (per process). Read
+    that way a rate does not depend on where in the step the task counts (``host_metrics`` counts
+    before the device has run anything).
     """
 
     losses: dict[str, torch.Tensor]
@@ -1223,7 +1227,8 @@ class _Window:
         from accelerate.utils import gather_object
 
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        # metrics: summed here, then over processes; "tokens" is a count, the rest are means
+        # metrics: summed here, then over processes; tokens / flops / peak_seconds are counts (rates
+        # over the window's wall time), the rest are means
         local = {k: _as_float(v) for k, v in self.metric_sum.items()}
         parts = gather_object([(local, self.metric_n)]) if acc.num_processes > 1 else [(local, self.metric_n)]
         total: dict[str, float] = {}
@@ -1243,9 +1248,14 @@ class _Window:
         # on the host's clock: with asynchronous CUDA a slow step shows up as a small fraction here;
         # a large one means the model waits for the loader (more num_workers, cheaper decoding)
         record["data_wait_fraction"] = min(self.data_s / elapsed, 1.0)
+        n_proc = max(int(acc.num_processes), 1)
         for k in sorted(total):
             if k == "tokens":
                 record["tokens_per_s"] = total[k] / elapsed
+            elif k == "flops":
+                record["tflops"] = total[k] / elapsed / n_proc / 1e12
+            elif k == "peak_seconds":
+                record["mfu"] = total[k] / elapsed / n_proc
             else:
                 record[k] = total[k] / count[k]
         self._reset()
