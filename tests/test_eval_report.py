@@ -112,3 +112,22 @@ def test_a_media_file_that_fails_is_recorded_not_fatal(tmp_path, caplog):
     assert "samples_by_class.gif not written" in caplog.text
     md = render_report({**_metrics(), "media_errors": errors})
     assert "## Files not written" in md and "- samples_by_class.gif: OSError" in md
+
+
+def test_frame_prediction_is_skipped_with_its_reason_for_a_one_block_tokenizer():
+    """A one-block tokenizer leaves no block to condition on: the report says why instead of
+    failing in the frame-prediction section; a context reaching into the last block is refused
+    with the layout's bound; the default context (the first two blocks' frames) passes."""
+    from arvid.data.types import BlockLayout
+    from arvid.stages.report import fp_skip_reason
+
+    assert "one temporal block" in fp_skip_reason(BlockLayout((16,), (32, 64)))
+    four = BlockLayout((4, 4, 4, 4), (8, 16))
+    assert fp_skip_reason(four) is None and fp_skip_reason(four, 12) is None
+    assert "must lie in [1, 12]" in fp_skip_reason(four, 13)
+    assert fp_skip_reason(BlockLayout((4, 4), (8, 16))) is None  # default: the first block's 4 frames
+    m = _metrics()
+    m.pop("frame_prediction", None)
+    m["frame_prediction_skipped"] = fp_skip_reason(BlockLayout((16,), (32, 64)))
+    md = render_report(m)
+    assert "## Frame prediction" in md and "Skipped: the tokenizer has one temporal block" in md

@@ -260,9 +260,12 @@ def test_short_broken_context_videos(tmp_path):
         read_context(tmp_path / "nope.mp4", frames=5, size=16)
     layout = BlockLayout((2, 2, 2, 2), (1, 4, 16))
     assert context_blocks_for(layout, 5) == 3
-    for bad in (0, 8, 9):
-        with pytest.raises(ValueError, match=r"context frames must lie in \[1, 7\]"):
+    assert context_blocks_for(layout, 6) == 3
+    for bad in (0, 7, 8, 9):  # 7 frames would take all 4 blocks: nothing left to generate
+        with pytest.raises(ValueError, match=r"context frames must lie in \[1, 6\]"):
             context_blocks_for(layout, bad)
+    with pytest.raises(ValueError, match=r"context frames must lie in \[1, 0\]"):
+        context_blocks_for(BlockLayout((8,), (4, 16)), 1)  # one block: no frame prediction
     with pytest.raises(ValueError, match="no frames"):
         pad_frames(torch.zeros(1, 3, 0, 16, 16), 8)
 

@@ -34,9 +34,17 @@ def pad_frames(video: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 def context_blocks_for(layout: BlockLayout, num_frames: int) -> int:
-    """The fewest leading blocks that hold ``num_frames`` frames (5 frames of (4,4,4,4) -> 2)."""
-    if not 0 < num_frames < layout.num_frames:
-        raise ValueError(f"context frames must lie in [1, {layout.num_frames - 1}] for this layout, got {num_frames}")
+    """The fewest leading blocks that hold ``num_frames`` frames (5 frames of (4,4,4,4) -> 2).
+
+    The context must leave at least one block to generate: at most the frames of all blocks but
+    the last (until 2026-12-06 a context reaching into the last block, or any context of a one-block
+    layout, passed here and failed later: "a prefix is already a complete sequence", or padding
+    an empty context)."""
+    most = layout.num_frames - layout.frames_per_block[-1]
+    if not 0 < num_frames <= most:
+        raise ValueError(f"context frames must lie in [1, {most}] for this layout (blocks of "
+                         f"{list(layout.frames_per_block)} frames: the context's blocks must leave one to generate), "
+                         f"got {num_frames}")
     total = 0
     for k, f in enumerate(layout.frames_per_block):
         total += f

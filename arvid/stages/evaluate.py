@@ -531,10 +531,10 @@ def predict_batch(sampler: Any, tok: Any, clips: torch.Tensor, labels: torch.Ten
     """Continue each clip of batch ``j`` from its first ``context_frames`` frames (padded to whole
     blocks by repeating the last one). Returns ``(videos float [b, ...] (CPU), tokens per video [b])``."""
     from arvid.generator.conditioning import Conditioning
-    from arvid.sampling.frame_prediction import pad_frames, predict_frames
+    from arvid.sampling.frame_prediction import context_blocks_for, pad_frames, predict_frames
 
     layout = tok.layout
-    k = next(k for k in range(1, layout.num_blocks + 1) if sum(layout.frames_per_block[:k]) >= context_frames)
+    k = context_blocks_for(layout, context_frames)
     ctx = pad_frames(clips[:, :, :context_frames], sum(layout.frames_per_block[:k])).to(device)
     cond = Conditioning(class_ids=labels.to(device)) if labels is not None else None
     g = torch.Generator(device=device).manual_seed(seed * 100003 + j)

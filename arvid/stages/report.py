@@ -98,6 +98,22 @@ def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> No
     write_grid(videos, str(path), nrow=nrow, fps=fps)
 
 
+def fp_skip_reason(layout: Any, context_frames: int = 0) -> str | None:
+    """Why the report cannot show frame prediction for ``layout`` (None: it can). ``context_frames``
+    0 means the first two blocks' frames (the K600 protocol's shape), or the first block's when
+    the layout has two."""
+    from arvid.sampling.frame_prediction import context_blocks_for
+
+    if layout.num_blocks < 2:
+        return "the tokenizer has one temporal block, so there is no block to condition on and one to predict"
+    ctx = context_frames or sum(layout.frames_per_block[:min(2, layout.num_blocks - 1)])
+    try:
+        context_blocks_for(layout, ctx)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def run_report(cfg: ReportConfig) -> Path | None:
     from arvid.data.writer import write_grid
     from arvid.tokenizer.base import load_tokenizer
@@ -149,7 +165,11 @@ def run_report(cfg: ReportConfig) -> Path | None:
             # the fixed-length branch: same data, same training budget, one uniform assignment
             fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"))
             metrics["generation_fixed"] = evaluate_gen(fcfg, clips, fvd, labels, name="gen_fixed")
-        if cfg.frame_prediction:
+        skip_fp = fp_skip_reason(tok.layout, cfg.context_frames) if cfg.frame_prediction else None
+        if skip_fp:
+            log.warning("report: frame prediction skipped: %s", skip_fp)
+            metrics["frame_prediction_skipped"] = skip_fp
+        elif cfg.frame_prediction:
             gpt = _load_gpt(str(gpt_dir), device, "fp32", tok, tok_dir)
             tokd = tok.to(device).eval()
             # the context clips get the router's counts, as the generator's training clips did
@@ -232,6 +252,8 @@ def render_report(m: dict) -> str:
                          f"**{gf['gfvd']:.1f}** at {gf['tokens_per_video']:.1f} tokens per video, "
                          f"{gf['samples_per_s']:.2f} samples/s")
         lines.append("")
+    if m.get("frame_prediction_skipped"):
+        lines += ["## Frame prediction", "", f"Skipped: {m['frame_prediction_skipped']}.", ""]
     fp = m.get("frame_prediction")
     if fp:
         lines += ["## Frame prediction", "",
