@@ -24,7 +24,9 @@
 #   6. i3d       bench_i3d.py, batch 64, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
 #   7. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
 #                needs PyAV: skipped (exit 3) where `import av` fails
-# Sampling and I3D were measured on 2026-12-04 (BENCHMARKS.md); the earlier steps matter more.
+# Measured on 2026-12-06 (H100): gputests (sampling), sampling (compile; kv buckets 256 and 64), decode.
+# Still owed: tokprof, pipeline, genprof, attention, packing, fa4; sampling with COMPILE_MODE=
+# max-autotune-no-cudagraphs and batch 1 with the now-static batch (BENCHMARKS.md, Sampling).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -37,7 +39,9 @@
 # e.g. AGENDA_STEPS="sampling i3d". SAMPLING_MODES (default cuda_graph,compile) and DECODE_WORKERS
 # (default 0,4,8,15) narrow the sampling and decode steps when device time is short; DECODE_ATTENTION
 # (default sdpa,flex) the compiled decode step's attentions; KV_BUCKET (default 64, the sampler's
-# default since 2026-12-06) its bucket.
+# default since 2026-12-06) its bucket; COMPILE_MODE (default `default`) its torch.compile mode
+# (`max-autotune-no-cudagraphs` tries Triton matmul templates for the 2-row matmuls, which cuBLAS
+# ran at ~39% of the bandwidth at batch 1 on 2026-12-06; untimed since the cache-copy fix).
 #
 # On the lent machine (64 MiB carried per call): the weights (58 MB) and the PyAV wheel (36 MB)
 # do not travel together. Copy the weights out of the checkout in a first call (`cp -r .wts
@@ -102,7 +106,7 @@ run_all() {
         tests/test_training_gpu.py
     step sampling 900 python3 benchmarks/bench_sampling.py --preset L --modes "${SAMPLING_MODES:-cuda_graph,compile}" \
         --batch-sizes 1,64 --full-runs 1 --decode-attention "${DECODE_ATTENTION:-sdpa,flex}" \
-        --kv-bucket "${KV_BUCKET:-64}" --profile \
+        --kv-bucket "${KV_BUCKET:-64}" --compile-mode "${COMPILE_MODE:-default}" --profile \
         --json "$R/sampling.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
