@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -511,6 +511,12 @@ class VideoFileDataset(Dataset):
         self.epoch = 0
         self.num_missing = int(num_missing)
         self.bad: set[int] = set()
+
+    def cut_as_protocol(self, random_start: bool, seed: int) -> None:
+        """Cut clips as an FVD protocol does, whatever the data config said: a random start (seeded
+        by the protocol's ``seed``) or the first frames, and no flips (``arvid.stages.eval_stream.ClipSet``)."""
+        self.clip = replace(self.clip, random_start=bool(random_start), flip=False)
+        self.seed = int(seed)
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, clip: ClipConfig | None = None, split: str | None = None,

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from arvid.data.datasets import DataConfig, build_dataset
+from arvid.data.files import VideoFileDataset
 from arvid.eval.protocols import FVDProtocol, get_protocol
 
 log = logging.getLogger("arvid.evaluate")
@@ -211,10 +212,8 @@ class ClipSet:
         self.dataset = build_dataset(data, split=split)  # type: ignore[arg-type]
         p = get_protocol(protocol) if protocol is not None else None
         self.protocol = dataclasses.replace(p, split=split) if p is not None else None
-        if p is not None and p.fixed_set and hasattr(self.dataset, "clip") and hasattr(self.dataset, "seed"):
-            random = p.clip_sampling.startswith("random")
-            self.dataset.clip = dataclasses.replace(self.dataset.clip, random_start=random, flip=False)
-            self.dataset.seed = p.seed
+        if p is not None and p.fixed_set and isinstance(self.dataset, VideoFileDataset):
+            self.dataset.cut_as_protocol(random_start=p.clip_sampling.startswith("random"), seed=p.seed)
         self.data = data
         self.num_skipped = 0  # drawn clips of this process left out (unreadable files), over all passes
         self.pairs = protocol_draw(self.dataset, num, self.protocol)  # (video, round) per clip
