@@ -88,3 +88,27 @@ def test_bench_compiled_decode_cpu(tmp_path):
     n = res["launches"]
     assert n["library"] >= 2 * 4 + 1 and n["aten"] >= 2 and n["fused"] >= 2
     assert n["total"] < n["eager_ops"]
+
+
+def test_bench_sampling_cpu_row(tmp_path, monkeypatch):
+    """bench_sampling on the CPU (debug GPT, eager): one row per batch size with the bucket the
+    timed step attends over, floors ordered full >= bucket >= filled, and the recompute ratio."""
+    import json
+    import sys
+
+    from arvid.sampling.sampler import bucket_len
+
+    mod = load("bench_sampling")
+    out = tmp_path / "s.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_sampling.py", "--preset", "debug", "--device", "cpu", "--batch-sizes", "1", "--codebook", "64",
+        "--candidates", "4,8,16", "--num-classes", "5", "--steps", "4", "--fill", "20", "--kv-bucket", "16",
+        "--json", str(out)])
+    assert mod.main() == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["mode"] == "eager" and r["decode_attention"] == "sdpa" and r["rows"] == 2  # CFG: 2 rows
+    assert r["kv_len"] == bucket_len(20 + r["n_prefix"], 16, 10**6) == 32
+    assert r["step_ms"] > 0 and r["recompute_speedup"] > 0
+    assert r["floor_ms_full_cache"] >= r["floor_ms_bucket"] >= r["floor_ms_filled"] > 0
