@@ -165,7 +165,11 @@ def default_bandwidth(device_name: str) -> float:
 
 def main() -> int:
     a = parse()
-    torch.set_grad_enabled(False)  # inference only (a script: the global switch is fine here)
+    with torch.no_grad():  # inference only; scoped, so a caller in the same process keeps its grad mode
+        return run(a)
+
+
+def run(a: argparse.Namespace) -> int:
     device = torch.device(a.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     layout = BlockLayout(tuple(int(x) for x in a.frames_per_block.split(",")),

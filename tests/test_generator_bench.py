@@ -96,6 +96,8 @@ def test_bench_sampling_cpu_row(tmp_path, monkeypatch):
     import json
     import sys
 
+    import torch
+
     from arvid.sampling.sampler import bucket_len
 
     mod = load("bench_sampling")
@@ -105,6 +107,7 @@ def test_bench_sampling_cpu_row(tmp_path, monkeypatch):
         "--candidates", "4,8,16", "--num-classes", "5", "--steps", "4", "--fill", "20", "--kv-bucket", "16",
         "--json", str(out)])
     assert mod.main() == 0
+    assert torch.is_grad_enabled()  # the benchmark's no_grad is scoped (a global switch broke later tests)
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 1
     r = rows[0]
