@@ -114,20 +114,24 @@ def test_a_media_file_that_fails_is_recorded_not_fatal(tmp_path, caplog):
     assert "## Files not written" in md and "- samples_by_class.gif: OSError" in md
 
 
-def test_frame_prediction_is_skipped_with_its_reason_for_a_one_block_tokenizer():
-    """A one-block tokenizer leaves no block to condition on: the report says why instead of
-    failing in the frame-prediction section; a context reaching into the last block is refused
-    with the layout's bound; the default context (the first two blocks' frames) passes."""
-    from arvid.data.types import BlockLayout
-    from arvid.stages.report import fp_skip_reason
+def test_frame_prediction_context_and_the_reason_it_is_skipped():
+    """The report's default context is the first two blocks' frames (the first block's of a
+    two-block layout); a one-block tokenizer leaves no block to condition on and a context
+    reaching into the last block is refused: the report shows the reason instead of failing."""
+    import pytest
 
-    assert "one temporal block" in fp_skip_reason(BlockLayout((16,), (32, 64)))
+    from arvid.data.types import BlockLayout
+    from arvid.stages.report import fp_context_frames
+
     four = BlockLayout((4, 4, 4, 4), (8, 16))
-    assert fp_skip_reason(four) is None and fp_skip_reason(four, 12) is None
-    assert "must lie in [1, 12]" in fp_skip_reason(four, 13)
-    assert fp_skip_reason(BlockLayout((4, 4), (8, 16))) is None  # default: the first block's 4 frames
+    assert fp_context_frames(four) == 8 and fp_context_frames(four, 12) == 12
+    assert fp_context_frames(BlockLayout((4, 4), (8, 16))) == 4
+    with pytest.raises(ValueError, match=r"must lie in \[1, 12\]"):
+        fp_context_frames(four, 13)
+    with pytest.raises(ValueError, match="needs two temporal blocks or more") as e:
+        fp_context_frames(BlockLayout((16,), (32, 64)))
     m = _metrics()
     m.pop("frame_prediction", None)
-    m["frame_prediction_skipped"] = fp_skip_reason(BlockLayout((16,), (32, 64)))
+    m["frame_prediction_skipped"] = str(e.value)
     md = render_report(m)
-    assert "## Frame prediction" in md and "Skipped: the tokenizer has one temporal block" in md
+    assert "## Frame prediction" in md and "Skipped: frame prediction needs two temporal blocks" in md

@@ -360,10 +360,12 @@ def test_compiled_decode_step_does_not_copy_the_cache(attention):
     the layer cache's shape, in inductor's code) and the whole cache back, and the compiled step's
     time grew with the cache's length (0.50 ms at 512 positions, 12.3 ms at 32,768, debug GPT on the
     CPU, benchmarks/bench_compiled_decode.py). Both decode attentions (``flex``: FlexAttention with
-    the length mask as a score modification) give the eager sdpa step's logits."""
-    import functools
-
+    the length mask as a score modification) give the eager sdpa step's logits, compiled as the
+    sampler compiles them (``compile_decode_step``)."""
+    from torch._dynamo import reset as dynamo_reset
     from torch._inductor.utils import run_and_get_code
+
+    from arvid.sampling.compiled import compile_decode_step
 
     m = make()
     max_len = 61  # a size no other buffer of the step has
@@ -375,7 +377,8 @@ def test_compiled_decode_step_does_not_copy_the_cache(attention):
         m.prefill(ref, cond, tokens[:, :2])
         buffers = [t.data_ptr() for t in cache.tensors()]
         n = m.num_prefix(cond)
-        step = torch.compile(functools.partial(m.decode_step, attention=attention), dynamic=False)
+        dynamo_reset()  # a fresh shape history: the first call compiles a static graph
+        step = compile_decode_step(m, attention)
         got, codes = run_and_get_code(step, cache, tokens[:, 2], torch.tensor(n + 2), 16)
         want = m.decode_step(ref, tokens[:, 2], torch.tensor(n + 2), 16)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -182,6 +182,17 @@ class FVDResult:
         return {"metric": self.name, "conforms": self.conforms, **dataclasses.asdict(self)}
 
 
+def count_deviation(name: str, got: int, want: int | None, fixed_set: bool, available: int | None) -> str | None:
+    """How a side's clip count ``got`` differs from its protocol's (None: it conforms): ``want`` is
+    the protocol's N; where that is None ("all of the split") and the real set is fixed, fewer
+    clips than the set's ``available`` deviate too."""
+    if want is not None:
+        return f"{name} {got} != {want}" if got != want else None
+    if fixed_set and available is not None and got < available:
+        return f"{name} {got} < all ({available})"
+    return None
+
+
 @dataclass
 class FeatureStats:
     """Sufficient statistics of one set of clips (float64), with what produced them."""
@@ -208,10 +219,8 @@ class FeatureStats:
         """The statistics hold another N than the protocol's: not its ``num_real``, or, where that is
         "all" of a fixed set, fewer clips than the set recorded in :attr:`clips` has."""
         p = FVDProtocol(**self.protocol)
-        if p.num_real is not None:
-            return self.n != p.num_real
-        available = (self.clips or {}).get("available")
-        return p.fixed_set and available is not None and self.n < available
+        return count_deviation("num_real", self.n, p.num_real, p.fixed_set, (self.clips or {}).get("available")) \
+            is not None
 
     def stats_key(self) -> str:
         """The protocol's key, with the N these statistics hold where that is not the protocol's."""
@@ -458,17 +467,11 @@ class FrechetVideoDistance(Metric):
         (:attr:`FVDProtocol.fixed_set`), a side with fewer clips than its described set
         (:meth:`set_clips`, or the ``clips`` of loaded statistics) deviates: ``"num_real 2 < all (4)"``
         (a draw limited by ``--num K`` / ``num_videos``, or unreadable files left out)."""
-        out = []
-        for side, got, want in (("real", num_real, self.protocol.num_real),
-                                ("fake", num_fake, self.protocol.num_fake)):
-            name = f"num_{side}"
-            if want is not None and got != want:
-                out.append(f"{name} {got} != {want}")
-            elif want is None and self.protocol.fixed_set:
-                available = self._clips.get(side, {}).get("available")
-                if available is not None and got < available:
-                    out.append(f"{name} {got} < all ({available})")
-        return out
+        found = (count_deviation(f"num_{side}", got, want, self.protocol.fixed_set,
+                                 self._clips.get(side, {}).get("available"))
+                 for side, got, want in (("real", num_real, self.protocol.num_real),
+                                         ("fake", num_fake, self.protocol.num_fake)))
+        return [d for d in found if d is not None]
 
     @property
     def backbone(self) -> str:

@@ -231,12 +231,13 @@ class Attention(nn.Module):
         cache.k[layer].index_copy_(2, pos, k.to(cache.dtype))
         cache.v[layer].index_copy_(2, pos, v.to(cache.dtype))
         n = bias.shape[-1]
-        keys, values = cache.k[layer][:, :, :n], cache.v[layer][:, :, :n]  # [B, Hkv, n, D] views
+        # [B, Hkv, n, D] views of the cache (no copy when it holds q's dtype)
+        keys, values = cache.k[layer][:, :, :n].to(q.dtype), cache.v[layer][:, :, :n].to(q.dtype)
+        gqa = self.n_kv != self.n_heads
         if attention == "flex":
-            out = _flex_decode(q, keys.to(q.dtype), values.to(q.dtype), pos, self.n_kv != self.n_heads)
+            out = _flex_decode(q, keys, values, pos, gqa)
         else:
-            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                                 attn_mask=bias.to(q.dtype), enable_gqa=self.n_kv != self.n_heads)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype), enable_gqa=gqa)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
 

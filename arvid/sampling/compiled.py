@@ -21,7 +21,6 @@ On CPU the sampler runs the same step eagerly (``Sampler.execution``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from typing import Any
 
@@ -82,13 +81,6 @@ def compile_choose(dec: Any, compile_mode: str = "default") -> bool:
     return True
 
 
-def compiled_decode_step(model: Any, attention: str = "sdpa") -> Any:
-    """``model.decode_step`` with its decode ``attention`` fixed, as the function to compile."""
-    if attention == "sdpa":
-        return model.decode_step
-    return functools.partial(model.decode_step, attention=attention)
-
-
 def compile_decode_step(model: Any, attention: str = "sdpa", compile_mode: str = "default") -> Any:
     """``torch.compile`` of the model's decode step, with ``kv_len`` (the attended cache length,
     a Python int) left to dynamo's automatic dynamic shapes: the first length compiles a static
@@ -100,15 +92,17 @@ def compile_decode_step(model: Any, attention: str = "sdpa", compile_mode: str =
     Dynamo keeps one shape history per code object, and every decoder compiles the same
     ``GPT.decode_step``: a second decoder (another batch size) would get a graph with a symbolic
     batch. The returned function therefore marks the cache and the fed tokens static at every
-    call (only ``kv_len`` varies); it is called during capture only (graphs replay afterwards)."""
+    call (only ``kv_len`` varies); it is called during capture only (graphs replay afterwards).
+    ``attention`` (``sdpa`` / ``flex``, ``GPT.decode_step``) is passed at every call: a constant
+    to dynamo."""
     import torch._dynamo
 
-    compiled = torch.compile(compiled_decode_step(model, attention), mode=compile_mode, dynamic=None)
+    compiled = torch.compile(model.decode_step, mode=compile_mode, dynamic=None)
 
     def step(cache: Any, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         for t in (*cache.tensors(), tokens):
             torch._dynamo.mark_static(t)
-        return compiled(cache, tokens, pos, kv_len)
+        return compiled(cache, tokens, pos, kv_len, attention)
 
     return step
 

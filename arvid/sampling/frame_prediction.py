@@ -40,6 +40,9 @@ def context_blocks_for(layout: BlockLayout, num_frames: int) -> int:
     the last (until 2026-12-06 a context reaching into the last block, or any context of a one-block
     layout, passed here and failed later: "a prefix is already a complete sequence", or padding
     an empty context)."""
+    if layout.num_blocks < 2:
+        raise ValueError(f"frame prediction needs two temporal blocks or more (one to condition on, one to "
+                         f"predict); this layout has one of {layout.frames_per_block[0]} frames")
     most = layout.num_frames - layout.frames_per_block[-1]
     if not 0 < num_frames <= most:
         raise ValueError(f"context frames must lie in [1, {most}] for this layout (blocks of "

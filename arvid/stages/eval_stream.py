@@ -243,13 +243,11 @@ class ClipSet:
         data ``source``, ``root`` (``val_root`` for a held-out split that has one), ``split``,
         ``seed`` (the one the clips depend on: synthetic content, or random starts and flips of
         files; None: none), ``drawn`` (N) and ``available`` (the split's videos)."""
-        d = self.data
-        clip = getattr(self.dataset, "clip", None)
-        if d.source == "synthetic":
-            seed = d.seed
+        d, ds = self.data, self.dataset
+        if isinstance(ds, VideoFileDataset):
+            seed = ds.seed if ds.clip.random_start or ds.clip.flip else None
         else:
-            seed = int(getattr(self.dataset, "seed", d.seed)) if clip is not None and (clip.random_start or clip.flip) \
-                else None
+            seed = d.seed
         root = d.val_root if self.split != "train" and d.val_root else d.root
         return {"source": d.source, "root": str(Path(root).resolve()) if root else None, "split": self.split,
                 "seed": seed, "drawn": len(self.pairs), "available": len(self.dataset)}  # type: ignore[arg-type]

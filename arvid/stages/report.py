@@ -98,20 +98,15 @@ def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> No
     write_grid(videos, str(path), nrow=nrow, fps=fps)
 
 
-def fp_skip_reason(layout: Any, context_frames: int = 0) -> str | None:
-    """Why the report cannot show frame prediction for ``layout`` (None: it can). ``context_frames``
-    0 means the first two blocks' frames (the K600 protocol's shape), or the first block's when
-    the layout has two."""
+def fp_context_frames(layout: Any, context_frames: int = 0) -> int:
+    """The report's frame-prediction context: ``context_frames``, or with 0 the first two blocks'
+    frames (the K600 protocol's shape; the first block's when the layout has two). A ValueError
+    says why ``layout`` cannot have it (:func:`~arvid.sampling.frame_prediction.context_blocks_for`)."""
     from arvid.sampling.frame_prediction import context_blocks_for
 
-    if layout.num_blocks < 2:
-        return "the tokenizer has one temporal block, so there is no block to condition on and one to predict"
     ctx = context_frames or sum(layout.frames_per_block[:min(2, layout.num_blocks - 1)])
-    try:
-        context_blocks_for(layout, ctx)
-    except ValueError as e:
-        return str(e)
-    return None
+    context_blocks_for(layout, ctx)
+    return ctx
 
 
 def run_report(cfg: ReportConfig) -> Path | None:
@@ -165,11 +160,14 @@ def run_report(cfg: ReportConfig) -> Path | None:
             # the fixed-length branch: same data, same training budget, one uniform assignment
             fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"))
             metrics["generation_fixed"] = evaluate_gen(fcfg, clips, fvd, labels, name="gen_fixed")
-        skip_fp = fp_skip_reason(tok.layout, cfg.context_frames) if cfg.frame_prediction else None
-        if skip_fp:
-            log.warning("report: frame prediction skipped: %s", skip_fp)
-            metrics["frame_prediction_skipped"] = skip_fp
-        elif cfg.frame_prediction:
+        ctx = 0
+        if cfg.frame_prediction:
+            try:
+                ctx = fp_context_frames(tok.layout, cfg.context_frames)
+            except ValueError as e:
+                log.warning("report: frame prediction skipped: %s", e)
+                metrics["frame_prediction_skipped"] = str(e)
+        if ctx:
             gpt = _load_gpt(str(gpt_dir), device, "fp32", tok, tok_dir)
             tokd = tok.to(device).eval()
             # the context clips get the router's counts, as the generator's training clips did
@@ -177,7 +175,6 @@ def run_report(cfg: ReportConfig) -> Path | None:
             # synthetic_gpu, against ~18 chosen by the router)
             router_dir = exp / "router" / "router"
             _attach_router(tokd, str(router_dir) if router_dir.is_dir() else None, device)
-            ctx = cfg.context_frames or sum(tok.layout.frames_per_block[:min(2, tok.layout.num_blocks - 1)])
             k = min(8, len(clips))
             with_fvd = fvd is not None and cfg.fp_fvd
             fcfg = FPEvalConfig(data=cfg.data, split=cfg.split, num_videos=cfg.num_videos, context_frames=ctx,
