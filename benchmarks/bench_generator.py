@@ -111,6 +111,26 @@ def profile_steps(step, batches: list, device: torch.device, top: int = 12) -> d
                     for n, t, c in rows[:top]]}
 
 
+def measure_matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    """TFLOP/s of a square bf16 matmul of size ``n`` on ``device`` (best of three timed runs of
+    ``reps`` products after a warm-up): the measured ceiling the issue's MFU is taken against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2.0 * n**3 / best / 1e12
+
+
 def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceFormat) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -162,6 +182,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     row.update(
         loss=float(loss.detach()), steps=len(batches) - args.warmup, step_ms=dt / max(1, len(batches) - args.warmup) * 1e3,
         tokens_per_s=tokens / dt, tflops=flops / dt / 1e12, mfu=flops / dt / (args.peak_tflops * 1e12),
+        mfu_measured_peak=flops / dt / (args.measured_peak * 1e12) if args.measured_peak else None,
         fill=tokens / (args.max_tokens * max(1, len(batches) - args.warmup)),
         mean_len=tokens / max(1, sum(b.num_seqs for b in batches[args.warmup:])),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -187,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "(arvid.generator.attention.activate_flash_impl)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="time an 8192^3 bf16 matmul first; rows also give mfu_measured_peak against it (the "
+                        "issue's MFU: against the measured matmul ceiling, ~750 TFLOP/s on the lent H100)")
     p.add_argument("--tiny", action="store_true", help="debug preset, small batches, no compile (CPU smoke)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--profile", action="store_true", help="profile a few more steps: time by kernel category")
@@ -204,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
         from arvid.generator.attention import activate_flash_impl
 
         activate_flash_impl(args.flash_impl)  # raises, saying what to install, when it cannot
+    args.measured_peak = None
+    if args.measure_peak:
+        args.measured_peak = measure_matmul_peak(device, n=1024 if args.tiny else 8192, reps=2 if args.tiny else 20)
+        print(f"# measured bf16 matmul peak: {args.measured_peak:.1f} TFLOP/s", flush=True)
     rows = []
     for preset in args.presets.split(","):
         for kind in args.lengths.split(","):
@@ -221,19 +249,22 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
         "flash_impl": args.flash_impl or "torch default",
-        "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops, "rows": rows,
+        "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
+        "measured_peak_tflops": args.measured_peak, "rows": rows,
     }
     print(f"# {result['device']}, torch {result['torch']}, {args.precision}, compile={args.compile}, "
-          f"{args.max_tokens} positions per batch, peak {args.peak_tflops} TFLOP/s")
+          f"{args.max_tokens} positions per batch, peak {args.peak_tflops} TFLOP/s (MFU*: against the measured "
+          f"matmul peak, with --measure-peak)")
     print(f"{'preset':6s} {'lengths':7s} {'params':>8s} {'backend':>12s} {'mean L':>7s} {'fill':>5s} {'step ms':>8s} "
-          f"{'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}")
+          f"{'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'MFU*':>6s} {'mem GB':>7s}")
     for r in rows:
         if "error" in r:
             print(f"{r['preset']:6s} {r['lengths']:7s} {r['error']}")
             continue
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        mfu2 = f"{r['mfu_measured_peak']:6.1%}" if r.get("mfu_measured_peak") is not None else "     -"
         print(f"{r['preset']:6s} {r['lengths']:7s} {r['params_M']:7.1f}M {r['backend']:>12s} {r['mean_len']:7.0f} "
-              f"{r['fill']:5.2f} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['tflops']:8.1f} {r['mfu']:6.1%} {mem:>7s}")
+              f"{r['fill']:5.2f} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['tflops']:8.1f} {r['mfu']:6.1%} {mfu2} {mem:>7s}")
     for r in rows:
         if "profile" in r:
             pr = r["profile"]

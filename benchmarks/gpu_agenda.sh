@@ -51,7 +51,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention packing fa4 gputests sampling i3d decode}
+STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -76,11 +76,13 @@ run_all() {
     for m in outputs/synthetic_gpu/*/metrics.jsonl; do  # each training stage's last logged record
         [ -f "$m" ] && echo "$m $(tail -n 1 "$m")"
     done > "$R/train_metrics.txt" 2>/dev/null
-    step genprof 540 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
-        --warmup 3 --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py --presets L \
-        --lengths router --steps 6 --warmup 3 --residual-dtype compute --profile \
-        --json '$R/generator_bf16res.json' && python3 benchmarks/bench_generator.py --presets L \
-        --lengths router --steps 6 --warmup 3 --backend flex --profile --json '$R/generator_flex.json'"
+    # genprof: the float32-residual baseline at 16,448 positions, then the bf16 residual stream at the
+    # configs' 32,768 positions, then flex on the latter; each row also has MFU against the matmul
+    # peak measured in the same process (--measure-peak: the issue's MFU); genflex (last) runs flex
+    step genprof 600 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
+        --warmup 3 --measure-peak --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py \
+        --presets L --lengths router --steps 6 --warmup 3 --residual-dtype compute --max-tokens 32768 \
+        --measure-peak --profile --json '$R/generator_bf16res.json'"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
     step packing 120 python3 benchmarks/bench_packing.py --json "$R/packing.jsonl"
     case " $STEPS " in *" fa4 "*)
@@ -92,7 +94,8 @@ run_all() {
             rc=0
             python3 benchmarks/bench_attention.py --json "$1/attention_fa4.json" || rc=$?
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend torch_varlen --flash-impl FA4 --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+                --backend torch_varlen --flash-impl FA4 --residual-dtype compute --max-tokens 32768 \
+                --measure-peak --profile --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
             python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k fa4 \
                 || { s=$?; [ $rc = 0 ] && rc=$s; }
             exit $rc' _ "$R"
@@ -108,6 +111,10 @@ run_all() {
         --batch-sizes 1,64 --full-runs 1 --decode-attention "${DECODE_ATTENTION:-sdpa,flex}" \
         --kv-bucket "${KV_BUCKET:-64}" --compile-mode "${COMPILE_MODE:-default}" --profile \
         --json "$R/sampling.json"
+    # the default compile mode at batch 1 alone (the batch is static in the compiled step since
+    # 2026-12-06; the last batch-1 timing most likely ran a symbolic batch)
+    step sampling_b1 400 python3 benchmarks/bench_sampling.py --preset L --modes compile --batch-sizes 1 \
+        --full-runs 0 --decode-attention sdpa --kv-bucket "${KV_BUCKET:-64}" --json "$R/sampling_b1.json"
     step i3d 300 python3 benchmarks/bench_i3d.py --batch 64 --iters 8 --clips-on device \
         --modes fp32,tf32stem-cl,tf32-cl --json "$R/i3d.json"
     if python3 -c "import av" 2> /dev/null; then
@@ -118,6 +125,8 @@ run_all() {
             echo "PyAV is not installed: decode skipped" > "$R/decode.log"; echo 3 > "$R/decode.rc" ;;
         esac
     fi
+    step genflex 400 python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+        --backend flex --residual-dtype compute --max-tokens 32768 --measure-peak --json "$R/generator_flex.json"
     date -u +%FT%TZ > "$R/finished"
 }
 

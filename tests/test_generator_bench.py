@@ -27,10 +27,14 @@ def test_bench_attention_tiny_cpu(tmp_path):
 
 
 def test_bench_generator_tiny_cpu(tmp_path):
-    res = load("bench_generator").main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "g.json")])
+    res = load("bench_generator").main(["--tiny", "--device", "cpu", "--measure-peak", "--json", str(tmp_path / "g.json")])
     assert [(r["preset"], r["lengths"]) for r in res["rows"]] == [("debug", "router"), ("debug", "fixed")]
+    peak = res["measured_peak_tflops"]
+    assert peak > 0
     for r in res["rows"]:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and 0 < r["fill"] <= 1
+        # MFU against the measured matmul ceiling: the same FLOP rate over the measured peak
+        assert r["mfu_measured_peak"] == pytest.approx(r["tflops"] / peak, rel=1e-9)
         assert 4.0 < r["loss"] < 12.0  # near log(vocab 8197) = 9.0 after two steps
 
 
