@@ -13,15 +13,22 @@
 #                                      parts to /tmp/fa4parts (outside the checkout: they stay while
 #                                      the machine is warm)
 #   benchmarks/fa4_wheels.sh install   there, once both parts are stashed: join, check the sha256,
-#                                      install into /tmp/fa4site (then PYTHONPATH=/tmp/fa4site:...)
+#                                      install into /tmp/fa4site and write /tmp/fa4site/PYTHONPATH:
+#                                      the site plus the folders its .pth files add (a --target
+#                                      install's .pth files are not read from PYTHONPATH; the CuTe
+#                                      DSL's `cutlass` package lives in such a folder); use
+#                                      PYTHONPATH=$(cat /tmp/fa4site/PYTHONPATH):...
 # The machine already has cuda-bindings, protobuf, einops and typing-extensions.
 # .fa4/ must be ignored by git (`echo /.fa4/ >> .git/info/exclude`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIG=nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-SPECS=(fa4==4.0.0b3 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
-       nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1
-       "apache-tvm-ffi>=0.1.6,<0.2" torch-c-dlpack-ext quack-kernels==0.6.5)
+# One coherent set of March 2026 (fa4 4.0.0b3 was built on 2026-03-05): CuTe DSL 4.4.2 and quack
+# 0.3.2. The newest CuTe DSL (4.8.1) moved `cute.core.ThrMma`, which fa4 4.0.0b3 names, and quack
+# >= 0.6 needs CuTe DSL >= 4.7 (2026-12-06: FA4 failed to import on the H100 with 4.8.1). 4.4.2's
+# libs-base carries its own CUDA 12 compiler libraries (the 580 driver runs them); no cu13 extra.
+BIG=nvidia_cutlass_dsl_libs_base-4.4.2-cp312-cp312-manylinux_2_28_x86_64.whl
+SPECS=(fa4==4.0.0b3 nvidia-cutlass-dsl==4.4.2 nvidia-cutlass-dsl-libs-base==4.4.2
+       "apache-tvm-ffi>=0.1.6,<0.2" torch-c-dlpack-ext quack-kernels==0.3.2)
 STASH=/tmp/fa4parts
 SITE=/tmp/fa4site
 
@@ -49,6 +56,13 @@ case ${1:-} in
         (cd /tmp/fa4whl && sha256sum -c "$STASH/big.sha256")
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             /tmp/fa4whl/*.whl
-        PYTHONPATH=$SITE python3 -c "import flash_attn.cute.interface; print('fa4 importable')" ;;
+        python3 - "$SITE" > "$SITE/PYTHONPATH" <<'PY'
+import site, sys
+before = list(sys.path)
+site.addsitedir(sys.argv[1])
+print(":".join([sys.argv[1]] + [p for p in sys.path if p not in before and p != sys.argv[1]]))
+PY
+        cat "$SITE/PYTHONPATH"
+        PYTHONPATH=$(cat "$SITE/PYTHONPATH") python3 -c "import flash_attn.cute.interface; print('fa4 importable')" ;;
     *) echo "usage: $0 fetch|stash|install" >&2; exit 2 ;;
 esac

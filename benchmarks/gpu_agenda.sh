@@ -51,7 +51,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-tokprof pipeline genprof attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
+STEPS=${AGENDA_STEPS:-tokprof pipeline genprof genbig attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -83,6 +83,10 @@ run_all() {
         --warmup 3 --measure-peak --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py \
         --presets L --lengths router --steps 6 --warmup 3 --residual-dtype compute --max-tokens 32768 \
         --measure-peak --profile --json '$R/generator_bf16res.json'"
+    # genbig: the bf16 residual at the 65,536 positions of the UCF/K600 experiment configs (the
+    # optimizer's fixed cost spread over twice the tokens)
+    step genbig 400 python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+        --residual-dtype compute --max-tokens 65536 --measure-peak --json "$R/generator_65k.json"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
     step packing 120 python3 benchmarks/bench_packing.py --json "$R/packing.jsonl"
     case " $STEPS " in *" fa4 "*)
@@ -90,12 +94,15 @@ run_all() {
     esac
     if [ -d /tmp/fa4site/flash_attn ]; then
         # each part runs whatever the others did; the step's status is the first failure's
-        step fa4 600 env PYTHONPATH="/tmp/fa4site:$PYTHONPATH" bash -c '
+        step fa4 600 env PYTHONPATH="$(cat /tmp/fa4site/PYTHONPATH 2>/dev/null || echo /tmp/fa4site):$PYTHONPATH" bash -c '
             rc=0
             python3 benchmarks/bench_attention.py --json "$1/attention_fa4.json" || rc=$?
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
                 --backend torch_varlen --flash-impl FA4 --residual-dtype compute --max-tokens 32768 \
                 --measure-peak --profile --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+                --backend torch_varlen --flash-impl FA4 --residual-dtype compute --max-tokens 65536 \
+                --measure-peak --json "$1/generator_fa4_65k.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
             python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k fa4 \
                 || { s=$?; [ $rc = 0 ] && rc=$s; }
             exit $rc' _ "$R"
