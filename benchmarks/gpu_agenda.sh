@@ -98,12 +98,12 @@ run_all() {
             rc=0
             python3 benchmarks/bench_attention.py --json "$1/attention_fa4.json" || rc=$?
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend torch_varlen --flash-impl FA4 --residual-dtype compute --max-tokens 32768 \
+                --backend fa4 --residual-dtype compute --max-tokens 32768 \
                 --measure-peak --profile --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend torch_varlen --flash-impl FA4 --residual-dtype compute --max-tokens 65536 \
+                --backend fa4 --residual-dtype compute --max-tokens 65536 \
                 --measure-peak --json "$1/generator_fa4_65k.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
-            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k fa4 \
+            python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
                 || { s=$?; [ $rc = 0 ] && rc=$s; }
             exit $rc' _ "$R"
     else

@@ -7,6 +7,10 @@ attend only to earlier tokens *of its own sequence*. The sequences are described
 Backends (``varlen_causal_attention(..., backend=...)``):
 
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (package ``flash-attn``), CUDA, fp16/bf16.
+- ``fa4``: FlashAttention-4's varlen kernels (package ``fa4``: ``flash_attn.cute``, CuTe DSL),
+  called directly through two opaque custom ops (forward, backward), so ``torch.compile`` keeps
+  the layers around them in one graph. Hopper or Blackwell, fp16/bf16. (torch 2.11's own route,
+  ``flash_impl=FA4`` under ``torch_varlen``, refuses the backward of a causal window.)
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn``; it has no ``is_causal`` flag,
   causality is the sliding window ``window_size=(-1, 0)``. CUDA, fp16/bf16.
 - ``flex``: FlexAttention with a document-causal ``BlockMask`` (compiled on CUDA; on CPU it
@@ -36,7 +40,7 @@ from einops import rearrange
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "cudnn", "xformers", "sdpa")
+BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "xformers", "sdpa")
 
 #: CUDA preference of ``auto`` (fastest first). ``benchmarks/bench_attention.py`` on an H100, torch
 #: 2.11, bf16, 16384 packed tokens of router-like lengths (mean 683), 16 heads of 64, fwd+bwd
@@ -79,10 +83,15 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
         also = f"; it also needs {missing.split(' needs ', 1)[1]}" if missing else ""
         return (f"attention backend {name!r} needs a CUDA GPU (got device {device}){also}; use 'sdpa' (or 'flex' "
                 "for inference) on CPU")
-    if name in ("flash_attn", "torch_varlen", "cudnn") and dtype not in _HALF:
+    if name in ("flash_attn", "fa4", "torch_varlen", "cudnn") and dtype not in _HALF:
         return f"attention backend {name!r} needs fp16/bf16 inputs, got {dtype}; train with precision=bf16"
     if name == "flash_attn":
         return _flash_attn_problem()
+    if name == "fa4":
+        major = torch.cuda.get_device_capability(device)[0]
+        if major not in (9, 10, 11):
+            return f"attention backend 'fa4' needs a Hopper or Blackwell GPU (compute capability 9-11), got {major}.x"
+        return _package_problem(name)
     if name == "torch_varlen":
         try:
             from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -103,6 +112,8 @@ def _package_problem(name: str) -> str | None:
     it is installed, else ``"attention backend ... needs the ... package: pip install ..."``."""
     if name == "flash_attn":
         return _flash_attn_problem()
+    if name == "fa4" and _fa4_problem() is not None:
+        return _fa4_problem()
     if name == "xformers" and importlib.util.find_spec("xformers") is None:
         return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"
     return None
@@ -120,6 +131,24 @@ def _flash_attn_problem() -> str | None:
     if spec.origin is None:  # a namespace package
         return ("attention backend 'flash_attn' needs the flash-attn package; the installed 'flash_attn' is only a "
                 "namespace (such as fa4's flash_attn.cute: use it with flash_impl=FA4 and attn_backend=torch_varlen)")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _fa4_problem() -> str | None:
+    """None when FlashAttention-4 (``flash_attn.cute.interface``) imports, else what to install."""
+    help_ = "pip install 'arvid[fa4]' (fa4 with the CuTe DSL it was built against)"
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # a flash_attn module without __path__ (flash-attn 2's shadows the namespace)
+        found = False
+    if not found:
+        return f"attention backend 'fa4' needs the fa4 package (flash_attn.cute): {help_}"
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a DSL version mismatch shows up as any error at import
+        return (f"attention backend 'fa4': flash_attn.cute is installed but does not import ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''}); {help_}")
     return None
 
 
@@ -435,6 +464,58 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0), **kw)
 
 
+@torch.library.custom_op("arvid::fa4_varlen_causal_fwd", mutates_args=(), device_types="cuda")
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+             max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-4 varlen causal forward: ``out [N, H, D]`` and the log-sum-exp ``[H, N]`` (float32)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(q, k, v, cu, cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True,
+                               return_lse=True)
+    return out, lse
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v, cu, max_seqlen):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("arvid::fa4_varlen_causal_bwd", mutates_args=(), device_types="cuda")
+def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    return dq, dk, dv
+
+
+@_fa4_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu, max_seqlen):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup(ctx, inputs, output):
+    q, k, v, cu, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+    ctx.max_seqlen = max_seqlen
+
+
+def _fa4_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    dq, dk, dv = _fa4_bwd(dout, q, k, v, out, lse, cu, ctx.max_seqlen)
+    return dq, dk, dv, None, None
+
+
+_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+
+def _fa4(q, k, v, cu_seqlens, max_seqlen):
+    # the kernels want unit stride in the last dimension, which q/k/v (views of the fused qkv
+    # projection) have; GQA (fewer kv heads) is native
+    return _fa4_fwd(q, k, v, cu_seqlens.to(torch.int32), max_seqlen)[0]
+
+
 def _xformers(q, k, v, cu_seqlens, max_seqlen):
     import xformers.ops as xops
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
@@ -451,6 +532,7 @@ _IMPLS = {
     "cudnn": _cudnn,
     "flex": _flex,
     "flash_attn": _flash_attn,
+    "fa4": _fa4,
     "torch_varlen": _torch_varlen,
     "xformers": _xformers,
 }
