@@ -203,6 +203,11 @@ def test_gpu_backends_match_reference(hkv):
         qc, kc, vc = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
         out = varlen_causal_attention(qc, kc, vc, cu.cuda(), max(lens), name)
         torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")
+        if name == "fa4" and torch.cuda.get_device_capability()[0] == 9:
+            # no varlen backward on Hopper (fa4 4.0.0b3): training must refuse it up front
+            with pytest.raises(AttentionBackendUnavailable, match="sm90"):
+                resolve_training_backend("fa4", "cuda", torch.bfloat16)
+            continue
         grads = torch.autograd.grad((out.float() * w.cuda()).sum(), (qc, kc, vc))
         for g, rg, gname in zip(grads, ref_grads, ("dq", "dk", "dv")):
             torch.testing.assert_close(g.double().cpu(), rg.double(), atol=6e-2, rtol=6e-2,
@@ -307,7 +312,12 @@ def test_torch_varlen_with_fa4_matches_reference():
         qc, kc, vc = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
         out = varlen_causal_attention(qc, kc, vc, cu.cuda(), max(lens), "torch_varlen")
         torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2)
-        grads = torch.autograd.grad((out.float() * w.cuda()).sum(), (qc, kc, vc))
+        try:
+            grads = torch.autograd.grad((out.float() * w.cuda()).sum(), (qc, kc, vc))
+        except RuntimeError as e:  # torch 2.11 on an H100: "windowed attention not supported"
+            if "backward unsupported" not in str(e):
+                raise
+            pytest.xfail(f"the forward matched; torch refuses FA4's backward here: {e}")
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g.double().cpu(), rg.double(), atol=6e-2, rtol=6e-2)
     finally:
@@ -333,3 +343,65 @@ def test_unavailable_backend_is_a_value_error_that_says_what_to_install():
         resolve_training_backend("flex", "cpu", torch.float32)
     with pytest.raises(AttentionBackendUnavailable, match="unknown attention backend 'nope'"):
         resolve_training_backend("nope", "cpu", torch.float32)
+
+
+def test_fa4_custom_ops_pass_the_batch_and_wire_the_backward(monkeypatch):
+    """The fa4 backend's two custom ops, on the CPU, with FlashAttention-4's functions replaced by
+    exact float64 ones taking the same arguments (fa4 4.0.0b3's ``_flash_attn_fwd`` /
+    ``_flash_attn_bwd``): the output and dq/dk/dv must be the reference's, so the ops hand the
+    kernels the right sequences, causality and saved tensors (on an H100, 2026-12-06, the real
+    forward matched the reference; fa4 has no varlen backward on Hopper)."""
+    import sys
+    import types
+
+    from arvid.generator.attention import _fa4
+
+    calls = []
+
+    def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q=None, seqused_k=None, *, max_seqlen_q, max_seqlen_k,
+            causal, return_lse):
+        calls.append(("fwd", causal, return_lse, max_seqlen_q, max_seqlen_k, cu_seqlens_q is cu_seqlens_k))
+        assert cu_seqlens_q.dtype == torch.int32
+        out = reference(q, k, v, cu_seqlens_q).to(q.dtype)
+        return out, torch.zeros(q.shape[1], q.shape[0])  # the test's backward does not read the lse
+
+    def bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, *, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k):
+        # a custom op's body runs below autograd: the float64 gradients are computed outside, for
+        # the incoming gradient the test sends (w), and handed back in FlashAttention's order
+        calls.append(("bwd", causal, tuple(lse.shape), max_seqlen_q, torch.equal(dout, w),
+                      torch.equal(out, expected_out.to(out.dtype))))
+        return tuple(g.to(q.dtype) for g in ref_grads)
+
+    iface = types.ModuleType("flash_attn.cute.interface")
+    iface._flash_attn_fwd, iface._flash_attn_bwd = fwd, bwd
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", iface)
+
+    lens = [7, 1, 13, 4]
+    q, k, v, cu = random_batch(3, lens, h=4, hkv=2, d=16)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    q2, k2, v2 = (t.clone().double().requires_grad_(True) for t in (q, k, v))
+    expected_out = reference(q2, k2, v2, cu)
+    ref_grads = torch.autograd.grad((expected_out * w.double()).sum(), (q2, k2, v2))
+    expected_out = expected_out.detach()
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = _fa4(qr, kr, vr, cu.long(), max(lens))
+    torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((out * w).sum(), (qr, kr, vr))
+    for g, rg, ref in zip(grads, ref_grads, (q, k, v)):
+        assert g.shape == ref.shape
+        torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
+    # one forward and one backward call, causal, over the batch's sequences (cu as int32, the same
+    # tensor for queries and keys), the lse [H, N] and the output saved from the forward
+    assert calls == [("fwd", True, True, 13, 13, True), ("bwd", True, (4, 25), 13, True, True)]
+
+
+def test_fa4_is_refused_for_training_on_hopper(monkeypatch):
+    from arvid.generator import attention as A
+
+    monkeypatch.setattr(A, "resolve_backend", lambda name, device, dtype: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(AttentionBackendUnavailable, match="no varlen backward pass on sm90"):
+        A.resolve_training_backend("fa4", "cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert A.resolve_training_backend("fa4", "cuda", torch.bfloat16) == "fa4"

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,28 @@ def test_bench_attention_tiny_cpu(tmp_path):
     assert rows["sdpa"]["status"] == "ok" and rows["sdpa"]["err_out"] < 1e-5 and rows["sdpa"]["fwd_bwd_ms"] > 0
     assert rows["flash_attn"]["status"].startswith("unavailable") and "CUDA" in rows["flash_attn"]["status"]
     assert res["tokens"] == 600 and (tmp_path / "a.json").is_file()
+
+
+def test_bench_attention_keeps_the_forward_of_a_kernel_without_backward():
+    """fa4 on Hopper has a forward and no backward: its row keeps the forward's error and time."""
+    mod = load("bench_attention")
+    from arvid.generator.attention import varlen_causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    grad_out = torch.randn(12, 2, 8, generator=g)
+    ref = mod.reference(q, k, v, cu, grad_out)
+
+    def forward_only(q, k, v, cu, m):  # the sdpa result, cut off from autograd
+        return varlen_causal_attention(q, k, v, cu, m, "sdpa").detach()
+
+    row = mod.run_one("fwd-only", forward_only, None, q, k, v, cu, 7, grad_out, ref, 2, torch.device("cpu"))
+    assert row["status"].startswith("forward only (backward: RuntimeError")
+    assert row["err_out"] < 1e-5 and row["fwd_ms"] > 0 and "fwd_bwd_ms" not in row and "err_dq" not in row
+    full = mod.run_one("sdpa", lambda *a: varlen_causal_attention(*a, "sdpa"), None, q, k, v, cu, 7, grad_out, ref,
+                       2, torch.device("cpu"))
+    assert full["status"] == "ok" and full["err_dq"] < 1e-5 and full["fwd_bwd_ms"] > 0
 
 
 def test_bench_generator_tiny_cpu(tmp_path):

@@ -9,8 +9,10 @@ Backends (``varlen_causal_attention(..., backend=...)``):
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (package ``flash-attn``), CUDA, fp16/bf16.
 - ``fa4``: FlashAttention-4's varlen kernels (package ``fa4``: ``flash_attn.cute``, CuTe DSL),
   called directly through two opaque custom ops (forward, backward), so ``torch.compile`` keeps
-  the layers around them in one graph. Hopper or Blackwell, fp16/bf16. (torch 2.11's own route,
-  ``flash_impl=FA4`` under ``torch_varlen``, refuses the backward of a causal window.)
+  the layers around them in one graph. fp16/bf16; forward on Hopper and Blackwell, training on
+  Blackwell only: fa4 4.0.0b3 has no varlen backward on Hopper (sm90), and
+  :func:`resolve_training_backend` says so. (torch 2.11's own route, ``flash_impl=FA4`` under
+  ``torch_varlen``, refuses the backward of a causal window on Hopper.)
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn``; it has no ``is_causal`` flag,
   causality is the sliding window ``window_size=(-1, 0)``. CUDA, fp16/bf16.
 - ``flex``: FlexAttention with a document-causal ``BlockMask`` (compiled on CUDA; on CPU it
@@ -237,7 +239,8 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
 
 def resolve_training_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """:func:`resolve_backend` for training (forward and backward passes): also refuses ``flex``
-    off CUDA, whose unfused CPU path has no backward pass. Stages call it before they build or
+    off CUDA, whose unfused CPU path has no backward pass, and ``fa4`` on Hopper, where
+    FlashAttention-4 (fa4 4.0.0b3) has no varlen backward pass. Stages call it before they build or
     write anything, so a backend that cannot train here fails at once, not at the first step."""
     device = torch.device(device)
     resolved = resolve_backend(name, device, dtype)
@@ -245,7 +248,16 @@ def resolve_training_backend(name: str, device: torch.device | str, dtype: torch
         raise AttentionBackendUnavailable(
             f"attention backend 'flex' cannot train on {device} (FlexAttention has no backward pass off CUDA); "
             "train with attn_backend='sdpa' (or 'auto') on CPU, or run 'flex' on a CUDA GPU")
+    if resolved == "fa4" and torch.cuda.get_device_capability(device)[0] == 9:
+        raise AttentionBackendUnavailable(FA4_HOPPER_NO_BACKWARD)
     return resolved
+
+
+#: What the fa4 package's own check says on an H100 (fa4 4.0.0b3, 2026-12-06: "varlen backward is
+#: not yet supported on sm90"); its forward pass runs and matches the reference there.
+FA4_HOPPER_NO_BACKWARD = ("attention backend 'fa4' cannot train on a Hopper GPU: FlashAttention-4 (fa4 4.0.0b3) has "
+                          "no varlen backward pass on sm90 (its forward runs); train with 'torch_varlen' or 'flex' "
+                          "(or 'auto') there, 'fa4' on Blackwell")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -464,7 +476,7 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(-1, 0), **kw)
 
 
-@torch.library.custom_op("arvid::fa4_varlen_causal_fwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("arvid::fa4_varlen_causal_fwd", mutates_args=())
 def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
              max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-4 varlen causal forward: ``out [N, H, D]`` and the log-sum-exp ``[H, N]`` (float32)."""
@@ -480,7 +492,7 @@ def _(q, k, v, cu, max_seqlen):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("arvid::fa4_varlen_causal_bwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("arvid::fa4_varlen_causal_bwd", mutates_args=())
 def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
