@@ -133,7 +133,7 @@ def run_one(name, fn, note, q, k, v, cu, max_seqlen, grad_out, ref, iters, devic
         try:  # a kernel with a forward but no backward here (fa4 on Hopper) still gets its forward row
             out.backward(grad_out)
         except Exception as e:  # noqa: BLE001
-            row["status"] = f"forward only (backward: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            row["status"] = f"forward only (backward: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
             return row
         errs = [(a.float() - b).abs().max().item() for a, b in zip((qq.grad, kk.grad, vv.grad), ref[1:])]
         row.update(err_dq=errs[0], err_dk=errs[1], err_dv=errs[2])
@@ -145,7 +145,7 @@ def run_one(name, fn, note, q, k, v, cu, max_seqlen, grad_out, ref, iters, devic
         row["fwd_bwd_ms"] = timed(step, iters, device) * 1e3
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and goes on
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        row["status"] = f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     finally:
         if impl:
             from torch.nn.attention import restore_flash_attention_impl

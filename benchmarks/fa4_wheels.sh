@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # FlashAttention-4 (PyPI package `fa4`: flash_attn/cute, CuTe DSL kernels for Hopper and Blackwell)
 # for the lent GPU machine, which has no registry access and takes at most 64 MiB per call.
-# torch >= 2.10 routes its flash kernels (torch.nn.attention.varlen, SDPA's flash path) to it after
-# `activate_flash_attention_impl("FA4")` (arvid: `flash_impl: FA4`, `bench_generator.py --flash-impl
-# FA4`; bench_attention.py adds `torch_varlen[FA4]` rows by itself).
+# arvid uses it as `attn_backend: fa4` (its varlen kernels, called directly; training needs
+# Blackwell: fa4 4.0.0b3 has no varlen backward on Hopper), and torch >= 2.10 routes its own flash
+# kernels (torch.nn.attention.varlen, SDPA's flash path) to it after
+# `activate_flash_attention_impl("FA4")` (`flash_impl: FA4`); bench_attention.py has rows for both.
 #
-# The wheels are ~102 MB (one of them, the CUDA 13 compiler library, 92 MB), so they travel in two
-# calls to the same warm machine and are joined there:
+# The wheels are ~76 MB (one of them, the CuTe DSL's libs-base with its compiler, 71 MB), so they
+# travel in two calls to the same warm machine and are joined there:
 #   benchmarks/fa4_wheels.sh fetch     here: download into .fa4/ and split into .fa4/p1 (the small
 #                                      wheels + the first half) and .fa4/p2 (the second half)
 #   benchmarks/fa4_wheels.sh stash     there, in each call that carries .fa4/p1 or .fa4/p2: copy the

@@ -6,27 +6,31 @@
 #                removal of 2026-12-05 (the H200 proxy stage ran ~0.3 s per step) ([G]'s cost)
 #   1. pipeline  arvid pipeline configs/experiments/synthetic_gpu.yaml --jobs 2 (issue [G]: report);
 #                the training stages' last metrics records (data_wait_fraction) go to train_metrics.txt
-#   2. genprof   bench_generator.py --presets L --lengths router --profile, with torch_varlen and
-#                with flex (one block mask per batch since 2026-12-04), and with the bf16 residual
-#                stream (--residual-dtype compute; inductor's byte count on the CPU: -18% elementwise
-#                bytes per layer): MFU and where the step's kernel time goes (matmul, attention, fused
-#                elementwise, ...) ([E])
+#   2. genprof   bench_generator.py --presets L --lengths router --measure-peak --profile: the
+#                float32-residual baseline at 16,448 positions, then the bf16 residual stream
+#                (--residual-dtype compute) at the configs' 32,768: MFU (also against the matmul peak
+#                measured in the same process) and where the step's kernel time goes ([E])
+#   2a. genbig   the bf16 residual at 65,536 positions (the UCF/K600 experiment configs)
 #   3. attention bench_attention.py: every backend, flex[shared mask] included ([E])
 #   3a. packing  bench_packing.py on the host's CPU: the generator's batch building (its stage logged
 #                data_wait_fraction 0.52 on the H100, 2026-12-05, before the vectorised packing)
 #   3b. fa4     where benchmarks/fa4_wheels.sh installed FlashAttention-4 into /tmp/fa4site (two
 #                calls carrying .fa4/p1 and .fa4/p2, then `fa4_wheels.sh install`; the step waits a
-#                minute for it): bench_attention (torch_varlen[FA4] rows), the GPT L with
-#                --flash-impl FA4, and the FA4 agreement test ([E]: "measure FA3/FA4 too")
+#                minute for it): bench_attention (the fa4 backend's row, forward only on Hopper, and
+#                torch's FA4 route), the attention GPU tests, and, on Blackwell only (fa4 4.0.0b3 has
+#                no varlen backward on Hopper), the GPT L trained with --backend fa4 ([E])
 #   4. gputests  pytest -m gpu on the tests of code changed since the last GPU run
 #   5. sampling  bench_sampling.py --preset L, cuda_graph and compile, batch 1 and 64 ([F]); compile
 #                makes one compilation per KV bucket (9) and batch shape: its setup_s says how long
 #   6. i3d       bench_i3d.py, batch 64, clips on the device, fp32 / tf32stem-cl / tf32-cl ([B])
 #   7. decode    bench_video_decode.py with the fp32 I3D, start-up and steady state apart ([B]);
 #                needs PyAV: skipped (exit 3) where `import av` fails
-# Measured on 2026-12-06 (H100): gputests (sampling), sampling (compile; kv buckets 256 and 64), decode.
-# Still owed: tokprof, pipeline, genprof, attention, packing, fa4; sampling with COMPILE_MODE=
-# max-autotune-no-cudagraphs and batch 1 with the now-static batch (BENCHMARKS.md, Sampling).
+#   8. sampling_b1  the compiled decode step at batch 1 alone, default compile mode
+#   9. genflex   the GPT L with --backend flex, bf16 residual, 32,768 positions
+# Measured on 2026-12-06 (H100): gputests (sampling, attention with FA4), sampling (compile; kv
+# buckets 256 and 64; max-autotune-no-cudagraphs), sampling_b1, decode, genprof, genbig, attention,
+# genflex, fa4 (attention rows; FA4 cannot train on Hopper). Still owed: tokprof, pipeline, packing,
+# a gputests run of everything since (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -40,8 +44,8 @@
 # (default 0,4,8,15) narrow the sampling and decode steps when device time is short; DECODE_ATTENTION
 # (default sdpa,flex) the compiled decode step's attentions; KV_BUCKET (default 64, the sampler's
 # default since 2026-12-06) its bucket; COMPILE_MODE (default `default`) its torch.compile mode
-# (`max-autotune-no-cudagraphs` tries Triton matmul templates for the 2-row matmuls, which cuBLAS
-# ran at ~39% of the bandwidth at batch 1 on 2026-12-06; untimed since the cache-copy fix).
+# (`max-autotune-no-cudagraphs` tries Triton matmul templates for the 2-row matmuls; on 2026-12-06
+# it was no faster at batch 1 and slower at batch 64).
 #
 # On the lent machine (64 MiB carried per call): the weights (58 MB) and the PyAV wheel (36 MB)
 # do not travel together. Copy the weights out of the checkout in a first call (`cp -r .wts
@@ -77,8 +81,8 @@ run_all() {
         [ -f "$m" ] && echo "$m $(tail -n 1 "$m")"
     done > "$R/train_metrics.txt" 2>/dev/null
     # genprof: the float32-residual baseline at 16,448 positions, then the bf16 residual stream at the
-    # configs' 32,768 positions, then flex on the latter; each row also has MFU against the matmul
-    # peak measured in the same process (--measure-peak: the issue's MFU); genflex (last) runs flex
+    # configs' 32,768 positions; each row also has MFU against the matmul peak measured in the same
+    # process (--measure-peak: the issue's MFU); genflex (last) runs flex
     step genprof 600 bash -c "python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 \
         --warmup 3 --measure-peak --profile --json '$R/generator.json' && python3 benchmarks/bench_generator.py \
         --presets L --lengths router --steps 6 --warmup 3 --residual-dtype compute --max-tokens 32768 \
@@ -97,12 +101,12 @@ run_all() {
         step fa4 600 env PYTHONPATH="$(cat /tmp/fa4site/PYTHONPATH 2>/dev/null || echo /tmp/fa4site):$PYTHONPATH" bash -c '
             rc=0
             python3 benchmarks/bench_attention.py --json "$1/attention_fa4.json" || rc=$?
-            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend fa4 --residual-dtype compute --max-tokens 32768 \
-                --measure-peak --profile --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
-            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend fa4 --residual-dtype compute --max-tokens 65536 \
-                --measure-peak --json "$1/generator_fa4_65k.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+            # training with fa4 needs its varlen backward: Blackwell (compute capability >= 10) only
+            if python3 -c "import sys, torch; sys.exit(torch.cuda.get_device_capability()[0] < 10)"; then
+                python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+                    --backend fa4 --residual-dtype compute --max-tokens 32768 \
+                    --measure-peak --profile --json "$1/generator_fa4.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+            fi
             python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
                 || { s=$?; [ $rc = 0 ] && rc=$s; }
             exit $rc' _ "$R"

@@ -363,7 +363,7 @@ def test_fa4_custom_ops_pass_the_batch_and_wire_the_backward(monkeypatch):
         calls.append(("fwd", causal, return_lse, max_seqlen_q, max_seqlen_k, cu_seqlens_q is cu_seqlens_k))
         assert cu_seqlens_q.dtype == torch.int32
         out = reference(q, k, v, cu_seqlens_q).to(q.dtype)
-        return out, torch.zeros(q.shape[1], q.shape[0])  # the test's backward does not read the lse
+        return out, torch.zeros(q.shape[1], q.shape[0])  # fa4's varlen lse: [H, N] float32
 
     def bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, *, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k):
@@ -394,6 +394,32 @@ def test_fa4_custom_ops_pass_the_batch_and_wire_the_backward(monkeypatch):
     # one forward and one backward call, causal, over the batch's sequences (cu as int32, the same
     # tensor for queries and keys), the lse [H, N] and the output saved from the forward
     assert calls == [("fwd", True, True, 13, 13, True), ("bwd", True, (4, 25), 13, True, True)]
+    # the fake (meta) functions give the shapes, dtypes and strides of the real outputs, and the
+    # ops trace under AOT autograd (what torch.compile runs)
+    ci = cu.to(torch.int32)
+    torch.library.opcheck(torch.ops.arvid.fa4_varlen_causal_fwd.default,
+                          (q.clone().requires_grad_(True), k.clone().requires_grad_(True),
+                           v.clone().requires_grad_(True), ci, 13))
+    lse = torch.zeros(4, 25)
+    torch.library.opcheck(torch.ops.arvid.fa4_varlen_causal_bwd.default,
+                          (w, q, k, v, expected_out.float(), lse, ci, 13), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fa4_unavailable_reasons_say_what_is_missing(monkeypatch):
+    from arvid.generator import attention as A
+
+    reason = backend_unavailable_reason("fa4", "cpu", torch.bfloat16)
+    assert reason.startswith("attention backend 'fa4' needs a CUDA GPU (got device cpu)")
+    assert "pip install 'arvid[fa4]'" in reason  # the fa4 package is not installed here
+    assert "fa4" not in available_backends("cpu", torch.float32)
+    if not torch.cuda.is_available():  # a CPU-only torch: a reason, not torch's AssertionError
+        assert "sees none" in backend_unavailable_reason("fa4", "cuda", torch.bfloat16)
+    # installed but not importable (a CuTe DSL it was not built against): still one clear line
+    monkeypatch.setattr(A, "_fa4_problem", lambda: "attention backend 'fa4' needs an importable flash_attn.cute, "
+                        "which is installed but does not import (AttributeError: ThrMma); pip install 'arvid[fa4]'")
+    reason = backend_unavailable_reason("fa4", "cpu", torch.bfloat16)
+    assert "needs a CUDA GPU" in reason and "it also needs an importable flash_attn.cute" in reason
+    assert A.available_backends("cpu", torch.float32) == ["flex", "sdpa"]
 
 
 def test_fa4_is_refused_for_training_on_hopper(monkeypatch):

@@ -61,6 +61,12 @@ def test_bench_generator_tiny_cpu(tmp_path):
         assert 4.0 < r["loss"] < 12.0  # near log(vocab 8197) = 9.0 after two steps
 
 
+def test_bench_generator_reports_a_backend_that_cannot_train_here():
+    res = load("bench_generator").main(["--tiny", "--device", "cpu", "--lengths", "router", "--backend", "fa4"])
+    (row,) = res["rows"]
+    assert "tokens_per_s" not in row and row["error"].startswith("attention backend 'fa4' needs a CUDA GPU")
+
+
 def test_bench_generator_profile_splits_the_step_by_kernel_category():
     mod = load("bench_generator")
     res = mod.main(["--tiny", "--device", "cpu", "--lengths", "router", "--profile"])

@@ -44,12 +44,14 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "xformers", "sdpa")
 
-#: CUDA preference of ``auto`` (fastest first). ``benchmarks/bench_attention.py`` on an H100, torch
-#: 2.11, bf16, 16384 packed tokens of router-like lengths (mean 683), 16 heads of 64, fwd+bwd
-#: TFLOP/s: torch_varlen 77.6, cudnn (padded) 39.0, flex 16.1 (its per-batch block mask included),
-#: sdpa (dense mask) 5.5. flash_attn was not installed there; it runs the same FA2 varlen kernel
-#: as torch_varlen and comes first because it has run in production longest.
-CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "cudnn", "flex", "sdpa")
+#: CUDA preference of ``auto`` (fastest first). ``benchmarks/bench_attention.py`` on an H100
+#: (2026-12-06), torch 2.11, bf16, 16384 packed tokens of router-like lengths (mean 683), 16 heads
+#: of 64, fwd+bwd TFLOP/s: torch_varlen 90.4-104.5, flex 85.8-87.3 (with the batch's block mask
+#: shared by the layers, as the GPT runs it), cudnn (padded) 42.2-43.2, sdpa 43.0-43.5 (on CUDA it
+#: takes the padded path too). flash_attn was not installed there; it runs the same FA2 varlen
+#: kernel as torch_varlen and comes first because it has run in production longest. ``fa4`` is
+#: never chosen by ``auto``: it cannot train on Hopper and was not measured on Blackwell.
+CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -82,7 +84,7 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
     if not cuda:
         # Say what to install as well: the package is needed on the GPU machine too.
         missing = _package_problem(name)
-        also = f"; it also needs {missing.split(' needs ', 1)[1]}" if missing else ""
+        also = f"; it also needs {missing.split(' needs ', 1)[-1]}" if missing else ""
         return (f"attention backend {name!r} needs a CUDA GPU (got device {device}){also}; use 'sdpa' (or 'flex' "
                 "for inference) on CPU")
     if name in ("flash_attn", "fa4", "torch_varlen", "cudnn") and dtype not in _HALF:
@@ -90,6 +92,8 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
     if name == "flash_attn":
         return _flash_attn_problem()
     if name == "fa4":
+        if not torch.cuda.is_available():
+            return "attention backend 'fa4' needs a CUDA GPU, and this torch sees none (torch.cuda.is_available() is False)"
         major = torch.cuda.get_device_capability(device)[0]
         if major not in (9, 10, 11):
             return f"attention backend 'fa4' needs a Hopper or Blackwell GPU (compute capability 9-11), got {major}.x"
@@ -132,7 +136,7 @@ def _flash_attn_problem() -> str | None:
         return "attention backend 'flash_attn' needs the flash-attn package: pip install 'arvid[flash]' (flash-attn>=2.6)"
     if spec.origin is None:  # a namespace package
         return ("attention backend 'flash_attn' needs the flash-attn package; the installed 'flash_attn' is only a "
-                "namespace (such as fa4's flash_attn.cute: use it with flash_impl=FA4 and attn_backend=torch_varlen)")
+                "namespace (such as fa4's flash_attn.cute: use it with attn_backend=fa4)")
     return None
 
 
@@ -149,14 +153,14 @@ def _fa4_problem() -> str | None:
     try:
         import flash_attn.cute.interface  # noqa: F401
     except Exception as e:  # noqa: BLE001 - a DSL version mismatch shows up as any error at import
-        return (f"attention backend 'fa4': flash_attn.cute is installed but does not import ({type(e).__name__}: "
+        return (f"attention backend 'fa4' needs an importable flash_attn.cute, which is installed but does not import ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160] if str(e) else ''}); {help_}")
     return None
 
 
 FLASH_IMPLS = ("FA3", "FA4")
 _FLASH_IMPL_HELP = {
-    "FA4": "FlashAttention-4 needs the fa4 package (pip install fa4; it brings nvidia-cutlass-dsl) and a Hopper or "
+    "FA4": "FlashAttention-4 needs the fa4 package (pip install 'arvid[fa4]': fa4 with the CuTe DSL it was built against) and a Hopper or "
            "Blackwell GPU",
     "FA3": "FlashAttention-3 needs flash_attn_interface (flash-attention's hopper/ build) and a Hopper GPU",
 }
@@ -248,7 +252,7 @@ def resolve_training_backend(name: str, device: torch.device | str, dtype: torch
         raise AttentionBackendUnavailable(
             f"attention backend 'flex' cannot train on {device} (FlexAttention has no backward pass off CUDA); "
             "train with attn_backend='sdpa' (or 'auto') on CPU, or run 'flex' on a CUDA GPU")
-    if resolved == "fa4" and torch.cuda.get_device_capability(device)[0] == 9:
+    if resolved == "fa4" and torch.cuda.get_device_capability(device)[0] == 9:  # resolve_backend checked CUDA
         raise AttentionBackendUnavailable(FA4_HOPPER_NO_BACKWARD)
     return resolved
 
@@ -489,7 +493,7 @@ def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor
 
 @_fa4_fwd.register_fake
 def _(q, k, v, cu, max_seqlen):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("arvid::fa4_varlen_causal_bwd", mutates_args=())
@@ -504,7 +508,7 @@ def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 @_fa4_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu, max_seqlen):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fa4_setup(ctx, inputs, output):

@@ -56,8 +56,9 @@ class TrainGeneratorConfig:
     pad_batches: bool = doc(False, "pad every packed batch to max_tokens and report a fixed max_seqlen "
                                    "(static shapes: no recompiles under trainer.compile)")
     peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)", execution=True)
-    flash_impl: str = doc("", "'' (torch's FA2 kernels), FA4 (pip install fa4; Hopper/Blackwell) or FA3: the "
-                              "flash kernels behind attn_backend torch_varlen", execution=True)
+    flash_impl: str = doc("", "'' (torch's FA2 kernels), FA4 (pip install 'arvid[fa4]'; Hopper/Blackwell; torch 2.11 "
+                              "refuses its causal backward on Hopper) or FA3: the flash kernels behind attn_backend "
+                              "torch_varlen", execution=True)
     trainer: TrainerConfig = field(
         default_factory=lambda: TrainerConfig(max_steps=20000, batch_size=1, lr=3e-4, weight_decay=0.05,
                                               warmup_steps=500, precision="bf16", ema_decay=0.0),
