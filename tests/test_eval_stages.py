@@ -103,6 +103,28 @@ def test_a_protocol_the_data_cannot_meet_fails_before_loading_models(tmp_path):
         evaluate_recon(cfg)
 
 
+def test_recon_takes_the_protocols_split_unless_one_is_given(tmp_path):
+    """``eval recon``'s split defaults to its protocol's (ucf-train-rfvd: train), so the UCF protocol
+    does not fail on a default that contradicts it; a split given that contradicts it still fails."""
+    from arvid.config import ConfigError
+    from arvid.stages.evaluate import ReconEvalConfig, evaluate_recon, protocol_split
+
+    assert ReconEvalConfig().split is None
+    assert protocol_split(None, "ucf-train-rfvd", "val") == "train"
+    assert protocol_split(None, "k600-fp-50k", "val") == "test"
+    assert protocol_split(None, "synthetic", "val") == "val" and protocol_split(None, None, "val") == "val"
+    assert protocol_split("test", "ucf-train-rfvd", "val") == "test"  # given: kept (and then refused)
+    data = DataConfig(**{**DATA, "frames": 16, "size": 128})
+    missing = str(tmp_path / "none")
+    # the default split passes the protocol's check: the run gets as far as loading the tokenizer
+    with pytest.raises(Exception) as e:
+        evaluate_recon(ReconEvalConfig(data=data, protocol="ucf-train-rfvd", tokenizer=missing, device="cpu"))
+    assert "split" not in str(e.value) and missing in str(e.value)
+    with pytest.raises(ConfigError, match="takes its real clips from the 'train' split, but split is 'val'"):
+        evaluate_recon(ReconEvalConfig(data=data, split="val", protocol="ucf-train-rfvd", tokenizer=missing,
+                                       device="cpu"))
+
+
 # --------------------------------------------------------------------------- recon
 
 

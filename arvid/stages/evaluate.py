@@ -75,6 +75,20 @@ def check_protocol(protocol: str | None, data: DataConfig, split: str | None = N
                           f"{split!r}; set split: {p.split} (or use protocol: synthetic, which takes any split)")
 
 
+def protocol_split(split: str | None, protocol: str | None, default: str) -> str:
+    """``split``; where it is None, the protocol's split (``ucf-*``: train, ``k600-fp-50k``: test), or
+    ``default`` for a protocol that takes any split (``synthetic``) or none."""
+    if split is not None:
+        return split
+    if protocol:
+        from arvid.eval.protocols import get_protocol
+
+        p = get_protocol(protocol)
+        if p.split is not None:
+            return p.split
+    return default
+
+
 def _load_router(path: str | None, device: torch.device, tok: Any, tok_name: str = "in use"):
     """The router at ``path`` (None: none) for ``tok``; ConfigError when its layout differs."""
     if not path:
@@ -179,7 +193,8 @@ class ReconEvalConfig:
     """Reconstruction quality of a tokenizer on real clips."""
 
     data: DataConfig = nested(DataConfig, "the real clips (use random_start: false for a fixed protocol)")
-    split: Literal["train", "val", "test"] = doc("val", "dataset split")
+    split: Literal["train", "val", "test"] | None = doc(
+        None, "dataset split; null: the protocol's (ucf-train-rfvd: train, k600-fp-50k: test), else val")
     num_videos: int | None = doc(64, "clips of the split, the protocol's draw (null: all)")
     tokenizer: str = doc("", "tokenizer directory (save_pretrained)")
     router: str | None = doc(None, "router directory: its choice per video (adaptive); null: see `uniform`")
@@ -214,8 +229,9 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
     from arvid.tokenizer.base import load_tokenizer
 
     device = resolve_device(cfg.device)
-    check_protocol(cfg.protocol, cfg.data, cfg.split)
-    clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
+    split = protocol_split(cfg.split, cfg.protocol, "val")
+    check_protocol(cfg.protocol, cfg.data, split)
+    clips = clips or ClipSet(cfg.data, split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()
     router = _load_router(cfg.router, device, tok, cfg.tokenizer)
     fixed = {f"uniform-{c}": tok.layout.uniform(c)[0] for c in cfg.uniform}
@@ -231,7 +247,7 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
     quality = {n: ReconstructionMetrics(lpips_net=None, lpips=lp).to(device) for n in names}
     seconds = dict.fromkeys(names, 0.0)
     counts = torch.zeros(tok.layout.num_assignments, dtype=torch.long)
-    for _, b in clips.batches(f"recon {cfg.split}"):
+    for _, b in clips.batches(f"recon {clips.split}"):
         v = b["video"].to(device)
         if fvd is not None:
             fvd.add_real(v)
@@ -267,7 +283,7 @@ def evaluate_recon(cfg: ReconEvalConfig, clips: ClipSet | None = None, fvd: FVDS
                  f"{row['lpips']:.4f}" if "lpips" in row else "-", f"{row['rfvd']:.1f}" if "rfvd" in row else "-")
     if fvd is not None and cfg.save_real_stats:
         fvd.save_real(cfg.save_real_stats)
-    return {"tokenizer": cfg.tokenizer, "num_videos": len(clips), "split": cfg.split, "protocol": cfg.protocol,
+    return {"tokenizer": cfg.tokenizer, "num_videos": len(clips), "split": clips.split, "protocol": cfg.protocol,
             "lpips_net": cfg.lpips_net if lp is not None else None, "results": rows}
 
 
