@@ -39,6 +39,7 @@ from arvid.generator.attention import AttentionBackendUnavailable, resolve_train
 from arvid.generator.gpt import GPT  # noqa: E402
 from arvid.generator.packing import IGNORE, TokenBudgetBatchSampler, pack_sequences, router_like_lengths  # noqa: E402
 from arvid.generator.sequence import SequenceFormat  # noqa: E402
+from arvid.training.profiling import measure_matmul_peak  # noqa: E402
 
 
 def make_batches(kind: str, fmt: SequenceFormat, max_tokens: int, count: int, num_classes: int,
@@ -110,26 +111,6 @@ def profile_steps(step, batches: list, device: torch.device, top: int = 12) -> d
             "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:120], "category": categorize(n), "share": t / total, "calls": c}
                     for n, t, c in rows[:top]]}
-
-
-def measure_matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
-    """TFLOP/s of a square bf16 matmul of size ``n`` on ``device`` (best of three timed runs of
-    ``reps`` products after a warm-up): the measured ceiling the issue's MFU is taken against."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2.0 * n**3 / best / 1e12
 
 
 def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceFormat) -> dict:

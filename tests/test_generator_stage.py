@@ -93,6 +93,30 @@ def test_train_generator_class_conditional_cli(setup, tmp_path):
     assert json.loads((out / "done").read_text())["step"] == 4
 
 
+def test_peak_tflops_zero_measures_the_matmul_peak_and_takes_mfu_against_it(setup, tmp_path):
+    root, _ = setup
+    out = tmp_path / "peak"
+    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
+                                    overrides(root, out, "peak_tflops=0", "trainer.max_steps=2")))
+    done = json.loads((out / "done").read_text())
+    assert done["peak_measured"] is True and 0 < done["peak_tflops"] < 100  # a CPU's float32 matmul rate
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "mfu" in r]
+    assert records
+    for r in records:  # MFU is the model's FLOP rate over the measured peak
+        assert r["mfu"] == pytest.approx(r["tflops"] / done["peak_tflops"], rel=1e-6)
+    with pytest.raises(ValueError, match="peak_tflops >= 0"):
+        TrainGeneratorConfig(token_store="s", tokenizer="t", peak_tflops=-1.0)
+
+
+def test_measure_matmul_peak_counts_2n3_flops_per_product(monkeypatch):
+    import arvid.training.profiling as prof
+
+    clock = iter(float(i) for i in range(100))  # every perf_counter call advances one second
+    monkeypatch.setattr(prof.time, "perf_counter", lambda: next(clock))
+    # each timed run is 2 reads of the clock 1 s apart around 4 products: 0.25 s per product
+    assert prof.measure_matmul_peak("cpu", torch.float32, n=64, reps=4) == pytest.approx(2 * 64**3 / 0.25 / 1e12)
+
+
 def test_train_generator_frames_and_text(setup, tmp_path):
     root, _ = setup
     out = tmp_path / "frames"

@@ -55,7 +55,10 @@ class TrainGeneratorConfig:
     max_tokens: int = doc(16384, "packed positions per batch (the token budget; prefix slots count)")
     pad_batches: bool = doc(False, "pad every packed batch to max_tokens and report a fixed max_seqlen "
                                    "(static shapes: no recompiles under trainer.compile)")
-    peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)", execution=True)
+    peak_tflops: float = doc(989.0, "accelerator peak TFLOP/s for MFU (H100 SXM bf16 dense: 989); 0: time a "
+                                    "matmul in the training precision on the training device at the start and "
+                                    "take MFU against that measured peak (790-803 TFLOP/s on the lent H100)",
+                             execution=True)
     flash_impl: str = doc("", "'' (torch's FA2 kernels), FA4 (pip install 'arvid[fa4]'; Hopper/Blackwell; torch 2.11 "
                               "refuses its causal backward on Hopper) or FA3: the flash kernels behind attn_backend "
                               "torch_varlen", execution=True)
@@ -70,8 +73,9 @@ class TrainGeneratorConfig:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.flash_impl not in ("", "FA3", "FA4"):
             raise ValueError(f"flash_impl must be '', 'FA3' or 'FA4', got {self.flash_impl!r}")
-        if self.max_tokens <= 0 or self.peak_tflops <= 0:
-            raise ValueError(f"max_tokens and peak_tflops must be positive, got {self.max_tokens}, {self.peak_tflops}")
+        if self.max_tokens <= 0 or self.peak_tflops < 0:
+            raise ValueError(f"max_tokens must be positive and peak_tflops >= 0 (0: measure it), got {self.max_tokens}, "
+                             f"{self.peak_tflops}")
         if self.conditioning == "frames" and self.context_blocks < 1:
             raise ValueError("conditioning 'frames' needs context_blocks >= 1 (K600 protocol: 2)")
         if self.conditioning != "frames" and self.context_blocks:
@@ -175,6 +179,19 @@ def training_device(trainer: TrainerConfig) -> torch.device:
     return torch.device("cuda")
 
 
+def measured_peak(trainer: TrainerConfig) -> float:
+    """``peak_tflops: 0``: the matmul rate measured on the training device in the training precision
+    (bf16, else float32), logged; MFU is then taken against it."""
+    from arvid.training.profiling import measure_matmul_peak
+
+    device = training_device(trainer)
+    dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
+    peak = measure_matmul_peak(device, dtype)
+    log.info("train-generator: measured %s matmul peak on %s: %.1f TFLOP/s (MFU is taken against it)",
+             str(dtype).replace("torch.", ""), device.type, peak)
+    return peak
+
+
 def check_attention_backend(cfg: TrainGeneratorConfig) -> str:
     """The concrete attention backend ``gpt.attn_backend`` (the GPTConfig default when not
     overridden) resolves to for the training device and ``trainer.precision``; raises
@@ -254,7 +271,8 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     gpt = GPT(gpt_cfg)
     log.info("train-generator: GPT %s, %.1fM parameters; %d videos in %d packed batches of <= %d positions",
              cfg.preset, gpt.num_params() / 1e6, len(store), len(dataset), cfg.max_tokens)
-    task = GeneratorTask(gpt, cfg.peak_tflops)
+    peak = cfg.peak_tflops or measured_peak(cfg.trainer)
+    task = GeneratorTask(gpt, peak)
     trainer = Trainer(cfg.trainer, task, dataset, out, collate_fn=concat_packed)
     result = trainer.fit()
     final = trainer.final_model()
@@ -262,7 +280,8 @@ def run(cfg: TrainGeneratorConfig) -> Path:
              "context_blocks": cfg.context_blocks, "spm_dir": cfg.spm_dir, "captions": cfg.captions}
     final.save_pretrained(out / "gpt", extra=extra)
     write_json(out / "done", {"stage": "train-generator", "step": result.step, "losses": result.losses,
-                              "params": gpt.num_params(), "batches_per_epoch": len(dataset)})
+                              "params": gpt.num_params(), "batches_per_epoch": len(dataset),
+                              "peak_tflops": peak, "peak_measured": not cfg.peak_tflops})
     return out
 
 
