@@ -266,7 +266,7 @@ def test_flash_impl_activation_errors_say_what_to_install():
         activate_flash_impl("FA9")
     assert FLASH_IMPLS == ("FA3", "FA4")
     # neither the fa4 package nor a Hopper GPU here: a clear error, not torch's ImportError
-    with pytest.raises(AttentionBackendUnavailable, match="pip install fa4|does not offer|torch>=2.10"):
+    with pytest.raises(AttentionBackendUnavailable, match=r"pip install 'arvid\[fa4\]'|does not offer|torch>=2.10"):
         activate_flash_impl("FA4")
 
 
