@@ -55,7 +55,14 @@ from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_u
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
 from arvid.io import write_json
-from arvid.stages.eval_stream import DrawnClips, _collate, all_gather_objects, draw_clips, draws_several_clips
+from arvid.stages.eval_stream import (
+    DrawnClips,
+    _collate,
+    all_gather_objects,
+    clips_record,
+    draw_clips,
+    draws_several_clips,
+)
 
 if TYPE_CHECKING:
     from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
@@ -213,10 +220,9 @@ def run(args: argparse.Namespace) -> dict:
             metric.load_stats(data, side)
             continue
         # the set the clips are drawn from: saved with the statistics, and "all" protocols compare N with it
-        metric.set_clips(side, {"source": "csv" if str(source).lower().endswith(".csv") else "folder",
-                                "root": str(Path(source).resolve()), "split": None,
-                                "seed": protocol.seed if random_clips else None, "drawn": len(data),
-                                "available": len(data.ds)})
+        metric.set_clips(side, clips_record("csv" if str(source).lower().endswith(".csv") else "folder",
+                                            str(Path(source).resolve()), None, protocol.seed if random_clips else None,
+                                            len(data), len(data.ds)))
         skipped = set().union(*all_gather_objects(feed(metric, data, real, args, world, rank)))
         if skipped and rank == 0:
             log.warning("%s: %d drawn files are unreadable and were left out (the %s set is %d clips short)",

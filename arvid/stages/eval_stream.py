@@ -249,8 +249,8 @@ class ClipSet:
         else:
             seed = d.seed
         root = d.val_root if self.split != "train" and d.val_root else d.root
-        return {"source": d.source, "root": str(Path(root).resolve()) if root else None, "split": self.split,
-                "seed": seed, "drawn": len(self.pairs), "available": len(self.dataset)}  # type: ignore[arg-type]
+        return clips_record(d.source, str(Path(root).resolve()) if root else None, self.split, seed, len(self.pairs),
+                            len(self.dataset))  # type: ignore[arg-type]
 
     def labels(self) -> torch.Tensor:
         """``LongTensor[N]``: every drawn clip's label, in draw order."""
@@ -375,6 +375,16 @@ class FVDSides:
 
 
 #: the fields of a statistics file's ``clips`` that must equal the run's clips' (where both record them)
+def clips_record(source: str, root: str | None, split: str | None, seed: int | None, drawn: int,
+                 available: int) -> dict:
+    """The record of a set of clips that statistics files keep (``FeatureStats.clips``) and check
+    (:data:`CHECKED_CLIP_FIELDS`): the data ``source`` (``synthetic``, ``folder``, ``csv`` ...), its
+    ``root``, the ``split`` (None: files outside any split), the ``seed`` the clips depend on (None:
+    none), N ``drawn`` and the set's size ``available``. The one place its keys are written
+    (:meth:`ClipSet.describe`, ``arvid eval fvd``)."""
+    return {"source": source, "root": root, "split": split, "seed": seed, "drawn": drawn, "available": available}
+
+
 CHECKED_CLIP_FIELDS = ("source", "split", "seed", "drawn")
 
 
