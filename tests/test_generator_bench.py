@@ -148,3 +148,16 @@ def test_bench_sampling_cpu_row(tmp_path, monkeypatch):
     assert r["kv_len"] == bucket_len(20 + r["n_prefix"], 16, 10**6) == 32
     assert r["step_ms"] > 0 and r["recompute_speedup"] > 0
     assert r["floor_ms_full_cache"] >= r["floor_ms_bucket"] >= r["floor_ms_filled"] > 0
+
+
+def test_compare_residual_dtype_trains_both_streams_on_learnable_chains(tmp_path):
+    res = load("compare_residual_dtype").main(["--steps", "6", "--window", "3", "--dim", "32", "--layers", "1",
+                                                "--heads", "2", "--vocab", "32", "--max-tokens", "128",
+                                                "--json", str(tmp_path / "r.json")])
+    assert [w["steps"] for w in res["windows"]] == ["0-2", "3-5"]
+    # the chains are learnable (entropy well below uniform) and both runs start from the same
+    # weights on the same batches: near log(vocab), and within a few percent of each other
+    assert res["floor"] < 0.6 * res["log_vocab"]
+    first = res["windows"][0]
+    assert abs(first["float32"] - res["log_vocab"]) < 0.3 and abs(first["rel_diff"]) < 0.02
+    assert (tmp_path / "r.json").is_file()
