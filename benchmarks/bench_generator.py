@@ -133,9 +133,9 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None,
            "residual_dtype": args.residual_dtype}
     # a backend that cannot train here (fa4 on Hopper) fails now with its reason, not after compiling
-    resolve_training_backend(args.backend, device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    resolve_training_backend(args.backend, device, args.dtype)
     with autocast:
-        row["backend"] = model._backend(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        row["backend"] = model._backend(device, args.dtype)
     t_compile = time.perf_counter()
 
     def step(batch):
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--measure-peak", action="store_true",
-                   help="time an 8192^3 bf16 matmul first; rows also give mfu_measured_peak against it (the "
+                   help="time a matmul in --precision first (8192^3 on CUDA); rows also give mfu_measured_peak against it (the "
                         "issue's MFU: against the measured matmul ceiling; 790-803 TFLOP/s on the lent H100)")
     p.add_argument("--tiny", action="store_true", help="debug preset, small batches, no compile (CPU smoke)")
     p.add_argument("--json", help="also write the results here")
@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
         from arvid.generator.attention import activate_flash_impl
 
         activate_flash_impl(args.flash_impl)  # raises, saying what to install, when it cannot
-    args.measured_peak = None
-    if args.measure_peak:
-        args.measured_peak = measure_matmul_peak(device, n=1024 if args.tiny else 8192, reps=2 if args.tiny else 20)
-        print(f"# measured bf16 matmul peak: {args.measured_peak:.1f} TFLOP/s", flush=True)
+    args.dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    args.measured_peak = measure_matmul_peak(device, args.dtype) if args.measure_peak else None
+    if args.measured_peak:
+        print(f"# measured {args.precision} matmul peak: {args.measured_peak:.1f} TFLOP/s", flush=True)
     rows = []
     for preset in args.presets.split(","):
         for kind in args.lengths.split(","):

@@ -118,7 +118,7 @@ def _package_problem(name: str) -> str | None:
     it is installed, else ``"attention backend ... needs the ... package: pip install ..."``."""
     if name == "flash_attn":
         return _flash_attn_problem()
-    if name == "fa4" and _fa4_problem() is not None:
+    if name == "fa4":
         return _fa4_problem()
     if name == "xformers" and importlib.util.find_spec("xformers") is None:
         return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"

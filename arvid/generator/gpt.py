@@ -297,6 +297,8 @@ class GPT(nn.Module, PretrainedMixin):
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self._backend_cache: dict[tuple, str] = {}
+        # weights of the linear layers: training_flops runs for every micro-batch (on the host)
+        self._matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
@@ -348,9 +350,8 @@ class GPT(nn.Module, PretrainedMixin):
         ``6 * matmul params * tokens`` plus causal attention ``6 * n_layers * dim * sum L^2 / 2 * 2``
         (QK^T and PV, half of the square for causality, backward = 2x forward)."""
         lens = torch.as_tensor(seqlens, dtype=torch.float64)
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         attn = 6.0 * self.config.n_layers * self.config.dim * float((lens**2).sum())
-        return 6.0 * matmul * float(lens.sum()) + attn
+        return 6.0 * self._matmul_params * float(lens.sum()) + attn
 
     # ------------------------------------------------------------------ conditioning prefix
     def _check_cond(self, cond: Conditioning, batch: int) -> None:

@@ -374,7 +374,6 @@ class FVDSides:
         return m.result(tokens_per_video=tokens_per_video, **extra).to_dict()
 
 
-#: the fields of a statistics file's ``clips`` that must equal the run's clips' (where both record them)
 def clips_record(source: str, root: str | None, split: str | None, seed: int | None, drawn: int,
                  available: int) -> dict:
     """The record of a set of clips that statistics files keep (``FeatureStats.clips``) and check
@@ -385,6 +384,7 @@ def clips_record(source: str, root: str | None, split: str | None, seed: int | N
     return {"source": source, "root": root, "split": split, "seed": seed, "drawn": drawn, "available": available}
 
 
+#: the fields of a statistics file's ``clips`` that must equal the run's clips' (where both record them)
 CHECKED_CLIP_FIELDS = ("source", "split", "seed", "drawn")
 
 

@@ -179,13 +179,17 @@ def training_device(trainer: TrainerConfig) -> torch.device:
     return torch.device("cuda")
 
 
+def training_dtype(trainer: TrainerConfig) -> torch.dtype:
+    """The dtype the training step computes in: bf16 under ``precision: bf16``, else float32."""
+    return torch.bfloat16 if trainer.precision == "bf16" else torch.float32
+
+
 def measured_peak(trainer: TrainerConfig) -> float:
     """``peak_tflops: 0``: the matmul rate measured on the training device in the training precision
     (bf16, else float32), logged; MFU is then taken against it."""
     from arvid.training.profiling import measure_matmul_peak
 
-    device = training_device(trainer)
-    dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
+    device, dtype = training_device(trainer), training_dtype(trainer)
     peak = measure_matmul_peak(device, dtype)
     log.info("train-generator: measured %s matmul peak on %s: %.1f TFLOP/s (MFU is taken against it)",
              str(dtype).replace("torch.", ""), device.type, peak)
@@ -203,7 +207,7 @@ def check_attention_backend(cfg: TrainGeneratorConfig) -> str:
     if not isinstance(name, str):
         raise ConfigError(f"gpt.attn_backend must be a string (auto, sdpa, flex, ...), got {name!r}")
     device = training_device(cfg.trainer)
-    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    dtype = training_dtype(cfg.trainer)
     try:
         resolved = resolve_training_backend(name, device, dtype)
     except AttentionBackendUnavailable as e:
