@@ -399,8 +399,9 @@ class Pipeline:
                             break
                         if all(dep in finished for dep in [*it.stage.deps, *it.stage.after]):
                             pending.remove(it)
+                            t0 = time.time()  # before the launch: a fast child may finish before it returns
                             proc = launch(it)
-                            running[it.stage.name] = (it, proc, time.time())
+                            running[it.stage.name] = (it, proc, t0)
                             log.info("[%s] started (%s) in process %s", it.stage.name, it.action, proc.pid)
                 if not running:
                     break  # a failure left the rest pending

@@ -573,3 +573,31 @@ def test_a_refresh_is_not_lost_and_reaches_dependents(tmp_path):
     assert "upstream report" in items[2].reason
     calls.clear()
     assert [i.action for i in pipe().run()] == ["skip", "skip", "skip"] and calls == []
+
+
+def test_run_parallel_a_stage_finished_before_its_launch_returns_counts_as_run(tmp_path):
+    """A child that finishes the stage before ``launch`` returns (a fast stage, a slow parent) ran
+    it: its marker is newer than the launch, so the plan says 'run', not 'finished by another
+    process' (CI saw 'skip' here once when the launch time was taken after ``launch``)."""
+    import threading
+
+    class Done:  # the stage ran to completion inside launch()
+        def __init__(self, pipe, item):
+            self.pid, self.rc = item.stage.name, 0
+            pipe.run(only=item.stage.name)
+
+        def poll(self):
+            return self.rc
+
+        def terminate(self):
+            pass
+
+        def wait(self, timeout=None):
+            return self.rc
+
+    gate = {k: threading.Event() for k in "abcd"}
+    for g in gate.values():
+        g.set()
+    pipe = _graph(tmp_path, gate)
+    items = pipe.run_parallel(lambda it: Done(pipe, it), jobs=1, poll_s=0.01)
+    assert [i.action for i in items] == ["run"] * 4
