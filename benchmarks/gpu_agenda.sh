@@ -27,10 +27,14 @@
 #                needs PyAV: skipped (exit 3) where `import av` fails
 #   8. sampling_b1  the compiled decode step at batch 1 alone, default compile mode
 #   9. genflex   the GPT L with --backend flex, bf16 residual, 32,768 positions
+#  10. cudnnvar  probe_cudnn_varlen.py at 16,384 and 32,768 tokens: cuDNN's ragged (THD) attention
+#                through aten's nested-tensor ops, agreement and fwd+bwd TFLOP/s against torch_varlen,
+#                the cost of a new sequence count and of bucketing it ([E]: the attention is ~25% of
+#                the L step at ~100 TFLOP/s; would a cuDNN backend pay?)
 # Measured on 2026-12-06 (H100): gputests (sampling, attention with FA4), sampling (compile; kv
 # buckets 256 and 64; max-autotune-no-cudagraphs), sampling_b1, decode, genprof, genbig, attention,
-# genflex, fa4 (attention rows; FA4 cannot train on Hopper). Still owed: tokprof, pipeline, packing,
-# a gputests run of everything since (BENCHMARKS.md).
+# genflex, fa4 (attention rows; FA4 cannot train on Hopper). Still owed: cudnnvar (written
+# 2026-12-06, never run), tokprof, pipeline, packing, a gputests run of everything since (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -55,7 +59,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-tokprof pipeline genprof genbig attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
+STEPS=${AGENDA_STEPS:-cudnnvar tokprof pipeline genprof genbig attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R
@@ -70,6 +74,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in
 run_all() {
     mkdir -p "$R"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
+    step cudnnvar 300 bash -c "python3 benchmarks/probe_cudnn_varlen.py --json '$R/cudnn_varlen.json' && \
+        python3 benchmarks/probe_cudnn_varlen.py --tokens 32768 --json '$R/cudnn_varlen_32k.json'"
     rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage
     step tokprof 300 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --until proxy \
         out_dir=/tmp/tokprof proxy.trainer.max_steps=30 proxy.trainer.profile_start=20 \
