@@ -27,10 +27,11 @@
 #                needs PyAV: skipped (exit 3) where `import av` fails
 #   8. sampling_b1  the compiled decode step at batch 1 alone, default compile mode
 #   9. genflex   the GPT L with --backend flex, bf16 residual, 32,768 positions
-#  10. cudnnvar  probe_cudnn_varlen.py at 16,384 and 32,768 tokens: cuDNN's ragged (THD) attention
-#                through aten's nested-tensor ops, agreement and fwd+bwd TFLOP/s against torch_varlen,
-#                the cost of a new sequence count and of bucketing it ([E]: the attention is ~25% of
-#                the L step at ~100 TFLOP/s; would a cuDNN backend pay?)
+#  10. cudnnvar  (runs first) the cudnn_varlen backend, written 2026-12-06 without device time:
+#                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
+#                against torch_varlen, the cost of new sequence counts), the attention and GPT GPU
+#                tests (every available backend), and the L step with it and with torch_varlen at
+#                32,768 positions ([E]: the attention is ~25% of the L step at ~100 TFLOP/s)
 # Measured on 2026-12-06 (H100): gputests (sampling, attention with FA4), sampling (compile; kv
 # buckets 256 and 64; max-autotune-no-cudagraphs), sampling_b1, decode, genprof, genbig, attention,
 # genflex, fa4 (attention rows; FA4 cannot train on Hopper). Still owed: cudnnvar (written
@@ -74,8 +75,20 @@ step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in
 run_all() {
     mkdir -p "$R"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/device.txt" 2>&1
-    step cudnnvar 300 bash -c "python3 benchmarks/probe_cudnn_varlen.py --json '$R/cudnn_varlen.json' && \
-        python3 benchmarks/probe_cudnn_varlen.py --tokens 32768 --json '$R/cudnn_varlen_32k.json'"
+    # cudnnvar: each part runs whatever the others did; the step's status is the first failure's
+    step cudnnvar 600 bash -c '
+        rc=0
+        python3 benchmarks/probe_cudnn_varlen.py --json "$1/cudnn_varlen.json" || rc=$?
+        python3 benchmarks/probe_cudnn_varlen.py --tokens 32768 --json "$1/cudnn_varlen_32k.json" \
+            || { s=$?; [ $rc = 0 ] && rc=$s; }
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
+            tests/test_generator_gpt.py || { s=$?; [ $rc = 0 ] && rc=$s; }
+        for b in cudnn_varlen torch_varlen; do  # the L step with it, and the baseline on this machine
+            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+                --backend $b --residual-dtype compute --max-tokens 32768 --measure-peak --profile \
+                --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+        done
+        exit $rc' _ "$R"
     rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage
     step tokprof 300 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --until proxy \
         out_dir=/tmp/tokprof proxy.trainer.max_steps=30 proxy.trainer.profile_start=20 \

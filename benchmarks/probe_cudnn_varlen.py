@@ -1,4 +1,5 @@
-"""Would a cuDNN ragged-attention backend pay? Agreement and fwd+bwd TFLOP/s against torch_varlen.
+"""The cudnn_varlen attention backend on the GPU: agreement, fwd+bwd TFLOP/s against torch_varlen,
+and the cost of new batch shapes.
 
     python benchmarks/probe_cudnn_varlen.py                 # CUDA, bf16, router-like lengths
     python benchmarks/probe_cudnn_varlen.py --tokens 32768 --json /tmp/probe.json
@@ -7,23 +8,22 @@ The generator's step on an H100 spends ~25% of its kernel time in FA2-class varl
 ~100 TFLOP/s (BENCHMARKS.md, 2026-12-06); the issue's 58% MFU goal needs that part faster. torch
 (2.9 and later) reaches cuDNN's fused attention on packed sequences through nested tensors:
 ``aten._cudnn_attention_forward`` / ``_backward`` take ``[T, H, D]`` tensors with cumulative
-sequence lengths (the THD layout, no padding), as arvid's packed batches are. arvid has no backend
-on them yet; this probe, run on the GPU, says whether one would pay and what it would have to
-handle:
+sequence lengths (the THD layout, no padding), as arvid's packed batches are. arvid's
+``cudnn_varlen`` backend wraps them as two custom ops (``arvid.generator.attention``); it was
+written without device time and has not run on a GPU yet. This probe says whether it works and
+pays:
 
-- ``ops``: the two aten ops wrapped as custom ops (``arvid_probe::cudnn_varlen_fwd`` / ``_bwd``,
-  with fake implementations, so ``torch.compile`` keeps the layers around them in one graph), the
-  way ``arvid.generator.attention``'s ``fa4`` backend wraps FlashAttention-4;
+- which dtype of the cumulative lengths cuDNN takes (int32, what the backend passes, else int64)
+  and the layout of the log-sum-exp this torch returns;
 - agreement of output and dq/dk/dv with the float32 dense reference of ``bench_attention.py``,
-  eager and under ``torch.compile(fullgraph=True)``, and whether the fake's log-sum-exp shape is
-  the real one;
+  eagerly, under ``torch.compile(fullgraph=True)`` and on strided q/k/v (views of a fused qkv);
 - forward and forward+backward time and TFLOP/s against ``torch_varlen`` on the same batch;
 - the cost of a new shape: cuDNN builds an execution plan per (sequence count, longest sequence,
   total tokens) and caches it. ``first_call_ms`` is the first call on a new sequence count;
   ``varying_ms`` the mean over batches whose sequence counts all differ (every call a new plan),
   ``bucketed_ms`` the same batches with the sequence count padded to a multiple of
-  ``--count-bucket`` by zero-length sequences and ``max_seqlen`` fixed to the layout's longest
-  (one plan for all), with its own agreement check (zero-length sequences must be harmless).
+  ``--count-bucket`` by zero-length sequences and ``max_seqlen`` fixed to a bound (one plan for
+  all), with its own agreement check (zero-length sequences must be harmless).
 
 Prints one row per measurement and a JSON line (``--json PATH`` also writes it). No number from
 it is in BENCHMARKS.md until it has run on the GPU.
@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arvid.data.types import BlockLayout  # noqa: E402
+from arvid.generator import attention as A  # noqa: E402
 from arvid.generator.attention import attention_flops, backend_unavailable_reason, varlen_causal_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,54 +53,9 @@ from bench_attention import make_lengths, reference, timed  # noqa: E402
 # --------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("arvid_probe::cudnn_varlen_fwd", mutates_args=())
-def cudnn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                     max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuDNN causal attention over packed sequences: ``out [T, H, D]`` and the log-sum-exp (float32)."""
-    res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_seqlen, max_seqlen, True, 0.0, True,
-                                                  False)
-    return res[0], res[1]
-
-
-@cudnn_varlen_fwd.register_fake
-def _(q, k, v, cu, max_seqlen):
-    # torch's nested-tensor path allocates the statistics as [T, H, 1] float32 (aten/src/ATen/native/
-    # cudnn/MHA.cpp); `lse_shape_matches` in the output checks it on the machine
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("arvid_probe::cudnn_varlen_bwd", mutates_args=())
-def cudnn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, cu: torch.Tensor,
-                     max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    zero = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's philox seed/offset: unused at p=0
-    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(dout.contiguous(), q, k, v, out, lse, zero, zero, None, cu,
-                                                          cu, max_seqlen, max_seqlen, 0.0, True)
-    return dq, dk, dv
-
-
-@cudnn_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu, max_seqlen):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-    ctx.max_seqlen = max_seqlen
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu = ctx.saved_tensors
-    dq, dk, dv = cudnn_varlen_bwd(dout, q, k, v, out, lse, cu, ctx.max_seqlen)
-    return dq, dk, dv, None, None
-
-
-cudnn_varlen_fwd.register_autograd(_backward, setup_context=_setup)
-
-
 def cudnn_varlen(q, k, v, cu, max_seqlen):
-    return cudnn_varlen_fwd(q, k, v, cu, max_seqlen)[0]
+    """The backend's op without its int32 cast, so that the probe can try other offset dtypes."""
+    return A._cudnn_varlen_fwd(q, k, v, cu, max_seqlen)[0]
 
 
 # --------------------------------------------------------------------------- batches
@@ -189,12 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     for dt in (torch.int32, torch.int64):
         q, k, v, g, cu = packed(lens, a.heads, a.head_dim, device, dtype, gen, dt)
         try:
-            out, lse = cudnn_varlen_fwd(q, k, v, cu, max(lens))
+            out, lse = A._cudnn_varlen_fwd(q, k, v, cu, max(lens))
             sync(device)
             cu_dtype = dt
-            add({"what": "forward runs", "cu_dtype": str(dt), "lse_shape": list(lse.shape),
-                 "lse_shape_matches": list(lse.shape) == [q.shape[0], q.shape[1], 1],
-                 "out_contiguous": out.is_contiguous()})
+            add({"what": "forward runs", "cu_dtype": str(dt), "lse_numel_ok": lse.numel() == q.shape[0] * q.shape[1],
+                 "lse_heads_first": A._CUDNN_LSE_HEADS_FIRST[0], "out_contiguous": out.is_contiguous()})
             break
         except Exception as e:  # noqa: BLE001 - the probe reports what fails and goes on
             add({"what": "forward runs", "cu_dtype": str(dt), "status": f"error: {type(e).__name__}: {str(e)[:200]}"})

@@ -345,6 +345,29 @@ def test_unavailable_backend_is_a_value_error_that_says_what_to_install():
         resolve_training_backend("nope", "cpu", torch.float32)
 
 
+def _custom_op_case():
+    """A packed GQA batch for the custom-op backends' CPU tests, with the float64 reference's output
+    and gradients for the incoming gradient ``w``: ``(lens, q, k, v, cu, w, expected, ref_grads)``."""
+    lens = [7, 1, 13, 4]
+    q, k, v, cu = random_batch(3, lens, h=4, hkv=2, d=16)
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    q2, k2, v2 = (t.clone().double().requires_grad_(True) for t in (q, k, v))
+    expected = reference(q2, k2, v2, cu)
+    ref_grads = torch.autograd.grad((expected * w.double()).sum(), (q2, k2, v2))
+    return lens, q, k, v, cu, w, expected.detach(), ref_grads
+
+
+def _assert_backend_matches(fn, q, k, v, cu, max_seqlen, w, expected, ref_grads) -> None:
+    """``fn(q, k, v, cu, max_seqlen)`` gives the reference's output and dq/dk/dv (shapes included)."""
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(qr, kr, vr, cu.long(), max_seqlen)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((out * w).sum(), (qr, kr, vr))
+    for g, rg, t in zip(grads, ref_grads, (q, k, v)):
+        assert g.shape == t.shape  # with GQA: the kv heads' gradients, not the repeated ones
+        torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
+
+
 def test_fa4_custom_ops_pass_the_batch_and_wire_the_backward(monkeypatch):
     """The fa4 backend's two custom ops, on the CPU, with FlashAttention-4's functions replaced by
     exact float64 ones taking the same arguments (fa4 4.0.0b3's ``_flash_attn_fwd`` /
@@ -377,20 +400,8 @@ def test_fa4_custom_ops_pass_the_batch_and_wire_the_backward(monkeypatch):
     iface._flash_attn_fwd, iface._flash_attn_bwd = fwd, bwd
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", iface)
 
-    lens = [7, 1, 13, 4]
-    q, k, v, cu = random_batch(3, lens, h=4, hkv=2, d=16)
-    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
-    q2, k2, v2 = (t.clone().double().requires_grad_(True) for t in (q, k, v))
-    expected_out = reference(q2, k2, v2, cu)
-    ref_grads = torch.autograd.grad((expected_out * w.double()).sum(), (q2, k2, v2))
-    expected_out = expected_out.detach()
-    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out = _fa4(qr, kr, vr, cu.long(), max(lens))
-    torch.testing.assert_close(out.double(), expected_out, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad((out * w).sum(), (qr, kr, vr))
-    for g, rg, ref in zip(grads, ref_grads, (q, k, v)):
-        assert g.shape == ref.shape
-        torch.testing.assert_close(g.double(), rg, atol=1e-5, rtol=1e-5)
+    lens, q, k, v, cu, w, expected_out, ref_grads = _custom_op_case()
+    _assert_backend_matches(_fa4, q, k, v, cu, max(lens), w, expected_out, ref_grads)
     # one forward and one backward call, causal, over the batch's sequences (cu as int32, the same
     # tensor for queries and keys), the lse [H, N] and the output saved from the forward
     assert calls == [("fwd", True, True, 13, 13, True), ("bwd", True, (4, 25), 13, True, True)]
@@ -431,3 +442,58 @@ def test_fa4_is_refused_for_training_on_hopper(monkeypatch):
         A.resolve_training_backend("fa4", "cuda", torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert A.resolve_training_backend("fa4", "cuda", torch.bfloat16) == "fa4"
+
+
+def _cudnn_standin():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_cudnn_standin", Path(__file__).parent / "_cudnn_standin.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_cudnn_varlen_custom_ops_pass_the_batch_and_wire_the_backward(heads_first):
+    """The cudnn_varlen backend's two custom ops on the CPU, with aten's cuDNN ragged-attention
+    ops given dense float64 stand-in kernels (tests/_cudnn_standin.py): output and dq/dk/dv must
+    be the reference's (the ops hand cuDNN the right sequences, causality, int32 offsets and the
+    saved tensors), for both layouts of the log-sum-exp torch has used ([N, H, 1]; [H, N] later),
+    with grouped-query attention (kv heads repeated). Not yet run on a GPU (2026-12-06)."""
+    from arvid.generator import attention as A
+
+    standin = _cudnn_standin()
+    standin.LSE_HEADS_FIRST = heads_first
+    lib = standin.register()
+    A._CUDNN_LSE_HEADS_FIRST.clear()  # the layout is learnt from the first forward of the process
+    try:
+        lens, q, k, v, cu, w, expected, ref_grads = _custom_op_case()
+        _assert_backend_matches(A._cudnn_varlen, q, k, v, cu, max(lens), w, expected, ref_grads)
+        assert A._CUDNN_LSE_HEADS_FIRST == [heads_first]
+        assert standin.CALLS == [("fwd", torch.int32, 13, True), ("bwd", torch.int32, 13, True)]
+        # the fakes give the real outputs' shapes, dtypes and strides, and the ops trace under AOT
+        # autograd (what torch.compile runs)
+        ci, qe, ke, ve = cu.to(torch.int32), q, *(A._expand_kv(t, 4).contiguous() for t in (k, v))
+        torch.library.opcheck(torch.ops.arvid.cudnn_varlen_causal_fwd.default,
+                              (qe.clone().requires_grad_(True), ke.clone().requires_grad_(True),
+                               ve.clone().requires_grad_(True), ci, 13))
+        lse = torch.arange(25 * 4, dtype=torch.float32)
+        torch.library.opcheck(torch.ops.arvid.cudnn_varlen_causal_bwd.default,
+                              (w, qe, ke, ve, expected.float(), lse, ci, 13),
+                              test_utils=("test_schema", "test_faketensor"))
+    finally:
+        lib._destroy()
+        A._CUDNN_LSE_HEADS_FIRST.clear()
+
+
+def test_cudnn_varlen_needs_cuda_and_the_ragged_ops(monkeypatch):
+    from arvid.generator import attention as A
+
+    assert "CUDA" in backend_unavailable_reason("cudnn_varlen", "cpu", torch.bfloat16)
+    assert "cudnn_varlen" not in A.CUDA_AUTO_ORDER  # not chosen by auto until measured on a GPU
+    assert A._cudnn_has_ragged_ops() == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9))
+    monkeypatch.setattr(A, "_cudnn_has_ragged_ops", lambda: False)
+    monkeypatch.setattr(A.torch.backends.cudnn, "is_available", lambda: True)
+    assert "torch>=2.9" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16)
+    assert "fp16/bf16" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.float32)

@@ -179,7 +179,7 @@ def test_probe_cudnn_varlen_plumbing_with_stand_in_kernels(tmp_path):
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert res["status"] == "ok" and all(r.get("status", "ok") == "ok" for r in rows), rows
-    assert rows[0]["lse_shape_matches"] is True and res["cu_dtype"] == "torch.int32"
+    assert rows[0]["lse_numel_ok"] is True and rows[0]["lse_heads_first"] is False and res["cu_dtype"] == "torch.int32"
     names = [r.get("backend", r["what"]) for r in rows]
     assert names == ["forward runs", "torch_varlen", "cudnn_varlen", "cudnn_varlen[compiled]", "qkv views",
                      "varying", "bucketed"]

@@ -460,3 +460,42 @@ def test_bf16_residual_stream_matches_float32_within_bf16_rounding():
     assert not torch.equal(l32, l16)  # the stream did change
     assert (l16 - l32).abs().max() < 0.05 * l32.abs().max()
     assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
+
+
+def test_gpt_through_the_cudnn_varlen_ops_eager_and_compiled(monkeypatch):
+    """The GPT with attn_backend=cudnn_varlen, its cuDNN kernels replaced by dense CPU stand-ins
+    (tests/_cudnn_standin.py), gives the sdpa model's logits and gradients, eagerly and under
+    torch.compile (through the custom ops' fakes): the backend's plumbing
+    inside the model. cuDNN itself runs on a GPU only (the GPU tests iterate every backend)."""
+    import importlib.util
+    from pathlib import Path
+
+    from arvid.generator import attention as A
+
+    spec = importlib.util.spec_from_file_location("_cudnn_standin", Path(__file__).parent / "_cudnn_standin.py")
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    real = A.backend_unavailable_reason
+    monkeypatch.setattr(A, "backend_unavailable_reason",
+                        lambda name, d, t: None if name == "cudnn_varlen" else real(name, d, t))
+    lib = standin.register()
+    A._CUDNN_LSE_HEADS_FIRST.clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(0, V, (n,), generator=g) for n in (9, 5, 12)]
+        batch = pack_sequences(seqs, 1, torch.tensor([0, 3, 1]))
+        results = []
+        for backend, compile_ in (("sdpa", False), ("cudnn_varlen", False), ("cudnn_varlen", True)):
+            m = make(attn_backend=backend)
+            run = torch.compile(m) if compile_ else m  # as the Trainer compiles it
+            logits = run(batch)
+            logits.float().square().mean().backward()
+            results.append((logits.detach(), m.blocks[0].attn.wqkv.weight.grad.clone()))
+        (l0, g0), *rest = results
+        for logits, grad in rest:
+            torch.testing.assert_close(logits, l0, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(grad, g0, atol=1e-6, rtol=1e-4)
+        assert sum(c[0] == "fwd" for c in standin.CALLS) == 2 * 2  # 2 layers, eager and compiled
+    finally:
+        lib._destroy()
+        A._CUDNN_LSE_HEADS_FIRST.clear()

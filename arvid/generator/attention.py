@@ -21,6 +21,14 @@ Backends (``varlen_causal_attention(..., backend=...)``):
   is unpacked to padded ``[S, H, Lmax, D]`` and run with ``is_causal=True``: padding sits at the
   tail of each row, after every real query, so the causal mask alone keeps it out. Fast when
   lengths are similar; it spends work on padding when they are not. CUDA only.
+- ``cudnn_varlen``: cuDNN's fused attention on the packed layout itself (``[N, H, D]`` with the
+  sequences' offsets, cuDNN's "ragged" THD layout: no padding), through the two aten ops torch's
+  nested-tensor SDPA uses (``aten._cudnn_attention_forward`` / ``_backward``, torch>=2.9), wrapped
+  as opaque custom ops so ``torch.compile`` keeps the layers around them in one graph. CUDA,
+  fp16/bf16. New on 2026-12-06 and **not yet run on a GPU** (no device time that day): never
+  chosen by ``auto``; ``benchmarks/probe_cudnn_varlen.py`` and the attention GPU tests check it.
+  cuDNN builds an execution plan per (sequence count, longest sequence, total tokens) and caches
+  it, so the first batch of each new shape pays for one.
 - ``xformers``: ``memory_efficient_attention`` with ``BlockDiagonalCausalMask.from_seqlens``.
 - ``sdpa``: the portable fallback: SDPA with a dense ``[N, N]`` boolean document-causal mask
   (``O(N^2)`` memory; CPU tests, small batches).
@@ -42,7 +50,7 @@ from einops import rearrange
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "xformers", "sdpa")
+BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "cudnn_varlen", "xformers", "sdpa")
 
 #: CUDA preference of ``auto`` (fastest first). ``benchmarks/bench_attention.py`` on an H100
 #: (2026-12-06), torch 2.11, bf16, 16384 packed tokens of router-like lengths (mean 683), 16 heads
@@ -50,7 +58,8 @@ BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "xform
 #: shared by the layers, as the GPT runs it), cudnn (padded) 42.2-43.2, sdpa 43.0-43.5 (on CUDA it
 #: takes the padded path too). flash_attn was not installed there; it runs the same FA2 varlen
 #: kernel as torch_varlen and comes first because it has run in production longest. ``fa4`` is
-#: never chosen by ``auto``: it cannot train on Hopper and was not measured on Blackwell.
+#: never chosen by ``auto``: it cannot train on Hopper and was not measured on Blackwell; nor is
+#: ``cudnn_varlen``, not yet measured anywhere.
 CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -87,7 +96,7 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
         also = f"; it also needs {missing.split(' needs ', 1)[-1]}" if missing else ""
         return (f"attention backend {name!r} needs a CUDA GPU (got device {device}){also}; use 'sdpa' (or 'flex' "
                 "for inference) on CPU")
-    if name in ("flash_attn", "fa4", "torch_varlen", "cudnn") and dtype not in _HALF:
+    if name in ("flash_attn", "fa4", "torch_varlen", "cudnn", "cudnn_varlen") and dtype not in _HALF:
         return f"attention backend {name!r} needs fp16/bf16 inputs, got {dtype}; train with precision=bf16"
     if name == "flash_attn":
         return _flash_attn_problem()
@@ -104,13 +113,27 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
         except ImportError:
             return "attention backend 'torch_varlen' needs torch.nn.attention.varlen (torch>=2.10); upgrade torch"
         return None
-    if name == "cudnn":
+    if name in ("cudnn", "cudnn_varlen"):
         if not torch.backends.cudnn.is_available():
-            return "attention backend 'cudnn' needs torch built with cuDNN (cuDNN SDPA, cuDNN>=9)"
+            return f"attention backend {name!r} needs torch built with cuDNN (cuDNN SDPA, cuDNN>=9)"
+        if name == "cudnn_varlen" and not _cudnn_has_ragged_ops():
+            return ("attention backend 'cudnn_varlen' needs aten._cudnn_attention_forward with cumulative sequence "
+                    "lengths (torch>=2.9); upgrade torch, or use 'torch_varlen'")
         return None
     if name == "xformers":
         return _package_problem(name) or _xformers_kernel_problem()
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cudnn_has_ragged_ops() -> bool:
+    """Whether this torch's cuDNN attention ops take cumulative sequence lengths (torch>=2.9)."""
+    fwd = getattr(torch.ops.aten, "_cudnn_attention_forward", None)
+    bwd = getattr(torch.ops.aten, "_cudnn_attention_backward", None)
+    if fwd is None or bwd is None:
+        return False
+    names = {a.name for a in fwd.default._schema.arguments} & {a.name for a in bwd.default._schema.arguments}
+    return {"cum_seq_q", "cum_seq_k", "max_q", "max_k"} <= names
 
 
 def _package_problem(name: str) -> str | None:
@@ -511,25 +534,86 @@ def _(dout, q, k, v, out, lse, cu, max_seqlen):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fa4_setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-    ctx.max_seqlen = max_seqlen
+def _wire_backward(fwd_op, bwd_op) -> None:
+    """Autograd for a custom forward op ``(q, k, v, cu, max_seqlen) -> (out, lse)`` through its
+    backward op ``(dout, q, k, v, out, lse, cu, max_seqlen) -> (dq, dk, dv)`` (the log-sum-exp
+    output gets no gradient)."""
+
+    def setup(ctx, inputs, output):
+        q, k, v, cu, max_seqlen = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+        ctx.max_seqlen = max_seqlen
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        return (*bwd_op(dout, q, k, v, out, lse, cu, ctx.max_seqlen), None, None)
+
+    fwd_op.register_autograd(backward, setup_context=setup)
 
 
-def _fa4_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu = ctx.saved_tensors
-    dq, dk, dv = _fa4_bwd(dout, q, k, v, out, lse, cu, ctx.max_seqlen)
-    return dq, dk, dv, None, None
-
-
-_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+_wire_backward(_fa4_fwd, _fa4_bwd)
 
 
 def _fa4(q, k, v, cu_seqlens, max_seqlen):
     # the kernels want unit stride in the last dimension, which q/k/v (views of the fused qkv
     # projection) have; GQA (fewer kv heads) is native
     return _fa4_fwd(q, k, v, cu_seqlens.to(torch.int32), max_seqlen)[0]
+
+
+#: The layout of cuDNN's log-sum-exp as this torch returns it, seen by the first forward pass:
+#: ``[N, H, 1]`` (torch's nested-tensor path up to 2026) or ``[H, N]`` (later torch). The custom op
+#: hands it on flat, so that its fake needs no version check; the backward restores the shape.
+_CUDNN_LSE_HEADS_FIRST: list[bool] = []
+
+
+@torch.library.custom_op("arvid::cudnn_varlen_causal_fwd", mutates_args=())
+def _cudnn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                      max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN causal attention over packed sequences: ``out [N, H, D]`` and its log-sum-exp, flat
+    (``N * H`` float32, in torch's layout; see :data:`_CUDNN_LSE_HEADS_FIRST`)."""
+    res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_seqlen, max_seqlen, True, 0.0, True,
+                                                  False)
+    out, lse = res[0], res[1]
+    if not _CUDNN_LSE_HEADS_FIRST:
+        _CUDNN_LSE_HEADS_FIRST.append(lse.dim() == 2)
+    # the fake promises contiguous tensors; newer torch allocates the output in q's layout
+    return out.contiguous(), lse.contiguous().reshape(-1)
+
+
+@_cudnn_varlen_fwd.register_fake
+def _(q, k, v, cu, max_seqlen):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0] * q.shape[1],), dtype=torch.float32)
+
+
+@torch.library.custom_op("arvid::cudnn_varlen_causal_bwd", mutates_args=())
+def _cudnn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, cu: torch.Tensor,
+                      max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, h = q.shape[0], q.shape[1]
+    lse = lse.view(h, n) if _CUDNN_LSE_HEADS_FIRST[0] else lse.view(n, h, 1)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's seed and offset: unused at p = 0
+    dq, dk, dv = torch.ops.aten._cudnn_attention_backward(dout.contiguous(), q, k, v, out, lse, zero, zero, None, cu,
+                                                          cu, max_seqlen, max_seqlen, 0.0, True)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_cudnn_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu, max_seqlen):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_wire_backward(_cudnn_varlen_fwd, _cudnn_varlen_bwd)
+
+
+def _cudnn_varlen(q, k, v, cu_seqlens, max_seqlen):
+    # cuDNN takes int32 offsets; kv heads are repeated for grouped-query attention (the GPT's
+    # presets other than `debug` have none), whether or not this torch's nested path would take
+    # them. Contiguous tensors: torch's nested path before 2026 computed the offsets for a dense
+    # [N, H, D] layout. The GPT's q and k are (they leave RoPE as new tensors); v, a view of the
+    # fused projection, is copied.
+    h = q.shape[1]
+    q, k, v = (t.contiguous() for t in (q, _expand_kv(k, h), _expand_kv(v, h)))
+    return _cudnn_varlen_fwd(q, k, v, cu_seqlens.to(torch.int32), max_seqlen)[0]
 
 
 def _xformers(q, k, v, cu_seqlens, max_seqlen):
@@ -546,6 +630,7 @@ def _xformers(q, k, v, cu_seqlens, max_seqlen):
 _IMPLS = {
     "sdpa": _sdpa,
     "cudnn": _cudnn,
+    "cudnn_varlen": _cudnn_varlen,
     "flex": _flex,
     "flash_attn": _flash_attn,
     "fa4": _fa4,
