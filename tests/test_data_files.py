@@ -118,6 +118,8 @@ def test_csv_relative_paths_string_labels_and_split_column(synth_dir, tmp_path):
     assert names == ["run", "walk"] and labels == [1, 0] and missing == 0
     paths, labels, names, _ = read_csv_list(sub / "l.csv", split="val")  # val falls back to test rows
     assert len(paths) == 1 and paths[0].endswith("000003.mp4")
+    # the held-out rows name only `walk`: it keeps its index in the whole list (1), not 0
+    assert names == ["run", "walk"] and labels == [1]
     with pytest.raises(ValueError, match="`path` column"):
         (sub / "bad.csv").write_text("file,label\nx.mp4,0\n")
         read_csv_list(sub / "bad.csv")

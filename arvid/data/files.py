@@ -421,14 +421,8 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
         rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     if not rows:
         raise ValueError(f"{str(csv_path)!r} lists no videos")
-    if split is not None and "split" in fields:
-        for name in SPLIT_DIRS.get(split, (split,)):
-            chosen = [r for r in rows if r.get("split") == name]
-            if chosen:
-                rows = chosen
-                break
-        else:
-            raise ValueError(f"{str(csv_path)!r} has no rows with split {SPLIT_DIRS.get(split, (split,))}")
+    # labels and class names come from every row, so a class-name label gets the same index in
+    # every split (a split's own rows may lack a class, which would renumber those after it)
     raw = [r.get("label", "") for r in rows]
     if all(_is_int(x) for x in raw):
         labels = [int(x) for x in raw]
@@ -439,6 +433,14 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
         names = sorted(set(raw))
         lookup = {n: i for i, n in enumerate(names)}
         labels = [lookup[x] for x in raw]
+    if split is not None and "split" in fields:
+        for name in SPLIT_DIRS.get(split, (split,)):
+            chosen = [i for i, r in enumerate(rows) if r.get("split") == name]
+            if chosen:
+                rows, labels = [rows[i] for i in chosen], [labels[i] for i in chosen]
+                break
+        else:
+            raise ValueError(f"{str(csv_path)!r} has no rows with split {SPLIT_DIRS.get(split, (split,))}")
     base = csv_path.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in (r["path"] for r in rows)]
     missing = [p for p in paths if not Path(p).is_file()] if check_files else []
