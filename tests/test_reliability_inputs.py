@@ -129,6 +129,28 @@ def test_sample_with_another_tokenizer_of_the_same_shape_is_refused(env, tmp_pat
     assert (out / "done").is_file()
 
 
+def test_eval_fp_refuses_other_context_blocks_than_the_gpt_was_trained_on(env, tmp_path):
+    """A frame-prediction GPT (train-generator conditioning 'frames') continues the number of
+    context blocks it was trained with: eval fp with context_frames that fill another number is
+    refused before any clip is read, naming both numbers."""
+    import shutil
+
+    from arvid.data.datasets import DataConfig
+    from arvid.sampling.frame_prediction import context_blocks_for
+    from arvid.stages import evaluate
+    from arvid.tokenizer.base import load_tokenizer
+
+    gen = tmp_path / "gpt"
+    shutil.copytree(env / "gen" / "gpt", gen)
+    blocks = context_blocks_for(load_tokenizer(env / "A").layout, 5)
+    with open(gen / "config.yaml", "a") as f:
+        f.write(f"conditioning: frames\ncontext_blocks: {blocks + 1}\n")
+    data = DataConfig(source="synthetic", frames=8, size=16, num_videos=2, num_val_videos=2, random_start=False)
+    with pytest.raises(ConfigError, match=f"context_frames=5 fill {blocks} block.*context_blocks={blocks + 1}"):
+        evaluate.evaluate_fp(evaluate.FPEvalConfig(data=data, num_videos=2, generator=str(gen),
+                                                   tokenizer=str(env / "A"), device="cpu", context_frames=5))
+
+
 def test_router_is_checked_by_layout_not_by_the_proxy_fingerprint(env, tmp_path):
     """A router maps raw clips to assignments of a layout; it holds nothing of the proxy tokenizer
     whose curation labels it learned, and EVATok uses it with the final tokenizer (trained from

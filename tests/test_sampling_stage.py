@@ -135,6 +135,42 @@ def test_text_prompts(dirs, tmp_path):
     z = load(out)
     assert z["prompt_index"].tolist() == [0, 0, 1, 1] and z["classes"].tolist() == [-1] * 4
     assert z["block_lengths"].shape == (4, 4)
+    # without --spm: the spm_dir train-generator recorded beside the GPT (not <generator>/spm)
+    gpt.save_pretrained(tmp_path / "gpt2", extra={"conditioning": "text", "spm_dir": str(spm)})
+    args = ["sample", "--generator", str(tmp_path / "gpt2"), "--tokenizer", str(dirs / "tok"), "--text", "a red ball",
+            "--per-class", "2", "--batch-size", "4", "grid_format=none"]
+    assert cli(args + ["--out", str(tmp_path / "out2")]) == 0
+    assert load(tmp_path / "out2")["prompt_index"].tolist() == [0, 0]
+    gpt.save_pretrained(tmp_path / "gpt2", extra={"conditioning": "text", "spm_dir": str(tmp_path / "gone")})
+    from arvid.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gone.*does not exist here: set --spm"):
+        cli(args + ["--out", str(tmp_path / "out3")])
+    # a SentencePiece model with more pieces than the GPT's text embedding is refused, not an index error
+    small = GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 6,
+                            text_vocab_size=enc.vocab_size - 5, max_text_len=5, text_pad_id=enc.pad_id)
+    small.save_pretrained(tmp_path / "gpt3")
+    with pytest.raises(ConfigError, match=f"{enc.vocab_size} pieces.*{enc.vocab_size - 5}"):
+        cli(["sample", "--generator", str(tmp_path / "gpt3"), "--tokenizer", str(dirs / "tok"), "--spm", str(spm),
+             "--text", "a red ball", "--out", str(tmp_path / "out4")])
+
+
+def test_frame_prediction_gpt_needs_its_context_blocks(dirs, tmp_path):
+    from arvid.config import ConfigError
+    from arvid.data.writer import write_video
+
+    gpt = GPT.from_pretrained(dirs / "gpt")
+    gpt.save_pretrained(tmp_path / "fp", extra={"conditioning": "frames", "context_blocks": 2})
+    write_video(torch.zeros(3, 6, 32, 32), tmp_path / "ctx.mp4", fps=8)
+    base = ["sample", "--generator", str(tmp_path / "fp"), "--tokenizer", str(dirs / "tok"), "--classes", "0",
+            "--per-class", "2", "--out", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match="trained for frame prediction.*give --context"):
+        cli(base)
+    with pytest.raises(ConfigError, match="context_frames=1 fill 1 block.*context_blocks=2"):
+        cli(base + ["--context", str(tmp_path / "ctx.mp4"), "--context-frames", "1"])
+    assert cli(base + ["--context", str(tmp_path / "ctx.mp4"), "--context-frames", "3", "context_count=4",
+                       "grid_format=none"]) == 0
+    assert load(tmp_path / "o")["block_lengths"][:, :2].tolist() == [[4, 4]] * 2
 
 
 def test_fixed_assignment_and_allowed_counts(dirs):

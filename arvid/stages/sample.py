@@ -66,10 +66,12 @@ class SampleConfig:
     tokenizer: str = doc("", "directory of the tokenizer the GPT was trained on (decodes the tokens)")
     out: str = doc("outputs/samples", "output directory")
     classes: list[int] | None = doc(None, "class ids to sample (class-conditional GPT); None = every class")
-    per_class: int = doc(8, "samples per class (and per text prompt; for --context: samples of the context)")
+    per_class: int = doc(8, "samples per class (and per text prompt); with --context: samples of the context "
+                            "(per class with a class-conditional GPT)")
     num_samples: int = doc(16, "samples of an unconditional GPT (no classes, no text)")
     text: list[str] | None = doc(None, "text prompts (text-conditional GPT)")
-    spm: str | None = doc(None, "SentencePiece model directory for text prompts (default: <generator>/spm)")
+    spm: str | None = doc(None, "SentencePiece model directory for text prompts (default: the spm_dir train-generator "
+                                "recorded, else <generator>/spm)")
     context: str | None = doc(None, "a video file: frame prediction from its first context_frames frames")
     context_frames: int = doc(5, "context frames read from --context (Kinetics-600 protocol: 5, padded to 8)")
     context_count: int = doc(0, "fixed token count of each context block; 0 = the tokenizer's own choice")
@@ -177,10 +179,50 @@ def _frame_size(tokenizer: Any) -> int | None:
     return None
 
 
-def _encode_text(cfg: SampleConfig, gpt: Any) -> torch.Tensor:
+def training_record(generator_dir: str | Path) -> dict:
+    """What ``train-generator`` recorded beside the GPT's config (``conditioning``, ``context_blocks``,
+    ``spm_dir``, ``captions``, ``tokenizer_fingerprint``); empty for a GPT saved by other code."""
+    from arvid.config import read_yaml
+
+    path = Path(generator_dir) / "config.yaml"
+    meta = read_yaml(path) if path.is_file() else {}
+    return {k: meta[k] for k in ("conditioning", "context_blocks", "spm_dir", "captions", "tokenizer_fingerprint")
+            if k in meta}
+
+
+def check_context_blocks(record: dict, layout: Any, context_frames: int, generator: str | Path) -> int:
+    """The blocks ``context_frames`` fill in ``layout``; a :class:`~arvid.config.ConfigError` when a
+    frame-prediction GPT was trained with another number of context blocks (``record``: see
+    :func:`training_record`)."""
+    blocks = context_blocks_for(layout, context_frames)
+    trained = int(record.get("context_blocks") or 0) if record.get("conditioning") == "frames" else 0
+    if trained and blocks != trained:
+        fpb = list(layout.frames_per_block)
+        raise ConfigError(f"context_frames={context_frames} fill {blocks} block(s) of the tokenizer (frames per "
+                          f"block {fpb}), but generator {str(generator)!r} was trained with context_blocks={trained}: "
+                          f"give context_frames that fill {trained} block(s) ({sum(fpb[:trained - 1]) + 1} to "
+                          f"{sum(fpb[:trained])} frames)")
+    return blocks
+
+
+def _spm_dir(cfg: SampleConfig, record: dict) -> str:
+    """--spm, else the ``spm_dir`` train-generator recorded, else ``<generator>/spm``."""
+    if cfg.spm:
+        return cfg.spm
+    recorded = record.get("spm_dir")
+    if recorded:
+        if Path(recorded).exists():
+            return str(recorded)
+        raise ConfigError(f"generator {cfg.generator!r} was trained with the SentencePiece model in {recorded!r} "
+                          f"(spm_dir in {str(Path(cfg.generator) / 'config.yaml')!r}), which does not exist here: "
+                          "set --spm DIR to that model")
+    return str(Path(cfg.generator) / "spm")
+
+
+def _encode_text(cfg: SampleConfig, gpt: Any, record: dict | None = None) -> torch.Tensor:
     from arvid.generator.text import TextEncoder
 
-    spm = cfg.spm or str(Path(cfg.generator) / "spm")
+    spm = _spm_dir(cfg, record or {})
     if not Path(spm).exists():
         raise ConfigError(f"text prompts need a SentencePiece model: {spm!r} does not exist (set --spm DIR)")
     enc = TextEncoder(spm)
@@ -188,6 +230,10 @@ def _encode_text(cfg: SampleConfig, gpt: Any) -> torch.Tensor:
     if enc.pad_id != pad:
         raise ConfigError(f"the SentencePiece model in {spm!r} pads with id {enc.pad_id}, the GPT was trained "
                           f"with text_pad_id={pad}: is it the model the GPT was trained with?")
+    vocab = int(gpt.config.text_vocab_size)
+    if enc.vocab_size > vocab:
+        raise ConfigError(f"the SentencePiece model in {spm!r} has {enc.vocab_size} pieces, the GPT's text embedding "
+                          f"{vocab} (text_vocab_size): is it the model the GPT was trained with?")
     return enc.encode(list(cfg.text), max_len=int(gpt.config.max_text_len))  # [P, Lt]
 
 
@@ -205,8 +251,17 @@ class _Plan:
         return int(self.classes.shape[0])
 
 
-def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device) -> _Plan:
-    """Which videos to sample, from the config and what the GPT is conditioned on."""
+def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device, record: dict | None = None) -> _Plan:
+    """Which videos to sample, from the config and what the GPT is conditioned on (its config, and
+    ``record``: what train-generator recorded, see :func:`training_record`)."""
+    record = record or {}
+    if record.get("conditioning") == "frames" and not cfg.context:
+        raise ConfigError(f"generator {cfg.generator!r} was trained for frame prediction (conditioning 'frames', "
+                          f"context_blocks={record.get('context_blocks')}): give --context VIDEO, whose first blocks "
+                          "it continues")
+    if cfg.context and record.get("conditioning") not in (None, "frames"):
+        log.warning("generator %s was trained with conditioning %r, not frame prediction: --context is a prefix it "
+                    "was not trained to continue", cfg.generator, record.get("conditioning"))
     nc = int(gpt.config.num_classes)
     text_cond = int(getattr(gpt.config, "max_text_len", 0)) > 0
     if cfg.text and not text_cond:
@@ -223,7 +278,7 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device)
     else:
         classes = None
     if cfg.text:
-        ids = _encode_text(cfg, gpt)  # [P, Lt]
+        ids = _encode_text(cfg, gpt, record)  # [P, Lt]
         P = ids.shape[0]
         idx = torch.arange(P).repeat_interleave(cfg.per_class)
         cls = torch.full((idx.numel(),), -1, dtype=torch.long)
@@ -238,7 +293,7 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device)
         plan = _Plan(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     if cfg.context:
         video = read_context(cfg.context, cfg.context_frames, _frame_size(tokenizer))
-        blocks = context_blocks_for(tokenizer.layout, cfg.context_frames)
+        blocks = check_context_blocks(record, tokenizer.layout, cfg.context_frames, cfg.generator)
         counts: int | list[int] | None = cfg.context_count or None
         if counts is None and cfg.fixed_assignment is not None:
             counts = list(cfg.fixed_assignment[:blocks])  # the context blocks at the forced counts
@@ -332,7 +387,7 @@ def run(cfg: SampleConfig) -> Path:
     fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
     check_constraints(cfg, fmt)
-    plan = plan_rows(cfg, gpt, tokenizer, device)
+    plan = plan_rows(cfg, gpt, tokenizer, device, training_record(cfg.generator))
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
     kw = _batch_kwargs(plan, cfg)
