@@ -133,6 +133,21 @@ def test_bad_constraints_are_named():
         SequenceConstraint(FMT, 2, allowed_counts=[[1], [3]])
     with pytest.raises(ValueError, match="budget"):
         SequenceConstraint(FMT, 2, budget=torch.tensor([3, 4, 5]))
+    # a mix of counts and lists is named (it raised a TypeError from list(3) before 2026-12-06)
+    with pytest.raises(ValueError, match=r"\[1, \[1, 3\], 5\] mixes counts and lists"):
+        SequenceConstraint(FMT, 2, allowed_counts=[1, [1, 3], 5])
+    with pytest.raises(ValueError, match="block 1's entry 'ab' is not a list of token counts"):
+        SequenceConstraint(FMT, 2, allowed_counts=[[1], "ab", [5]])
+
+
+def test_allowed_counts_accept_numpy_and_tensor_ints():
+    import numpy as np
+
+    ref = SequenceConstraint(FMT, 2, allowed_counts=[1, 5]).allowed
+    assert int(ref.sum()) == 2 * 3 * 2
+    for counts in ([np.int64(1), np.int32(5)], np.array([1, 5]), torch.tensor([1, 5]),
+                   [[np.int64(1), 5]] * 3):
+        assert torch.equal(SequenceConstraint(FMT, 2, allowed_counts=counts).allowed, ref), counts
 
 
 def stepwise_state_after(c: SequenceConstraint, prefix: torch.Tensor, plen: torch.Tensor):

@@ -244,3 +244,14 @@ def test_bad_constraints_are_named(dirs, capsys):
     assert main(base + ["--allowed-counts", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("arvid sample: error: allowed_counts: 5 (block 0)")
+
+
+def test_sample_config_names_malformed_allowed_counts():
+    import numpy as np
+
+    from arvid.stages.sample import SampleConfig
+
+    for bad in ([2, [2, 4], 8], [[2], []], [0, 4], [[2], ["x"]]):
+        with pytest.raises(ValueError, match="allowed_counts must be positive token counts.*not a mix"):
+            SampleConfig(allowed_counts=bad)
+    assert SampleConfig(allowed_counts=[np.int64(2), 4]).allowed_counts == [2, 4]

@@ -25,6 +25,7 @@ forced, and the state is advanced over them like over sampled tokens (:meth:`adv
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -297,6 +298,17 @@ class SequenceConstraint:
         return twin
 
 
+def _is_count(x) -> bool:
+    """An integer token count: a Python / NumPy int or a 0-d integer tensor (not a bool)."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _shown(counts) -> list:
+    return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+
+
 def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
     """``allowed_counts`` in any accepted form -> ``BoolTensor[B, K, C]``."""
     K, C = fmt.layout.num_blocks, fmt.layout.num_candidates
@@ -308,10 +320,19 @@ def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
             return t
         raise ValueError(f"allowed_counts as a mask must be [K, C] = [{K}, {C}] or [B, K, C], got {tuple(t.shape)}")
     items = list(counts)
-    if items and all(isinstance(x, (int,)) or (isinstance(x, torch.Tensor) and x.dim() == 0) for x in items):
+    scalar = [_is_count(x) for x in items]
+    if items and all(scalar):
         per_block = [items] * K
+    elif any(scalar):
+        raise ValueError(f"allowed_counts {_shown(counts)} mixes counts and lists: give one list of counts for every "
+                         "block, e.g. [64, 128], or one list per block, e.g. [[64], [64, 128], [128, 256], [256]]")
     else:
-        per_block = [list(x) for x in items]
+        per_block = []
+        for k, x in enumerate(items):
+            if not isinstance(x, (Sequence, torch.Tensor)) or isinstance(x, str) or not all(_is_count(c) for c in x):
+                raise ValueError(f"allowed_counts {_shown(counts)}: block {k}'s entry {x!r} is not a list of token "
+                                 "counts")
+            per_block.append(list(x))
         if len(per_block) != K:
             raise ValueError(f"allowed_counts must give one set of counts per block ({K}), got {len(per_block)}")
     out = torch.zeros(K, C, dtype=torch.bool)

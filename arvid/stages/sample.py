@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,11 +114,14 @@ class SampleConfig:
                                  f"{sum(self.fixed_assignment)} tokens: budget={self.budget:g} has nothing to choose; "
                                  "give one of them")
         if self.allowed_counts is not None:
-            per_block = [list(c) if isinstance(c, (list, tuple)) else [c] for c in self.allowed_counts]
-            if not self.allowed_counts or any(not cs for cs in per_block) or any(
-                    x <= 0 for cs in per_block for x in cs):
-                raise ValueError(f"allowed_counts must be positive token counts (one list for every block, or one "
-                                 f"non-empty list per block), got {self.allowed_counts}")
+            nested = [isinstance(c, (list, tuple)) for c in self.allowed_counts]
+            per_block = [list(c) if n else [c] for c, n in zip(self.allowed_counts, nested)]
+            if (not self.allowed_counts or (any(nested) and not all(nested)) or any(not cs for cs in per_block)
+                    or any(not isinstance(x, numbers.Integral) or isinstance(x, bool) or x <= 0
+                           for cs in per_block for x in cs)):
+                raise ValueError(f"allowed_counts must be positive token counts: one list for every block, e.g. "
+                                 f"[64, 128], or one non-empty list per block, e.g. [[64], [64, 128]], not a mix; "
+                                 f"got {self.allowed_counts}")
 
 
 # --------------------------------------------------------------------------- helpers
