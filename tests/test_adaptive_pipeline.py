@@ -221,6 +221,44 @@ def test_tokenize_store_decodes_like_direct_encode(router_dir, work, tmp_path):
                            device="cpu", out_dir=str(tmp_path / "bad")))
 
 
+def test_eval_curve_drops_an_unreadable_video_and_keeps_records_aligned(work, tmp_path, monkeypatch):
+    """With on_bad_video=skip a file dataset hands out the next readable video under an unreadable
+    one's index; eval curve drops such items (no video counted twice) and selects the curation
+    records by the dataset indices it kept (before 2026-12-06: video 4 twice, records shifted)."""
+    from arvid.stages import eval_curve
+    from arvid.stages.curate import read_stats
+
+    real = build_dataset(_data(), "val")
+
+    class OneBad:  # video 3 is unreadable: its index yields video 4, as VideoFileDataset does
+        def __len__(self):
+            return len(real)
+
+        def __getitem__(self, i):
+            return dict(real[4], index=4) if i == 3 else dict(real[i], index=i)
+
+    monkeypatch.setattr(eval_curve, "build_dataset", lambda cfg, split: OneBad())
+    cfg = eval_curve.EvalCurveConfig(data=_data(), split="val", tokenizer=str(work / "proxy"),
+                                     curation=str(work / "cur_val"), w_q_sweep=[1.2], n_thresholds=0, quality="mse",
+                                     batch_size=16, device="cpu", out_dir=str(tmp_path / "curve"))
+    res = json.loads((eval_curve.run(cfg) / "curve.json").read_text())
+    assert res["num_videos"] == N_VAL - 1 and res["num_skipped"] == 1
+    keep = [i for i in range(N_VAL) if i != 3]
+    rec = CurationRecords.load(work / "cur_val" / "curation.npz").select_videos(np.array(keep))
+    vids, labels, _ = labels_for(rec, read_stats(str(work / "cur_val")), 1.2, 0.8)
+    assert sorted(vids.tolist()) == keep
+    layout = load_tokenizer(work / "proxy").layout
+    want = layout.indices_to_assignments(torch.from_numpy(labels)).sum(1).double().mean().item()
+    mr = [p for p in res["points"] if p["method"] == "max-reward"]
+    assert len(mr) == 1 and mr[0]["tokens"] == pytest.approx(want)
+    # the uniform points average over the kept videos only
+    tok = load_tokenizer(work / "proxy").eval()
+    x = torch.stack([real[i]["video"] for i in keep])
+    u16 = [p for p in res["points"] if p["method"] == "uniform" and p["param"] == 16][0]
+    assert u16["psnr"] == pytest.approx(float(_psnr(x, tok.decode(tok.encode(x, tok.layout.uniform(16, len(keep)))))
+                                              .mean()), abs=1e-4)
+
+
 def test_eval_curve_points_and_tokens_saved(router_dir, work, tmp_path):
     from arvid.stages.eval_curve import EvalCurveConfig, run
 

@@ -194,8 +194,19 @@ def run(cfg: EvalCurveConfig) -> Path:
     layout = tok.layout
     dataset = build_dataset(cfg.data, cfg.split)
     n = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
-    # held on the host; batches move to the device (a whole split may not fit on the GPU)
-    videos = torch.stack([dataset[i]["video"] for i in range(n)])  # [V, C, T, H, W]
+    # held on the host; batches move to the device (a whole split may not fit on the GPU). An
+    # unreadable file (on_bad_video=skip) makes the dataset hand out the next readable video under
+    # the bad one's index: such items are dropped, so no video counts twice and `keep` holds the
+    # dataset indices of the videos kept (the curation records are selected by them)
+    items = [dataset[i] for i in range(n)]
+    keep = [i for i, it in enumerate(items) if int(it.get("index", i)) == i]
+    if not keep:
+        raise ConfigError(f"eval curve: none of the first {n} videos of split {cfg.split!r} could be read")
+    if len(keep) < n:
+        log.warning("eval curve: %d of the first %d videos are unreadable and skipped", n - len(keep), n)
+    videos = torch.stack([items[i]["video"] for i in keep])  # [V, C, T, H, W]
+    del items
+    num_skipped, n = n - len(keep), len(keep)
     distortion = Distortion(cfg.quality, cfg.lpips_net, device, cfg.lpips_weights)
     distortion.check()
     fvd = _fvd_fn(cfg, videos, device) if cfg.fvd else None
@@ -209,11 +220,12 @@ def run(cfg: EvalCurveConfig) -> Path:
         stats = read_stats(cfg.curation)
         if records.layout != layout:
             raise ConfigError(f"eval curve: curation layout {records.layout} differs from the tokenizer's {layout}")
-        missing = sorted(set(range(n)) - set(records.videos().tolist()))
+        missing = sorted(set(keep) - set(records.videos().tolist()))
         if missing:
             raise ConfigError(f"eval curve: curation {cfg.curation!r} has no records for {len(missing)} of the {n} "
-                              f"videos (e.g. {missing[:5]}); curate split {cfg.split!r} with num_videos >= {n}")
-        sel = records.select_videos(np.arange(n))
+                              f"videos (e.g. {missing[:5]}); curate split {cfg.split!r} with num_videos >= "
+                              f"{keep[-1] + 1}")
+        sel = records.select_videos(np.asarray(keep))
         for w_q in cfg.w_q_sweep:
             vids, labels, _ = labels_for(sel, stats, w_q, 2.0 - w_q)
             a = layout.indices_to_assignments(torch.from_numpy(labels[np.argsort(vids)]))
@@ -257,7 +269,7 @@ def run(cfg: EvalCurveConfig) -> Path:
         w.writerows(points)
     write_json(out / "curve.json", {
         "quality": distortion.name, "quality_description": QUALITY_DESCRIPTIONS[cfg.quality],
-        "split": cfg.split, "num_videos": n, "layout": layout.to_dict(), "tokenizer": cfg.tokenizer,
+        "split": cfg.split, "num_videos": n, "num_skipped": num_skipped, "layout": layout.to_dict(), "tokenizer": cfg.tokenizer,
         "tokenizer_fingerprint": tok.fingerprint(), "points": points, "tokens_saved": saved,
         "rfvd_backbone": "i3d" if cfg.fvd else None,
         "rfvd_protocol": cfg.fvd_protocol if cfg.fvd else None,
