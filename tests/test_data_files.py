@@ -364,3 +364,29 @@ def test_skipping_non_reference_frames_before_the_clip_gives_the_frames_of_a_ful
                 full = plain(path, 8, 16, stride, None, float(u), False, skip_nonref=False)
                 assert np.array_equal(files.decode_clip(path, 8, 16, stride, start_fraction=float(u)), full), (path, u)
     assert str(gappy) in map(str, retries) and str(steady) not in map(str, retries)
+
+
+def test_b_frame_avi_whose_first_frame_shows_after_the_stream_start(tmp_path):
+    """MPEG-4 with B-frames in AVI: the stream starts at time 0 (the first decode time) but the first
+    frame's pts is one interval later. The clip starts at that first frame; before 2026-12-06 frame
+    0 filled targets 0 and 1 and every later frame came one place late."""
+    import av
+
+    path = tmp_path / "b.avi"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        s.codec_context.max_b_frames = 2
+        for t in range(12):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * t, np.uint8), format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    with av.open(str(path)) as c:
+        st = c.streams.video[0]
+        first = next(iter(c.decode(st)))
+        assert st.start_time == 0 and first.pts == 1  # the case: the first frame after the start
+    clip = decode_clip(path, frames=6, size=16)
+    got = [int(x[8, 8, 0]) for x in clip]
+    assert all(abs(g - 20 * t) <= 3 for t, g in enumerate(got)), got

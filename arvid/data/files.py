@@ -211,7 +211,8 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
             # latest start whose clip still ends on a real frame
             t0 = max(0.0, duration - (frames - 1) * step - 1.0 / rate) * float(start_fraction)
         targets = t_first + t0 + step * np.arange(frames)
-        if t0 > _SEEK_AFTER_S:
+        seeked = t0 > _SEEK_AFTER_S
+        if seeked:
             try:
                 container.seek(int((t_first + t0) / tb), stream=stream, backward=True, any_frame=False)
             except av.FFmpegError:
@@ -238,6 +239,11 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
             if frame.time is None and skipping["used"]:
                 raise _SkippedTooMuch  # times counted by frame would miss the skipped ones
             ft = frame.time if frame.time is not None else t_first + n_decoded / rate
+            if n_decoded == 0 and not seeked and ft > t_first:
+                # the first frame shows later than the stream's start time (B-frames in AVI: the start
+                # is the first decode time, the first frame's pts one interval later); the video starts
+                # at its first frame, else frame 0 would fill target 0 and again target 1
+                targets = targets + (ft - t_first)
             n_decoded += 1
             while len(out) < frames and ft > targets[len(out)] + tol:
                 emit(prev if prev is not None else frame)
