@@ -317,7 +317,7 @@ def test_real_statistics_record_and_check_the_split_data_seed_and_n(tmp_path, mo
     meta = json.loads(str(np.load(path)["meta"]))
     assert meta["protocol"]["split"] == "val" and meta["stats_key"].startswith("synthetic_val_")
     assert meta["clips"] == {"source": "synthetic", "root": None, "split": "val", "seed": 0, "drawn": 3,
-                             "available": 7}
+                             "available": 7, "frame_stride": None, "fps": None}
     # the same clips: accepted, the same number
     again = FVDSides("synthetic", None, cpu, real_stats=str(path), clips=ClipSet(data, "val", 3, "synthetic", 3))
     for _, b in clips.batches():
@@ -360,3 +360,8 @@ def test_clip_set_cuts_file_clips_as_the_protocol_says(tmp_path):
     eval_fvd = choose(open_videos(str(tmp_path), ClipConfig(frames=8, size=16, random_start=True, flip=False), 0),
                       3, True, 0, several=True)
     assert all(torch.equal(a, eval_fvd[k]["video"]) for k, a in enumerate(runs[0]))
+    # consecutive frames at the file's own rate, whatever data.frame_stride / data.fps say; recorded
+    strided = ClipSet(dataclasses.replace(data, frame_stride=3, fps=4.0), "train", None, "ucf-train-rfvd", 3)
+    assert strided.dataset.clip.frame_stride == 1 and strided.dataset.clip.fps is None
+    assert all(torch.equal(a, b) for a, b in zip(clips_of(strided), clips_of(first)))
+    assert strided.describe()["frame_stride"] == 1 and strided.describe()["fps"] is None

@@ -522,8 +522,14 @@ class VideoFileDataset(Dataset):
 
     def cut_as_protocol(self, random_start: bool, seed: int) -> None:
         """Cut clips as an FVD protocol does, whatever the data config said: a random start (seeded
-        by the protocol's ``seed``) or the first frames, and no flips (``arvid.stages.eval_stream.ClipSet``)."""
-        self.clip = replace(self.clip, random_start=bool(random_start), flip=False)
+        by the protocol's ``seed``) or the first frames, consecutive frames at the file's own rate
+        (``frame_stride`` 1, no ``fps`` resampling: the protocols' ``first-16`` / ``random-16``
+        clips), and no flips (``arvid.stages.eval_stream.ClipSet``)."""
+        c = self.clip
+        if c.frame_stride != 1 or c.fps:
+            log.warning("FVD protocol clips are consecutive frames at each file's own rate: the data config's "
+                        "frame_stride=%s fps=%s are not used for these clips", c.frame_stride, c.fps)
+        self.clip = replace(c, random_start=bool(random_start), flip=False, frame_stride=1, fps=None)
         self.seed = int(seed)
 
     @classmethod

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
         # the set the clips are drawn from: saved with the statistics, and "all" protocols compare N with it
         metric.set_clips(side, clips_record("csv" if str(source).lower().endswith(".csv") else "folder",
                                             str(Path(source).resolve()), None, protocol.seed if random_clips else None,
-                                            len(data), len(data.ds)))
+                                            len(data), len(data.ds), data.ds.clip.frame_stride, data.ds.clip.fps))
         skipped = set().union(*all_gather_objects(feed(metric, data, real, args, world, rank)))
         if skipped and rank == 0:
             log.warning("%s: %d drawn files are unreadable and were left out (the %s set is %d clips short)",

@@ -244,13 +244,15 @@ class ClipSet:
         ``seed`` (the one the clips depend on: synthetic content, or random starts and flips of
         files; None: none), ``drawn`` (N) and ``available`` (the split's videos)."""
         d, ds = self.data, self.dataset
+        stride = fps = None
         if isinstance(ds, VideoFileDataset):
             seed = ds.seed if ds.clip.random_start or ds.clip.flip else None
+            stride, fps = ds.clip.frame_stride, ds.clip.fps
         else:
             seed = d.seed
         root = d.val_root if self.split != "train" and d.val_root else d.root
         return clips_record(d.source, str(Path(root).resolve()) if root else None, self.split, seed, len(self.pairs),
-                            len(self.dataset))  # type: ignore[arg-type]
+                            len(self.dataset), stride, fps)  # type: ignore[arg-type]
 
     def labels(self) -> torch.Tensor:
         """``LongTensor[N]``: every drawn clip's label, in draw order."""
@@ -375,17 +377,19 @@ class FVDSides:
 
 
 def clips_record(source: str, root: str | None, split: str | None, seed: int | None, drawn: int,
-                 available: int) -> dict:
+                 available: int, frame_stride: int | None = None, fps: float | None = None) -> dict:
     """The record of a set of clips that statistics files keep (``FeatureStats.clips``) and check
     (:data:`CHECKED_CLIP_FIELDS`): the data ``source`` (``synthetic``, ``folder``, ``csv`` ...), its
     ``root``, the ``split`` (None: files outside any split), the ``seed`` the clips depend on (None:
-    none), N ``drawn`` and the set's size ``available``. The one place its keys are written
+    none), N ``drawn``, the set's size ``available``, and for files the frames' ``frame_stride`` and
+    ``fps`` resampling (None: not files, or the file's own rate). The one place its keys are written
     (:meth:`ClipSet.describe`, ``arvid eval fvd``)."""
-    return {"source": source, "root": root, "split": split, "seed": seed, "drawn": drawn, "available": available}
+    return {"source": source, "root": root, "split": split, "seed": seed, "drawn": drawn, "available": available,
+            "frame_stride": frame_stride, "fps": fps}
 
 
 #: the fields of a statistics file's ``clips`` that must equal the run's clips' (where both record them)
-CHECKED_CLIP_FIELDS = ("source", "split", "seed", "drawn")
+CHECKED_CLIP_FIELDS = ("source", "split", "seed", "drawn", "frame_stride", "fps")
 
 
 def check_clips(path: str | os.PathLike, recorded: dict | None, mine: dict) -> None:
