@@ -54,9 +54,11 @@ def test_two_processes_match_one_process(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     resumed = load_weights(tmp_path / "two" / "gan" / "final.safetensors")
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
-    # a failure on the main process only (eval_fn) stops both processes instead of hanging one
+    # a failure on the main process only (eval_fn) stops both processes instead of hanging one; this
+    # launch leaves the Trainer's device at 'auto': without a GPU it still gives 2 gloo processes
+    # (before 2026-12-06 each ran alone and _check_launch refused it: TrainerConfig.device='cpu' was needed)
     failing = [*cmd[:cmd.index(str(TOY))], str(TOY), str(tmp_path / "fail"), "--task", "mlp", *args,
-               "--eval-fail-at", "3"]
+               "--eval-fail-at", "3", "--device", "auto"]
     failing[failing.index("--main_process_port") + 1] = str(_free_port())
     out = subprocess.run(failing, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0

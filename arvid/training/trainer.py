@@ -361,6 +361,17 @@ def _fsdp_plugin(acc: Any) -> Any | None:
     return None
 
 
+def runs_on_cpu(device: str) -> bool:
+    """Whether the Trainer asks accelerate for CPU processes: ``device='cpu'``, or ``'auto'`` in one
+    of several launched processes on a machine without a GPU (``accelerate launch --multi_gpu`` there:
+    accelerate makes them gloo CPU processes only when asked for the CPU, else runs each alone)."""
+    import os
+
+    if device == "cpu":
+        return True
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1 and not torch.cuda.is_available()
+
+
 def _check_launch(n_proc: int) -> None:
     """Refuse N launched processes that accelerate runs as N independent single processes."""
     import os
@@ -675,7 +686,7 @@ class Trainer:
         cfg = self.config
         acc = make_accelerator(
             cfg.precision,
-            cpu=cfg.device == "cpu",
+            cpu=runs_on_cpu(cfg.device),
             find_unused_parameters=cfg.find_unused_parameters,
             log_dir=str(self.out_dir / "tensorboard") if tensorboard_available() else None,
         )
