@@ -7,9 +7,10 @@
 workers (PyAV decode, short side resized to the protocol's size, centre crop, 16 frames) and
 resizes to 224 on the GPU. This measures that CPU side on files it writes itself (``--src-frames``
 frames of ``--src-size``, H.264 or MPEG-4, like UCF-101's 320 x 240 clips), and reports how many
-workers it takes to keep an I3D busy at ``--i3d-clips-per-s`` (default: 267, arvid's fp32 I3D on
-the H100, BENCHMARKS.md). Prints one JSON object (command, host, date) and appends it to
-``--out`` if given.
+workers it takes to keep an I3D busy at ``--i3d-clips-per-s`` (default: 441, arvid's fp32 I3D on
+the H100 with clips already on the GPU, 2026-12-06, BENCHMARKS.md; 267 was an older table that
+timed the clips' host-to-device copy too). Prints one JSON object (command, host, date) and appends
+it to ``--out`` if given.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--passes", type=int, default=4, help="passes over the files per measurement")
-    p.add_argument("--i3d-clips-per-s", type=float, default=267.0, help="the consumer's rate to keep busy")
+    p.add_argument("--i3d-clips-per-s", type=float, default=441.0, help="the consumer's rate to keep busy")
     p.add_argument("--i3d", default=None, metavar="DEVICE",
                    help="also feed every batch to the fp32 I3D on DEVICE (e.g. cuda) and report end-to-end clips/s; "
                         "the network is randomly initialised (throughput does not depend on the weights)")
