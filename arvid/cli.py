@@ -87,6 +87,13 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
             return
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors :func:`main` reports in one line (evaluated only when one propagates)."""
+    from arvid.training.trainer import NonFiniteLossError
+
+    return (ValueError, OSError, NonFiniteLossError)
+
+
 def _run(args) -> int | None:
     """The command, then the distributed teardown (a no-op without a process group; no barrier
     after a failure)."""
@@ -122,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
-        # Config errors, bad inputs, I/O problems and an attention backend that cannot run here
-        # (AttentionBackendUnavailable is a ValueError) carry a message that says what to fix or
-        # install; a traceback would only hide it. ARVID_DEBUG=1 shows the traceback.
+    except _user_errors() as e:
+        # Config errors, bad inputs, I/O problems, an attention backend that cannot run here
+        # (AttentionBackendUnavailable is a ValueError) and a training run stopped by a non-finite
+        # loss carry a message that says what to fix, install or resume from; a traceback would only
+        # hide it. ARVID_DEBUG=1 shows the traceback.
         import os
 
         if os.environ.get("ARVID_DEBUG"):

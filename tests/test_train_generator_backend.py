@@ -73,3 +73,25 @@ def test_check_names_precision_and_flex_on_cpu(store, tmp_path, monkeypatch):
         with pytest.raises(AttentionBackendUnavailable, match=r"pip install 'arvid\[flash\]'"):
             train_generator.run(cfg)
         assert not (tmp_path / "d").exists()
+
+
+def test_cli_non_finite_loss_is_one_line_naming_the_checkpoint(store, tmp_path, capsys, monkeypatch):
+    """A run stopped by a non-finite loss says so in one line with the checkpoint to resume from
+    (it printed a 30-line traceback before 2026-12-06); ARVID_DEBUG=1 still raises."""
+    from pathlib import Path
+
+    from arvid.training.trainer import NonFiniteLossError
+
+    def stop(cfg):
+        raise NonFiniteLossError(7, "main", float("nan"), Path("run/checkpoints/step_00000005"))
+
+    monkeypatch.setattr(train_generator, "run", stop)
+    monkeypatch.delenv("ARVID_DEBUG", raising=False)
+    rc = main(["train-generator", "configs/generator/debug.yaml", *overrides(store, tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("arvid train-generator: error: non-finite loss at step 7: losses['main'] = nan")
+    assert "step_00000005" in err and "resume=True" in err
+    monkeypatch.setenv("ARVID_DEBUG", "1")
+    with pytest.raises(NonFiniteLossError):
+        main(["train-generator", "configs/generator/debug.yaml", *overrides(store, tmp_path / "run")])
