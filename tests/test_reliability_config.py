@@ -133,6 +133,21 @@ def test_config_error_messages_name_the_key_and_the_expected_type(tmp_path):
         load_config(TrainTokenizerConfig, None, ["data=3", "data.frames=2"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(TrainTokenizerConfig, tmp_path / "missing.yaml")
+
+
+def test_a_misspelt_tokenizer_param_is_named_as_written_before_the_run_dir_exists(tmp_path):
+    """`tokenizer.params` is a free dict until the tokenizer's own config class reads it: a misspelt
+    key there is refused before train-tokenizer makes its run directory, named as the user wrote
+    it (`tokenizer.params.<key>`), with the closest valid key (it was named `tokenizer.<key>`,
+    against the run directory's config.yaml, after the directory was made)."""
+    from arvid.stages.train_tokenizer import TrainTokenizerConfig, run
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainTokenizerConfig, None, ["tokenizer.params.candidatez=[4,8]", f"out_dir={out}"])
+    with pytest.raises(ConfigError, match=r"unknown key `tokenizer\.params\.candidatez`.*did you mean "
+                                          r"`tokenizer\.params\.candidates`"):
+        run(cfg)
+    assert not out.exists()
     with pytest.raises(ConfigError, match="stage final needs `router`"):
         load_config(TrainTokenizerConfig, None, ["stage=final"])
 

@@ -103,20 +103,22 @@ def tokenizer_class(name: str) -> type:
     return _REGISTRY[name]
 
 
-def tokenizer_config(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>"):
+def tokenizer_config(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>",
+                     prefix: str = "tokenizer."):
     """The validated config of tokenizer ``name`` (a preset plus overrides), without building the model:
-    enough for its ``layout``."""
+    enough for its ``layout``. ``prefix``: where the keys sit in the user's config (named in errors)."""
     cls = tokenizer_class(name)
     if preset and preset not in cls.presets():
         raise ConfigError(f"{source}: tokenizer {name!r} has no preset {preset!r} (presets: {list(cls.presets())})")
     base = dict(cls.presets()[preset]) if preset else {}
     base.update(config or {})
-    return from_dict(cls.config_class, base, source=source, prefix="tokenizer.")
+    return from_dict(cls.config_class, base, source=source, prefix=prefix)
 
 
-def build_tokenizer(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>"):
+def build_tokenizer(name: str, config: dict | None = None, preset: str | None = None, source: str = "<config>",
+                    prefix: str = "tokenizer."):
     """Build tokenizer ``name`` from a preset (``debug``, ``S``, ``B`` ...) plus config overrides."""
-    return tokenizer_class(name)(tokenizer_config(name, config, preset, source))
+    return tokenizer_class(name)(tokenizer_config(name, config, preset, source, prefix))
 
 
 def load_tokenizer(directory: str | os.PathLike, map_location: str = "cpu"):
