@@ -286,3 +286,21 @@ def test_describe_marks_execution_only_fields():
     marked = [ln.split(":")[0].strip() for ln in lines if ln.endswith(EXECUTION_NOTE)]
     assert marked == ["num_workers", "log_every"]
     assert EXECUTION_NOTE == "(execution only: not in the fingerprint)"
+
+
+def test_the_walkthrough_stage_configs_load_and_chain():
+    """The README walkthrough's shipped stage configs load, read the same videos, and each names
+    the previous stage's output."""
+    from arvid.stages.curate import CurateConfig
+    from arvid.stages.eval_curve import EvalCurveConfig
+    from arvid.stages.tokenize import TokenizeConfig
+    from arvid.stages.train_router import TrainRouterConfig
+
+    cur = load_config(CurateConfig, "configs/curate/S.yaml")
+    router = load_config(TrainRouterConfig, "configs/router/S.yaml")
+    tok = load_config(TokenizeConfig, "configs/tokenize/S.yaml")
+    curve = load_config(EvalCurveConfig, "configs/eval/curve_S.yaml")
+    assert cur.data == router.data == tok.data == curve.data
+    assert router.curation == cur.out_dir and curve.curation == router.val_curation
+    assert tok.router == curve.router == f"{router.out_dir}/router"
+    assert cur.tokenizer == curve.tokenizer == "outputs/ucf/proxy/tokenizer"
