@@ -252,7 +252,12 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def state_dict(self) -> dict:
         """Where this epoch stands: ``skip`` counts the batches already yielded (a checkpoint taken
-        mid-epoch resumes after them, not at batch 0)."""
+        mid-epoch resumes after them, not at batch 0). Under a ``DataLoader`` with workers, the
+        loader draws batches ahead of the training loop (``prefetch_factor`` per worker), so
+        ``skip`` runs ahead of the batches trained on: resuming from it would leave those out. For
+        an exact resume count the batches your loop consumed and call :meth:`skip` with that
+        (``arvid train-generator`` does not use this sampler's state: its Trainer orders packed
+        batches by step)."""
         return {"epoch": self.epoch, "skip": self._consumed, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
