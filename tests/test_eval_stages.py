@@ -229,6 +229,15 @@ def test_gen_with_a_token_cap_and_the_budget_sweep(env, tmp_path, monkeypatch):
     assert capped["budget"] == {"mode": "exact", "target": 10, "cap": 10}
     assert capped["tokens_per_video"] <= 10 < free["tokens_per_video"]
     assert free["num_samples"] == 8 and free["fvd_record"]["num_real"] == 8
+    # a forced assignment (the report's fixed-length branch): every sample at exactly those counts
+    from arvid.tokenizer.base import load_tokenizer
+
+    layout = load_tokenizer(env / "tok").layout
+    forced = [layout.candidates[0]] * layout.num_blocks
+    fixed = evaluate_gen(GenEvalConfig(**_gen_kw(env, tmp_path), fixed_assignment=forced))
+    assert fixed["tokens_per_video"] == sum(forced) != free["tokens_per_video"]
+    with pytest.raises(ValueError, match="fixed_assignment .* budget=10 has nothing to choose"):
+        GenEvalConfig(**_gen_kw(env, tmp_path), fixed_assignment=forced, budget=10)
     out = run_budget(BudgetEvalConfig(**_gen_kw(env, tmp_path), budgets=[8, 40], out_dir=str(tmp_path / "b")))
     res = json.loads((out / "budget.json").read_text())
     rows = res["rows"]

