@@ -27,15 +27,17 @@
 #                needs PyAV: skipped (exit 3) where `import av` fails
 #   8. sampling_b1  the compiled decode step at batch 1 alone, default compile mode
 #   9. genflex   the GPT L with --backend flex, bf16 residual, 32,768 positions
-#  10. cudnnvar  (runs first) the cudnn_varlen backend, written 2026-12-06 without device time:
+#  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
-#                against torch_varlen, the cost of new sequence counts), the attention and GPT GPU
-#                tests (every available backend), and the L step with it and with torch_varlen at
-#                32,768 positions ([E]: the attention is ~25% of the L step at ~100 TFLOP/s)
-# Measured on 2026-12-06 (H100): gputests (sampling, attention with FA4), sampling (compile; kv
-# buckets 256 and 64; max-autotune-no-cudagraphs), sampling_b1, decode, genprof, genbig, attention,
-# genflex, fa4 (attention rows; FA4 cannot train on Hopper). Still owed: cudnnvar (written
-# 2026-12-06, never run), tokprof, pipeline, packing, a gputests run of everything since (BENCHMARKS.md).
+#                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
+#                disagree with the reference), the attention and GPT GPU tests (every available
+#                backend), and the L step with it and with torch_varlen at 32,768 positions. Run on
+#                2026-12-06 (H100, torch 2.11): wrong dq/dk, a cuDNN graph built per call; the
+#                backend is refused on torch < 2.12 since. Rerun it on a newer torch.
+# Measured on 2026-12-06 (H100): gputests (sampling, attention with FA4; late: every GPU test, with
+# cudnn_varlen failing), sampling (compile; kv buckets 256 and 64; max-autotune-no-cudagraphs),
+# sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
+# on Hopper), cudnnvar. Still owed: tokprof, pipeline, packing (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -60,7 +62,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:-run}
 R=${2:-/tmp/agenda}
-STEPS=${AGENDA_STEPS:-cudnnvar tokprof pipeline genprof genbig attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
+STEPS=${AGENDA_STEPS:-tokprof pipeline genprof genbig attention packing fa4 gputests sampling sampling_b1 i3d decode genflex}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # step NAME TIMEOUT_S COMMAND...: one step, its log and exit status in $R

@@ -85,6 +85,17 @@ def errors(fn, q, k, v, cu, m, g, ref) -> dict:
     return {f"err_{n}": (a.float() - b).abs().max().item() for n, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
 
 
+#: the largest error against the float32 reference a bf16 kernel may show (the attention GPU tests' bound)
+TOLERANCE = 6e-2
+
+
+def verdict(errs: dict) -> str:
+    """``ok``, or ``wrong: <field> <error>, ...`` for the errors above :data:`TOLERANCE` (the probe
+    reported "ok" beside dq errors of 1e19 on torch 2.11 before 2026-12-06)."""
+    bad = {k: v for k, v in errs.items() if k.startswith("err_") and not v <= TOLERANCE}  # NaN is bad too
+    return "ok" if not bad else "wrong: " + ", ".join(f"{k[4:]} {v:.3g}" for k, v in bad.items())
+
+
 def fwd_bwd_ms(fn, q, k, v, cu, m, g, iters, device) -> tuple[float, float]:
     qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
 
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
             row.update(errors(fn, q, k, v, cu if name != "torch_varlen" else cu.to(torch.int32), m, g, ref))
             f_ms, fb_ms = fwd_bwd_ms(fn, q, k, v, cu if name != "torch_varlen" else cu.to(torch.int32), m, g,
                                      a.iters, device)
-            row.update(fwd_ms=f_ms, fwd_bwd_ms=fb_ms, fwd_bwd_tflops=flops / (fb_ms * 1e-3) / 1e12, status="ok")
+            row.update(fwd_ms=f_ms, fwd_bwd_ms=fb_ms, fwd_bwd_tflops=flops / (fb_ms * 1e-3) / 1e12,
+                       status=verdict(row))
         except Exception as e:  # noqa: BLE001
             row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
         add(row)
@@ -181,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         qkv = torch.cat([q, k, v], dim=1)
         qv, kv_, vv = qkv.split([a.heads, a.heads, a.heads], dim=1)
-        add({"what": "qkv views", **errors(cudnn_varlen, qv, kv_, vv, cu, m, g, ref), "status": "ok"})
+        e = errors(cudnn_varlen, qv, kv_, vv, cu, m, g, ref)
+        add({"what": "qkv views", **e, "status": verdict(e)})
     except Exception as e:  # noqa: BLE001
         add({"what": "qkv views", "status": f"error: {type(e).__name__}: {str(e)[:200]}"})
 
@@ -214,8 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
                 worst = {k: max(worst.get(k, 0.0), v) for k, v in e.items()}
         if times:
             add({"what": mode, "first_call_ms": times[0], f"{mode}_ms": sum(times) / len(times),
-                 "counts": [len(b[0]) for b in batches], **worst, "status": "ok"})
-    result["status"] = "ok"
+                 "counts": [len(b[0]) for b in batches], **worst, "status": verdict(worst)})
+    wrong = [r for r in result["rows"] if str(r.get("status", "")).startswith("wrong")]
+    result["status"] = "wrong: the cuDNN kernels disagree with the reference" if wrong else "ok"
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
@@ -223,4 +237,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(0 if main()["status"] == "ok" else 1)

@@ -493,7 +493,15 @@ def test_cudnn_varlen_needs_cuda_and_the_ragged_ops(monkeypatch):
     assert "CUDA" in backend_unavailable_reason("cudnn_varlen", "cpu", torch.bfloat16)
     assert "cudnn_varlen" not in A.CUDA_AUTO_ORDER  # not chosen by auto until measured on a GPU
     assert A._cudnn_has_ragged_ops() == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9))
-    monkeypatch.setattr(A, "_cudnn_has_ragged_ops", lambda: False)
+    assert A._torch_version() == tuple(int(x) for x in torch.__version__.split(".")[:2])
     monkeypatch.setattr(A.torch.backends.cudnn, "is_available", lambda: True)
-    assert "torch>=2.9" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16)
+    # torch 2.11 (measured on an H100, 2026-12-06): wrong dq/dk and a graph built per call: refused
+    monkeypatch.setattr(A, "_torch_version", lambda: (2, 11))
+    monkeypatch.setattr(A, "_cudnn_has_ragged_ops", lambda: True)
+    reason = backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16)
+    assert reason is not None and "refused on torch" in reason and "dq/dk" in reason and "torch_varlen" in reason
+    monkeypatch.setattr(A, "_torch_version", lambda: (2, 12))
+    assert backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16) is None
+    monkeypatch.setattr(A, "_cudnn_has_ragged_ops", lambda: False)
+    assert "cumulative sequence lengths" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16)
     assert "fp16/bf16" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.float32)

@@ -187,3 +187,13 @@ def test_probe_cudnn_varlen_plumbing_with_stand_in_kernels(tmp_path):
         errs = [r[k] for k in ("err_out", "err_dq", "err_dk", "err_dv")]
         assert max(errs) < 0.05, r  # bf16 rounding; a wrong mask or a lost sequence is O(1)
     assert len(set(rows[5]["counts"])) == len(rows[5]["counts"])  # every varying batch a new count
+
+
+def test_probe_cudnn_varlen_calls_a_disagreement_wrong():
+    """On torch 2.11 the probe printed status "ok" beside dq errors of 1e19: a row whose error
+    exceeds the GPU tests' bound (or is NaN) is "wrong", naming the field."""
+    probe = load("probe_cudnn_varlen")
+    assert probe.verdict({"err_out": 0.009, "err_dq": 0.017, "err_dk": 0.016, "err_dv": 0.019}) == "ok"
+    assert probe.verdict({"err_out": 0.009, "err_dq": 8.2e19, "err_dk": 2.28, "err_dv": 0.019}) == \
+        "wrong: dq 8.2e+19, dk 2.28"
+    assert probe.verdict({"err_out": float("nan")}) == "wrong: out nan"

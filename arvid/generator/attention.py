@@ -25,10 +25,13 @@ Backends (``varlen_causal_attention(..., backend=...)``):
   sequences' offsets, cuDNN's "ragged" THD layout: no padding), through the two aten ops torch's
   nested-tensor SDPA uses (``aten._cudnn_attention_forward`` / ``_backward``, torch>=2.9), wrapped
   as opaque custom ops so ``torch.compile`` keeps the layers around them in one graph. CUDA,
-  fp16/bf16. New on 2026-12-06 and **not yet run on a GPU** (no device time that day): never
-  chosen by ``auto``; ``benchmarks/probe_cudnn_varlen.py`` and the attention GPU tests check it.
-  cuDNN builds an execution plan per (sequence count, longest sequence, total tokens) and caches
-  it, so the first batch of each new shape pays for one.
+  fp16/bf16. Never chosen by ``auto``, and **refused on torch < 2.12**: on the H100 with torch
+  2.11.0+cu130 (cuDNN 9.19, 2026-12-06) its forward matched the reference but ``dq``/``dk`` did
+  not (dv did), and every call built its cuDNN graph afresh (45 ms per forward at 16,384 tokens
+  against FA2's 0.30 ms; the L step took 3.1 s). Its kernels were fast: the L step's kernel time
+  was 152 ms against torch_varlen's 172 ms (attention 21 ms against 43 ms). Later torch caches
+  the ragged graphs by (sequence count, longest sequence); ``benchmarks/probe_cudnn_varlen.py``
+  (which calls the ops directly) and the attention GPU tests say whether a newer torch fixes it.
 - ``xformers``: ``memory_efficient_attention`` with ``BlockDiagonalCausalMask.from_seqlens``.
 - ``sdpa``: the portable fallback: SDPA with a dense ``[N, N]`` boolean document-causal mask
   (``O(N^2)`` memory; CPU tests, small batches).
@@ -59,7 +62,7 @@ BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "cudnn
 #: takes the padded path too). flash_attn was not installed there; it runs the same FA2 varlen
 #: kernel as torch_varlen and comes first because it has run in production longest. ``fa4`` is
 #: never chosen by ``auto``: it cannot train on Hopper and was not measured on Blackwell; nor is
-#: ``cudnn_varlen``, not yet measured anywhere.
+#: ``cudnn_varlen`` (wrong dq/dk and a graph built per call on torch 2.11, see above).
 CUDA_AUTO_ORDER = ("flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -116,15 +119,35 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
     if name in ("cudnn", "cudnn_varlen"):
         if not torch.backends.cudnn.is_available():
             return f"attention backend {name!r} needs torch built with cuDNN (cuDNN SDPA, cuDNN>=9)"
-        if name == "cudnn_varlen" and not _cudnn_has_ragged_ops():
-            return ("attention backend 'cudnn_varlen' needs aten._cudnn_attention_forward with cumulative sequence "
-                    "lengths (torch>=2.9); upgrade torch, or use 'torch_varlen'")
+        if name == "cudnn_varlen":
+            if _torch_version() < CUDNN_VARLEN_MIN_TORCH:
+                return CUDNN_VARLEN_OLD_TORCH.format(torch=torch.__version__)
+            if not _cudnn_has_ragged_ops():
+                return ("attention backend 'cudnn_varlen' needs aten._cudnn_attention_forward with cumulative "
+                        "sequence lengths; upgrade torch, or use 'torch_varlen'")
         return None
     if name == "xformers":
         return _package_problem(name) or _xformers_kernel_problem()
     return None
 
 
+#: The oldest torch whose cuDNN ragged attention ``cudnn_varlen`` runs on (torch 2.11 failed, see
+#: the module docstring); a newer one is let through but unmeasured.
+CUDNN_VARLEN_MIN_TORCH = (2, 12)
+CUDNN_VARLEN_OLD_TORCH = (
+    "attention backend 'cudnn_varlen' is refused on torch {torch} (< 2.12): on torch 2.11 (H100, cuDNN 9.19, "
+    "2026-12-06) its gradients dq/dk disagreed with the reference and every call rebuilt its cuDNN graph "
+    "(45 ms per forward); use 'torch_varlen' or 'auto'")
+
+
+@torch.compiler.assume_constant_result
+def _torch_version() -> tuple[int, int]:
+    """``(major, minor)`` of this torch (a constant under ``torch.compile``: no graph break)."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=1)
 def _cudnn_has_ragged_ops() -> bool:
     """Whether this torch's cuDNN attention ops take cumulative sequence lengths (torch>=2.9)."""
