@@ -505,3 +505,52 @@ def test_cudnn_varlen_needs_cuda_and_the_ragged_ops(monkeypatch):
     monkeypatch.setattr(A, "_cudnn_has_ragged_ops", lambda: False)
     assert "cumulative sequence lengths" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16)
     assert "fp16/bf16" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.float32)
+
+
+def test_xformers_mask_is_built_once_per_batch(monkeypatch):
+    """The xformers backend reads the sequence lengths on the host to build its mask: once per
+    batch (every layer gets the same cu_seqlens), not once per layer (a host sync each, before
+    2026-12-06); a new batch, or cu_seqlens changed in place, gets a new mask. xformers is
+    replaced by a stand-in that counts the masks and computes dense attention from them."""
+    import sys
+    import types
+
+    from arvid.generator import attention as A
+
+    built = []
+
+    class Mask:
+        @classmethod
+        def from_seqlens(cls, lens):
+            built.append(list(lens))
+            m = cls()
+            m.lens = list(lens)
+            return m
+
+    def mea(q, k, v, attn_bias):
+        cu = torch.tensor([0, *torch.tensor(attn_bias.lens).cumsum(0).tolist()], dtype=torch.int32)
+        return reference(q[0].double(), k[0].double(), v[0].double(), cu).to(q.dtype)[None]
+
+    fmha = types.ModuleType("xformers.ops.fmha")
+    bias_mod = types.ModuleType("xformers.ops.fmha.attn_bias")
+    bias_mod.BlockDiagonalCausalMask = Mask
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = mea
+    ops.fmha = fmha
+    root = types.ModuleType("xformers")
+    root.ops = ops
+    for name, mod in {"xformers": root, "xformers.ops": ops, "xformers.ops.fmha": fmha,
+                      "xformers.ops.fmha.attn_bias": bias_mod}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(A, "_XFORMERS_MASK", [])
+    lens = [7, 3, 12]
+    q, k, v, cu = random_batch(0, lens, h=4, hkv=2, d=8)
+    outs = [A._xformers(q, k, v, cu, max(lens)) for _ in range(3)]  # three layers of one forward pass
+    assert built == [lens]
+    torch.testing.assert_close(outs[0].double(), reference(q, k, v, cu))
+    cu2 = torch.tensor([0, 10, 22], dtype=torch.int32)  # the next batch
+    A._xformers(q, k, v, cu2, 12)
+    assert built == [lens, [10, 12]]
+    cu2[1] = 5  # changed in place: not the mask it had
+    A._xformers(q, k, v, cu2, 17)
+    assert built[-1] == [5, 17]

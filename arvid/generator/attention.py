@@ -639,13 +639,28 @@ def _cudnn_varlen(q, k, v, cu_seqlens, max_seqlen):
     return _cudnn_varlen_fwd(q, k, v, cu_seqlens.to(torch.int32), max_seqlen)[0]
 
 
-def _xformers(q, k, v, cu_seqlens, max_seqlen):
-    import xformers.ops as xops
+#: The last batch's xformers mask: ``(cu_seqlens, its version, mask)``. Every layer of a forward
+#: pass gets the same ``cu_seqlens`` tensor, so the mask (and the host sync that reads the lengths)
+#: is made once per batch, not once per layer.
+_XFORMERS_MASK: list = []
+
+
+def _xformers_mask(cu_seqlens: torch.Tensor):
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
 
+    if _XFORMERS_MASK and _XFORMERS_MASK[0][0] is cu_seqlens and _XFORMERS_MASK[0][1] == cu_seqlens._version:
+        return _XFORMERS_MASK[0][2]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # a host sync
+    mask = BlockDiagonalCausalMask.from_seqlens(lens)
+    _XFORMERS_MASK[:] = [(cu_seqlens, cu_seqlens._version, mask)]
+    return mask
+
+
+def _xformers(q, k, v, cu_seqlens, max_seqlen):
+    import xformers.ops as xops
+
     h = q.shape[1]
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    bias = BlockDiagonalCausalMask.from_seqlens(lens)
+    bias = _xformers_mask(cu_seqlens)
     out = xops.memory_efficient_attention(q[None], _expand_kv(k, h)[None], _expand_kv(v, h)[None], attn_bias=bias)
     return out[0]
 
