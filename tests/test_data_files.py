@@ -120,6 +120,15 @@ def test_csv_relative_paths_string_labels_and_split_column(synth_dir, tmp_path):
     assert len(paths) == 1 and paths[0].endswith("000003.mp4")
     # the held-out rows name only `walk`: it keeps its index in the whole list (1), not 0
     assert names == ["run", "walk"] and labels == [1]
+    # an unlabelled split beside labelled ones: int labels stay ints; its own rows are refused
+    rows = "".join(f"{rel}/01_linear/000001.mp4,{i},train\n" for i in range(12))
+    (sub / "blank.csv").write_text(f"path,label,split\n{rows}{rel}/03_circular/000003.mp4,,test\n")
+    paths, labels, names, _ = read_csv_list(sub / "blank.csv", split="train")
+    assert labels == list(range(12)) and names == [str(i) for i in range(12)]
+    with pytest.raises(ValueError, match=r"1 row\(s\) of split 'test' have no label"):
+        read_csv_list(sub / "blank.csv", split="test")
+    (sub / "none.csv").write_text(f"path,split\n{rel}/01_linear/000001.mp4,train\n")  # no labels at all
+    assert read_csv_list(sub / "none.csv", split="train")[1:3] == ([0], [""])
     with pytest.raises(ValueError, match="`path` column"):
         (sub / "bad.csv").write_text("file,label\nx.mp4,0\n")
         read_csv_list(sub / "bad.csv")

@@ -429,16 +429,23 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
         raise ValueError(f"{str(csv_path)!r} lists no videos")
     # labels and class names come from every row, so a class-name label gets the same index in
     # every split (a split's own rows may lack a class, which would renumber those after it)
+    # Blank labels (an unlabelled split beside labelled ones) take no part in typing the column or
+    # naming the classes; a chosen row without a label is an error. A list with no labels at all
+    # is one class, "" (label 0).
     raw = [r.get("label", "") for r in rows]
-    if all(_is_int(x) for x in raw):
-        labels = [int(x) for x in raw]
-        if min(labels) < 0:
-            raise ValueError(f"{str(csv_path)!r}: labels must be >= 0, got {min(labels)}")
-        names = _class_names_for(rows, labels, fields)
+    given = [x for x in raw if x]
+    if not given:
+        labels, names = [0] * len(raw), [""]
+    elif all(_is_int(x) for x in given):
+        labels = [int(x) if x else -1 for x in raw]
+        if min(int(x) for x in given) < 0:
+            raise ValueError(f"{str(csv_path)!r}: labels must be >= 0, got {min(int(x) for x in given)}")
+        labelled = [i for i, x in enumerate(raw) if x]
+        names = _class_names_for([rows[i] for i in labelled], [labels[i] for i in labelled], fields)
     else:
-        names = sorted(set(raw))
+        names = sorted(set(given))
         lookup = {n: i for i, n in enumerate(names)}
-        labels = [lookup[x] for x in raw]
+        labels = [lookup[x] if x else -1 for x in raw]
     if split is not None and "split" in fields:
         for name in SPLIT_DIRS.get(split, (split,)):
             chosen = [i for i, r in enumerate(rows) if r.get("split") == name]
@@ -447,6 +454,10 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
                 break
         else:
             raise ValueError(f"{str(csv_path)!r} has no rows with split {SPLIT_DIRS.get(split, (split,))}")
+    blank = [r["path"] for r, lab in zip(rows, labels) if lab < 0]
+    if blank:
+        raise ValueError(f"{str(csv_path)!r}: {len(blank)} row(s){f' of split {split!r}' if split else ''} have no "
+                         f"label (e.g. {blank[0]!r}); every row read needs one, as the others have")
     base = csv_path.parent
     paths = [str(p if Path(p).is_absolute() else base / p) for p in (r["path"] for r in rows)]
     missing = [p for p in paths if not Path(p).is_file()] if check_files else []
