@@ -146,7 +146,7 @@ def test_allowed_counts_accept_numpy_and_tensor_ints():
     ref = SequenceConstraint(FMT, 2, allowed_counts=[1, 5]).allowed
     assert int(ref.sum()) == 2 * 3 * 2
     for counts in ([np.int64(1), np.int32(5)], np.array([1, 5]), torch.tensor([1, 5]),
-                   [[np.int64(1), 5]] * 3):
+                   [[np.int64(1), 5]] * 3, np.array([[1, 5]] * 3), [np.array([1, 5])] * 3, [(1, 5)] * 3):
         assert torch.equal(SequenceConstraint(FMT, 2, allowed_counts=counts).allowed, ref), counts
 
 

@@ -147,8 +147,8 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
+@functools.lru_cache(maxsize=1)  # outermost: dynamo traces through the cache to the constant inside
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=1)
 def _cudnn_has_ragged_ops() -> bool:
     """Whether this torch's cuDNN attention ops take cumulative sequence lengths (torch>=2.9)."""
     fwd = getattr(torch.ops.aten, "_cudnn_attention_forward", None)

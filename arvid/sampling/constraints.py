@@ -329,7 +329,7 @@ def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
     else:
         per_block = []
         for k, x in enumerate(items):
-            if not isinstance(x, (Sequence, torch.Tensor)) or isinstance(x, str) or not all(_is_count(c) for c in x):
+            if not hasattr(x, "__iter__") or isinstance(x, (str, bytes)) or not all(_is_count(c) for c in x):
                 raise ValueError(f"allowed_counts {_shown(counts)}: block {k}'s entry {x!r} is not a list of token "
                                  "counts")
             per_block.append(list(x))
