@@ -158,6 +158,15 @@ class _SkippedTooMuch(Exception):
     """A frame skipped as non-reference before the clip could have been the one to emit."""
 
 
+class _SeekedPast(Exception):
+    """A seek landed on a frame shown after the clip's first target (AVI seeks by decode time, so a
+    keyframe after B-frames shows later than the time asked for)."""
+
+
+#: how far before the clip's start a seek aims, retry after retry; None: decode from the start
+_SEEK_BACK_S = (0.0, 2.0, 10.0, None)
+
+
 def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame_stride: int = 1,
                 fps: float | None = None, start_fraction: float | None = None, flip: bool = False) -> np.ndarray:
     """Decode one clip of ``path``: ``uint8 [frames, size, size, 3]``.
@@ -175,14 +184,24 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     should the frame to emit first have been one of them (a gap in the time stamps), the clip
     is decoded again without skipping. The frames are those of a full decode either way.
     """
-    try:
-        return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=SKIP_NONREF)
-    except _SkippedTooMuch:
-        return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=False)
+    skip = SKIP_NONREF
+    for back in _SEEK_BACK_S:
+        try:
+            try:
+                return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=skip,
+                                    seek_back=back)
+            except _SkippedTooMuch:
+                skip = False
+                return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=False,
+                                    seek_back=back)
+        except _SeekedPast:
+            continue  # the seek landed after the clip's start: aim further back
+    raise AssertionError("unreachable: decoding from the start never seeks past")
 
 
 def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: int, fps: float | None,
-                 start_fraction: float | None, flip: bool, skip_nonref: bool) -> np.ndarray:
+                 start_fraction: float | None, flip: bool, skip_nonref: bool,
+                 seek_back: float | None = 0.0) -> np.ndarray:
     import av
 
     try:
@@ -211,12 +230,13 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
             # latest start whose clip still ends on a real frame
             t0 = max(0.0, duration - (frames - 1) * step - 1.0 / rate) * float(start_fraction)
         targets = t_first + t0 + step * np.arange(frames)
-        seeked = t0 > _SEEK_AFTER_S
+        seeked = seek_back is not None and t0 - seek_back > _SEEK_AFTER_S
         if seeked:
             try:
-                container.seek(int((t_first + t0) / tb), stream=stream, backward=True, any_frame=False)
+                container.seek(int((t_first + t0 - seek_back) / tb), stream=stream, backward=True, any_frame=False)
             except av.FFmpegError:
                 container.seek(0, stream=stream)  # unseekable: decode from the start instead
+                seeked = False
         tol = 0.5 / rate
         out: list[np.ndarray] = []
         prev = None
@@ -239,6 +259,8 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
             if frame.time is None and skipping["used"]:
                 raise _SkippedTooMuch  # times counted by frame would miss the skipped ones
             ft = frame.time if frame.time is not None else t_first + n_decoded / rate
+            if n_decoded == 0 and seeked and ft > targets[0] + tol:
+                raise _SeekedPast
             if n_decoded == 0 and not seeked and ft > t_first:
                 # the first frame shows later than the stream's start time (B-frames in AVI: the start
                 # is the first decode time, the first frame's pts one interval later); the video starts
