@@ -88,10 +88,10 @@ def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The errors :func:`main` reports in one line (evaluated only when one propagates)."""
-    from arvid.training.trainer import NonFiniteLossError
-
-    return (ValueError, OSError, NonFiniteLossError)
+    """The errors :func:`main` reports in one line (evaluated only when one propagates). A
+    NonFiniteLossError can only come from a loaded Trainer: it is not imported for other errors."""
+    trainer = sys.modules.get("arvid.training.trainer")
+    return (ValueError, OSError) + ((trainer.NonFiniteLossError,) if trainer is not None else ())
 
 
 def _run(args) -> int | None:

@@ -300,6 +300,10 @@ def test_fixed_length_branch_runs_with_one_uniform_assignment(tmp_path):
     assert (out / "fixed_generator" / "gpt" / "model.safetensors").is_file()
     steps = [json.loads(x)["step"] for x in (out / "fixed" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4  # the final stage's trainer settings
+    # what the report forces on the branch's GPT: the assignment the branch was trained with
+    from arvid.stages.report import fixed_branch_assignment
+
+    assert fixed_branch_assignment(out) == [count] * 4 and fixed_branch_assignment(tmp_path) is None
     with pytest.raises(ValueError, match="fixed_count=5 is not a candidate"):
         run_pipeline(str(_write_config(tmp_path / "bad.yaml", {**exp, "fixed_count": 5})), [], dry_run=True)
 

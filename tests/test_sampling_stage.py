@@ -146,6 +146,10 @@ def test_text_prompts(dirs, tmp_path):
 
     with pytest.raises(ConfigError, match="gone.*does not exist here: set --spm"):
         cli(args + ["--out", str(tmp_path / "out3")])
+    import shutil
+
+    shutil.copytree(spm, tmp_path / "gpt2" / "spm")  # a copy beside the GPT is taken instead
+    assert cli(args + ["--out", str(tmp_path / "out3")]) == 0
     # a SentencePiece model with more pieces than the GPT's text embedding is refused, not an index error
     small = GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 6,
                             text_vocab_size=enc.vocab_size - 5, max_text_len=5, text_pad_id=enc.pad_id)

@@ -125,6 +125,11 @@ def run_report(cfg: ReportConfig) -> Path | None:
     tok_dir = str(exp / "final" / "tokenizer")
     tok = load_tokenizer(tok_dir)
     fixed = cfg.fixed_count or fixed_baseline_count(tok.layout)
+    trained = fixed_branch_assignment(exp)
+    if trained is not None and len(set(trained)) == 1 and trained[0] != fixed:
+        log.warning("report: the fixed-length branch in %s was trained with %d tokens per block, not fixed_count=%d: "
+                    "the report uses the trained count", exp / "fixed", trained[0], fixed)
+        fixed = trained[0]
     media_errors: list[str] = []
     metrics: dict[str, Any] = {"experiment": cfg.name, "date": time.strftime("%Y-%m-%d"),
                                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -162,7 +167,7 @@ def run_report(cfg: ReportConfig) -> Path | None:
             # fixed branch sampled 56 tokens per video where its tokens are 64); its tokenizer has the
             # final one's layout (the pipeline builds both from the experiment's tokenizer spec)
             fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"),
-                                       budget=0.0, fixed_assignment=[fixed] * tok.layout.num_blocks)
+                                       budget=0.0, fixed_assignment=trained or [fixed] * tok.layout.num_blocks)
             metrics["generation_fixed"] = evaluate_gen(fcfg, clips, fvd, labels, name="gen_fixed")
         ctx = 0
         if cfg.frame_prediction:
@@ -214,6 +219,18 @@ def run_report(cfg: ReportConfig) -> Path | None:
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", render_report(metrics))
     return out
+
+
+def fixed_branch_assignment(exp: Path) -> list[int] | None:
+    """The assignment the experiment's fixed-length branch was trained with (``fixed_assignment``
+    in ``<exp>/fixed/config.yaml``), or None when that stage has not run."""
+    from arvid.config import read_yaml
+
+    path = exp / "fixed" / "config.yaml"
+    if not path.is_file():
+        return None
+    value = read_yaml(path).get("fixed_assignment")
+    return [int(c) for c in value] if value else None
 
 
 def fixed_baseline_count(layout) -> int:

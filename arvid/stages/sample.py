@@ -214,13 +214,16 @@ def _spm_dir(cfg: SampleConfig, record: dict) -> str:
     if cfg.spm:
         return cfg.spm
     recorded = record.get("spm_dir")
+    beside = Path(cfg.generator) / "spm"
     if recorded:
         if Path(recorded).exists():
             return str(recorded)
+        if beside.exists():  # the model copied beside the GPT (the default place before 2026-12-06)
+            return str(beside)
         raise ConfigError(f"generator {cfg.generator!r} was trained with the SentencePiece model in {recorded!r} "
                           f"(spm_dir in {str(Path(cfg.generator) / 'config.yaml')!r}), which does not exist here: "
                           "set --spm DIR to that model")
-    return str(Path(cfg.generator) / "spm")
+    return str(beside)
 
 
 def _encode_text(cfg: SampleConfig, gpt: Any, record: dict | None = None) -> torch.Tensor:

@@ -380,8 +380,8 @@ def _check_launch(n_proc: int) -> None:
     if n_proc == 1 and world > 1:
         raise RuntimeError(
             f"this is one of {world} launched processes (WORLD_SIZE={world}), but accelerate runs it as a single "
-            f"process, so each would train alone into the same out_dir; on a machine without GPUs set "
-            f"TrainerConfig.device='cpu' (device='auto' finds no GPU and no process group)")
+            f"process, so each would train alone into the same out_dir: launch with `accelerate launch --multi_gpu "
+            f"--num_processes N` (on a machine without GPUs too: it gives N gloo CPU processes)")
 
 
 class _Sharded:
