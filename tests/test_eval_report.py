@@ -126,6 +126,10 @@ def test_frame_prediction_context_and_the_reason_it_is_skipped():
     four = BlockLayout((4, 4, 4, 4), (8, 16))
     assert fp_context_frames(four) == 8 and fp_context_frames(four, 12) == 12
     assert fp_context_frames(BlockLayout((4, 4), (8, 16))) == 4
+    # a frame-prediction GPT's own context: the frames of the context_blocks it was trained with
+    assert fp_context_frames(four, 0, {"conditioning": "frames", "context_blocks": 3}) == 12
+    assert fp_context_frames(four, 0, {"conditioning": "frames", "context_blocks": 1}) == 4
+    assert fp_context_frames(four, 0, {"conditioning": "class", "context_blocks": 0}) == 8
     with pytest.raises(ValueError, match=r"must lie in \[1, 12\]"):
         fp_context_frames(four, 13)
     with pytest.raises(ValueError, match="needs two temporal blocks or more") as e:

@@ -98,13 +98,18 @@ def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> No
     write_grid(videos, str(path), nrow=nrow, fps=fps)
 
 
-def fp_context_frames(layout: Any, context_frames: int = 0) -> int:
-    """The report's frame-prediction context: ``context_frames``, or with 0 the first two blocks'
-    frames (the K600 protocol's shape; the first block's when the layout has two). A ValueError
-    says why ``layout`` cannot have it (:func:`~arvid.sampling.frame_prediction.context_blocks_for`)."""
+def fp_context_frames(layout: Any, context_frames: int = 0, record: dict | None = None) -> int:
+    """The report's frame-prediction context: ``context_frames``, or with 0 the frames of the
+    ``context_blocks`` a frame-prediction GPT was trained with (``record``: what train-generator
+    recorded, :func:`arvid.stages.sample.training_record`), else the first two blocks' frames (the
+    K600 protocol's shape; the first block's when the layout has two). A ValueError says why
+    ``layout`` cannot have it (:func:`~arvid.sampling.frame_prediction.context_blocks_for`)."""
     from arvid.sampling.frame_prediction import context_blocks_for
 
-    ctx = context_frames or sum(layout.frames_per_block[:min(2, layout.num_blocks - 1)])
+    record = record or {}
+    trained = int(record.get("context_blocks") or 0) if record.get("conditioning") == "frames" else 0
+    default = sum(layout.frames_per_block[:trained or min(2, layout.num_blocks - 1)])
+    ctx = context_frames or default
     context_blocks_for(layout, ctx)
     return ctx
 
@@ -172,7 +177,10 @@ def run_report(cfg: ReportConfig) -> Path | None:
         ctx = 0
         if cfg.frame_prediction:
             try:
-                ctx = fp_context_frames(tok.layout, cfg.context_frames)
+                from arvid.stages.sample import training_record
+
+                record = training_record(gpt_dir) if Path(gpt_dir).is_dir() else {}
+                ctx = fp_context_frames(tok.layout, cfg.context_frames, record)
             except ValueError as e:
                 log.warning("report: frame prediction skipped: %s", e)
                 metrics["frame_prediction_skipped"] = str(e)
@@ -186,9 +194,10 @@ def run_report(cfg: ReportConfig) -> Path | None:
             _attach_router(tokd, str(router_dir) if router_dir.is_dir() else None, device)
             k = min(8, len(clips))
             with_fvd = fvd is not None and cfg.fp_fvd
+            # generator: named so that evaluate_fp checks ctx against a frame-prediction GPT's training
             fcfg = FPEvalConfig(data=cfg.data, split=cfg.split, num_videos=cfg.num_videos, context_frames=ctx,
                                 sampler=cfg.sampler, protocol=cfg.protocol if with_fvd else None,
-                                batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+                                batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, generator=str(gpt_dir))
             fp = evaluate_fp(fcfg, clips, fvd if with_fvd else None, gpt=gpt, tok=tokd, keep=k)
             kept = fp.pop("_kept")
             metrics["frame_prediction"] = fp
