@@ -507,21 +507,6 @@ def test_cudnn_varlen_needs_cuda_and_the_ragged_ops(monkeypatch):
     assert "fp16/bf16" in backend_unavailable_reason("cudnn_varlen", "cuda", torch.float32)
 
 
-def test_cudnn_varlen_checks_are_constants_under_compile(monkeypatch):
-    """The GPT resolves its backend inside the compiled forward: the cudnn_varlen checks (torch's
-    version, the ragged ops' schema) must fold to constants there, not break the graph (the
-    lru_cache'd schema check did on the H100, 2026-12-06)."""
-    from arvid.generator import attention as A
-
-    monkeypatch.setattr(A.torch.backends.cudnn, "is_available", lambda: True)
-    torch._dynamo.reset()
-    check = torch.compile(lambda x: x + (A.backend_unavailable_reason("cudnn_varlen", "cuda", torch.bfloat16)
-                                         is None), fullgraph=True)
-    want = A._torch_version() >= A.CUDNN_VARLEN_MIN_TORCH and A._cudnn_has_ragged_ops()
-    assert float(check(torch.zeros(()))) == float(want)
-    torch._dynamo.reset()
-
-
 def test_xformers_mask_is_built_once_per_batch(monkeypatch):
     """The xformers backend reads the sequence lengths on the host to build its mask: once per
     batch (every layer gets the same cu_seqlens), not once per layer (a host sync each, before

@@ -140,15 +140,15 @@ CUDNN_VARLEN_OLD_TORCH = (
     "(45 ms per forward); use 'torch_varlen' or 'auto'")
 
 
-@torch.compiler.assume_constant_result
 def _torch_version() -> tuple[int, int]:
-    """``(major, minor)`` of this torch (a constant under ``torch.compile``: no graph break)."""
+    """``(major, minor)`` of this torch. (The GPT resolves its backend once, outside
+    ``torch.compile``'s trace, so these checks need not be traceable; a decorator that makes them
+    constants there would import ``torch._dynamo`` with this module, which the CLI avoids.)"""
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-@functools.lru_cache(maxsize=1)  # outermost: dynamo traces through the cache to the constant inside
-@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=1)
 def _cudnn_has_ragged_ops() -> bool:
     """Whether this torch's cuDNN attention ops take cumulative sequence lengths (torch>=2.9)."""
     fwd = getattr(torch.ops.aten, "_cudnn_attention_forward", None)
