@@ -75,8 +75,11 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def variants(device: torch.device, dtype: torch.dtype) -> list[tuple[str, object, str | None]]:
-    """(name, callable(q, k, v, cu, max_seqlen), flash impl to activate or None)."""
+def variants(device: torch.device, dtype: torch.dtype, flex_options: list[dict] = (),
+             flex_modes: list[str] = ()) -> list[tuple[str, object, str | None]]:
+    """(name, callable(q, k, v, cu, max_seqlen), flash impl to activate or None). ``flex_options``:
+    FlexAttention kernel options (``torch.nn.attention.flex_attention.FlexKernelOptions``), one
+    ``flex[shared mask, ...]`` row each; ``flex_modes``: ``torch.compile`` modes for flex, likewise."""
     out: list[tuple[str, object, str | None]] = []
     for b in BACKENDS[1:]:
         reason = backend_unavailable_reason(b, device, dtype)
@@ -92,6 +95,21 @@ def variants(device: torch.device, dtype: torch.dtype) -> list[tuple[str, object
         return varlen_causal_attention(q, k, v, cu, m, "flex", masks[key])
 
     out.append(("flex[shared mask]", flex_shared, backend_unavailable_reason("flex", device, dtype)))
+    from arvid.generator import attention as A
+
+    def flex_with(opts, mode):
+        def fn(q, k, v, cu, m):
+            key = (cu.data_ptr(), q.shape[0])
+            if key not in masks:
+                masks[key] = document_block_mask(cu, q.shape[0])
+            return A._flex(q, k, v, cu, m, masks[key], kernel_options=opts, mode=mode)
+        return fn
+
+    for opts in flex_options:
+        out.append((f"flex[shared mask, {json.dumps(opts, separators=(',', ':'))}]", flex_with(opts, None),
+                    backend_unavailable_reason("flex", device, dtype)))
+    for mode in flex_modes:
+        out.append((f"flex[shared mask, {mode}]", flex_with(None, mode), backend_unavailable_reason("flex", device, dtype)))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
 
@@ -167,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="small sizes for a CPU smoke run")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--flex-options", action="append", default=[], type=json.loads, metavar="JSON",
+                   help='FlexAttention kernel options to time as a row of their own, e.g. \'{"USE_TMA": true}\' '
+                        "(repeatable)")
+    p.add_argument("--flex-modes", default="", help="torch.compile modes for flex rows of their own, comma "
+                                                     "separated, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -190,7 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     flops = attention_flops(lens, args.heads, args.head_dim, backward=True)
     flops_fwd = attention_flops(lens, args.heads, args.head_dim, backward=False)
     rows = []
-    for name, fn, note in variants(device, dtype):
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    modes = [m for m in args.flex_modes.split(",") if m]
+    for name, fn, note in variants(device, dtype, args.flex_options, modes):
+        if only and name not in only and not (name.startswith("flex[shared mask, ") and "flex*" in only):
+            continue
         row = run_one(name, fn, note, q, k, v, cu, max(lens), grad_out, ref, args.iters, device)
         if "fwd_ms" in row:
             row["fwd_tflops"] = flops_fwd / (row["fwd_ms"] / 1e3) / 1e12

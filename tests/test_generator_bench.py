@@ -197,3 +197,13 @@ def test_probe_cudnn_varlen_calls_a_disagreement_wrong():
     assert probe.verdict({"err_out": 0.009, "err_dq": 8.2e19, "err_dk": 2.28, "err_dv": 0.019}) == \
         "wrong: dq 8.2e+19, dk 2.28"
     assert probe.verdict({"err_out": float("nan")}) == "wrong: out nan"
+
+
+def test_bench_attention_flex_option_rows_and_only():
+    """--flex-options / --flex-modes add a flex row each (kernel options or a compile mode);
+    --only keeps the rows named ("flex*": every such row)."""
+    res = load("bench_attention").main(["--tiny", "--device", "cpu", "--flex-options", '{"PRESCALE_QK": true}',
+                                        "--flex-modes", "max-autotune-no-cudagraphs", "--only", "sdpa,flex*"])
+    names = [r["backend"] for r in res["rows"]]
+    assert names == ["sdpa", 'flex[shared mask, {"PRESCALE_QK":true}]', "flex[shared mask, max-autotune-no-cudagraphs]"]
+    assert res["rows"][0]["status"] == "ok" and res["rows"][0]["err_out"] < 1e-5

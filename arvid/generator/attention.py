@@ -404,19 +404,20 @@ def _cudnn(q, k, v, cu_seqlens, max_seqlen):
     return padded_causal_attention(q, k, v, cu_seqlens, max_seqlen, [SDPBackend.CUDNN_ATTENTION])
 
 
-_FLEX_COMPILED = None
+_FLEX_COMPILED: dict = {}  # torch.compile mode -> compiled flex_attention
 
 
-def _flex_fn(device: torch.device):
-    """FlexAttention: compiled once per process on CUDA (its fused kernel); eager elsewhere."""
-    global _FLEX_COMPILED
+def _flex_fn(device: torch.device, mode: str | None = None):
+    """FlexAttention: compiled once per process (and ``torch.compile`` mode) on CUDA (its fused
+    kernel); eager elsewhere. ``mode``: e.g. ``max-autotune-no-cudagraphs`` (inductor tries its
+    kernel configurations; ``benchmarks/bench_attention.py --flex-modes``)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
-    if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention)  # dynamic after the first new shape
-    return _FLEX_COMPILED
+    if mode not in _FLEX_COMPILED:
+        _FLEX_COMPILED[mode] = torch.compile(flex_attention, mode=mode)  # dynamic after the first new shape
+    return _FLEX_COMPILED[mode]
 
 
 FLEX_BLOCK = 128
@@ -477,7 +478,8 @@ def _from_kv_blocks_takes_seq_lengths() -> bool:
     return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters  # torch >= 2.6
 
 
-def _flex(q, k, v, cu_seqlens, max_seqlen, block_mask=None):
+def _flex(q, k, v, cu_seqlens, max_seqlen, block_mask=None, kernel_options: dict | None = None,
+          mode: str | None = None):
     n, h, _ = q.shape
     if q.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise AttentionBackendUnavailable(
@@ -490,8 +492,9 @@ def _flex(q, k, v, cu_seqlens, max_seqlen, block_mask=None):
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, n_pad - n)) for t in (q, k, v))
     if block_mask is None:
         block_mask = document_block_mask(cu_seqlens, n)
-    out = _flex_fn(q.device)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                             block_mask=block_mask, enable_gqa=k.shape[1] != h)  # [1, H, Npad, D]
+    extra = {"kernel_options": kernel_options} if kernel_options else {}
+    out = _flex_fn(q.device, mode)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                   block_mask=block_mask, enable_gqa=k.shape[1] != h, **extra)  # [1, H, Npad, D]
     return out[0, :, :n].transpose(0, 1)
 
 
