@@ -67,5 +67,19 @@ def test_folder_and_csv_sources(tmp_path, caplog):
         same = build_dataset(csv_cfg, "val")  # no held-out split anywhere: said loudly, then the same list
     assert len(same) == 10 and "no held-out val split" in caplog.text
 
+    # an unlabelled held-out split beside a labelled one: the labelled split builds (its class
+    # names come from every labelled row), the unlabelled one is refused naming a row
+    rows = [line for line in (tmp_path / "train" / "list.csv").read_text().splitlines()[1:]]
+    header = (tmp_path / "train" / "list.csv").read_text().splitlines()[0]
+    mixed = tmp_path / "train" / "mixed.csv"
+    mixed.write_text("\n".join([header + ",split"] + [r + ",train" for r in rows[:8]]
+                               + [",".join(r.split(",")[:1] + [""] * (header.count(","))) + ",test" for r in rows[8:]])
+                     + "\n")
+    mcfg = DataConfig(source="csv", root=str(mixed), frames=4, size=16)
+    ds = build_dataset(mcfg, "train")
+    assert len(ds) == 8 and ds[2]["label"] == 2 and num_classes(mcfg) == 8
+    with pytest.raises(ValueError, match=r"2 row\(s\) of split 'test' have no label"):
+        build_dataset(mcfg, "test")
+
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(DataConfig(source="folder", root=str(tmp_path / "nope")))

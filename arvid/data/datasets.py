@@ -131,7 +131,7 @@ def class_names(cfg: DataConfig) -> list[str]:
     if cfg.source == "folder":
         return folder_class_names(cfg.root)
     if cfg.source == "csv":
-        return read_csv_list(cfg.root, check_files=False)[2]
+        return read_csv_list(cfg.root, check_files=False, require_labels=False)[2]  # an unlabelled split is fine
     raise ValueError(f"unknown data source {cfg.source!r}; expected 'synthetic', 'folder' or 'csv'")
 
 

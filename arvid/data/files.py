@@ -430,13 +430,15 @@ def scan_folder(root: str | os.PathLike, split: str | None = None, split_list: s
 
 
 def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_missing: Literal["error", "skip"] = "error",
-                  check_files: bool = True) -> tuple[list[str], list[int], list[str], int]:
+                  check_files: bool = True, require_labels: bool = True) -> tuple[list[str], list[int], list[str], int]:
     """Read a ``path,label[,split][,class_name]`` CSV: ``(paths, labels, class_names, num_missing)``.
 
     Relative paths are resolved against the CSV's folder. ``label`` is an int or a class name
     (names are indexed in sorted order). With a ``split`` column and ``split`` given, only its
     rows are kept (``val`` falls back to ``test`` rows and back). Missing files raise an
-    error listing them, or with ``on_missing="skip"`` are dropped and counted.
+    error listing them, or with ``on_missing="skip"`` are dropped and counted. A kept row without
+    a label is an error unless ``require_labels`` is False (then its label is -1: reading only
+    the class names).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -476,7 +478,7 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
                 break
         else:
             raise ValueError(f"{str(csv_path)!r} has no rows with split {SPLIT_DIRS.get(split, (split,))}")
-    blank = [r["path"] for r, lab in zip(rows, labels) if lab < 0]
+    blank = [r["path"] for r, lab in zip(rows, labels) if lab < 0] if require_labels else []
     if blank:
         raise ValueError(f"{str(csv_path)!r}: {len(blank)} row(s){f' of split {split!r}' if split else ''} have no "
                          f"label (e.g. {blank[0]!r}); every row read needs one, as the others have")
