@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "(repeatable)")
     p.add_argument("--flex-modes", default="", help="torch.compile modes for flex rows of their own, comma "
                                                      "separated, e.g. max-autotune-no-cudagraphs")
-    p.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    p.add_argument("--only", action="append", default=[], metavar="ROW",
+                   help="a row to run (repeatable; default: all); 'flex*': every --flex-options/--flex-modes row")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -214,9 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     flops = attention_flops(lens, args.heads, args.head_dim, backward=True)
     flops_fwd = attention_flops(lens, args.heads, args.head_dim, backward=False)
     rows = []
-    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    only = set(args.only)
     modes = [m for m in args.flex_modes.split(",") if m]
-    for name, fn, note in variants(device, dtype, args.flex_options, modes):
+    all_variants = variants(device, dtype, args.flex_options, modes)
+    unknown = only - {n for n, _, _ in all_variants} - {"flex*"}
+    if unknown:
+        p.error(f"--only names no row {sorted(unknown)}; the rows: {[n for n, _, _ in all_variants]}")
+    for name, fn, note in all_variants:
         if only and name not in only and not (name.startswith("flex[shared mask, ") and "flex*" in only):
             continue
         row = run_one(name, fn, note, q, k, v, cu, max(lens), grad_out, ref, args.iters, device)

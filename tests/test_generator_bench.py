@@ -202,8 +202,14 @@ def test_probe_cudnn_varlen_calls_a_disagreement_wrong():
 def test_bench_attention_flex_option_rows_and_only():
     """--flex-options / --flex-modes add a flex row each (kernel options or a compile mode);
     --only keeps the rows named ("flex*": every such row)."""
-    res = load("bench_attention").main(["--tiny", "--device", "cpu", "--flex-options", '{"PRESCALE_QK": true}',
-                                        "--flex-modes", "max-autotune-no-cudagraphs", "--only", "sdpa,flex*"])
+    bench = load("bench_attention")
+    common = ["--tiny", "--device", "cpu", "--flex-options", '{"PRESCALE_QK": true}', "--flex-modes",
+              "max-autotune-no-cudagraphs"]
+    res = bench.main(common + ["--only", "sdpa", "--only", "flex*"])
     names = [r["backend"] for r in res["rows"]]
     assert names == ["sdpa", 'flex[shared mask, {"PRESCALE_QK":true}]', "flex[shared mask, max-autotune-no-cudagraphs]"]
     assert res["rows"][0]["status"] == "ok" and res["rows"][0]["err_out"] < 1e-5
+    one = bench.main(common + ["--only", "flex[shared mask, max-autotune-no-cudagraphs]"])  # a name with a comma
+    assert [r["backend"] for r in one["rows"]] == ["flex[shared mask, max-autotune-no-cudagraphs]"]
+    with pytest.raises(SystemExit):  # a name that matches no row is an error, not an empty run
+        bench.main(common + ["--only", "sdpa_typo"])

@@ -139,8 +139,11 @@ def run_report(cfg: ReportConfig) -> Path | None:
     metrics: dict[str, Any] = {"experiment": cfg.name, "date": time.strftime("%Y-%m-%d"),
                                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                                "num_real_videos": len(clips), "split": cfg.split,
-                               "layout": tok.layout.to_dict(), "fixed_baseline": {"per_block": fixed,
-                                                                                 "tokens": fixed * tok.layout.num_blocks}}
+                               "layout": tok.layout.to_dict(),
+                               "fixed_baseline": {"per_block": fixed, "tokens": fixed * tok.layout.num_blocks}}
+    if trained is not None and len(set(trained)) > 1:  # a branch trained by hand with per-block counts
+        log.warning("report: the fixed-length branch in %s was trained with the assignment %s", exp / "fixed", trained)
+        metrics["fixed_baseline"] = {"per_block": trained, "tokens": sum(trained)}
     # one real side for every FVD of the report (the same held-out clips), computed in the first pass
     fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips) if protocol else None
     # 1. reconstruction: router vs uniform assignments with the final tokenizer
@@ -177,11 +180,13 @@ def run_report(cfg: ReportConfig) -> Path | None:
         ctx = 0
         if cfg.frame_prediction:
             try:
-                from arvid.stages.sample import training_record
+                from arvid.stages.sample import check_context_blocks, training_record
 
                 record = training_record(gpt_dir) if Path(gpt_dir).is_dir() else {}
                 ctx = fp_context_frames(tok.layout, cfg.context_frames, record)
-            except ValueError as e:
+                check_context_blocks(record, tok.layout, ctx, gpt_dir)  # a given context_frames vs the GPT's
+            except ValueError as e:  # ConfigError is one
+                ctx = 0
                 log.warning("report: frame prediction skipped: %s", e)
                 metrics["frame_prediction_skipped"] = str(e)
         if ctx:
