@@ -129,6 +129,9 @@ def test_csv_relative_paths_string_labels_and_split_column(synth_dir, tmp_path):
         read_csv_list(sub / "blank.csv", split="test")
     (sub / "none.csv").write_text(f"path,split\n{rel}/01_linear/000001.mp4,train\n")  # no labels at all
     assert read_csv_list(sub / "none.csv", split="train")[1:3] == ([0], [""])
+    (sub / "extra.csv").write_text("path,label\na,b.mp4,0\n")  # an unquoted comma in a path
+    with pytest.raises(ValueError, match=r"extra.csv' line 2: 3 fields, the header names 2 \(path, label\)"):
+        read_csv_list(sub / "extra.csv")
     with pytest.raises(ValueError, match="`path` column"):
         (sub / "bad.csv").write_text("file,label\nx.mp4,0\n")
         read_csv_list(sub / "bad.csv")

@@ -448,7 +448,12 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
         fields = [c.strip() for c in (reader.fieldnames or [])]
         if "path" not in fields:
             raise ValueError(f"{str(csv_path)!r}: the header must name a `path` column (and `label`), got {fields}")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        rows = []
+        for r in reader:
+            if None in r:  # csv puts the fields beyond the header's under the key None
+                raise ValueError(f"{str(csv_path)!r} line {reader.line_num}: {len(fields) + len(r[None])} fields, the "
+                                 f"header names {len(fields)} ({', '.join(fields)}); quote a path holding commas")
+            rows.append({(k or "").strip(): (v or "").strip() for k, v in r.items()})
     if not rows:
         raise ValueError(f"{str(csv_path)!r} lists no videos")
     # labels and class names come from every row, so a class-name label gets the same index in
