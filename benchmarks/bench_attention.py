@@ -85,17 +85,11 @@ def variants(device: torch.device, dtype: torch.dtype, flex_options: list[dict] 
         reason = backend_unavailable_reason(b, device, dtype)
         out.append((b, (lambda q, k, v, cu, m, _b=b: varlen_causal_attention(q, k, v, cu, m, _b)), reason))
     # flex as the GPT runs it: the batch's block mask built once and shared by every layer, so the
-    # time is the attention's alone (the row above builds it in every call)
-    masks: dict = {}
-
-    def flex_shared(q, k, v, cu, m):
-        key = (cu.data_ptr(), q.shape[0])
-        if key not in masks:
-            masks[key] = document_block_mask(cu, q.shape[0])
-        return varlen_causal_attention(q, k, v, cu, m, "flex", masks[key])
-
-    out.append(("flex[shared mask]", flex_shared, backend_unavailable_reason("flex", device, dtype)))
+    # time is the attention's alone (the row above builds it in every call); then with kernel options
+    # or a torch.compile mode of its own
     from arvid.generator import attention as A
+
+    masks: dict = {}
 
     def flex_with(opts, mode):
         def fn(q, k, v, cu, m):
@@ -105,11 +99,11 @@ def variants(device: torch.device, dtype: torch.dtype, flex_options: list[dict] 
             return A._flex(q, k, v, cu, m, masks[key], kernel_options=opts, mode=mode)
         return fn
 
-    for opts in flex_options:
-        out.append((f"flex[shared mask, {json.dumps(opts, separators=(',', ':'))}]", flex_with(opts, None),
-                    backend_unavailable_reason("flex", device, dtype)))
-    for mode in flex_modes:
-        out.append((f"flex[shared mask, {mode}]", flex_with(None, mode), backend_unavailable_reason("flex", device, dtype)))
+    flex_reason = backend_unavailable_reason("flex", device, dtype)
+    out.append(("flex[shared mask]", flex_with(None, None), flex_reason))
+    out += [(f"flex[shared mask, {json.dumps(o, separators=(',', ':'))}]", flex_with(o, None), flex_reason)
+            for o in flex_options]
+    out += [(f"flex[shared mask, {m}]", flex_with(None, m), flex_reason) for m in flex_modes]
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
 

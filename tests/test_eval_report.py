@@ -132,7 +132,7 @@ def test_frame_prediction_context_and_the_reason_it_is_skipped():
     assert fp_context_frames(four, 0, {"conditioning": "class", "context_blocks": 0}) == 8
     # a given context_frames that fills other blocks than the GPT was trained with: the report
     # checks it with the other frame-prediction reasons (a ValueError: skipped, not a late crash)
-    from arvid.stages.sample import check_context_blocks
+    from arvid.sampling.frame_prediction import check_context_blocks
 
     record = {"conditioning": "frames", "context_blocks": 1}
     with pytest.raises(ValueError, match="context_frames=8 fill 2 block.*context_blocks=1"):

@@ -184,19 +184,18 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     should the frame to emit first have been one of them (a gap in the time stamps), the clip
     is decoded again without skipping. The frames are those of a full decode either way.
     """
-    skip = SKIP_NONREF
-    for back in _SEEK_BACK_S:
+    # Each retry changes one thing: skipping stops (it can fail only while on), or the seek aims
+    # further back (the last, None, decodes from the start and cannot land past): so it ends.
+    skip, backs = SKIP_NONREF, iter(_SEEK_BACK_S)
+    back = next(backs)
+    while True:
         try:
-            try:
-                return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=skip,
-                                    seek_back=back)
-            except _SkippedTooMuch:
-                skip = False
-                return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=False,
-                                    seek_back=back)
+            return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=skip,
+                                seek_back=back)
+        except _SkippedTooMuch:
+            skip = False
         except _SeekedPast:
-            continue  # the seek landed after the clip's start: aim further back
-    raise AssertionError("unreachable: decoding from the start never seeks past")
+            back = next(backs)
 
 
 def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: int, fps: float | None,
@@ -456,19 +455,19 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
             rows.append({(k or "").strip(): (v or "").strip() for k, v in r.items()})
     if not rows:
         raise ValueError(f"{str(csv_path)!r} lists no videos")
-    # labels and class names come from every row, so a class-name label gets the same index in
-    # every split (a split's own rows may lack a class, which would renumber those after it)
-    # Blank labels (an unlabelled split beside labelled ones) take no part in typing the column or
-    # naming the classes; a chosen row without a label is an error. A list with no labels at all
-    # is one class, "" (label 0).
+    # Labels and class names come from every row before the split filter, so a class-name label
+    # gets the same index in every split (a split lacking a class would renumber those after it).
+    # Blank labels (an unlabelled split beside labelled ones) are -1 and take no part in typing
+    # the column or naming the classes. A list with no labels at all is one class, "" (label 0).
     raw = [r.get("label", "") for r in rows]
     given = [x for x in raw if x]
     if not given:
         labels, names = [0] * len(raw), [""]
     elif all(_is_int(x) for x in given):
         labels = [int(x) if x else -1 for x in raw]
-        if min(int(x) for x in given) < 0:
-            raise ValueError(f"{str(csv_path)!r}: labels must be >= 0, got {min(int(x) for x in given)}")
+        lowest = min(int(x) for x in given)
+        if lowest < 0:
+            raise ValueError(f"{str(csv_path)!r}: labels must be >= 0, got {lowest}")
         labelled = [i for i, x in enumerate(raw) if x]
         names = _class_names_for([rows[i] for i in labelled], [labels[i] for i in labelled], fields)
     else:

@@ -309,6 +309,26 @@ def _shown(counts) -> list:
     return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
 
 
+def split_allowed_counts(counts) -> tuple[bool, list[list]]:
+    """``allowed_counts`` as counts (not a mask) -> ``(flat, per_block)``: one list of counts for
+    every block (``flat``, ``per_block`` holding it once) or one list per block. Counts are Python
+    or NumPy ints or 0-d integer tensors; a mix of counts and lists, or an entry that is neither, is
+    a ValueError naming it. (The layout's candidates are checked by :class:`SequenceConstraint`.)"""
+    items = list(counts)
+    scalar = [_is_count(x) for x in items]
+    if items and all(scalar):
+        return True, [items]
+    if any(scalar):
+        raise ValueError(f"allowed_counts {_shown(counts)} mixes counts and lists: give one list of counts for every "
+                         "block, e.g. [64, 128], or one list per block, e.g. [[64], [64, 128], [128, 256], [256]]")
+    per_block = []
+    for k, x in enumerate(items):
+        if not hasattr(x, "__iter__") or isinstance(x, (str, bytes)) or not all(_is_count(c) for c in x):
+            raise ValueError(f"allowed_counts {_shown(counts)}: block {k}'s entry {x!r} is not a list of token counts")
+        per_block.append(list(x))
+    return False, per_block
+
+
 def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
     """``allowed_counts`` in any accepted form -> ``BoolTensor[B, K, C]``."""
     K, C = fmt.layout.num_blocks, fmt.layout.num_candidates
@@ -319,22 +339,11 @@ def _allowed_from_counts(fmt: SequenceFormat, counts, B: int) -> torch.Tensor:
         if t.shape == (B, K, C):
             return t
         raise ValueError(f"allowed_counts as a mask must be [K, C] = [{K}, {C}] or [B, K, C], got {tuple(t.shape)}")
-    items = list(counts)
-    scalar = [_is_count(x) for x in items]
-    if items and all(scalar):
-        per_block = [items] * K
-    elif any(scalar):
-        raise ValueError(f"allowed_counts {_shown(counts)} mixes counts and lists: give one list of counts for every "
-                         "block, e.g. [64, 128], or one list per block, e.g. [[64], [64, 128], [128, 256], [256]]")
-    else:
-        per_block = []
-        for k, x in enumerate(items):
-            if not hasattr(x, "__iter__") or isinstance(x, (str, bytes)) or not all(_is_count(c) for c in x):
-                raise ValueError(f"allowed_counts {_shown(counts)}: block {k}'s entry {x!r} is not a list of token "
-                                 "counts")
-            per_block.append(list(x))
-        if len(per_block) != K:
-            raise ValueError(f"allowed_counts must give one set of counts per block ({K}), got {len(per_block)}")
+    flat, per_block = split_allowed_counts(counts)
+    if flat:
+        per_block = [per_block[0]] * K
+    elif len(per_block) != K:
+        raise ValueError(f"allowed_counts must give one set of counts per block ({K}), got {len(per_block)}")
     out = torch.zeros(K, C, dtype=torch.bool)
     for k, cs in enumerate(per_block):
         for c in cs:

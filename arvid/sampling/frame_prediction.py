@@ -56,6 +56,28 @@ def context_blocks_for(layout: BlockLayout, num_frames: int) -> int:
     raise AssertionError("unreachable")
 
 
+def trained_context_blocks(record: dict) -> int:
+    """The context blocks a frame-prediction GPT was trained with (``record``: what train-generator
+    recorded, :func:`arvid.sampling.videos.training_record`); 0 for any other GPT."""
+    return int(record.get("context_blocks") or 0) if record.get("conditioning") == "frames" else 0
+
+
+def check_context_blocks(record: dict, layout: BlockLayout, context_frames: int, generator: str) -> int:
+    """The blocks ``context_frames`` fill in ``layout``; a :class:`~arvid.config.ConfigError` when a
+    frame-prediction GPT (``record``) was trained with another number of context blocks."""
+    from arvid.config import ConfigError
+
+    blocks = context_blocks_for(layout, context_frames)
+    trained = trained_context_blocks(record)
+    if trained and blocks != trained:
+        fpb = list(layout.frames_per_block)
+        raise ConfigError(f"context_frames={context_frames} fill {blocks} block(s) of the tokenizer (frames per "
+                          f"block {fpb}), but generator {str(generator)!r} was trained with context_blocks={trained}: "
+                          f"give context_frames that fill {trained} block(s) ({sum(fpb[:trained - 1]) + 1} to "
+                          f"{sum(fpb[:trained])} frames)")
+    return blocks
+
+
 def context_assignment(layout: BlockLayout, context_blocks: int, counts: int | Sequence[int] | None,
                        batch: int) -> torch.Tensor | None:
     """The assignment to encode a context with: the fixed counts on the context blocks, the

@@ -44,6 +44,18 @@ def sequence_format_for(gpt: Any, tokenizer: Any) -> SequenceFormat:
     return fmt
 
 
+def training_record(generator_dir: str | os.PathLike) -> dict:
+    """What ``train-generator`` recorded beside the GPT's config in ``generator_dir/config.yaml``
+    (``conditioning``, ``context_blocks``, ``spm_dir``, ``captions``, ``tokenizer_fingerprint``);
+    empty for a GPT saved by other code."""
+    from arvid.config import read_yaml
+
+    path = Path(generator_dir) / "config.yaml"
+    meta = read_yaml(path) if path.is_file() else {}
+    return {k: meta[k] for k in ("conditioning", "context_blocks", "spm_dir", "captions", "tokenizer_fingerprint")
+            if k in meta}
+
+
 def check_generator_tokenizer(generator_dir: str | os.PathLike, tokenizer: Any,
                               tokenizer_dir: str | os.PathLike | None = None) -> str | None:
     """Refuse a tokenizer other than the one the GPT in ``generator_dir`` was trained on.
@@ -54,12 +66,12 @@ def check_generator_tokenizer(generator_dir: str | os.PathLike, tokenizer: Any,
     garbage, so a different fingerprint is a :class:`~arvid.config.ConfigError` naming both
     fingerprints and both directories. A GPT saved without a recorded fingerprint (not written by
     ``train-generator``) is not checked. Returns the recorded fingerprint (or None)."""
-    from arvid.config import ConfigError, read_yaml
+    from arvid.config import ConfigError
 
     path = Path(generator_dir) / "config.yaml"
     if not path.is_file():
         return None  # from_pretrained names the missing file
-    recorded = read_yaml(path).get("tokenizer_fingerprint")
+    recorded = training_record(generator_dir).get("tokenizer_fingerprint")
     if not recorded:
         log.warning("generator %s records no tokenizer fingerprint: cannot check that tokenizer %s is the one it "
                     "was trained on", generator_dir, tokenizer_dir or "(given)")

@@ -584,7 +584,8 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
         _attach_router(tok, cfg.router, device)
     gpt = gpt or _load_gpt(cfg.generator, device, "fp32", tok, cfg.tokenizer)
     if cfg.generator:  # a frame-prediction GPT continues the number of context blocks it was trained on
-        from arvid.stages.sample import check_context_blocks, training_record
+        from arvid.sampling.frame_prediction import check_context_blocks
+        from arvid.sampling.videos import training_record
 
         check_context_blocks(training_record(cfg.generator), tok.layout, cfg.context_frames, cfg.generator)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)

@@ -101,15 +101,13 @@ def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> No
 def fp_context_frames(layout: Any, context_frames: int = 0, record: dict | None = None) -> int:
     """The report's frame-prediction context: ``context_frames``, or with 0 the frames of the
     ``context_blocks`` a frame-prediction GPT was trained with (``record``: what train-generator
-    recorded, :func:`arvid.stages.sample.training_record`), else the first two blocks' frames (the
+    recorded, :func:`arvid.sampling.videos.training_record`), else the first two blocks' frames (the
     K600 protocol's shape; the first block's when the layout has two). A ValueError says why
     ``layout`` cannot have it (:func:`~arvid.sampling.frame_prediction.context_blocks_for`)."""
-    from arvid.sampling.frame_prediction import context_blocks_for
+    from arvid.sampling.frame_prediction import context_blocks_for, trained_context_blocks
 
-    record = record or {}
-    trained = int(record.get("context_blocks") or 0) if record.get("conditioning") == "frames" else 0
-    default = sum(layout.frames_per_block[:trained or min(2, layout.num_blocks - 1)])
-    ctx = context_frames or default
+    blocks = trained_context_blocks(record or {}) or min(2, layout.num_blocks - 1)
+    ctx = context_frames or sum(layout.frames_per_block[:blocks])
     context_blocks_for(layout, ctx)
     return ctx
 
@@ -129,21 +127,22 @@ def run_report(cfg: ReportConfig) -> Path | None:
     labels = clips.labels()
     tok_dir = str(exp / "final" / "tokenizer")
     tok = load_tokenizer(tok_dir)
+    # the fixed-length branch's assignment: the one it was trained with (its fixed/config.yaml), else
+    # fixed_count's (a standalone report on an experiment built with another fixed_count)
     fixed = cfg.fixed_count or fixed_baseline_count(tok.layout)
-    trained = fixed_branch_assignment(exp)
-    if trained is not None and len(set(trained)) == 1 and trained[0] != fixed:
-        log.warning("report: the fixed-length branch in %s was trained with %d tokens per block, not fixed_count=%d: "
-                    "the report uses the trained count", exp / "fixed", trained[0], fixed)
-        fixed = trained[0]
+    fixed_assignment = fixed_branch_assignment(exp) or [fixed] * tok.layout.num_blocks
+    if fixed_assignment != [fixed] * tok.layout.num_blocks:
+        log.warning("report: the fixed-length branch in %s was trained with %s, not fixed_count=%d per block: the "
+                    "report uses what it was trained with", exp / "fixed", fixed_assignment, fixed)
+    uniform = len(set(fixed_assignment)) == 1
+    fixed = fixed_assignment[0] if uniform else fixed
     media_errors: list[str] = []
     metrics: dict[str, Any] = {"experiment": cfg.name, "date": time.strftime("%Y-%m-%d"),
                                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                                "num_real_videos": len(clips), "split": cfg.split,
                                "layout": tok.layout.to_dict(),
-                               "fixed_baseline": {"per_block": fixed, "tokens": fixed * tok.layout.num_blocks}}
-    if trained is not None and len(set(trained)) > 1:  # a branch trained by hand with per-block counts
-        log.warning("report: the fixed-length branch in %s was trained with the assignment %s", exp / "fixed", trained)
-        metrics["fixed_baseline"] = {"per_block": trained, "tokens": sum(trained)}
+                               "fixed_baseline": {"per_block": fixed if uniform else fixed_assignment,
+                                                  "tokens": sum(fixed_assignment)}}
     # one real side for every FVD of the report (the same held-out clips), computed in the first pass
     fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips) if protocol else None
     # 1. reconstruction: router vs uniform assignments with the final tokenizer
@@ -175,12 +174,13 @@ def run_report(cfg: ReportConfig) -> Path | None:
             # fixed branch sampled 56 tokens per video where its tokens are 64); its tokenizer has the
             # final one's layout (the pipeline builds both from the experiment's tokenizer spec)
             fcfg = dataclasses.replace(gcfg, generator=str(fixed_gpt), tokenizer=str(exp / "fixed" / "tokenizer"),
-                                       budget=0.0, fixed_assignment=trained or [fixed] * tok.layout.num_blocks)
+                                       budget=0.0, fixed_assignment=fixed_assignment)
             metrics["generation_fixed"] = evaluate_gen(fcfg, clips, fvd, labels, name="gen_fixed")
         ctx = 0
         if cfg.frame_prediction:
             try:
-                from arvid.stages.sample import check_context_blocks, training_record
+                from arvid.sampling.frame_prediction import check_context_blocks
+                from arvid.sampling.videos import training_record
 
                 record = training_record(gpt_dir) if Path(gpt_dir).is_dir() else {}
                 ctx = fp_context_frames(tok.layout, cfg.context_frames, record)
@@ -199,10 +199,9 @@ def run_report(cfg: ReportConfig) -> Path | None:
             _attach_router(tokd, str(router_dir) if router_dir.is_dir() else None, device)
             k = min(8, len(clips))
             with_fvd = fvd is not None and cfg.fp_fvd
-            # generator: named so that evaluate_fp checks ctx against a frame-prediction GPT's training
             fcfg = FPEvalConfig(data=cfg.data, split=cfg.split, num_videos=cfg.num_videos, context_frames=ctx,
                                 sampler=cfg.sampler, protocol=cfg.protocol if with_fvd else None,
-                                batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, generator=str(gpt_dir))
+                                batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
             fp = evaluate_fp(fcfg, clips, fvd if with_fvd else None, gpt=gpt, tok=tokd, keep=k)
             kept = fp.pop("_kept")
             metrics["frame_prediction"] = fp

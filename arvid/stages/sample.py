@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from arvid.data.types import TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 from arvid.io import atomic_write, check_writable, write_json
 from arvid.sampling.budget import calibrate_budget_bias
-from arvid.sampling.frame_prediction import context_blocks_for, encode_context
+from arvid.sampling.frame_prediction import check_context_blocks, encode_context
 from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
 from arvid.sampling.videos import (
     batch_seed,
@@ -53,6 +52,7 @@ from arvid.sampling.videos import (
     iter_sample_batches,
     num_batches,
     sequence_format_for,
+    training_record,
 )
 from arvid.training.device import inference_autocast
 
@@ -114,14 +114,16 @@ class SampleConfig:
                                  f"{sum(self.fixed_assignment)} tokens: budget={self.budget:g} has nothing to choose; "
                                  "give one of them")
         if self.allowed_counts is not None:
-            nested = [isinstance(c, (list, tuple)) for c in self.allowed_counts]
-            per_block = [list(c) if n else [c] for c, n in zip(self.allowed_counts, nested)]
-            if (not self.allowed_counts or (any(nested) and not all(nested)) or any(not cs for cs in per_block)
-                    or any(not isinstance(x, numbers.Integral) or isinstance(x, bool) or x <= 0
-                           for cs in per_block for x in cs)):
-                raise ValueError(f"allowed_counts must be positive token counts: one list for every block, e.g. "
-                                 f"[64, 128], or one non-empty list per block, e.g. [[64], [64, 128]], not a mix; "
-                                 f"got {self.allowed_counts}")
+            from arvid.sampling.constraints import split_allowed_counts
+
+            what = (f"allowed_counts must be positive token counts: one list for every block, e.g. [64, 128], or "
+                    f"one non-empty list per block, e.g. [[64], [64, 128]], not a mix; got {self.allowed_counts}")
+            try:
+                _, per_block = split_allowed_counts(self.allowed_counts)
+            except ValueError:
+                raise ValueError(what) from None
+            if not self.allowed_counts or any(not cs or min(cs) <= 0 for cs in per_block):
+                raise ValueError(what)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -181,32 +183,6 @@ def _frame_size(tokenizer: Any) -> int | None:
         if isinstance(v, int):
             return v
     return None
-
-
-def training_record(generator_dir: str | Path) -> dict:
-    """What ``train-generator`` recorded beside the GPT's config (``conditioning``, ``context_blocks``,
-    ``spm_dir``, ``captions``, ``tokenizer_fingerprint``); empty for a GPT saved by other code."""
-    from arvid.config import read_yaml
-
-    path = Path(generator_dir) / "config.yaml"
-    meta = read_yaml(path) if path.is_file() else {}
-    return {k: meta[k] for k in ("conditioning", "context_blocks", "spm_dir", "captions", "tokenizer_fingerprint")
-            if k in meta}
-
-
-def check_context_blocks(record: dict, layout: Any, context_frames: int, generator: str | Path) -> int:
-    """The blocks ``context_frames`` fill in ``layout``; a :class:`~arvid.config.ConfigError` when a
-    frame-prediction GPT was trained with another number of context blocks (``record``: see
-    :func:`training_record`)."""
-    blocks = context_blocks_for(layout, context_frames)
-    trained = int(record.get("context_blocks") or 0) if record.get("conditioning") == "frames" else 0
-    if trained and blocks != trained:
-        fpb = list(layout.frames_per_block)
-        raise ConfigError(f"context_frames={context_frames} fill {blocks} block(s) of the tokenizer (frames per "
-                          f"block {fpb}), but generator {str(generator)!r} was trained with context_blocks={trained}: "
-                          f"give context_frames that fill {trained} block(s) ({sum(fpb[:trained - 1]) + 1} to "
-                          f"{sum(fpb[:trained])} frames)")
-    return blocks
 
 
 def _spm_dir(cfg: SampleConfig, record: dict) -> str:

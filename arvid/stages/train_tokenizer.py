@@ -34,7 +34,7 @@ import torch
 from arvid.config import ConfigError, deep_merge, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import check_writable, write_json, write_text
-from arvid.tokenizer.base import build_tokenizer, tokenizer_class, tokenizer_config
+from arvid.tokenizer.base import build_tokenizer, tokenizer_class
 from arvid.tokenizer.losses import (
     FixedAssignment,
     LossConfig,
@@ -85,25 +85,16 @@ class TrainTokenizerConfig:
             raise ValueError(f"val_videos must be >= 1, got {self.val_videos}")
 
 
-def _spec_params(spec: TokenizerSpec, source: str) -> dict:
+def build_from_spec(spec: TokenizerSpec, source: str = "<config>") -> torch.nn.Module:
+    """Build the tokenizer of ``spec``: preset merged (deeply) with ``params``; errors name a key as
+    written, ``tokenizer.params.<key>``."""
     cls = tokenizer_class(spec.name)
     presets = cls.presets()
     if spec.preset is not None and spec.preset not in presets:
         raise ConfigError(f"{source}: tokenizer {spec.name!r} has no preset {spec.preset!r} "
                           f"(presets: {list(presets)})")
-    return deep_merge(dict(presets[spec.preset]) if spec.preset else {}, spec.params)
-
-
-def check_spec(spec: TokenizerSpec, source: str = "<config>") -> None:
-    """Validate ``spec`` (name, preset, every ``params`` key and value) without building the model;
-    errors name the key as written, ``tokenizer.params.<key>``."""
-    tokenizer_config(spec.name, _spec_params(spec, source), None, source, prefix="tokenizer.params.")
-
-
-def build_from_spec(spec: TokenizerSpec, source: str = "<config>") -> torch.nn.Module:
-    """Build the tokenizer of ``spec``: preset merged (deeply) with ``params``."""
-    return build_tokenizer(spec.name, _spec_params(spec, source), preset=None, source=source,
-                           prefix="tokenizer.params.")
+    params = deep_merge(dict(presets[spec.preset]) if spec.preset else {}, spec.params)
+    return build_tokenizer(spec.name, params, preset=None, source=source, prefix="tokenizer.params.")
 
 
 def _load_probs(value: list[float] | str | None, n: int) -> torch.Tensor | None:
@@ -227,12 +218,10 @@ def _val_videos(cfg: TrainTokenizerConfig) -> torch.Tensor:
 
 def run(cfg: TrainTokenizerConfig) -> Path:
     """Train the tokenizer of ``cfg`` and write the outputs listed in the module docstring."""
-    check_spec(cfg.tokenizer, source="train-tokenizer config")  # before the run directory is made
-    out = check_writable(cfg.out_dir)
-    save_config(cfg, out / "config.yaml")
-    # The model's initial weights are part of the run: make them a function of the seed.
+    # The model's initial weights are part of the run: make them a function of the seed. Built (and
+    # its config checked against the data) before the run directory is made.
     torch.manual_seed(cfg.trainer.seed)
-    tokenizer = build_from_spec(cfg.tokenizer, source=str(out / "config.yaml"))
+    tokenizer = build_from_spec(cfg.tokenizer, source="train-tokenizer config")
     layout = tokenizer.layout
     if cfg.data.frames != layout.num_frames:
         raise ConfigError(f"data.frames={cfg.data.frames} but the tokenizer's blocks "
@@ -240,6 +229,8 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     size = getattr(tokenizer.config, "image_size", None)
     if size is not None and cfg.data.size != size:
         raise ConfigError(f"data.size={cfg.data.size} but the tokenizer expects {size}x{size} frames")
+    out = check_writable(cfg.out_dir)
+    save_config(cfg, out / "config.yaml")
     sampler = make_sampler(cfg, tokenizer)
     task = TokenizerTask(tokenizer, cfg.loss, sampler)
     dataset = build_dataset(cfg.data, split="train")
