@@ -218,10 +218,12 @@ def _val_videos(cfg: TrainTokenizerConfig) -> torch.Tensor:
 
 def run(cfg: TrainTokenizerConfig) -> Path:
     """Train the tokenizer of ``cfg`` and write the outputs listed in the module docstring."""
-    # The model's initial weights are part of the run: make them a function of the seed. Built (and
-    # its config checked against the data) before the run directory is made.
+    # The model's initial weights are part of the run: make them a function of the seed. Built before
+    # the run directory is made, so a bad tokenizer.params key leaves nothing behind.
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = build_from_spec(cfg.tokenizer, source="train-tokenizer config")
+    out = check_writable(cfg.out_dir)
+    save_config(cfg, out / "config.yaml")
     layout = tokenizer.layout
     if cfg.data.frames != layout.num_frames:
         raise ConfigError(f"data.frames={cfg.data.frames} but the tokenizer's blocks "
@@ -229,8 +231,6 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     size = getattr(tokenizer.config, "image_size", None)
     if size is not None and cfg.data.size != size:
         raise ConfigError(f"data.size={cfg.data.size} but the tokenizer expects {size}x{size} frames")
-    out = check_writable(cfg.out_dir)
-    save_config(cfg, out / "config.yaml")
     sampler = make_sampler(cfg, tokenizer)
     task = TokenizerTask(tokenizer, cfg.loss, sampler)
     dataset = build_dataset(cfg.data, split="train")
