@@ -148,6 +148,12 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
 
     for b in batches[:args.warmup]:
         step(b)
+    # every timed batch's shapes once, without an optimizer step: backends that build something
+    # per new shape (cudnn_fe's cuDNN graphs, per bucket of the sequence count) do it here
+    for b in batches[args.warmup:]:
+        with autocast:
+            step_loss(b).backward()
+        opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

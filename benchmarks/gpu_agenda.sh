@@ -27,6 +27,10 @@
 #                needs PyAV: skipped (exit 3) where `import av` fails
 #   8. sampling_b1  the compiled decode step at batch 1 alone, default compile mode
 #   9. genflex   the GPT L with --backend flex, bf16 residual, 32,768 positions
+#  9a. cudnnfe  (not in the default order; AGENDA_STEPS=cudnnfe) the cudnn_fe backend, with the
+#                nvidia-cudnn-frontend wheel (1.16, cp312) carried in .whl and installed into
+#                /tmp/site (PYTHONPATH): attention GPU tests, bench_attention rows torch_varlen /
+#                cudnn_fe / flex, and the L step with cudnn_fe and with torch_varlen at 32,768 ([E])
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -86,6 +90,21 @@ run_all() {
         python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py \
             tests/test_generator_gpt.py || { s=$?; [ $rc = 0 ] && rc=$s; }
         for b in cudnn_varlen torch_varlen; do  # the L step with it, and the baseline on this machine
+            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+                --backend $b --residual-dtype compute --max-tokens 32768 --measure-peak --profile \
+                --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+        done
+        exit $rc' _ "$R"
+    # cudnnfe: the cudnn_fe backend (cuDNN frontend graphs; its wheel installed into /tmp/site by the
+    # call, see below): the attention GPU tests, the attention rows against torch_varlen, and the L
+    # step with it and with torch_varlen at 32,768 positions
+    step cudnnfe 590 bash -c '
+        rc=0
+        python3 -c "import torch, cudnn; print(\"cudnn frontend\", cudnn.__version__, \"backend\", cudnn.backend_version())"
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py || rc=$?
+        python3 benchmarks/bench_attention.py --only torch_varlen --only cudnn_fe --only "flex[shared mask]" \
+            --json "$1/attention_cudnn_fe.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+        for b in cudnn_fe torch_varlen; do
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
                 --backend $b --residual-dtype compute --max-tokens 32768 --measure-peak --profile \
                 --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }

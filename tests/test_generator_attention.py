@@ -554,3 +554,161 @@ def test_xformers_mask_is_built_once_per_batch(monkeypatch):
     cu2[1] = 5  # changed in place: not the mask it had
     A._xformers(q, k, v, cu2, 17)
     assert built[-1] == [5, 17]
+
+
+def _cudnn_fe_standin():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_cudnn_fe_standin", Path(__file__).parent / "_cudnn_fe_standin.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("seed,lens,heads,bucket", [(0, [7, 1, 13, 4], (4, 2), 8), (1, [33, 20, 70], (4, 4), 1),
+                                                    (2, [5] * 9 + [1], (2, 1), 8)])
+def test_cudnn_fe_graphs_read_and_write_the_packed_layout(monkeypatch, seed, lens, heads, bucket):
+    """The cudnn_fe backend on the CPU with a stand-in cuDNN frontend (tests/_cudnn_fe_standin.py)
+    that reads and writes every tensor only through the dims, strides and ragged offsets arvid's
+    graphs declare, and computes the backward's ``rowsum(dO * O)`` from the O it is handed: the
+    output and dq/dk/dv must be the float64 reference's. v comes as a view of a fused projection
+    (token stride 3x its row), as the GPT hands it; sequence counts are padded to the bucket with
+    zero-length sequences; grouped-query attention is native (no repeated kv heads)."""
+    from arvid.generator import cudnn_fe
+
+    standin = _cudnn_fe_standin()
+    standin.install(monkeypatch)
+    monkeypatch.setattr(cudnn_fe, "BATCH_BUCKET", bucket)
+    h, hkv = heads
+    q, k, v, cu = random_batch(seed, lens, h=h, hkv=hkv, d=16)
+    fused = torch.cat([torch.randn(q.shape[0], hkv, 16), v, torch.randn(q.shape[0], hkv, 16)], 1)
+    v = fused[:, hkv:2 * hkv]  # token stride 3 * hkv * 16: not contiguous
+    assert not v.is_contiguous()
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 10))
+    q2, k2, v2 = (t.clone().double().requires_grad_(True) for t in (q, k, v))
+    expected = reference(q2, k2, v2, cu)
+    ref_grads = torch.autograd.grad((expected * w.double()).sum(), (q2, k2, v2))
+    _assert_backend_matches(cudnn_fe.cudnn_fe_attention, q, k, v, cu, max(lens), w, expected.detach(), ref_grads)
+    b, s = cudnn_fe.round_up(len(lens), bucket), cudnn_fe.round_up(max(lens), 64)
+    assert standin.CALLS == [("fwd", b, s), ("bwd", b, s)]
+    assert [kind for kind, _ in cudnn_fe.BUILT] == ["forward", "backward"]
+    # another batch in the same buckets runs the graphs already built
+    if bucket > 1:
+        lens2 = lens[:-1] if len(lens) % bucket != 1 else lens[1:]
+        q, k, v, cu = random_batch(seed + 1, lens2, h=h, hkv=hkv, d=16)
+        out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, max(lens))
+        torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+        assert len(cudnn_fe.BUILT) == 2
+
+
+def test_cudnn_fe_batch_layout_pads_with_empty_sequences_at_the_end():
+    from arvid.generator.cudnn_fe import batch_layout
+
+    lens, starts = batch_layout(torch.tensor([0, 3, 10], dtype=torch.int32), 4)
+    assert lens.flatten().tolist() == [3, 7, 0, 0] and lens.dtype == torch.int32 and lens.shape == (4, 1, 1, 1)
+    assert starts.flatten().tolist() == [0, 3, 10, 10, 10] and starts.dtype == torch.int64
+
+
+def test_cudnn_fe_custom_op_fakes_trace(monkeypatch):
+    """The two custom ops' fakes give the real outputs' shapes and dtypes (the statistics padded
+    to the bucketed sequence count and length), and the ops trace under AOT autograd."""
+
+    _cudnn_fe_standin().install(monkeypatch)
+    lens, q, k, v, cu, w, expected, _ = _custom_op_case()
+    ci = cu.to(torch.int32)
+    torch.library.opcheck(torch.ops.arvid.cudnn_fe_causal_fwd.default,
+                          (q.clone().requires_grad_(True), k.clone().requires_grad_(True),
+                           v.clone().requires_grad_(True), ci, 13))
+    out, stats = torch.ops.arvid.cudnn_fe_causal_fwd(q, k, v, ci, 13)
+    assert stats.shape == (8, 4, 64, 1)
+    torch.library.opcheck(torch.ops.arvid.cudnn_fe_causal_bwd.default, (w, q, k, v, out, stats, ci, 13),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cudnn_fe_unavailable_reasons(monkeypatch):
+    from arvid.generator import attention as A
+    from arvid.generator import cudnn_fe
+
+    assert "CUDA" in backend_unavailable_reason("cudnn_fe", "cpu", torch.bfloat16)
+    assert "cudnn_fe" not in A.available_backends("cpu", torch.float32)
+    assert "fp16/bf16" in backend_unavailable_reason("cudnn_fe", "cuda", torch.float32)
+    monkeypatch.setattr(A.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(A.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cudnn_fe.importlib.util, "find_spec", lambda name: None)
+    cudnn_fe.problem.cache_clear()
+    try:
+        reason = backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
+        assert "nvidia-cudnn-frontend" in reason and "arvid[cudnn]" in reason
+        monkeypatch.setattr(cudnn_fe.importlib.util, "find_spec", lambda name: object())
+        monkeypatch.setattr(cudnn_fe.torch.cuda, "get_device_capability", lambda i=0: (8, 0))
+        cudnn_fe.problem.cache_clear()
+        assert "Hopper" in backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
+        monkeypatch.setattr(cudnn_fe.torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+        standin = _cudnn_fe_standin().module()
+        standin.backend_version = lambda: 90500
+        monkeypatch.setattr(cudnn_fe, "_cudnn", lambda: standin)
+        cudnn_fe.problem.cache_clear()
+        assert "9.6" in backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
+        standin.backend_version = lambda: 91900
+        cudnn_fe.problem.cache_clear()
+        assert backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16) is None
+    finally:
+        cudnn_fe.problem.cache_clear()
+
+
+def test_cudnn_fe_under_torch_compile_with_changing_sequence_counts(monkeypatch):
+    """Batches with different sequence counts through one compiled function (aot_eager: the
+    fakes, symbolic sizes and the backward's wiring, as torch.compile runs them): the same
+    numbers as eager, and no graph beyond one forward and one backward per bucket."""
+    from arvid.generator import cudnn_fe
+
+    _cudnn_fe_standin().install(monkeypatch)
+    torch._dynamo.reset()
+
+    def loss(q, k, v, cu, w):
+        return (cudnn_fe.cudnn_fe_attention(q, k, v, cu, 64) * w).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", dynamic=True)
+    for seed, lens in enumerate([[7, 1, 13, 4], [20, 9, 3], [5, 5, 5, 5, 5, 2]]):
+        q, k, v, cu = random_batch(seed, lens, h=4, hkv=2, d=16)
+        w = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
+        grads = []
+        for fn in (loss, compiled):
+            qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+            out = fn(qr, kr, vr, cu, w)
+            grads.append((out, *torch.autograd.grad(out, (qr, kr, vr))))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert [kind for kind, _ in cudnn_fe.BUILT] == ["forward", "backward"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cudnn_fe_matches_torch_varlen_on_a_router_like_batch():
+    """cudnn_fe against FA2 (torch_varlen) at the GPT's size: 16 heads of 64, ~16k packed tokens of
+    router-like lengths (a sequence count off the bucket: zero-length padding sequences), bf16,
+    v a view of a fused projection. Output and gradients within bf16 rounding of each other."""
+    from arvid.generator import cudnn_fe
+
+    reason = backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(0)
+    lens = [int(x) for x in torch.randint(130, 1400, (21,), generator=g)]
+    n, h, d = sum(lens), 16, 64
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    qkv = torch.randn(n, 3 * h, d, device="cuda", dtype=torch.bfloat16, generator=None)
+    w = torch.randn(n, h, d, device="cuda")
+    results = {}
+    for name in ("torch_varlen", "cudnn_fe"):
+        x = qkv.clone().requires_grad_(True)
+        q, k, v = x[:, :h].contiguous(), x[:, h:2 * h].contiguous(), x[:, 2 * h:]
+        out = varlen_causal_attention(q, k, v, cu, max(lens), name)
+        (grad,) = torch.autograd.grad((out.float() * w).sum(), (x,))
+        results[name] = (out.float(), grad.float())
+    for a, b, what in zip(*results.values(), ("out", "dqkv")):
+        err = (a - b).abs().max().item() / a.abs().max().item()
+        assert err < 2e-2, f"{what}: max error {err:.3g} relative to the largest value"
+    assert cudnn_fe.round_up(21, cudnn_fe.BATCH_BUCKET) == 24

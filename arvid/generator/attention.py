@@ -21,7 +21,11 @@ Backends (``varlen_causal_attention(..., backend=...)``):
   is unpacked to padded ``[S, H, Lmax, D]`` and run with ``is_causal=True``: padding sits at the
   tail of each row, after every real query, so the causal mask alone keeps it out. Fast when
   lengths are similar; it spends work on padding when they are not. CUDA only.
-- ``cudnn_varlen``: cuDNN's fused attention on the packed layout itself (``[N, H, D]`` with the
+- ``cudnn_fe``: cuDNN's fused attention on the packed layout itself (``[N, H, D]`` with each
+  sequence's start as a ragged offset: no padding), through the cuDNN frontend's Python graphs,
+  built once per bucketed shape and cached (:mod:`arvid.generator.cudnn_fe`). CUDA (Hopper or
+  newer), fp16/bf16, cuDNN >= 9.6, the ``nvidia-cudnn-frontend`` package (``arvid[cudnn]``).
+- ``cudnn_varlen``: the same cuDNN kernels through torch's own route (``[N, H, D]`` with the
   sequences' offsets, cuDNN's "ragged" THD layout: no padding), through the two aten ops torch's
   nested-tensor SDPA uses (``aten._cudnn_attention_forward`` / ``_backward``, torch>=2.9), wrapped
   as opaque custom ops so ``torch.compile`` keeps the layers around them in one graph. CUDA,
@@ -51,9 +55,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from arvid.generator import cudnn_fe
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "cudnn_varlen", "xformers", "sdpa")
+BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "cudnn_fe", "cudnn_varlen", "xformers",
+            "sdpa")
 
 #: CUDA preference of ``auto`` (fastest first). ``benchmarks/bench_attention.py`` on an H100
 #: (2026-12-06), torch 2.11, bf16, 16384 packed tokens of router-like lengths (mean 683), 16 heads
@@ -99,7 +106,7 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
         also = f"; it also needs {missing.split(' needs ', 1)[-1]}" if missing else ""
         return (f"attention backend {name!r} needs a CUDA GPU (got device {device}){also}; use 'sdpa' (or 'flex' "
                 "for inference) on CPU")
-    if name in ("flash_attn", "fa4", "torch_varlen", "cudnn", "cudnn_varlen") and dtype not in _HALF:
+    if name in ("flash_attn", "fa4", "torch_varlen", "cudnn", "cudnn_fe", "cudnn_varlen") and dtype not in _HALF:
         return f"attention backend {name!r} needs fp16/bf16 inputs, got {dtype}; train with precision=bf16"
     if name == "flash_attn":
         return _flash_attn_problem()
@@ -110,6 +117,10 @@ def backend_unavailable_reason(name: str, device: torch.device | str, dtype: tor
         if major not in (9, 10, 11):
             return f"attention backend 'fa4' needs a Hopper or Blackwell GPU (compute capability 9-11), got {major}.x"
         return _package_problem(name)
+    if name == "cudnn_fe":
+        if not torch.cuda.is_available():
+            return "attention backend 'cudnn_fe' needs a CUDA GPU, and this torch sees none (torch.cuda.is_available() is False)"
+        return cudnn_fe.problem(device.index if device.index is not None else torch.cuda.current_device())
     if name == "torch_varlen":
         try:
             from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -166,6 +177,8 @@ def _package_problem(name: str) -> str | None:
         return _flash_attn_problem()
     if name == "fa4":
         return _fa4_problem()
+    if name == "cudnn_fe" and importlib.util.find_spec("cudnn") is None:
+        return cudnn_fe.problem()
     if name == "xformers" and importlib.util.find_spec("xformers") is None:
         return "attention backend 'xformers' needs the xformers package: pip install 'arvid[xformers]'"
     return None
@@ -672,6 +685,7 @@ _IMPLS = {
     "sdpa": _sdpa,
     "cudnn": _cudnn,
     "cudnn_varlen": _cudnn_varlen,
+    "cudnn_fe": cudnn_fe.cudnn_fe_attention,
     "flex": _flex,
     "flash_attn": _flash_attn,
     "fa4": _fa4,

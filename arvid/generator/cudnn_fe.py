@@ -1,0 +1,297 @@
+"""cuDNN's fused attention over packed sequences, through the cuDNN frontend's Python graphs.
+
+The ``cudnn_fe`` attention backend (:mod:`arvid.generator.attention`). cuDNN runs causal
+attention on the packed layout itself: ``[N, H, D]`` tokens with each sequence's start given as
+a *ragged offset* (cuDNN's "THD" layout, Hopper and newer), its length as a padding mask, no
+padding in memory. A graph describes one problem shape and is built once (seconds, the first
+time); here a graph is kept per (sequence count rounded up to :data:`BATCH_BUCKET`, longest
+sequence rounded up to :data:`SEQ_BUCKET`, heads, head size, dtype, token strides), so a
+training run builds a handful and then only executes them. Sequence counts are padded with
+zero-length sequences, which cuDNN's padding mask skips.
+
+Why not torch's own route to the same kernels (``cudnn_varlen``, ``aten._cudnn_attention_*``):
+on torch 2.11 it rebuilt the cuDNN graph at every call and its dq/dk were wrong (H100,
+2026-12-06). This module owns the graph, its cache, the offsets and the backward's workspace
+bound (``max_total_seq_len``) instead.
+
+Needs the ``nvidia-cudnn-frontend`` package (``pip install 'arvid[cudnn]'``; it loads the cuDNN
+library torch already loaded), cuDNN >= 9.6 (64-bit ragged offsets) and a Hopper or newer GPU.
+Two opaque custom ops (forward, backward) keep ``torch.compile`` graphs whole around them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: cuDNN (backend library) version needed: 9.6 takes 64-bit ragged offsets.
+MIN_CUDNN = 90600
+#: Sequence counts are rounded up to a multiple of this (zero-length sequences fill the rest), so
+#: that a run whose batches hold 37 or 39 sequences shares one graph.
+BATCH_BUCKET = 8
+#: The longest sequence is rounded up to a multiple of this for the graph's sequence dimension.
+SEQ_BUCKET = 64
+#: The backward pass's workspace is sized by the packed token count rounded up to this (cuDNN's rule).
+TOKEN_BUCKET = 64
+
+_INSTALL = "pip install 'arvid[cudnn]' (nvidia-cudnn-frontend>=1.12)"
+
+
+def round_up(x, m: int):
+    """``x`` rounded up to a multiple of ``m`` (an int, or a symbolic size under ``torch.compile``)."""
+    return -(-x // m) * m
+
+
+@functools.cache
+def problem(device_index: int = 0) -> str | None:
+    """None when ``cudnn_fe`` can run on CUDA device ``device_index``, else why not and what to do.
+    (The caller has checked that the device is CUDA and the dtype fp16/bf16.)"""
+    if importlib.util.find_spec("cudnn") is None:
+        return f"attention backend 'cudnn_fe' needs the cuDNN frontend's Python package: {_INSTALL}"
+    major = torch.cuda.get_device_capability(device_index)[0]
+    if major < 9:
+        return (f"attention backend 'cudnn_fe' needs a Hopper or newer GPU (cuDNN's packed ragged layout), "
+                f"got compute capability {major}.x; use 'torch_varlen'")
+    try:
+        cudnn = _cudnn()
+        version = int(cudnn.backend_version())
+    except Exception as e:  # noqa: BLE001 - a broken install shows up as any error at import
+        return (f"attention backend 'cudnn_fe': the cuDNN frontend is installed but does not load "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); {_INSTALL}")
+    if version < MIN_CUDNN:
+        return (f"attention backend 'cudnn_fe' needs cuDNN >= 9.6 (64-bit ragged offsets), this process has "
+                f"{version}; upgrade torch (its nvidia-cudnn wheel)")
+    return None
+
+
+def _cudnn():
+    """The frontend module, imported after torch has loaded its cuDNN library (the frontend then
+    finds that library already in the process instead of looking for its own)."""
+    torch.backends.cudnn.version()
+    import cudnn
+
+    return cudnn
+
+
+_HANDLES: dict[int, object] = {}
+
+
+def _handle(device: torch.device):
+    """One cuDNN handle per device, bound to torch's current stream at every call."""
+    cudnn = _cudnn()
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _HANDLES:
+        with torch.cuda.device(idx):
+            _HANDLES[idx] = cudnn.create_handle()
+    h = _HANDLES[idx]
+    cudnn.set_stream(handle=h, stream=torch.cuda.current_stream(idx).cuda_stream)
+    return h
+
+
+class _Graph:
+    """A built cuDNN graph, its named tensors and its workspace size."""
+
+    def __init__(self, graph, tensors: dict, workspace: int) -> None:
+        self.graph, self.tensors, self.workspace = graph, tensors, workspace
+
+    def run(self, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
+        handle = _handle(device)
+        ws = torch.empty(max(self.workspace, 1), dtype=torch.uint8, device=device)
+        self.graph.execute({self.tensors[name]: buf for name, buf in buffers.items()}, ws, handle=handle)
+
+
+_GRAPHS: dict[tuple, _Graph] = {}
+#: (kind, key) of every graph built in this process, in order (tests and benchmarks read it).
+BUILT: list[tuple] = []
+
+
+def _io_type(cudnn, dtype: torch.dtype):
+    return {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF,
+            torch.float32: cudnn.data_type.FLOAT}[dtype]
+
+
+def _thd(g, cudnn, name: str, b: int, h: int, s: int, d: int, token_stride: int, dt, offset):
+    """A packed ``[N, h, d]`` tensor seen as cuDNN's ``[b, h, s, d]`` with token stride
+    ``token_stride`` and each sequence's start at ``offset`` (elements)."""
+    t = g.tensor(name=name, dim=[b, h, s, d], stride=[s * token_stride, d, token_stride, 1], data_type=dt)
+    t.set_ragged_offset(offset)
+    return t
+
+
+def _small(g, cudnn, name: str, b: int, dt):
+    return g.tensor(name=name, dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dt)
+
+
+def _finish(g, cudnn, kind: str, key: tuple, tensors: dict) -> _Graph:
+    t0 = time.perf_counter()
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    graph = _Graph(g, tensors, int(g.get_workspace_size()))
+    BUILT.append((kind, key))
+    log.info("cudnn_fe: built the %s graph %s in %.2f s", kind, key, time.perf_counter() - t0)
+    return graph
+
+
+def _causal(cudnn) -> dict:
+    return {"diagonal_alignment": cudnn.diagonal_alignment.TOP_LEFT, "diagonal_band_right_bound": 0}
+
+
+def _fwd_graph(key: tuple, handle) -> _Graph:
+    cudnn = _cudnn()
+    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v = key
+    dt = _io_type(cudnn, dtype)
+    g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    t = {n: _small(g, cudnn, n, b + 1, cudnn.data_type.INT64) for n in ("off_q", "off_k", "off_v", "off_o")}
+    t["seq_q"], t["seq_kv"] = (_small(g, cudnn, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
+    t["q"] = _thd(g, cudnn, "q", b, h, s, d, ts_q, dt, t["off_q"])
+    t["k"] = _thd(g, cudnn, "k", b, hkv, s, d, ts_k, dt, t["off_k"])
+    t["v"] = _thd(g, cudnn, "v", b, hkv, s, d, ts_v, dt, t["off_v"])
+    o, stats = g.sdpa(name="sdpa", q=t["q"], k=t["k"], v=t["v"], generate_stats=True, attn_scale=1.0 / math.sqrt(d),
+                      use_padding_mask=True, seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], **_causal(cudnn))
+    o.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1])
+    o.set_ragged_offset(t["off_o"])
+    stats.set_output(True).set_data_type(cudnn.data_type.FLOAT).set_dim([b, h, s, 1]).set_stride([h * s, s, 1, 1])
+    t["o"], t["stats"] = o, stats
+    return _finish(g, cudnn, "forward", key, t)
+
+
+def _bwd_graph(key: tuple, handle) -> _Graph:
+    cudnn = _cudnn()
+    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, max_t = key
+    dt = _io_type(cudnn, dtype)
+    g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
+                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+    names = ("off_q", "off_k", "off_v", "off_o", "off_dk")
+    t = {n: _small(g, cudnn, n, b + 1, cudnn.data_type.INT64) for n in names}
+    t["seq_q"], t["seq_kv"] = (_small(g, cudnn, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
+    t["q"] = _thd(g, cudnn, "q", b, h, s, d, ts_q, dt, t["off_q"])
+    t["k"] = _thd(g, cudnn, "k", b, hkv, s, d, ts_k, dt, t["off_k"])
+    t["v"] = _thd(g, cudnn, "v", b, hkv, s, d, ts_v, dt, t["off_v"])
+    t["o"] = _thd(g, cudnn, "o", b, h, s, d, h * d, dt, t["off_o"])
+    t["do"] = _thd(g, cudnn, "do", b, h, s, d, h * d, dt, t["off_o"])
+    t["stats"] = g.tensor(name="stats", dim=[b, h, s, 1], stride=[h * s, s, 1, 1], data_type=cudnn.data_type.FLOAT)
+    dq, dk, dv = g.sdpa_backward(name="sdpa_backward", q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"],
+                                 stats=t["stats"], attn_scale=1.0 / math.sqrt(d), use_padding_mask=True,
+                                 seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], max_total_seq_len_q=max_t,
+                                 max_total_seq_len_kv=max_t, **_causal(cudnn))
+    # the gradients are written contiguous: dq like o ([N, h, d]), dk and dv as [N, hkv, d]
+    dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_ragged_offset(t["off_o"])
+    for grad, name in ((dk, "dk"), (dv, "dv")):
+        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * hkv * d, d, hkv * d, 1])
+        grad.set_ragged_offset(t["off_dk"])
+        t[name] = grad
+    t["dq"] = dq
+    return _finish(g, cudnn, "backward", key, t)
+
+
+def _graph(kind: str, key: tuple, device: torch.device) -> _Graph:
+    full = (kind, device.index, *key)
+    if full not in _GRAPHS:
+        _GRAPHS[full] = (_fwd_graph if kind == "forward" else _bwd_graph)(key, _handle(device))
+    return _GRAPHS[full]
+
+
+def batch_layout(cu: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cu_seqlens IntTensor[S+1]`` -> (lengths ``int32 [b, 1, 1, 1]``, starts ``int64 [b+1, 1, 1, 1]``),
+    padded from ``S`` to ``b >= S`` sequences with zero-length ones that start at the end. On the
+    device of ``cu``, without a host sync."""
+    s = cu.numel() - 1
+    starts = cu.long()
+    if b > s:
+        starts = torch.cat([starts, starts[-1:].expand(b - s)])
+    lens = (starts[1:] - starts[:-1]).to(torch.int32)
+    return lens.view(b, 1, 1, 1), starts.view(b + 1, 1, 1, 1)
+
+
+def _token_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when cuDNN can read it as packed tokens (unit stride in the head dimension,
+    heads adjacent), else a contiguous copy."""
+    if t.stride(2) == 1 and t.stride(1) == t.shape[2] and t.stride(0) >= t.shape[1] * t.shape[2]:
+        return t
+    return t.contiguous()
+
+
+def _shapes(q: torch.Tensor, k: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[int, int]:
+    return round_up(cu.shape[0] - 1, BATCH_BUCKET), round_up(max_seqlen, SEQ_BUCKET)
+
+
+@torch.library.custom_op("arvid::cudnn_fe_causal_fwd", mutates_args=())
+def cudnn_fe_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                 max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over packed sequences: ``out [N, H, D]`` (contiguous) and the softmax
+    statistics ``[b, H, s, 1]`` float32 (b, s: the bucketed sequence count and length)."""
+    q, k, v = (_token_view(t) for t in (q, k, v))
+    n, h, d = q.shape
+    b, s = _shapes(q, k, cu, max_seqlen)
+    lens, starts = batch_layout(cu, b)
+    key = (q.dtype, b, s, h, k.shape[1], d, q.stride(0), k.stride(0), v.stride(0))
+    graph = _graph("forward", key, q.device)
+    o = q.new_empty((n, h, d))
+    # zeros: the rows past each sequence's end (and of the padding sequences) are never written
+    stats = torch.zeros((b, h, s, 1), dtype=torch.float32, device=q.device)
+    graph.run(q.device, {"q": q, "k": k, "v": v, "o": o, "stats": stats, "seq_q": lens, "seq_kv": lens,
+                         "off_q": starts * q.stride(0), "off_k": starts * k.stride(0), "off_v": starts * v.stride(0),
+                         "off_o": starts * (h * d)})
+    return o, stats
+
+
+@cudnn_fe_fwd.register_fake
+def _(q, k, v, cu, max_seqlen):
+    b, s = _shapes(q, k, cu, max_seqlen)
+    return q.new_empty(q.shape), q.new_empty((b, q.shape[1], s, 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("arvid::cudnn_fe_causal_bwd", mutates_args=())
+def cudnn_fe_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 stats: torch.Tensor, cu: torch.Tensor,
+                 max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = (_token_view(t) for t in (q, k, v))
+    dout, out = dout.contiguous(), out.contiguous()
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    b, s = _shapes(q, k, cu, max_seqlen)
+    lens, starts = batch_layout(cu, b)
+    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), round_up(n, TOKEN_BUCKET))
+    graph = _graph("backward", key, q.device)
+    dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
+    graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
+                         "seq_q": lens, "seq_kv": lens, "off_q": starts * q.stride(0), "off_k": starts * k.stride(0),
+                         "off_v": starts * v.stride(0), "off_o": starts * (h * d), "off_dk": starts * (hkv * d)})
+    return dq, dk, dv
+
+
+@cudnn_fe_bwd.register_fake
+def _(dout, q, k, v, out, stats, cu, max_seqlen):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+    ctx.max_seqlen = max_seqlen
+
+
+def _backward(ctx, dout, dstats):
+    q, k, v, out, stats, cu = ctx.saved_tensors
+    return (*cudnn_fe_bwd(dout, q, k, v, out, stats, cu, ctx.max_seqlen), None, None)
+
+
+cudnn_fe_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def cudnn_fe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                       max_seqlen: int) -> torch.Tensor:
+    """``q [N, H, D]``, ``k, v [N, Hkv, D]`` (grouped-query attention native), packed sequences
+    ``cu_seqlens`` ending at ``N`` -> ``[N, H, D]``, causal within each sequence."""
+    return cudnn_fe_fwd(q, k, v, cu_seqlens, int(max_seqlen))[0]
