@@ -30,7 +30,8 @@
 #  9a. cudnnfe  (not in the default order; AGENDA_STEPS=cudnnfe) the cudnn_fe backend, with the
 #                nvidia-cudnn-frontend wheel (1.16, cp312) carried in .whl and installed into
 #                /tmp/site (PYTHONPATH): attention GPU tests, bench_attention rows torch_varlen /
-#                cudnn_fe / flex, and the L step with cudnn_fe and with torch_varlen at 32,768 ([E])
+#                cudnn_fe / flex, and the L step with cudnn_fe and with torch_varlen at 32,768
+#                positions, then cudnn_fe at 65,536 ([E])
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -104,10 +105,11 @@ run_all() {
         python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py || rc=$?
         python3 benchmarks/bench_attention.py --only torch_varlen --only cudnn_fe --only "flex[shared mask]" \
             --json "$1/attention_cudnn_fe.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
-        for b in cudnn_fe torch_varlen; do
+        for run in "cudnn_fe 32768 --profile" "torch_varlen 32768" "cudnn_fe 65536"; do
+            set -- "$1" $run
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend $b --residual-dtype compute --max-tokens 32768 --measure-peak --profile \
-                --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+                --backend $2 --residual-dtype compute --max-tokens $3 --measure-peak $4 \
+                --json "$1/generator_$2_$3.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
         exit $rc' _ "$R"
     rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage
