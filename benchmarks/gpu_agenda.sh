@@ -31,7 +31,8 @@
 #                nvidia-cudnn-frontend wheel (1.16, cp312) carried in .whl and installed into
 #                /tmp/site (PYTHONPATH): attention GPU tests, bench_attention rows torch_varlen /
 #                cudnn_fe / flex, and the L step with cudnn_fe and with torch_varlen at 32,768
-#                positions, then cudnn_fe at 65,536 ([E])
+#                positions, then cudnn_fe at 65,536 ([E]); CUDNNFE_RUNS="BACKEND TOKENS [FLAGS];..."
+#                picks other L runs
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -102,10 +103,12 @@ run_all() {
     step cudnnfe 590 bash -c '
         rc=0
         python3 -c "import torch, cudnn; print(\"cudnn frontend\", cudnn.__version__, \"backend\", cudnn.backend_version())"
-        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py || rc=$?
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k "cudnn_fe or backends_match" \
+            tests/test_generator_gpt.py || rc=$?
         python3 benchmarks/bench_attention.py --only torch_varlen --only cudnn_fe --only "flex[shared mask]" \
             --json "$1/attention_cudnn_fe.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
-        for run in "cudnn_fe 32768 --profile" "torch_varlen 32768" "cudnn_fe 65536"; do
+        IFS=";" read -ra runs <<< "${CUDNNFE_RUNS:-cudnn_fe 32768 --profile;torch_varlen 32768;cudnn_fe 65536}"
+        for run in "${runs[@]}"; do
             set -- "$1" $run
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
                 --backend $2 --residual-dtype compute --max-tokens $3 --measure-peak $4 \

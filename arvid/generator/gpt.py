@@ -278,6 +278,29 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
+class VocabHead(nn.Linear):
+    """The output head, ``nn.Linear(dim, vocab, bias=False)`` (same parameter, same checkpoints),
+    whose matmul runs over the vocabulary padded with zero rows to a multiple of :attr:`ALIGN`.
+
+    EVATok vocabularies are codes plus one length token per candidate (8,192 + 5 = 8,197): a row
+    stride of 8,197 bf16 values is not 16-byte aligned, and cuBLAS then runs the head's three
+    matmuls (forward, both gradients) with old sm75 kernels; on an H200 they took 6.5% of the L
+    step (2026-12-06). Padded, the logits are a view of the first ``vocab`` columns of an aligned
+    ``[..., vocab + pad]`` product: the same values, and the padding never reaches a loss or a
+    sampler."""
+
+    ALIGN = 64
+
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__(dim, vocab, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = -self.out_features % self.ALIGN
+        if pad == 0:
+            return super().forward(x)
+        return F.linear(x, F.pad(self.weight, (0, 0, 0, pad)))[..., : self.out_features]
+
+
 class GPT(nn.Module, PretrainedMixin):
     """Decoder-only transformer over :class:`~arvid.generator.sequence.SequenceFormat` tokens."""
 
@@ -295,7 +318,7 @@ class GPT(nn.Module, PretrainedMixin):
         self.start_emb = nn.Parameter(torch.zeros(1, c.dim)) if c.num_classes == 0 and c.max_text_len == 0 else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.head = VocabHead(c.dim, c.vocab_size)
         self._backend_cache: dict[tuple, str] = {}
         # weights of the linear layers: training_flops runs for every micro-batch (on the host)
         self._matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
