@@ -135,7 +135,7 @@ def test_two_processes_agree_and_drop_sampler_padding(tmp_path):
         assert computed == fvd
         assert shard == 4  # the padded shard really had 4 items
         assert (n_real, n_fake) == (7, 9)
-        assert fvd == pytest.approx(ref, rel=1e-9)
+        assert fvd == pytest.approx(ref, rel=1e-6)  # summation order differs by CPU (1e-8 seen)
         assert "occur on more than one process" in r["raise"]
     assert res[0]["skip_local_n"] == 4 and res[1]["skip_local_n"] == 3
 

@@ -35,7 +35,7 @@ def test_proxy_training_psnr_rises_with_more_tokens(tmp_path):
                       "params": {"image_size": 16, "candidates": [1, 4, 16], "patch_layers": 0,
                                  "query_layers": 1, "decoder_layers": 1}},
         "loss": {"l1_weight": 1.0, "entropy_weight": 0.02},
-        "trainer": {"max_steps": 500, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "log_every": 100,
+        "trainer": {"max_steps": 800, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "log_every": 100,
                     "checkpoint_every": 0, "progress": False, "device": "cpu", "seed": 0},
         "stage": "proxy", "val_videos": 32, "out_dir": str(tmp_path / "proxy"),
     })
