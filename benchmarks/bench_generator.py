@@ -82,7 +82,7 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profile_steps(step, batches: list, device: torch.device, top: int = 12) -> dict:
+def profile_steps(step, batches: list, device: torch.device, top: int = 40) -> dict:
     """Run ``step`` on ``batches`` under torch.profiler; the own time of every kernel (CUDA) or
     operator (CPU), by category (shares of the total) and the ``top`` largest."""
     from torch.profiler import ProfilerActivity, profile
