@@ -3,6 +3,7 @@
 - :mod:`~arvid.generator.sequence`: the token format (lead's).
 - :mod:`~arvid.generator.gpt`: ``GPT``, ``GPTConfig`` (presets debug, B, L, XL).
 - :mod:`~arvid.generator.attention`: ``varlen_causal_attention`` and its backends.
+- :mod:`~arvid.generator.cudnn_fe`: cuDNN frontend graphs for the ``cudnn_fe`` backend.
 - :mod:`~arvid.generator.packing`: ``PackedBatch``, ``pack_sequences``, ``TokenBudgetBatchSampler``.
 - :mod:`~arvid.generator.kv_cache`: the static ``KVCache``.
 - :mod:`~arvid.generator.conditioning`: ``Conditioning`` and the CFG dropout.

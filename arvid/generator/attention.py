@@ -595,6 +595,7 @@ def _wire_backward(fwd_op, bwd_op) -> None:
 
 
 _wire_backward(_fa4_fwd, _fa4_bwd)
+_wire_backward(cudnn_fe.cudnn_fe_fwd, cudnn_fe.cudnn_fe_bwd)
 
 
 def _fa4(q, k, v, cu_seqlens, max_seqlen):

@@ -16,7 +16,8 @@ bound (``max_total_seq_len``) instead.
 
 Needs the ``nvidia-cudnn-frontend`` package (``pip install 'arvid[cudnn]'``; it loads the cuDNN
 library torch already loaded), cuDNN >= 9.6 (64-bit ragged offsets) and a Hopper or newer GPU.
-Two opaque custom ops (forward, backward) keep ``torch.compile`` graphs whole around them.
+Two opaque custom ops (forward, backward; :mod:`arvid.generator.attention` wires the backward) keep
+``torch.compile`` graphs whole around them.
 """
 
 from __future__ import annotations
@@ -276,18 +277,7 @@ def _(dout, q, k, v, out, stats, cu, max_seqlen):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-    ctx.max_seqlen = max_seqlen
-
-
-def _backward(ctx, dout, dstats):
-    q, k, v, out, stats, cu = ctx.saved_tensors
-    return (*cudnn_fe_bwd(dout, q, k, v, out, stats, cu, ctx.max_seqlen), None, None)
-
-
-cudnn_fe_fwd.register_autograd(_backward, setup_context=_setup)
+# (autograd: arvid.generator.attention wires cudnn_fe_fwd's backward to cudnn_fe_bwd, as it does fa4's)
 
 
 def cudnn_fe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
