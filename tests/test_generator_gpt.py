@@ -499,3 +499,28 @@ def test_gpt_through_the_cudnn_varlen_ops_eager_and_compiled(monkeypatch):
     finally:
         lib._destroy()
         A._CUDNN_LSE_HEADS_FIRST.clear()
+
+
+def test_vocab_head_pads_its_matmul_and_gives_the_plain_linear_values():
+    """The output head's matmul runs over the vocabulary padded to a multiple of 64 for inputs of
+    many rows (aligned rows for cuBLAS), plain for a few rows (decode); the logits and gradients
+    are the plain ``nn.Linear``'s either way, over the real vocabulary only."""
+    from arvid.generator.gpt import VocabHead
+
+    torch.manual_seed(0)
+    head = VocabHead(32, 197)
+    plain = torch.nn.Linear(32, 197, bias=False)
+    plain.weight.data.copy_(head.weight.data)
+    for rows in (3, 2048):
+        x = torch.randn(rows, 32, requires_grad=True)
+        out = head(x)
+        assert out.shape == (rows, 197)
+        assert (out.stride(0) == 256) == (rows >= VocabHead.MIN_ROWS)  # padded rows: 197 -> 256
+        ref = plain(x)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        g = torch.randn(rows, 197)
+        gx, gw = torch.autograd.grad((out * g).sum(), (x, head.weight))
+        rx, rw = torch.autograd.grad((ref * g).sum(), (x, plain.weight))
+        torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-5)
+    assert VocabHead(32, 256)(torch.randn(2048, 32)).is_contiguous()  # already aligned: no padding

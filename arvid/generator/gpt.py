@@ -287,16 +287,18 @@ class VocabHead(nn.Linear):
     matmuls (forward, both gradients) with old sm75 kernels; on an H200 they took 6.5% of the L
     step (2026-12-06). Padded, the logits are a view of the first ``vocab`` columns of an aligned
     ``[..., vocab + pad]`` product: the same values, and the padding never reaches a loss or a
-    sampler."""
+    sampler. Only for inputs of at least :attr:`MIN_ROWS` rows (training, prefill): the padded copy
+    of the weight (17 MB for L) would cost a decode step of a few rows more than it saves."""
 
     ALIGN = 64
+    MIN_ROWS = 1024
 
     def __init__(self, dim: int, vocab: int) -> None:
         super().__init__(dim, vocab, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = -self.out_features % self.ALIGN
-        if pad == 0:
+        if pad == 0 or x.numel() < self.MIN_ROWS * x.shape[-1]:
             return super().forward(x)
         return F.linear(x, F.pad(self.weight, (0, 0, 0, pad)))[..., : self.out_features]
 
