@@ -43,7 +43,9 @@
 # Measured on 2026-12-06 (H100): gputests (sampling, attention with FA4; late: every GPU test, with
 # cudnn_varlen failing), sampling (compile; kv buckets 256 and 64; max-autotune-no-cudagraphs),
 # sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
-# on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch). Still owed: tokprof, pipeline (BENCHMARKS.md).
+# on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
+# padded output head). Still owed: tokprof, pipeline, and cudnnfe again (on an H100, with the padded
+# head: CUDNNFE_RUNS="cudnn_fe 32768 --profile;torch_varlen 32768 --profile;cudnn_fe 65536") (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
