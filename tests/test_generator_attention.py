@@ -725,3 +725,22 @@ def test_auto_prefers_cudnn_fe_where_it_can_run(monkeypatch):
     can.discard("cudnn_fe")
     assert A.auto_backend("cuda", torch.bfloat16) == "torch_varlen"
     assert A.auto_backend("cpu", torch.bfloat16) == "sdpa"
+
+
+def test_cudnn_fe_reuses_a_batch_layout_until_cu_seqlens_changes(monkeypatch):
+    """The lengths and offsets are computed once per batch (every layer reuses them), and again
+    when the same cu_seqlens tensor is changed in place: the output follows the new boundaries."""
+    from arvid.generator import cudnn_fe
+
+    _cudnn_fe_standin().install(monkeypatch)
+    calls = []
+    real = cudnn_fe.batch_layout
+    monkeypatch.setattr(cudnn_fe, "batch_layout", lambda cu, b: calls.append(b) or real(cu, b))
+    q, k, v, cu = random_batch(0, [7, 1, 13, 4], h=4, hkv=2, d=16)
+    for _ in range(3):
+        out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, 13)
+    assert calls == [8]
+    cu[1:3] = torch.tensor([5, 9], dtype=cu.dtype)  # lengths 5, 4, 12, 4: same tensor, new contents
+    out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, 13)
+    assert calls == [8, 8]
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)

@@ -215,6 +215,36 @@ def batch_layout(cu: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lens.view(b, 1, 1, 1), starts.view(b + 1, 1, 1, 1)
 
 
+class _Layout:
+    """One batch's lengths and its element offsets per token stride, kept while its ``cu_seqlens``
+    is the last one seen: every layer's forward and backward of a step share them (about ten small
+    kernels per call otherwise). Matched by the tensor's data pointer, shape and version counter
+    while this holds a reference to it, so no other live tensor can share the pointer with other
+    contents."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.cu: torch.Tensor | None = None
+        self.lens = self.starts = None
+        self.offsets: dict[int, torch.Tensor] = {}
+
+    def get(self, cu: torch.Tensor, b: int) -> _Layout:
+        key = (cu.data_ptr(), tuple(cu.shape), cu.dtype, cu.device, cu._version, b)
+        if key != self.key:
+            self.lens, self.starts = batch_layout(cu, b)
+            self.key, self.cu, self.offsets = key, cu, {}
+        return self
+
+    def offset(self, stride: int) -> torch.Tensor:
+        """Each sequence's start in elements of a tensor with token stride ``stride``."""
+        if stride not in self.offsets:
+            self.offsets[stride] = self.starts * stride
+        return self.offsets[stride]
+
+
+_LAYOUT = _Layout()
+
+
 def _token_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when cuDNN can read it as packed tokens (unit stride in the head dimension,
     heads adjacent), else a contiguous copy."""
@@ -235,15 +265,15 @@ def cudnn_fe_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
     q, k, v = (_token_view(t) for t in (q, k, v))
     n, h, d = q.shape
     b, s = _shapes(q, k, cu, max_seqlen)
-    lens, starts = batch_layout(cu, b)
+    lay = _LAYOUT.get(cu, b)
     key = (q.dtype, b, s, h, k.shape[1], d, q.stride(0), k.stride(0), v.stride(0))
     graph = _graph("forward", key, q.device)
     o = q.new_empty((n, h, d))
     # zeros: the rows past each sequence's end (and of the padding sequences) are never written
     stats = torch.zeros((b, h, s, 1), dtype=torch.float32, device=q.device)
-    graph.run(q.device, {"q": q, "k": k, "v": v, "o": o, "stats": stats, "seq_q": lens, "seq_kv": lens,
-                         "off_q": starts * q.stride(0), "off_k": starts * k.stride(0), "off_v": starts * v.stride(0),
-                         "off_o": starts * (h * d)})
+    graph.run(q.device, {"q": q, "k": k, "v": v, "o": o, "stats": stats, "seq_q": lay.lens, "seq_kv": lay.lens,
+                         "off_q": lay.offset(q.stride(0)), "off_k": lay.offset(k.stride(0)),
+                         "off_v": lay.offset(v.stride(0)), "off_o": lay.offset(h * d)})
     return o, stats
 
 
@@ -262,13 +292,14 @@ def cudnn_fe_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     n, h, d = q.shape
     hkv = k.shape[1]
     b, s = _shapes(q, k, cu, max_seqlen)
-    lens, starts = batch_layout(cu, b)
+    lay = _LAYOUT.get(cu, b)
     key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), round_up(n, TOKEN_BUCKET))
     graph = _graph("backward", key, q.device)
     dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
     graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
-                         "seq_q": lens, "seq_kv": lens, "off_q": starts * q.stride(0), "off_k": starts * k.stride(0),
-                         "off_v": starts * v.stride(0), "off_o": starts * (h * d), "off_dk": starts * (hkv * d)})
+                         "seq_q": lay.lens, "seq_kv": lay.lens, "off_q": lay.offset(q.stride(0)),
+                         "off_k": lay.offset(k.stride(0)), "off_v": lay.offset(v.stride(0)),
+                         "off_o": lay.offset(h * d), "off_dk": lay.offset(hkv * d)})
     return dq, dk, dv
 
 
