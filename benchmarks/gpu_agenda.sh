@@ -99,21 +99,22 @@ run_all() {
                 --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
         exit $rc' _ "$R"
-    # cudnnfe: the cudnn_fe backend (cuDNN frontend graphs; its wheel installed into /tmp/site by the
-    # call, see below): the attention GPU tests, the attention rows against torch_varlen, and the L
-    # step with it and with torch_varlen at 32,768 positions
+    # cudnnfe: the cudnn_fe backend (cuDNN frontend graphs; the calling command installs its wheel
+    # into /tmp/site and puts that on PYTHONPATH, see 9a above): the attention and GPT GPU tests,
+    # the attention rows against torch_varlen, and the L runs of CUDNNFE_RUNS
     step cudnnfe 590 bash -c '
         rc=0
         python3 -c "import torch, cudnn; print(\"cudnn frontend\", cudnn.__version__, \"backend\", cudnn.backend_version())"
         python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k "cudnn_fe or backends_match" \
-            tests/test_generator_gpt.py || rc=$?
+            || rc=$?
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_gpt.py || { s=$?; [ $rc = 0 ] && rc=$s; }
         python3 benchmarks/bench_attention.py --only torch_varlen --only cudnn_fe --only "flex[shared mask]" \
             --json "$1/attention_cudnn_fe.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         IFS=";" read -ra runs <<< "${CUDNNFE_RUNS:-cudnn_fe 32768 --profile;torch_varlen 32768;cudnn_fe 65536}"
         for run in "${runs[@]}"; do
             set -- "$1" $run
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
-                --backend $2 --residual-dtype compute --max-tokens $3 --measure-peak $4 \
+                --backend $2 --residual-dtype compute --max-tokens $3 --measure-peak "${@:4}" \
                 --json "$1/generator_$2_$3.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
         exit $rc' _ "$R"

@@ -590,7 +590,7 @@ def test_cudnn_fe_graphs_read_and_write_the_packed_layout(monkeypatch, seed, len
     expected = reference(q2, k2, v2, cu)
     ref_grads = torch.autograd.grad((expected * w.double()).sum(), (q2, k2, v2))
     _assert_backend_matches(cudnn_fe.cudnn_fe_attention, q, k, v, cu, max(lens), w, expected.detach(), ref_grads)
-    b, s = cudnn_fe.round_up(len(lens), bucket), cudnn_fe.round_up(max(lens), 64)
+    b, s = cudnn_fe.round_up(len(lens), bucket), cudnn_fe.round_up(max(lens), cudnn_fe.SEQ_BUCKET)
     assert standin.CALLS == [("fwd", b, s), ("bwd", b, s)]
     assert [kind for kind, _ in cudnn_fe.BUILT] == ["forward", "backward"]
     # another batch in the same buckets runs the graphs already built
@@ -621,7 +621,7 @@ def test_cudnn_fe_custom_op_fakes_trace(monkeypatch):
                           (q.clone().requires_grad_(True), k.clone().requires_grad_(True),
                            v.clone().requires_grad_(True), ci, 13))
     out, stats = torch.ops.arvid.cudnn_fe_causal_fwd(q, k, v, ci, 13)
-    assert stats.shape == (8, 4, 64, 1)
+    assert stats.shape == (8, 4, 512, 1)  # 4 sequences -> 8, longest 13 -> 512
     torch.library.opcheck(torch.ops.arvid.cudnn_fe_causal_bwd.default, (w, q, k, v, out, stats, ci, 13),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -666,20 +666,21 @@ def test_cudnn_fe_under_torch_compile_with_changing_sequence_counts(monkeypatch)
     _cudnn_fe_standin().install(monkeypatch)
     torch._dynamo.reset()
 
-    def loss(q, k, v, cu, w):
-        return (cudnn_fe.cudnn_fe_attention(q, k, v, cu, 64) * w).sum()
+    def loss(q, k, v, cu, w, m):
+        return (cudnn_fe.cudnn_fe_attention(q, k, v, cu, m) * w).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", dynamic=True)
-    for seed, lens in enumerate([[7, 1, 13, 4], [20, 9, 3], [5, 5, 5, 5, 5, 2]]):
+    for seed, lens in enumerate([[7, 1, 13, 4], [20, 9, 3], [5, 5, 5, 5, 5, 2], [130, 4]]):
         q, k, v, cu = random_batch(seed, lens, h=4, hkv=2, d=16)
         w = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed))
         grads = []
         for fn in (loss, compiled):
             qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
-            out = fn(qr, kr, vr, cu, w)
+            out = fn(qr, kr, vr, cu, w, max(lens))  # the longest sequence changes too
             grads.append((out, *torch.autograd.grad(out, (qr, kr, vr))))
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # one graph pair per bucket: 8 sequences x 512 positions for all four batches
     assert [kind for kind, _ in cudnn_fe.BUILT] == ["forward", "backward"]
     torch._dynamo.reset()
 
@@ -711,7 +712,8 @@ def test_gpu_cudnn_fe_matches_torch_varlen_on_a_router_like_batch():
     for a, b, what in zip(*results.values(), ("out", "dqkv")):
         err = (a - b).abs().max().item() / a.abs().max().item()
         assert err < 2e-2, f"{what}: max error {err:.3g} relative to the largest value"
-    assert cudnn_fe.round_up(21, cudnn_fe.BATCH_BUCKET) == 24
+    # the graphs were built for 24 sequences: three of them zero-length padding
+    assert {key[2] for kind, key in cudnn_fe.BUILT if key[1] == torch.bfloat16} == {24}
 
 
 def test_auto_prefers_cudnn_fe_where_it_can_run(monkeypatch):
@@ -721,6 +723,9 @@ def test_auto_prefers_cudnn_fe_where_it_can_run(monkeypatch):
 
     can = {"cudnn_fe", "torch_varlen", "sdpa"}
     monkeypatch.setattr(A, "backend_unavailable_reason", lambda b, d, t: None if b in can else "no")
+    monkeypatch.setattr(A.torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert A.auto_backend("cuda", torch.bfloat16) == "torch_varlen"  # not measured off Hopper
+    monkeypatch.setattr(A.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert A.auto_backend("cuda", torch.bfloat16) == "cudnn_fe"
     can.discard("cudnn_fe")
     assert A.auto_backend("cuda", torch.bfloat16) == "torch_varlen"
@@ -744,3 +749,23 @@ def test_cudnn_fe_reuses_a_batch_layout_until_cu_seqlens_changes(monkeypatch):
     out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, 13)
     assert calls == [8, 8]
     torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_cudnn_fe_token_bound_and_uncached_layouts(monkeypatch):
+    """The backward's token bound is a power of two (few graphs for batches of any size); a
+    cu_seqlens made under inference_mode (no version counter) is not cached, and two views of one
+    buffer with the same pointer and shape but other strides are told apart."""
+    from arvid.generator import cudnn_fe
+
+    assert [cudnn_fe.token_bound(n) for n in (1, 1024, 1025, 32768, 32769)] == [1024, 1024, 2048, 32768, 65536]
+    _cudnn_fe_standin().install(monkeypatch)
+    q, k, v, cu = random_batch(0, [7, 1, 13, 4], h=4, hkv=2, d=16)
+    with torch.inference_mode():
+        cu_inf = cu.clone()
+        out = cudnn_fe.cudnn_fe_attention(q, k, v, cu_inf, 13)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+    base = torch.tensor([0, 5, 9, 21, 25, 99, 25, 99, 25, 99], dtype=torch.int32)
+    a, b = base[:5], base[::2]  # [0, 5, 9, 21, 25] and [0, 9, 25, 25, 25]: same pointer and shape
+    for cu_view in (a, b, a):
+        out = cudnn_fe.cudnn_fe_attention(q, k, v, cu_view, 13)
+        torch.testing.assert_close(out.double(), reference(q, k, v, cu_view), atol=1e-5, rtol=1e-5)

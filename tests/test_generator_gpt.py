@@ -523,4 +523,8 @@ def test_vocab_head_pads_its_matmul_and_gives_the_plain_linear_values():
         rx, rw = torch.autograd.grad((ref * g).sum(), (x, plain.weight))
         torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-5)
+    x3 = torch.randn(2, 600, 32)  # [B, T, dim]: 1,200 rows, padded
+    out3 = head(x3)
+    assert out3.shape == (2, 600, 197) and out3.stride(1) == 256
+    torch.testing.assert_close(out3, plain(x3), atol=1e-6, rtol=1e-6)
     assert VocabHead(32, 256)(torch.randn(2048, 32)).is_contiguous()  # already aligned: no padding

@@ -70,10 +70,11 @@ BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "cudnn
 #: kernel as torch_varlen and comes first because it has run in production longest. ``fa4`` is
 #: never chosen by ``auto``: it cannot train on Hopper and was not measured on Blackwell; nor is
 #: ``cudnn_varlen`` (wrong dq/dk and a graph built per call on torch 2.11, see above). ``cudnn_fe``
-#: comes first where its package is installed: in the compiled L training step (H200, 2026-12-06,
-#: 32,768 positions) it was 165.8 ms against torch_varlen's 170.5 ms, its attention kernels 25 ms
-#: against FA2's ~44 ms; alone, one call at a time, its host side makes it slower (1.35 against
-#: 0.98 ms forward+backward at 16,384 tokens), which a training step's queue hides.
+#: comes first on Hopper (compute capability 9.x, where it was measured) where its package is
+#: installed: in the compiled L training step (H200, 2026-12-06, 32,768 positions) it was 165.8 ms
+#: against torch_varlen's 170.5 ms on the same machine (its attention kernels 25 ms a step; FA2's
+#: were 43.5 ms in an H100 profile); alone, one call at a time, its host side makes it slower
+#: (1.35 against 0.98 ms forward+backward at 16,384 tokens), which a training step's queue hides.
 CUDA_AUTO_ORDER = ("cudnn_fe", "flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -284,7 +285,10 @@ def auto_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend ``auto`` uses: on CUDA the first available of :data:`CUDA_AUTO_ORDER`, on CPU ``sdpa``."""
     device = torch.device(device)
     if device.type == "cuda":
-        choice = next(b for b in CUDA_AUTO_ORDER if backend_unavailable_reason(b, device, dtype) is None)
+        order = CUDA_AUTO_ORDER
+        if torch.cuda.get_device_capability(device)[0] != 9:  # cudnn_fe: measured on Hopper only
+            order = tuple(b for b in order if b != "cudnn_fe")
+        choice = next(b for b in order if backend_unavailable_reason(b, device, dtype) is None)
     else:
         choice = "sdpa"
     key = (device.type, dtype, choice)

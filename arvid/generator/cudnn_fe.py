@@ -3,10 +3,11 @@
 The ``cudnn_fe`` attention backend (:mod:`arvid.generator.attention`). cuDNN runs causal
 attention on the packed layout itself: ``[N, H, D]`` tokens with each sequence's start given as
 a *ragged offset* (cuDNN's "THD" layout, Hopper and newer), its length as a padding mask, no
-padding in memory. A graph describes one problem shape and is built once (seconds, the first
-time); here a graph is kept per (sequence count rounded up to :data:`BATCH_BUCKET`, longest
-sequence rounded up to :data:`SEQ_BUCKET`, heads, head size, dtype, token strides), so a
-training run builds a handful and then only executes them. Sequence counts are padded with
+padding in memory. A graph describes one problem shape and is built once; here a graph is kept
+per (sequence count rounded up to :data:`BATCH_BUCKET`, longest sequence rounded up to
+:data:`SEQ_BUCKET`, heads, head size, dtype, token strides; for the backward also the token count
+rounded up to a power of two), so a training run builds a few pairs, then only executes them
+(``BUILT`` lists them; each build is logged with its time). Sequence counts are padded with
 zero-length sequences, which cuDNN's padding mask skips.
 
 Why not torch's own route to the same kernels (``cudnn_varlen``, ``aten._cudnn_attention_*``):
@@ -37,10 +38,13 @@ MIN_CUDNN = 90600
 #: Sequence counts are rounded up to a multiple of this (zero-length sequences fill the rest), so
 #: that a run whose batches hold 37 or 39 sequences shares one graph.
 BATCH_BUCKET = 8
-#: The longest sequence is rounded up to a multiple of this for the graph's sequence dimension.
-SEQ_BUCKET = 64
-#: The backward pass's workspace is sized by the packed token count rounded up to this (cuDNN's rule).
-TOKEN_BUCKET = 64
+#: The longest sequence is rounded up to a multiple of this for the graph's sequence dimension
+#: (query tiles past a sequence's end exit at once; coarse buckets keep unpadded batches, whose
+#: longest sequence varies, to a few graphs).
+SEQ_BUCKET = 512
+#: The backward's workspace bound (``max_total_seq_len``, at least the packed token count, a
+#: multiple of 64 by cuDNN's rule) is the token count rounded up to a power of two, at least this.
+MIN_TOKEN_BOUND = 1024
 
 _INSTALL = "pip install 'arvid[cudnn]' (nvidia-cudnn-frontend>=1.12)"
 
@@ -48,6 +52,12 @@ _INSTALL = "pip install 'arvid[cudnn]' (nvidia-cudnn-frontend>=1.12)"
 def round_up(x, m: int):
     """``x`` rounded up to a multiple of ``m`` (an int, or a symbolic size under ``torch.compile``)."""
     return -(-x // m) * m
+
+
+def token_bound(n: int) -> int:
+    """The backward graph's ``max_total_seq_len`` for ``n`` packed tokens: the next power of two
+    (at least :data:`MIN_TOKEN_BOUND`), so batches of any size share a few graphs."""
+    return max(MIN_TOKEN_BOUND, 1 << (int(n) - 1).bit_length())
 
 
 @functools.cache
@@ -229,7 +239,12 @@ class _Layout:
         self.offsets: dict[int, torch.Tensor] = {}
 
     def get(self, cu: torch.Tensor, b: int) -> _Layout:
-        key = (cu.data_ptr(), tuple(cu.shape), cu.dtype, cu.device, cu._version, b)
+        if cu.is_inference():  # no version counter to tell an in-place change: not cached
+            self.key = None
+            self.lens, self.starts = batch_layout(cu, b)
+            self.cu, self.offsets = cu, {}
+            return self
+        key = (cu.data_ptr(), tuple(cu.shape), cu.stride(), cu.dtype, cu.device, cu._version, b)
         if key != self.key:
             self.lens, self.starts = batch_layout(cu, b)
             self.key, self.cu, self.offsets = key, cu, {}
@@ -293,7 +308,7 @@ def cudnn_fe_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     hkv = k.shape[1]
     b, s = _shapes(q, k, cu, max_seqlen)
     lay = _LAYOUT.get(cu, b)
-    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), round_up(n, TOKEN_BUCKET))
+    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n))
     graph = _graph("backward", key, q.device)
     dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
     graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,

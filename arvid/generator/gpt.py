@@ -287,8 +287,9 @@ class VocabHead(nn.Linear):
     matmuls (forward, both gradients) with old sm75 kernels; on an H200 they took 6.5% of the L
     step (2026-12-06). Padded, the logits are a view of the first ``vocab`` columns of an aligned
     ``[..., vocab + pad]`` product: the same values, and the padding never reaches a loss or a
-    sampler. Only for inputs of at least :attr:`MIN_ROWS` rows (training, prefill): the padded copy
-    of the weight (17 MB for L) would cost a decode step of a few rows more than it saves."""
+    sampler. Only for inputs of at least :attr:`MIN_ROWS` rows (the packed training forward, dense
+    full-sequence forwards): the padded copy of the weight (17 MB for L) would cost a decode or
+    prefill head (a few rows: the last position of each) more than it saves."""
 
     ALIGN = 64
     MIN_ROWS = 1024
