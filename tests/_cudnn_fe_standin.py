@@ -202,5 +202,5 @@ def install(monkeypatch) -> types.ModuleType:
     monkeypatch.setattr(cudnn_fe, "_handle", lambda device: 1)
     monkeypatch.setattr(cudnn_fe, "_GRAPHS", {})
     monkeypatch.setattr(cudnn_fe, "BUILT", [])
-    monkeypatch.setattr(cudnn_fe, "_LAYOUT", cudnn_fe._Layout())
+    monkeypatch.setattr(cudnn_fe, "_BATCH", cudnn_fe.LastBatchMemo())
     return m

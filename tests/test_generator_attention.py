@@ -542,7 +542,7 @@ def test_xformers_mask_is_built_once_per_batch(monkeypatch):
     for name, mod in {"xformers": root, "xformers.ops": ops, "xformers.ops.fmha": fmha,
                       "xformers.ops.fmha.attn_bias": bias_mod}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(A, "_XFORMERS_MASK", [])
+    monkeypatch.setattr(A, "_BATCH", A.LastBatchMemo())
     lens = [7, 3, 12]
     q, k, v, cu = random_batch(0, lens, h=4, hkv=2, d=8)
     outs = [A._xformers(q, k, v, cu, max(lens)) for _ in range(3)]  # three layers of one forward pass

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from arvid.generator import cudnn_fe
+from arvid.generator.packing import LastBatchMemo
 
 log = logging.getLogger(__name__)
 
@@ -664,21 +665,15 @@ def _cudnn_varlen(q, k, v, cu_seqlens, max_seqlen):
     return _cudnn_varlen_fwd(q, k, v, cu_seqlens.to(torch.int32), max_seqlen)[0]
 
 
-#: The last batch's xformers mask: ``(cu_seqlens, its version, mask)``. Every layer of a forward
-#: pass gets the same ``cu_seqlens`` tensor, so the mask (and the host sync that reads the lengths)
-#: is made once per batch, not once per layer.
-_XFORMERS_MASK: list = []
+#: the xformers mask of the last batch (its host sync once per batch, not once per layer)
+_BATCH = LastBatchMemo()
 
 
 def _xformers_mask(cu_seqlens: torch.Tensor):
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
 
-    if _XFORMERS_MASK and _XFORMERS_MASK[0][0] is cu_seqlens and _XFORMERS_MASK[0][1] == cu_seqlens._version:
-        return _XFORMERS_MASK[0][2]
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # a host sync
-    mask = BlockDiagonalCausalMask.from_seqlens(lens)
-    _XFORMERS_MASK[:] = [(cu_seqlens, cu_seqlens._version, mask)]
-    return mask
+    return _BATCH.get(cu_seqlens, "xformers_mask", lambda: BlockDiagonalCausalMask.from_seqlens(
+        (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()))  # a host sync
 
 
 def _xformers(q, k, v, cu_seqlens, max_seqlen):

@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from arvid.generator.packing import LastBatchMemo
+
 log = logging.getLogger(__name__)
 
 #: cuDNN (backend library) version needed: 9.6 takes 64-bit ragged offsets.
@@ -128,7 +130,7 @@ def _io_type(cudnn, dtype: torch.dtype):
             torch.float32: cudnn.data_type.FLOAT}[dtype]
 
 
-def _thd(g, cudnn, name: str, b: int, h: int, s: int, d: int, token_stride: int, dt, offset):
+def _thd(g, name: str, b: int, h: int, s: int, d: int, token_stride: int, dt, offset):
     """A packed ``[N, h, d]`` tensor seen as cuDNN's ``[b, h, s, d]`` with token stride
     ``token_stride`` and each sequence's start at ``offset`` (elements)."""
     t = g.tensor(name=name, dim=[b, h, s, d], stride=[s * token_stride, d, token_stride, 1], data_type=dt)
@@ -136,7 +138,7 @@ def _thd(g, cudnn, name: str, b: int, h: int, s: int, d: int, token_stride: int,
     return t
 
 
-def _small(g, cudnn, name: str, b: int, dt):
+def _small(g, name: str, b: int, dt):
     return g.tensor(name=name, dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dt)
 
 
@@ -163,11 +165,11 @@ def _fwd_graph(key: tuple, handle) -> _Graph:
     dt = _io_type(cudnn, dtype)
     g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    t = {n: _small(g, cudnn, n, b + 1, cudnn.data_type.INT64) for n in ("off_q", "off_k", "off_v", "off_o")}
-    t["seq_q"], t["seq_kv"] = (_small(g, cudnn, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
-    t["q"] = _thd(g, cudnn, "q", b, h, s, d, ts_q, dt, t["off_q"])
-    t["k"] = _thd(g, cudnn, "k", b, hkv, s, d, ts_k, dt, t["off_k"])
-    t["v"] = _thd(g, cudnn, "v", b, hkv, s, d, ts_v, dt, t["off_v"])
+    t = {n: _small(g, n, b + 1, cudnn.data_type.INT64) for n in ("off_q", "off_k", "off_v", "off_o")}
+    t["seq_q"], t["seq_kv"] = (_small(g, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
+    t["q"] = _thd(g, "q", b, h, s, d, ts_q, dt, t["off_q"])
+    t["k"] = _thd(g, "k", b, hkv, s, d, ts_k, dt, t["off_k"])
+    t["v"] = _thd(g, "v", b, hkv, s, d, ts_v, dt, t["off_v"])
     o, stats = g.sdpa(name="sdpa", q=t["q"], k=t["k"], v=t["v"], generate_stats=True, attn_scale=1.0 / math.sqrt(d),
                       use_padding_mask=True, seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], **_causal(cudnn))
     o.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1])
@@ -184,13 +186,13 @@ def _bwd_graph(key: tuple, handle) -> _Graph:
     g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)
     names = ("off_q", "off_k", "off_v", "off_o", "off_dk")
-    t = {n: _small(g, cudnn, n, b + 1, cudnn.data_type.INT64) for n in names}
-    t["seq_q"], t["seq_kv"] = (_small(g, cudnn, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
-    t["q"] = _thd(g, cudnn, "q", b, h, s, d, ts_q, dt, t["off_q"])
-    t["k"] = _thd(g, cudnn, "k", b, hkv, s, d, ts_k, dt, t["off_k"])
-    t["v"] = _thd(g, cudnn, "v", b, hkv, s, d, ts_v, dt, t["off_v"])
-    t["o"] = _thd(g, cudnn, "o", b, h, s, d, h * d, dt, t["off_o"])
-    t["do"] = _thd(g, cudnn, "do", b, h, s, d, h * d, dt, t["off_o"])
+    t = {n: _small(g, n, b + 1, cudnn.data_type.INT64) for n in names}
+    t["seq_q"], t["seq_kv"] = (_small(g, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
+    t["q"] = _thd(g, "q", b, h, s, d, ts_q, dt, t["off_q"])
+    t["k"] = _thd(g, "k", b, hkv, s, d, ts_k, dt, t["off_k"])
+    t["v"] = _thd(g, "v", b, hkv, s, d, ts_v, dt, t["off_v"])
+    t["o"] = _thd(g, "o", b, h, s, d, h * d, dt, t["off_o"])
+    t["do"] = _thd(g, "do", b, h, s, d, h * d, dt, t["off_o"])
     t["stats"] = g.tensor(name="stats", dim=[b, h, s, 1], stride=[h * s, s, 1, 1], data_type=cudnn.data_type.FLOAT)
     dq, dk, dv = g.sdpa_backward(name="sdpa_backward", q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"],
                                  stats=t["stats"], attn_scale=1.0 / math.sqrt(d), use_padding_mask=True,
@@ -225,39 +227,15 @@ def batch_layout(cu: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lens.view(b, 1, 1, 1), starts.view(b + 1, 1, 1, 1)
 
 
-class _Layout:
-    """One batch's lengths and its element offsets per token stride, kept while its ``cu_seqlens``
-    is the last one seen: every layer's forward and backward of a step share them (about ten small
-    kernels per call otherwise). Matched by the tensor's data pointer, shape and version counter
-    while this holds a reference to it, so no other live tensor can share the pointer with other
-    contents."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.cu: torch.Tensor | None = None
-        self.lens = self.starts = None
-        self.offsets: dict[int, torch.Tensor] = {}
-
-    def get(self, cu: torch.Tensor, b: int) -> _Layout:
-        if cu.is_inference():  # no version counter to tell an in-place change: not cached
-            self.key = None
-            self.lens, self.starts = batch_layout(cu, b)
-            self.cu, self.offsets = cu, {}
-            return self
-        key = (cu.data_ptr(), tuple(cu.shape), cu.stride(), cu.dtype, cu.device, cu._version, b)
-        if key != self.key:
-            self.lens, self.starts = batch_layout(cu, b)
-            self.key, self.cu, self.offsets = key, cu, {}
-        return self
-
-    def offset(self, stride: int) -> torch.Tensor:
-        """Each sequence's start in elements of a tensor with token stride ``stride``."""
-        if stride not in self.offsets:
-            self.offsets[stride] = self.starts * stride
-        return self.offsets[stride]
+#: this module's per-batch lengths and offsets (every layer's forward and backward share them)
+_BATCH = LastBatchMemo()
 
 
-_LAYOUT = _Layout()
+def _layout(cu: torch.Tensor, b: int, *strides: int) -> tuple[torch.Tensor, ...]:
+    """The batch's lengths ``int32 [b, 1, 1, 1]`` and, per token stride, each sequence's start in
+    elements (``int64 [b+1, 1, 1, 1]``), made once per batch."""
+    lens, starts = _BATCH.get(cu, ("layout", b), lambda: batch_layout(cu, b))
+    return (lens, *(_BATCH.get(cu, ("offsets", b, st), lambda st=st: starts * st) for st in strides))
 
 
 def _token_view(t: torch.Tensor) -> torch.Tensor:
@@ -268,7 +246,8 @@ def _token_view(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _shapes(q: torch.Tensor, k: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[int, int]:
+def _shapes(cu: torch.Tensor, max_seqlen: int) -> tuple[int, int]:
+    """(bucketed sequence count, bucketed longest sequence) of a batch: the graphs' ``b`` and ``s``."""
     return round_up(cu.shape[0] - 1, BATCH_BUCKET), round_up(max_seqlen, SEQ_BUCKET)
 
 
@@ -279,22 +258,21 @@ def cudnn_fe_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
     statistics ``[b, H, s, 1]`` float32 (b, s: the bucketed sequence count and length)."""
     q, k, v = (_token_view(t) for t in (q, k, v))
     n, h, d = q.shape
-    b, s = _shapes(q, k, cu, max_seqlen)
-    lay = _LAYOUT.get(cu, b)
+    b, s = _shapes(cu, max_seqlen)
+    lens, off_q, off_k, off_v, off_o = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d)
     key = (q.dtype, b, s, h, k.shape[1], d, q.stride(0), k.stride(0), v.stride(0))
     graph = _graph("forward", key, q.device)
     o = q.new_empty((n, h, d))
     # zeros: the rows past each sequence's end (and of the padding sequences) are never written
     stats = torch.zeros((b, h, s, 1), dtype=torch.float32, device=q.device)
-    graph.run(q.device, {"q": q, "k": k, "v": v, "o": o, "stats": stats, "seq_q": lay.lens, "seq_kv": lay.lens,
-                         "off_q": lay.offset(q.stride(0)), "off_k": lay.offset(k.stride(0)),
-                         "off_v": lay.offset(v.stride(0)), "off_o": lay.offset(h * d)})
+    graph.run(q.device, {"q": q, "k": k, "v": v, "o": o, "stats": stats, "seq_q": lens, "seq_kv": lens,
+                         "off_q": off_q, "off_k": off_k, "off_v": off_v, "off_o": off_o})
     return o, stats
 
 
 @cudnn_fe_fwd.register_fake
 def _(q, k, v, cu, max_seqlen):
-    b, s = _shapes(q, k, cu, max_seqlen)
+    b, s = _shapes(cu, max_seqlen)
     return q.new_empty(q.shape), q.new_empty((b, q.shape[1], s, 1), dtype=torch.float32)
 
 
@@ -306,15 +284,14 @@ def cudnn_fe_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dout, out = dout.contiguous(), out.contiguous()
     n, h, d = q.shape
     hkv = k.shape[1]
-    b, s = _shapes(q, k, cu, max_seqlen)
-    lay = _LAYOUT.get(cu, b)
+    b, s = _shapes(cu, max_seqlen)
+    lens, off_q, off_k, off_v, off_o, off_dk = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d, hkv * d)
     key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n))
     graph = _graph("backward", key, q.device)
     dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
     graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
-                         "seq_q": lay.lens, "seq_kv": lay.lens, "off_q": lay.offset(q.stride(0)),
-                         "off_k": lay.offset(k.stride(0)), "off_v": lay.offset(v.stride(0)),
-                         "off_o": lay.offset(h * d), "off_dk": lay.offset(hkv * d)})
+                         "seq_q": lens, "seq_kv": lens, "off_q": off_q, "off_k": off_k, "off_v": off_v,
+                         "off_o": off_o, "off_dk": off_dk})
     return dq, dk, dv
 
 

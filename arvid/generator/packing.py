@@ -85,6 +85,31 @@ class PackedBatch:
         return PackedBatch(**kw)
 
 
+class LastBatchMemo:
+    """Values derived from one batch's ``cu_seqlens``, kept while that tensor is the last one seen.
+
+    Every layer of a forward (and backward) pass gets the same ``cu_seqlens``, so what an
+    attention backend derives from it (xformers' mask, a host sync each; cudnn_fe's lengths and
+    offsets, a few small kernels each) is made once per batch with ``get(cu, name, build)``. A
+    tensor matches by data pointer, shape, strides, dtype, device and version counter while the
+    memo holds a reference to it, so no other live tensor can match with other contents, and an
+    in-place change is seen; an inference tensor (no version counter) never matches."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._cu: torch.Tensor | None = None
+        self._values: dict = {}
+
+    def get(self, cu: torch.Tensor, name, build):
+        key = None if cu.is_inference() else (cu.data_ptr(), tuple(cu.shape), cu.stride(), cu.dtype, cu.device,
+                                                cu._version)
+        if key is None or key != self._key:
+            self._key, self._cu, self._values = key, cu, {}
+        if name not in self._values:
+            self._values[name] = build()
+        return self._values[name]
+
+
 def pack_sequences(
     seqs: Sequence[torch.Tensor],
     num_prefix: int = 1,
