@@ -36,7 +36,7 @@ from arvid.generator.attention import (  # noqa: E402
     padded_causal_attention,
     varlen_causal_attention,
 )
-from arvid.generator.packing import router_like_lengths  # noqa: E402
+from arvid.generator.packing import LastBatchMemo, router_like_lengths  # noqa: E402
 
 
 def make_lengths(kind: str, total: int, gen: torch.Generator, layout: BlockLayout) -> list[int]:
@@ -89,14 +89,12 @@ def variants(device: torch.device, dtype: torch.dtype, flex_options: list[dict] 
     # or a torch.compile mode of its own
     from arvid.generator import attention as A
 
-    masks: dict = {}
+    masks = LastBatchMemo()
 
     def flex_with(opts, mode):
         def fn(q, k, v, cu, m):
-            key = (cu.data_ptr(), q.shape[0])
-            if key not in masks:
-                masks[key] = document_block_mask(cu, q.shape[0])
-            return A._flex(q, k, v, cu, m, masks[key], kernel_options=opts, mode=mode)
+            mask = masks.get(cu, ("flex", q.shape[0]), lambda: document_block_mask(cu, q.shape[0]))
+            return A._flex(q, k, v, cu, m, mask, kernel_options=opts, mode=mode)
         return fn
 
     flex_reason = backend_unavailable_reason("flex", device, dtype)
