@@ -33,6 +33,9 @@
 #                cudnn_fe / flex, and the L step with cudnn_fe and with torch_varlen at 32,768
 #                positions, then cudnn_fe at 65,536 ([E]); CUDNNFE_RUNS="BACKEND TOKENS [FLAGS];..."
 #                picks other L runs
+#  9b. flexsweep (not in the default order; AGENDA_STEPS=flexsweep) bench_attention's flex rows with
+#                kernel options (USE_TMA, 128x64 tiles, PRESCALE_QK) and max-autotune, against
+#                torch_varlen ([E])
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -111,11 +114,14 @@ run_all() {
         python3 benchmarks/bench_attention.py --only torch_varlen --only cudnn_fe --only "flex[shared mask]" \
             --json "$1/attention_cudnn_fe.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         IFS=";" read -ra runs <<< "${CUDNNFE_RUNS:-cudnn_fe 32768 --profile;torch_varlen 32768;cudnn_fe 65536}"
-        for run in "${runs[@]}"; do
+        i=0
+        for run in "${runs[@]}"; do  # FLAGS may name another preset (--presets XL: the last one counts)
             set -- "$1" $run
+            i=$((i + 1))
+            echo "--- run $i: $run"
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
                 --backend $2 --residual-dtype compute --max-tokens $3 --measure-peak "${@:4}" \
-                --json "$1/generator_$2_$3.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+                --json "$1/generator_${i}_$2_$3.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
         exit $rc' _ "$R"
     rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage
@@ -140,6 +146,13 @@ run_all() {
     step genbig 400 python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
         --residual-dtype compute --max-tokens 65536 --measure-peak --json "$R/generator_65k.json"
     step attention 300 python3 benchmarks/bench_attention.py --json "$R/attention.json"
+    # flexsweep: FlexAttention's kernel options on the packed batch, against torch_varlen (not in the
+    # default order; AGENDA_STEPS=flexsweep): TMA, larger tiles, the prescaled q, max-autotune
+    step flexsweep 300 python3 benchmarks/bench_attention.py --only torch_varlen --only "flex[shared mask]" \
+        --only "flex*" --flex-options '{"USE_TMA":true}' \
+        --flex-options '{"BLOCK_M":128,"BLOCK_N":64,"num_warps":8,"num_stages":3}' \
+        --flex-options '{"PRESCALE_QK":true}' --flex-modes max-autotune-no-cudagraphs \
+        --json "$R/attention_flexsweep.json"
     step packing 120 python3 benchmarks/bench_packing.py --json "$R/packing.jsonl"
     case " $STEPS " in *" fa4 "*)
         for _ in $(seq 12); do [ -d /tmp/fa4site/flash_attn ] && break; sleep 5; done ;;
