@@ -129,7 +129,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     def loss_fn(batch):
         return F.cross_entropy(model(batch).float(), batch.targets, ignore_index=IGNORE)
 
-    step_loss = torch.compile(loss_fn) if args.compile else loss_fn
+    step_loss = torch.compile(loss_fn, mode=args.compile_mode) if args.compile else loss_fn
     row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None,
            "residual_dtype": args.residual_dtype}
     # a backend that cannot train here (fa4 on Hopper) fails now with its reason, not after compiling
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--flash-impl", default="", help="FA4 or FA3: torch's flash kernels for torch_varlen "
                                                     "(arvid.generator.attention.activate_flash_impl)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the step (max-autotune-no-cudagraphs: Triton matmul templates "
+                        "with the norms/activations fused in, chosen against cuBLAS by timing)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--measure-peak", action="store_true",
                    help="time a matmul in --precision first (8192^3 on CUDA); rows also give mfu_measured_peak against it (the "
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "generator", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
+        "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,
