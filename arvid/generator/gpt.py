@@ -148,11 +148,13 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     """Rotate ``x`` ``[..., T, H, D]`` by the tables of :func:`rope_tables`, in float32; returns
     ``x``'s dtype. With ``x = [x1, x2]`` (halves): ``[x1 cos - x2 sin, x2 cos + x1 sin]``, computed
     as ``x C + [x2, x1] S`` (the same float operations in the same order: one product, one sum per
-    element), which takes 6 kernels instead of 9."""
+    element), which takes 6 kernels instead of 9. ``[x2, x1]`` is ``roll(x, D/2)``, not a ``cat`` of
+    the halves: inductor's CPU code generator writes a ``cat`` out to memory (four extra passes over
+    q and k per layer in the compiled training step), a ``roll`` it fuses as an index remap."""
     c, s = rope
     d = x.shape[-1]
     xf = x.float()
-    swapped = torch.cat([xf[..., d // 2:], xf[..., : d // 2]], dim=-1)
+    swapped = xf.roll(d // 2, dims=-1)
     return (xf * c + swapped * s).to(x.dtype)
 
 
