@@ -158,7 +158,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     row["warmup_s"] = time.perf_counter() - t_compile
-    tokens, flops = 0, 0.0
+    tokens, flops, flops_full_attn = 0, 0.0, 0.0
     t0 = time.perf_counter()
     timed = batches[args.warmup:]
     for b in timed:
@@ -166,6 +166,10 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         lens = b.seqlens().cpu()
         tokens += int(lens.sum())
         flops += model.training_flops(lens)
+        # nanoGPT's estimate_mfu counts attention as the full square (12 * layers * dim * L^2 per
+        # sequence, twice the causal 6 * layers * dim * L^2 above): reported beside, for comparison
+        flops_full_attn += model.training_flops(lens) + 6.0 * model.config.n_layers * model.config.dim * float(
+            (lens.double() ** 2).sum())
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -173,6 +177,8 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         loss=float(loss.detach()), steps=len(batches) - args.warmup, step_ms=dt / max(1, len(batches) - args.warmup) * 1e3,
         tokens_per_s=tokens / dt, tflops=flops / dt / 1e12, mfu=flops / dt / (args.peak_tflops * 1e12),
         mfu_measured_peak=flops / dt / (args.measured_peak * 1e12) if args.measured_peak else None,
+        mfu_measured_peak_full_attn=(flops_full_attn / dt / (args.measured_peak * 1e12) if args.measured_peak
+                                     else None),
         fill=tokens / (args.max_tokens * max(1, len(batches) - args.warmup)),
         mean_len=tokens / max(1, sum(b.num_seqs for b in batches[args.warmup:])),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
