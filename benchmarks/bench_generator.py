@@ -165,11 +165,11 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         loss = step(b)
         lens = b.seqlens().cpu()
         tokens += int(lens.sum())
-        flops += model.training_flops(lens)
+        f = model.training_flops(lens)
+        flops += f
         # nanoGPT's estimate_mfu counts attention as the full square (12 * layers * dim * L^2 per
-        # sequence, twice the causal 6 * layers * dim * L^2 above): reported beside, for comparison
-        flops_full_attn += model.training_flops(lens) + 6.0 * model.config.n_layers * model.config.dim * float(
-            (lens.double() ** 2).sum())
+        # sequence, twice the causal 6 * layers * dim * L^2 of training_flops): reported beside
+        flops_full_attn += f + 6.0 * model.config.n_layers * model.config.dim * float((lens.double() ** 2).sum())
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
