@@ -59,6 +59,12 @@ def test_bench_generator_tiny_cpu(tmp_path):
         # MFU against the measured matmul ceiling: the same FLOP rate over the measured peak
         assert r["mfu_measured_peak"] == pytest.approx(r["tflops"] / peak, rel=1e-9)
         assert 4.0 < r["loss"] < 12.0  # near log(vocab 8197) = 9.0 after two steps
+    # nanoGPT's count adds the other half of the attention square, 6 * layers * dim * L^2 per
+    # sequence: with every sequence of length L, 6 * layers * dim * L per token (debug: 2 layers, 64)
+    fixed = res["rows"][1]
+    extra = 6.0 * 2 * 64 * fixed["mean_len"] * fixed["tokens_per_s"] / (peak * 1e12)
+    assert fixed["mfu_measured_peak_full_attn"] == pytest.approx(fixed["mfu_measured_peak"] + extra, rel=1e-6)
+    assert res["rows"][0]["mfu_measured_peak_full_attn"] > res["rows"][0]["mfu_measured_peak"]
 
 
 def test_bench_generator_reports_a_backend_that_cannot_train_here():
