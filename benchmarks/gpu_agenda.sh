@@ -47,8 +47,11 @@
 # cudnn_varlen failing), sampling (compile; kv buckets 256 and 64; max-autotune-no-cudagraphs),
 # sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
 # on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
-# padded output head). Still owed: tokprof, pipeline, and cudnnfe again (on an H100, with the padded
-# head: CUDNNFE_RUNS="cudnn_fe 32768 --profile;torch_varlen 32768 --profile;cudnn_fe 65536") (BENCHMARKS.md).
+# padded output head). Still owed: tokprof, pipeline, flexsweep, and cudnnfe again with the padded
+# head (2026-12-07: no device machine could be started all session, ~12 tries), e.g.
+# CUDNNFE_RUNS="cudnn_fe 32768 --profile;torch_varlen 32768 --profile;cudnn_fe 65536;cudnn_fe 32768
+# --presets XL;cudnn_fe 32768 --presets B;cudnn_fe 32768 --compile-mode max-autotune-no-cudagraphs"
+# (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
