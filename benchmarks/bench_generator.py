@@ -113,6 +113,28 @@ def profile_steps(step, batches: list, device: torch.device, top: int = 40) -> d
                     for n, t, c in rows[:top]]}
 
 
+def count_flops(preset: str, kind: str, args, fmt: SequenceFormat) -> dict:
+    """``--flops-only``: the FLOPs of the batches :func:`bench` would time (the same draw: the
+    batches depend only on the arguments), under arvid's causal count and nanoGPT's full-square
+    one, without running the model (built on the meta device; no GPU needed)."""
+    with torch.device("meta"):
+        model = GPT.from_preset(preset, vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101)
+    gen = torch.Generator().manual_seed(1)
+    batches = make_batches(kind, fmt, args.max_tokens, args.steps + args.warmup, 101, gen, torch.device("cpu"))
+    timed = batches[args.warmup:]
+    causal = attn = 0.0
+    tokens = 0
+    for b in timed:
+        lens = b.seqlens()
+        causal += model.training_flops(lens)
+        attn += 6.0 * model.config.n_layers * model.config.dim * float((lens.double() ** 2).sum())
+        tokens += int(lens.sum())
+    return {"preset": preset, "lengths": kind, "steps": len(timed), "tokens": tokens,
+            "mean_len": tokens / max(1, sum(b.num_seqs for b in timed)), "flops_causal": causal,
+            "flops_full_attn": causal + attn, "attention_share_causal": attn / causal,
+            "full_over_causal": (causal + attn) / causal}
+
+
 def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceFormat) -> dict:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -212,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "issue's MFU: against the measured matmul ceiling; 790-803 TFLOP/s on the lent H100)")
     p.add_argument("--tiny", action="store_true", help="debug preset, small batches, no compile (CPU smoke)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only count the FLOPs of the batches a run with these arguments times (causal and "
+                        "nanoGPT's full-square attention), without running the model")
     p.add_argument("--profile", action="store_true", help="profile a few more steps: time by kernel category")
     p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (with --profile)")
     args = p.parse_args(argv)
@@ -229,6 +254,19 @@ def main(argv: list[str] | None = None) -> dict:
 
         activate_flash_impl(args.flash_impl)  # raises, saying what to install, when it cannot
     args.dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.flops_only:
+        rows = [count_flops(preset, kind, args, fmt) for preset in args.presets.split(",")
+                for kind in args.lengths.split(",")]
+        for r in rows:
+            print(f"{r['preset']:6s} {r['lengths']:7s} mean L {r['mean_len']:7.1f}  attention {r['attention_share_causal']:.1%} "
+                  f"of the causal FLOPs; nanoGPT count / causal {r['full_over_causal']:.4f}")
+        result = {"bench": "generator_flops", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                  "max_tokens": args.max_tokens, "rows": rows}
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
     args.measured_peak = measure_matmul_peak(device, args.dtype) if args.measure_peak else None
     if args.measured_peak:
         print(f"# measured {args.precision} matmul peak: {args.measured_peak:.1f} TFLOP/s", flush=True)

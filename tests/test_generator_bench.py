@@ -67,6 +67,18 @@ def test_bench_generator_tiny_cpu(tmp_path):
     assert res["rows"][0]["mfu_measured_peak_full_attn"] > res["rows"][0]["mfu_measured_peak"]
 
 
+def test_bench_generator_flops_only_counts_the_batches_a_run_times():
+    mod = load("bench_generator")
+    run = mod.main(["--tiny", "--device", "cpu"])
+    counted = mod.main(["--tiny", "--device", "cpu", "--flops-only"])
+    for r, c in zip(run["rows"], counted["rows"], strict=True):
+        assert (r["preset"], r["lengths"], r["mean_len"]) == (c["preset"], c["lengths"], c["mean_len"])
+        # FLOPs per token: the timed run's rate ratio, and the count of the same draw of batches
+        assert c["flops_causal"] / c["tokens"] == pytest.approx(r["tflops"] * 1e12 / r["tokens_per_s"], rel=1e-9)
+        assert c["full_over_causal"] == pytest.approx(1.0 + c["attention_share_causal"], rel=1e-12)
+        assert 0.0 < c["attention_share_causal"] < 1.0
+
+
 def test_bench_generator_reports_a_backend_that_cannot_train_here():
     res = load("bench_generator").main(["--tiny", "--device", "cpu", "--lengths", "router", "--backend", "fa4"])
     (row,) = res["rows"]
