@@ -48,7 +48,7 @@
 # sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
 # on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
 # padded output head). Still owed: tokprof, pipeline, flexsweep, and cudnnfe again with the padded
-# head (2026-12-07: no device machine could be started all session, ~12 tries), e.g.
+# head (2026-12-07: no device machine could be started all session, ~14 tries), e.g.
 # CUDNNFE_RUNS="cudnn_fe 32768 --profile;torch_varlen 32768 --profile;cudnn_fe 65536;cudnn_fe 32768
 # --presets XL;cudnn_fe 32768 --presets B;cudnn_fe 32768 --compile-mode max-autotune-no-cudagraphs"
 # (BENCHMARKS.md).
