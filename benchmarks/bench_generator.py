@@ -113,26 +113,30 @@ def profile_steps(step, batches: list, device: torch.device, top: int = 40) -> d
                     for n, t, c in rows[:top]]}
 
 
+def batch_flops(model: GPT, batches: list) -> dict:
+    """Real tokens (padding left out), mean length, and training FLOPs of ``batches`` under arvid's
+    causal count and nanoGPT's full-square one (:meth:`GPT.training_flops`); on the host."""
+    tokens, seqs, causal, full = 0, 0, 0.0, 0.0
+    for b in batches:
+        lens = b.seqlens().cpu()
+        tokens, seqs = tokens + int(lens.sum()), seqs + b.num_seqs
+        causal += model.training_flops(lens)
+        full += model.training_flops(lens, full_attention=True)
+    return {"tokens": tokens, "mean_len": tokens / max(1, seqs), "flops_causal": causal, "flops_full_attn": full}
+
+
 def count_flops(preset: str, kind: str, args, fmt: SequenceFormat) -> dict:
-    """``--flops-only``: the FLOPs of the batches :func:`bench` would time (the same draw: the
-    batches depend only on the arguments), under arvid's causal count and nanoGPT's full-square
-    one, without running the model (built on the meta device; no GPU needed)."""
+    """``--flops-only``: :func:`batch_flops` of the batches :func:`bench` would time (the same draw:
+    the batches depend only on the arguments), without running the model (built on the meta
+    device; no GPU needed)."""
     with torch.device("meta"):
         model = GPT.from_preset(preset, vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101)
     gen = torch.Generator().manual_seed(1)
     batches = make_batches(kind, fmt, args.max_tokens, args.steps + args.warmup, 101, gen, torch.device("cpu"))
-    timed = batches[args.warmup:]
-    causal = attn = 0.0
-    tokens = 0
-    for b in timed:
-        lens = b.seqlens()
-        causal += model.training_flops(lens)
-        attn += 6.0 * model.config.n_layers * model.config.dim * float((lens.double() ** 2).sum())
-        tokens += int(lens.sum())
-    return {"preset": preset, "lengths": kind, "steps": len(timed), "tokens": tokens,
-            "mean_len": tokens / max(1, sum(b.num_seqs for b in timed)), "flops_causal": causal,
-            "flops_full_attn": causal + attn, "attention_share_causal": attn / causal,
-            "full_over_causal": (causal + attn) / causal}
+    c = batch_flops(model, batches[args.warmup:])
+    return {"preset": preset, "lengths": kind, "steps": len(batches) - args.warmup, **c,
+            "attention_share_causal": c["flops_full_attn"] / c["flops_causal"] - 1.0,
+            "full_over_causal": c["flops_full_attn"] / c["flops_causal"]}
 
 
 def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceFormat) -> dict:
@@ -180,18 +184,14 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     row["warmup_s"] = time.perf_counter() - t_compile
-    tokens, flops, flops_full_attn = 0, 0.0, 0.0
-    t0 = time.perf_counter()
     timed = batches[args.warmup:]
+    # counted before the clock starts: reading the lengths off the device inside the timed loop
+    # made the host wait for every step (a sync per step, until 2026-12-07)
+    counts = batch_flops(model, timed)
+    tokens, flops, flops_full_attn = counts["tokens"], counts["flops_causal"], counts["flops_full_attn"]
+    t0 = time.perf_counter()
     for b in timed:
         loss = step(b)
-        lens = b.seqlens().cpu()
-        tokens += int(lens.sum())
-        f = model.training_flops(lens)
-        flops += f
-        # nanoGPT's estimate_mfu counts attention as the full square (12 * layers * dim * L^2 per
-        # sequence, twice the causal 6 * layers * dim * L^2 of training_flops): reported beside
-        flops_full_attn += f + 6.0 * model.config.n_layers * model.config.dim * float((lens.double() ** 2).sum())
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -201,8 +201,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         mfu_measured_peak=flops / dt / (args.measured_peak * 1e12) if args.measured_peak else None,
         mfu_measured_peak_full_attn=(flops_full_attn / dt / (args.measured_peak * 1e12) if args.measured_peak
                                      else None),
-        fill=tokens / (args.max_tokens * max(1, len(batches) - args.warmup)),
-        mean_len=tokens / max(1, sum(b.num_seqs for b in batches[args.warmup:])),
+        fill=tokens / (args.max_tokens * max(1, len(batches) - args.warmup)), mean_len=counts["mean_len"],
         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     )
     if n_prof:

@@ -203,3 +203,5 @@ def test_generator_host_metrics_count_real_positions_not_padding():
     m = task.host_metrics(batch)
     flops = gpt.training_flops(torch.tensor([5, 9]))
     assert m == {"tokens": 14.0, "loss_tokens": 14.0, "flops": flops, "peak_seconds": flops / 2e12}
+    # nanoGPT's count (attention as the full square) adds 6 * layers * dim * sum L^2: debug 2 x 64
+    assert gpt.training_flops(torch.tensor([5, 9]), full_attention=True) - flops == 6.0 * 2 * 64 * (25 + 81)

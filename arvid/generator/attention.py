@@ -77,6 +77,9 @@ BACKENDS = ("auto", "flash_attn", "fa4", "torch_varlen", "flex", "cudnn", "cudnn
 #: were 43.5 ms in an H100 profile); alone, one call at a time, its host side makes it slower
 #: (1.35 against 0.98 ms forward+backward at 16,384 tokens), which a training step's queue hides.
 CUDA_AUTO_ORDER = ("cudnn_fe", "flash_attn", "torch_varlen", "flex", "cudnn", "sdpa")
+#: Backends of :data:`CUDA_AUTO_ORDER` that ``auto`` takes only on these compute-capability majors
+#: (where they were measured faster); the others it takes wherever they run.
+AUTO_ONLY_ON = {"cudnn_fe": (9,)}
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -283,13 +286,13 @@ _AUTO_LOGGED: set[tuple[str, torch.dtype, str]] = set()
 
 
 def auto_backend(device: torch.device | str, dtype: torch.dtype) -> str:
-    """The backend ``auto`` uses: on CUDA the first available of :data:`CUDA_AUTO_ORDER`, on CPU ``sdpa``."""
+    """The backend ``auto`` uses: on CUDA the first available of :data:`CUDA_AUTO_ORDER` (within
+    :data:`AUTO_ONLY_ON`), on CPU ``sdpa``."""
     device = torch.device(device)
     if device.type == "cuda":
-        order = CUDA_AUTO_ORDER
-        if torch.cuda.get_device_capability(device)[0] != 9:  # cudnn_fe: measured on Hopper only
-            order = tuple(b for b in order if b != "cudnn_fe")
-        choice = next(b for b in order if backend_unavailable_reason(b, device, dtype) is None)
+        major = torch.cuda.get_device_capability(device)[0]
+        choice = next(b for b in CUDA_AUTO_ORDER if major in AUTO_ONLY_ON.get(b, (major,))
+                      and backend_unavailable_reason(b, device, dtype) is None)
     else:
         choice = "sdpa"
     key = (device.type, dtype, choice)

@@ -372,13 +372,15 @@ class GPT(nn.Module, PretrainedMixin):
             n -= sum(m.weight.numel() for m in (self.tok_emb, self.class_emb, self.text_emb) if m is not None)
         return n
 
-    def training_flops(self, seqlens: torch.Tensor | list[int]) -> float:
+    def training_flops(self, seqlens: torch.Tensor | list[int], full_attention: bool = False) -> float:
         """FLOPs of one forward+backward over packed sequences of the given lengths.
 
         ``6 * matmul params * tokens`` plus causal attention ``6 * n_layers * dim * sum L^2 / 2 * 2``
-        (QK^T and PV, half of the square for causality, backward = 2x forward)."""
+        (QK^T and PV, half of the square for causality, backward = 2x forward). ``full_attention``:
+        count attention as the full square instead (twice that), as nanoGPT's ``estimate_mfu`` does;
+        for comparing with figures counted that way."""
         lens = torch.as_tensor(seqlens, dtype=torch.float64)
-        attn = 6.0 * self.config.n_layers * self.config.dim * float((lens**2).sum())
+        attn = (12.0 if full_attention else 6.0) * self.config.n_layers * self.config.dim * float((lens**2).sum())
         return 6.0 * self._matmul_params * float(lens.sum()) + attn
 
     # ------------------------------------------------------------------ conditioning prefix
