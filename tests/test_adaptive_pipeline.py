@@ -7,6 +7,7 @@ trained once per session with random assignments, then shared by every test.
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -202,10 +203,14 @@ def test_tokenize_store_decodes_like_direct_encode(router_dir, work, tmp_path):
     st = json.loads((out / "tokenize_stats.json").read_text())
     assert st["mean_tokens"] == pytest.approx(float(choice.sum(1).double().mean()))
     assert sum(st["assignment_histogram"]) == N_VAL and st["assignment_source"].startswith("router")
-    # a rerun finds the finished store and leaves it alone
+    assert not (out / "tokens.shards").exists()
+    # a rerun finds the finished store and leaves it alone; shards left by a run stopped after its
+    # merge (here: one copied back) are removed
     before = (out / "tokens" / "codes.bin").stat().st_mtime_ns
+    shutil.copytree(out / "tokens", out / "tokens.shards" / "shard_0")
     run(cfg)
     assert (out / "tokens" / "codes.bin").stat().st_mtime_ns == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("tokens")) == ["tokens"]
     # a fixed assignment, from curate's labels.npy, and an invalid index file
     fixed = run(TokenizeConfig(data=_data(), split="val", tokenizer=str(work / "proxy"), fixed_assignment=[16, 1, 1, 4],
                                device="cpu", out_dir=str(tmp_path / "fixed")))

@@ -1,7 +1,10 @@
 """The token store: exact round trips, atomic close, fingerprint checks, shards, worker-safe reads."""
 
 import json
+import os
 import pickle
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from arvid.data.token_store import (
     TokenStoreWriter,
     is_token_store,
     merge_shards,
+    remove_shards,
     shard_path,
 )
 from arvid.data.types import BlockLayout, TokenizedVideo
@@ -149,6 +153,37 @@ def test_shards_merge_in_order(tmp_path):
     assert store.labels.tolist() == [0, 0, 1, 1, 1, 2]
     assert store[2]["video_id"] == "r1_0"
     assert not shard_path(final, 0).parent.exists()
+
+
+def test_shard_removal_never_leaves_a_visible_partial_shard(tmp_path, monkeypatch):
+    """A kill mid-delete (here: rmtree stops after the first file) leaves only hidden debris."""
+    import shutil
+
+    import arvid.data.token_store as ts
+
+    final = tmp_path / "tokens"
+    for r in range(3):
+        with TokenStoreWriter(shard_path(final, r), "fp", LAYOUT, 1000) as w:
+            w.append(random_tokens(2, r), [r, r], [2 * r, 2 * r + 1])
+    merge_shards(final, remove=False)
+    deleted = []
+
+    def killed_rmtree(path, ignore_errors=False):
+        victim = next(p for p in sorted(Path(path).rglob("*")) if p.is_file())
+        victim.unlink()
+        deleted.append(Path(path))
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(ts, "shutil", SimpleNamespace(rmtree=killed_rmtree))
+    with pytest.raises(KeyboardInterrupt):
+        remove_shards(final)
+    assert [p.name for p in deleted] == [f".tokens.shards.old-{os.getpid()}"]
+    visible = [p for p in tmp_path.rglob("*") if not any(q.startswith(".") for q in p.relative_to(tmp_path).parts)]
+    assert sorted(p.name for p in visible) == ["codes.bin", "index.npz", "meta.json", "tokens"]
+    monkeypatch.setattr(ts, "shutil", shutil)
+    remove_shards(final)  # the killed run's hidden leftover goes too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]
+    assert len(TokenStore(final)) == 6
 
 
 def test_shards_with_different_fingerprints_refuse_to_merge(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,30 @@ def test_listing_ignores_temporaries_and_incomplete(tmp_path):
     assert [p.name for p in ckpt.remove_stale_temporaries(tmp_path)] == [".step_00000009.abc.tmp"]
     with pytest.raises(ValueError, match="keep_last"):
         ckpt.prune_checkpoints(tmp_path, 0)
+
+
+def test_pruning_hides_a_checkpoint_before_deleting_it(tmp_path, monkeypatch):
+    """A kill mid-delete (here: rmtree stops after one file) leaves a hidden ``.step_*`` leftover,
+    which the next run's ``remove_stale_temporaries`` deletes; never a visible half checkpoint."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    for step in (1, 2, 3):
+        _save(ckpt.checkpoint_dir(tmp_path, step), ToyTask(), step)
+
+    def killed_rmtree(path, ignore_errors=False):
+        next(p for p in sorted(Path(path).iterdir()) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "shutil", SimpleNamespace(rmtree=killed_rmtree))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune_checkpoints(tmp_path, 2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [f".step_00000001.old-{os.getpid()}", "step_00000002",
+                                                      "step_00000003"]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    monkeypatch.setattr(ckpt, "shutil", shutil)
+    assert [p.name for p in ckpt.remove_stale_temporaries(tmp_path)] == [f".step_00000001.old-{os.getpid()}"]
+    assert [p.name for p in ckpt.prune_checkpoints(tmp_path, 1)] == ["step_00000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]

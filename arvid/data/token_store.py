@@ -402,5 +402,22 @@ def merge_shards(directory: str | os.PathLike, num_shards: int | None = None, re
                 hi = min(len(s), lo + _MERGE_CHUNK)
                 w.append(s.get_batch(range(lo, hi)), labels[lo:hi], ids[lo:hi])
     if remove:
-        shutil.rmtree(shard_root, ignore_errors=True)
+        remove_shards(directory)
     return TokenStore(directory)
+
+
+def remove_shards(directory: str | os.PathLike) -> None:
+    """Delete the shards of the store ``directory`` (``<dir>.shards``), if any.
+
+    The shard folder is first renamed to a hidden ``.<dir>.shards.old-<pid>`` (one atomic step),
+    then deleted: a process killed mid-delete leaves a hidden temporary, never a visible
+    ``shard_<i>`` that lost some of its files; the next call deletes such leftovers too.
+    """
+    shard_root = shard_path(directory, 0).parent
+    trash = shard_root.parent / f".{shard_root.name}.old-{os.getpid()}"
+    if shard_root.exists():
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(shard_root, trash)
+    for old in sorted(shard_root.parent.glob(f".{shard_root.name}.old-*")):  # this and killed runs' debris
+        shutil.rmtree(old, ignore_errors=True)

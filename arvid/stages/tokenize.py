@@ -25,7 +25,14 @@ import torch
 
 from arvid.config import ConfigError, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
-from arvid.data.token_store import TokenStore, TokenStoreWriter, is_token_store, merge_shards, shard_path
+from arvid.data.token_store import (
+    TokenStore,
+    TokenStoreWriter,
+    is_token_store,
+    merge_shards,
+    remove_shards,
+    shard_path,
+)
 from arvid.io import check_writable, write_json
 from arvid.stages.curate import process_info, resolve_device
 from arvid.tokenizer.base import load_tokenizer
@@ -149,6 +156,8 @@ def run(cfg: TokenizeConfig) -> Path:
         if dist.rank == 0:
             merge_shards(store_dir, num_shards=num_chunks, remove=True)
         dist.wait()
+    elif dist.rank == 0:
+        remove_shards(store_dir)  # an earlier run was stopped after its merge, before the shards were gone
 
     if dist.rank == 0:
         store = TokenStore(store_dir)

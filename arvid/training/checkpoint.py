@@ -87,8 +87,12 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     found = list_checkpoints(out_dir)
     doomed = [p for _, p in found[:-keep_last]]
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+    for p in doomed:  # hidden first (one rename), then deleted: a kill mid-delete leaves no half checkpoint
+        trash = p.parent / f".{p.name}.old-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
