@@ -431,9 +431,57 @@ def test_b_frame_avi_random_starts_give_consecutive_frames(tmp_path):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)
-    bad = []
+    from arvid.data import files
+
+    bad, shifted = [], []
     for u in np.linspace(0, 1, 41):
         got = [index(x) for x in decode_clip(path, frames=8, size=16, start_fraction=float(u))]
         if not all(np.diff(got) == 1):
             bad.append((round(float(u), 3), got))
+        # a seeked clip starts where decoding from the start puts it (before 2026-12-07 the seeked
+        # clips, starts past 1 s, came one frame early: their origin was the stream start, not the
+        # first frame shown one interval later)
+        full = [index(x) for x in files._decode_clip(path, 8, 16, 1, None, float(u), False, skip_nonref=False,
+                                                     seek_back=None)]
+        if got != full:
+            shifted.append((round(float(u), 3), got[0], full[0]))
     assert not bad, bad
+    assert not shifted, shifted
+    assert got == list(range(72, 80))  # u = 1: the clip ends on the last frame
+
+
+def test_frames_without_time_stamps_are_counted_from_the_first_not_the_seek(tmp_path, monkeypatch):
+    """A frame without a time stamp after a seek was counted from the stream's start (before
+    2026-12-07: the clip came from wherever the seek landed). Such a clip is now decoded from the
+    start and gives the frames of a file with time stamps."""
+    from arvid.data import files
+
+    path = tmp_path / "v.mkv"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        s.codec_context.gop_size = 5
+        for t in range(40):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 6 * t, np.uint8), format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    timed = [decode_clip(path, frames=6, size=16, start_fraction=u) for u in (0.0, 0.5, 1.0)]
+    starts = [int(x[0, 8, 8, 0]) for x in timed]
+    assert starts[0] < 3 and 6 * 12 < starts[1] < starts[2]  # u = 0.5 and 1 start past 1 s: they seek
+
+    def no_times(frames):  # decoded frames whose time stamps are missing
+        for f in frames:
+            f.pts = None
+            yield f
+
+    real, seeks = files._tolerant_decode, []
+    monkeypatch.setattr(files, "_tolerant_decode", lambda *a, **k: no_times(real(*a, **k)))
+    real_seek = av.container.InputContainer.seek
+    monkeypatch.setattr(av.container.InputContainer, "seek",
+                        lambda self, *a, **k: (seeks.append(a), real_seek(self, *a, **k))[1])
+    untimed = [decode_clip(path, frames=6, size=16, start_fraction=u) for u in (0.0, 0.5, 1.0)]
+    assert seeks  # the seek was tried, then given up for a decode from the start
+    for a, b in zip(timed, untimed):
+        assert np.array_equal(a, b)

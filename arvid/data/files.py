@@ -158,6 +158,10 @@ class _SkippedTooMuch(Exception):
     """A frame skipped as non-reference before the clip could have been the one to emit."""
 
 
+class _UntimedAfterSeek(Exception):
+    """A frame without a time stamp after a seek: counting frames from the seek point cannot place it."""
+
+
 class _SeekedPast(Exception):
     """A seek landed on a frame shown after the clip's first target (AVI seeks by decode time, so a
     keyframe after B-frames shows later than the time asked for)."""
@@ -175,8 +179,11 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     the latest start that still fits the clip. Output frame k is the last decoded frame whose
     time stamp is at or before ``start + k * step`` (half a frame of tolerance), where ``step``
     is ``1 / fps`` or ``frame_stride`` source frames. Past the end of the file, the last frame
-    repeats. A container that states no duration (nor frame count) always starts at the first
-    frame. Damaged packets are skipped (a truncated file gives the frames before the cut).
+    repeats. Time 0 is the first frame shown (in AVI with B-frames one interval after the
+    stream's start), whether the clip is reached by a seek or by decoding from the start. A
+    container that states no duration (nor frame count) always starts at the first frame; frames
+    without time stamps are counted from the first (such a clip is decoded from the start,
+    never after a seek). Damaged packets are skipped (a truncated file gives the frames before the cut).
     Raises :class:`BadVideoError` naming the file when no frame can be decoded.
 
     Frames before the clip that no other frame refers to (B-frames, most often) are not decoded
@@ -185,7 +192,8 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     is decoded again without skipping. The frames are those of a full decode either way.
     """
     # Each retry changes one thing: skipping stops (it can fail only while on), or the seek aims
-    # further back (the last, None, decodes from the start and cannot land past): so it ends.
+    # further back (the last, None, decodes from the start and cannot land past nor meet a frame
+    # without time after a seek): so it ends.
     skip, backs = SKIP_NONREF, iter(_SEEK_BACK_S)
     back = next(backs)
     while True:
@@ -196,6 +204,8 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
             skip = False
         except _SeekedPast:
             back = next(backs)
+        except _UntimedAfterSeek:
+            back = None  # decode from the start, where frames are counted from the first
 
 
 def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: int, fps: float | None,
@@ -231,6 +241,10 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
         targets = t_first + t0 + step * np.arange(frames)
         seeked = seek_back is not None and t0 - seek_back > _SEEK_AFTER_S
         if seeked:
+            # the clip's time origin is the first frame shown, as when decoding from the start (below)
+            first = next(_tolerant_decode(container, stream, []), None)
+            if first is not None and first.time is not None and first.time > t_first:
+                targets = targets + (first.time - t_first)
             try:
                 container.seek(int((t_first + t0 - seek_back) / tb), stream=stream, backward=True, any_frame=False)
             except av.FFmpegError:
@@ -257,6 +271,8 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
         for frame in _tolerant_decode(container, stream, errors, skip_before, tb, skipping):
             if frame.time is None and skipping["used"]:
                 raise _SkippedTooMuch  # times counted by frame would miss the skipped ones
+            if frame.time is None and seeked:
+                raise _UntimedAfterSeek
             ft = frame.time if frame.time is not None else t_first + n_decoded / rate
             if n_decoded == 0 and seeked and ft > targets[0] + tol:
                 raise _SeekedPast
