@@ -374,3 +374,28 @@ def test_clip_set_cuts_file_clips_as_the_protocol_says(tmp_path):
     assert strided.dataset.clip.frame_stride == 1 and strided.dataset.clip.fps is None
     assert all(torch.equal(a, b) for a, b in zip(clips_of(strided), clips_of(first)))
     assert strided.describe()["frame_stride"] == 1 and strided.describe()["fps"] is None
+
+
+def test_check_clips_compares_frame_resampling_and_warns_on_fields_a_file_lacks(caplog):
+    """fps None is a value for file clips (the file's own rate): stats at 8 fps are refused for
+    clips at the files' rate. A file older than the frame_stride/fps fields (no such keys) passed
+    silently before 2026-12-07; it now warns naming them."""
+    from arvid.stages.eval_stream import check_clips, clips_record
+
+    mine = clips_record("folder", "/d", "train", 0, 10, 10, frame_stride=1, fps=None)
+    check_clips("s.npz", dict(mine), mine)  # the same clips
+    with pytest.raises(ValueError, match=r"real_stats 's.npz' were computed on clips with fps 8.0, but .* fps None"):
+        check_clips("s.npz", {**mine, "fps": 8.0}, mine)
+    with pytest.raises(ValueError, match="frame_stride 2, but .* frame_stride 1"):
+        check_clips("s.npz", {**mine, "frame_stride": 2}, mine)
+    check_clips("s.npz", {**mine, "split": None}, mine)  # a field the file could not know
+    old = {k: v for k, v in mine.items() if k not in ("frame_stride", "fps")}
+    with caplog.at_level("WARNING", logger="arvid"):
+        caplog.clear()
+        check_clips("s.npz", old, mine)
+    assert "do not record the clips' frame_stride, fps" in caplog.text and "frame_stride=1, fps=None" in caplog.text
+    synth = clips_record("synthetic", None, "val", 0, 3, 7)  # not files: nothing to warn about
+    with caplog.at_level("WARNING", logger="arvid"):
+        caplog.clear()
+        check_clips("s.npz", {k: v for k, v in synth.items() if k not in ("frame_stride", "fps")}, synth)
+    assert "do not record" not in caplog.text

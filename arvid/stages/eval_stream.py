@@ -394,20 +394,34 @@ CHECKED_CLIP_FIELDS = ("source", "split", "seed", "drawn", "frame_stride", "fps"
 
 def check_clips(path: str | os.PathLike, recorded: dict | None, mine: dict) -> None:
     """Refuse real statistics of other clips than ``mine`` (:meth:`ClipSet.describe`): a differing
-    data source, split, seed or N drawn is a ValueError naming the file and the field. A file that
-    does not record its clips (older versions, or a field it could not know, as the split of
-    ``arvid eval fvd``'s folders) is compared on what it records; a different root only warns."""
+    data source, split, seed, N drawn or frame resampling is a ValueError naming the file and the
+    field. A field the file records as None (one it could not know, as the split of ``arvid eval
+    fvd``'s folders) is not compared, except ``fps`` of file clips, where None is a value (the
+    file's own rate). A file that does not record its clips or some fields (older versions) is
+    compared on what it records, with a warning naming what was not checked; a different root only
+    warns."""
     if recorded is None:
         log.warning("real_stats %s do not record the clips they were computed on (a file of an older "
                     "version): only the protocol, backbone and weights are checked", path)
         return
+    files = recorded.get("frame_stride") is not None and mine.get("frame_stride") is not None
+    unchecked = []
     for field in CHECKED_CLIP_FIELDS:
-        theirs, ours = recorded.get(field), mine.get(field)
-        if theirs is not None and ours is not None and theirs != ours:
-            raise ValueError(
-                f"real_stats {str(path)!r} were computed on clips with {field} {theirs!r}, but this run's real "
-                f"clips have {field} {ours!r}: statistics stand only for the clips they were computed on "
-                "(save them for these clips with save_real_stats, or leave real_stats out)")
+        if field not in recorded:
+            if mine.get(field) is not None or (field == "fps" and mine.get("frame_stride") is not None):
+                unchecked.append(field)
+            continue
+        theirs, ours = recorded[field], mine.get(field)
+        if (field == "fps" and files) or (theirs is not None and ours is not None):
+            if theirs != ours:
+                raise ValueError(
+                    f"real_stats {str(path)!r} were computed on clips with {field} {theirs!r}, but this run's "
+                    f"real clips have {field} {ours!r}: statistics stand only for the clips they were computed on "
+                    "(save them for these clips with save_real_stats, or leave real_stats out)")
+    if unchecked:
+        log.warning("real_stats %s do not record the clips' %s (a file of an older version): not checked "
+                    "against this run's %s", path, ", ".join(unchecked),
+                    ", ".join(f"{f}={mine.get(f)!r}" for f in unchecked))
     if recorded.get("root") and mine.get("root") and recorded["root"] != mine["root"]:
         log.warning("real_stats %s were computed on clips under %s; this run's are under %s (the same data "
                     "moved?)", path, recorded["root"], mine["root"])
