@@ -36,7 +36,7 @@ import torch
 
 from arvid.config import ConfigError, config_fingerprint, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
-from arvid.io import check_writable, read_json, write_json
+from arvid.io import atomic_write, check_writable, read_json, write_json
 from arvid.tokenizer.base import load_tokenizer
 from arvid.tokenizer.reward import (
     QUALITY_DESCRIPTIONS,
@@ -253,10 +253,12 @@ def run(cfg: CurateConfig) -> Path:
             raise RuntimeError(f"curate: {missing} videos have no records after all processes finished")
         records.save(out / "curation.npz")
         vids, labels, rewards = labels_for(records, stats, cfg.w_q, cfg.w_l)
-        np.savez(out / "labels.npz", video=vids, label=labels, reward=rewards)
+        with atomic_write(out / "labels.npz") as f:
+            np.savez(f, video=vids, label=labels, reward=rewards)
         per_index = np.full(len(dataset), -1, dtype=np.int64)
         per_index[vids] = labels
-        np.save(out / "labels.npy", per_index)
+        with atomic_write(out / "labels.npy") as f:
+            np.save(f, per_index)
         hist = np.bincount(labels, minlength=layout.num_assignments)
         tokens = layout.all_assignments().sum(1).numpy()[labels]
         decoded = int(records.searched_decoded.sum())
