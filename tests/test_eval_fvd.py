@@ -277,7 +277,7 @@ def test_protocol_counts_conformance(caplog):
         ok = _metric(a, b, protocol=tiny).result()
     assert ok.conforms is True and ok.deviations == [] and "does not follow" not in caplog.text
     half = FVDProtocol(name="half", num_real=4, num_fake=None, num_frames=None, resolution=None)
-    assert _metric(a, b, protocol=half).result().deviations == ["num_real 3 != 4"]
+    assert _metric(a, b, protocol=half).result().deviations == ["num_real 3 != 4", "num_fake 5 != 4"]
     assert _metric(a, b, protocol="synthetic").result().conforms is True
 
 
@@ -442,3 +442,30 @@ def test_a_damaged_statistics_file_is_an_error_that_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"proto.npz': meta 'protocol' must be an FVD protocol's fields"):
         FeatureStats.load(tmp_path / "proto.npz")
     assert FeatureStats.load(tmp_path / "ok.npz").n == 3
+
+
+def test_as_many_fake_as_real_is_checked_on_a_fixed_set():
+    """ucf-train-rfvd's num_fake None means "as many as real": 5 reconstructions of 6 real clips do
+    not conform (before 2026-12-07 they did); synthetic clips have no fixed set."""
+    a, b = _feats(6, 400, 0), _feats(5, 400, 1, shift=0.1)
+    r = _metric(a, b, protocol="ucf-train-rfvd").result()
+    assert r.conforms is False and r.deviations == ["num_fake 5 != num_real 6"]
+    assert _metric(a, _feats(6, 400, 1), protocol="ucf-train-rfvd").result().deviations == []
+    assert _metric(a, b, protocol="synthetic").result().deviations == []
+
+
+def test_a_video_in_the_wrong_layout_is_refused_as_such_and_leaves_the_metric_usable():
+    """The layout is checked before the frame count is read off an axis: a uint8 [B, 3, T, H, W]
+    video was refused for "3 frames", and a float channels-last batch recorded 64 frames first, so
+    every right batch after it was refused."""
+    g = torch.Generator().manual_seed(3)
+    m = FrechetVideoDistance(protocol="ucf-train-rfvd", extractor=_FakeExtractor())
+    with pytest.raises(ValueError, match=r"uint8 videos must be \[B, T, H, W, 3\], got shape \(2, 3, 16, 128, 128\)"):
+        m.update(torch.zeros(2, 3, 16, 128, 128, dtype=torch.uint8), real=True)
+    s = FrechetVideoDistance(protocol="synthetic", extractor=_FakeExtractor())
+    with pytest.raises(ValueError, match=r"float videos must be \[B, 3, T, H, W\]"):
+        s.update(torch.rand(2, 16, 64, 64, 3, generator=g), real=True)
+    with pytest.raises(TypeError, match="uint8 or floating point, got torch.int32"):
+        s.update(torch.zeros(2, 3, 16, 64, 64, dtype=torch.int32), real=True)
+    s.update(torch.rand(2, 3, 16, 64, 64, generator=g) * 2 - 1, real=True)  # accepted
+    assert s.real_n == 2

@@ -311,3 +311,22 @@ def test_an_unreadable_file_is_left_out_not_counted_twice(tmp_path, workers, cap
         got = [(b["index"].tolist(), b["video_index"].tolist(), b["skipped"].tolist()) for _, b in clips.batches()]
     assert got == [([1, 2], [1, 2], [0])] and clips.num_skipped == 1
     assert "1 drawn clips of this process were left out" in caplog.text
+
+
+def test_process_group_has_a_cpu_backend_on_a_gpu_host(monkeypatch):
+    """Under torchrun on a GPU host, `--device cpu` reduces CPU tensors: the group must have gloo for
+    them (before 2026-12-07 it was NCCL only, which refuses CPU tensors at the first reduction)."""
+    import torch.distributed as dist
+
+    from arvid.stages import eval_fvd
+
+    got = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: got.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    for cuda, want in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        got.clear()
+        eval_fvd._dist()
+        assert got == [want]

@@ -50,7 +50,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from arvid.eval.i3d import I3D, I3DFeatures
+from arvid.eval.i3d import I3D, I3DFeatures, check_video_layout
 from arvid.eval.protocols import FVDProtocol, get_protocol
 from arvid.eval.weights import I3D_K400
 from arvid.io import atomic_write
@@ -370,6 +370,7 @@ class FrechetVideoDistance(Metric):
                 "FVD update takes features [B, D] or videos (uint8 [B, T, H, W, 3] or float [B, 3, T, H, W]), "
                 f"got shape {tuple(x.shape)}"
             )
+        check_video_layout(x)  # before the frame count and size are read off its axes
         frames = x.shape[1] if x.dtype == torch.uint8 else x.shape[2]
         size = (int(x.shape[2]), int(x.shape[3])) if x.dtype == torch.uint8 else (int(x.shape[3]), int(x.shape[4]))
         self._record(side or UNASSIGNED, int(frames), size)
@@ -466,11 +467,17 @@ class FrechetVideoDistance(Metric):
         Where one is None ("all of the split") and the protocol's real set is fixed
         (:attr:`FVDProtocol.fixed_set`), a side with fewer clips than its described set
         (:meth:`set_clips`, or the ``clips`` of loaded statistics) deviates: ``"num_real 2 < all (4)"``
-        (a draw limited by ``--num K`` / ``num_videos``, or unreadable files left out)."""
-        found = (count_deviation(f"num_{side}", got, want, self.protocol.fixed_set,
-                                 self._clips.get(side, {}).get("available"))
-                 for side, got, want in (("real", num_real, self.protocol.num_real),
-                                         ("fake", num_fake, self.protocol.num_fake)))
+        (a draw limited by ``--num K`` / ``num_videos``, or unreadable files left out). A fake
+        ``num_fake`` None means "as many as real": on a fixed set, a fake count other than the
+        protocol's ``num_real`` (``"num_fake 5 != 4"``) or, where that is None too, than the real
+        clips' (``"num_fake 5 != num_real 50"``) deviates."""
+        p = self.protocol
+        # "as many as real": the protocol's real N where it sets one
+        want_fake = p.num_real if p.num_fake is None and p.fixed_set else p.num_fake
+        found = [count_deviation(f"num_{side}", got, want, p.fixed_set, self._clips.get(side, {}).get("available"))
+                 for side, got, want in (("real", num_real, p.num_real), ("fake", num_fake, want_fake))]
+        if p.num_fake is None and p.num_real is None and p.fixed_set and num_fake != num_real and found[1] is None:
+            found[1] = f"num_fake {num_fake} != num_real {num_real}"
         return [d for d in found if d is not None]
 
     @property

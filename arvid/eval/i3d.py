@@ -102,17 +102,22 @@ def _resize_frames(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
-def as_model_video(videos: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, T, H, W, 3]`` or float ``[B, 3, T, H, W]`` in [-1, 1] -> float ``[B, 3, T, H, W]``."""
+def check_video_layout(videos: torch.Tensor) -> None:
+    """Raise unless ``videos`` is uint8 ``[B, T, H, W, 3]`` or float ``[B, 3, T, H, W]``."""
     if videos.dtype == torch.uint8:
         if videos.dim() != 5 or videos.shape[-1] != 3:
             raise ValueError(f"uint8 videos must be [B, T, H, W, 3], got shape {tuple(videos.shape)}")
-        return to_model(videos)
+        return
     if not videos.is_floating_point():
         raise TypeError(f"videos must be uint8 or floating point, got {videos.dtype}")
     if videos.dim() != 5 or videos.shape[1] != 3:
         raise ValueError(f"float videos must be [B, 3, T, H, W] in [-1, 1], got shape {tuple(videos.shape)}")
-    return videos
+
+
+def as_model_video(videos: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, T, H, W, 3]`` or float ``[B, 3, T, H, W]`` in [-1, 1] -> float ``[B, 3, T, H, W]``."""
+    check_video_layout(videos)
+    return to_model(videos) if videos.dtype == torch.uint8 else videos
 
 
 def i3d_preprocess(

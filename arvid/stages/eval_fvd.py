@@ -102,7 +102,8 @@ def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo for CPU tensors too: `--device cpu` on a GPU host reduces CPU tensors, which NCCL cannot
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_available() and dist.is_initialized():
