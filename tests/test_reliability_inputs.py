@@ -297,7 +297,7 @@ def test_short_broken_context_videos(tmp_path):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), B=st.integers(1, 4), V=st.integers(1, 40),
-       temperature=st.sampled_from([0.0, 1e-4, 0.3, 1.0, 7.0]), top_k=st.integers(0, 50),
+       temperature=st.sampled_from([0.0, 1e-39, 1e-4, 0.3, 1.0, 7.0]), top_k=st.integers(0, 50),
        top_p=st.floats(1e-3, 1.0), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]))
 def test_sample_from_logits_never_picks_a_forbidden_token(data, B, V, temperature, top_k, top_p, scale):
     from arvid.sampling.sampler import sample_from_logits
@@ -307,6 +307,8 @@ def test_sample_from_logits_never_picks_a_forbidden_token(data, B, V, temperatur
     logits = torch.randn(B, V, generator=g) * scale
     forbid = torch.rand(B, V, generator=g) < data.draw(st.floats(0.0, 0.95))
     forbid[torch.arange(B), torch.randint(V, (B,), generator=g)] = False  # at least one allowed token per row
+    if data.draw(st.booleans()):  # NaN logits (a model overflow) among the allowed tokens
+        logits = logits.masked_fill(torch.rand(B, V, generator=g) < 0.3, float("nan"))
     logits = logits.masked_fill(forbid, float("-inf"))
     u = data.draw(st.sampled_from([torch.rand(B, generator=g), torch.zeros(B), torch.full((B,), 1 - 1e-7)]))
     idx = sample_from_logits(logits, u, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -314,10 +316,11 @@ def test_sample_from_logits_never_picks_a_forbidden_token(data, B, V, temperatur
     assert ((idx >= 0) & (idx < V)).all()
     assert not forbid.gather(1, idx[:, None]).any(), "a forbidden (-inf) token was drawn"
     if 0 < top_k < V:
-        # within the top k (ties at the k-th value included)
-        kth = logits.topk(top_k, -1).values[:, -1]
-        assert (logits.gather(1, idx[:, None]).squeeze(1) >= kth).all()
-    if temperature == 0:
+        # within the top k (ties at the k-th value included; NaN ranks below every number)
+        ranked = torch.nan_to_num(logits, nan=-1e30, posinf=1e30, neginf=float("-inf"))
+        kth = ranked.topk(top_k, -1).values[:, -1]
+        assert (ranked.gather(1, idx[:, None]).squeeze(1) >= kth).all()
+    if temperature == 0 and not logits.isnan().any():
         assert torch.equal(idx, logits.argmax(-1))
 
 

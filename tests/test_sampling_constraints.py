@@ -164,7 +164,7 @@ def stepwise_state_after(c: SequenceConstraint, prefix: torch.Tensor, plen: torc
         if bool(bad.any()):
             b = int(bad.nonzero()[0])
             return (f"prefix of sample {b} breaks the format or the constraints at position {j} "
-                    f"(token {int(tok[b])}, block {int(state.block[b])}, codes left {int(state.left[b])})")
+                    f"(token {int(tok[b])}, blocks begun {int(state.block[b])}, codes left {int(state.left[b])})")
         before = state.clone()
         c.advance(state, tok)
         for a, b_ in zip(state.tensors(), before.tensors()):

@@ -49,6 +49,20 @@ def test_sample_from_logits_never_picks_forbidden_and_matches_softmax():
     assert torch.equal(sample_from_logits(logits, u[:4], temperature=0), logits.argmax(-1))
 
 
+def test_tiny_temperatures_and_nan_logits_never_pick_a_forbidden_token():
+    """logits / 1e-39 overflowed to +-inf, the softmax gave NaN and index 0 came out even where
+    forbidden (before 2026-12-07); a NaN logit of the model did the same, also under argmax."""
+    logits = torch.tensor([[float("-inf"), 2.0, 1.0, 3.0], [float("-inf"), -5.0, float("nan"), 1.0]])
+    u = torch.tensor([0.3, 0.9])
+    for t in (1e-39, 1e-30, 1e-6):
+        assert sample_from_logits(logits, u, temperature=t).tolist() == [3, 3]  # the best allowed token
+    assert sample_from_logits(logits, u, temperature=0).tolist() == [3, 3]
+    nan_rows = torch.tensor([[float("-inf"), float("nan"), float("nan")]]).expand(64, -1)
+    got = sample_from_logits(nan_rows, torch.rand(64, generator=gen(0)))
+    assert set(got.tolist()) <= {1, 2}  # all allowed logits NaN: still an allowed token
+    assert sample_from_logits(nan_rows[:1], torch.zeros(1), temperature=0).item() in (1, 2)
+
+
 def test_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, -1)
     u = torch.rand(4000, generator=gen(1))
@@ -306,6 +320,14 @@ def test_batches_with_other_context_lengths_share_one_decoder():
     s.prepare(make_cond([2, 3]), generator=gen(2))  # the same shape: loads the same decoder
     with pytest.raises(RuntimeError, match="run each prepared batch before preparing the next"):
         s.run(a)
+    # a prepared batch runs once: its decoder state is spent (a second run continued from the
+    # first's last step: an index error, or the first's samples again)
+    b = s.prepare(make_cond([0, 1]), generator=gen(3))
+    first = s.run(b)
+    with pytest.raises(RuntimeError, match="was run already"):
+        s.run(b)
+    again = s.run(s.prepare(make_cond([0, 1]), generator=gen(3)))
+    assert torch.equal(again.sequences, first.sequences)
 
 
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])

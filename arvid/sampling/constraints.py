@@ -284,7 +284,7 @@ class SequenceConstraint:
             j = int(bad_at.min())
             b = int((bad_at == j).nonzero()[0])
             raise ValueError(f"prefix of sample {b} breaks the format or the constraints at position {j} "
-                             f"(token {int(prefix[b, j])}, block {int(bad_block[b])}, codes left {int(bad_left[b])})")
+                             f"(token {int(prefix[b, j])}, blocks begun {int(bad_block[b])}, codes left {int(bad_left[b])})")
         return ConstraintState(*(t.to(self.device) for t in state.tensors()))
 
     def _host(self) -> SequenceConstraint:

@@ -43,7 +43,8 @@ class SamplerConfig:
     top_p: float = doc(1.0, "nucleus sampling: keep the smallest set of tokens with probability >= p (1 = off)")
     cfg_scale: float = doc(1.0, "classifier-free guidance scale s: logits = u + s * (c - u); 1 = no guidance")
     cfg_schedule: Literal["constant", "linear"] = doc(
-        "constant", "guidance over the sequence: constant s, or a linear ramp from 1 at the first token to s at the last")
+        "constant", "guidance over the sequence: constant s, or a linear ramp over sequence positions from 1 at "
+                    "position 0 to s at the format's longest sequence (max_length - 1): a shorter sample ends below s")
     budget_bias: float = doc(0.0, "beta: add beta * f(count) to the length-token logits (negative: fewer tokens)")
     budget_fn: Literal["log", "linear"] = doc("log", "f(count) of the length bias: log(count) or count / max count")
     check_every: int = doc(16, "steps between host checks for 'all samples finished' (each check is a device sync)",
@@ -155,9 +156,13 @@ def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, temperature: float
     Returns:
         ``LongTensor[B]``. Never a forbidden token. Tensor ops only (CUDA-graph safe).
     """
+    # NaN (a model overflow) becomes a very unlikely token, not a forbidden one (-inf stays -inf);
+    # the row's max is subtracted before the division, so a tiny temperature cannot overflow to
+    # +-inf and NaN (the best token maps to 0, the rest to <= 0).
+    logits = torch.nan_to_num(logits.float(), nan=-1e30, posinf=1e30, neginf=float("-inf"))
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     V = logits.shape[-1]
     if 0 < top_k < V:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
@@ -302,6 +307,7 @@ class _Decoder:
         # per batch (load): the prefilled prefix length and the most tokens a sample can still need
         self.p0, self.G = 0, fmt.max_length
         self.loads = 0  # batches loaded so far (a PreparedBatch remembers which one is its own)
+        self.ran = 0  # the load last run (its state is spent: run() does not rewind it)
         self.device = device
         rows = 2 * batch_size if guided else batch_size
         # Positions 0 .. n + max_length - 2: the last token of the longest sequence is never fed.
@@ -625,6 +631,10 @@ class Sampler:
         if dec.loads != prep.load:
             raise RuntimeError("this prepared batch's decoder was loaded for another batch since: run each prepared "
                                "batch before preparing the next")
+        if dec.ran == prep.load:
+            raise RuntimeError("this prepared batch was run already (its decoder state is spent): call prepare() "
+                               "again to sample it again")
+        dec.ran = prep.load
         if cfg.use_cache:
             dec.cache.reset()
             logits = model.prefill(dec.cache, prep.cond, pre2)  # [rows, V]
