@@ -19,7 +19,9 @@ Data order. ``batch_size`` is the *global* batch of one optimizer step. Each epo
 permutation that depends on ``(seed, epoch)`` only, cut into global batches; each global batch
 is cut into ``grad_accum`` micro-batches and each micro-batch into one slice per process. So
 1 process and N processes see the same global batches, and a resumed run skips exactly the
-batches its checkpoint had consumed. The loss is averaged over the global batch (each process
+batches its checkpoint had consumed. A dataset with ``set_epoch(e)`` (the file datasets: random
+clip starts and flips per epoch) is told each epoch before its loader starts, a resumed one the
+epoch it resumes in. The loss is averaged over the global batch (each process
 averages its slice, gradients are averaged across processes and micro-batches), so the loss
 curve does not depend on the number of processes or on ``grad_accum``. That holds when every
 slice weighs the same (equal numbers of items); a task whose slices hold different amounts of
@@ -634,6 +636,9 @@ class Trainer:
             while step < cfg.max_steps:
                 if it is None or step // run.steps_per_epoch != epoch:
                     epoch, start = divmod(step, run.steps_per_epoch)
+                    set_epoch = getattr(self.dataset, "set_epoch", None)
+                    if callable(set_epoch):  # per-epoch random clips (file datasets); before the workers start
+                        set_epoch(epoch)
                     it = iter(self._loader(run, epoch, start))
                 profiler.before_step(step)
                 done, grad_norms, factor = self._train_step(run, step, it, window, last_ckpt)
