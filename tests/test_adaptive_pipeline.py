@@ -131,6 +131,16 @@ def test_beam_curation_matches_brute_force_and_resumes(work, tmp_path):
         assert p.stat().st_mtime_ns == mtimes[p.name]
     assert (out / "done").is_file()
     np.testing.assert_array_equal(labels_for(again, stats, W_Q, W_L)[1], labels_for(beam, stats, W_Q, W_L)[1])
+    # shards of a search guided by another reward are not mixed in (before 2026-12-07 the key held the
+    # quality term only: another w_q, beam width or mode reused them)
+    (out / "done").unlink()
+    import dataclasses
+
+    from arvid.config import ConfigError
+
+    for change in (dict(w_q=W_Q + 0.5), dict(beam_width=3), dict(mode="brute")):
+        with pytest.raises(ConfigError, match="holds shards of another run"):
+            run(dataclasses.replace(cfg, **change))
 
 
 @pytest.fixture(scope="session")

@@ -202,24 +202,32 @@ def run(cfg: CurateConfig) -> Path:
         if stats.quality != cfg.quality:
             raise ConfigError(f"curate: stats {cfg.stats!r} are for quality {stats.quality!r}, not {cfg.quality!r}")
     else:
+        # what the calibration draw and its distortions depend on (reused on resume only if equal)
+        calib_key = {"tokenizer_fingerprint": fp, "distortion": distortion.name, "lpips_weights": cfg.lpips_weights,
+                     "split": cfg.split, "data": config_fingerprint(cfg.data), "num_videos": n_total,
+                     "calib_videos": cfg.calib_videos, "calib_assignments": cfg.calib_assignments, "seed": cfg.seed}
         if dist.rank == 0:
             stats = None
             if calib_path.is_file():
                 old = read_json(calib_path)
-                if old.get("tokenizer_fingerprint") == fp and old.get("quality") == cfg.quality:
+                if old.get("key") == calib_key:
                     stats = RewardStats.from_dict(old["reward_stats"], str(calib_path))
             if stats is None:
                 stats = _calibrate(cfg, scorer, dataset, n_total, device)
             write_json(calib_path, {"reward_stats": stats.to_dict(), "quality": cfg.quality,
-                                    "tokenizer_fingerprint": fp})
+                                    "tokenizer_fingerprint": fp, "key": calib_key})
         dist.wait()
         stats = RewardStats.from_dict(read_json(calib_path)["reward_stats"], str(calib_path))
 
     parts_dir = out / "parts"
     parts_dir.mkdir(exist_ok=True)
-    # shards of another tokenizer, quality term or video set must not be mixed into this run
-    key = {"tokenizer_fingerprint": fp, "quality": cfg.quality, "split": cfg.split,
+    # shards of another tokenizer, distortion, search or video set must not be mixed into this run
+    # (a beam search's choices also depend on the reward: its weights and normalisation)
+    key = {"tokenizer_fingerprint": fp, "quality": cfg.quality, "distortion": distortion.name,
+           "lpips_weights": cfg.lpips_weights, "mode": cfg.mode, "split": cfg.split,
            "data": config_fingerprint(cfg.data), "layout": layout.to_dict()}
+    if cfg.mode == "beam":
+        key.update(beam_width=cfg.beam_width, w_q=cfg.w_q, w_l=cfg.w_l, reward_stats=stats.to_dict())
     key_path = parts_dir / "run.json"
     if key_path.is_file() and read_json(key_path) != key:
         raise ConfigError(f"curate: {str(parts_dir)!r} holds shards of another run ({read_json(key_path)}); "
