@@ -418,6 +418,44 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
     write_text(path, dump_yaml(to_dict(obj)))
 
 
+def changed_fields(old: Any, new: Any, ignore: Sequence[str] = ("out_dir",)) -> list[str]:
+    """Dotted names of the fields whose values differ between configs ``old`` and ``new``
+    (execution-only fields and ``ignore`` left out), sorted."""
+    def diff(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    a, b = fingerprint_dict(old), fingerprint_dict(new)
+    for key in ignore:
+        a.pop(key, None)
+        b.pop(key, None)
+    return sorted(diff(a, b, ""))
+
+
+def check_same_config(cls: type[T], cfg: T, saved_path: str | os.PathLike, what: str,
+                      allowed: Sequence[str] = ()) -> list[str]:
+    """Refuse to continue the partial outputs of a run of another config: ``saved_path`` (that run's
+    ``config.yaml``) against ``cfg``. Returns the changed fields, which may only be ``allowed`` ones;
+    any other change is a :class:`ConfigError` naming them and ``what`` (the outputs that would be
+    mixed). A missing ``saved_path`` changes nothing (no run before)."""
+    saved_path = Path(saved_path)
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = from_dict(cls, read_yaml(saved_path), source=str(saved_path))
+    except (OSError, ValueError, ConfigError) as e:
+        raise ConfigError(f"{what} were made by a run whose config {str(saved_path)!r} cannot be read ({e}): "
+                          "give another out_dir, or delete that one") from e
+    changed = changed_fields(saved, cfg)
+    refused = [f for f in changed if f not in allowed]
+    if refused:
+        raise ConfigError(f"{what} were made with another config ({', '.join(refused[:8])} changed since "
+                          f"{str(saved_path)!r}): continuing would mix them with this run's; give another out_dir, "
+                          "or delete that one to start over")
+    return changed
+
+
 def config_fingerprint(obj: Any) -> str:
     """A short sha256 of the resolved config, used to tell pipeline stages' inputs apart."""
     import hashlib

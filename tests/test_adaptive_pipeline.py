@@ -221,6 +221,27 @@ def test_tokenize_store_decodes_like_direct_encode(router_dir, work, tmp_path):
     run(cfg)
     assert (out / "tokens" / "codes.bin").stat().st_mtime_ns == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("tokens")) == ["tokens"]
+    # another config over these tokens (finished, or shards of an interrupted run) is refused, naming
+    # what changed: before 2026-12-07 a rerun took any existing shard (video 3 went missing, counts mixed)
+    import dataclasses
+
+    from arvid.config import ConfigError
+
+    for change, changed in ((dict(num_videos=3), "num_videos"),
+                            (dict(router=None, fixed_assignment=[16, 1, 1, 4]), "fixed_assignment, router")):
+        with pytest.raises(ConfigError, match=f"tokens in .* another config \\({changed} changed"):
+            run(dataclasses.replace(cfg, **change))
+    from arvid.data.token_store import TokenStoreWriter, shard_path
+
+    whole = TokenStore(out / "tokens")  # an interrupted run: its first chunk (7 videos) written
+    with TokenStoreWriter(shard_path(out / "tokens", 0), whole.fingerprint, whole.layout, whole.codebook_size) as w:
+        w.append(whole.get_batch(range(7)), whole.labels[:7], whole.video_ids[:7])
+    shutil.rmtree(out / "tokens")
+    with pytest.raises(ConfigError, match="num_videos changed"):
+        run(dataclasses.replace(cfg, num_videos=3))
+    run(cfg)  # the same config: keeps the shard, writes the others, merges
+    again = TokenStore(out / "tokens")
+    assert again.video_ids == store.video_ids and torch.equal(again.get_batch(range(N_VAL)).codes, tv.codes)
     # a fixed assignment, from curate's labels.npy, and an invalid index file
     fixed = run(TokenizeConfig(data=_data(), split="val", tokenizer=str(work / "proxy"), fixed_assignment=[16, 1, 1, 4],
                                device="cpu", out_dir=str(tmp_path / "fixed")))
@@ -411,3 +432,23 @@ def test_plot_curve_adds_an_rfvd_panel_only_when_points_have_rfvd(tmp_path):
     w2, h2 = Image.open(tmp_path / "two.png").size
     w3, h3 = Image.open(tmp_path / "three.png").size
     assert h2 == h3 and w3 == round(w2 * 3 / 2)  # 5.5 inches per panel
+
+
+def test_router_refuses_a_held_out_curation_of_another_distortion_or_proxy(work, tmp_path):
+    """Held-out rewards are scored with the training curation's stats: a val_curation made with
+    another distortion or proxy gave a meaningless percentile (before 2026-12-07, no error)."""
+    from arvid.config import ConfigError
+    from arvid.stages.train_router import RouterSpec, TrainRouterConfig, run
+
+    for key, value in (("quality", "1-ssim"), ("tokenizer_fingerprint", "0" * 64)):
+        other = tmp_path / f"val_{key}"
+        shutil.copytree(work / "cur_val", other)
+        info = json.loads((other / "stats.json").read_text())
+        info[key] = value
+        (other / "stats.json").write_text(json.dumps(info))
+        with pytest.raises(ConfigError, match=f"was curated with {key} '{value}', curation .* with "):
+            run(TrainRouterConfig(
+                data=_data(), curation=str(work / "cur_train"), val_curation=str(other),
+                router=RouterSpec(preset="debug"),
+                trainer=TrainerConfig(max_steps=1, batch_size=10, checkpoint_every=0, device="cpu", progress=False),
+                device="cpu", out_dir=str(tmp_path / f"r_{key}")))

@@ -93,6 +93,40 @@ def test_train_generator_class_conditional_cli(setup, tmp_path):
     assert json.loads((out / "done").read_text())["step"] == 4
 
 
+def test_an_interrupted_run_resumes_only_with_its_config_and_tokenizer(setup, tmp_path):
+    """Checkpoints without a done marker (a run stopped after its last checkpoint) were resumed
+    whatever the config or tokenizer, and the GPT saved as the new tokenizer's (before 2026-12-07)."""
+    import shutil
+
+    root, tok = setup
+    out = tmp_path / "run"
+    shutil.copytree(root / "tok", tmp_path / "tok")
+    shutil.copytree(root / "store", tmp_path / "store")
+    base = overrides(tmp_path, out, "trainer.checkpoint_every=1", "trainer.max_steps=2")
+    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", base))
+    (out / "done").unlink()
+    shutil.rmtree(out / "gpt")
+    # another tokenizer (and its tokens) under the same paths: the config is the same
+    for name in ("tok", "store"):
+        shutil.move(tmp_path / name, tmp_path / f"{name}_a")
+    torch.manual_seed(2)
+    other = build_tokenizer("evatok", preset="debug")
+    other.save_pretrained(tmp_path / "tok")
+    write_random_store(tmp_path / "store", other, 8, 4)
+    with pytest.raises(ConfigError, match=f"trained on the tokens of tokenizer fingerprint '{tok.fingerprint()}'"):
+        train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", base))
+    for name in ("tok", "store"):
+        shutil.rmtree(tmp_path / name)
+        shutil.move(tmp_path / f"{name}_a", tmp_path / name)
+    with pytest.raises(ConfigError, match=r"checkpoints in .* another config \(trainer.lr changed"):
+        train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", base + ["trainer.lr=0.05"]))
+    assert not (out / "gpt").exists()
+    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", base + [
+        "trainer.max_steps=3", "trainer.log_every=2"]))  # more steps (and an execution setting) continue it
+    assert json.loads((out / "done").read_text())["step"] == 3
+    assert tok.fingerprint() in (out / "gpt" / "config.yaml").read_text()
+
+
 def test_peak_tflops_zero_measures_the_matmul_peak_and_takes_mfu_against_it(setup, tmp_path):
     root, _ = setup
     out = tmp_path / "peak"
@@ -138,6 +172,16 @@ def test_train_generator_frames_and_text(setup, tmp_path):
     assert (ids[1] == enc.pad_id).all() and (ids[0] != enc.pad_id).any()
     assert enc.decode(ids)[0] == "Band Marching"
     assert gpt.forward_dense(Conditioning(text_ids=ids), torch.zeros(2, 2, dtype=torch.long)).shape[1] == enc.max_len + 2
+    # a store whose videos have no label: said so, not blamed on the captions file
+    from arvid.data.token_store import TokenStore, TokenStoreWriter
+
+    src = TokenStore(root / "store")
+    with TokenStoreWriter(tmp_path / "unlabeled", src.fingerprint, src.layout, src.codebook_size) as w:
+        w.append(src.get_batch(range(len(src))))  # labels None: -1
+    with pytest.raises(ConfigError, match="conditioning 'text' but token store .*unlabeled' has videos without a label"):
+        train_generator.run(load_config(TrainGeneratorConfig, None, overrides(
+            root, tmp_path / "t2", "conditioning=text", f"spm_dir={tmp_path / 'spm'}",
+            f"captions={root / 'classes.txt'}", f"token_store={tmp_path / 'unlabeled'}")))
 
 
 def test_fingerprint_mismatch_and_config_errors(setup, tmp_path):

@@ -106,7 +106,7 @@ class GPTConfig:
         return max(n, 1)
 
 
-#: Size presets (counted with vocab 8192 + 5 length tokens): debug ~0.3M, B ~98M, L ~325M, XL ~630M.
+#: Size presets (counted with vocab 8192 + 5 length tokens): debug ~1.2M, B ~98M, L ~325M, XL ~630M.
 PRESETS: dict[str, dict] = {
     "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True),
     "B": dict(dim=768, n_layers=12, n_heads=12, ffn_multiple_of=256),

@@ -7,7 +7,8 @@ tokenizer's own choice (its attached router or default assignment).
 
 Sharded and resumable: the split is cut into chunks of ``save_every`` videos; chunk c is
 written by process ``c % world`` as a complete token-store shard (atomic, see
-:mod:`arvid.data.token_store`), so a rerun skips finished chunks; the main process merges them
+:mod:`arvid.data.token_store`), so a rerun skips finished chunks (of the same config, checked
+against ``config.yaml``, and tokenizer fingerprint; another config is refused); the main process merges them
 in order into ``out_dir/tokens``. Writes ``tokenize_stats.json`` (mean tokens per video, the
 histogram of assignments), ``config.yaml`` and ``done``.
 """
@@ -23,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from arvid.config import ConfigError, doc, load_config, nested, save_config
+from arvid.config import ConfigError, check_same_config, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.data.token_store import (
     TokenStore,
@@ -124,6 +125,11 @@ def run(cfg: TokenizeConfig) -> Path:
     out = check_writable(cfg.out_dir)
     dist = process_info()
     device = resolve_device(cfg.device)
+    store_dir = out / "tokens"
+    if is_token_store(store_dir) or shard_path(store_dir, 0).parent.exists():
+        # tokens of another config (assignment source, N, data, tokenizer path) are not continued
+        # nor taken for finished (before 2026-12-07 a rerun reused any shard that existed)
+        check_same_config(TokenizeConfig, cfg, out / "config.yaml", f"tokenize: the tokens in {str(out)!r}")
     if dist.rank == 0:
         save_config(cfg, out / "config.yaml")
     tok = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
@@ -131,14 +137,13 @@ def run(cfg: TokenizeConfig) -> Path:
     dataset = build_dataset(cfg.data, cfg.split)
     n = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
     choose = _Chooser(cfg, layout, n, device)
-    store_dir = out / "tokens"
     num_chunks = max(1, -(-n // cfg.save_every))
 
     if not is_token_store(store_dir):
         for c in range(dist.rank, num_chunks, dist.world):
             shard = shard_path(store_dir, c)
-            if is_token_store(shard):
-                continue  # finished by an earlier run
+            if is_token_store(shard) and TokenStore(shard).fingerprint == fp:
+                continue  # finished by an earlier run (of this config: checked above; of this tokenizer)
             idx = list(range(c * cfg.save_every, min(n, (c + 1) * cfg.save_every)))
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=cfg.batch_size,
                                                  shuffle=False, num_workers=cfg.num_workers)

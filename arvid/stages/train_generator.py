@@ -32,7 +32,7 @@ from arvid.generator.conditioning import Conditioning
 from arvid.generator.gpt import GPT, PRESETS, GPTConfig
 from arvid.generator.packing import IGNORE, PackedBatch, PackedBatchDataset, PackingSpec, concat_packed
 from arvid.generator.sequence import SequenceFormat
-from arvid.io import check_writable, write_json
+from arvid.io import check_writable, read_json, write_json
 from arvid.training import StepOutput, Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     if _finished(out, cfg, fingerprint):
         log.info("train-generator: %s is complete (done marker, same config and tokenizer); nothing to do", out)
         return out
+    _check_interrupted(out, cfg, fingerprint)
     if store.layout != tokenizer.layout or store.codebook_size != tokenizer.codebook_size:
         raise ConfigError(f"token store layout/codebook {store.layout}/{store.codebook_size} differs from the "
                           f"tokenizer's {tokenizer.layout}/{tokenizer.codebook_size}")
@@ -262,11 +263,15 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     if cfg.conditioning == "text":
         text_table, vocab, max_len, pad = _text_table(cfg)
         text = (vocab, max_len, pad)
-        if int(store.labels.max()) >= text_table.shape[0] or int(store.labels.min()) < 0:
+        if int(store.labels.min()) < 0:
+            raise ConfigError(f"conditioning 'text' but token store {cfg.token_store!r} has videos without a label "
+                              "(a video's caption is the captions file's line at its label)")
+        if int(store.labels.max()) >= text_table.shape[0]:
             raise ConfigError(f"captions file {cfg.captions!r} has {text_table.shape[0]} lines; the store's labels "
                               f"span [{int(store.labels.min())}, {int(store.labels.max())}]")
     gpt_cfg = build_gpt_config(cfg, fmt, num_classes, text)
     save_config(cfg, out / "config.yaml")
+    write_json(out / RUN_FILE, {"tokenizer_fingerprint": fingerprint})
 
     spec = PackingSpec(fmt, gpt_cfg.num_prefix, cfg.conditioning, cfg.context_blocks, text_table,
                        pad_to=cfg.max_tokens if cfg.pad_batches else None, static_max_seqlen=cfg.pad_batches)
@@ -289,6 +294,29 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     return out
 
 
+#: the tokenizer a run trains on, written before its first step (config.yaml holds only its path)
+RUN_FILE = "run.json"
+
+
+def _check_interrupted(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> None:
+    """Refuse to resume the checkpoints of an unfinished run made with another config or on
+    another tokenizer's tokens (only a changed ``trainer.max_steps`` continues one): the Trainer
+    would resume their weights and the GPT would be saved as this tokenizer's (before 2026-12-07
+    only a finished run was checked)."""
+    from arvid.config import check_same_config
+    from arvid.training import list_checkpoints
+
+    if not list_checkpoints(out):
+        return
+    what = f"train-generator: the checkpoints in {str(out)!r}"
+    check_same_config(TrainGeneratorConfig, cfg, out / "config.yaml", what, allowed=("trainer.max_steps",))
+    run_path = out / RUN_FILE
+    saved = read_json(run_path).get("tokenizer_fingerprint") if run_path.is_file() else None
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"{what} were trained on the tokens of tokenizer fingerprint {saved!r}, not of "
+                          f"{cfg.tokenizer!r} ({fingerprint!r}): give another out_dir, or delete that one to retrain")
+
+
 def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     """Whether ``out`` holds a finished run of this config on this tokenizer's tokens.
 
@@ -299,7 +327,7 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     tokenizer, is refused: the Trainer would resume the old weights at their last step and train
     nothing (or fail to load them), and the saved GPT would be kept under a config it was not
     trained with."""
-    from arvid.config import fingerprint_dict, read_yaml
+    from arvid.config import changed_fields, read_yaml
     from arvid.pretrained import CONFIG_NAME
 
     if not ((out / "done").is_file() and (out / "gpt" / CONFIG_NAME).is_file()):
@@ -314,10 +342,7 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     except (OSError, ValueError, ConfigError) as e:
         raise ConfigError(f"{str(out)!r} holds a finished run whose config cannot be read ({e}): give another "
                           "out_dir, or delete that one to retrain") from e
-    a, b = fingerprint_dict(saved), fingerprint_dict(cfg)
-    a.pop("out_dir", None)
-    b.pop("out_dir", None)
-    changed = sorted(_diff(a, b))
+    changed = changed_fields(saved, cfg)
     if not changed:
         return True
     if changed == ["trainer.max_steps"] and cfg.trainer.max_steps > saved.trainer.max_steps:
@@ -328,13 +353,6 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     raise ConfigError(f"{str(out)!r} holds a finished run of another config ({', '.join(changed[:8])} changed; "
                       "only a raised trainer.max_steps continues one): give another out_dir, or delete that one "
                       "to retrain")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -206,9 +206,15 @@ def run(cfg: TrainRouterConfig) -> Path:
         val_records, val_base = records.select_videos(val_ids), base
         train_labels = labels[:-n_val]
     else:
-        val_records, _, _ = _curation(cfg.val_curation)
+        val_records, _, val_info = _curation(cfg.val_curation)
         if val_records.layout != layout:
             raise ConfigError(f"train-router: val_curation layout {val_records.layout} differs from {layout}")
+        for key in ("quality", "tokenizer_fingerprint"):  # its rewards are scored with the curation's stats
+            if val_info.get(key) != info.get(key):
+                raise ConfigError(
+                    f"train-router: val_curation {cfg.val_curation!r} was curated with {key} {val_info.get(key)!r}, "
+                    f"curation {cfg.curation!r} with {info.get(key)!r}: held-out rewards are only comparable "
+                    "under one proxy and one distortion (curate the held-out split with the same ones)")
         val_split = read_yaml(Path(cfg.val_curation) / "config.yaml").get("split", "val")
         val_base = build_dataset(cfg.data, val_split)
         train_ids, train_labels = vids, labels
