@@ -227,10 +227,11 @@ class Pipeline:
                         f"(fingerprint {old} there, {fp} now); refusing to mix outputs. Rerun with "
                         f"`--from {s.name}` to redo it (the old directory is kept aside), or use another out_dir."
                     )
-                stale = self._stale_reads(s, rec, by_name)
+                stale = ", ".join(x for x in (self._stale_reads(s, rec, by_name, "deps"),
+                                              self._stale_reads(s, rec, by_name, "after")) if x)
                 upstream = [x for x in s.deps if x in refreshed]
                 if stale or upstream:
-                    why = f"{stale} changed since it ran" if stale else f"its upstream {', '.join(upstream)} is refreshed"
+                    why = f"its upstream {', '.join(upstream)} is refreshed" if upstream else f"{stale} changed since it ran"
                     items.append(PlanItem(s, d, fp, "redo", f"refresh: {why}"))
                     refreshed.add(s.name)
                 else:
@@ -250,18 +251,20 @@ class Pipeline:
             it.planned_at, it.legacy_fingerprint = now, legacy[it.stage.name]
         return items
 
-    def _stale_reads(self, stage: Stage, done: dict, planned: dict[str, PlanItem]) -> str:
-        """The ``after`` stages of a finished ``stage`` whose output is not the one it read: ones that
-        are (re)run in this plan, or whose current run is not the one it read (each run is identified
-        by its marker's ``finished`` time, so a rerun with the same config counts too, and so does
-        one finished only since: the report made before the curve was added). Stages outside the
-        plan (``--only``) and markers from before 2026-12-04, which hold no record of what was read,
-        are not judged. Returns their names, comma-separated ("" when none)."""
-        read = done.get("after")
+    def _stale_reads(self, stage: Stage, done: dict, planned: dict[str, PlanItem], kind: str = "after") -> str:
+        """The ``kind`` (``deps`` or ``after``) stages of a finished ``stage`` whose output is not the
+        one it read: ones that are (re)run in this plan, or whose current run is not the one it read
+        (each run is identified by its marker's ``finished`` time, so a rerun with the same config
+        counts too, and so does one finished only since: the report made before the curve was
+        added; an upstream stage redone alone with ``--from X --until X``). Stages outside the plan
+        (``--only``) and markers that hold no record of what was read (``after``: before 2026-12-04;
+        ``deps``: before 2026-12-07) are not judged. Returns their names, comma-separated ("" when
+        none)."""
+        read = done.get(kind)
         if read is None:
             return ""
         stale = []
-        for a in stage.after:
+        for a in getattr(stage, kind):
             it = planned.get(a)
             if it is None:
                 continue
@@ -465,8 +468,9 @@ class Pipeline:
         # which run of each `after` stage it read (that marker's finish time, null where unfinished): a
         # later plan refreshes it when another run of one of them has taken its place
         read = {a: self._finished(a) for a in it.stage.after}
+        deps = {d: self._finished(d) for d in it.stage.deps}  # likewise the runs of its upstream stages
         write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
-                                           "finished": time.time(), "after": read})
+                                           "finished": time.time(), "after": read, "deps": deps})
         log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)
 
 

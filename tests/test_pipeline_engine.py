@@ -601,3 +601,29 @@ def test_run_parallel_a_stage_finished_before_its_launch_returns_counts_as_run(t
     pipe = _graph(tmp_path, gate)
     items = pipe.run_parallel(lambda it: Done(pipe, it), jobs=1, poll_s=0.01)
     assert [i.action for i in items] == ["run"] * 4
+
+
+def test_a_stage_is_refreshed_when_its_upstream_was_redone_alone(tmp_path):
+    """`--from a --until a` redoes a alone; the next full run kept b, made from the old a (before
+    2026-12-07 only `after` reads were tracked). b now records which run of a it was made from."""
+    calls = []
+    make(tmp_path, calls).run()
+    assert calls == ["a", "b"]
+    assert set(json.loads((tmp_path / "out/b/pipeline_done.json").read_text())["deps"]) == {"a"}
+    calls = []
+    make(tmp_path, calls).run(from_="a", until="a")
+    assert calls == ["a"]
+    plan = make(tmp_path, []).plan()
+    assert [(p.stage.name, p.action) for p in plan] == [("a", "skip"), ("b", "redo")]
+    assert "a changed since it ran" in plan[1].reason
+    calls = []
+    make(tmp_path, calls).run()
+    assert calls == ["b"]
+    assert [p.action for p in make(tmp_path, []).plan()] == ["skip", "skip"]
+    # a marker that records no upstream runs (older versions) is not judged
+    marker = tmp_path / "out/b/pipeline_done.json"
+    rec = json.loads(marker.read_text())
+    del rec["deps"]
+    marker.write_text(json.dumps(rec))
+    make(tmp_path, []).run(from_="a", until="a")
+    assert [p.action for p in make(tmp_path, []).plan()] == ["skip", "skip"]
