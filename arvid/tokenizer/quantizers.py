@@ -182,7 +182,8 @@ class VectorQuantizer(nn.Module):
         e = F.embedding(indices, codes)
         losses = {
             # Commitment pulls the encoder output to its code; the codebook loss pulls the code
-            # (when not updated by EMA). Both on unit vectors, so they are 2 - 2 cos.
+            # (when not updated by EMA). Both on unit vectors: the mean over elements of the squared
+            # difference, (2 - 2 cos) / code_dim per token.
             "commit": F.mse_loss(z, e.detach()),
             "codebook": F.mse_loss(e, z.detach()) if not self.config.use_ema else z.new_zeros(()),
         }
@@ -258,9 +259,10 @@ class FSQ(nn.Module):
         return self.codebook_size
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
-        # Map to (-(L-1)/2, (L-1)/2) per channel; even L gets a half-step offset so that
-        # rounding yields exactly L values.
-        half = (self.levels.float() - 1) * (1 - 1e-3) / 2
+        # Map to about (-(L-1)/2, (L-1)/2) per channel; even L gets a half-step offset so that
+        # rounding yields exactly L values. The range is widened by 1e-3, not narrowed: narrowed,
+        # L = 2 had offset / half > 1 and atanh gave NaN (before 2026-12-07).
+        half = (self.levels.float() - 1) * (1 + 1e-3) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
