@@ -191,9 +191,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "<config>
             raise ConfigError(f"{source}: required key `{prefix}{name}` is missing ({_type_name(hints[name])})")
     try:
         obj = cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # a ConfigError of __post_init__ too: name the file and the key path
         raise ConfigError(f"{source}: invalid {cls.__name__}{' at `' + prefix.rstrip('.') + '`' if prefix else ''}: {e}") from e
     return obj
 

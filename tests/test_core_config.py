@@ -304,3 +304,13 @@ def test_the_walkthrough_stage_configs_load_and_chain():
     assert router.curation == cur.out_dir and curve.curation == router.val_curation
     assert tok.router == curve.router == f"{router.out_dir}/router"
     assert cur.tokenizer == curve.tokenizer == "outputs/ucf/proxy/tokenizer"
+
+
+def test_a_nested_configs_own_check_names_the_source_and_key_path():
+    """TrainerConfig's ConfigError passed through without file or key path (an experiment holds
+    four TrainerConfigs); it now reads like any other invalid value (2026-12-07)."""
+    from arvid.stages.train_router import TrainRouterConfig
+
+    with pytest.raises(ConfigError, match=r"^<defaults> \+ command-line overrides: invalid TrainerConfig at "
+                                          r"`trainer`: TrainerConfig.warmup_steps must be >= 0, got -1$"):
+        load_config(TrainRouterConfig, None, ["trainer.warmup_steps=-1"])
