@@ -8,12 +8,16 @@ old content or the new one is there, nothing in between.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import io
 import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -96,6 +100,64 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    """glibc's ``renameat2`` (2.28+), or None where there is none (not Linux, older libc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` atomically; False where the system or file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # no RENAME_EXCHANGE here (an old kernel, some file systems)
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the directory ``tmp`` in place of ``final`` (which may exist), durably.
+
+    Where ``final`` exists, the two are swapped in one atomic step (``renameat2`` with
+    ``RENAME_EXCHANGE``), so ``final`` is the old directory or the new one at every instant, and
+    the old one (now under ``tmp``'s hidden name) is deleted after. Where the system cannot swap,
+    ``final`` is first renamed to a hidden ``.<name>.old-<pid>``: a kill between the two renames
+    leaves the old directory under that name and nothing under ``final``.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists() and _exchange(tmp, final):
+        _fsync_dir(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` as a whole.
@@ -112,16 +174,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
         os.chmod(tmp, _default_mode(directory=True))
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, ArvidIOError):

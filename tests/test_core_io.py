@@ -93,3 +93,33 @@ def test_check_writable(tmp_path):
         ro.chmod(0o700)
     with pytest.raises(ArvidIOError, match="MiB free"):
         check_writable(tmp_path, need_bytes=1 << 60)
+
+
+def test_replacing_a_directory_swaps_it_in_one_step(tmp_path, monkeypatch):
+    """atomic_dir over an existing directory: two renames left nothing under the final name if
+    the process died between them (before 2026-12-07). On Linux the two are swapped in one
+    renameat2(RENAME_EXCHANGE); os.replace, the two-step fallback, is not called."""
+    import sys
+
+    from arvid import io as aio
+
+    final = tmp_path / "tokenizer"
+    with aio.atomic_dir(final) as d:
+        (d / "w.txt").write_text("old")
+    if aio._renameat2() is None:
+        pytest.skip("no renameat2 here (not Linux or an old libc): the fallback is the two renames")
+    assert sys.platform.startswith("linux")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # a two-step replace would have died between its renames
+
+    monkeypatch.setattr(aio.os, "replace", killed)
+    with aio.atomic_dir(final) as d:
+        (d / "w.txt").write_text("new")
+    assert (final / "w.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+    monkeypatch.undo()
+    # where the system cannot swap: the two renames, same result
+    monkeypatch.setattr(aio, "_exchange", lambda a, b: False)
+    with aio.atomic_dir(final) as d:
+        (d / "w.txt").write_text("newer")
+    assert (final / "w.txt").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]

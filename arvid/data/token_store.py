@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from arvid.data.types import BlockLayout, TokenizedVideo, segment_positions
-from arvid.io import write_json
+from arvid.io import replace_dir, write_json
 
 FORMAT = "arvid-token-store"
 FORMAT_VERSION = 1
@@ -178,7 +178,7 @@ class TokenStoreWriter:
                 "layout": self.layout.to_dict(), "codebook_size": self.codebook_size, "dtype": self.dtype.name,
                 "count": int(len(lengths)), "total_codes": int(self._total),
             })
-            _replace_dir(self._tmp, self.directory)
+            replace_dir(self._tmp, self.directory)
         except BaseException:
             self.abort()
             raise
@@ -193,27 +193,6 @@ class TokenStoreWriter:
             shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp = None
         self._closed = True
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``, replacing an existing ``final`` so readers see old or new, never half."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    try:  # make the rename durable
-        fd = os.open(str(final.parent), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class TokenStore:
