@@ -66,3 +66,13 @@ def test_trainer_applies_schedule_and_lr_scale(tmp_path):
     assert lrs == pytest.approx(expected)
     assert [r["lr/critic"] for r in result.history] == pytest.approx([0.5 * e for e in expected])
     assert expected[-1] == pytest.approx(0.01 * 0.2)
+
+
+def test_a_wsd_warmup_into_the_decay_is_refused():
+    """W = 9 of T = 10 with a 2-step decay gave factors ... 0.889 1.0 0.1: the decay cut short."""
+    from arvid.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warmup_steps must be <= 8 under schedule wsd .* got 9"):
+        TrainerConfig(max_steps=10, warmup_steps=9, schedule="wsd", decay_fraction=0.2)
+    assert TrainerConfig(max_steps=10, warmup_steps=8, schedule="wsd", decay_fraction=0.2).warmup_steps == 8
+    assert TrainerConfig(max_steps=10, warmup_steps=9, schedule="cosine").warmup_steps == 9

@@ -126,7 +126,9 @@ class TrainerConfig:
     schedule: Literal["cosine", "wsd", "constant"] = doc("cosine", "lr schedule after warmup")
     warmup_steps: int = doc(0, "linear warmup steps")
     decay_fraction: float = doc(0.2, "wsd: fraction of max_steps spent in the final linear decay")
-    min_lr_ratio: float = doc(0.1, "cosine/wsd: the lr at the end of training, as a fraction of lr")
+    min_lr_ratio: float = doc(0.1, "cosine/wsd: the lr floor, as a fraction of lr: wsd trains its last step at "
+                                   "it, cosine approaches it at max_steps (its last step, max_steps - 1, is "
+                                   "slightly above)")
     precision: Literal["fp32", "bf16"] = doc("fp32", "fp32, or bf16 autocast (accelerate mixed precision)")
     grad_accum: int = doc(1, "micro-batches per optimizer step (memory knob; the global batch stays batch_size)")
     grad_clip: float = doc(1.0, "clip each group's gradient norm to this; 0 = no clipping")
@@ -171,6 +173,13 @@ class TrainerConfig:
         need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
         need(0 < self.decay_fraction <= 1, "decay_fraction", "in (0, 1]")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        if self.schedule == "wsd":
+            from arvid.training.schedules import wsd_decay_steps
+
+            stable_end = self.max_steps - wsd_decay_steps(self.max_steps, self.decay_fraction)
+            need(self.warmup_steps <= stable_end, "warmup_steps",
+                 f"<= {stable_end} under schedule wsd (max_steps {self.max_steps} less the decay's "
+                 f"{self.max_steps - stable_end} steps): a warmup into the decay cuts the decay short")
         need(self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'")
         need(self.grad_accum >= 1, "grad_accum", ">= 1")
         need(self.batch_size % self.grad_accum == 0, "batch_size", f"divisible by grad_accum={self.grad_accum}")
