@@ -398,3 +398,18 @@ def test_the_dataset_is_told_each_epoch_also_when_resumed(tmp_path, workers):
     Trainer(cfg, resumed, resumed_data, tmp_path / "run").fit()
     assert resumed_data.calls == [1, 2]  # resumed at step 20: epoch 1
     assert _same(resumed, task)
+
+
+def test_the_first_record_after_a_resume_between_log_steps_says_it_covers_fewer_steps(tmp_path):
+    """log_every=3, checkpoint at 5, crash at 7: the resumed run's step-6 record averages step 6
+    alone, where the uninterrupted one averaged 4..6; it carries window_steps = 1."""
+    cfg = _cfg(max_steps=12, log_every=3, checkpoint_every=5)
+    Trainer(cfg, ToyTask(), toy_data(), tmp_path / "ref").fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, ToyTask(crash_at=7), toy_data(), tmp_path / "run").fit()
+    Trainer(cfg, ToyTask(), toy_data(), tmp_path / "run").fit()
+    ref, run_log = read_metrics(tmp_path / "ref/metrics.jsonl"), read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["step"] for r in run_log] == [r["step"] for r in ref] == [3, 6, 9, 12]
+    assert [r.get("window_steps") for r in run_log] == [None, 1, None, None]
+    assert all("window_steps" not in r for r in ref)
+    assert [r["loss/main"] for r in run_log[2:]] == [r["loss/main"] for r in ref[2:]]

@@ -136,7 +136,9 @@ class TrainerConfig:
     checkpoint_every: int = doc(1000, "save a checkpoint every N steps (and always at the end); 0 = only at the end",
                                 execution=True)
     keep_last: int = doc(2, "checkpoints to keep (older ones are deleted)", execution=True)
-    log_every: int = doc(10, "log loss/metrics/lr/throughput every N steps", execution=True)
+    log_every: int = doc(10, "log loss/metrics/lr/throughput every N steps (means over the steps since the last "
+                             "record; the first record after a resume between two log steps covers only the "
+                             "steps since the resume and says how many in `window_steps`)", execution=True)
     eval_every: int = doc(0, "call eval_fn(task, step) every N steps on the main process; 0 = never")
     seed: int = doc(0, "seeds the data order, the per-step generators and the global RNGs")
     shuffle: bool = doc(True, "shuffle the data each epoch (a permutation from (seed, epoch))")
@@ -637,6 +639,9 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_main_process and sys.stderr.isatty()))
         window = _Window(run.names)
+        # a resume between two log steps: the first record averages only the steps since (the
+        # window's earlier steps were in the stopped process); it says so with `window_steps`
+        short_window = step % cfg.log_every != 0
         profiler = StepProfiler(self.out_dir, cfg.profile_start, cfg.profile_steps,
                                 cfg.profile_start >= 0 and acc.is_main_process, run.device)
         it: Iterator[Any] | None = None
@@ -669,7 +674,11 @@ class Trainer:
                     window.add_losses(values)
 
                 if logs:
+                    n_steps = window.steps
                     record = window.flush(acc, cfg.batch_size, epoch)
+                    if short_window:
+                        record["window_steps"] = n_steps
+                        short_window = False
                     logger.log(record, step)
                     history.append({"step": step, **record})
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss/")})
