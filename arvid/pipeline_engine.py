@@ -76,11 +76,31 @@ class Stage:
     after: list[str] = field(default_factory=list)
 
 
-def _fingerprint(config: Any, upstream: list[str], legacy: bool = False) -> str:
-    """A stage's identity: its config less the execution-only fields, and its upstream fingerprints.
-    ``legacy``: the whole config, as fingerprints were before 2026-12-04 (accepted as a match, so that
-    outputs made then are still reused)."""
+#: stands for the pipeline's out_dir in the paths a fingerprint covers
+OUT_DIR_MARK = "<out_dir>"
+
+
+def _relocated(obj: Any, root: str) -> Any:
+    """``obj`` with every string path under ``root`` (the pipeline's out_dir) written relative to
+    :data:`OUT_DIR_MARK`: where the experiment lives, or how its directory is spelled, is not part of
+    what a stage computes."""
+    if isinstance(obj, dict):
+        return {k: _relocated(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocated(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == root or obj.startswith(root.rstrip(os.sep) + os.sep)):
+        return OUT_DIR_MARK + obj[len(root.rstrip(os.sep)):]
+    return obj
+
+
+def _fingerprint(config: Any, upstream: list[str], legacy: bool = False, root: str | None = None) -> str:
+    """A stage's identity: its config less the execution-only fields, with paths under ``root`` (the
+    pipeline's out_dir) made relative to it, and its upstream fingerprints. ``root`` None: the paths
+    as they are, as fingerprints were before 2026-12-07; ``legacy``: the whole config, as they were
+    before 2026-12-04 (both accepted as a match, so that outputs made then are still reused)."""
     cfg = to_dict(config) if legacy else fingerprint_dict(config)
+    if root is not None:
+        cfg = _relocated(cfg, root)
     blob = json.dumps({"config": cfg, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -130,8 +150,9 @@ class PlanItem:
     reason: str
     #: when the plan was made (``time.time()``): a redo another process finished after it is reused
     planned_at: float = 0.0
-    #: the fingerprint as computed before 2026-12-04 (the whole config): markers holding it match too
-    legacy_fingerprint: str = ""
+    #: the fingerprints as computed before 2026-12-07 (paths as they are) and before 2026-12-04 (the
+    #: whole config): markers holding one of them match too
+    older_fingerprints: tuple[str, ...] = ()
 
 
 class Pipeline:
@@ -203,6 +224,7 @@ class Pipeline:
                 f"before the last planned one.")
         now = time.time()
         fps: dict[str, str] = {}
+        with_paths: dict[str, str] = {}
         legacy: dict[str, str] = {}
         items = []
         by_name: dict[str, PlanItem] = {}
@@ -210,9 +232,11 @@ class Pipeline:
         for s in self.stages[: last + 1]:
             if keep is not None and s.name not in keep:
                 continue
-            fp = _fingerprint(s.config, [fps[d] for d in s.deps])
+            fp = _fingerprint(s.config, [fps[d] for d in s.deps], root=str(self.out_dir))
             fps[s.name] = fp
+            with_paths[s.name] = _fingerprint(s.config, [with_paths[d] for d in s.deps])
             legacy[s.name] = _fingerprint(s.config, [legacy[d] for d in s.deps], legacy=True)
+            older = (with_paths[s.name], legacy[s.name])
             d = self.stage_dir(s.name)
             done = d / DONE_FILE
             state = d / STATE_FILE
@@ -221,7 +245,7 @@ class Pipeline:
             elif done.exists():
                 rec = read_json(done)
                 old = rec.get("fingerprint")
-                if old not in (fp, legacy[s.name]):
+                if old not in (fp, *older):
                     raise PipelineError(
                         f"stage {s.name!r}: {str(d)!r} was made with a different config or upstream "
                         f"(fingerprint {old} there, {fp} now); refusing to mix outputs. Rerun with "
@@ -238,7 +262,7 @@ class Pipeline:
                     items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
             elif state.exists():
                 old = read_json(state).get("fingerprint")
-                if old not in (fp, legacy[s.name]):
+                if old not in (fp, *older):
                     raise PipelineError(
                         f"stage {s.name!r}: {str(d)!r} holds an interrupted run of a different config "
                         f"(fingerprint {old} there, {fp} now). Rerun with `--from {s.name}` to start it over."
@@ -248,7 +272,7 @@ class Pipeline:
                 items.append(PlanItem(s, d, fp, "run", "not run yet"))
             by_name[s.name] = items[-1]
         for it in items:
-            it.planned_at, it.legacy_fingerprint = now, legacy[it.stage.name]
+            it.planned_at, it.older_fingerprints = now, (with_paths[it.stage.name], legacy[it.stage.name])
         return items
 
     def _stale_reads(self, stage: Stage, done: dict, planned: dict[str, PlanItem], kind: str = "after") -> str:
@@ -341,7 +365,7 @@ class Pipeline:
                     log.info("[%s] skip: %s", name, it.reason)
                     return False
             return True
-        accepted = (it.fingerprint, it.legacy_fingerprint or it.fingerprint)
+        accepted = (it.fingerprint, *it.older_fingerprints)
         if done.exists():
             old = read_json(done).get("fingerprint")
             if old not in accepted:

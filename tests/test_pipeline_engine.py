@@ -627,3 +627,41 @@ def test_a_stage_is_refreshed_when_its_upstream_was_redone_alone(tmp_path):
     marker.write_text(json.dumps(rec))
     make(tmp_path, []).run(from_="a", until="a")
     assert [p.action for p in make(tmp_path, []).plan()] == ["skip", "skip"]
+
+
+@dataclass
+class PathCfg:
+    out_dir: str = ""
+    reads: str = ""
+
+
+def test_a_moved_experiment_is_still_recognised(tmp_path):
+    """Stage configs hold paths under the pipeline's out_dir (their own, their upstream's); a copy
+    of the experiment elsewhere, or the same directory spelled another way, was 'a different
+    config' (before 2026-12-07). Paths under out_dir now count relative to it; paths outside it
+    (the data) still count as they are. Markers holding the older, path-bound fingerprints match."""
+    import shutil
+
+    from arvid.pipeline_engine import _fingerprint
+
+    def pipe(root, data="/data/ucf"):
+        root = str(root)
+        return Pipeline([Stage("a", PathCfg(f"{root}/a", data), lambda d: (d / "x").write_text("a")),
+                         Stage("b", PathCfg(f"{root}/b", f"{root}/a/x"), lambda d: (d / "y").write_text("b"),
+                               deps=["a"])], root)
+
+    pipe(tmp_path / "exp").run()
+    shutil.copytree(tmp_path / "exp", tmp_path / "moved")
+    assert [p.action for p in pipe(tmp_path / "moved").plan()] == ["skip", "skip"]
+    with pytest.raises(PipelineError, match="refusing to mix"):  # other data: another config
+        pipe(tmp_path / "moved", data="/data/k600").plan()
+    # markers written before 2026-12-07 hold the path-bound fingerprints: still reused in place
+    old = tmp_path / "old"
+    p = pipe(old)
+    p.run()
+    fa = _fingerprint(p.stages[0].config, [])
+    fb = _fingerprint(p.stages[1].config, [fa])
+    for name, fp in (("a", fa), ("b", fb)):
+        marker = old / name / "pipeline_done.json"
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": fp}))
+    assert [i.action for i in pipe(old).plan()] == ["skip", "skip"]
