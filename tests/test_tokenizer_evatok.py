@@ -151,6 +151,12 @@ def test_default_assignment_and_router(tok):
         assert tok.fingerprint() == fp
         tv = tok.encode(video)
         assert torch.equal(tv.block_lengths, torch.tensor([[4, 8, 16, 32]] * 2))
+        # a block prefix cannot be routed (the router sees whole clips): said so, not a shape error
+        prefix = video[:, :, : tok.layout.frames_per_block[0]]
+        with pytest.raises(ValueError, match="router chooses from whole clips .* explicit assignment"):
+            tok.encode(prefix)
+        part, whole = tok.encode(prefix, tv.block_lengths[:, :1]), tok.encode(video, tv.block_lengths)
+        assert all(torch.equal(part.video_codes(i), whole.video_codes(i)[:4]) for i in range(2))
     finally:
         tok.router = None
     with pytest.raises(TypeError, match="choose"):

@@ -565,7 +565,11 @@ class EVATok(nn.Module, PretrainedMixin):
         B = video.shape[0]
         if assignment is None:
             if self.router is not None:
-                assignment = self.router.choose(video)[:, :nb]
+                if nb < self.layout.num_blocks:
+                    raise ValueError(f"the attached router chooses from whole clips ({self.layout.num_frames} frames), "
+                                     f"got a block prefix of {video.shape[2]} frames: encode a prefix with an "
+                                     "explicit assignment (the whole clip's choice, cut to its blocks)")
+                assignment = self.router.choose(video)
             else:
                 assignment = self.default_assignment(B, nb)
         assignment = self._check_assignment(assignment, B, nb)
