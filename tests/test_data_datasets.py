@@ -83,3 +83,21 @@ def test_folder_and_csv_sources(tmp_path, caplog):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(DataConfig(source="folder", root=str(tmp_path / "nope")))
+
+
+def test_a_csv_val_root_with_class_name_labels_uses_the_main_lists_numbering(tmp_path):
+    """The val list numbered its name labels by its own sorted names, then took the main list's
+    names: a class missing from it shifted every label after it (before 2026-12-07)."""
+    synth(tmp_path / "v", num=3, frames=4, size=16, seed=0)
+    paths = [str(p) for p in sorted((tmp_path / "v").rglob("*.mp4"))]
+    (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, ["cat", "dog", "eel"])))
+    (tmp_path / "val.csv").write_text("path,label\n" + f"{paths[2]},eel\n{paths[1]},dog\n")
+    cfg = DataConfig(source="csv", root=str(tmp_path / "train.csv"), val_root=str(tmp_path / "val.csv"),
+                     frames=4, size=16)
+    val = build_dataset(cfg, "val")
+    assert val.class_names == ["cat", "dog", "eel"] and len(paths) == 3
+    assert [val.class_names[lab] for lab in val.labels] == ["eel", "dog"]
+    (tmp_path / "bad.csv").write_text("path,label\n" + f"{paths[0]},fox\n")
+    with pytest.raises(ValueError, match=r"label\(s\) \['fox'\] are not classes of the main list"):
+        build_dataset(DataConfig(source="csv", root=str(tmp_path / "train.csv"), val_root=str(tmp_path / "bad.csv"),
+                                 frames=4, size=16), "val")

@@ -96,9 +96,12 @@ def build_dataset(cfg: DataConfig, split: Split = "train") -> Dataset:
         return VideoFileDataset.from_folder(root, clip=clip, split=split_arg, split_list=split_list, seed=cfg.seed,
                                             class_names=folder_class_names(cfg.root))
     if cfg.source == "csv":
+        # names from the whole main list, not one split's rows nor a val_root list's own (its name
+        # labels are looked up in the main list's names)
+        names = class_names(cfg)
         ds = VideoFileDataset.from_csv(root, clip=clip, split=split_arg, on_missing=cfg.on_missing_file,
-                                       seed=cfg.seed)
-        ds.class_names = class_names(cfg)  # names from the whole main list, not one split's rows
+                                       seed=cfg.seed, class_names=names)
+        ds.class_names = names
         return ds
     raise ValueError(f"unknown data source {cfg.source!r}; expected 'synthetic', 'folder' or 'csv'")
 

@@ -445,11 +445,14 @@ def scan_folder(root: str | os.PathLike, split: str | None = None, split_list: s
 
 
 def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_missing: Literal["error", "skip"] = "error",
-                  check_files: bool = True, require_labels: bool = True) -> tuple[list[str], list[int], list[str], int]:
+                  check_files: bool = True, require_labels: bool = True,
+                  class_names: list[str] | None = None) -> tuple[list[str], list[int], list[str], int]:
     """Read a ``path,label[,split][,class_name]`` CSV: ``(paths, labels, class_names, num_missing)``.
 
     Relative paths are resolved against the CSV's folder. ``label`` is an int or a class name
-    (names are indexed in sorted order). With a ``split`` column and ``split`` given, only its
+    (names are indexed in sorted order, or by their place in ``class_names`` where given: a
+    held-out list lacking a class must not renumber the ones after it; a name not in it is an
+    error). With a ``split`` column and ``split`` given, only its
     rows are kept (``val`` falls back to ``test`` rows and back). Missing files raise an
     error listing them, or with ``on_missing="skip"`` are dropped and counted. A kept row without
     a label is an error unless ``require_labels`` is False (then its label is -1: reading only
@@ -487,8 +490,12 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
         labelled = [i for i, x in enumerate(raw) if x]
         names = _class_names_for([rows[i] for i in labelled], [labels[i] for i in labelled], fields)
     else:
-        names = sorted(set(given))
+        names = sorted(set(given)) if class_names is None else list(class_names)
         lookup = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(given) - set(lookup))
+        if unknown:
+            raise ValueError(f"{str(csv_path)!r}: label(s) {unknown[:8]} are not classes of the main list "
+                             f"({len(names)} classes, e.g. {names[:5]})")
         labels = [lookup[x] if x else -1 for x in raw]
     if split is not None and "split" in fields:
         for name in SPLIT_DIRS.get(split, (split,)):
@@ -597,9 +604,12 @@ class VideoFileDataset(Dataset):
 
     @classmethod
     def from_csv(cls, csv_path: str | os.PathLike, clip: ClipConfig | None = None, split: str | None = None,
-                 on_missing: Literal["error", "skip"] = "error", seed: int = 0) -> VideoFileDataset:
-        """A dataset over the files of a ``path,label`` CSV; see :func:`read_csv_list`."""
-        paths, labels, names, missing = read_csv_list(csv_path, split=split, on_missing=on_missing)
+                 on_missing: Literal["error", "skip"] = "error", seed: int = 0,
+                 class_names: list[str] | None = None) -> VideoFileDataset:
+        """A dataset over the files of a ``path,label`` CSV; see :func:`read_csv_list` (``class_names``:
+        the main list's, which class-name labels index)."""
+        paths, labels, names, missing = read_csv_list(csv_path, split=split, on_missing=on_missing,
+                                                      class_names=class_names)
         return cls(paths, labels, names, clip=clip, seed=seed, num_missing=missing)
 
     def __len__(self) -> int:
