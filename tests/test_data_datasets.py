@@ -101,3 +101,15 @@ def test_a_csv_val_root_with_class_name_labels_uses_the_main_lists_numbering(tmp
     with pytest.raises(ValueError, match=r"label\(s\) \['fox'\] are not classes of the main list"):
         build_dataset(DataConfig(source="csv", root=str(tmp_path / "train.csv"), val_root=str(tmp_path / "bad.csv"),
                                  frames=4, size=16), "val")
+
+
+def test_a_val_list_without_a_train_list_is_refused_for_training(tmp_path):
+    """The train split held every video under root, the val_list's too (before 2026-12-07)."""
+    synth(tmp_path / "v", num=4, frames=4, size=16, seed=0)
+    first = sorted((tmp_path / "v").rglob("*.mp4"))[0].relative_to(tmp_path / "v")
+    (tmp_path / "testlist.txt").write_text(f"{first}\n")
+    cfg = DataConfig(source="folder", root=str(tmp_path / "v"), val_list=str(tmp_path / "testlist.txt"),
+                     frames=4, size=16)
+    assert len(build_dataset(cfg, "val")) == 1
+    with pytest.raises(ConfigError, match="data.val_list .* without data.train_list"):
+        build_dataset(cfg, "train")

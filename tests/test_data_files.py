@@ -485,3 +485,18 @@ def test_frames_without_time_stamps_are_counted_from_the_first_not_the_seek(tmp_
     assert seeks  # the seek was tried, then given up for a decode from the start
     for a, b in zip(timed, untimed):
         assert np.array_equal(a, b)
+
+
+def test_class_folders_are_numbered_as_ucf101_numbers_its_classes(tmp_path):
+    """Code-point order put HammerThrow (official 35) before Hammering (34) and JumpRope (47) before
+    JumpingJack (46); class names now sort case-insensitively, as UCF-101's classInd.txt."""
+    from arvid.data.files import folder_class_names, read_csv_list
+
+    official = ["Haircut", "Hammering", "HammerThrow", "HandstandPushups", "JugglingBalls", "JumpingJack", "JumpRope"]
+    for name in reversed(official):
+        (tmp_path / "ucf" / name).mkdir(parents=True)
+    assert folder_class_names(tmp_path / "ucf") == official
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    (tmp_path / "l.csv").write_text("path,label\n" + "".join(f"v.mp4,{n}\n" for n in reversed(official)))
+    assert read_csv_list(tmp_path / "l.csv")[2] == official  # name labels: the same numbering

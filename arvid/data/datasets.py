@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch.utils.data import Dataset
 
-from arvid.config import doc, nested
+from arvid.config import ConfigError, doc, nested
 from arvid.data.files import (
     ClipConfig,
     VideoFileDataset,
@@ -91,6 +91,10 @@ def build_dataset(cfg: DataConfig, split: Split = "train") -> Dataset:
     clip = cfg.clip_config(split)
     root, split_arg = _split_source(cfg, split)
     if cfg.source == "folder":
+        if split == "train" and cfg.val_list and not cfg.train_list and not has_split_folders(cfg.root):
+            raise ConfigError(f"data.val_list ({cfg.val_list!r}) is given without data.train_list: the train split "
+                              f"would be every video under {cfg.root!r}, the held-out ones too; give train_list "
+                              "(UCF-101: ucfTrainTestlist/trainlist01.txt)")
         split_list = cfg.train_list if split == "train" else cfg.val_list
         # one class list for every split, from the main root, so labels agree across splits
         return VideoFileDataset.from_folder(root, clip=clip, split=split_arg, split_list=split_list, seed=cfg.seed,

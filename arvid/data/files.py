@@ -343,12 +343,19 @@ def _tolerant_decode(container, stream, errors: list[str], skip_before: float | 
 # --------------------------------------------------------------------------- listing
 
 
+def class_order(name: str) -> tuple[str, str]:
+    """Sort key of class names: case-insensitive, as UCF-101's ``classInd.txt`` numbers its classes
+    (``Hammering`` 34 before ``HammerThrow`` 35, where code-point order puts ``T`` before ``i``);
+    names equal but for case by code point."""
+    return name.casefold(), name
+
+
 def list_class_folders(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the class folders under ``root`` (hidden folders ignored)."""
+    """The class folders under ``root`` (hidden folders ignored) in :func:`class_order`."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {str(root)!r} does not exist")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=class_order)
 
 
 def videos_under(folder: str | os.PathLike) -> list[Path]:
@@ -374,14 +381,15 @@ def has_split_folders(root: str | os.PathLike) -> bool:
 
 
 def folder_class_names(root: str | os.PathLike) -> list[str]:
-    """Class names of a folder dataset: sorted class folders (the union over split folders if any)."""
+    """Class names of a folder dataset: the class folders in :func:`class_order` (the union over split
+    folders if any)."""
     root = Path(root)
     if has_split_folders(root):
         names: set[str] = set()
         for split in ("train", "val", "test"):
             if (root / split).is_dir():
                 names.update(list_class_folders(root / split))
-        return sorted(names)
+        return sorted(names, key=class_order)
     return list_class_folders(root)
 
 
@@ -450,7 +458,7 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
     """Read a ``path,label[,split][,class_name]`` CSV: ``(paths, labels, class_names, num_missing)``.
 
     Relative paths are resolved against the CSV's folder. ``label`` is an int or a class name
-    (names are indexed in sorted order, or by their place in ``class_names`` where given: a
+    (names are indexed in :func:`class_order`, or by their place in ``class_names`` where given: a
     held-out list lacking a class must not renumber the ones after it; a name not in it is an
     error). With a ``split`` column and ``split`` given, only its
     rows are kept (``val`` falls back to ``test`` rows and back). Missing files raise an
@@ -490,7 +498,7 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
         labelled = [i for i, x in enumerate(raw) if x]
         names = _class_names_for([rows[i] for i in labelled], [labels[i] for i in labelled], fields)
     else:
-        names = sorted(set(given)) if class_names is None else list(class_names)
+        names = sorted(set(given), key=class_order) if class_names is None else list(class_names)
         lookup = {n: i for i, n in enumerate(names)}
         unknown = sorted(set(given) - set(lookup))
         if unknown:
