@@ -500,3 +500,40 @@ def test_class_folders_are_numbered_as_ucf101_numbers_its_classes(tmp_path):
     video.write_bytes(b"")
     (tmp_path / "l.csv").write_text("path,label\n" + "".join(f"v.mp4,{n}\n" for n in reversed(official)))
     assert read_csv_list(tmp_path / "l.csv")[2] == official  # name labels: the same numbering
+
+
+@pytest.mark.parametrize("audio_s", [4, 20])
+def test_random_starts_in_an_mkv_whose_audio_outlasts_the_video(tmp_path, audio_s):
+    """Matroska states no video duration; the container's is its longest stream's (the audio's),
+    so late starts fell past the last video frame and the clip froze on it (before 2026-12-07).
+    The video's end is now read off its last packets (also when the audio runs 18 s past it)."""
+    path = tmp_path / "a.mkv"
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("mpeg4", rate=25)
+        v.width = v.height = 32
+        v.pix_fmt = "yuv420p"
+        a = c.add_stream("pcm_s16le", rate=16000)
+        a.layout = "mono"
+        for k in range(50):  # 2 s of video; frame k shows k in its two halves
+            img = np.zeros((32, 32, 3), np.uint8)
+            img[16:], img[:16] = 20 * (k % 12) + 10, 20 * (k // 12) + 10
+            for pkt in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        for pkt in v.encode():
+            c.mux(pkt)
+        for j in range(10 * audio_s):
+            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1600), np.int16), format="s16", layout="mono")
+            fr.sample_rate, fr.pts = 16000, j * 1600
+            for pkt in a.encode(fr):
+                c.mux(pkt)
+        for pkt in a.encode():
+            c.mux(pkt)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].duration is None and c.duration / 1e6 == pytest.approx(audio_s, abs=0.1)
+
+    def ids(clip):
+        return [int(round((f[24, 16].mean() - 10) / 20)) + 12 * int(round((f[8, 16].mean() - 10) / 20)) for f in clip]
+
+    assert ids(decode_clip(path, frames=16, size=32, start_fraction=1.0)) == list(range(34, 50))
+    mid = ids(decode_clip(path, frames=16, size=32, start_fraction=0.6))
+    assert mid == list(range(mid[0], mid[0] + 16)) and 15 <= mid[0] <= 25

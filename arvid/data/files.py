@@ -228,6 +228,10 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
         t_first = stream.start_time * tb if stream.start_time is not None else 0.0
         if stream.duration:
             duration = stream.duration * tb
+        elif container.duration and len(container.streams) > 1:
+            # the container's duration is its longest stream's (often the audio's, in mkv/webm):
+            # the video's own end is read off its last packets
+            duration = _video_end(container, stream, tb, t_first)
         elif container.duration:
             duration = container.duration / av.time_base
         elif stream.frames:
@@ -297,6 +301,30 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
             emit(prev)
     clip = np.stack(out)  # [T, size, size, 3]
     return np.ascontiguousarray(clip[:, :, ::-1]) if flip else clip
+
+
+def _video_end(container, stream, tb: float, t_first: float) -> float | None:
+    """Seconds from the video's start to the end of its last packet (the video stream's own
+    duration, where the container states only its longest stream's), read by seeking near the
+    container's end and demuxing the video's last packets; the container is left at its start.
+    None when no packet tells."""
+    import av
+
+    end = None
+    # first the last ~10 s of the container; if the video ended before them, every packet (no decoding)
+    for start in (max(int(container.duration) - 10 * av.time_base, 0), 0):
+        try:
+            container.seek(start, backward=True)
+            for packet in container.demux(stream):
+                if packet.pts is not None:
+                    t = (packet.pts + (packet.duration or 0)) * tb
+                    end = t if end is None else max(end, t)
+        except av.FFmpegError:
+            end = None
+        if end is not None or start == 0:
+            break
+    container.seek(0, stream=stream)
+    return None if end is None else max(end - t_first, 0.0)
 
 
 def _tolerant_decode(container, stream, errors: list[str], skip_before: float | None = None, tb: float = 0.0,
