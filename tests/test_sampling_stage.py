@@ -259,3 +259,34 @@ def test_sample_config_names_malformed_allowed_counts():
         with pytest.raises(ValueError, match="allowed_counts must be positive token counts.*not a mix"):
             SampleConfig(allowed_counts=bad)
     assert SampleConfig(allowed_counts=[np.int64(2), 4]).allowed_counts == [2, 4]
+
+
+def test_context_counts_come_from_the_given_router(dirs, caplog):
+    """`arvid sample --context` had no router: the context was encoded at the tokenizer's default
+    counts, not the router-chosen ones its GPT trained on (before 2026-12-07). `--router` now
+    chooses them; without router or context_count a warning says so."""
+    from arvid.data.writer import write_video
+    from arvid.stages.train_router import ROUTER_PRESETS
+    from arvid.tokenizer.router import Router, RouterConfig
+
+    tok = load_tokenizer(dirs / "tok")
+    lay = tok.layout
+    router = Router(RouterConfig(**{**ROUTER_PRESETS["debug"], "frames_per_block": lay.frames_per_block,
+                                    "candidates": lay.candidates, "image_size": 32}))
+    want = torch.tensor([[8, 4, 4, 8]])  # the router always picks this one
+    with torch.no_grad():
+        router.head.weight.zero_()
+        router.head.bias.fill_(-10.0)
+        router.head.bias[int(lay.assignments_to_indices(want)[0])] = 10.0
+    router.save_pretrained(dirs / "router")
+    write_video(torch.rand(3, 6, 40, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1, dirs / "ctx3.mp4", fps=8)
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "1",
+            "--per-class", "2", "--batch-size", "2", "--context", str(dirs / "ctx3.mp4"), "--context-frames", "3",
+            "grid_format=none"]
+    assert cli(base + ["--router", str(dirs / "router"), "--out", str(dirs / "routed")]) == 0
+    assert load(dirs / "routed")["block_lengths"][:, :2].tolist() == [[8, 4]] * 2
+    with caplog.at_level("WARNING", logger="arvid"):
+        assert cli(base + ["--out", str(dirs / "unrouted")]) == 0
+    assert "encoded at the tokenizer's default counts" in caplog.text
+    mid = lay.candidates[len(lay.candidates) // 2]
+    assert load(dirs / "unrouted")["block_lengths"][:, :2].tolist() == [[mid, mid]] * 2

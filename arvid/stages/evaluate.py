@@ -102,10 +102,10 @@ def _load_router(path: str | None, device: torch.device, tok: Any, tok_name: str
     return router
 
 
-def _attach_router(tok: Any, path: str | None, device: torch.device) -> None:
+def _attach_router(tok: Any, path: str | None, device: torch.device, tok_name: str = "in use") -> None:
     """Let ``tok.encode`` without an assignment use the router at ``path`` (frame prediction's context:
     the clip's own token counts, as the tokenize stage gave the generator's training clips)."""
-    router = _load_router(path, device, tok)
+    router = _load_router(path, device, tok, tok_name)
     if router is None:
         return
     if not hasattr(tok, "router"):
@@ -581,7 +581,7 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
     check_protocol(cfg.protocol, cfg.data, cfg.split)
     if tok is None:
         tok = load_tokenizer(cfg.tokenizer).to(device).eval()
-        _attach_router(tok, cfg.router, device)
+        _attach_router(tok, cfg.router, device, cfg.tokenizer)
     gpt = gpt or _load_gpt(cfg.generator, device, "fp32", tok, cfg.tokenizer)
     if cfg.generator:  # a frame-prediction GPT continues the number of context blocks it was trained on
         from arvid.sampling.frame_prediction import check_context_blocks

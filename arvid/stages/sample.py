@@ -75,7 +75,11 @@ class SampleConfig:
                                 "recorded, else <generator>/spm)")
     context: str | None = doc(None, "a video file: frame prediction from its first context_frames frames")
     context_frames: int = doc(5, "context frames read from --context (Kinetics-600 protocol: 5, padded to 8)")
-    context_count: int = doc(0, "fixed token count of each context block; 0 = the tokenizer's own choice")
+    context_count: int = doc(0, "fixed token count of each context block; 0 = the tokenizer's own choice (the "
+                                "router's where `router` is given)")
+    router: str | None = doc(None, "with --context: a trained router directory choosing the context blocks' counts "
+                                   "(give the one `arvid tokenize` used for the GPT's training tokens: without it the "
+                                   "context is encoded at the tokenizer's default counts)")
     sampler: SamplerConfig = nested(SamplerConfig, "guidance, temperature, top-k/top-p, length bias, execution")
     fixed_assignment: list[int] | None = doc(
         None, "one token count per block, forced on every video, e.g. [64, 64, 128, 256] (each a candidate of the "
@@ -280,6 +284,10 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
         counts: int | list[int] | None = cfg.context_count or None
         if counts is None and cfg.fixed_assignment is not None:
             counts = list(cfg.fixed_assignment[:blocks])  # the context blocks at the forced counts
+        if counts is None and getattr(tokenizer, "router", None) is None:
+            log.warning("sample: --context is encoded at the tokenizer's default counts; a GPT trained on "
+                        "router-chosen tokens saw other context lengths: give `router` (the one `arvid tokenize` "
+                        "used) or `context_count`")
         plan.prefix = encode_context(tokenizer, video, blocks, counts)
         if cfg.fixed_assignment is not None or cfg.allowed_counts is not None:
             from arvid.sampling.constraints import SequenceConstraint
@@ -367,6 +375,10 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.precision == "bf16":
         gpt = gpt.cast_for_inference_(torch.bfloat16)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
+    if cfg.router:
+        from arvid.stages.evaluate import _attach_router
+
+        _attach_router(tokenizer, cfg.router, device, cfg.tokenizer)
     fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
     check_constraints(cfg, fmt)
@@ -543,6 +555,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     put("spm", args.spm)
     put("context", args.context)
     put("context_frames", args.context_frames)
+    put("router", args.router)
     put("sampler.cfg_scale", args.cfg_scale)
     put("sampler.cfg_schedule", args.cfg_schedule)
     put("sampler.temperature", args.temperature)
@@ -603,6 +616,8 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--spm", help="SentencePiece model directory for --text")
     p.add_argument("--context", help="video file: predict the frames after its first --context-frames")
     p.add_argument("--context-frames", type=int, help="context frames (default 5)")
+    p.add_argument("--router", help="router directory choosing the context blocks' token counts (the one "
+                                    "`arvid tokenize` used)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance over the sequence")
     p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
