@@ -301,6 +301,13 @@ def test_eval_curve_points_and_tokens_saved(router_dir, work, tmp_path):
     cfg = EvalCurveConfig(data=_data(), split="val", tokenizer=str(work / "proxy"), curation=str(work / "cur_val"),
                           router=str(router_dir / "router"), n_thresholds=3, quality="mse", batch_size=16,
                           device="cpu", out_dir=str(tmp_path / "curve"))
+    # the curation of another split (its records index other videos) is refused (before 2026-12-07: used)
+    import dataclasses
+
+    from arvid.config import ConfigError
+
+    with pytest.raises(ConfigError, match="holds records of split 'train', but the curve runs on split 'val'"):
+        run(dataclasses.replace(cfg, curation=str(work / "cur_train"), out_dir=str(tmp_path / "wrong")))
     out = run(cfg)
     res = json.loads((out / "curve.json").read_text())
     pts = res["points"]

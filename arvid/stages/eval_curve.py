@@ -31,7 +31,7 @@ import torch
 
 from arvid.config import ConfigError, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
-from arvid.io import atomic_write, check_writable, write_json
+from arvid.io import atomic_write, check_writable, read_json, write_json
 from arvid.stages.curate import read_stats, resolve_device
 from arvid.tokenizer.base import load_tokenizer
 from arvid.tokenizer.reward import (
@@ -220,6 +220,14 @@ def run(cfg: EvalCurveConfig) -> Path:
         stats = read_stats(cfg.curation)
         if records.layout != layout:
             raise ConfigError(f"eval curve: curation layout {records.layout} differs from the tokenizer's {layout}")
+        info = read_json(Path(cfg.curation) / "stats.json")  # the records index videos of one split, one proxy
+        if info.get("split") not in (None, cfg.split):
+            raise ConfigError(f"eval curve: curation {cfg.curation!r} holds records of split {info['split']!r}, but the "
+                              f"curve runs on split {cfg.split!r}: its labels would be applied to other videos")
+        if info.get("tokenizer_fingerprint") not in (None, tok.fingerprint()):
+            raise ConfigError(f"eval curve: curation {cfg.curation!r} was made with tokenizer fingerprint "
+                              f"{info['tokenizer_fingerprint']!r}, not that of {cfg.tokenizer!r} "
+                              f"({tok.fingerprint()!r}): its rewards are another proxy's")
         missing = sorted(set(keep) - set(records.videos().tolist()))
         if missing:
             raise ConfigError(f"eval curve: curation {cfg.curation!r} has no records for {len(missing)} of the {n} "
