@@ -71,9 +71,16 @@ def test_tokenize_into_a_store_of_another_tokenizer_is_refused(env, tmp_path):
     data = DataConfig(source="synthetic", frames=8, size=16, num_videos=4, num_val_videos=2, random_start=False)
     cfg = dict(data=data, fixed_assignment=[4, 4, 4, 4], batch_size=4, save_every=4, device="cpu",
                out_dir=str(tmp_path / "t"))
-    run(TokenizeConfig(tokenizer=str(env / "A"), **cfg))
-    with pytest.raises(TokenStoreError, match="fingerprint"):
+    import shutil
+
+    shutil.copytree(env / "A", tmp_path / "tok")
+    run(TokenizeConfig(tokenizer=str(tmp_path / "tok"), **cfg))
+    with pytest.raises(ConfigError, match=r"another config \(tokenizer changed"):  # another tokenizer path
         run(TokenizeConfig(tokenizer=str(env / "B"), **cfg))
+    shutil.rmtree(tmp_path / "tok")
+    shutil.copytree(env / "B", tmp_path / "tok")  # another tokenizer under the same path
+    with pytest.raises(TokenStoreError, match="fingerprint"):
+        run(TokenizeConfig(tokenizer=str(tmp_path / "tok"), **cfg))
 
 
 def test_sample_rejects_class_ids_out_of_range(env, tmp_path):
