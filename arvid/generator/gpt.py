@@ -55,7 +55,7 @@ class GPTConfig:
     qk_norm: bool = doc(False, "RMSNorm on queries and keys per head (stabilises large models)")
     norm_eps: float = doc(1e-5, "RMSNorm epsilon")
     init_std: float = doc(0.02, "std of the normal init of linear layers and embeddings")
-    attn_backend: str = doc("auto", "packed attention: auto|flash_attn|fa4|torch_varlen|flex|cudnn|cudnn_varlen|xformers|sdpa")
+    attn_backend: str = doc("auto", "packed attention: auto|flash_attn|fa4|torch_varlen|flex|cudnn|cudnn_fe|cudnn_varlen|xformers|sdpa")
     residual_dtype: str = doc("float32", "training's residual stream under autocast: float32 (the parameters' "
                               "dtype) or compute (bf16: every residual add, norm input and their gradients "
                               "move half the bytes; the norms still sum in float32)")
