@@ -58,6 +58,9 @@ def test_class_sampling_writes_everything_and_reproduces(dirs):
         assert got.tolist() == bl.tolist()
     stats = json.loads((out / "sample_stats.json").read_text())
     assert stats["samples"] == 6 and stats["samples_per_s"] > 0
+    # not every video was decoded: the decode time is the grid's per video, scaled (said so); before
+    # 2026-12-07 the grid batches' decode time was divided over every sample
+    assert stats["seconds_decode_estimated"] is True and stats["seconds_decode"] > 0
     assert abs(stats["tokens_per_video"]["mean"] - float(z["block_lengths"].sum(1).mean())) < 1e-4
     assert stats["sampler"]["cfg_scale"] == 2.0 and stats["execution"] == "eager"
     # Same seed, same tokens; the config file round-trips through --config.
@@ -290,3 +293,28 @@ def test_context_counts_come_from_the_given_router(dirs, caplog):
     assert "encoded at the tokenizer's default counts" in caplog.text
     mid = lay.candidates[len(lay.candidates) // 2]
     assert load(dirs / "unrouted")["block_lengths"][:, :2].tolist() == [[mid, mid]] * 2
+
+
+def test_saved_videos_are_the_grids_and_time_their_decoding(dirs):
+    """--save-videos decodes every video (timed, not estimated); the grid holds the first max_grid
+    videos of the merged run (decoded after the merge: the same for any process count)."""
+    import av
+
+    out = dirs / "saved"
+    assert cli(["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0,1",
+                "--per-class", "3", "--batch-size", "4", "--save-videos", "--out", str(out), "max_grid=4",
+                "nrow=4", "grid_format=mp4"]) == 0
+    stats = json.loads((out / "sample_stats.json").read_text())
+    assert stats["seconds_decode_estimated"] is False and stats["seconds_decode"] > 0
+    assert sorted(p.name for p in (out / "videos").iterdir()) == [f"{i:05d}.mp4" for i in range(6)]
+
+    def frame0(path):
+        with av.open(str(path)) as c:
+            return next(c.decode(video=0)).to_ndarray(format="rgb24").astype(np.int16)
+
+    grid, one = frame0(out / "grid.mp4"), frame0(out / "videos" / "00003.mp4")
+    h, w = one.shape[:2]  # tiles: 2 px of border on the top and left of each (make_grid)
+    tiles = [grid[2:2 + h, 2 + j * (w + 2):2 + j * (w + 2) + w] for j in range(4)]
+    assert grid.shape[1] >= 4 * (w + 2)
+    err = [float(np.abs(t - one).mean()) for t in tiles]
+    assert err[3] < 6 and min(err[:3]) > err[3]  # the 4th tile is video 3

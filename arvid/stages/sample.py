@@ -408,7 +408,7 @@ def run(cfg: SampleConfig) -> Path:
     nb = num_batches(plan.n, cfg.batch_size)
     with state.split_between_processes(list(range(nb))) as mine:
         my_batches = list(mine)
-    toks, idxs, grid, t_tokens, t_decode = [], [], [], 0.0, 0.0
+    toks, idxs, t_tokens, t_decode = [], [], 0.0, 0.0
     vid_dir = out / "videos"
     from tqdm.auto import tqdm
 
@@ -417,7 +417,6 @@ def run(cfg: SampleConfig) -> Path:
                disable=not state.is_local_main_process)
     it = iter_sample_batches(gpt, tokenizer, scfg, batch_size=cfg.batch_size, seed=cfg.seed, batches=my_batches,
                              budget=budget_cap, decode=False, sampler=sampler, **kw)
-    need_videos = cfg.save_videos or (cfg.grid_format != "none" and state.is_main_process)
     while True:
         t0 = time.perf_counter()
         try:
@@ -429,19 +428,14 @@ def run(cfg: SampleConfig) -> Path:
         t_tokens += t1 - t0
         first = j * cfg.batch_size
         ids = torch.arange(first, first + tokens.batch_size)
-        if need_videos and (cfg.save_videos or sum(v.shape[0] for v in grid) < cfg.max_grid):
-            with torch.no_grad(), inference_autocast("auto", device):
-                videos = tokenizer.decode(tokens.to(device)).float().clamp(-1, 1).cpu()
-            _sync(device)
+        if cfg.save_videos:
+            videos = _decode(tokenizer, tokens, device)
             t_decode += time.perf_counter() - t1
-            if cfg.save_videos:
-                from arvid.data.writer import write_video
+            from arvid.data.writer import write_video
 
-                vid_dir.mkdir(exist_ok=True)
-                for i, v in zip(ids.tolist(), videos):
-                    write_video(v, vid_dir / f"{i:05d}.mp4", fps=cfg.fps)
-            if state.is_main_process and cfg.grid_format != "none":
-                grid.append(videos[:max(cfg.max_grid - sum(v.shape[0] for v in grid), 0)])
+            vid_dir.mkdir(exist_ok=True)
+            for i, v in zip(ids.tolist(), videos):
+                write_video(v, vid_dir / f"{i:05d}.mp4", fps=cfg.fps)
         toks.append(tokens)
         idxs.append(ids)
         bar.update(tokens.batch_size)
@@ -458,7 +452,7 @@ def run(cfg: SampleConfig) -> Path:
               timing=np.array([t_tokens, t_decode, len(mine_idx)], dtype=np.float64))
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibration, device, sampler,
+        _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, calibration, device, sampler,
                           scfg, time.perf_counter() - t_start)
     state.wait_for_everyone()
     return out
@@ -469,12 +463,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _decode(tokenizer: Any, tokens: TokenizedVideo, device: torch.device) -> torch.Tensor:
+    """Videos of ``tokens``: ``float [B, 3, T, H, W]`` in [-1, 1] on the CPU (the device synced)."""
+    with torch.no_grad(), inference_autocast("auto", device):
+        videos = tokenizer.decode(tokens.to(device)).float().clamp(-1, 1).cpu()
+    _sync(device)
+    return videos
+
+
 def _save_npz(path: Path, **arrays) -> None:
     with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
 
 
-def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibration, device, sampler,
+def _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, calibration, device, sampler,
                       scfg, seconds_total) -> None:
     index, codes_parts, bl_parts, t_tok, t_dec = [], [], [], 0.0, 0.0
     for r in range(world):
@@ -493,14 +495,22 @@ def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibr
     _save_npz(out / "tokens.npz", sequences=seqs.numpy(), lengths=lengths.numpy(), codes=tokens.codes.numpy(),
               block_lengths=tokens.block_lengths.numpy(), classes=plan.classes.numpy(),
               prompt_index=plan.prompt_index.numpy())
-    if grid:
+    n = tokens.batch_size
+    # the grid: the first max_grid videos of the merged run, whatever the process count
+    k, t_grid = min(cfg.max_grid, n) if cfg.grid_format != "none" else 0, 0.0
+    if k:
         from arvid.data.writer import write_grid
 
-        g = torch.cat(grid)
+        t0 = time.perf_counter()
+        g = torch.cat([_decode(tokenizer, tokens.select(torch.arange(a, min(a + cfg.batch_size, k))), device)
+                       for a in range(0, k, cfg.batch_size)])
+        t_grid = time.perf_counter() - t0
         for ext in (["mp4", "gif"] if cfg.grid_format == "both" else [cfg.grid_format]):
             write_grid(g, out / f"grid.{ext}", nrow=cfg.nrow, fps=cfg.fps)
+    decode_estimated = not cfg.save_videos
+    if decode_estimated:  # not every video was decoded: the grid's time per video, over the busiest process's share
+        t_dec = t_grid / k * -(-n // world) if k else 0.0
     per_video = tokens.lengths.float()
-    n = tokens.batch_size
     stats = {
         "samples": n,
         "processes": world,
@@ -508,9 +518,10 @@ def _merge_and_report(cfg, out, plan, fmt, world, grid, beta, budget_cap, calibr
         "execution": sampler.execution(device),
         "seconds_tokens": t_tok,
         "seconds_decode": t_dec,
+        "seconds_decode_estimated": decode_estimated and k > 0,
         "seconds_total": seconds_total,
         "samples_per_s_tokens": n / t_tok if t_tok > 0 else None,
-        "samples_per_s": n / (t_tok + t_dec) if t_tok + t_dec > 0 else None,
+        "samples_per_s": n / (t_tok + t_dec) if t_tok + t_dec > 0 and (cfg.save_videos or k) else None,
         "tokens_per_video": {"mean": float(per_video.mean()), "std": float(per_video.std()) if n > 1 else 0.0,
                              "min": int(per_video.min()), "max": int(per_video.max()),
                              "per_block_mean": tokens.block_lengths.float().mean(0).tolist()},
