@@ -399,3 +399,18 @@ def test_check_clips_compares_frame_resampling_and_warns_on_fields_a_file_lacks(
         caplog.clear()
         check_clips("s.npz", {k: v for k, v in synth.items() if k not in ("frame_stride", "fps")}, synth)
     assert "do not record" not in caplog.text
+
+
+def test_fp_example_only_continues_the_clips_it_shows(env, tmp_path):
+    """The report's frame-prediction example without FVD-FP continued every drawn clip (all 10,000
+    in ucf101_evatok.yaml) to show 8; with only_kept it stops once the shown ones are predicted."""
+    from arvid.stages import evaluate
+
+    cfg = evaluate.FPEvalConfig(data=DataConfig(**DATA), num_videos=7, context_frames=2, batch_size=2, protocol=None,
+                                generator=str(env / "gen" / "gpt"), tokenizer=str(env / "tok"), device="cpu")
+    full = evaluate.evaluate_fp(cfg, keep=3)
+    assert full["num_videos"] == 7 and sorted(full["_kept"]) == [0, 1, 2] and "example_only" not in full
+    ex = evaluate.evaluate_fp(cfg, keep=3, only_kept=True)
+    assert ex["num_videos"] == 4 and ex["example_only"] is True  # batches [0, 1] and [2, 3]
+    for p in (0, 1, 2):
+        assert torch.equal(ex["_kept"][p][1], full["_kept"][p][1])  # the same predictions (seeded per batch)

@@ -569,10 +569,12 @@ def predict_batch(sampler: Any, tok: Any, clips: torch.Tensor, labels: torch.Ten
 
 @torch.no_grad()
 def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides | None = None, gpt: Any = None,
-                tok: Any = None, keep: int = 0) -> dict:
+                tok: Any = None, keep: int = 0, only_kept: bool = False) -> dict:
     """Frame prediction over ``clips``; ``fvd``: a shared real side (None and ``cfg.protocol`` None:
     no FVD-FP); ``gpt`` / ``tok``: already loaded (``tok`` with its router attached); ``keep``: the
-    first ``keep`` real clips and their predictions are returned (``"_kept"``) for pictures."""
+    first ``keep`` real clips and their predictions are returned (``"_kept"``) for pictures;
+    ``only_kept`` (without FVD): stop once they are predicted, an example rather than a measurement
+    (``tokens_per_video`` then covers the clips predicted, ``"example_only": true``)."""
     from arvid.sampling.sampler import Sampler
     from arvid.sampling.videos import sequence_format_for
     from arvid.tokenizer.base import load_tokenizer
@@ -594,7 +596,10 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
     sampler = Sampler(gpt, sequence_format_for(gpt, tok), cfg.sampler)
     sums = torch.zeros(2, dtype=torch.float64)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    only_kept = only_kept and fvd is None and keep > 0
     for j, b in clips.batches("frame prediction"):
+        if only_kept and int(b["index"].min()) >= keep:
+            break  # this process's batches come in draw order: the kept clips are all behind
         if fvd is not None:
             fvd.add_real(b["video"])
         labels = b["label"] if gpt.config.num_classes > 0 else None
@@ -610,6 +615,8 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
     codes, count = all_sum(sums.to(device)).tolist()
     tpv = codes / max(count, 1.0)
     out: dict[str, Any] = {"context_frames": cfg.context_frames, "tokens_per_video": tpv, "num_videos": int(count)}
+    if only_kept:
+        out["example_only"] = True
     if fvd is not None:
         f = fvd.result("fp", tpv)
         out.update(fvd_fp=f["fvd"], fvd_record=f)

@@ -202,7 +202,8 @@ def run_report(cfg: ReportConfig) -> Path | None:
             fcfg = FPEvalConfig(data=cfg.data, split=cfg.split, num_videos=cfg.num_videos, context_frames=ctx,
                                 sampler=cfg.sampler, protocol=cfg.protocol if with_fvd else None,
                                 batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
-            fp = evaluate_fp(fcfg, clips, fvd if with_fvd else None, gpt=gpt, tok=tokd, keep=k)
+            # without FVD-FP only the k shown clips are continued (all clips were: as costly as the gFVD)
+            fp = evaluate_fp(fcfg, clips, fvd if with_fvd else None, gpt=gpt, tok=tokd, keep=k, only_kept=not with_fvd)
             kept = fp.pop("_kept")
             metrics["frame_prediction"] = fp
             shown = sorted(kept)[:k]  # the first k drawn clips that were read (an unreadable file is left out)
