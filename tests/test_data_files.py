@@ -68,6 +68,11 @@ def test_synth_is_resumable(synth_dir):
     res = synth(synth_dir, fmt="mp4", num=N, seed=4, frames=T, size=S)
     assert res["written"] == 0
     assert (synth_dir / "00_static" / "000000.mp4").stat().st_mtime_ns == before
+    # other settings over these clips are refused, naming them (before 2026-12-07 the old clips were
+    # kept and list.csv described the new settings)
+    with pytest.raises(ValueError, match=r"made with other settings \(seed=4, size=.*; now seed=1, size=64\)"):
+        synth(synth_dir, fmt="mp4", num=N, seed=1, frames=T, size=64)
+    assert (synth_dir / "00_static" / "000000.mp4").stat().st_mtime_ns == before
 
 
 def test_truncated_and_empty_files_are_skipped_and_counted(synth_dir, tmp_path, caplog):

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 
+from arvid.config import to_dict
 from arvid.data.index import format_summary, index_folder
 from arvid.data.synthetic import SyntheticConfig, SyntheticVideos
 from arvid.data.writer import write_video
-from arvid.io import atomic_write, check_writable
+from arvid.io import atomic_write, check_writable, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,9 @@ def synth(out: str | os.PathLike, fmt: str = "mp4", num: int = 1000, seed: int =
           size: int = 64, fps: int = 8, config: SyntheticConfig | None = None) -> dict:
     """Write ``num`` synthetic clips as ``out/<NN_class>/<index>.<fmt>`` plus ``out/list.csv`` (path,label).
 
-    Resumable: a clip file that exists is complete (files are written atomically) and is kept.
+    Resumable: a clip file that exists is complete (files are written atomically) and is kept,
+    when ``out/synth.json`` says it was made with the same settings (another ``num`` is fine);
+    other settings are a ValueError naming them.
     Returns ``dict(out, csv, num, written, classes)``.
     """
     if fmt not in ("mp4", "gif"):
@@ -38,6 +42,23 @@ def synth(out: str | os.PathLike, fmt: str = "mp4", num: int = 1000, seed: int =
         raise ValueError(f"--num must be >= 1, got {num}")
     out = check_writable(out)
     ds = SyntheticVideos(num, frames=frames, size=size, seed=seed, config=config)
+    # the clips' settings: a rerun keeps existing clips only when they were made with the same ones
+    # (before 2026-12-07 any existing file was kept, and list.csv described the new settings)
+    settings = {"format": fmt, "seed": seed, "frames": frames, "size": size, "fps": fps,
+                "synthetic": to_dict(config or SyntheticConfig())}
+    record = out / "synth.json"
+    if record.is_file():
+        old = read_json(record)
+        changed = sorted(k for k in settings if old.get(k) != json.loads(json.dumps(settings[k])))
+        if changed:
+            raise ValueError(f"{str(out)!r} holds synthetic clips made with other settings "
+                             f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}; now "
+                             f"{', '.join(f'{k}={settings[k]!r}' for k in changed)}): give another directory, "
+                             "or delete that one")
+    elif any(out.glob(f"*/*.{fmt}")):
+        log.warning("synth: %s holds clips but no synth.json (an older version): they are kept as they are, "
+                    "whatever settings made them", out)
+    write_json(record, settings)
     rows = []
     written = 0
     for i in range(num):
