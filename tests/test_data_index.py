@@ -104,3 +104,21 @@ def test_cli_registers_data_commands(tmp_path, capsys):
     assert len(read_rows(tmp_path / "s.csv")) == 12
     with pytest.raises(SystemExit):
         parser.parse_args(["data", "synth", "x", "--format", "avi"])
+
+
+def test_classes_without_a_readable_video_keep_their_name_and_place(tmp_path):
+    """Rows exist for readable videos only: read back, a class without one was named "1" and a last
+    such class vanished (num_classes 3, not 4). The index writes every class beside the CSV."""
+    root = tmp_path / "d"
+    make_folder(root, {"a/1.mp4": 0, "c/1.mp4": 2})
+    for cls in ("b", "d"):
+        (root / cls).mkdir()
+        (root / cls / "broken.mp4").write_bytes(b"not a video")
+    rep = index_folder(root, tmp_path / "list.csv")
+    assert (tmp_path / "list.classes.txt").read_text() == "a\nb\nc\nd\n" and rep["classes_file"].endswith(".txt")
+    cfg = DataConfig(source="csv", root=str(tmp_path / "list.csv"), frames=4, size=16)
+    folder = DataConfig(source="folder", root=str(root), frames=4, size=16)
+    from arvid.data.datasets import class_names
+
+    assert class_names(cfg) == class_names(folder) == ["a", "b", "c", "d"]
+    assert [build_dataset(cfg, "train")[i]["label"] for i in range(2)] == [0, 2]

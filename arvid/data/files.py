@@ -492,7 +492,8 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
     rows are kept (``val`` falls back to ``test`` rows and back). Missing files raise an
     error listing them, or with ``on_missing="skip"`` are dropped and counted. A kept row without
     a label is an error unless ``require_labels`` is False (then its label is -1: reading only
-    the class names).
+    the class names). Int labels take their names from ``<csv name>.classes.txt`` beside the CSV
+    where there is one (`arvid data index` writes it: every class, also those without a row).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -525,6 +526,13 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
             raise ValueError(f"{str(csv_path)!r}: labels must be >= 0, got {lowest}")
         labelled = [i for i, x in enumerate(raw) if x]
         names = _class_names_for([rows[i] for i in labelled], [labels[i] for i in labelled], fields)
+        listed = csv_path.with_name(csv_path.stem + ".classes.txt")  # `arvid data index` writes every class
+        if listed.is_file():
+            every = [line.rstrip("\n") for line in listed.read_text().splitlines()]
+            if len(every) < len(names):
+                raise ValueError(f"{str(listed)!r} names {len(every)} classes, but {str(csv_path)!r} has labels up "
+                                 f"to {len(names) - 1}")
+            names = every
     else:
         names = sorted(set(given), key=class_order) if class_names is None else list(class_names)
         lookup = {n: i for i, n in enumerate(names)}

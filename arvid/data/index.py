@@ -147,11 +147,22 @@ def index_folder(root: str | os.PathLike, out_csv: str | os.PathLike | None = No
             w.writerow([_relative(p.resolve(), base), label_of[c], c] + ([sp] if split_source else []))
         with atomic_write(out_csv, "w") as f:
             f.write(buf.getvalue())
+        # every class, in label order, also those left without a readable video (the rows alone
+        # would lose their names, and a last such class altogether)
+        with atomic_write(classes_path(out_csv), "w") as f:
+            f.write("".join(f"{c}\n" for c in classes))
+        report["classes_file"] = str(classes_path(out_csv))
         report_path = report_path or out_csv.with_suffix(".report.json")
     if report_path is not None:
         report["report"] = str(report_path)
         write_json(report_path, report)
     return report
+
+
+def classes_path(csv_path: str | os.PathLike) -> Path:
+    """The class list written beside an index CSV: ``<name>.classes.txt``, one name per line in label order."""
+    p = Path(csv_path)
+    return p.with_name(p.stem + ".classes.txt")
 
 
 def format_summary(report: dict) -> str:
