@@ -542,3 +542,28 @@ def test_random_starts_in_an_mkv_whose_audio_outlasts_the_video(tmp_path, audio_
     assert ids(decode_clip(path, frames=16, size=32, start_fraction=1.0)) == list(range(34, 50))
     mid = ids(decode_clip(path, frames=16, size=32, start_fraction=0.6))
     assert mid == list(range(mid[0], mid[0] + 16)) and 15 <= mid[0] <= 25
+
+
+def test_non_square_pixels_are_resized_as_shown(tmp_path):
+    """Stored 64 x 32 with pixel aspect 1:2 is shown 32 x 32: the clip keeps the whole picture (red
+    and blue quarters at the edges); the stored width was taken as shown and half was cropped away
+    (before 2026-12-07)."""
+    path = tmp_path / "sar.mp4"
+    img = np.full((32, 64, 3), 128, np.uint8)
+    img[:, :16], img[:, 48:] = (255, 0, 0), (0, 0, 255)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.codec_context.sample_aspect_ratio = Fraction(1, 2)
+        s.bit_rate = 2_000_000
+        for _ in range(4):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(1, 2)
+    row = decode_clip(path, frames=1, size=32)[0, 16].astype(int)
+    red = int(((row[:, 0] > 200) & (row[:, 2] < 60)).sum())
+    blue = int(((row[:, 2] > 200) & (row[:, 0] < 60)).sum())
+    assert 6 <= red <= 9 and 6 <= blue <= 9, (red, blue)

@@ -111,9 +111,12 @@ def decoder_threads() -> int:
     return 1 if torch.utils.data.get_worker_info() is not None else 0
 
 
-def _resize_crop(frame, size: int) -> np.ndarray:  # frame: av.VideoFrame
-    """Resize so the short side is ``size`` (FFmpeg's area scaler), centre crop: ``uint8 [size, size, 3]``."""
-    w, h = frame.width, frame.height
+def _resize_crop(frame, size: int, sar: float = 1.0) -> np.ndarray:  # frame: av.VideoFrame
+    """Resize so the short side is ``size`` (FFmpeg's area scaler), centre crop: ``uint8 [size, size, 3]``.
+
+    ``sar``: the stream's sample (pixel) aspect ratio: the frame is resized as it is shown,
+    ``width * sar`` wide (anamorphic video), not as its pixels are stored."""
+    w, h = frame.width * sar, frame.height
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     rgb = _reformatter().reformat(frame, width=nw, height=nh, format="rgb24",
@@ -178,8 +181,11 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     ``start_fraction``: None starts at the first frame; ``u`` in [0, 1] starts at ``u`` times
     the latest start that still fits the clip. Output frame k is the last decoded frame whose
     time stamp is at or before ``start + k * step`` (half a frame of tolerance), where ``step``
-    is ``1 / fps`` or ``frame_stride`` source frames. Past the end of the file, the last frame
-    repeats. Time 0 is the first frame shown (in AVI with B-frames one interval after the
+    is ``1 / fps`` or ``frame_stride`` source frames (``frame_stride`` intervals of the stream's
+    average rate: exact for constant-rate video; a variable-rate file, such as a GIF whose
+    identical frames were merged and whose delays are whole 1/100 s, can repeat or skip a frame).
+    Frames are resized as shown (non-square pixels: the stream's sample aspect ratio). Past the
+    end of the file, the last frame repeats. Time 0 is the first frame shown (in AVI with B-frames one interval after the
     stream's start), whether the clip is reached by a seek or by decoding from the start. A
     container that states no duration (nor frame count) always starts at the first frame; frames
     without time stamps are counted from the first (such a clip is decoded from the start,
@@ -223,6 +229,7 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
         stream = container.streams.video[0]
         stream.thread_count = decoder_threads()
         tb = float(stream.time_base) if stream.time_base else 1 / av.time_base
+        sar = float(stream.sample_aspect_ratio or 0) or 1.0  # 0/1 or none: square pixels
         rate = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0) or 25.0
         step = 1.0 / fps if fps else frame_stride / rate  # seconds between output frames
         t_first = stream.start_time * tb if stream.start_time is not None else 0.0
@@ -267,7 +274,7 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
             if not out and skipping["used"] and (f is not prev or f.time is None or f.time < skip_before):
                 raise _SkippedTooMuch  # a skipped frame may have been the last one at or before target 0
             if prev_rgb is None or prev_rgb[0] is not f:  # padding repeats a frame: convert it once
-                prev_rgb = (f, _resize_crop(f, size))
+                prev_rgb = (f, _resize_crop(f, size, sar))
             out.append(prev_rgb[1])
 
         n_decoded = 0
