@@ -416,19 +416,43 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
     write_text(path, dump_yaml(to_dict(obj)))
 
 
+#: stands for the root that paths are made relative to (:func:`relocate_paths`)
+ROOT_MARK = "<out_dir>"
+
+
+def relocate_paths(obj: Any, root: str) -> Any:
+    """``obj`` (a plain config dict) with every string path under ``root`` written relative to
+    :data:`ROOT_MARK`: where an experiment lives, or how its directory is spelled, is not part of
+    what its stages compute."""
+    if isinstance(obj, dict):
+        return {k: relocate_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relocate_paths(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == root or obj.startswith(root.rstrip(os.sep) + os.sep)):
+        return ROOT_MARK + obj[len(root.rstrip(os.sep)):]
+    return obj
+
+
 def changed_fields(old: Any, new: Any, ignore: Sequence[str] = ("out_dir",)) -> list[str]:
     """Dotted names of the fields whose values differ between configs ``old`` and ``new``
-    (execution-only fields and ``ignore`` left out), sorted."""
+    (execution-only fields and ``ignore`` left out), sorted. Paths under the folder that holds a
+    config's ``out_dir`` (the experiment's, for a pipeline stage) count relative to it, so an
+    experiment moved or spelled otherwise has the same config."""
     def diff(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
         return [] if a == b else [prefix.rstrip(".")]
 
-    a, b = fingerprint_dict(old), fingerprint_dict(new)
-    for key in ignore:
-        a.pop(key, None)
-        b.pop(key, None)
-    return sorted(diff(a, b, ""))
+    def plain(cfg: Any) -> dict:
+        d = fingerprint_dict(cfg)
+        out_dir = getattr(cfg, "out_dir", None)
+        if isinstance(out_dir, str) and out_dir:
+            d = relocate_paths(d, str(Path(out_dir).parent))
+        for key in ignore:
+            d.pop(key, None)
+        return d
+
+    return sorted(diff(plain(old), plain(new), ""))
 
 
 def check_same_config(cls: type[T], cfg: T, saved_path: str | os.PathLike, what: str,

@@ -127,9 +127,9 @@ def _exchange(a: Path, b: Path) -> bool:
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False  # no RENAME_EXCHANGE here (an old kernel, some file systems)
-    raise OSError(err, os.strerror(err), str(b))
+    if err == errno.ENOENT:
+        raise OSError(err, os.strerror(err), str(b))
+    return False  # no RENAME_EXCHANGE here (an old kernel, some file systems, a seccomp filter): two renames
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:

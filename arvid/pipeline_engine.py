@@ -47,7 +47,7 @@ try:  # POSIX; elsewhere stages run unlocked (one pipeline per out_dir at a time
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from arvid.config import fingerprint_dict, to_dict
+from arvid.config import fingerprint_dict, relocate_paths, to_dict
 from arvid.io import check_writable, read_json, write_json
 
 log = logging.getLogger("arvid.pipeline")
@@ -76,23 +76,6 @@ class Stage:
     after: list[str] = field(default_factory=list)
 
 
-#: stands for the pipeline's out_dir in the paths a fingerprint covers
-OUT_DIR_MARK = "<out_dir>"
-
-
-def _relocated(obj: Any, root: str) -> Any:
-    """``obj`` with every string path under ``root`` (the pipeline's out_dir) written relative to
-    :data:`OUT_DIR_MARK`: where the experiment lives, or how its directory is spelled, is not part of
-    what a stage computes."""
-    if isinstance(obj, dict):
-        return {k: _relocated(v, root) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_relocated(v, root) for v in obj]
-    if isinstance(obj, str) and (obj == root or obj.startswith(root.rstrip(os.sep) + os.sep)):
-        return OUT_DIR_MARK + obj[len(root.rstrip(os.sep)):]
-    return obj
-
-
 def _fingerprint(config: Any, upstream: list[str], legacy: bool = False, root: str | None = None) -> str:
     """A stage's identity: its config less the execution-only fields, with paths under ``root`` (the
     pipeline's out_dir) made relative to it, and its upstream fingerprints. ``root`` None: the paths
@@ -100,7 +83,7 @@ def _fingerprint(config: Any, upstream: list[str], legacy: bool = False, root: s
     before 2026-12-04 (both accepted as a match, so that outputs made then are still reused)."""
     cfg = to_dict(config) if legacy else fingerprint_dict(config)
     if root is not None:
-        cfg = _relocated(cfg, root)
+        cfg = relocate_paths(cfg, root)
     blob = json.dumps({"config": cfg, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -267,7 +250,16 @@ class Pipeline:
                         f"stage {s.name!r}: {str(d)!r} holds an interrupted run of a different config "
                         f"(fingerprint {old} there, {fp} now). Rerun with `--from {s.name}` to start it over."
                     )
-                items.append(PlanItem(s, d, fp, "resume", "interrupted before; resuming in place"))
+                started = read_json(state).get("started")
+                moved = [x for x in s.deps if x in by_name and (
+                    x in refreshed or by_name[x].action != "skip"
+                    or (started is not None and (self._finished(x) or 0) > float(started)))]
+                if moved:  # its partial output was made from an upstream run that has since been replaced
+                    items.append(PlanItem(s, d, fp, "redo", f"interrupted, and its upstream {', '.join(moved)} ran "
+                                                            "again since: starting over (the old output is moved aside)"))
+                    refreshed.add(s.name)
+                else:
+                    items.append(PlanItem(s, d, fp, "resume", "interrupted before; resuming in place"))
             else:
                 items.append(PlanItem(s, d, fp, "run", "not run yet"))
             by_name[s.name] = items[-1]

@@ -314,3 +314,20 @@ def test_a_nested_configs_own_check_names_the_source_and_key_path():
     with pytest.raises(ConfigError, match=r"^<defaults> \+ command-line overrides: invalid TrainerConfig at "
                                           r"`trainer`: TrainerConfig.warmup_steps must be >= 0, got -1$"):
         load_config(TrainRouterConfig, None, ["trainer.warmup_steps=-1"])
+
+
+def test_changed_fields_count_paths_relative_to_the_experiment():
+    """A pipeline stage's paths lie under its experiment folder (out_dir's parent): a moved or
+    respelled experiment is the same config (the stage-level resume checks refused it, while the
+    pipeline planned a resume: review of 2026-12-07). Paths outside it still count as they are."""
+    from arvid.config import changed_fields
+    from arvid.stages.tokenize import TokenizeConfig
+
+    def cfg(root, data_root="/data/ucf", **kw):
+        return TokenizeConfig(tokenizer=f"{root}/final/tokenizer", router=f"{root}/router/router",
+                              out_dir=f"{root}/tokenize", data={"source": "folder", "root": data_root}, **kw)
+
+    assert changed_fields(cfg("/a/exp"), cfg("/b/moved/exp")) == []
+    assert changed_fields(cfg("/a/exp"), cfg("/a/exp", data_root="/data/k600")) == ["data.root"]
+    assert changed_fields(cfg("/a/exp"), cfg("/a/exp", num_videos=3)) == ["num_videos"]
+    assert changed_fields(cfg("/a/exp"), cfg("/a/exp", num_workers=7)) == []  # execution only

@@ -113,3 +113,9 @@ def test_a_val_list_without_a_train_list_is_refused_for_training(tmp_path):
     assert len(build_dataset(cfg, "val")) == 1
     with pytest.raises(ConfigError, match="data.val_list .* without data.train_list"):
         build_dataset(cfg, "train")
+    # held-out videos in their own val_root: the whole root is the train split
+    synth(tmp_path / "held", num=2, frames=4, size=16, seed=1)
+    (tmp_path / "held_list.txt").write_text(f"{first}\n")
+    apart = DataConfig(source="folder", root=str(tmp_path / "v"), val_root=str(tmp_path / "held"),
+                       val_list=str(tmp_path / "held_list.txt"), frames=4, size=16)
+    assert len(build_dataset(apart, "train")) == 4

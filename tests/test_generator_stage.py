@@ -122,7 +122,8 @@ def test_an_interrupted_run_resumes_only_with_its_config_and_tokenizer(setup, tm
         train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", base + ["trainer.lr=0.05"]))
     assert not (out / "gpt").exists()
     train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", base + [
-        "trainer.max_steps=3", "trainer.log_every=2"]))  # more steps (and an execution setting) continue it
+        "trainer.max_steps=3", "trainer.log_every=2", "trainer.grad_accum=2"]))
+    # more steps, another execution setting and another cut of the global batch continue it
     assert json.loads((out / "done").read_text())["step"] == 3
     assert tok.fingerprint() in (out / "gpt" / "config.yaml").read_text()
 

@@ -665,3 +665,20 @@ def test_a_moved_experiment_is_still_recognised(tmp_path):
         marker = old / name / "pipeline_done.json"
         marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": fp}))
     assert [i.action for i in pipe(old).plan()] == ["skip", "skip"]
+
+
+def test_an_interrupted_stage_whose_upstream_ran_again_starts_over(tmp_path):
+    """b killed mid-run, then `--from a --until a`: b was resumed on partial output made from the old
+    a (review of 2026-12-07); it is now redone, its partial output moved aside."""
+    with pytest.raises(RuntimeError):
+        make(tmp_path, [], fail_b=True).run()
+    assert [p.action for p in make(tmp_path, []).plan()] == ["skip", "resume"]  # nothing changed: resumed
+    calls = []
+    make(tmp_path, calls).run(from_="a", until="a")
+    assert calls == ["a"]
+    plan = make(tmp_path, []).plan()
+    assert [(p.stage.name, p.action) for p in plan] == [("a", "skip"), ("b", "redo")]
+    assert "upstream a ran again since" in plan[1].reason
+    calls = []
+    make(tmp_path, calls).run()
+    assert calls == ["b"] and not (tmp_path / "out/b/partial").exists()

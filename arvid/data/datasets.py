@@ -91,7 +91,8 @@ def build_dataset(cfg: DataConfig, split: Split = "train") -> Dataset:
     clip = cfg.clip_config(split)
     root, split_arg = _split_source(cfg, split)
     if cfg.source == "folder":
-        if split == "train" and cfg.val_list and not cfg.train_list and not has_split_folders(cfg.root):
+        if (split == "train" and cfg.val_list and not cfg.train_list and not cfg.val_root
+                and not has_split_folders(cfg.root)):
             raise ConfigError(f"data.val_list ({cfg.val_list!r}) is given without data.train_list: the train split "
                               f"would be every video under {cfg.root!r}, the held-out ones too; give train_list "
                               "(UCF-101: ucfTrainTestlist/trainlist01.txt)")

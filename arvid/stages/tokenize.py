@@ -129,7 +129,8 @@ def run(cfg: TokenizeConfig) -> Path:
     if is_token_store(store_dir) or shard_path(store_dir, 0).parent.exists():
         # tokens of another config (assignment source, N, data, tokenizer path) are not continued
         # nor taken for finished (before 2026-12-07 a rerun reused any shard that existed)
-        check_same_config(TokenizeConfig, cfg, out / "config.yaml", f"tokenize: the tokens in {str(out)!r}")
+        check_same_config(TokenizeConfig, cfg, out / "config.yaml", f"tokenize: the tokens in {str(out)!r}",
+                          allowed=("batch_size", "device"))  # the same codes in other batches, elsewhere
     if dist.rank == 0:
         save_config(cfg, out / "config.yaml")
     tok = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()

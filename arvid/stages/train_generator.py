@@ -296,6 +296,9 @@ def run(cfg: TrainGeneratorConfig) -> Path:
 
 #: the tokenizer a run trains on, written before its first step (config.yaml holds only its path)
 RUN_FILE = "run.json"
+#: what a resumed run may change beyond the execution-only fields: more steps, and how the global
+#: batch is cut into micro-batches or placed (the same data order and loss: the Trainer's contract)
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.grad_accum", "trainer.device")
 
 
 def _check_interrupted(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> None:
@@ -309,7 +312,7 @@ def _check_interrupted(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -
     if not list_checkpoints(out):
         return
     what = f"train-generator: the checkpoints in {str(out)!r}"
-    check_same_config(TrainGeneratorConfig, cfg, out / "config.yaml", what, allowed=("trainer.max_steps",))
+    check_same_config(TrainGeneratorConfig, cfg, out / "config.yaml", what, allowed=RESUME_MAY_CHANGE)
     run_path = out / RUN_FILE
     saved = read_json(run_path).get("tokenizer_fingerprint") if run_path.is_file() else None
     if saved is not None and saved != fingerprint:
@@ -342,7 +345,7 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     except (OSError, ValueError, ConfigError) as e:
         raise ConfigError(f"{str(out)!r} holds a finished run whose config cannot be read ({e}): give another "
                           "out_dir, or delete that one to retrain") from e
-    changed = changed_fields(saved, cfg)
+    changed = [f for f in changed_fields(saved, cfg) if f not in RESUME_MAY_CHANGE[1:]]
     if not changed:
         return True
     if changed == ["trainer.max_steps"] and cfg.trainer.max_steps > saved.trainer.max_steps:

@@ -17,6 +17,7 @@ The lr schedule is a pure function of the step, so the step is the whole schedul
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -31,6 +32,8 @@ from torch import nn
 
 from arvid.config import save_config
 from arvid.io import atomic_dir, load_state_strict, load_weights, read_json, save_weights, torch_load_safe
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -89,9 +92,13 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     doomed = [p for _, p in found[:-keep_last]]
     for p in doomed:  # hidden first (one rename), then deleted: a kill mid-delete leaves no half checkpoint
         trash = p.parent / f".{p.name}.old-{os.getpid()}"
-        if trash.exists():
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(p, trash)
+        try:
+            if trash.exists():
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(p, trash)
+        except OSError as e:  # pruning must not stop training: the next prune (or rerun) tries again
+            log.warning("could not prune checkpoint %s: %s", p, e)
+            continue
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
