@@ -153,3 +153,31 @@ def test_lpips_term_when_weights_are_installed():
     assert "_lpips" not in dict(task.named_modules()) and not any("lpips" in k for k in task.state_dict())
     out.losses["main"].backward()
     assert tok.head.weight.grad.abs().sum() > 0
+
+
+def test_the_discriminator_takes_no_optimizer_step_before_gan_start(tmp_path):
+    """Its zero loss gave zero gradients, yet AdamW decayed its weights and counted its steps, so it
+    reached gan_start shrunk with Adam's bias correction spent (before 2026-12-07)."""
+    from arvid.training import Trainer, TrainerConfig
+
+    class Clips(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            b = _batch(1, seed=i)
+            return {"video": b["video"][0], "index": i, "label": 0}
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("grid3d", preset="debug")
+    task = TokenizerTask(tok, LossConfig(gan_weight=0.1, gan_start=2, disc_layers=2, disc_channels=8),
+                         FixedAssignment(tok.layout, tok.layout.uniform(64)))
+    before = {k: v.clone() for k, v in task.discriminator.state_dict().items()}
+    cfg = dict(batch_size=2, lr=1e-3, weight_decay=0.1, checkpoint_every=0, device="cpu", progress=False)
+    trainer = Trainer(TrainerConfig(max_steps=2, **cfg), task, Clips(), tmp_path / "run")
+    trainer.fit()
+    after = task.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # steps 0 and 1: untouched
+    assert not trainer.optimizers["disc"].state  # no Adam state, no step count
+    Trainer(TrainerConfig(max_steps=3, **cfg), task, Clips(), tmp_path / "run2").fit()
+    assert any(not torch.equal(before[k], task.discriminator.state_dict()[k]) for k in before)  # step 2 trains it

@@ -295,6 +295,12 @@ class TokenizerTask(nn.Module):
     def ema_model(self) -> nn.Module:
         return self.tokenizer
 
+    def trains_group(self, name: str, step: int) -> bool:
+        """The discriminator takes no optimizer step before ``gan_start`` (its zero loss gave zero
+        gradients, yet AdamW decayed its weights and counted steps: before 2026-12-07 it reached
+        gan_start with its weights shrunk and Adam's bias correction spent)."""
+        return name != "disc" or step >= self.loss_cfg.gan_start
+
     def _lpips_loss(self, video: torch.Tensor, recon: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         net = self.lpips
         net.to(video.device)

@@ -2,7 +2,10 @@
 
 A model plugs in through a *task*: an ``nn.Module`` holding the model and its loss modules,
 with ``training_step(batch, step, generator) -> StepOutput`` and optionally
-``optimizer_groups()``, ``ema_model()``, ``loss_weight(batch)`` and ``host_metrics(batch)``. The Trainer owns everything else: devices and
+``optimizer_groups()``, ``ema_model()``, ``loss_weight(batch)``, ``host_metrics(batch)`` and
+``trains_group(name, step) -> bool`` (False: group ``name`` takes no optimizer step at ``step``,
+no weight decay and no Adam step count either, e.g. a GAN discriminator before its start step;
+a function of the step alone, so a resume repeats it). The Trainer owns everything else: devices and
 precision, data order and sharding, gradient accumulation and clipping, lr schedules, EMA,
 checkpoints, exact resume, logging.
 
@@ -843,7 +846,10 @@ class Trainer:
         factor = run.schedule(step)
         grad_norms = {}
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure, do not clip
+        trains = getattr(self.task, "trains_group", None)
         for g in run.groups:
+            if trains is not None and not trains(g.name, step):
+                continue  # its (zero) gradients are dropped with the others below
             opt = run.optimizers[g.name]
             for pg in opt.param_groups:
                 pg["lr"] = cfg.lr * pg["lr_scale"] * factor
