@@ -145,3 +145,15 @@ def test_shipped_configs_load(name):
         tok = build_from_spec(cfg.tokenizer)
     assert cfg.data.frames == tok.layout.num_frames
     assert cfg.data.size == tok.config.image_size
+
+
+def test_recon_grid_rows_alternate_also_for_a_short_last_chunk():
+    from arvid.stages.train_tokenizer import recon_grid
+
+    videos = torch.arange(12.0).view(12, 1, 1, 1, 1).expand(12, 3, 2, 4, 4)
+    recon = -videos
+    g = recon_grid(videos, recon, 8)  # rows of 8: in 0-7, rec 0-7, in 8-11 + 4 white, rec 8-11 + 4 white
+    assert g.shape[0] == 32
+    firsts = g[:, 0, 0, 0, 0].tolist()
+    assert firsts[:16] == list(range(8)) + [-x for x in range(8)]
+    assert firsts[16:] == [8, 9, 10, 11, 1, 1, 1, 1, -8, -9, -10, -11, 1, 1, 1, 1]

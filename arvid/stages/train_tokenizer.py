@@ -194,11 +194,8 @@ def validate(cfg: TrainTokenizerConfig, tokenizer, sampler, videos: torch.Tensor
 
     from arvid.data.writer import write_grid
 
-    n = videos.shape[0]
-    rows = min(n, 8)
-    # grid rows alternate: `rows` inputs, then their `rows` reconstructions
-    pairs = torch.cat([torch.stack([videos[i:i + rows], grid_recon[i:i + rows]]).flatten(0, 1)
-                       for i in range(0, n, rows)])
+    rows = min(videos.shape[0], 8)
+    pairs = recon_grid(videos, grid_recon, rows)
     write_grid(pairs.float().cpu(), out_dir / "val_recon.gif", nrow=rows, fps=cfg.fps)
     names = ["val_recon.gif"]
     if importlib.util.find_spec("av") is not None:  # mp4 needs PyAV; the gif is always written
@@ -276,6 +273,17 @@ def _split_stage(tokens: list[str]) -> tuple[str | None, list[str]]:
     if stage is not None and stage not in ("proxy", "fixed", "final"):
         raise ConfigError(f"--stage must be proxy, fixed or final, got {stage!r}")
     return stage, rest
+
+
+def recon_grid(videos: torch.Tensor, recon: torch.Tensor, rows: int) -> torch.Tensor:
+    """The clips of a ``rows``-wide grid whose rows alternate: ``rows`` inputs, then their
+    reconstructions. A last, shorter chunk is padded with white clips to a whole row each (it
+    shared one row, inputs beside reconstructions, before 2026-12-07)."""
+    def whole_row(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_ones((rows - x.shape[0], *x.shape[1:]))]) if x.shape[0] < rows else x
+
+    return torch.cat([torch.cat([whole_row(videos[i:i + rows]), whole_row(recon[i:i + rows])])
+                      for i in range(0, videos.shape[0], rows)])
 
 
 def _main(args: argparse.Namespace) -> int:
