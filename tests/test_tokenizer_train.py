@@ -93,6 +93,8 @@ def test_final_stage_from_assignment_file_and_errors(tmp_path):
     assert m["stage"] == "final" and m["tokens_per_video"] == 16
     with pytest.raises(ConfigError, match="router"):
         _tiny(tmp_path, "bad", stage="final")
+    with pytest.raises(ConfigError, match="`router` or `assignments`, not both"):
+        _tiny(tmp_path, "both", stage="final", router=str(tmp_path), assignments=str(tmp_path / "labels.npy"))
     with pytest.raises(ConfigError, match="data.frames"):
         run(_tiny(tmp_path, "bad2", data={"frames": 6}))
 

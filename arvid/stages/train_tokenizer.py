@@ -81,6 +81,9 @@ class TrainTokenizerConfig:
     def __post_init__(self) -> None:
         if self.stage == "final" and not (self.router or self.assignments):
             raise ValueError("stage final needs `router` (a router directory) or `assignments` (a .npy)")
+        if self.stage == "final" and self.router and self.assignments:
+            raise ValueError("stage final takes one source of assignments: `router` or `assignments`, not both "
+                             "(the router was used and the assignments ignored)")
         if self.val_videos < 1:
             raise ValueError(f"val_videos must be >= 1, got {self.val_videos}")
 
