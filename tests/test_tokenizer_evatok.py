@@ -341,3 +341,20 @@ def test_decoder_inputs_match_plain_indexing_in_value_and_gradient():
     ga = torch.autograd.grad((_rows(table, idx) * w[0, :7]).sum(), table)[0]
     gb = torch.autograd.grad((table[idx] * w[0, :7]).sum(), table)[0]
     torch.testing.assert_close(ga, gb)
+
+
+def test_vq_losses_weigh_each_video_the_same_whatever_the_split(tok):
+    """The commitment loss was a plain mean over packed tokens: a 4 x 16-token video weighed 16x a
+    4 x 1-token one, and the batch's loss changed when split into micro-batches (before 2026-12-07)."""
+    lay = tok.layout
+    v = _video(4, seed=11)
+    big, small = [lay.candidates[-1]] * lay.num_blocks, [lay.candidates[0]] * lay.num_blocks
+    a = torch.tensor([big, big, small, small])
+    with torch.no_grad():
+        _, whole = tok(v, a)
+        _, first = tok(v[:2], a[:2])
+        _, second = tok(v[2:], a[2:])
+        per_video = [float(tok(v[i:i + 1], a[i:i + 1])[1].losses["commit"]) for i in range(4)]
+    halves = (float(first.losses["commit"]) + float(second.losses["commit"])) / 2
+    assert float(whole.losses["commit"]) == pytest.approx(halves, rel=1e-5)
+    assert float(whole.losses["commit"]) == pytest.approx(sum(per_video) / 4, rel=1e-5)

@@ -166,8 +166,11 @@ class VectorQuantizer(nn.Module):
         return F.embedding(indices, self.normalized_codebook())
 
     def forward(self, z: torch.Tensor, generator: torch.Generator | None = None,
-                entropy: bool = False) -> QuantOutput:
+                entropy: bool = False, token_weight: torch.Tensor | None = None) -> QuantOutput:
         """``z [N, code_dim]`` -> :class:`QuantOutput`. ``entropy``: also compute the entropy loss.
+        ``token_weight [N]`` (summing to 1): the commitment and codebook losses are that weighted
+        mean over tokens instead of the plain one (packed videos of different token counts: each
+        video weighs the same, whatever the batch's split into micro-batches).
 
         In training mode this also updates the EMA codebook (if ``use_ema``) and the usage
         statistics, and restarts dead codes every ``restart_every`` calls (``generator`` picks
@@ -180,12 +183,17 @@ class VectorQuantizer(nn.Module):
         sim = z @ codes.t()  # [N, V] cosine similarities
         indices = sim.argmax(-1)
         e = F.embedding(indices, codes)
+        def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            if token_weight is None:
+                return F.mse_loss(a, b)
+            return ((a - b).pow(2).mean(-1) * token_weight.to(a.dtype)).sum()
+
         losses = {
             # Commitment pulls the encoder output to its code; the codebook loss pulls the code
             # (when not updated by EMA). Both on unit vectors: the mean over elements of the squared
             # difference, (2 - 2 cos) / code_dim per token.
-            "commit": F.mse_loss(z, e.detach()),
-            "codebook": F.mse_loss(e, z.detach()) if not self.config.use_ema else z.new_zeros(()),
+            "commit": mse(z, e.detach()),
+            "codebook": mse(e, z.detach()) if not self.config.use_ema else z.new_zeros(()),
         }
         if entropy:
             losses["entropy"] = entropy_loss(sim / self.config.entropy_temperature)
@@ -273,8 +281,9 @@ class FSQ(nn.Module):
         return q / half
 
     def forward(self, z: torch.Tensor, generator: torch.Generator | None = None,
-                entropy: bool = False) -> QuantOutput:
-        """``z [N, len(levels)]`` -> :class:`QuantOutput` (no losses). ``generator``/``entropy`` unused."""
+                entropy: bool = False, token_weight: torch.Tensor | None = None) -> QuantOutput:
+        """``z [N, len(levels)]`` -> :class:`QuantOutput` (no losses). ``generator``/``entropy``/``token_weight``
+        unused."""
         if z.dim() != 2 or z.shape[1] != self.code_dim:
             raise ValueError(f"FSQ expects [N, {self.code_dim}], got {tuple(z.shape)}")
         b = self._bound(z.float())
