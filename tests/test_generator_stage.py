@@ -212,6 +212,20 @@ def test_spm_errors(tmp_path):
         train_spm(tmp_path / "missing.txt", tmp_path / "spm", 20)
     with pytest.raises(FileNotFoundError, match="train-spm"):
         TextEncoder(tmp_path / "nothing")
+    # the model folder is replaced as a whole: a folder holding other files (an experiment) is
+    # refused and kept (before 2026-12-07 it was emptied), and so is a file
+    (tmp_path / "caps.txt").write_text("band marching\nplaying guitar\n" * 10)
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files \\(precious.txt\\)"):
+        train_spm(tmp_path / "caps.txt", tmp_path / "exp", 20)
+    assert (tmp_path / "exp" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train_spm(tmp_path / "caps.txt", tmp_path / "afile", 20)
+    train_spm(tmp_path / "caps.txt", tmp_path / "spm", 20)
+    train_spm(tmp_path / "caps.txt", tmp_path / "spm", 21)  # its own folder: replaced
+    assert sorted(p.name for p in (tmp_path / "spm").iterdir()) == ["spm.model", "spm.vocab", "text.yaml"]
 
 
 def test_a_blank_caption_line_is_its_labels_empty_text(tmp_path):

@@ -43,6 +43,16 @@ def train_spm(input_path: str | os.PathLike, out_dir: str | os.PathLike, vocab_s
         raise ValueError(f"vocab_size must be >= 4, got {vocab_size}")
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise ValueError(f"model_type must be unigram|bpe|char|word, got {model_type!r}")
+    # the model folder is replaced as a whole: never a folder (or file) holding anything else
+    # (before 2026-12-07 `--out outputs/ucf` deleted that experiment)
+    ours = {MODEL_NAME, "spm.vocab", META_NAME}
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file, not a folder for the SentencePiece model")
+    if out_dir.is_dir():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+        if other:
+            raise ValueError(f"--out {str(out_dir)!r} holds other files ({', '.join(other[:5])}): give an empty or "
+                             "new folder (the model's folder is replaced as a whole)")
     with atomic_dir(out_dir) as tmp:
         # Underscores separate words in UCF-style class names ("Apply_Eye_Makeup").
         corpus = tmp / "corpus.txt"
