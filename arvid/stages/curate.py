@@ -25,6 +25,7 @@ Multi-process: run under ``accelerate launch``; process r takes dataset indices 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -184,8 +185,6 @@ def run(cfg: CurateConfig) -> Path:
     out = check_writable(cfg.out_dir)
     dist = process_info()
     device = resolve_device(cfg.device)
-    if dist.rank == 0:
-        save_config(cfg, out / "config.yaml")
     tok = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
     layout = tok.layout
     distortion = Distortion(cfg.quality, cfg.lpips_net, device, cfg.lpips_weights)
@@ -229,11 +228,19 @@ def run(cfg: CurateConfig) -> Path:
     if cfg.mode == "beam":
         key.update(beam_width=cfg.beam_width, w_q=cfg.w_q, w_l=cfg.w_l, reward_stats=stats.to_dict())
     key_path = parts_dir / "run.json"
-    if key_path.is_file() and read_json(key_path) != key:
-        raise ConfigError(f"curate: {str(parts_dir)!r} holds shards of another run ({read_json(key_path)}); "
-                          f"refusing to mix them with this one ({key}): use a new out_dir or delete it")
-    if dist.rank == 0 and not key_path.is_file():
-        write_json(key_path, key)
+    if key_path.is_file():
+        old_key = read_json(key_path)
+        if old_key != json.loads(json.dumps(key)):
+            changed = sorted(k for k in set(old_key) | set(key)
+                             if old_key.get(k) != json.loads(json.dumps(key.get(k))))
+            raise ConfigError(f"curate: {str(parts_dir)!r} holds shards of another run ({', '.join(changed)} "
+                              f"changed; they were {', '.join(f'{k}={old_key.get(k)!r}' for k in changed)[:300]}): "
+                              "refusing to mix them with this one: use a new out_dir or delete it")
+    if dist.rank == 0:
+        # written once the run is known to continue these outputs (a refused run leaves the old one)
+        save_config(cfg, out / "config.yaml")
+        if not key_path.is_file():
+            write_json(key_path, key)
     done = _done_videos(parts_dir)
     todo = [i for i in range(dist.rank, n_total, dist.world) if i not in done]
     log.info("curate: %d of %d videos left on process %d (%s, %d assignments, %s)", len(todo), n_total,
