@@ -159,3 +159,21 @@ def test_recon_grid_rows_alternate_also_for_a_short_last_chunk():
     firsts = g[:, 0, 0, 0, 0].tolist()
     assert firsts[:16] == list(range(8)) + [-x for x in range(8)]
     assert firsts[16:] == [8, 9, 10, 11, 1, 1, 1, 1, -8, -9, -10, -11, 1, 1, 1, 1]
+
+
+def test_checkpoints_resume_only_under_their_config(tmp_path):
+    """A rerun with another lr or another model over a run's checkpoints resumed them (or failed on
+    shapes) and rewrote config.yaml to the new config (before 2026-12-07); it is refused, naming the
+    change, and the run's config.yaml stays."""
+    cfg = _tiny(tmp_path, "run", stage="fixed", trainer={"checkpoint_every": 1, "max_steps": 1})
+    with one_thread():
+        run(cfg)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    for change, name in ((dict(trainer={"checkpoint_every": 1, "max_steps": 1, "lr": 0.1}), "trainer.lr"),
+                         (dict(trainer={"checkpoint_every": 1, "max_steps": 1},
+                               tokenizer={"params": {"base_channels": 8}}), "tokenizer.params")):
+        with pytest.raises(ConfigError, match=f"checkpoints in .* another config [(]{name}"):
+            run(_tiny(tmp_path, "run", stage="fixed", **change))
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    with one_thread():  # more steps continue it
+        run(_tiny(tmp_path, "run", stage="fixed", trainer={"checkpoint_every": 1, "max_steps": 2}))

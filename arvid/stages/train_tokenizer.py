@@ -222,8 +222,6 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     # the run directory is made, so a bad tokenizer.params key leaves nothing behind.
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = build_from_spec(cfg.tokenizer, source="train-tokenizer config")
-    out = check_writable(cfg.out_dir)
-    save_config(cfg, out / "config.yaml")
     layout = tokenizer.layout
     if cfg.data.frames != layout.num_frames:
         raise ConfigError(f"data.frames={cfg.data.frames} but the tokenizer's blocks "
@@ -231,6 +229,14 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     size = getattr(tokenizer.config, "image_size", None)
     if size is not None and cfg.data.size != size:
         raise ConfigError(f"data.size={cfg.data.size} but the tokenizer expects {size}x{size} frames")
+    out = check_writable(cfg.out_dir)
+    from arvid.config import check_same_config
+    from arvid.training import list_checkpoints
+
+    if list_checkpoints(out):  # the Trainer would resume them: only for this config (before 2026-12-07: any)
+        check_same_config(TrainTokenizerConfig, cfg, out / "config.yaml", f"train-tokenizer: the checkpoints in "
+                          f"{str(out)!r}", allowed=("trainer.max_steps", "trainer.grad_accum", "trainer.device"))
+    save_config(cfg, out / "config.yaml")
     sampler = make_sampler(cfg, tokenizer)
     task = TokenizerTask(tokenizer, cfg.loss, sampler)
     dataset = build_dataset(cfg.data, split="train")
