@@ -368,8 +368,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
+    if path.resolve() in _including:
+        chain = " -> ".join(str(p) for p in (*_including, path.resolve()))
+        raise ConfigError(f"{str(path)!r} includes itself through `_base_` ({chain})")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -387,7 +390,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         bases = [base] if isinstance(base, str) else list(base)
         merged: dict[str, Any] = {}
         for b in bases:
-            merged = deep_merge(merged, read_yaml(path.parent / b))
+            merged = deep_merge(merged, read_yaml(path.parent / b, (*_including, path.resolve())))
         data = deep_merge(merged, data)
     return data
 

@@ -396,3 +396,29 @@ def test_frame_prediction_context_gets_the_routers_counts(env, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="router .*other.* was trained for layout"):
         evaluate._attach_router(load_tokenizer(env / "A"), str(tmp_path / "other"), torch.device("cpu"))
+
+
+def test_bad_devices_empty_class_lists_self_including_configs_and_non_torchscript_files(tmp_path):
+    """Each gave a traceback from deep inside a stage (CLI review, 2026-12-07); now a one-line error
+    naming the value."""
+    from arvid.config import load_config
+    from arvid.eval.i3d import TorchScriptI3D
+    from arvid.eval.weights import WeightsError
+    from arvid.stages.sample import SampleConfig
+    from arvid.training.device import parse_device
+
+    with pytest.raises(ConfigError, match="device 'bogus' is not a device"):
+        parse_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda': this torch has no CUDA"):
+            parse_device("cuda")
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="classes is an empty list"):
+        SampleConfig(classes=[])
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself through `_base_`"):
+        load_config(SampleConfig, tmp_path / "a.yaml")
+    (tmp_path / "bad.pt").write_bytes(b"not an archive")
+    with pytest.raises(WeightsError, match="is not a TorchScript archive"):
+        TorchScriptI3D(str(tmp_path / "bad.pt")).load()

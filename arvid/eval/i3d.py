@@ -538,7 +538,11 @@ class TorchScriptI3D(nn.Module):
         if self.module is None:
             if not Path(self.path).is_file():
                 raise WeightsError(f"TorchScript I3D {self.path!r} does not exist")
-            self.module = torch.jit.load(self.path, map_location="cpu").eval()
+            try:
+                self.module = torch.jit.load(self.path, map_location="cpu").eval()
+            except RuntimeError as e:
+                raise WeightsError(f"{self.path!r} is not a TorchScript archive ({str(e).splitlines()[0]}); "
+                                   "give an I3D saved with torch.jit.save, or a state dict") from None
             self.weights_sha256 = self.weights_file_sha256 = sha256_file(self.path)
         return self
 

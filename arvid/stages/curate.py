@@ -49,6 +49,7 @@ from arvid.tokenizer.reward import (
     labels_for,
     search,
 )
+from arvid.training.device import parse_device
 
 log = logging.getLogger("arvid.curate")
 
@@ -116,7 +117,7 @@ def process_info() -> ProcessInfo:
 def resolve_device(name: str) -> torch.device:
     """``auto``: the accelerator this process was launched on (cuda:rank), else cpu."""
     if name != "auto":
-        return torch.device(name)
+        return parse_device(name)
     from accelerate import PartialState
 
     return PartialState().device if torch.cuda.is_available() else torch.device("cpu")

@@ -63,6 +63,7 @@ from arvid.stages.eval_stream import (
     draw_clips,
     draws_several_clips,
 )
+from arvid.training.device import parse_device
 
 if TYPE_CHECKING:
     from arvid.eval.fvd import FeatureStats, FrechetVideoDistance
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.save_stats and is_stats(args.a):
         raise ValueError("--save-stats saves the statistics of videos; A is already a statistics file")
     rank, world = _dist()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.data.files import VideoFileDataset
 from arvid.eval.protocols import FVDProtocol, get_protocol
+from arvid.training.device import parse_device
 
 log = logging.getLogger("arvid.evaluate")
 
@@ -45,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device("cpu")
-    return torch.device(name)
+    return parse_device(name)
 
 
 def dist_info() -> tuple[int, int]:

@@ -54,7 +54,7 @@ from arvid.sampling.videos import (
     sequence_format_for,
     training_record,
 )
-from arvid.training.device import inference_autocast
+from arvid.training.device import inference_autocast, parse_device
 
 log = logging.getLogger("arvid.sample")
 
@@ -107,6 +107,9 @@ class SampleConfig:
                              f"{self.num_samples}, {self.batch_size}")
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
+        if self.classes is not None and not self.classes:
+            raise ValueError("classes is an empty list: give class ids (e.g. --classes 0,3), or leave it out for "
+                             "every class")
         if self.context is not None and self.text:
             raise ValueError("give either --context or --text, not both")
         if self.fixed_assignment is not None:
@@ -135,7 +138,7 @@ class SampleConfig:
 
 def resolve_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        return parse_device(name)
     if torch.cuda.is_available():
         from accelerate import PartialState
 

@@ -18,6 +18,25 @@ PRECISIONS = ("fp32", "bf16")
 INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def parse_device(name: str) -> torch.device:
+    """A device name given by the user (``cpu``, ``cuda``, ``cuda:N``, ``mps``...) as a
+    :class:`torch.device`; a ConfigError that names it when it is no device or not on this machine
+    (a CUDA device without a CUDA torch or GPU, an index past the GPUs), instead of a traceback from
+    deep inside a stage."""
+    from arvid.config import ConfigError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: this torch has no CUDA or sees no GPU (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def inference_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The autocast context for tokenizer inference (curation, curves, tokenizing, decoding samples).
 
