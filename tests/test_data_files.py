@@ -567,3 +567,13 @@ def test_non_square_pixels_are_resized_as_shown(tmp_path):
     red = int(((row[:, 0] > 200) & (row[:, 2] < 60)).sum())
     blue = int(((row[:, 2] > 200) & (row[:, 0] < 60)).sum())
     assert 6 <= red <= 9 and 6 <= blue <= 9, (red, blue)
+
+
+def test_decode_clip_counts_the_frames_past_the_end_of_the_file(synth_dir):
+    from arvid.data.files import decode_clip
+
+    path = sorted(synth_dir.rglob("*.mp4"))[0]
+    for frames, want in ((T, 0), (T + 3, 3)):
+        info: dict = {}
+        clip = decode_clip(path, frames=frames, size=S, info=info)
+        assert clip.shape[0] == frames and info["padded"] == want

@@ -299,8 +299,8 @@ def test_an_unreadable_file_is_left_out_not_counted_twice(tmp_path, workers, cap
     clip = ClipConfig(frames=16, size=32, random_start=False, on_bad_video="skip")
     ds = choose(open_videos(str(tmp_path), clip, 0), None, False, 0)
     metric = FrechetVideoDistance("synthetic", extractor=_cheap_extractor)
-    skipped = feed(metric, ds, True, argparse.Namespace(batch_size=3, workers=workers), 1, 0)
-    assert skipped == {0}  # draw position 0 (v0.mp4) was left out
+    skipped, padded = feed(metric, ds, True, argparse.Namespace(batch_size=3, workers=workers), 1, 0)
+    assert skipped == {0} and padded == set()  # draw position 0 (v0.mp4) was left out
     assert int(metric.real_n) == 2 and sorted(metric._features_by_id["real"]) == [1, 2]
     want = torch.stack([open_videos(str(tmp_path), clip, 0)[i]["video"] for i in (1, 2)])
     assert torch.allclose(metric.real_sum, _cheap_extractor(want).sum(0))  # v1 and v2 once each
@@ -330,3 +330,19 @@ def test_process_group_has_a_cpu_backend_on_a_gpu_host(monkeypatch):
         got.clear()
         eval_fvd._dist()
         assert got == [want]
+
+
+def test_clips_longer_than_their_videos_are_counted_as_padded(tmp_path, caplog):
+    """8-frame videos read as 16-frame clips repeat their last frame: this passed without a word and
+    with conforms: true (CLI review, 2026-12-07); the padded clips are now counted and reported."""
+    from arvid.stages.eval_fvd import choose
+
+    g = torch.Generator().manual_seed(4)
+    (tmp_path / "a").mkdir()
+    for i, t in enumerate((8, 16, 8)):
+        write_video(torch.rand(3, t, 32, 32, generator=g) * 2 - 1, tmp_path / "a" / f"v{i}.mp4")
+    clip = ClipConfig(frames=16, size=32, random_start=False)
+    ds = choose(open_videos(str(tmp_path), clip, 0), None, False, 0)
+    metric = FrechetVideoDistance("synthetic", extractor=_cheap_extractor)
+    skipped, padded = feed(metric, ds, True, argparse.Namespace(batch_size=2, workers=0), 1, 0)
+    assert skipped == set() and padded == {0, 2}

@@ -175,7 +175,8 @@ _SEEK_BACK_S = (0.0, 2.0, 10.0, None)
 
 
 def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame_stride: int = 1,
-                fps: float | None = None, start_fraction: float | None = None, flip: bool = False) -> np.ndarray:
+                fps: float | None = None, start_fraction: float | None = None, flip: bool = False,
+                info: dict | None = None) -> np.ndarray:
     """Decode one clip of ``path``: ``uint8 [frames, size, size, 3]``.
 
     ``start_fraction``: None starts at the first frame; ``u`` in [0, 1] starts at ``u`` times
@@ -190,7 +191,8 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     container that states no duration (nor frame count) always starts at the first frame; frames
     without time stamps are counted from the first (such a clip is decoded from the start,
     never after a seek). Damaged packets are skipped (a truncated file gives the frames before the cut).
-    Raises :class:`BadVideoError` naming the file when no frame can be decoded.
+    Raises :class:`BadVideoError` naming the file when no frame can be decoded. ``info`` (a dict):
+    receives ``padded``, the output frames past the end of the file (the last frame repeated).
 
     Frames before the clip that no other frame refers to (B-frames, most often) are not decoded
     at all (FFmpeg's ``skip_frame = NONREF``), up to two frame intervals before the first target;
@@ -205,7 +207,7 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
     while True:
         try:
             return _decode_clip(path, frames, size, frame_stride, fps, start_fraction, flip, skip_nonref=skip,
-                                seek_back=back)
+                                seek_back=back, info=info)
         except _SkippedTooMuch:
             skip = False
         except _SeekedPast:
@@ -216,7 +218,7 @@ def decode_clip(path: str | os.PathLike, frames: int = 16, size: int = 64, frame
 
 def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: int, fps: float | None,
                  start_fraction: float | None, flip: bool, skip_nonref: bool,
-                 seek_back: float | None = 0.0) -> np.ndarray:
+                 seek_back: float | None = 0.0, info: dict | None = None) -> np.ndarray:
     import av
 
     try:
@@ -263,7 +265,7 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
                 seeked = False
         tol = 0.5 / rate
         out: list[np.ndarray] = []
-        prev = None
+        prev, prev_t = None, 0.0
         prev_rgb: tuple[object, np.ndarray] | None = None
         # packets shown before this time (seconds) decode only if other frames refer to them
         skip_before = targets[0] - 2.0 / rate if skip_nonref else None
@@ -297,13 +299,15 @@ def _decode_clip(path: str | os.PathLike, frames: int, size: int, frame_stride: 
                 emit(prev if prev is not None else frame)
             if len(out) >= frames:
                 break
-            prev = frame
+            prev, prev_t = frame, ft
         if prev is None and not out:
             why = f": {errors[-1]}" if errors else ""
             raise BadVideoError(f"{str(path)!r} has no decodable video frames{why}")
         if errors:
             # a file cut short or damaged mid-stream: what decoded is used, the rest padded
             log.debug("%s: %d decoding errors (%s); using the frames that decoded", path, len(errors), errors[-1])
+        if info is not None:  # targets past the last frame's interval: the file ended, its last frame repeats
+            info["padded"] = int(sum(t > prev_t + tol for t in targets[len(out):])) if prev is not None else 0
         while len(out) < frames:
             emit(prev)
     clip = np.stack(out)  # [T, size, size, 3]
@@ -683,8 +687,9 @@ class VideoFileDataset(Dataset):
         """The file of video ``i`` (used as the video id in token stores)."""
         return self.paths[int(i)]
 
-    def load(self, i: int) -> np.ndarray:
-        """Decode the clip of video ``i``: ``uint8 [T, S, S, 3]``; raises :class:`BadVideoError` if unreadable."""
+    def load(self, i: int, info: dict | None = None) -> np.ndarray:
+        """Decode the clip of video ``i``: ``uint8 [T, S, S, 3]``; raises :class:`BadVideoError` if unreadable.
+        ``info``: see :func:`decode_clip`."""
         c = self.clip
         start, flip = None, False
         if c.random_start or c.flip:
@@ -693,7 +698,7 @@ class VideoFileDataset(Dataset):
             start = u[0] if c.random_start else None
             flip = c.flip and u[1] < 0.5
         return decode_clip(self.paths[i], frames=c.frames, size=c.size, frame_stride=c.frame_stride, fps=c.fps,
-                           start_fraction=start, flip=flip)
+                           start_fraction=start, flip=flip, info=info)
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
@@ -704,15 +709,17 @@ class VideoFileDataset(Dataset):
             j %= n
             if j in self.bad:
                 continue
+            info: dict = {}
             try:
-                frames = self.load(j)
+                frames = self.load(j, info)
             except BadVideoError as e:
                 if self.clip.on_bad_video == "error":
                     raise BadVideoError(f"{e} (set on_bad_video=skip to skip such files)") from e
                 self.bad.add(j)
                 log.warning("skipping unreadable video %s", e)
                 continue
-            return {"video": to_model(torch.from_numpy(frames)), "label": self.labels[j], "index": j}
+            return {"video": to_model(torch.from_numpy(frames)), "label": self.labels[j], "index": j,
+                    "padded": int(info.get("padded", 0))}
         raise BadVideoError(f"all {n} videos of this dataset are unreadable (first: {self.paths[0]!r})")
 
     def scan(self) -> int:

@@ -113,12 +113,13 @@ def _dist() -> tuple[int, int]:
 
 
 def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.Namespace, world: int,
-         rank: int) -> set[int]:
+         rank: int) -> tuple[set[int], set[int]]:
     """Extract features of every clip of ``ds`` (this process's shard) into one side of ``metric``.
 
     Returns the draw positions this process left out (unreadable files, see
-    :class:`~arvid.stages.eval_stream.DrawnClips`), counted from the batches: the dataset's own
-    ``num_skipped`` lives in the DataLoader's worker processes. A tqdm bar over this shard's
+    :class:`~arvid.stages.eval_stream.DrawnClips`) and those of clips that ran past their file's
+    end (the last frame repeated), counted from the batches: the dataset's own ``num_skipped``
+    lives in the DataLoader's worker processes. A tqdm bar over this shard's
     batches, on rank 0 only and only when stderr is a terminal.
     """
     from tqdm.auto import tqdm
@@ -129,16 +130,18 @@ def feed(metric: FrechetVideoDistance, ds: Dataset, real: bool, args: argparse.N
     bar = tqdm(total=len(loader), desc=f"fvd {'real' if real else 'fake'}", unit="batch", dynamic_ncols=True,
                disable=rank != 0 or not sys.stderr.isatty())
     skipped: set[int] = set()
+    padded: set[int] = set()
     try:
         for batch in loader:
             skipped.update(batch["skipped"].tolist())
+            padded.update(batch["padded"].tolist())
             if batch["video"] is not None:
                 # ids: the position in the draw, so the sampler's padding (repeated items) is counted once
                 metric.update(batch["video"], real=real, ids=batch["index"])
             bar.update(1)
     finally:
         bar.close()
-    return skipped
+    return skipped, padded
 
 
 def protocol_count(protocol: FVDProtocol, real: bool) -> int | None:
@@ -216,6 +219,7 @@ def run(args: argparse.Namespace) -> dict:
                             args.channels_last, args.batch_size)
     metric = FrechetVideoDistance(protocol, extractor=extractor).to(device)
 
+    padded: dict[str, int] = {}
     for source, real, data in sets:
         side = "real" if real else "fake"
         if isinstance(data, FeatureStats):
@@ -225,10 +229,16 @@ def run(args: argparse.Namespace) -> dict:
         metric.set_clips(side, clips_record("csv" if str(source).lower().endswith(".csv") else "folder",
                                             str(Path(source).resolve()), None, protocol.seed if random_clips else None,
                                             len(data), len(data.ds), data.ds.clip.frame_stride, data.ds.clip.fps))
-        skipped = set().union(*all_gather_objects(feed(metric, data, real, args, world, rank)))
+        parts = all_gather_objects(feed(metric, data, real, args, world, rank))
+        skipped = set().union(*(p[0] for p in parts))
+        padded[side] = len(set().union(*(p[1] for p in parts)))
         if skipped and rank == 0:
             log.warning("%s: %d drawn files are unreadable and were left out (the %s set is %d clips short)",
                         source, len(skipped), side, len(skipped))
+        if padded[side] and rank == 0:
+            log.warning("%s: %d of the %s clips are longer than their videos (%d frames asked): their last frame "
+                        "repeats to fill them (recorded as padded_clips)", source, padded[side], side,
+                        data.ds.clip.frames)
 
     out: dict = {}
     if args.save_stats:
@@ -240,6 +250,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.b is not None:
         result = metric.result(sources={"a": args.a, "b": args.b}, size=size)
         out.update(result.to_dict())
+    if any(padded.values()):
+        out["padded_clips"] = padded  # clips filled past their video's end: not the frames asked for
     if rank == 0:
         print(json.dumps(out, indent=2))
         if args.out:

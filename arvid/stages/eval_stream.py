@@ -184,7 +184,9 @@ def _collate(items: list[dict]) -> dict:
             "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
             **({"video_index": torch.tensor([int(it["video_index"]) for it in items], dtype=torch.long)}
                if items and "video_index" in items[0] else {}),
-            "skipped": torch.tensor(skipped, dtype=torch.long)}
+            "skipped": torch.tensor(skipped, dtype=torch.long),
+            # draw positions of clips that ran past their file's end (its last frame repeated)
+            "padded": torch.tensor([int(it["index"]) for it in items if it.get("padded", 0) > 0], dtype=torch.long)}
 
 
 class ClipSet:
@@ -217,6 +219,7 @@ class ClipSet:
             self.dataset.cut_as_protocol(random_start=p.clip_sampling.startswith("random"), seed=p.seed)
         self.data = data
         self.num_skipped = 0  # drawn clips of this process left out (unreadable files), over all passes
+        self.num_padded = 0  # drawn clips of this process that ran past their file's end, over all passes
         self.pairs = protocol_draw(self.dataset, num, self.protocol)  # (video, round) per clip
         if not self.pairs:
             where = f"root {data.root!r}" if data.root else "the synthetic set (num_videos / num_val_videos)"
@@ -265,15 +268,20 @@ class ClipSet:
         loader = DataLoader(DrawnClips(self.dataset, self.pairs), batch_sampler=plan, num_workers=self.workers,
                             collate_fn=_collate)
         bar = progress(sum(len(b) for b in plan), desc or f"{self.split} clips")
-        skipped = 0
+        skipped = padded = 0
         try:
             for j, batch in zip(mine, loader):
                 skipped += batch["skipped"].numel()
+                padded += batch["padded"].numel()
                 bar.update(batch["index"].numel() + batch["skipped"].numel())
                 if batch["video"] is not None:
                     yield j, batch
         finally:
             bar.close()
+            if padded:
+                self.num_padded += padded
+                log.warning("%s split: %d clips of this process are longer than their files: their last frame "
+                            "repeats to fill them (shorter videos than the protocol's clips?)", self.split, padded)
             if skipped:
                 self.num_skipped += skipped
                 log.warning("%s split: %d drawn clips of this process were left out (unreadable files); the "
