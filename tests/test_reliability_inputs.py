@@ -422,3 +422,22 @@ def test_bad_devices_empty_class_lists_self_including_configs_and_non_torchscrip
     (tmp_path / "bad.pt").write_bytes(b"not an archive")
     with pytest.raises(WeightsError, match="is not a TorchScript archive"):
         TorchScriptI3D(str(tmp_path / "bad.pt")).load()
+
+
+def test_zero_sizes_and_counts_are_refused_before_anything_is_written(tmp_path):
+    """--fps 0 wrote synth.json before failing (a corrected rerun was then refused); num_videos=0
+    wrote an empty token store; a set against itself had an FVD of -3.6e-4 (CLI review, 2026-12-07)."""
+    from arvid.eval.fvd import frechet_distance
+    from arvid.stages.data_cmd import synth
+    from arvid.stages.tokenize import TokenizeConfig
+
+    with pytest.raises(ValueError, match="--fps must be >= 1, got 0"):
+        synth(tmp_path / "s", num=2, frames=4, size=16, fps=0)
+    assert not (tmp_path / "s" / "synth.json").exists()
+    assert synth(tmp_path / "s", num=2, frames=4, size=16, fps=8)["written"] == 2
+    with pytest.raises(ValueError, match="num_videos must be >= 1"):
+        TokenizeConfig(num_videos=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 50, generator=g, dtype=torch.float64)
+    mu, s = x.mean(0), torch.cov(x.T)
+    assert frechet_distance(mu, s, mu, s) >= 0.0

@@ -103,7 +103,8 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
         inner = r1 @ s2 @ r1
         eig = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)
     diff = mu1 - mu2
-    return float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2.0 * eig.sqrt().sum())
+    # a distance: >= 0 (round-off gave -3.6e-4 for a set against itself)
+    return max(float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2.0 * eig.sqrt().sum()), 0.0)
 
 
 def gaussian_from_sums(total: torch.Tensor, outer: torch.Tensor, n: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,8 +38,9 @@ def synth(out: str | os.PathLike, fmt: str = "mp4", num: int = 1000, seed: int =
     """
     if fmt not in ("mp4", "gif"):
         raise ValueError(f"--format must be mp4 or gif, got {fmt!r}")
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
+    for name, value in (("--num", num), ("--frames", frames), ("--size", size), ("--fps", fps)):
+        if value < 1:  # checked before synth.json records the settings
+            raise ValueError(f"{name} must be >= 1, got {value}")
     out = check_writable(out)
     ds = SyntheticVideos(num, frames=frames, size=size, seed=seed, config=config)
     # the clips' settings: a rerun keeps existing clips only when they were made with the same ones

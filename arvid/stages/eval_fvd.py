@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.weights and args.torchscript:
         raise ValueError("give either --weights or --torchscript, not both")
+    for flag in ("frames", "size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     frames = args.frames or protocol.num_frames or 16
     if protocol.num_frames is not None and frames != protocol.num_frames:
         raise ValueError(f"protocol {protocol.name!r} uses {protocol.num_frames} frames, not --frames {frames}")

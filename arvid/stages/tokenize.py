@@ -66,6 +66,8 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.save_every < 1:
             raise ValueError("batch_size and save_every must be >= 1")
+        if self.num_videos is not None and self.num_videos < 1:
+            raise ValueError(f"num_videos must be >= 1 or null (all), got {self.num_videos}")
         if sum(x is not None for x in (self.router, self.assignments, self.fixed_assignment)) > 1:
             raise ValueError("give at most one of router, assignments, fixed_assignment")
 
