@@ -318,3 +318,11 @@ def test_saved_videos_are_the_grids_and_time_their_decoding(dirs):
     assert grid.shape[1] >= 4 * (w + 2)
     err = [float(np.abs(t - one).mean()) for t in tiles]
     assert err[3] < 6 and min(err[:3]) > err[3]  # the 4th tile is video 3
+
+
+def test_num_samples_on_a_class_conditional_gpt_is_said_to_be_ignored(dirs, caplog):
+    with caplog.at_level("WARNING", logger="arvid"):
+        assert cli(["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--num-samples",
+                    "3", "--per-class", "1", "--out", str(dirs / "ns"), "grid_format=none"]) == 0
+    assert "num_samples=3 is for unconditional GPTs" in caplog.text
+    assert load(dirs / "ns")["classes"].tolist() == [0, 1, 2]  # per_class per class, as documented

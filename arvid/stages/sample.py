@@ -261,6 +261,9 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
     if cfg.classes is not None and nc == 0:
         raise ConfigError("--classes was given but this GPT has no class conditioning (num_classes=0)")
     if nc > 0:
+        if cfg.num_samples != SampleConfig.__dataclass_fields__["num_samples"].default:
+            log.warning("num_samples=%d is for unconditional GPTs; this one is class-conditional: it samples "
+                        "per_class=%d per class (give --classes to choose them)", cfg.num_samples, cfg.per_class)
         classes = list(range(nc)) if cfg.classes is None else [int(c) for c in cfg.classes]
         bad = [c for c in classes if not 0 <= c < nc]
         if bad:
