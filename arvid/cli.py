@@ -112,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         from arvid.config import is_override
 
-        if not hasattr(args, "overrides") or not all(is_override(e) for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        bad = extra if not hasattr(args, "overrides") else [e for e in extra if not is_override(e)]
+        if bad:  # only the words that are neither options nor overrides
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         import torch
 

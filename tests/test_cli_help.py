@@ -101,6 +101,13 @@ def test_overrides_may_follow_options_and_other_words_are_refused(capsys, tmp_pa
         with pytest.raises(SystemExit):
             main(["pipeline", cfg, "--dry-run", bad])
         assert f"unrecognized arguments: {bad}" in capsys.readouterr().err
+    # only the bad word is named, not the valid override beside it (CLI review, 2026-12-07)
+    with pytest.raises(SystemExit):
+        main(["pipeline", cfg, "--dry-run", f"out_dir={tmp_path}", "--bogus"])
+    assert "unrecognized arguments: --bogus\n" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--threads", "-1", "pipeline", cfg, "--dry-run"])
+    assert "--threads must be >= 1, got -1" in capsys.readouterr().err
 
 
 def test_eval_without_a_config_file_takes_a_first_override(tmp_path, monkeypatch):
