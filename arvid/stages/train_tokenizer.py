@@ -222,6 +222,7 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     # the run directory is made, so a bad tokenizer.params key leaves nothing behind.
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = build_from_spec(cfg.tokenizer, source="train-tokenizer config")
+    out = check_writable(cfg.out_dir)  # before any other check (an unwritable out_dir is named first)
     layout = tokenizer.layout
     if cfg.data.frames != layout.num_frames:
         raise ConfigError(f"data.frames={cfg.data.frames} but the tokenizer's blocks "
@@ -229,7 +230,6 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     size = getattr(tokenizer.config, "image_size", None)
     if size is not None and cfg.data.size != size:
         raise ConfigError(f"data.size={cfg.data.size} but the tokenizer expects {size}x{size} frames")
-    out = check_writable(cfg.out_dir)
     from arvid.config import check_same_config
     from arvid.training import list_checkpoints
 
