@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:  # only the words that are neither options nor overrides
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides = list(args.overrides or []) + extra
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+    if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        parser.error(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {args.log_level!r}")
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")

@@ -108,6 +108,9 @@ def test_overrides_may_follow_options_and_other_words_are_refused(capsys, tmp_pa
     with pytest.raises(SystemExit):
         main(["--threads", "-1", "pipeline", cfg, "--dry-run"])
     assert "--threads must be >= 1, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--log-level", "bogus", "pipeline", cfg, "--dry-run"])
+    assert "--log-level must be DEBUG, INFO" in capsys.readouterr().err
 
 
 def test_eval_without_a_config_file_takes_a_first_override(tmp_path, monkeypatch):

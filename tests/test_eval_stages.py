@@ -414,3 +414,21 @@ def test_fp_example_only_continues_the_clips_it_shows(env, tmp_path):
     assert ex["num_videos"] == 4 and ex["example_only"] is True  # batches [0, 1] and [2, 3]
     for p in (0, 1, 2):
         assert torch.equal(ex["_kept"][p][1], full["_kept"][p][1])  # the same predictions (seeded per batch)
+
+
+def test_a_failed_evaluation_leaves_the_previous_config_and_result(tmp_path):
+    """`eval recon` with a bad setting wrote its config.yaml beside the previous run's recon.json
+    before failing (CLI review, 2026-12-07): the config is now written with the result."""
+    from arvid.stages import evaluate
+
+    out = tmp_path / "r"
+    ok = evaluate.GenEvalConfig(out_dir=str(out), num_videos=2)
+    evaluate._run(ok, lambda cfg: {"x": 1}, "gen", lambda r: "ok\n")
+    saved = (out / "config.yaml").read_text()
+
+    def fails(cfg):
+        raise ValueError("bad setting")
+
+    with pytest.raises(ValueError, match="bad setting"):
+        evaluate._run(evaluate.GenEvalConfig(out_dir=str(out), num_videos=3), fails, "gen", lambda r: "")
+    assert (out / "config.yaml").read_text() == saved and json.loads((out / "gen.json").read_text()) == {"x": 1}

@@ -326,3 +326,18 @@ def test_num_samples_on_a_class_conditional_gpt_is_said_to_be_ignored(dirs, capl
                     "3", "--per-class", "1", "--out", str(dirs / "ns"), "grid_format=none"]) == 0
     assert "num_samples=3 is for unconditional GPTs" in caplog.text
     assert load(dirs / "ns")["classes"].tolist() == [0, 1, 2]  # per_class per class, as documented
+
+
+def test_a_failed_run_leaves_the_previous_runs_record_alone(dirs):
+    """A run refused by its checks (here: class ids out of range) wrote its config.yaml beside the
+    previous run's samples and done marker (CLI review, 2026-12-07)."""
+    from arvid.config import ConfigError
+
+    out = dirs / "keep"
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--per-class", "1",
+            "--out", str(out), "grid_format=none"]
+    assert cli(base + ["--classes", "0"]) == 0
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="outside"):
+        cli(base + ["--classes", "7"])
+    assert (out / "config.yaml").read_text() == saved and (out / "done").is_file()

@@ -157,10 +157,13 @@ def _writer(out_dir: str, cfg: Any) -> Path | None:
 
 
 def _run(cfg: Any, evaluate: Callable[[Any], dict], stem: str, render: Callable[[dict], str]) -> Path | None:
-    """Evaluate on every process; rank 0 writes ``config.yaml``, ``<stem>.json`` and ``<stem>.md``."""
-    out = _writer(cfg.out_dir, cfg)
+    """Evaluate on every process; rank 0 writes ``config.yaml``, ``<stem>.json`` and ``<stem>.md``
+    once the evaluation succeeded (a failed one left its config beside an older result before
+    2026-12-07); the output directory is checked first."""
+    out = check_writable(cfg.out_dir) if dist_info()[0] == 0 else None
     res = evaluate(cfg)
     if out is not None:
+        save_config(cfg, out / "config.yaml")
         write_json(out / f"{stem}.json", res)
         write_text(out / f"{stem}.md", render(res))
     return out

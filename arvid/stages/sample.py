@@ -374,8 +374,6 @@ def run(cfg: SampleConfig) -> Path:
     state = PartialState()
     rank, world = state.process_index, state.num_processes
     out = check_writable(cfg.out)
-    if state.is_main_process:
-        save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg.device)
     gpt = GPT.from_pretrained(cfg.generator, map_location=str(device)).eval()
     if cfg.precision == "bf16":
@@ -392,6 +390,11 @@ def run(cfg: SampleConfig) -> Path:
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
     kw = _batch_kwargs(plan, cfg)
+    if state.is_main_process:
+        # the inputs are checked: this run replaces what a run before left in `out` (a failed run left
+        # its config.yaml beside the older run's samples and done marker, before 2026-12-07)
+        (out / "done").unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
 
     beta = scfg.budget_bias
     budget_cap = None
