@@ -346,3 +346,17 @@ def test_clips_longer_than_their_videos_are_counted_as_padded(tmp_path, caplog):
     metric = FrechetVideoDistance("synthetic", extractor=_cheap_extractor)
     skipped, padded = feed(metric, ds, True, argparse.Namespace(batch_size=2, workers=0), 1, 0)
     assert skipped == set() and padded == {0, 2}
+
+
+def test_where_the_results_go_is_checked_before_the_fvd_is_computed(tmp_path, capsys):
+    """`--out afile/x.json` failed with "[Errno 17] File exists" after the whole computation, and a
+    non-.npz --save-stats wrote a file eval fvd would not read back (CLI review, 2026-12-07)."""
+    from arvid.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["eval", "fvd", str(tmp_path / "nope_a"), "--save-stats", str(tmp_path / "s.txt")]) == 1
+    assert "must end in .npz" in capsys.readouterr().err
+    assert main(["eval", "fvd", str(tmp_path / "nope_a"), str(tmp_path / "nope_b"),
+                 "--out", str(tmp_path / "afile" / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert "afile' is not writable" in err and "Traceback" not in err

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_under
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
-from arvid.io import write_json
+from arvid.io import check_writable, write_json
 from arvid.stages.eval_stream import (
     DrawnClips,
     _collate,
@@ -167,6 +167,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("give a second set B, or --save-stats to only compute A's statistics")
     if args.save_stats and is_stats(args.a):
         raise ValueError("--save-stats saves the statistics of videos; A is already a statistics file")
+    if args.save_stats and not is_stats(args.save_stats):
+        raise ValueError(f"--save-stats {args.save_stats!r} must end in .npz (eval fvd reads statistics back by "
+                         "that suffix)")
+    for flag in ("out", "save_stats"):  # where the results go, checked before the FVD is computed
+        target = getattr(args, flag, None)
+        if target:
+            check_writable(Path(target).parent if str(Path(target).parent) else ".")
     rank, world = _dist()
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
