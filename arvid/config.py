@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -436,16 +437,22 @@ def relocate_paths(obj: Any, root: str) -> Any:
     return obj
 
 
-def changed_fields(old: Any, new: Any, ignore: Sequence[str] = ("out_dir",)) -> list[str]:
-    """Dotted names of the fields whose values differ between configs ``old`` and ``new``
-    (execution-only fields and ``ignore`` left out), sorted. Paths under the folder that holds a
-    config's ``out_dir`` (the experiment's, for a pipeline stage) count relative to it, so an
-    experiment moved or spelled otherwise has the same config."""
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested records, sorted; both are compared as
+    JSON reads them back (tuples as lists), so a record read from a file compares with one just made."""
     def diff(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
         return [] if a == b else [prefix.rstrip(".")]
 
+    return diff(json.loads(json.dumps(old)), json.loads(json.dumps(new)), "")
+
+
+def changed_fields(old: Any, new: Any, ignore: Sequence[str] = ("out_dir",)) -> list[str]:
+    """Dotted names of the fields whose values differ between configs ``old`` and ``new``
+    (execution-only fields and ``ignore`` left out), sorted. Paths under the folder that holds a
+    config's ``out_dir`` (the experiment's, for a pipeline stage) count relative to it, so an
+    experiment moved or spelled otherwise has the same config."""
     def plain(cfg: Any) -> dict:
         d = fingerprint_dict(cfg)
         out_dir = getattr(cfg, "out_dir", None)
@@ -455,7 +462,7 @@ def changed_fields(old: Any, new: Any, ignore: Sequence[str] = ("out_dir",)) -> 
             d.pop(key, None)
         return d
 
-    return sorted(diff(plain(old), plain(new), ""))
+    return changed_keys(plain(old), plain(new))
 
 
 def check_same_config(cls: type[T], cfg: T, saved_path: str | os.PathLike, what: str,

@@ -158,6 +158,19 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def discard_dir(path: str | os.PathLike) -> None:
+    """Delete the directory ``path``: first renamed to a hidden ``.<name>.old-<pid>`` beside it (one
+    atomic step), then removed, so a process killed mid-delete leaves hidden debris, never a
+    directory under its real name that lost some of its files. Raises OSError when the rename fails
+    (the directory is then untouched)."""
+    path = Path(path)
+    trash = path.parent / f".{path.name}.old-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` as a whole.

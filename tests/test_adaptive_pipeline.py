@@ -188,6 +188,15 @@ def test_router_held_out_fraction_of_curated_videos(work, tmp_path):
     m = json.loads((out / "router_metrics.json").read_text())
     assert m["num_videos"] == 10 and m["train_videos"] == 30 and m["held_out"].startswith("last 25%")
     assert 0.0 <= m["reward_percentile_random"] <= 1.0 and m["w_q"] == W_Q
+    # its checkpoints resume only under their config (the check the training stages share)
+    from arvid.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train-router: the checkpoints in .* another config \(trainer.lr"):
+        run(TrainRouterConfig(
+            data=_data(), curation=str(work / "cur_train"), val_fraction=0.25, router=RouterSpec(preset="debug"),
+            trainer=TrainerConfig(max_steps=3, batch_size=10, lr=0.5, checkpoint_every=0, device="cpu",
+                                  progress=False),
+            device="cpu", out_dir=str(tmp_path / "r")))
 
 
 def test_tokenize_store_decodes_like_direct_encode(router_dir, work, tmp_path):

@@ -159,7 +159,7 @@ def test_shard_removal_never_leaves_a_visible_partial_shard(tmp_path, monkeypatc
     """A kill mid-delete (here: rmtree stops after the first file) leaves only hidden debris."""
     import shutil
 
-    import arvid.data.token_store as ts
+    import arvid.io
 
     final = tmp_path / "tokens"
     for r in range(3):
@@ -174,13 +174,13 @@ def test_shard_removal_never_leaves_a_visible_partial_shard(tmp_path, monkeypatc
         deleted.append(Path(path))
         raise KeyboardInterrupt  # the process dies here
 
-    monkeypatch.setattr(ts, "shutil", SimpleNamespace(rmtree=killed_rmtree))
+    monkeypatch.setattr(arvid.io, "shutil", SimpleNamespace(rmtree=killed_rmtree))  # discard_dir's delete
     with pytest.raises(KeyboardInterrupt):
         remove_shards(final)
     assert [p.name for p in deleted] == [f".tokens.shards.old-{os.getpid()}"]
     visible = [p for p in tmp_path.rglob("*") if not any(q.startswith(".") for q in p.relative_to(tmp_path).parts)]
     assert sorted(p.name for p in visible) == ["codes.bin", "index.npz", "meta.json", "tokens"]
-    monkeypatch.setattr(ts, "shutil", shutil)
+    monkeypatch.setattr(arvid.io, "shutil", shutil)
     remove_shards(final)  # the killed run's hidden leftover goes too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]
     assert len(TokenStore(final)) == 6

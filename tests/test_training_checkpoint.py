@@ -136,6 +136,8 @@ def test_pruning_hides_a_checkpoint_before_deleting_it(tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
 
+    import arvid.io
+
     for step in (1, 2, 3):
         _save(ckpt.checkpoint_dir(tmp_path, step), ToyTask(), step)
 
@@ -143,14 +145,14 @@ def test_pruning_hides_a_checkpoint_before_deleting_it(tmp_path, monkeypatch):
         next(p for p in sorted(Path(path).iterdir()) if p.is_file()).unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "shutil", SimpleNamespace(rmtree=killed_rmtree))
+    monkeypatch.setattr(arvid.io, "shutil", SimpleNamespace(rmtree=killed_rmtree))  # discard_dir's delete
     with pytest.raises(KeyboardInterrupt):
         ckpt.prune_checkpoints(tmp_path, 2)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [f".step_00000001.old-{os.getpid()}", "step_00000002",
                                                       "step_00000003"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
-    monkeypatch.setattr(ckpt, "shutil", shutil)
+    monkeypatch.setattr(arvid.io, "shutil", shutil)
     assert [p.name for p in ckpt.remove_stale_temporaries(tmp_path)] == [f".step_00000001.old-{os.getpid()}"]
     assert [p.name for p in ckpt.prune_checkpoints(tmp_path, 1)] == ["step_00000002"]
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from arvid.data.types import BlockLayout, TokenizedVideo, segment_positions
-from arvid.io import replace_dir, write_json
+from arvid.io import discard_dir, replace_dir, write_json
 
 FORMAT = "arvid-token-store"
 FORMAT_VERSION = 1
@@ -393,10 +393,7 @@ def remove_shards(directory: str | os.PathLike) -> None:
     ``shard_<i>`` that lost some of its files; the next call deletes such leftovers too.
     """
     shard_root = shard_path(directory, 0).parent
-    trash = shard_root.parent / f".{shard_root.name}.old-{os.getpid()}"
     if shard_root.exists():
-        if trash.exists():
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(shard_root, trash)
-    for old in sorted(shard_root.parent.glob(f".{shard_root.name}.old-*")):  # this and killed runs' debris
+        discard_dir(shard_root)
+    for old in shard_root.parent.glob(f".{shard_root.name}.old-*"):  # killed runs' debris
         shutil.rmtree(old, ignore_errors=True)

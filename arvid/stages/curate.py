@@ -25,7 +25,6 @@ Multi-process: run under ``accelerate launch``; process r takes dataset indices 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from arvid.config import ConfigError, config_fingerprint, doc, load_config, nested, save_config
+from arvid.config import ConfigError, changed_keys, config_fingerprint, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import atomic_write, check_writable, read_json, write_json
 from arvid.tokenizer.base import load_tokenizer
@@ -229,14 +228,10 @@ def run(cfg: CurateConfig) -> Path:
     if cfg.mode == "beam":
         key.update(beam_width=cfg.beam_width, w_q=cfg.w_q, w_l=cfg.w_l, reward_stats=stats.to_dict())
     key_path = parts_dir / "run.json"
-    if key_path.is_file():
-        old_key = read_json(key_path)
-        if old_key != json.loads(json.dumps(key)):
-            changed = sorted(k for k in set(old_key) | set(key)
-                             if old_key.get(k) != json.loads(json.dumps(key.get(k))))
-            raise ConfigError(f"curate: {str(parts_dir)!r} holds shards of another run ({', '.join(changed)} "
-                              f"changed; they were {', '.join(f'{k}={old_key.get(k)!r}' for k in changed)[:300]}): "
-                              "refusing to mix them with this one: use a new out_dir or delete it")
+    changed = changed_keys(read_json(key_path), key) if key_path.is_file() else []
+    if changed:
+        raise ConfigError(f"curate: {str(parts_dir)!r} holds shards of another run ({', '.join(changed)} changed): "
+                          "refusing to mix them with this one: use a new out_dir or delete it")
     if dist.rank == 0:
         # written once the run is known to continue these outputs (a refused run leaves the old one)
         save_config(cfg, out / "config.yaml")

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import os
 
-from arvid.config import to_dict
+from arvid.config import changed_keys, to_dict
 from arvid.data.index import format_summary, index_folder
 from arvid.data.synthetic import SyntheticConfig, SyntheticVideos
 from arvid.data.writer import write_video
@@ -49,13 +48,10 @@ def synth(out: str | os.PathLike, fmt: str = "mp4", num: int = 1000, seed: int =
                 "synthetic": to_dict(config or SyntheticConfig())}
     record = out / "synth.json"
     if record.is_file():
-        old = read_json(record)
-        changed = sorted(k for k in settings if old.get(k) != json.loads(json.dumps(settings[k])))
+        changed = changed_keys(read_json(record), settings)
         if changed:
-            raise ValueError(f"{str(out)!r} holds synthetic clips made with other settings "
-                             f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}; now "
-                             f"{', '.join(f'{k}={settings[k]!r}' for k in changed)}): give another directory, "
-                             "or delete that one")
+            raise ValueError(f"{str(out)!r} holds synthetic clips made with other settings ({', '.join(changed)} "
+                             "changed): give another directory, or delete that one")
     elif any(out.glob(f"*/*.{fmt}")):
         log.warning("synth: %s holds clips but no synth.json (an older version): they are kept as they are, "
                     "whatever settings made them", out)

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     for flag in ("out", "save_stats"):  # where the results go, checked before the FVD is computed
         target = getattr(args, flag, None)
         if target:
-            check_writable(Path(target).parent if str(Path(target).parent) else ".")
+            check_writable(Path(target).parent)
     rank, world = _dist()
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:

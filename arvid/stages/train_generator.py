@@ -34,6 +34,7 @@ from arvid.generator.packing import IGNORE, PackedBatch, PackedBatchDataset, Pac
 from arvid.generator.sequence import SequenceFormat
 from arvid.io import check_writable, read_json, write_json
 from arvid.training import StepOutput, Trainer, TrainerConfig
+from arvid.training.checkpoint import RESUME_MAY_CHANGE, check_resumable
 
 log = logging.getLogger(__name__)
 
@@ -296,28 +297,20 @@ def run(cfg: TrainGeneratorConfig) -> Path:
 
 #: the tokenizer a run trains on, written before its first step (config.yaml holds only its path)
 RUN_FILE = "run.json"
-#: what a resumed run may change beyond the execution-only fields: more steps, and how the global
-#: batch is cut into micro-batches or placed (the same data order and loss: the Trainer's contract)
-RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.grad_accum", "trainer.device")
 
 
 def _check_interrupted(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> None:
-    """Refuse to resume the checkpoints of an unfinished run made with another config or on
-    another tokenizer's tokens (only a changed ``trainer.max_steps`` continues one): the Trainer
-    would resume their weights and the GPT would be saved as this tokenizer's (before 2026-12-07
-    only a finished run was checked)."""
-    from arvid.config import check_same_config
-    from arvid.training import list_checkpoints
-
-    if not list_checkpoints(out):
-        return
-    what = f"train-generator: the checkpoints in {str(out)!r}"
-    check_same_config(TrainGeneratorConfig, cfg, out / "config.yaml", what, allowed=RESUME_MAY_CHANGE)
+    """Refuse to resume the checkpoints of an unfinished run made with another config
+    (:func:`~arvid.training.checkpoint.check_resumable`) or on another tokenizer's tokens: the
+    Trainer would resume their weights and the GPT would be saved as this tokenizer's (before
+    2026-12-07 only a finished run was checked)."""
+    check_resumable(TrainGeneratorConfig, cfg, out, "train-generator")
     run_path = out / RUN_FILE
     saved = read_json(run_path).get("tokenizer_fingerprint") if run_path.is_file() else None
     if saved is not None and saved != fingerprint:
-        raise ConfigError(f"{what} were trained on the tokens of tokenizer fingerprint {saved!r}, not of "
-                          f"{cfg.tokenizer!r} ({fingerprint!r}): give another out_dir, or delete that one to retrain")
+        raise ConfigError(f"train-generator: the checkpoints in {str(out)!r} were trained on the tokens of tokenizer "
+                          f"fingerprint {saved!r}, not of {cfg.tokenizer!r} ({fingerprint!r}): give another out_dir, "
+                          "or delete that one to retrain")
 
 
 def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
@@ -345,7 +338,8 @@ def _finished(out: Path, cfg: TrainGeneratorConfig, fingerprint: str) -> bool:
     except (OSError, ValueError, ConfigError) as e:
         raise ConfigError(f"{str(out)!r} holds a finished run whose config cannot be read ({e}): give another "
                           "out_dir, or delete that one to retrain") from e
-    changed = [f for f in changed_fields(saved, cfg) if f not in RESUME_MAY_CHANGE[1:]]
+    # a finished run is finished whatever it may resume with, but more steps (below) continue it
+    changed = [f for f in changed_fields(saved, cfg) if f not in RESUME_MAY_CHANGE or f == "trainer.max_steps"]
     if not changed:
         return True
     if changed == ["trainer.max_steps"] and cfg.trainer.max_steps > saved.trainer.max_steps:

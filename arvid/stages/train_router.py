@@ -45,6 +45,7 @@ from arvid.tokenizer.reward import (
 )
 from arvid.tokenizer.router import ROUTER_PRESETS, Router
 from arvid.training import StepOutput, Trainer, TrainerConfig
+from arvid.training.checkpoint import check_resumable
 
 log = logging.getLogger("arvid.train_router")
 
@@ -188,6 +189,7 @@ def run(cfg: TrainRouterConfig) -> Path:
     if not cfg.curation:
         raise ConfigError("train-router: `curation` (an `arvid curate` output directory) is required")
     out = check_writable(cfg.out_dir)
+    check_resumable(TrainRouterConfig, cfg, out, "train-router")
     save_config(cfg, out / "config.yaml")
     records, stats, info = _curation(cfg.curation)
     w_q = float(info["w_q"] if cfg.w_q is None else cfg.w_q)

@@ -46,6 +46,7 @@ from arvid.tokenizer.losses import (
 )
 from arvid.tokenizer.quantizers import code_statistics
 from arvid.training import Trainer, TrainerConfig
+from arvid.training.checkpoint import check_resumable
 
 log = logging.getLogger("arvid.train_tokenizer")
 
@@ -230,12 +231,7 @@ def run(cfg: TrainTokenizerConfig) -> Path:
     size = getattr(tokenizer.config, "image_size", None)
     if size is not None and cfg.data.size != size:
         raise ConfigError(f"data.size={cfg.data.size} but the tokenizer expects {size}x{size} frames")
-    from arvid.config import check_same_config
-    from arvid.training import list_checkpoints
-
-    if list_checkpoints(out):  # the Trainer would resume them: only for this config (before 2026-12-07: any)
-        check_same_config(TrainTokenizerConfig, cfg, out / "config.yaml", f"train-tokenizer: the checkpoints in "
-                          f"{str(out)!r}", allowed=("trainer.max_steps", "trainer.grad_accum", "trainer.device"))
+    check_resumable(TrainTokenizerConfig, cfg, out, "train-tokenizer")  # before 2026-12-07: any config resumed
     save_config(cfg, out / "config.yaml")
     sampler = make_sampler(cfg, tokenizer)
     task = TokenizerTask(tokenizer, cfg.loss, sampler)

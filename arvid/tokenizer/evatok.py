@@ -551,9 +551,10 @@ class EVATok(nn.Module, PretrainedMixin):
         bl = self._check_assignment(assignment, video.shape[0], self._num_blocks_of(video))
         # VQ losses: each video weighs the same (its tokens' mean), not each token; a plain token
         # mean weighted a 2048-token video 16x a 128-token one, and changed with the batch's split
-        per_video = bl.sum(1).cpu()
-        weight = (1.0 / (per_video.double() * len(per_video))).repeat_interleave(per_video).float()
-        qo = self.quantizer(z, generator=generator, entropy=entropy, token_weight=host_to_device(weight, z.device))
+        seg = meta.segments
+        per_video = torch.tensor([1.0 / (max(c, 1) * len(seg.counts)) for c in seg.counts])  # [B], host
+        weight = host_to_device(per_video, z.device)[seg.vid]  # [N]
+        qo = self.quantizer(z, generator=generator, entropy=entropy, token_weight=weight)
         recon = self.decode_features(qo.z_q, bl, meta)
         return recon, qo
 

@@ -31,7 +31,15 @@ import torch
 from torch import nn
 
 from arvid.config import save_config
-from arvid.io import atomic_dir, load_state_strict, load_weights, read_json, save_weights, torch_load_safe
+from arvid.io import (
+    atomic_dir,
+    discard_dir,
+    load_state_strict,
+    load_weights,
+    read_json,
+    save_weights,
+    torch_load_safe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +92,33 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+#: what a resumed run may change beyond the execution-only fields: more steps, and how the global
+#: batch is cut into micro-batches or placed (the same data order and loss: the Trainer's contract)
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.grad_accum", "trainer.device")
+
+
+def check_resumable(cls: type, cfg: Any, out_dir: str | os.PathLike, stage: str) -> None:
+    """Refuse to let a stage's Trainer resume the checkpoints in ``out_dir`` when they were made
+    with another config (``out_dir/config.yaml``, the stage config ``cls``) than ``cfg``: only
+    :data:`RESUME_MAY_CHANGE` may differ. No checkpoints: nothing to check."""
+    from arvid.config import check_same_config
+
+    if list_checkpoints(out_dir):
+        check_same_config(cls, cfg, Path(out_dir) / "config.yaml", f"{stage}: the checkpoints in {str(out_dir)!r}",
+                          allowed=RESUME_MAY_CHANGE)
+
+
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints; returns the deleted paths."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     found = list_checkpoints(out_dir)
     doomed = [p for _, p in found[:-keep_last]]
-    for p in doomed:  # hidden first (one rename), then deleted: a kill mid-delete leaves no half checkpoint
-        trash = p.parent / f".{p.name}.old-{os.getpid()}"
+    for p in doomed:  # a kill mid-delete leaves hidden debris (remove_stale_temporaries), no half checkpoint
         try:
-            if trash.exists():
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(p, trash)
+            discard_dir(p)
         except OSError as e:  # pruning must not stop training: the next prune (or rerun) tries again
             log.warning("could not prune checkpoint %s: %s", p, e)
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
