@@ -204,6 +204,14 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         fill=tokens / (args.max_tokens * max(1, len(batches) - args.warmup)), mean_len=counts["mean_len"],
         peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     )
+    if row["backend"] == "cudnn_fe":  # the execution plans cuDNN offered and the ones kept (autotune)
+        from arvid.generator import cudnn_fe
+
+        row["cudnn_fe_plans"] = [{"kind": t["kind"], "plans": len(t["plans"]), "chosen": t["plans"][t["chosen"]],
+                                  "first": t["plans"][0],
+                                  "ms": [None if x is None else round(x, 4) for x in t["ms"]]} for t in cudnn_fe.TUNED]
+        row["cudnn_fe_autotune"] = cudnn_fe.AUTOTUNE
+        cudnn_fe.TUNED.clear()
     if n_prof:
         row["profile"] = profile_steps(step, timed[:n_prof], device)
     return row
@@ -227,6 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the step (max-autotune-no-cudagraphs: Triton matmul templates "
                         "with the norms/activations fused in, chosen against cuBLAS by timing)")
+    p.add_argument("--cudnn-autotune", action=argparse.BooleanOptionalAction, default=None,
+                   help="cudnn_fe: time cuDNN's execution plans per graph and keep the fastest (default: "
+                        "arvid.generator.cudnn_fe.AUTOTUNE, on unless ARVID_CUDNN_FE_AUTOTUNE=0)")
+    p.add_argument("--inductor-tuning", action="store_true",
+                   help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
+                        "elementwise and reduction kernels by timing (longer compile)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--measure-peak", action="store_true",
                    help="time a matmul in --precision first (8192^3 on CUDA); rows also give mfu_measured_peak against it (the "
@@ -253,6 +267,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         activate_flash_impl(args.flash_impl)  # raises, saying what to install, when it cannot
     args.dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.cudnn_autotune is not None:
+        from arvid.generator import cudnn_fe
+
+        cudnn_fe.AUTOTUNE = args.cudnn_autotune
+    if args.inductor_tuning:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     if args.flops_only:
         rows = [count_flops(preset, kind, args, fmt) for preset in args.presets.split(",")
                 for kind in args.lengths.split(",")]
@@ -287,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
+        "inductor_tuning": args.inductor_tuning,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"# profile {r['preset']} {r['lengths']}: {pr['total_ms_per_step']:.1f} ms of "
                   f"{'kernel' if device.type == 'cuda' else 'operator'} time per step; "
                   + ", ".join(f"{k} {v:.1%}" for k, v in pr["shares"].items()))
-            for t in pr["top"]:
+            for t in pr["top"][:30]:
                 print(f"#   {t['share']:6.1%} {t['calls']:6d}x {t['category']:18s} {t['name']}")
     print(json.dumps(result))
     if args.json:

@@ -29,6 +29,15 @@ class _Heur:
     A, B, FALLBACK = "A", "B", "FALLBACK"
 
 
+class _Policy:
+    HEURISTICS_CHOICE, ALL = "heuristics_choice", "all"
+
+
+#: The execution plans a graph built with ``build_plan_policy.ALL`` offers: (name, seconds each
+#: execution sleeps, whether it computes a wrong result, whether it fails). Tests replace it.
+PLANS: list[tuple] = [("plan0", 0.0, False, False)]
+
+
 class Tensor:
     def __init__(self, name: str, dim=None, stride=None, data_type=None):
         self.name, self.dim, self.stride, self.data_type = name, dim, stride, data_type
@@ -96,11 +105,36 @@ class pygraph:  # noqa: N801 - the frontend's name
     def check_support(self):
         pass
 
-    def build_plans(self):
+    def build_plans(self, policy=None):
         self.built = True
+        self.policy = policy
 
     def get_workspace_size(self):
         return 16
+
+    def get_execution_plan_count(self):
+        assert self.policy == _Policy.ALL
+        return len(PLANS)
+
+    def get_plan_name_at_index(self, i):
+        return PLANS[i][0]
+
+    def get_workspace_size_plan_at_index(self, i):
+        return 16 * (i + 1)
+
+    def execute_plan_at_index(self, pack: dict, workspace, index, handle=None):
+        import time
+
+        name, delay, wrong, fails = PLANS[index]
+        if fails:
+            raise RuntimeError(f"{name} cannot run")
+        assert workspace.numel() >= 16 * (index + 1)
+        time.sleep(delay)
+        self.execute(pack, workspace)
+        if wrong:
+            for t, x in pack.items():
+                if t.output:
+                    x.add_(1.0)
 
     def execute(self, pack: dict, workspace, handle=None):
         assert self.built
@@ -182,7 +216,7 @@ def _backward(p, buf, lens):
 
 def module() -> types.ModuleType:
     m = types.ModuleType("cudnn")
-    m.data_type, m.diagonal_alignment, m.heur_mode = _DT, _Diag, _Heur
+    m.data_type, m.diagonal_alignment, m.heur_mode, m.build_plan_policy = _DT, _Diag, _Heur, _Policy
     m.pygraph = pygraph
     m.backend_version = lambda: 91900
     m.create_handle = lambda: 1
@@ -202,5 +236,6 @@ def install(monkeypatch) -> types.ModuleType:
     monkeypatch.setattr(cudnn_fe, "_handle", lambda device: 1)
     monkeypatch.setattr(cudnn_fe, "_GRAPHS", {})
     monkeypatch.setattr(cudnn_fe, "BUILT", [])
+    monkeypatch.setattr(cudnn_fe, "TUNED", [])
     monkeypatch.setattr(cudnn_fe, "_BATCH", cudnn_fe.LastBatchMemo())
     return m

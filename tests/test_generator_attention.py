@@ -602,6 +602,52 @@ def test_cudnn_fe_graphs_read_and_write_the_packed_layout(monkeypatch, seed, len
         assert len(cudnn_fe.BUILT) == 2
 
 
+def test_cudnn_fe_autotune_keeps_the_fastest_plan_that_agrees(monkeypatch):
+    """With several execution plans, a graph's first call times them and keeps the fastest whose
+    outputs agree with the first plan's: a faster plan with wrong outputs and one that fails are
+    passed over; the results are the chosen plan's (right), and later calls do not tune again.
+    With autotuning off the heuristics' plan runs untimed."""
+    from arvid.generator import cudnn_fe
+
+    standin = _cudnn_fe_standin()
+    standin.install(monkeypatch)
+    monkeypatch.setattr(standin, "PLANS", [("heuristic", 0.03, False, False), ("wrong", 0.0, True, False),
+                                           ("broken", 0.0, False, True), ("fast", 0.0, False, False)])
+    lens = [9, 4, 17]
+    q, k, v, cu = random_batch(3, lens, h=2, hkv=2, d=8)
+    q.requires_grad_(True)
+    out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, max(lens))
+    out.sum().backward()
+    q2 = q.detach().double().requires_grad_(True)
+    expected = reference(q2, k.double(), v.double(), cu)
+    expected.sum().backward()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.grad.double(), q2.grad, atol=1e-5, rtol=1e-5)
+    assert [t["kind"] for t in cudnn_fe.TUNED] == ["forward", "backward"]
+    for t in cudnn_fe.TUNED:
+        assert t["chosen"] == 3 and t["plans"] == ["heuristic", "wrong", "broken", "fast"]
+        assert t["ms"][1] is None and t["ms"][2] is None and t["ms"][0] > t["ms"][3]
+    cudnn_fe.cudnn_fe_attention(q.detach(), k, v, cu, max(lens))
+    assert len(cudnn_fe.TUNED) == 2  # tuned once per graph
+
+    standin.install(monkeypatch)
+    monkeypatch.setattr(cudnn_fe, "AUTOTUNE", False)
+    out = cudnn_fe.cudnn_fe_attention(q.detach(), k, v, cu, max(lens))
+    torch.testing.assert_close(out.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    assert cudnn_fe.TUNED == [] and len(cudnn_fe.BUILT) == 1
+
+
+def test_cudnn_fe_autotune_fails_clearly_when_no_plan_runs(monkeypatch):
+    from arvid.generator import cudnn_fe
+
+    standin = _cudnn_fe_standin()
+    standin.install(monkeypatch)
+    monkeypatch.setattr(standin, "PLANS", [("a", 0.0, False, True), ("b", 0.0, False, True)])
+    q, k, v, cu = random_batch(0, [5, 3], h=2, hkv=2, d=8)
+    with pytest.raises(RuntimeError, match="ARVID_CUDNN_FE_AUTOTUNE=0"):
+        cudnn_fe.cudnn_fe_attention(q, k, v, cu, 5)
+
+
 def test_cudnn_fe_batch_layout_pads_with_empty_sequences_at_the_end():
     from arvid.generator.cudnn_fe import batch_layout
 

@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import logging
 import math
+import os
 import time
 
 import torch
@@ -47,6 +48,20 @@ SEQ_BUCKET = 512
 #: The backward's workspace bound (``max_total_seq_len``, at least the packed token count, a
 #: multiple of 64 by cuDNN's rule) is the token count rounded up to a power of two, at least this.
 MIN_TOKEN_BOUND = 1024
+
+#: Time every execution plan cuDNN's heuristics offer for a graph on the graph's first call and
+#: keep the fastest whose outputs agree with the heuristic's first choice (``ARVID_CUDNN_FE_AUTOTUNE=0``:
+#: the first choice, untimed). The heuristics rank plans without running them; a packed batch of
+#: short sequences is not the shape they are tuned for.
+AUTOTUNE = os.environ.get("ARVID_CUDNN_FE_AUTOTUNE", "1") != "0"
+#: Timed runs of each candidate plan (after one untimed run, which is also the agreement check).
+TUNE_REPEATS = 3
+#: A candidate plan's outputs may differ from the first choice's by at most this share of the
+#: first choice's largest value (bf16 rounding and a different summation order stay far below).
+TUNE_TOLERANCE = 2e-2
+#: One record per tuned graph: kind, key, plan names, their times in ms (None: failed or
+#: disagreed) and the chosen index (tests and benchmarks read it).
+TUNED: list[dict] = []
 
 _INSTALL = "pip install 'arvid[cudnn]' (nvidia-cudnn-frontend>=1.12)"
 
@@ -109,15 +124,94 @@ def _handle(device: torch.device):
 
 
 class _Graph:
-    """A built cuDNN graph, its named tensors and its workspace size."""
+    """A built cuDNN graph, its named tensors, the names of its outputs and its workspace size.
 
-    def __init__(self, graph, tensors: dict, workspace: int) -> None:
-        self.graph, self.tensors, self.workspace = graph, tensors, workspace
+    ``plans`` > 1 (built with :data:`AUTOTUNE`): the first :meth:`run` times the candidates on its
+    own buffers and keeps the fastest (:meth:`_tune`); later runs execute that plan by index."""
+
+    def __init__(self, graph, tensors: dict, outputs: tuple[str, ...], workspace: int, plans: int = 1,
+                 kind: str = "", key: tuple = ()) -> None:
+        self.graph, self.tensors, self.outputs, self.workspace = graph, tensors, outputs, workspace
+        self.plans, self.kind, self.key = plans, kind, key
+        self.plan: int | None = None  # None: the graph's own choice (graph.execute)
+
+    def _execute(self, pack: dict, handle, device: torch.device, plan: int | None, workspace: int) -> None:
+        ws = torch.empty(max(workspace, 1), dtype=torch.uint8, device=device)
+        if plan is None:
+            self.graph.execute(pack, ws, handle=handle)
+        else:
+            self.graph.execute_plan_at_index(pack, ws, plan, handle=handle)
 
     def run(self, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
         handle = _handle(device)
-        ws = torch.empty(max(self.workspace, 1), dtype=torch.uint8, device=device)
-        self.graph.execute({self.tensors[name]: buf for name, buf in buffers.items()}, ws, handle=handle)
+        pack = {self.tensors[name]: buf for name, buf in buffers.items()}
+        if self.plans > 1 and self.plan is None:
+            self.plan, self.workspace = self._tune(pack, buffers, handle, device)
+        self._execute(pack, handle, device, self.plan, self.workspace)
+
+    def _tune(self, pack: dict, buffers: dict[str, torch.Tensor], handle, device: torch.device) -> tuple[int, int]:
+        """(index, workspace) of the fastest plan on these buffers. The first plan that runs (plan 0,
+        the heuristics' first choice, unless it fails) is the reference: a plan that fails or whose
+        outputs differ from it by more than :data:`TUNE_TOLERANCE` of its largest value is not chosen. Every plan overwrites the
+        outputs (each starts from their content on entry, e.g. the zeroed statistics rows no plan
+        writes); the caller's run afterwards writes the chosen plan's."""
+        initial = [buffers[n].clone() for n in self.outputs]
+        names, times, ref = [], [], None
+        for i in range(self.plans):
+            names.append(_plan_name(self.graph, i))
+            for n, x in zip(self.outputs, initial):
+                buffers[n].copy_(x)
+            try:
+                ws = int(self.graph.get_workspace_size_plan_at_index(i))
+                self._execute(pack, handle, device, i, ws)
+                outs = [buffers[n].float() for n in self.outputs]
+                if ref is None:
+                    ref = [o.clone() for o in outs]
+                elif any(float((o - r).abs().max()) > TUNE_TOLERANCE * max(float(r.abs().max()), 1e-6)
+                         for o, r in zip(outs, ref)):
+                    log.warning("cudnn_fe: %s plan %d (%s) disagrees with the first plan; not used", self.kind, i, names[i])
+                    times.append(None)
+                    continue
+                times.append(_time(lambda i=i, ws=ws: self._execute(pack, handle, device, i, ws), device))
+            except Exception as e:  # noqa: BLE001 - a plan cuDNN cannot build or run is skipped
+                log.info("cudnn_fe: %s plan %d (%s) skipped (%s: %s)", self.kind, i, names[i], type(e).__name__, e)
+                times.append(None)
+        ran = [(t, i) for i, t in enumerate(times) if t is not None]
+        if not ran:
+            raise RuntimeError(f"cudnn_fe: none of the {self.plans} execution plans of the {self.kind} graph "
+                               f"{self.key} ran; set ARVID_CUDNN_FE_AUTOTUNE=0 to use the heuristics' choice")
+        best = min(ran)[1]
+        for n, x in zip(self.outputs, initial):
+            buffers[n].copy_(x)
+        TUNED.append({"kind": self.kind, "key": self.key, "plans": names, "ms": times, "chosen": best})
+        log.info("cudnn_fe: %s graph %s: plan %d of %d (%s), %s ms", self.kind, self.key, best, self.plans,
+                 names[best], ", ".join("-" if t is None else f"{t:.3f}" for t in times))
+        return best, int(self.graph.get_workspace_size_plan_at_index(best))
+
+
+def _plan_name(graph, i: int) -> str:
+    try:
+        return str(graph.get_plan_name_at_index(i))
+    except Exception:  # noqa: BLE001 - a name is only for the log
+        return "?"
+
+
+def _time(fn, device: torch.device) -> float:
+    """Milliseconds per call of ``fn``, the least of :data:`TUNE_REPEATS` runs."""
+    best = float("inf")
+    for _ in range(TUNE_REPEATS):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
 
 
 _GRAPHS: dict[tuple, _Graph] = {}
@@ -142,16 +236,22 @@ def _small(g, name: str, b: int, dt):
     return g.tensor(name=name, dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dt)
 
 
-def _finish(g, cudnn, kind: str, key: tuple, tensors: dict) -> _Graph:
+def _finish(g, cudnn, kind: str, key: tuple, tensors: dict, outputs: tuple[str, ...]) -> _Graph:
     t0 = time.perf_counter()
     g.validate()
     g.build_operation_graph()
     g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     g.check_support()
-    g.build_plans()
-    graph = _Graph(g, tensors, int(g.get_workspace_size()))
+    plans = 1
+    if AUTOTUNE:
+        g.build_plans(cudnn.build_plan_policy.ALL)
+        plans = int(g.get_execution_plan_count())
+    else:
+        g.build_plans()
+    graph = _Graph(g, tensors, outputs, int(g.get_workspace_size()), plans, kind, key)
     BUILT.append((kind, key))
-    log.info("cudnn_fe: built the %s graph %s in %.2f s", kind, key, time.perf_counter() - t0)
+    log.info("cudnn_fe: built the %s graph %s (%d plan%s) in %.2f s", kind, key, plans, "s" * (plans != 1),
+             time.perf_counter() - t0)
     return graph
 
 
@@ -176,7 +276,7 @@ def _fwd_graph(key: tuple, handle) -> _Graph:
     o.set_ragged_offset(t["off_o"])
     stats.set_output(True).set_data_type(cudnn.data_type.FLOAT).set_dim([b, h, s, 1]).set_stride([h * s, s, 1, 1])
     t["o"], t["stats"] = o, stats
-    return _finish(g, cudnn, "forward", key, t)
+    return _finish(g, cudnn, "forward", key, t, ("o", "stats"))
 
 
 def _bwd_graph(key: tuple, handle) -> _Graph:
@@ -205,7 +305,7 @@ def _bwd_graph(key: tuple, handle) -> _Graph:
         grad.set_ragged_offset(t["off_dk"])
         t[name] = grad
     t["dq"] = dq
-    return _finish(g, cudnn, "backward", key, t)
+    return _finish(g, cudnn, "backward", key, t, ("dq", "dk", "dv"))
 
 
 def _graph(kind: str, key: tuple, device: torch.device) -> _Graph:
