@@ -146,8 +146,12 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
                      attn_backend=args.backend, residual_dtype=args.residual_dtype)
     model = GPT.from_preset(preset, **overrides).to(device)
     n_params = model.num_params()
+    compiled_opt = args.optimizer == "compiled"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
-                            fused=device.type == "cuda" or None)
+                            fused=(device.type == "cuda" and not compiled_opt) or None,
+                            foreach=True if compiled_opt else None)
+    # compiled: inductor's kernels over the foreach AdamW (one fused pass per group of parameters)
+    opt_step = torch.compile(opt.step) if compiled_opt else opt.step
     batches = make_batches(kind, fmt, args.max_tokens, args.steps + args.warmup, 101, gen, device)
     n_prof = args.profile_steps if args.profile else 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -168,7 +172,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
         with autocast:
             loss = step_loss(batch)
         loss.backward()
-        opt.step()
+        opt_step()
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -238,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cudnn-autotune", action=argparse.BooleanOptionalAction, default=None,
                    help="cudnn_fe: time cuDNN's execution plans per graph and keep the fastest (default: "
                         "arvid.generator.cudnn_fe.AUTOTUNE, on unless ARVID_CUDNN_FE_AUTOTUNE=0)")
+    p.add_argument("--optimizer", choices=("fused", "compiled"), default="fused",
+                   help="AdamW's step: fused (torch's fused CUDA kernel) or compiled (torch.compile over the "
+                        "foreach implementation)")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
-        "inductor_tuning": args.inductor_tuning,
+        "inductor_tuning": args.inductor_tuning, "optimizer": args.optimizer,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,
