@@ -130,7 +130,8 @@ def count_flops(preset: str, kind: str, args, fmt: SequenceFormat) -> dict:
     the batches depend only on the arguments), without running the model (built on the meta
     device; no GPU needed)."""
     with torch.device("meta"):
-        model = GPT.from_preset(preset, vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101)
+        model = GPT.from_preset(preset, vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101,
+                                **args.gpt_overrides)
     gen = torch.Generator().manual_seed(1)
     batches = make_batches(kind, fmt, args.max_tokens, args.steps + args.warmup, 101, gen, torch.device("cpu"))
     c = batch_flops(model, batches[args.warmup:])
@@ -143,7 +144,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     overrides = dict(vocab_size=fmt.vocab_size, max_seq_len=1 + fmt.max_length + 1, num_classes=101,
-                     attn_backend=args.backend, residual_dtype=args.residual_dtype)
+                     attn_backend=args.backend, residual_dtype=args.residual_dtype, **args.gpt_overrides)
     model = GPT.from_preset(preset, **overrides).to(device)
     n_params = model.num_params()
     compiled_opt = args.optimizer == "compiled"
@@ -161,7 +162,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
 
     step_loss = torch.compile(loss_fn, mode=args.compile_mode) if args.compile else loss_fn
     row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None,
-           "residual_dtype": args.residual_dtype}
+           "residual_dtype": args.residual_dtype, "gpt_overrides": args.gpt_overrides}
     # a backend that cannot train here (fa4 on Hopper) fails now with its reason, not after compiling
     resolve_training_backend(args.backend, device, args.dtype)
     with autocast:
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--optimizer", choices=("fused", "compiled"), default="fused",
                    help="AdamW's step: fused (torch's fused CUDA kernel) or compiled (torch.compile over the "
                         "foreach implementation)")
+    p.add_argument("--gpt", action="append", default=[], metavar="KEY=INT",
+                   help="override a GPTConfig field of the preset (repeatable), e.g. --gpt n_heads=8: the same "
+                        "parameters with heads of 128; rows then differ from the preset's (recorded as gpt_overrides)")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
@@ -261,6 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (with --profile)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.gpt_overrides = {}
+    for item in args.gpt:
+        key, sep, value = item.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            p.error(f"--gpt {item!r}: expected KEY=INT, e.g. n_heads=8")
+        args.gpt_overrides[key] = int(value)
     layout = BlockLayout()
     if args.tiny:
         args.presets, args.max_tokens, args.steps, args.warmup, args.compile = "debug", 600, 2, 1, False
