@@ -89,3 +89,23 @@ def test_backend_flags_are_restored():
     finally:
         restore_backend_flags(before)
     assert backend_flags() == before
+
+
+def test_every_stage_resolves_auto_the_same_way(monkeypatch):
+    """One rule for ``device: auto`` in every stage: this process's GPU (LOCAL_RANK modulo the GPUs
+    seen), else the CPU; other names go through parse_device."""
+    import importlib
+
+    from arvid.training import device as D
+
+    for name in ("sample", "curate", "tokenize", "eval_curve", "train_router", "evaluate", "report"):
+        assert importlib.import_module(f"arvid.stages.{name}").resolve_device is D.resolve_device, name
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: False)
+    assert D.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(D.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert D.resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert D.resolve_device("auto") == torch.device("cuda", 0)
+    assert D.resolve_device("cpu") == torch.device("cpu")

@@ -48,7 +48,7 @@ from arvid.tokenizer.reward import (
     labels_for,
     search,
 )
-from arvid.training.device import parse_device
+from arvid.training.device import resolve_device
 
 log = logging.getLogger("arvid.curate")
 
@@ -111,15 +111,6 @@ def process_info() -> ProcessInfo:
 
     state = PartialState()
     return ProcessInfo(state.process_index, state.num_processes, state)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the accelerator this process was launched on (cuda:rank), else cpu."""
-    if name != "auto":
-        return parse_device(name)
-    from accelerate import PartialState
-
-    return PartialState().device if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _load_videos(dataset, indices: list[int], num_workers: int, batch: int):

@@ -32,7 +32,7 @@ import torch
 from arvid.config import ConfigError, doc, load_config, nested, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import atomic_write, check_writable, read_json, write_json
-from arvid.stages.curate import read_stats, resolve_device
+from arvid.stages.curate import read_stats
 from arvid.tokenizer.base import load_tokenizer
 from arvid.tokenizer.reward import (
     QUALITY_DESCRIPTIONS,
@@ -42,7 +42,7 @@ from arvid.tokenizer.reward import (
     labels_for,
     threshold_search,
 )
-from arvid.training.device import inference_autocast
+from arvid.training.device import inference_autocast, resolve_device
 
 log = logging.getLogger("arvid.eval_curve")
 

@@ -35,18 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.data.files import VideoFileDataset
 from arvid.eval.protocols import FVDProtocol, get_protocol
-from arvid.training.device import parse_device
 
 log = logging.getLogger("arvid.evaluate")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's GPU if there is one (``LOCAL_RANK`` under torchrun), else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return parse_device(name)
 
 
 def dist_info() -> tuple[int, int]:

@@ -41,9 +41,8 @@ from arvid.stages.eval_stream import (
     all_sum,
     dist_info,
     progress,
-    resolve_device,
 )
-from arvid.training.device import inference_autocast
+from arvid.training.device import inference_autocast, resolve_device
 
 log = logging.getLogger("arvid.evaluate")
 

@@ -25,7 +25,7 @@ from arvid.config import doc, nested
 from arvid.data.datasets import DataConfig
 from arvid.io import read_json, write_json, write_text
 from arvid.sampling.sampler import SamplerConfig
-from arvid.stages.eval_stream import ClipSet, FVDSides, resolve_device
+from arvid.stages.eval_stream import ClipSet, FVDSides
 from arvid.stages.evaluate import (
     FPEvalConfig,
     GenEvalConfig,
@@ -40,6 +40,7 @@ from arvid.stages.evaluate import (
     evaluate_recon,
     recon_table,
 )
+from arvid.training.device import resolve_device
 
 log = logging.getLogger("arvid.report")
 

@@ -54,7 +54,7 @@ from arvid.sampling.videos import (
     sequence_format_for,
     training_record,
 )
-from arvid.training.device import inference_autocast, parse_device
+from arvid.training.device import inference_autocast, resolve_device
 
 log = logging.getLogger("arvid.sample")
 
@@ -134,16 +134,6 @@ class SampleConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return parse_device(name)
-    if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        return PartialState().device
-    return torch.device("cpu")
 
 
 def read_context(path: str | Path, frames: int, size: int | None) -> torch.Tensor:

@@ -35,9 +35,9 @@ from arvid.data.token_store import (
     shard_path,
 )
 from arvid.io import check_writable, write_json
-from arvid.stages.curate import process_info, resolve_device
+from arvid.stages.curate import process_info
 from arvid.tokenizer.base import load_tokenizer
-from arvid.training.device import inference_autocast
+from arvid.training.device import inference_autocast, resolve_device
 
 log = logging.getLogger("arvid.tokenize")
 

@@ -32,7 +32,7 @@ from torch import nn
 from arvid.config import ConfigError, doc, from_dict, load_config, nested, read_yaml, save_config
 from arvid.data.datasets import DataConfig, build_dataset
 from arvid.io import check_writable, read_json, write_json
-from arvid.stages.curate import read_stats, resolve_device
+from arvid.stages.curate import read_stats
 from arvid.tokenizer.base import load_tokenizer
 from arvid.tokenizer.reward import (
     CurationRecords,
@@ -46,6 +46,7 @@ from arvid.tokenizer.reward import (
 from arvid.tokenizer.router import ROUTER_PRESETS, Router
 from arvid.training import StepOutput, Trainer, TrainerConfig
 from arvid.training.checkpoint import check_resumable
+from arvid.training.device import resolve_device
 
 log = logging.getLogger("arvid.train_router")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import NoReturn
 
 import torch
@@ -35,6 +36,17 @@ def parse_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """A stage's ``device`` setting as a device: ``auto`` is this process's GPU if there is one
+    (``cuda:LOCAL_RANK`` under torchrun or accelerate launch, modulo the GPUs seen), else the CPU;
+    any other name goes through :func:`parse_device`. The one rule every inference stage uses."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    return parse_device(name)
 
 
 def inference_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
