@@ -99,3 +99,15 @@ def test_a_failed_calibration_on_process_0_reaches_every_process(tmp_path):
     zero, one = (open(f"{out}.{r}").read() for r in (0, 1))
     assert zero.startswith("ValueError") and "out of reach" in zero
     assert one.startswith("RuntimeError: budget calibration failed on process 0") and "out of reach" in one
+
+
+def test_calibration_rows_spread_over_the_run():
+    from arvid.sampling.budget import calibration_rows
+
+    assert calibration_rows(10, 10).tolist() == list(range(10))
+    assert calibration_rows(64, 4).tolist() == [0, 21, 42, 63]
+    assert calibration_rows(7, 1).tolist() == [0]
+    rows = calibration_rows(1000, 333)
+    assert rows.unique().numel() == 333 and rows[0] == 0 and rows[-1] == 999
+    with pytest.raises(ValueError, match="n=5, total=4"):
+        calibration_rows(4, 5)

@@ -341,3 +341,19 @@ def test_a_failed_run_leaves_the_previous_runs_record_alone(dirs):
     with pytest.raises(ConfigError, match="outside"):
         cli(base + ["--classes", "7"])
     assert (out / "config.yaml").read_text() == saved and (out / "done").is_file()
+
+
+def test_budget_calibration_rows_span_the_whole_run():
+    """The mean-budget calibration conditions on rows spread over the run, not its first rows (a
+    run lists classes in order: its first two batches were often one class)."""
+    from arvid.stages.sample import SampleConfig, _calibration_cond, _Plan
+
+    classes = torch.arange(4).repeat_interleave(16)  # 4 classes x 16 videos, in order
+    plan = _Plan(classes=classes, prompt_index=classes.clone())
+    cond, n = _calibration_cond(plan, SampleConfig(batch_size=8, calibration_batches=2))
+    assert n == 16 and cond.class_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    cond, n = _calibration_cond(plan, SampleConfig(batch_size=64, calibration_batches=2))  # all rows
+    assert n == 64 and torch.equal(cond.class_ids, classes)
+    one = _Plan(classes=torch.tensor([5]), prompt_index=torch.tensor([0]))
+    cond, n = _calibration_cond(one, SampleConfig(batch_size=8))
+    assert n == 1 and cond.class_ids.tolist() == [5]

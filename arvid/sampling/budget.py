@@ -42,6 +42,15 @@ class BudgetCalibration:
         return abs(self.mean_tokens - self.target) / self.target
 
 
+def calibration_rows(total: int, n: int) -> torch.Tensor:
+    """``n`` row indices (``n <= total``) spread evenly over ``0..total-1``, first and last included:
+    which videos of a run condition the calibration batch. Runs list their classes (or prompts) in
+    order, so their first ``n`` rows are often one class, whose lengths need not be the run's."""
+    if not 1 <= n <= total:
+        raise ValueError(f"calibration rows: need 1 <= n <= total, got n={n}, total={total}")
+    return torch.linspace(0, total - 1, n).round().long() if n > 1 else torch.zeros(1, dtype=torch.long)
+
+
 def bisect_bias(measure: Callable[[float], float], target: float, lo: float = -4.0, hi: float = 4.0,
                 iters: int = 24, rel_tol: float = 0.01, expand: int = 6, beta_tol: float = 1e-3) -> BudgetCalibration:
     """Find ``beta`` with ``measure(beta) ~= target`` for a non-decreasing ``measure``.

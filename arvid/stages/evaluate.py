@@ -326,8 +326,8 @@ class GenEvalConfig:
     tokenizer: str = doc("", "tokenizer directory that decodes the samples")
     sampler: SamplerConfig = nested(SamplerConfig, "guidance, temperature, top-k/top-p")
     budget: float = doc(0.0, "tokens per video: the mean to meet (mode mean) or the cap (mode exact); 0 = off")
-    budget_mode: Literal["mean", "exact"] = doc("mean", "mean: calibrate the length bias on the first "
-                                                "`calibration_videos` labels; exact: cap every video at `budget`")
+    budget_mode: Literal["mean", "exact"] = doc("mean", "mean: calibrate the length bias on "
+                                                "`calibration_videos` labels spread over the evaluation's; exact: cap every video at `budget`")
     calibration_videos: int = doc(64, "labels in the budget calibration batch")
     fixed_assignment: list[int] | None = doc(
         None, "one token count per block forced on every sample (a fixed-length baseline: its GPT, briefly "
@@ -361,7 +361,7 @@ def _budgeted_sampler(cfg: GenEvalConfig, gpt: Any, tok: Any, labels: torch.Tens
         return cfg.sampler, None, {"mode": "off"}
     if cfg.budget_mode == "exact":
         return cfg.sampler, int(cfg.budget), {"mode": "exact", "target": cfg.budget, "cap": int(cfg.budget)}
-    from arvid.sampling.budget import calibrate_budget_bias
+    from arvid.sampling.budget import calibrate_budget_bias, calibration_rows
     from arvid.sampling.sampler import Sampler, conditioning_class
     from arvid.sampling.videos import batch_seed, sequence_format_for
 
@@ -369,7 +369,7 @@ def _budgeted_sampler(cfg: GenEvalConfig, gpt: Any, tok: Any, labels: torch.Tens
     Cond = conditioning_class()
     if labels is not None:
         n = min(cfg.calibration_videos, labels.numel())
-        cond = Cond(class_ids=labels[:n].to(device))
+        cond = Cond(class_ids=labels[calibration_rows(labels.numel(), n)].to(device))
     else:
         n, cond = cfg.calibration_videos, Cond()
     cal = calibrate_budget_bias(sampler, cfg.budget, cond, batch_size=n, seed=batch_seed(cfg.seed, -1))

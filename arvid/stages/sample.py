@@ -43,7 +43,7 @@ from arvid.config import ConfigError, doc, load_config, nested, save_config
 from arvid.data.types import TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 from arvid.io import atomic_write, check_writable, write_json
-from arvid.sampling.budget import calibrate_budget_bias
+from arvid.sampling.budget import calibrate_budget_bias, calibration_rows
 from arvid.sampling.frame_prediction import check_context_blocks, encode_context
 from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
 from arvid.sampling.videos import (
@@ -90,7 +90,7 @@ class SampleConfig:
     budget: float = doc(0.0, "tokens per video: the mean to aim for (mode mean) or the cap (mode exact); 0 = off")
     budget_mode: Literal["mean", "exact"] = doc(
         "mean", "mean: calibrate the length bias beta to meet the mean; exact: cap every video at `budget`")
-    calibration_batches: int = doc(2, "batches of the run used to calibrate beta (mode mean)")
+    calibration_batches: int = doc(2, "batches' worth of rows, spread over the run, that calibrate beta (mode mean)")
     seed: int = doc(0, "run seed (batch j draws from seed (seed, j): the same samples for any process count)")
     batch_size: int = doc(16, "videos per sampling batch")
     device: str = doc("auto", "auto (this process's GPU, else cpu), cpu, cuda, cuda:1 ...")
@@ -338,13 +338,16 @@ def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> None:
 
 
 def _calibration_cond(plan: _Plan, cfg: SampleConfig) -> tuple[Any, int]:
-    """The first ``calibration_batches`` batches' conditioning, as one batch."""
+    """Conditioning for the budget calibration, as one batch: ``calibration_batches`` batches' worth of
+    rows spread evenly over the whole run (the run lists its classes or prompts in order, so its
+    first rows would often be a single class, whose lengths need not be the run's)."""
     n = min(plan.n, cfg.batch_size * max(cfg.calibration_batches, 1))
+    rows = calibration_rows(plan.n, n)
     Cond = conditioning_class()
     if plan.text_ids is not None:
-        return Cond(text_ids=plan.text_ids[:n]), n
+        return Cond(text_ids=plan.text_ids[rows]), n
     if bool((plan.classes >= 0).any()):
-        return Cond(class_ids=plan.classes[:n]), n
+        return Cond(class_ids=plan.classes[rows]), n
     return Cond(), n
 
 
