@@ -239,6 +239,24 @@ def execution_fields(cls: type, prefix: str = "") -> list[str]:
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type`` for an integer flag of at least ``minimum``: a smaller value or a
+    non-integer is the flag's error (argparse names the flag), not a failure later in the run."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def is_override(word: str) -> bool:
     """Whether a command-line word is a dotted override ``key.sub=value`` (not a path or an option)."""
     return bool(_OVERRIDE.match(word))

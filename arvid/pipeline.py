@@ -74,6 +74,11 @@ class ExperimentConfig:
     report: report_stage.ReportConfig = nested(report_stage.ReportConfig, "metrics.json and report.md")
 
     def __post_init__(self) -> None:
+        if not str(self.out_dir).strip():
+            raise ValueError("out_dir is empty: give the folder that holds the stage directories")
+        if not self.stages:
+            raise ValueError(f"stages is empty: list at least one of {list(STAGES)} (or leave it out for "
+                             f"the default {list(DEFAULT_STAGES)})")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stages {unknown}; the graph is {list(STAGES)}")

@@ -129,3 +129,25 @@ def test_eval_without_a_config_file_takes_a_first_override(tmp_path, monkeypatch
     assert _config_and_overrides(ns(config="x=1.yaml", overrides=[])) == ("x=1.yaml", [])  # a real file wins
     args = build_parser().parse_args(["eval", "recon", "tokenizer=runs/t", "num_videos=4"])
     assert _config_and_overrides(args) == (None, ["tokenizer=runs/t", "num_videos=4"])
+
+
+@pytest.mark.parametrize("argv,flag,shown", [
+    (["data", "index", "ROOT", "--out", "x.csv", "--workers", "-2"], "--workers", "integer >= 1, got -2"),
+    (["data", "synth", "OUT", "--num", "0"], "--num", "integer >= 1, got 0"),
+    (["data", "synth", "OUT", "--frames", "x"], "--frames", "integer >= 1, got 'x'"),
+    (["eval", "fvd", "A", "B", "--batch-size", "0"], "--batch-size", "integer >= 1, got 0"),
+    (["eval", "fvd", "A", "B", "--workers", "-1"], "--workers", "integer >= 0, got -1"),
+])
+def test_count_flags_refuse_values_below_their_minimum(capsys, argv, flag, shown):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected an {shown}" in err
+
+
+def test_experiment_refuses_empty_stages_and_out_dir(capsys):
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "demo.yaml")
+    assert main(["pipeline", cfg, "--dry-run", "stages=[]"]) == 1
+    assert "stages is empty" in capsys.readouterr().err
+    assert main(["pipeline", cfg, "--dry-run", "out_dir="]) == 1
+    assert "out_dir is empty" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import io
 import logging
 import os
 
-from arvid.config import changed_keys, to_dict
+from arvid.config import changed_keys, int_at_least, to_dict
 from arvid.data.index import format_summary, index_folder
 from arvid.data.synthetic import SyntheticConfig, SyntheticVideos
 from arvid.data.writer import write_video
@@ -114,11 +114,11 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write the built-in synthetic clips as video files + list.csv")
     p.add_argument("out", help="output folder (gets <NN_class_name>/*.mp4 and list.csv)")
     p.add_argument("--format", choices=("mp4", "gif"), default="mp4", help="file format (default mp4)")
-    p.add_argument("--num", type=int, default=1000, help="number of clips (default 1000)")
+    p.add_argument("--num", type=int_at_least(1), default=1000, help="number of clips (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed (default 0)")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
-    p.add_argument("--size", type=int, default=64, help="height = width in pixels (default 64)")
-    p.add_argument("--fps", type=int, default=8, help="frame rate written into the files (default 8)")
+    p.add_argument("--frames", type=int_at_least(1), default=16, help="frames per clip (default 16)")
+    p.add_argument("--size", type=int_at_least(1), default=64, help="height = width in pixels (default 64)")
+    p.add_argument("--fps", type=int_at_least(1), default=8, help="frame rate written into the files (default 8)")
     p.set_defaults(func=_run_synth)
 
     p = sub.add_parser("index", help="build and validate a path,label CSV of a UCF-101 / Kinetics style folder")
@@ -127,7 +127,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split-files", nargs=2, metavar=("TRAINLIST", "TESTLIST"),
                    help="UCF-101 style split lists (paths relative to ROOT)")
     p.add_argument("--report", help="JSON report path (default: beside the CSV, .report.json)")
-    p.add_argument("--workers", type=int, default=1, help="processes for the decode check (default 1)")
+    p.add_argument("--workers", type=int_at_least(1), default=1, help="processes for the decode check (default 1)")
     p.add_argument("--no-decode-check", action="store_true", help="do not open every file")
     p.add_argument("--keep-unreadable", action="store_true", help="keep unreadable files in the CSV")
     p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or train/test overlap")

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from arvid.config import int_at_least
 from arvid.data.files import ClipConfig, VideoFileDataset, scan_folder, videos_under
 from arvid.eval.i3d import I3D, I3DFeatures, TorchScriptI3D
 from arvid.eval.protocols import PROTOCOLS, FVDProtocol, get_protocol
@@ -281,14 +282,14 @@ def add_arguments(eval_subparsers) -> None:
     p.add_argument("a", help="real / reference set: video folder, CSV list, or .npz statistics")
     p.add_argument("b", nargs="?", default=None, help="generated / reconstructed set (same forms)")
     p.add_argument("--protocol", default="synthetic", choices=sorted(PROTOCOLS), help="named protocol (recorded)")
-    p.add_argument("--num", type=int, default=None,
+    p.add_argument("--num", type=int_at_least(1), default=None,
                    help="clips per set (default: the protocol's num_real / num_fake, an error if a set has fewer; "
                         "protocols without N: all); an explicit K is a non-standard count (conforms: false)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the protocol's, else 16)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--frames", type=int_at_least(1), default=None, help="frames per clip (default: the protocol's, else 16)")
+    p.add_argument("--size", type=int_at_least(1), default=None,
                    help="decode size (default: the protocol's resolution, else its pre-resize, else 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per I3D batch")
-    p.add_argument("--workers", type=int, default=2, help="data-loader workers")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="clips per I3D batch")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="data-loader workers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "tf32-stem", "bf16", "fp64"],
                    help="I3D numerics (fp32 turns TF32 off; reported numbers should use fp32)")
