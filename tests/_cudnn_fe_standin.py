@@ -33,8 +33,8 @@ class _Policy:
     HEURISTICS_CHOICE, ALL = "heuristics_choice", "all"
 
 
-#: The execution plans a graph built with ``build_plan_policy.ALL`` offers: (name, seconds each
-#: execution sleeps, whether it computes a wrong result, whether it fails). Tests replace it.
+#: The execution plans a graph offers: (name, seconds each execution sleeps, whether it computes a
+#: wrong result, where it fails: False, "build" or "run"). Tests replace it.
 PLANS: list[tuple] = [("plan0", 0.0, False, False)]
 
 
@@ -113,8 +113,12 @@ class pygraph:  # noqa: N801 - the frontend's name
         return 16
 
     def get_execution_plan_count(self):
-        assert self.policy == _Policy.ALL
         return len(PLANS)
+
+    def build_plan_at_index(self, i):
+        if PLANS[i][3] == "build":
+            raise RuntimeError(f"{PLANS[i][0]} cannot be built")
+        self.built_plans = getattr(self, "built_plans", set()) | {i}
 
     def get_plan_name_at_index(self, i):
         return PLANS[i][0]
@@ -126,7 +130,8 @@ class pygraph:  # noqa: N801 - the frontend's name
         import time
 
         name, delay, wrong, fails = PLANS[index]
-        if fails:
+        assert index in getattr(self, "built_plans", set()), f"plan {index} run before it was built"
+        if fails == "run":
             raise RuntimeError(f"{name} cannot run")
         assert workspace.numel() >= 16 * (index + 1)
         time.sleep(delay)
@@ -137,7 +142,7 @@ class pygraph:  # noqa: N801 - the frontend's name
                     x.add_(1.0)
 
     def execute(self, pack: dict, workspace, handle=None):
-        assert self.built
+        assert self.built or getattr(self, "built_plans", None)
         kind, p = self.ops[0]
         buf = {t.name: x for t, x in pack.items()}
         missing = {t.name for t in p.values() if isinstance(t, Tensor)} - set(buf)

@@ -612,7 +612,8 @@ def test_cudnn_fe_autotune_keeps_the_fastest_plan_that_agrees(monkeypatch):
     standin = _cudnn_fe_standin()
     standin.install(monkeypatch)
     monkeypatch.setattr(standin, "PLANS", [("heuristic", 0.03, False, False), ("wrong", 0.0, True, False),
-                                           ("broken", 0.0, False, True), ("fast", 0.0, False, False)])
+                                           ("broken", 0.0, False, "run"), ("unbuilt", 0.0, False, "build"),
+                                           ("fast", 0.0, False, False)])
     lens = [9, 4, 17]
     q, k, v, cu = random_batch(3, lens, h=2, hkv=2, d=8)
     q.requires_grad_(True)
@@ -624,9 +625,9 @@ def test_cudnn_fe_autotune_keeps_the_fastest_plan_that_agrees(monkeypatch):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q.grad.double(), q2.grad, atol=1e-5, rtol=1e-5)
     assert [t["kind"] for t in cudnn_fe.TUNED] == ["forward", "backward"]
-    for t in cudnn_fe.TUNED:
-        assert t["chosen"] == 3 and t["plans"] == ["heuristic", "wrong", "broken", "fast"]
-        assert t["ms"][1] is None and t["ms"][2] is None and t["ms"][0] > t["ms"][3]
+    for t in cudnn_fe.TUNED:  # the unbuilt plan is no candidate; the fast one (index 4) is chosen
+        assert t["indices"] == [0, 1, 2, 4] and t["plans"] == ["heuristic", "wrong", "broken", "fast"]
+        assert t["chosen"] == 3 and t["ms"][1] is None and t["ms"][2] is None and t["ms"][0] > t["ms"][3]
     cudnn_fe.cudnn_fe_attention(q.detach(), k, v, cu, max(lens))
     assert len(cudnn_fe.TUNED) == 2  # tuned once per graph
 
@@ -642,10 +643,19 @@ def test_cudnn_fe_autotune_fails_clearly_when_no_plan_runs(monkeypatch):
 
     standin = _cudnn_fe_standin()
     standin.install(monkeypatch)
-    monkeypatch.setattr(standin, "PLANS", [("a", 0.0, False, True), ("b", 0.0, False, True)])
+    monkeypatch.setattr(standin, "PLANS", [("a", 0.0, False, "run"), ("b", 0.0, False, "run")])
     q, k, v, cu = random_batch(0, [5, 3], h=2, hkv=2, d=8)
-    with pytest.raises(RuntimeError, match="ARVID_CUDNN_FE_AUTOTUNE=0"):
+    with pytest.raises(RuntimeError, match="none of the 2 execution plans.*ARVID_CUDNN_FE_AUTOTUNE=0"):
         cudnn_fe.cudnn_fe_attention(q, k, v, cu, 5)
+    standin.install(monkeypatch)
+    monkeypatch.setattr(standin, "PLANS", [("a", 0.0, False, "build")])
+    with pytest.raises(RuntimeError, match="built none of the execution plans"):
+        cudnn_fe.cudnn_fe_attention(q, k, v, cu, 5)
+    standin.install(monkeypatch)  # one plan built: run by index, untimed
+    monkeypatch.setattr(standin, "PLANS", [("a", 0.0, False, "build"), ("b", 0.0, False, False)])
+    out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, 5)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+    assert cudnn_fe.TUNED == []
 
 
 def test_cudnn_fe_batch_layout_pads_with_empty_sequences_at_the_end():

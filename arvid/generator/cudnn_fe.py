@@ -54,6 +54,9 @@ MIN_TOKEN_BOUND = 1024
 #: the first choice, untimed). The heuristics rank plans without running them; a packed batch of
 #: short sequences is not the shape they are tuned for.
 AUTOTUNE = os.environ.get("ARVID_CUDNN_FE_AUTOTUNE", "1") != "0"
+#: At most this many plans (the heuristics' first ones) are built and timed per graph: cuDNN compiles
+#: some of its attention kernels at build time, a second or more each.
+TUNE_MAX_PLANS = 8
 #: Timed runs of each candidate plan (after one untimed run, which is also the agreement check).
 TUNE_REPEATS = 3
 #: A candidate plan's outputs may differ from the first choice's by at most this share of the
@@ -126,14 +129,19 @@ def _handle(device: torch.device):
 class _Graph:
     """A built cuDNN graph, its named tensors, the names of its outputs and its workspace size.
 
-    ``plans`` > 1 (built with :data:`AUTOTUNE`): the first :meth:`run` times the candidates on its
-    own buffers and keeps the fastest (:meth:`_tune`); later runs execute that plan by index."""
+    ``candidates`` (built with :data:`AUTOTUNE`): the indices of the execution plans built; the
+    first :meth:`run` times them on its own buffers and keeps the fastest (:meth:`_tune`; one
+    candidate is kept untimed), and every run executes that plan by index. ``None``: the graph's
+    own plan (``graph.execute``)."""
 
-    def __init__(self, graph, tensors: dict, outputs: tuple[str, ...], workspace: int, plans: int = 1,
-                 kind: str = "", key: tuple = ()) -> None:
+    def __init__(self, graph, tensors: dict, outputs: tuple[str, ...], workspace: int,
+                 candidates: list[int] | None = None, kind: str = "", key: tuple = ()) -> None:
         self.graph, self.tensors, self.outputs, self.workspace = graph, tensors, outputs, workspace
-        self.plans, self.kind, self.key = plans, kind, key
-        self.plan: int | None = None  # None: the graph's own choice (graph.execute)
+        self.candidates, self.kind, self.key = candidates, kind, key
+        self.plan: int | None = None  # the plan index run; None: the graph's own choice (graph.execute)
+        if candidates is not None and len(candidates) == 1:
+            self.plan = candidates[0]
+            self.workspace = int(graph.get_workspace_size_plan_at_index(self.plan))
 
     def _execute(self, pack: dict, handle, device: torch.device, plan: int | None, workspace: int) -> None:
         ws = torch.empty(max(workspace, 1), dtype=torch.uint8, device=device)
@@ -145,19 +153,19 @@ class _Graph:
     def run(self, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
         handle = _handle(device)
         pack = {self.tensors[name]: buf for name, buf in buffers.items()}
-        if self.plans > 1 and self.plan is None:
+        if self.candidates is not None and self.plan is None:
             self.plan, self.workspace = self._tune(pack, buffers, handle, device)
         self._execute(pack, handle, device, self.plan, self.workspace)
 
     def _tune(self, pack: dict, buffers: dict[str, torch.Tensor], handle, device: torch.device) -> tuple[int, int]:
-        """(index, workspace) of the fastest plan on these buffers. The first plan that runs (plan 0,
-        the heuristics' first choice, unless it fails) is the reference: a plan that fails or whose
-        outputs differ from it by more than :data:`TUNE_TOLERANCE` of its largest value is not chosen. Every plan overwrites the
-        outputs (each starts from their content on entry, e.g. the zeroed statistics rows no plan
-        writes); the caller's run afterwards writes the chosen plan's."""
+        """(index, workspace) of the fastest candidate plan on these buffers. The first that runs (the
+        heuristics' first choice, unless it fails) is the reference: a plan that fails or whose outputs
+        differ from it by more than :data:`TUNE_TOLERANCE` of its largest value is not chosen. Every
+        plan overwrites the outputs (each starts from their content on entry, e.g. the zeroed
+        statistics rows no plan writes); the caller's run afterwards writes the chosen plan's."""
         initial = [buffers[n].clone() for n in self.outputs]
         names, times, ref = [], [], None
-        for i in range(self.plans):
+        for i in self.candidates:
             names.append(_plan_name(self.graph, i))
             for n, x in zip(self.outputs, initial):
                 buffers[n].copy_(x)
@@ -169,24 +177,27 @@ class _Graph:
                     ref = [o.clone() for o in outs]
                 elif any(float((o - r).abs().max()) > TUNE_TOLERANCE * max(float(r.abs().max()), 1e-6)
                          for o, r in zip(outs, ref)):
-                    log.warning("cudnn_fe: %s plan %d (%s) disagrees with the first plan; not used", self.kind, i, names[i])
+                    log.warning("cudnn_fe: %s plan %d (%s) disagrees with the first plan; not used", self.kind, i,
+                                names[-1])
                     times.append(None)
                     continue
                 times.append(_time(lambda i=i, ws=ws: self._execute(pack, handle, device, i, ws), device))
             except Exception as e:  # noqa: BLE001 - a plan cuDNN cannot build or run is skipped
-                log.info("cudnn_fe: %s plan %d (%s) skipped (%s: %s)", self.kind, i, names[i], type(e).__name__, e)
+                log.info("cudnn_fe: %s plan %d (%s) skipped (%s: %s)", self.kind, i, names[-1], type(e).__name__, e)
                 times.append(None)
-        ran = [(t, i) for i, t in enumerate(times) if t is not None]
+        ran = [(t, j) for j, t in enumerate(times) if t is not None]
         if not ran:
-            raise RuntimeError(f"cudnn_fe: none of the {self.plans} execution plans of the {self.kind} graph "
+            raise RuntimeError(f"cudnn_fe: none of the {len(self.candidates)} execution plans of the {self.kind} graph "
                                f"{self.key} ran; set ARVID_CUDNN_FE_AUTOTUNE=0 to use the heuristics' choice")
-        best = min(ran)[1]
+        best = min(ran)[1]  # position in candidates
         for n, x in zip(self.outputs, initial):
             buffers[n].copy_(x)
-        TUNED.append({"kind": self.kind, "key": self.key, "plans": names, "ms": times, "chosen": best})
-        log.info("cudnn_fe: %s graph %s: plan %d of %d (%s), %s ms", self.kind, self.key, best, self.plans,
-                 names[best], ", ".join("-" if t is None else f"{t:.3f}" for t in times))
-        return best, int(self.graph.get_workspace_size_plan_at_index(best))
+        TUNED.append({"kind": self.kind, "key": self.key, "plans": names, "ms": times, "chosen": best,
+                      "indices": list(self.candidates)})
+        log.info("cudnn_fe: %s graph %s: plan %d of %s (%s), %s ms", self.kind, self.key, self.candidates[best],
+                 self.candidates, names[best], ", ".join("-" if t is None else f"{t:.3f}" for t in times))
+        index = self.candidates[best]
+        return index, int(self.graph.get_workspace_size_plan_at_index(index))
 
 
 def _plan_name(graph, i: int) -> str:
@@ -242,13 +253,22 @@ def _finish(g, cudnn, kind: str, key: tuple, tensors: dict, outputs: tuple[str, 
     g.build_operation_graph()
     g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     g.check_support()
-    plans = 1
-    if AUTOTUNE:
-        g.build_plans(cudnn.build_plan_policy.ALL)
-        plans = int(g.get_execution_plan_count())
+    if AUTOTUNE:  # build the first TUNE_MAX_PLANS candidates one by one (one that fails is left out)
+        candidates = []
+        for i in range(min(int(g.get_execution_plan_count()), TUNE_MAX_PLANS)):
+            try:
+                g.build_plan_at_index(i)
+                candidates.append(i)
+            except Exception as e:  # noqa: BLE001 - cuDNN refuses some plans for some shapes
+                log.info("cudnn_fe: %s plan %d (%s) not built (%s: %s)", kind, i, _plan_name(g, i), type(e).__name__, e)
+        if not candidates:
+            raise RuntimeError(f"cudnn_fe: cuDNN built none of the execution plans of the {kind} graph {key}; "
+                               "set ARVID_CUDNN_FE_AUTOTUNE=0 to use the heuristics' choice")
+        graph = _Graph(g, tensors, outputs, 0, candidates, kind, key)
     else:
         g.build_plans()
-    graph = _Graph(g, tensors, outputs, int(g.get_workspace_size()), plans, kind, key)
+        graph = _Graph(g, tensors, outputs, int(g.get_workspace_size()), None, kind, key)
+    plans = len(graph.candidates) if graph.candidates else 1
     BUILT.append((kind, key))
     log.info("cudnn_fe: built the %s graph %s (%d plan%s) in %.2f s", kind, key, plans, "s" * (plans != 1),
              time.perf_counter() - t0)
