@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "with the norms/activations fused in, chosen against cuBLAS by timing)")
     p.add_argument("--cudnn-autotune", action=argparse.BooleanOptionalAction, default=None,
                    help="cudnn_fe: time cuDNN's execution plans per graph and keep the fastest (default: "
-                        "arvid.generator.cudnn_fe.AUTOTUNE, on unless ARVID_CUDNN_FE_AUTOTUNE=0)")
+                        "arvid.generator.cudnn_fe.AUTOTUNE, off unless ARVID_CUDNN_FE_AUTOTUNE=1)")
     p.add_argument("--optimizer", choices=("fused", "compiled"), default="fused",
                    help="AdamW's step: fused (torch's fused CUDA kernel) or compiled (torch.compile over the "
                         "foreach implementation)")

@@ -48,10 +48,10 @@
 # sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
 # on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
 # padded output head). Still owed: tokprof, pipeline, flexsweep, and cudnnfe again with the padded
-# head (2026-12-07: no device machine could be started all session, ~14 tries), e.g.
-# CUDNNFE_RUNS="cudnn_fe 32768 --profile;torch_varlen 32768 --profile;cudnn_fe 65536;cudnn_fe 32768
-# --presets XL;cudnn_fe 32768 --presets B;cudnn_fe 32768 --compile-mode max-autotune-no-cudagraphs"
-# (BENCHMARKS.md).
+# head and cuDNN plan autotuning (2026-12-07: no device machine could be started in two sessions),
+# e.g. CUDNNFE_RUNS="cudnn_fe 65536 --profile;cudnn_fe 65536 --no-cudnn-autotune;cudnn_fe 65536
+# --optimizer compiled;cudnn_fe 65536 --inductor-tuning;torch_varlen 32768;cudnn_fe 32768 --presets XL;
+# cudnn_fe 32768 --presets B;cudnn_fe 65536 --gpt n_heads=8" (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default

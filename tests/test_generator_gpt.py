@@ -528,3 +528,16 @@ def test_vocab_head_pads_its_matmul_and_gives_the_plain_linear_values():
     assert out3.shape == (2, 600, 197) and out3.stride(1) == 256
     torch.testing.assert_close(out3, plain(x3), atol=1e-6, rtol=1e-6)
     assert VocabHead(32, 256)(torch.randn(2048, 32)).is_contiguous()  # already aligned: no padding
+
+
+def test_saved_rope_tables_are_the_tables_and_trace():
+    """The training forward's opaque table op (kept for the backward rather than recomputed in it)
+    gives rope_tables' values, and its fake traces under AOT autograd."""
+    from arvid.generator.gpt import rope_tables, rope_tables_saved
+
+    pos = torch.tensor([0, 1, 2, 0, 1, 5, 9], dtype=torch.int32)
+    c, s = rope_tables_saved(pos, 16, 10000.0)
+    c2, s2 = rope_tables(pos, 16, 10000.0)
+    assert c.shape == (7, 1, 16) and c.dtype == torch.float32
+    assert torch.equal(c, c2) and torch.equal(s, s2)
+    torch.library.opcheck(torch.ops.arvid.rope_tables.default, (pos, 16, 10000.0))

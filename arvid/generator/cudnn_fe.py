@@ -49,11 +49,12 @@ SEQ_BUCKET = 512
 #: multiple of 64 by cuDNN's rule) is the token count rounded up to a power of two, at least this.
 MIN_TOKEN_BOUND = 1024
 
-#: Time every execution plan cuDNN's heuristics offer for a graph on the graph's first call and
-#: keep the fastest whose outputs agree with the heuristic's first choice (``ARVID_CUDNN_FE_AUTOTUNE=0``:
-#: the first choice, untimed). The heuristics rank plans without running them; a packed batch of
-#: short sequences is not the shape they are tuned for.
-AUTOTUNE = os.environ.get("ARVID_CUDNN_FE_AUTOTUNE", "1") != "0"
+#: ``ARVID_CUDNN_FE_AUTOTUNE=1``: build up to :data:`TUNE_MAX_PLANS` of the execution plans cuDNN's
+#: heuristics offer for a graph, time them on the graph's first call and keep the fastest whose
+#: outputs agree with the heuristics' first choice. Off by default: on the L step's graphs (H100,
+#: 2026-12-07) the first choice was the fastest or within noise of it (the other plans of the
+#: forward took 5-7x as long; the backward offered one plan), and the step was no faster.
+AUTOTUNE = os.environ.get("ARVID_CUDNN_FE_AUTOTUNE", "0") == "1"
 #: At most this many plans (the heuristics' first ones) are built and timed per graph: cuDNN compiles
 #: some of its attention kernels at build time, a second or more each.
 TUNE_MAX_PLANS = 8
@@ -188,7 +189,7 @@ class _Graph:
         ran = [(t, j) for j, t in enumerate(times) if t is not None]
         if not ran:
             raise RuntimeError(f"cudnn_fe: none of the {len(self.candidates)} execution plans of the {self.kind} graph "
-                               f"{self.key} ran; set ARVID_CUDNN_FE_AUTOTUNE=0 to use the heuristics' choice")
+                               f"{self.key} ran; unset ARVID_CUDNN_FE_AUTOTUNE to use the heuristics' choice")
         best = min(ran)[1]  # position in candidates
         for n, x in zip(self.outputs, initial):
             buffers[n].copy_(x)
@@ -263,7 +264,7 @@ def _finish(g, cudnn, kind: str, key: tuple, tensors: dict, outputs: tuple[str, 
                 log.info("cudnn_fe: %s plan %d (%s) not built (%s: %s)", kind, i, _plan_name(g, i), type(e).__name__, e)
         if not candidates:
             raise RuntimeError(f"cudnn_fe: cuDNN built none of the execution plans of the {kind} graph {key}; "
-                               "set ARVID_CUDNN_FE_AUTOTUNE=0 to use the heuristics' choice")
+                               "unset ARVID_CUDNN_FE_AUTOTUNE to use the heuristics' choice")
         graph = _Graph(g, tensors, outputs, 0, candidates, kind, key)
     else:
         g.build_plans()
