@@ -220,7 +220,10 @@ def _backward(p, buf, lens):
 
 
 def module() -> types.ModuleType:
+    import importlib.machinery
+
     m = types.ModuleType("cudnn")
+    m.__spec__ = importlib.machinery.ModuleSpec("cudnn", None)  # importlib.util.find_spec reads it
     m.data_type, m.diagonal_alignment, m.heur_mode, m.build_plan_policy = _DT, _Diag, _Heur, _Policy
     m.pygraph = pygraph
     m.backend_version = lambda: 91900

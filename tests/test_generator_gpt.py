@@ -541,3 +541,32 @@ def test_saved_rope_tables_are_the_tables_and_trace():
     assert c.shape == (7, 1, 16) and c.dtype == torch.float32
     assert torch.equal(c, c2) and torch.equal(s, s2)
     torch.library.opcheck(torch.ops.arvid.rope_tables.default, (pos, 16, 10000.0))
+
+
+def test_packed_forward_checks_the_backend_once_not_in_every_layer(monkeypatch):
+    """GPT.forward resolves its attention backend once (GPT._backend) and the layers call the
+    kernels without checking availability again: under torch.compile those checks were traced in
+    every layer, and cudnn_fe's package lookup broke the compiled graph at every attention (H100,
+    2026-12-07: two eager gradient additions per layer in the profile). The graph breaks of a
+    compiled forward do not grow with the layer count."""
+    from arvid.generator import attention as A
+    from arvid.generator.packing import pack_sequences
+
+    seqs = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 50, 17)]
+    batch = pack_sequences(seqs, 1, torch.tensor([0, 1, 2]), pad_to=128, max_seqlen=150)
+    breaks = []
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        m = GPT.from_preset("debug", vocab_size=300, max_seq_len=200, num_classes=5, n_layers=layers,
+                            attn_backend="sdpa")
+        expected = m(batch)  # resolves the backend once
+        with monkeypatch.context() as mp:
+            mp.setattr(A, "resolve_backend", lambda *a, **k: (_ for _ in ()).throw(AssertionError("checked again")))
+            torch.testing.assert_close(m(batch), expected)
+            torch._dynamo.reset()
+            breaks.append(torch._dynamo.explain(m)(batch).graph_break_count)
+    torch._dynamo.reset()
+    assert breaks[0] == breaks[1], breaks
+    with pytest.raises(ValueError, match="concrete attention backend"):
+        A.varlen_causal_attention(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8),
+                                  torch.tensor([0, 4], dtype=torch.int32), 4, "auto", resolved=True)

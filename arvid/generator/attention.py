@@ -702,18 +702,25 @@ _IMPLS = {
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, backend: str = "auto", block_mask=None) -> torch.Tensor:
+                            max_seqlen: int, backend: str = "auto", block_mask=None, *,
+                            resolved: bool = False) -> torch.Tensor:
     """Per-sequence causal attention over a packed batch.
 
     q: ``[N, H, D]``, k/v: ``[N, Hkv, D]``, ``cu_seqlens``: ``IntTensor[S+1]`` (0 first, N last),
     ``max_seqlen``: the longest sequence. Returns ``[N, H, D]``. Scale is ``1/sqrt(D)``.
     ``block_mask``: for ``flex``, :func:`document_block_mask` of the batch, built once and shared
     by the layers (built here when not given); ignored by the other backends.
+    ``resolved``: ``backend`` is a concrete name the caller has already checked for this device and
+    dtype (:class:`~arvid.generator.gpt.GPT` does, once): the availability checks are skipped. Under
+    torch.compile they are traced in every layer, and the cuDNN frontend's package lookup
+    (``importlib.util.find_spec``) broke the compiled graph at every layer's attention.
     """
     _check(q, k, v, cu_seqlens)
     if int(max_seqlen) <= 0:
         raise ValueError(f"max_seqlen must be the longest sequence's length (> 0), got {max_seqlen}")
-    name = resolve_backend(backend, q.device, q.dtype)
+    if resolved and backend not in _IMPLS:
+        raise ValueError(f"resolved=True needs a concrete attention backend, got {backend!r}")
+    name = backend if resolved else resolve_backend(backend, q.device, q.dtype)
     if name == "flex":
         return _flex(q, k, v, cu_seqlens, int(max_seqlen), block_mask)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))

@@ -213,7 +213,8 @@ class Attention(nn.Module):
         """``x [N, dim]`` packed, ``rope`` of the position ids -> ``[N, dim]``. ``block_mask``: the
         batch's FlexAttention mask, shared by the layers (``flex`` only)."""
         q, k, v = self.qkv(x, rope)
-        out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend, block_mask)  # [N, H, D]
+        # backend: resolved once by GPT._backend (no availability checks traced in every layer)
+        out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend, block_mask, resolved=True)
         return self.wo(out.flatten(1))
 
     def forward_dense(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
@@ -409,7 +410,8 @@ class GPT(nn.Module, PretrainedMixin):
                                  f"(null class id {c.num_classes} for unconditional rows)")
             if cond.class_ids.shape[0] != batch:
                 raise ValueError(f"class_ids has {cond.class_ids.shape[0]} rows, expected {batch}")
-            if cond.class_ids.device.type == "cpu" and cond.class_ids.numel() and (
+            # values checked on the host only (a device tensor would sync), and not while compiling
+            if (cond.class_ids.device.type == "cpu" and cond.class_ids.numel() and not torch.compiler.is_compiling()) and (
                     int(cond.class_ids.min()) < 0 or int(cond.class_ids.max()) > c.num_classes):
                 raise ValueError(f"class ids must lie in [0, {c.num_classes}] ({c.num_classes} = null), got "
                                  f"{cond.class_ids.unique().tolist()[:8]}")
