@@ -47,11 +47,11 @@
 # cudnn_varlen failing), sampling (compile; kv buckets 256 and 64; max-autotune-no-cudagraphs),
 # sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
 # on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
-# padded output head). Still owed: tokprof, pipeline, flexsweep, and cudnnfe again with the padded
-# head and cuDNN plan autotuning (2026-12-07: no device machine could be started in two sessions),
-# e.g. CUDNNFE_RUNS="cudnn_fe 65536 --profile;cudnn_fe 65536 --no-cudnn-autotune;cudnn_fe 65536
-# --optimizer compiled;cudnn_fe 65536 --inductor-tuning;torch_varlen 32768;cudnn_fe 32768 --presets XL;
-# cudnn_fe 32768 --presets B;cudnn_fe 65536 --gpt n_heads=8" (BENCHMARKS.md).
+# padded output head; again on an H100 on 2026-12-07, 06:36-06:41 UTC, with the padded head, plan
+# autotuning, compiled AdamW and 8x128 heads). Still owed: tokprof, pipeline, flexsweep, and the L
+# step after that day's two fixes (rotary tables kept for the backward; no availability check in
+# the layers), e.g. CUDNNFE_RUNS="cudnn_fe 65536 --profile;torch_varlen 65536 --profile;cudnn_fe
+# 32768;cudnn_fe 32768 --presets XL;cudnn_fe 32768 --presets B" (BENCHMARKS.md).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
