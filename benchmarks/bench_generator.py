@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpt", action="append", default=[], metavar="KEY=INT",
                    help="override a GPTConfig field of the preset (repeatable), e.g. --gpt n_heads=8: the same "
                         "parameters with heads of 128; rows then differ from the preset's (recorded as gpt_overrides)")
+    p.add_argument("--rope-backward", choices=("autograd", "inverse"), default="autograd",
+                   help="RoPE's backward: autograd's derivative of the roll, or the inverse rotation "
+                        "(arvid.generator.gpt.ROPE_INVERSE_BACKWARD, experimental)")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
@@ -288,6 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
         from arvid.generator import cudnn_fe
 
         cudnn_fe.AUTOTUNE = args.cudnn_autotune
+    if args.rope_backward == "inverse":
+        import arvid.generator.gpt as gpt_module
+
+        gpt_module.ROPE_INVERSE_BACKWARD = True
     if args.inductor_tuning:
         import torch._inductor.config as inductor_config
 
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
-        "inductor_tuning": args.inductor_tuning, "optimizer": args.optimizer,
+        "inductor_tuning": args.inductor_tuning, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,
