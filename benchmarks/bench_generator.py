@@ -21,6 +21,7 @@ optimizer and other, with the top kernels, in the row's ``profile`` and printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -36,10 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arvid.data.types import BlockLayout  # noqa: E402
 from arvid.generator.attention import AttentionBackendUnavailable, resolve_training_backend  # noqa: E402
-from arvid.generator.gpt import GPT  # noqa: E402
+from arvid.generator.gpt import GPT, GPTConfig  # noqa: E402
 from arvid.generator.packing import IGNORE, TokenBudgetBatchSampler, pack_sequences, router_like_lengths  # noqa: E402
 from arvid.generator.sequence import SequenceFormat  # noqa: E402
 from arvid.training.profiling import measure_matmul_peak  # noqa: E402
+
+#: GPTConfig fields every row sets itself (the format's vocabulary and length, 101 classes, the
+#: backend and residual flags): not overridable with --gpt
+BENCH_SETS = {"vocab_size", "max_seq_len", "num_classes", "attn_backend", "residual_dtype"}
 
 
 def make_batches(kind: str, fmt: SequenceFormat, max_tokens: int, count: int, num_classes: int,
@@ -269,11 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.gpt_overrides = {}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - BENCH_SETS
     for item in args.gpt:
-        key, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
+        m = re.fullmatch(r"(\w+)=(-?\d+)", item)
+        if m is None:
             p.error(f"--gpt {item!r}: expected KEY=INT, e.g. n_heads=8")
-        args.gpt_overrides[key] = int(value)
+        if m[1] not in fields:
+            p.error(f"--gpt {item!r}: {m[1]!r} is not a GPTConfig field this benchmark lets you set "
+                    f"(it sets {', '.join(sorted(BENCH_SETS))} itself); expected one of {', '.join(sorted(fields))}")
+        args.gpt_overrides[m[1]] = int(m[2])
     layout = BlockLayout()
     if args.tiny:
         args.presets, args.max_tokens, args.steps, args.warmup, args.compile = "debug", 600, 2, 1, False

@@ -132,7 +132,7 @@ def test_eval_without_a_config_file_takes_a_first_override(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("argv,flag,shown", [
-    (["data", "index", "ROOT", "--out", "x.csv", "--workers", "-2"], "--workers", "integer >= 1, got -2"),
+    (["data", "index", "ROOT", "--out", "x.csv", "--workers", "-2"], "--workers", "integer >= 0, got -2"),
     (["data", "synth", "OUT", "--num", "0"], "--num", "integer >= 1, got 0"),
     (["data", "synth", "OUT", "--frames", "x"], "--frames", "integer >= 1, got 'x'"),
     (["eval", "fvd", "A", "B", "--batch-size", "0"], "--batch-size", "integer >= 1, got 0"),

@@ -231,3 +231,15 @@ def test_bench_attention_flex_option_rows_and_only():
     assert [r["backend"] for r in one["rows"]] == ["flex[shared mask, max-autotune-no-cudagraphs]"]
     with pytest.raises(SystemExit):  # a name that matches no row is an error, not an empty run
         bench.main(common + ["--only", "sdpa_typo"])
+
+
+def test_bench_generator_gpt_overrides_change_the_model_and_bad_ones_are_refused(capsys):
+    mod = load("bench_generator")
+    base = mod.main(["--tiny", "--device", "cpu", "--lengths", "router", "--flops-only"])
+    wider = mod.main(["--tiny", "--device", "cpu", "--lengths", "router", "--flops-only", "--gpt", "dim=128"])
+    assert wider["rows"][0]["flops_causal"] > 2 * base["rows"][0]["flops_causal"]
+    for bad, said in (("n_heads=--8", "expected KEY=INT"), ("num_classes=7", "sets attn_backend"),
+                      ("bogus=1", "not a GPTConfig field")):
+        with pytest.raises(SystemExit):
+            mod.main(["--tiny", "--device", "cpu", "--flops-only", "--gpt", bad])
+        assert said in capsys.readouterr().err

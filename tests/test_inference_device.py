@@ -107,5 +107,9 @@ def test_every_stage_resolves_auto_the_same_way(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert D.resolve_device("auto") == torch.device("cuda", 1)
     monkeypatch.delenv("LOCAL_RANK")
+    for var in D.LOCAL_RANK_VARS[1:]:
+        monkeypatch.delenv(var, raising=False)
     assert D.resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")  # mpirun
+    assert D.resolve_device("auto") == torch.device("cuda", 1)
     assert D.resolve_device("cpu") == torch.device("cpu")

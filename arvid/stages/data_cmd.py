@@ -127,7 +127,8 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split-files", nargs=2, metavar=("TRAINLIST", "TESTLIST"),
                    help="UCF-101 style split lists (paths relative to ROOT)")
     p.add_argument("--report", help="JSON report path (default: beside the CSV, .report.json)")
-    p.add_argument("--workers", type=int_at_least(1), default=1, help="processes for the decode check (default 1)")
+    p.add_argument("--workers", type=int_at_least(0), default=1,
+                   help="processes for the decode check (default 1; 0 or 1: in this process)")
     p.add_argument("--no-decode-check", action="store_true", help="do not open every file")
     p.add_argument("--keep-unreadable", action="store_true", help="keep unreadable files in the CSV")
     p.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or train/test overlap")

@@ -40,13 +40,26 @@ def parse_device(name: str) -> torch.device:
 
 def resolve_device(name: str) -> torch.device:
     """A stage's ``device`` setting as a device: ``auto`` is this process's GPU if there is one
-    (``cuda:LOCAL_RANK`` under torchrun or accelerate launch, modulo the GPUs seen), else the CPU;
+    (``cuda:<local rank>`` under torchrun, accelerate launch or mpirun, modulo the GPUs seen), else the CPU;
     any other name goes through :func:`parse_device`. The one rule every inference stage uses."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
         return torch.device("cpu")
     return parse_device(name)
+
+
+#: Where launchers put this process's rank on its node: torchrun / accelerate, then MPI launchers
+#: (Open MPI, MVAPICH, Intel MPI), as accelerate reads them.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank() -> int:
+    """This process's rank on its node (0 when no launcher set one)."""
+    for var in LOCAL_RANK_VARS:
+        if os.environ.get(var, "").strip():
+            return int(os.environ[var])
+    return 0
 
 
 def inference_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
