@@ -227,6 +227,37 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     return row
 
 
+def inductor_options(items: list[str], error) -> dict:
+    """``KEY=VALUE`` strings -> ``{key: value}`` for ``torch._inductor.config``: the key must be one of
+    its options and the value is parsed as that option's current type (bool: true/false/1/0)."""
+    import torch._inductor.config as inductor_config
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            error(f"--inductor {item!r}: expected KEY=VALUE, e.g. max_pointwise_cat_inputs=2")
+        if not hasattr(inductor_config, key) or key.startswith("_"):
+            error(f"--inductor {item!r}: {key!r} is not an option of torch._inductor.config in torch {torch.__version__}")
+        current = getattr(inductor_config, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif isinstance(current, (int, float)):
+                value = type(current)(text)
+            elif current is None or isinstance(current, str):
+                value = None if text == "None" else text
+            else:
+                raise TypeError(type(current).__name__)
+        except (ValueError, TypeError) as exc:
+            error(f"--inductor {item!r}: {key} holds a {type(current).__name__} ({current!r}); cannot set it "
+                  f"from {text!r} ({exc})")
+        out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,6 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a torch._inductor.config option for the compiled step (repeatable; the value is read "
+                        "as the option's type), e.g. --inductor max_pointwise_cat_inputs=2: concatenations of more "
+                        "inputs are written by their producers into slices instead of one kernel of masked loads")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--measure-peak", action="store_true",
                    help="time a matmul in --precision first (8192^3 on CUDA); rows also give mfu_measured_peak against it (the "
@@ -283,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--gpt {item!r}: {m[1]!r} is not a GPTConfig field this benchmark lets you set "
                     f"(it sets {', '.join(sorted(BENCH_SETS))} itself); expected one of {', '.join(sorted(fields))}")
         args.gpt_overrides[m[1]] = int(m[2])
+    args.inductor_options = inductor_options(args.inductor, p.error)
     layout = BlockLayout()
     if args.tiny:
         args.presets, args.max_tokens, args.steps, args.warmup, args.compile = "debug", 600, 2, 1, False
@@ -308,6 +344,11 @@ def main(argv: list[str] | None = None) -> dict:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+    if args.inductor_options:
+        import torch._inductor.config as inductor_config
+
+        for key, value in args.inductor_options.items():
+            setattr(inductor_config, key, value)
     if args.flops_only:
         rows = [count_flops(preset, kind, args, fmt) for preset in args.presets.split(",")
                 for kind in args.lengths.split(",")]
@@ -342,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
-        "inductor_tuning": args.inductor_tuning, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
+        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,

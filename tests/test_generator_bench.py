@@ -243,3 +243,20 @@ def test_bench_generator_gpt_overrides_change_the_model_and_bad_ones_are_refused
         with pytest.raises(SystemExit):
             mod.main(["--tiny", "--device", "cpu", "--flops-only", "--gpt", bad])
         assert said in capsys.readouterr().err
+
+
+def test_bench_generator_inductor_options_are_typed_and_checked(capsys):
+    mod = load("bench_generator")
+    import torch._inductor.config as inductor_config
+
+    opts = mod.inductor_options(["max_pointwise_cat_inputs=2", "coordinate_descent_tuning=false"],
+                                lambda msg: pytest.fail(msg))
+    assert opts == {"max_pointwise_cat_inputs": 2, "coordinate_descent_tuning": False}
+    assert type(opts["max_pointwise_cat_inputs"]) is int
+    before = inductor_config.max_pointwise_cat_inputs
+    for bad, said in (("max_pointwise_cat_inputs", "expected KEY=VALUE"), ("no_such_option=1", "not an option"),
+                      ("max_pointwise_cat_inputs=two", "holds a int"), ("coordinate_descent_tuning=yes", "holds a bool")):
+        with pytest.raises(SystemExit):
+            mod.main(["--tiny", "--device", "cpu", "--flops-only", "--inductor", bad])
+        assert said in capsys.readouterr().err
+    assert inductor_config.max_pointwise_cat_inputs == before  # refused before anything was set
