@@ -112,10 +112,39 @@ def profile_steps(step, batches: list, device: torch.device, top: int = 40) -> d
         cat = categorize(name)
         shares[cat] = shares.get(cat, 0.0) + t / total
     rows.sort(key=lambda r: -r[1])
+    callers = launched_by(prof, {n for n, _, _ in rows[:top]}, device)
     return {"steps": len(batches), "total_ms_per_step": total / 1e3 / max(1, len(batches)),
             "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": n[:120], "category": categorize(n), "share": t / total, "calls": c}
-                    for n, t, c in rows[:top]]}
+            "top": [{"name": n[:120], "category": categorize(n), "share": t / total, "calls": c,
+                     "launched_by": callers.get(n, "")} for n, t, c in rows[:top]]}
+
+
+def launched_by(prof, names: set[str], device: torch.device, depth: int = 4) -> dict[str, str]:
+    """For each kernel (CUDA) or operator (CPU) in ``names``: the host call chain that most often
+    launched it, innermost first (``cudaMemcpyAsync < aten::copy_ < aten::clone < ...``, ``depth``
+    frames), with its share of the calls when others launched it too. Says where an unexplained
+    kernel (a device copy, a cast) comes from."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        launched = [k.name for k in evt.kernels] if device.type == "cuda" else [evt.key]
+        for name in launched:
+            if name not in names:
+                continue
+            chain, parent = [], evt if device.type == "cuda" else evt.cpu_parent
+            while parent is not None and len(chain) < depth:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            counts.setdefault(name, Counter())[" < ".join(chain) or "(top level)"] += 1
+    out = {}
+    for name, c in counts.items():
+        chain, n = c.most_common(1)[0]
+        total = sum(c.values())
+        out[name] = chain if n == total else f"{chain} ({n}/{total} calls)"
+    return out
 
 
 def batch_flops(model: GPT, batches: list) -> dict:
@@ -409,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
                   + ", ".join(f"{k} {v:.1%}" for k, v in pr["shares"].items()))
             for t in pr["top"][:30]:
                 print(f"#   {t['share']:6.1%} {t['calls']:6d}x {t['category']:18s} {t['name']}")
+                if t["category"] == "other" and t["launched_by"]:  # where the unexplained ones come from
+                    print(f"#   {'':6s} {'':7s} {'':18s}   from {t['launched_by'][:160]}")
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

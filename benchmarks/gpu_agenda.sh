@@ -48,10 +48,13 @@
 # sampling_b1, decode, genprof, genbig, attention, genflex, fa4 (attention rows; FA4 cannot train
 # on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
 # padded output head; again on an H100 on 2026-12-07, 06:36-06:41 UTC, with the padded head, plan
-# autotuning, compiled AdamW and 8x128 heads). Still owed: tokprof, pipeline, flexsweep, and the L
-# step after that day's two fixes (rotary tables kept for the backward; no availability check in
-# the layers), e.g. CUDNNFE_RUNS="cudnn_fe 65536 --profile;torch_varlen 65536 --profile;cudnn_fe
-# 32768;cudnn_fe 32768 --presets XL;cudnn_fe 32768 --presets B" (BENCHMARKS.md).
+# autotuning, compiled AdamW and 8x128 heads; and at 11:49-12:01 UTC after that day's two fixes:
+# cudnn_fe L 54.2% at 65k, torch_varlen 50.5%, XL 54.7%, B 44.7% at 32k). Still owed: tokprof,
+# pipeline, flexsweep, and the concatenation lead (BENCHMARKS.md), the L step with
+# CUDNNFE_RUNS="cudnn_fe 65536 --inductor max_pointwise_cat_inputs=2 --inductor
+# max_complex_pointwise_cat_inputs=2 --profile;cudnn_fe 65536 --inductor max_pointwise_cat_inputs=1
+# --inductor max_complex_pointwise_cat_inputs=1;cudnn_fe 65536 --profile" (the last for the
+# profile's new "from" lines: which host calls launch the 4 ms of device-to-device copies).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default

@@ -97,6 +97,10 @@ def test_bench_generator_profile_splits_the_step_by_kernel_category():
     assert [mod.categorize(n) for n in ("sm90_xmma_gemm_bf16", "flash_fwd_kernel", "triton_per_fused_add_0",
                                         "multi_tensor_apply_kernel", "aten::mm", "elementwise_kernel")] == [
         "matmul", "attention", "fused elementwise", "optimizer", "matmul", "other"]
+    # each row says which host calls launched it: the loss's log-softmax comes from cross_entropy
+    rows = {t["name"]: t["launched_by"] for t in pr["top"]}
+    assert "aten::cross_entropy_loss" in rows["aten::_log_softmax"]
+    assert "MmBackward0" in rows["aten::mm"] or "aten::linear" in rows["aten::mm"]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
