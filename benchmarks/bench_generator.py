@@ -257,34 +257,21 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
 
 
 def inductor_options(items: list[str], error) -> dict:
-    """``KEY=VALUE`` strings -> ``{key: value}`` for ``torch._inductor.config``: the key must be one of
-    its options and the value is parsed as that option's current type (bool: true/false/1/0)."""
-    import torch._inductor.config as inductor_config
+    """``KEY=VALUE`` strings -> ``{key: value}`` for ``torch._inductor.config``, checked and typed as
+    the Trainer's ``compile_options`` are (:func:`arvid.training.inductor.check_inductor_options`)."""
+    from arvid.config import ConfigError
+    from arvid.training.inductor import check_inductor_options
 
-    out = {}
+    raw = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
             error(f"--inductor {item!r}: expected KEY=VALUE, e.g. max_pointwise_cat_inputs=2")
-        if not hasattr(inductor_config, key) or key.startswith("_"):
-            error(f"--inductor {item!r}: {key!r} is not an option of torch._inductor.config in torch {torch.__version__}")
-        current = getattr(inductor_config, key)
-        try:
-            if isinstance(current, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(text)
-                value = text.lower() in ("true", "1")
-            elif isinstance(current, (int, float)):
-                value = type(current)(text)
-            elif current is None or isinstance(current, str):
-                value = None if text == "None" else text
-            else:
-                raise TypeError(type(current).__name__)
-        except (ValueError, TypeError) as exc:
-            error(f"--inductor {item!r}: {key} holds a {type(current).__name__} ({current!r}); cannot set it "
-                  f"from {text!r} ({exc})")
-        out[key] = value
-    return out
+        raw[key] = text
+    try:
+        return check_inductor_options(raw, "--inductor")
+    except ConfigError as exc:
+        error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> dict:

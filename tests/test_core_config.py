@@ -259,7 +259,8 @@ def test_execution_fields_of_the_sampler_and_trainer_configs():
     sampler = {"check_every", "compile", "use_cache", "compile_mode", "kv_bucket", "compile_sampling",
                "decode_attention"}
     trainer = {"checkpoint_every", "keep_last", "log_every", "num_workers", "compile", "resume",
-               "find_unused_parameters", "progress", "profile_start", "profile_steps", "loss_check"}
+               "find_unused_parameters", "progress", "profile_start", "profile_steps", "loss_check",
+               "compile_options"}
     assert set(execution_fields(SamplerConfig)) == sampler
     assert set(execution_fields(TrainerConfig)) == trainer
     assert set(execution_fields(SampleConfig)) == {f"sampler.{n}" for n in sampler}

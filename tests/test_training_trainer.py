@@ -413,3 +413,32 @@ def test_the_first_record_after_a_resume_between_log_steps_says_it_covers_fewer_
     assert [r.get("window_steps") for r in run_log] == [None, 1, None, None]
     assert all("window_steps" not in r for r in ref)
     assert [r["loss/main"] for r in run_log[2:]] == [r["loss/main"] for r in ref[2:]]
+
+
+def test_compile_options_are_checked_typed_and_passed_to_torch_compile(tmp_path, monkeypatch):
+    """trainer.compile_options: inductor options for the step's compilation, checked when the
+    config is made (an unknown name or a wrong type is a ConfigError naming the option), typed from
+    YAML or text, and handed to torch.compile as its options."""
+    cfg = TrainerConfig(compile_options={"max_pointwise_cat_inputs": "2", "coordinate_descent_tuning": "false"})
+    assert cfg.compile_options == {"max_pointwise_cat_inputs": 2, "coordinate_descent_tuning": False}
+    for bad, said in (({"no_such_option": 1}, r"compile_options\.no_such_option: not an option"),
+                      ({"max_pointwise_cat_inputs": "two"}, r"max_pointwise_cat_inputs: the option holds a int"),
+                      ({"max_pointwise_cat_inputs": 2.5}, "whole number"),
+                      ({"coordinate_descent_tuning": 1}, "true or false"),
+                      ([1, 2], "compile_options must be a mapping")):
+        with pytest.raises(ConfigError, match=said):
+            TrainerConfig(compile_options=bad)
+    p = tmp_path / "t.yaml"
+    p.write_text("compile: true\ncompile_options: {max_pointwise_cat_inputs: 3}\n")
+    assert load_config(TrainerConfig, p).compile_options == {"max_pointwise_cat_inputs": 3}
+    seen = []
+
+    def fake_compile(model, options=None, **kw):
+        seen.append(options)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    Trainer(_cfg(max_steps=1, compile=True, compile_options={"max_pointwise_cat_inputs": 1}), ToyTask(), toy_data(),
+            tmp_path / "run").fit()
+    Trainer(_cfg(max_steps=1, compile=True), ToyTask(), toy_data(), tmp_path / "run2").fit()
+    assert seen == [{"max_pointwise_cat_inputs": 1}, None]

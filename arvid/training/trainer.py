@@ -106,6 +106,7 @@ from arvid.training.device import (
     tensorboard_available,
 )
 from arvid.training.ema import EMA
+from arvid.training.inductor import check_inductor_options
 from arvid.training.logging import MetricsLogger
 from arvid.training.profiling import StepProfiler
 from arvid.training.schedules import make_schedule
@@ -147,6 +148,9 @@ class TrainerConfig:
     shuffle: bool = doc(True, "shuffle the data each epoch (a permutation from (seed, epoch))")
     num_workers: int = doc(0, "DataLoader worker processes per training process", execution=True)
     compile: bool = doc(False, "torch.compile the training step", execution=True)
+    compile_options: dict[str, Any] = doc({}, "with compile: torch._inductor.config options for the step's "
+                                              "compilation, e.g. {max_pointwise_cat_inputs: 2}; names and "
+                                              "types checked against the installed torch", execution=True)
     resume: bool = doc(True, "continue from the newest checkpoint in out_dir/checkpoints if there is one",
                        execution=True)
     device: Literal["auto", "cpu"] = doc("auto", "auto: the launcher's device (GPU when there is one); cpu: force CPU")
@@ -187,6 +191,8 @@ class TrainerConfig:
                  f"{self.max_steps - stable_end} steps): a warmup into the decay cuts the decay short")
         need(self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'")
         need(self.grad_accum >= 1, "grad_accum", ">= 1")
+        need(isinstance(self.compile_options, dict), "compile_options", "a mapping of inductor option names to values")
+        self.compile_options = check_inductor_options(self.compile_options, "TrainerConfig.compile_options")
         need(self.batch_size % self.grad_accum == 0, "batch_size", f"divisible by grad_accum={self.grad_accum}")
         need(self.grad_clip >= 0, "grad_clip", ">= 0 (0 = off)")
         need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
@@ -762,7 +768,7 @@ class Trainer:
             model = acc.prepare_model(wrapper) if ddp else wrapper
         self.task.train()
         if cfg.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, options=dict(cfg.compile_options) or None)  # checked by the config
         ema_module = ckpt.ema_target(self.task)
         self._ema = EMA(ema_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         optimizers = {g.name: self._make_optimizer(g, device, fused_cpu=cfg.loss_check == "deferred")
