@@ -401,6 +401,29 @@ def test_check_clips_compares_frame_resampling_and_warns_on_fields_a_file_lacks(
     assert "do not record" not in caplog.text
 
 
+def test_clip_set_workers_change_no_clip_so_they_stay_out_of_fingerprints(tmp_path):
+    """The evaluation stages' and the report's ``workers`` (data-loader processes reading the real
+    clips) are execution settings: with 0 or 2 workers the same clips come, random starts and
+    all, so changing them must not rerun a finished stage."""
+    pytest.importorskip("av")
+    from arvid.config import execution_fields
+    from arvid.stages.data_cmd import synth
+    from arvid.stages.eval_stream import ClipSet
+    from arvid.stages.evaluate import FPEvalConfig, GenEvalConfig, ReconEvalConfig
+    from arvid.stages.report import ReportConfig
+
+    synth(tmp_path / "v", fmt="mp4", num=3, seed=1, frames=40, size=16)
+    data = DataConfig(source="folder", root=str(tmp_path / "v"), frames=4, size=16, random_start=True)
+    got = []
+    for workers in (0, 2):
+        clips = ClipSet(data, "train", 5, "ucf-gfvd-2048", batch_size=2, workers=workers)
+        got.append({int(p): v for _, b in clips.batches() for p, v in zip(b["index"], b["video"])})
+    assert sorted(got[0]) == list(range(5)) and got[0].keys() == got[1].keys()
+    assert all(torch.equal(got[0][p], got[1][p]) for p in got[0])
+    for cls in (ReconEvalConfig, GenEvalConfig, FPEvalConfig, ReportConfig):
+        assert "workers" in execution_fields(cls), cls.__name__
+
+
 def test_fp_example_only_continues_the_clips_it_shows(env, tmp_path):
     """The report's frame-prediction example without FVD-FP continued every drawn clip (all 10,000
     in ucf101_evatok.yaml) to show 8; with only_kept it stops once the shown ones are predicted."""

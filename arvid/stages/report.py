@@ -70,7 +70,7 @@ class ReportConfig:
     fp_fvd: bool = doc(True, "also compute the frame-prediction FVD (I3D over the predictions)")
     context_frames: int = doc(0, "frame prediction context frames (0: the first two blocks' frames)")
     batch_size: int = doc(16, "clips per batch")
-    workers: int = doc(0, "data-loader worker processes reading the held-out clips")
+    workers: int = doc(0, "data-loader worker processes reading the held-out clips", execution=True)
     seed: int = doc(0, "sampling seed")
     device: str = doc("auto", "auto, cpu, cuda ...")
     fps: int = doc(8, "frame rate of written videos")

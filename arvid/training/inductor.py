@@ -20,6 +20,8 @@ def check_inductor_options(options: Mapping[str, Any], where: str = "compile_opt
     holds (text converted: ``"2"`` -> 2, ``"false"`` -> False, ``"None"`` -> None for options that
     are None or text). Raises :class:`ConfigError` naming ``where.name`` for an unknown option or a
     value that does not fit."""
+    if not options:  # nothing to check: no import of the compiler (it loads torch._dynamo, ~1 s)
+        return {}
     import torch._inductor.config as inductor_config
 
     out: dict[str, Any] = {}
