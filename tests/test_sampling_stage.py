@@ -357,3 +357,49 @@ def test_budget_calibration_rows_span_the_whole_run():
     one = _Plan(classes=torch.tensor([5]), prompt_index=torch.tensor([0]))
     cond, n = _calibration_cond(one, SampleConfig(batch_size=8))
     assert n == 1 and cond.class_ids.tolist() == [5]
+
+
+def test_out_may_not_be_an_input_and_a_rerun_leaves_no_older_outputs(dirs, tmp_path):
+    """Found in a bad-input review (2026-12-07): `--out` at the generator's directory replaced the
+    GPT's config.yaml with the run's (the model no longer loaded), and a second run into the same
+    `out` left the first run's videos beside its own tokens."""
+    import shutil
+
+    from arvid.config import ConfigError
+
+    gcopy = tmp_path / "gcopy"
+    shutil.copytree(dirs / "gpt", gcopy)
+    before = (gcopy / "config.yaml").read_text()
+    base = ["sample", "--tokenizer", str(dirs / "tok"), "--classes", "0", "--per-class", "1", "grid_format=none"]
+    for out in (gcopy, tmp_path):  # the model's directory, or one holding it
+        with pytest.raises(ConfigError, match="config.yaml would replace the model's"):
+            cli(base + ["--generator", str(gcopy), "--out", str(out)])
+    assert (gcopy / "config.yaml").read_text() == before
+    GPT.from_pretrained(gcopy)  # still loads
+    with pytest.raises(ConfigError, match="tokenizer directory"):
+        cli(base + ["--generator", str(dirs / "gpt"), "--out", str(dirs / "tok")])
+
+    out = tmp_path / "again"
+    assert cli(base + ["--generator", str(dirs / "gpt"), "--per-class", "2", "--save-videos", "--out", str(out)]) == 0
+    assert len(list((out / "videos").iterdir())) == 2
+    assert cli(base + ["--generator", str(dirs / "gpt"), "--out", str(out)]) == 0
+    assert not (out / "videos").exists() and (out / "done").is_file()
+    assert load(out)["classes"].tolist() == [0]
+
+
+def test_an_exact_cap_below_the_smallest_video_is_refused(dirs):
+    """`--budget N --budget-mode exact` is a cap per video: below the fewest codes the constraints
+    allow, the sampler must exceed it to keep sequences well formed; the run is refused up front
+    (it wrote videos of 128 tokens under a cap of 20, exit 0, before 2026-12-07)."""
+    from arvid.config import ConfigError
+
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0",
+            "--per-class", "1", "--budget-mode", "exact", "--out", str(dirs / "cap"), "grid_format=none"]
+    tok = load_tokenizer(dirs / "tok")
+    smallest = tok.layout.num_blocks * min(tok.layout.candidates)
+    with pytest.raises(ConfigError, match=f"below the fewest tokens a video can have here: {smallest}"):
+        cli(base + ["--budget", str(smallest - 1)])
+    with pytest.raises(ConfigError, match=f": {tok.layout.num_blocks * max(tok.layout.candidates)} "):
+        cli(base + ["--budget", str(smallest + 1), "--allowed-counts", str(max(tok.layout.candidates))])
+    assert cli(base + ["--budget", str(smallest)]) == 0
+    assert int(load(dirs / "cap")["block_lengths"].sum(1).max()) <= smallest

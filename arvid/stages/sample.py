@@ -337,6 +337,27 @@ def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> None:
         raise ConfigError(f"{e}; the {where}") from None
 
 
+def check_exact_budget(cfg: SampleConfig, fmt: SequenceFormat, prefix_counts: list[int] | None = None) -> None:
+    """Refuse an exact cap (``budget_mode exact``) below the fewest codes a video can have under the
+    constraints (each block at its smallest allowed count; a frame-prediction prefix's blocks at
+    their given counts): the sampler would have to exceed it to keep the sequence well formed."""
+    from arvid.sampling.constraints import SequenceConstraint
+
+    if cfg.budget <= 0 or cfg.budget_mode != "exact":
+        return
+    c = SequenceConstraint(fmt, 1, cfg.allowed_counts, cfg.fixed_assignment)
+    n = len(prefix_counts or [])
+    smallest = sum(prefix_counts or []) + int(c.min_rest[0, n])
+    if int(cfg.budget) < smallest:
+        cand = torch.tensor(fmt.layout.candidates)
+        per_block = list(prefix_counts or []) + [int(cand[c.allowed[0, k]].min()) for k in range(n, fmt.layout.num_blocks)]
+        raise ConfigError(f"budget {cfg.budget:g} (budget_mode exact, a cap per video) is below the fewest tokens "
+                          f"a video can have here: {smallest} (blocks at {per_block}"
+                          f"{', the context prefix included' if n else ''}; allowed_counts "
+                          f"{cfg.allowed_counts}, fixed_assignment {cfg.fixed_assignment}): raise budget to at "
+                          f"least {smallest} or loosen the constraints")
+
+
 def _calibration_cond(plan: _Plan, cfg: SampleConfig) -> tuple[Any, int]:
     """Conditioning for the budget calibration, as one batch: ``calibration_batches`` batches' worth of
     rows spread evenly over the whole run (the run lists its classes or prompts in order, so its
@@ -366,6 +387,7 @@ def run(cfg: SampleConfig) -> Path:
     t_start = time.perf_counter()
     state = PartialState()
     rank, world = state.process_index, state.num_processes
+    _check_out_is_not_an_input(cfg)
     out = check_writable(cfg.out)
     device = resolve_device(cfg.device)
     gpt = GPT.from_pretrained(cfg.generator, map_location=str(device)).eval()
@@ -380,6 +402,7 @@ def run(cfg: SampleConfig) -> Path:
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
     check_constraints(cfg, fmt)
     plan = plan_rows(cfg, gpt, tokenizer, device, training_record(cfg.generator))
+    check_exact_budget(cfg, fmt, plan.prefix.block_lengths[0].tolist() if plan.prefix is not None else None)
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
     kw = _batch_kwargs(plan, cfg)
@@ -387,7 +410,9 @@ def run(cfg: SampleConfig) -> Path:
         # the inputs are checked: this run replaces what a run before left in `out` (a failed run left
         # its config.yaml beside the older run's samples and done marker, before 2026-12-07)
         (out / "done").unlink(missing_ok=True)
+        _clear_previous_outputs(out)
         save_config(cfg, out / "config.yaml")
+    state.wait_for_everyone()  # the older outputs are gone before any process writes new ones
 
     beta = scfg.budget_bias
     budget_cap = None
@@ -458,6 +483,41 @@ def run(cfg: SampleConfig) -> Path:
                           scfg, time.perf_counter() - t_start)
     state.wait_for_everyone()
     return out
+
+
+def _check_out_is_not_an_input(cfg: SampleConfig) -> None:
+    """Refuse an ``out`` that is (or holds) one of the run's inputs: the run writes its own
+    ``config.yaml`` there, which would replace a model's and leave it unloadable."""
+    from pathlib import Path
+
+    out = Path(cfg.out).resolve()
+    for field_name in ("generator", "tokenizer", "router", "spm"):
+        given = getattr(cfg, field_name, None)
+        if not given:
+            continue
+        path = Path(given).resolve()
+        if out == path or out in path.parents:
+            raise ConfigError(f"out {cfg.out!r} is the {field_name} directory {given!r} (or holds it): the run's "
+                              f"config.yaml would replace the model's; write the samples elsewhere")
+    if (out / "model.safetensors").exists():
+        raise ConfigError(f"out {cfg.out!r} holds a model (model.safetensors): the run's config.yaml would replace "
+                          "the model's; write the samples elsewhere")
+
+
+#: What a sample run writes into ``out`` (besides config.yaml and done): a new run removes them
+#: first, so that a run with fewer samples leaves none of an older run's videos behind.
+_RUN_OUTPUTS = ("videos", "parts", "tokens.npz", "sample_stats.json", "grid.mp4", "grid.gif")
+
+
+def _clear_previous_outputs(out: Path) -> None:
+    import shutil
+
+    for name in _RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def _sync(device: torch.device) -> None:
