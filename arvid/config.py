@@ -298,6 +298,25 @@ class _Loader(yaml.SafeLoader):
             return _Overflow(str(node.value))
         return value
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """A key given twice in one mapping is an error (PyYAML keeps the last silently: a second
+        ``trainer:`` block would drop the first's settings without a word)."""
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class refuses unhashable keys with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"key {key!r} is given twice (first at line {seen[key].line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, _FLOAT_FIRST)
@@ -399,6 +418,8 @@ def read_yaml(path: str | os.PathLike, _including: tuple[Path, ...] = ()) -> dic
             data = _load(f, str(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -409,6 +430,10 @@ def read_yaml(path: str | os.PathLike, _including: tuple[Path, ...] = ()) -> dic
         bases = [base] if isinstance(base, str) else list(base)
         merged: dict[str, Any] = {}
         for b in bases:
+            if not isinstance(b, str):
+                raise ConfigError(f"{str(path)!r}: `_base_` must be a file name or a list of them, got {b!r}")
+            if not (path.parent / b).is_file():
+                raise ConfigError(f"{str(path)!r}: its `_base_` file {str(path.parent / b)!r} does not exist")
             merged = deep_merge(merged, read_yaml(path.parent / b, (*_including, path.resolve())))
         data = deep_merge(merged, data)
     return data

@@ -324,8 +324,17 @@ def restricted_load(path_or_bytes: str | os.PathLike | bytes) -> Any:
 
 
 def torch_load_safe(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors and containers only, never code."""
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    """``torch.load`` with ``weights_only=True``: tensors and containers only, never code. A file
+    that is not a readable torch archive (truncated, overwritten) is a ``ValueError`` naming it."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        if "zip archive" not in str(e) and "central directory" not in str(e) and not isinstance(e, EOFError):
+            raise
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        why = (str(e).split(". ")[0] or type(e).__name__) if str(e) else "it ends early"
+        raise ValueError(f"{str(path)!r} ({size} bytes) is not a readable torch file (truncated or damaged?): "
+                         f"{why}") from None
 
 
 # --------------------------------------------------------------------------- hashing

@@ -441,3 +441,79 @@ def test_zero_sizes_and_counts_are_refused_before_anything_is_written(tmp_path):
     x = torch.randn(6, 50, generator=g, dtype=torch.float64)
     mu, s = x.mean(0), torch.cov(x.T)
     assert frechet_distance(mu, s, mu, s) >= 0.0
+
+
+def test_damaged_files_are_named_not_tracebacks(env, tmp_path):
+    """Found in a bad-input review (2026-12-07): each of these gave a raw traceback or a message that
+    named no file. A damaged model config, token store, checkpoint file or config include is now an
+    error naming the file and what was expected."""
+    import json
+    import shutil
+
+    from arvid.data.token_store import TokenStore
+    from arvid.generator.gpt import GPT
+    from arvid.io import torch_load_safe
+    from arvid.tokenizer.base import load_tokenizer
+
+    # a model directory whose config.yaml is not YAML
+    for name, loader in (("A", load_tokenizer), ("gen/gpt", GPT.from_pretrained)):
+        d = tmp_path / name.replace("/", "_")
+        shutil.copytree(env / name, d)
+        (d / "config.yaml").write_text("kind: {{{\n")
+        with pytest.raises(ConfigError, match=re.escape(str(d / "config.yaml")) + ".*not valid YAML"):
+            loader(d)
+        (d / "config.yaml").write_bytes(b"\xf0\x28\x8c\x28")
+        with pytest.raises(ConfigError, match="not UTF-8"):
+            loader(d)
+    # a token store: damaged meta.json, damaged index, a count that disagrees with the index
+    for damage, said in ((lambda d: (d / "meta.json").write_text("{bad"), "meta.json.*not valid JSON"),
+                         (lambda d: (d / "index.npz").write_bytes(b"garbage"), "index.npz.*not a readable token store index"),
+                         (lambda d: (d / "meta.json").write_text(json.dumps(
+                             {**json.loads((d / "meta.json").read_text()), "count": 5000})), "says 5000 videos but")):
+        d = tmp_path / "store"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(env / "store", d)
+        damage(d)
+        with pytest.raises(TokenStoreError, match=said):
+            len(TokenStore(d))
+    # a truncated torch file (a checkpoint's optimizer.pt)
+    torch.save({"a": torch.ones(3)}, tmp_path / "opt.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "opt.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.pt' \(100 bytes\) is not a readable torch file"):
+        torch_load_safe(tmp_path / "cut.pt")
+    # configs: a missing _base_ names the including file; a key given twice is refused
+    from arvid.config import read_yaml
+
+    (tmp_path / "top.yaml").write_text("_base_: nonexist.yaml\na: 1\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml'.*its `_base_` file .*nonexist\.yaml' does not exist"):
+        read_yaml(tmp_path / "top.yaml")
+    (tmp_path / "twice.yaml").write_text("trainer: {lr: 1.0}\nseed: 1\ntrainer: {max_steps: 3}\n")
+    with pytest.raises(ConfigError, match="key 'trainer' is given twice"):
+        read_yaml(tmp_path / "twice.yaml")
+
+
+@pytest.mark.parametrize("field,value,said", [("n_heads", 0, "n_heads must be >= 1"), ("n_heads", -4, "n_heads must be >= 1"),
+                                              ("dim", -4, "dim must be >= 1"), ("n_layers", 0, "n_layers must be >= 1"),
+                                              ("mlp_ratio", 0.0, "SwiGLU needs a hidden size"),
+                                              ("rope_theta", 0.0, "rope_theta"), ("n_kv_heads", 0, "n_kv_heads")])
+def test_degenerate_gpt_shapes_are_refused(field, value, said):
+    """n_heads 0 divided by zero, a negative one failed inside a layer, n_layers 0 and mlp_ratio 0
+    trained a model without blocks or a feed-forward, rope_theta 0 gave a NaN loss at step 0."""
+    from arvid.generator.gpt import GPTConfig
+
+    with pytest.raises(ValueError, match=said):
+        GPTConfig(vocab_size=32, max_seq_len=16, **{field: value})
+
+
+def test_train_spm_names_its_input_when_sentencepiece_refuses(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from arvid.generator.text import train_spm
+
+    caps = tmp_path / "caps.txt"
+    caps.write_text("Apply Eye Makeup\nBand Marching\nzebra quick fox jumps\n")
+    with pytest.raises(ValueError, match=r"could not train on .*caps\.txt' with vocab_size 8.*smaller than required_chars"):
+        train_spm(caps, tmp_path / "spm", vocab_size=8)
+    assert not (tmp_path / "spm").exists()
+    (tmp_path / "bin.txt").write_bytes(b"\xf0\x28\x8c\x28 not text\n")
+    with pytest.raises(ValueError, match=r"bin\.txt' is not UTF-8 text"):
+        train_spm(tmp_path / "bin.txt", tmp_path / "spm", vocab_size=64)

@@ -221,14 +221,34 @@ class TokenStore:
         if missing:
             raise TokenStoreError(f"{str(d)!r} is not a complete token store: missing {missing} "
                                   "(an interrupted tokenize run? run it again)")
-        with open(d / META_NAME) as f:
-            meta = json.load(f)
+        try:
+            with open(d / META_NAME, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenStoreError(f"{str(d / META_NAME)!r} is not valid JSON (a damaged token store?): {e}") from None
+        if not isinstance(meta, dict):
+            raise TokenStoreError(f"{str(d / META_NAME)!r} is not a token store's metadata (a JSON object expected)")
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise TokenStoreError(f"{str(d / META_NAME)!r} is not an {FORMAT} v{FORMAT_VERSION} "
                                   f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
-        with np.load(d / INDEX_NAME, allow_pickle=False) as z:
-            index = {k: z[k] for k in ("offsets", "block_lengths", "labels", "video_ids")}
-        expect = int(meta["total_codes"]) * np.dtype(meta["dtype"]).itemsize
+        keys = ("offsets", "block_lengths", "labels", "video_ids")
+        try:
+            with np.load(d / INDEX_NAME, allow_pickle=False) as z:
+                index = {k: z[k] for k in keys}
+        except (ValueError, OSError, KeyError, EOFError) as e:  # not an npz, pickled data, a missing array
+            raise TokenStoreError(f"{str(d / INDEX_NAME)!r} is not a readable token store index (arrays "
+                                  f"{', '.join(keys)} expected; a damaged store?): {e}") from None
+        try:
+            count = int(meta["count"])
+            expect = int(meta["total_codes"]) * np.dtype(meta["dtype"]).itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise TokenStoreError(f"{str(d / META_NAME)!r} lacks a valid count, total_codes or dtype ({e!r}): "
+                                  "a damaged token store?") from None
+        rows = [len(index["offsets"]) - 1, *(len(index[k]) for k in keys[1:])]
+        if any(r != count for r in rows):
+            raise TokenStoreError(f"{str(d / META_NAME)!r} says {count} videos but {str(d / INDEX_NAME)!r} holds "
+                                  f"{rows[0]} (offsets), {rows[1]} (block_lengths), {rows[2]} (labels), "
+                                  f"{rows[3]} (video_ids): the store is corrupt")
         size = (d / CODES_NAME).stat().st_size
         if size != expect or int(index["offsets"][-1]) != int(meta["total_codes"]):
             raise TokenStoreError(f"{str(d / CODES_NAME)!r} has {size} bytes but the index expects {expect}: "

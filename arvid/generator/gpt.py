@@ -20,6 +20,7 @@ Input layout (gpt_api.md): ``[cond_1..cond_n, s_1, ..., s_L]``; the logits at in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,18 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
             raise ValueError(f"vocab_size and max_seq_len must be positive, got {self.vocab_size}, {self.max_seq_len}")
+        for name in ("dim", "n_layers", "n_heads", "ffn_multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ValueError(f"n_kv_heads must be >= 1 (or None: n_heads), got {self.n_kv_heads}")
+        if self.ffn_dim < 0 or (self.ffn_dim == 0 and not self.mlp_ratio > 0):
+            raise ValueError(f"the SwiGLU needs a hidden size: ffn_dim > 0, or ffn_dim 0 and mlp_ratio > 0 "
+                             f"(got ffn_dim {self.ffn_dim}, mlp_ratio {self.mlp_ratio})")
+        if not (self.rope_theta > 1 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"rope_theta (the RoPE base) must be a finite number > 1, got {self.rope_theta}")
+        if not (self.norm_eps > 0 and self.init_std > 0):
+            raise ValueError(f"norm_eps and init_std must be > 0, got {self.norm_eps}, {self.init_std}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if (self.dim // self.n_heads) % 2:

@@ -36,7 +36,12 @@ def train_spm(input_path: str | os.PathLike, out_dir: str | os.PathLike, vocab_s
     input_path, out_dir = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise FileNotFoundError(f"caption file {str(input_path)!r} does not exist")
-    lines = [ln.strip() for ln in input_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = input_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption file {str(input_path)!r} is not UTF-8 text (one caption or class name per "
+                         f"line expected): {e}") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"caption file {str(input_path)!r} has no non-empty lines")
     if vocab_size < 4:
@@ -57,11 +62,16 @@ def train_spm(input_path: str | os.PathLike, out_dir: str | os.PathLike, vocab_s
         # Underscores separate words in UCF-style class names ("Apply_Eye_Makeup").
         corpus = tmp / "corpus.txt"
         corpus.write_text("\n".join(_normalise(t) for t in lines) + "\n", encoding="utf-8")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(tmp / "spm"), vocab_size=int(vocab_size),
-            model_type=model_type, character_coverage=character_coverage, hard_vocab_limit=False,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1, num_threads=1, minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(corpus), model_prefix=str(tmp / "spm"), vocab_size=int(vocab_size),
+                model_type=model_type, character_coverage=character_coverage, hard_vocab_limit=False,
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1, num_threads=1, minloglevel=2,
+            )
+        except RuntimeError as e:  # SentencePiece's own checks, e.g. a vocabulary below the corpus's characters
+            why = str(e).split(")", 1)[-1].strip(" :") if ")" in str(e) else str(e)
+            raise ValueError(f"SentencePiece could not train on {str(input_path)!r} with vocab_size {vocab_size} "
+                             f"({model_type}): {why}") from None
         corpus.unlink()
         sp = spm.SentencePieceProcessor(model_file=str(tmp / MODEL_NAME))
         longest = max(len(sp.encode(_normalise(t))) for t in lines)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import yaml
 
 from arvid.config import ConfigError, from_dict
 from arvid.data.types import BlockLayout, TokenizedVideo
@@ -126,8 +125,9 @@ def load_tokenizer(directory: str | os.PathLike, map_location: str = "cpu"):
     path = Path(directory) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a tokenizer directory: config.yaml is missing")
-    with open(path) as f:
-        kind = (yaml.safe_load(f) or {}).get("kind")
+    from arvid.pretrained import read_model_config
+
+    kind = read_model_config(path).get("kind")
     if not kind:
         raise ConfigError(f"{str(path)!r} does not say which tokenizer it holds (no `kind`)")
     return tokenizer_class(kind).from_pretrained(directory, map_location=map_location)
