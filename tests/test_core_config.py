@@ -332,3 +332,33 @@ def test_changed_fields_count_paths_relative_to_the_experiment():
     assert changed_fields(cfg("/a/exp"), cfg("/a/exp", data_root="/data/k600")) == ["data.root"]
     assert changed_fields(cfg("/a/exp"), cfg("/a/exp", num_videos=3)) == ["num_videos"]
     assert changed_fields(cfg("/a/exp"), cfg("/a/exp", num_workers=7)) == []  # execution only
+
+
+def test_every_shipped_config_loads_with_its_stage():
+    """Each YAML under configs/ is a valid config of the command its folder names (a renamed field or
+    a stale value in a shipped config fails here, not in a user's run)."""
+    from pathlib import Path
+
+    from arvid.pipeline import ExperimentConfig
+    from arvid.stages.curate import CurateConfig
+    from arvid.stages.eval_curve import EvalCurveConfig
+    from arvid.stages.tokenize import TokenizeConfig
+    from arvid.stages.train_generator import TrainGeneratorConfig
+    from arvid.stages.train_router import TrainRouterConfig
+    from arvid.stages.train_tokenizer import TrainTokenizerConfig
+
+    by_folder = {"curate": CurateConfig, "eval": EvalCurveConfig, "experiments": ExperimentConfig,
+                 "generator": TrainGeneratorConfig, "router": TrainRouterConfig, "tokenize": TokenizeConfig,
+                 "tokenizer": TrainTokenizerConfig}
+    root = Path(__file__).resolve().parent.parent / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 15
+    for f in files:
+        cls = by_folder[f.parent.name]
+        load_config(cls, f)
+    # the CPU smoke chain's paths meet: tokenizer -> curate -> router
+    tok = load_config(TrainTokenizerConfig, root / "tokenizer/debug.yaml")
+    cur = load_config(CurateConfig, root / "curate/debug.yaml")
+    rout = load_config(TrainRouterConfig, root / "router/debug.yaml")
+    assert cur.tokenizer == f"{tok.out_dir}/tokenizer" and rout.curation == cur.out_dir
+    assert cur.data == rout.data

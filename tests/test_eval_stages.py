@@ -455,3 +455,15 @@ def test_a_failed_evaluation_leaves_the_previous_config_and_result(tmp_path):
     with pytest.raises(ValueError, match="bad setting"):
         evaluate._run(evaluate.GenEvalConfig(out_dir=str(out), num_videos=3), fails, "gen", lambda r: "")
     assert (out / "config.yaml").read_text() == saved and json.loads((out / "gen.json").read_text()) == {"x": 1}
+
+
+def test_results_are_logged_as_well_as_written(tmp_path, caplog):
+    """`eval gen` and `eval fp` printed nothing without a terminal (their results only in the .md):
+    every evaluation logs the table it writes."""
+    from arvid.stages import evaluate as E
+
+    cfg = E.GenEvalConfig(out_dir=str(tmp_path / "g"))
+    with caplog.at_level("INFO", logger="arvid"):
+        out = E._run(cfg, lambda c: {"x": 1}, "gen", lambda r: f"| gFVD | {r['x'] * 123.4} |\n")
+    assert (out / "gen.md").read_text() == "| gFVD | 123.4 |\n"
+    assert "| gFVD | 123.4 |" in caplog.text and str(out / "gen.md") in caplog.text

@@ -47,6 +47,7 @@ def test_class_sampling_writes_everything_and_reproduces(dirs):
     out = dirs / "a"
     for name in ["config.yaml", "grid.mp4", "grid.gif", "tokens.npz", "sample_stats.json", "done"]:
         assert (out / name).is_file(), name
+    assert not (out / "parts").exists()  # the processes' parts are merged into tokens.npz, then removed
     z = load(out)
     assert z["classes"].tolist() == [0, 0, 0, 2, 2, 2]
     tok = load_tokenizer(dirs / "tok")

@@ -164,7 +164,10 @@ def _run(cfg: Any, evaluate: Callable[[Any], dict], stem: str, render: Callable[
     if out is not None:
         save_config(cfg, out / "config.yaml")
         write_json(out / f"{stem}.json", res)
-        write_text(out / f"{stem}.md", render(res))
+        text = render(res)
+        write_text(out / f"{stem}.md", text)
+        # the results in the log too: without a terminal, `eval gen` / `eval fp` printed nothing at all
+        log.info("wrote %s and %s.json:\n%s", out / f"{stem}.md", stem, text.rstrip())
     return out
 
 

@@ -23,7 +23,7 @@ Outputs in ``out``:
 
 Multi-process (``accelerate launch``): the batches are split between processes; batch ``j`` is
 seeded by ``(seed, j)``, so the samples are the same for any process count. Each process writes
-``parts/part_<rank>.npz``; the main process merges.
+``parts/part_<rank>.npz``; the main process merges them into ``tokens.npz`` and removes them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -600,6 +601,7 @@ def _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, c
     write_json(out / "sample_stats.json", stats)
     log.info("%d videos, %.2f samples/s (tokens only: %.2f), %.1f tokens/video", n, stats["samples_per_s"] or 0,
              stats["samples_per_s_tokens"] or 0, stats["tokens_per_video"]["mean"])
+    shutil.rmtree(out / "parts", ignore_errors=True)  # merged into tokens.npz: nothing else reads them
     write_json(out / "done", {"stage": "sample", "samples": n})
 
 
