@@ -150,8 +150,11 @@ def test_eval_fp_refuses_other_context_blocks_than_the_gpt_was_trained_on(env, t
     gen = tmp_path / "gpt"
     shutil.copytree(env / "gen" / "gpt", gen)
     blocks = context_blocks_for(load_tokenizer(env / "A").layout, 5)
-    with open(gen / "config.yaml", "a") as f:
-        f.write(f"conditioning: frames\ncontext_blocks: {blocks + 1}\n")
+    import yaml
+
+    meta = yaml.safe_load((gen / "config.yaml").read_text())
+    meta.update(conditioning="frames", context_blocks=blocks + 1)
+    (gen / "config.yaml").write_text(yaml.safe_dump(meta))
     data = DataConfig(source="synthetic", frames=8, size=16, num_videos=2, num_val_videos=2, random_start=False)
     with pytest.raises(ConfigError, match=f"context_frames=5 fill {blocks} block.*context_blocks={blocks + 1}"):
         evaluate.evaluate_fp(evaluate.FPEvalConfig(data=data, num_videos=2, generator=str(gen),
@@ -517,3 +520,28 @@ def test_train_spm_names_its_input_when_sentencepiece_refuses(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xf0\x28\x8c\x28 not text\n")
     with pytest.raises(ValueError, match=r"bin\.txt' is not UTF-8 text"):
         train_spm(tmp_path / "bin.txt", tmp_path / "spm", vocab_size=64)
+
+
+def test_stage_counts_and_weights_are_refused_when_the_config_is_made():
+    """Found in a bad-input review (2026-12-07): eval gen with 1 clip failed after sampling (FVD needs
+    2 a side; in the pipeline, after moving the older report aside), workers=-1 gave torch's message,
+    train-router eval_batch_size=0 failed after training, negative curation weights were accepted."""
+    from arvid.stages.curate import CurateConfig
+    from arvid.stages.evaluate import FPEvalConfig, GenEvalConfig, ReconEvalConfig
+    from arvid.stages.report import ReportConfig
+    from arvid.stages.train_router import TrainRouterConfig
+
+    cases = [(GenEvalConfig, dict(num_videos=1), "an FVD needs at least 2 clips"),
+             (ReportConfig, dict(num_videos=1), "an FVD needs at least 2 clips"),
+             (ReconEvalConfig, dict(num_videos=0, protocol=None), "num_videos must be >= 1"),
+             (GenEvalConfig, dict(workers=-1), "workers .* must be >= 0"),
+             (FPEvalConfig, dict(batch_size=0), "batch_size must be >= 1"),
+             (CurateConfig, dict(w_q=-1.0), "w_q and w_l must be >= 0"),
+             (CurateConfig, dict(w_q=0.0, w_l=0.0), "not both 0"),
+             (TrainRouterConfig, dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+             (TrainRouterConfig, dict(w_l=-0.5), "w_l must be >= 0")]
+    for cls, kw, said in cases:
+        with pytest.raises(ValueError, match=said):
+            cls(**kw)
+    ReportConfig(num_videos=1, fvd=False)  # no FVD: one clip is enough
+    ReconEvalConfig(num_videos=1, protocol=None)

@@ -90,6 +90,11 @@ class CurateConfig:
             raise ValueError("calibration needs at least 2 samples (calib_videos * calib_assignments)")
         if self.num_videos is not None and self.num_videos < 1:
             raise ValueError(f"num_videos must be >= 1 or null, got {self.num_videos}")
+        if not (self.w_q >= 0 and self.w_l >= 0) or self.w_q == self.w_l == 0:
+            raise ValueError(f"w_q and w_l must be >= 0 and not both 0 (R = w_q * Q - w_l * L: a negative weight "
+                             f"rewards worse quality or more tokens), got w_q={self.w_q}, w_l={self.w_l}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass

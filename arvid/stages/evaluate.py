@@ -193,6 +193,21 @@ def _fvd_line(rec: dict | None) -> str:
 # --------------------------------------------------------------------------- eval recon
 
 
+def _check_counts(cfg: Any) -> None:
+    """The counts every evaluation config shares: ``batch_size >= 1``, ``workers >= 0`` and, where an
+    FVD is computed (a ``protocol``), at least 2 clips: refused when the config is made, not after
+    the sampling (FVD needs two samples a side)."""
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.workers < 0:
+        raise ValueError(f"workers (data-loader processes) must be >= 0, got {cfg.workers}")
+    n = cfg.num_videos
+    if n is not None and (n < 1 or (getattr(cfg, "protocol", None) is not None and n < 2)):
+        need = 2 if getattr(cfg, "protocol", None) is not None else 1
+        raise ValueError(f"num_videos must be >= {need} (or null: all of the split)"
+                         f"{': an FVD needs at least 2 clips a side' if need == 2 else ''}, got {n}")
+
+
 @dataclass
 class ReconEvalConfig:
     """Reconstruction quality of a tokenizer on real clips."""
@@ -216,6 +231,9 @@ class ReconEvalConfig:
     workers: int = doc(0, "data-loader worker processes reading the real clips", execution=True)
     device: str = doc("auto", "auto, cpu, cuda ...")
     out_dir: str = doc("outputs/eval_recon", "output directory (recon.json, recon.md)")
+
+    def __post_init__(self) -> None:
+        _check_counts(self)
 
 
 def _lpips_net(enabled: bool, net: str, weights: str | None, device: torch.device):
@@ -348,6 +366,7 @@ class GenEvalConfig:
     out_dir: str = doc("outputs/eval_gen", "output directory (gen.json, gen.md)")
 
     def __post_init__(self) -> None:
+        _check_counts(self)
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
         if self.calibration_videos < 1:
@@ -553,6 +572,9 @@ class FPEvalConfig:
     seed: int = doc(0, "sampling seed")
     device: str = doc("auto", "auto, cpu, cuda ...")
     out_dir: str = doc("outputs/eval_fp", "output directory (fp.json, fp.md)")
+
+    def __post_init__(self) -> None:
+        _check_counts(self)
 
 
 @torch.no_grad()

@@ -81,6 +81,13 @@ class TrainRouterConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        for name in ("w_q", "w_l"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0 (or null: the curation's), got {value}: a negative weight "
+                                 "turns the reward around")
 
 
 class RouterDataset(torch.utils.data.Dataset):
