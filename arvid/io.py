@@ -58,6 +58,9 @@ def check_writable(directory: str | os.PathLike, need_bytes: int = 0) -> Path:
     Called by every stage before it starts work, so that no work is lost to an unwritable output.
     """
     path = Path(directory)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ArvidIOError(f"output directory {str(path)!r} is not writable: {str(blocking)!r} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".arvid-write-test-", delete=True) as f:

@@ -545,3 +545,27 @@ def test_stage_counts_and_weights_are_refused_when_the_config_is_made():
             cls(**kw)
     ReportConfig(num_videos=1, fvd=False)  # no FVD: one clip is enough
     ReconEvalConfig(num_videos=1, protocol=None)
+
+
+def test_a_file_or_folder_in_the_wrong_place_is_named_as_such(env, tmp_path):
+    """Found in a bad-input review (2026-12-07): a file where a folder is expected said "not writable:
+    File exists", a folder where a file is expected said "does not exist", a GPT's directory given
+    as the tokenizer said "unknown tokenizer 'gpt'"."""
+    from arvid.generator.text import train_spm
+    from arvid.io import ArvidIOError, check_writable
+    from arvid.stages.eval_fvd import open_videos
+    from arvid.stages.sample import read_context
+    from arvid.tokenizer.base import load_tokenizer
+
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ArvidIOError, match=r"afile' is a file, not a folder"):
+            check_writable(out)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        train_spm(tmp_path, tmp_path / "spm", vocab_size=64)
+    with pytest.raises(IsADirectoryError, match="is a folder: give one video file"):
+        read_context(tmp_path, 8, 16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_videos(str(tmp_path / "nonexist"), None, 0)
+    with pytest.raises(ConfigError, match="holds a gpt, not a tokenizer"):
+        load_tokenizer(env / "gen" / "gpt")

@@ -125,7 +125,7 @@ def test_every_stage_refuses_an_unwritable_out_dir_before_working(blocked, tmp_p
             run(cfg)
         # before any work: no model was trained or loaded (the inputs do not even exist)
         assert time.perf_counter() - t0 < 20, name
-        assert "Not a directory" in str(e.value), (name, str(e.value))
+        assert "a_file' is a file, not a folder" in str(e.value), (name, str(e.value))
 
 
 def test_cli_reports_an_unwritable_out_dir_in_one_line(blocked, tmp_path, capsys):

@@ -34,6 +34,9 @@ def train_spm(input_path: str | os.PathLike, out_dir: str | os.PathLike, vocab_s
     import sentencepiece as spm
 
     input_path, out_dir = Path(input_path), Path(out_dir)
+    if input_path.is_dir():
+        raise IsADirectoryError(f"caption file {str(input_path)!r} is a folder: give a text file, one caption or "
+                                "class name per line")
     if not input_path.is_file():
         raise FileNotFoundError(f"caption file {str(input_path)!r} does not exist")
     try:

@@ -81,6 +81,9 @@ def open_videos(source: str, clip: ClipConfig, seed: int) -> VideoFileDataset:
     p = Path(source)
     if p.is_file() and p.suffix.lower() == ".csv":
         return VideoFileDataset.from_csv(p, clip=clip, seed=seed)
+    if not p.exists():
+        raise FileNotFoundError(f"{source!r} does not exist (expected a video folder, a .csv list or a .npz "
+                                "statistics file)")
     if not p.is_dir():
         raise FileNotFoundError(f"{source!r} is neither a video folder, a .csv list nor a .npz statistics file")
     flat = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")]

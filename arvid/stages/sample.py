@@ -145,6 +145,8 @@ def read_context(path: str | Path, frames: int, size: int | None) -> torch.Tenso
     from arvid.data.video import to_model
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"context video {str(path)!r} is a folder: give one video file")
     if not path.is_file():
         raise FileNotFoundError(f"context video {str(path)!r} does not exist")
     got = []

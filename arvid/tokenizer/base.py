@@ -128,6 +128,9 @@ def load_tokenizer(directory: str | os.PathLike, map_location: str = "cpu"):
     from arvid.pretrained import read_model_config
 
     kind = read_model_config(path).get("kind")
+    if kind in ("gpt", "router"):
+        raise ConfigError(f"{str(directory)!r} holds a {kind}, not a tokenizer (its config.yaml says kind: {kind}); "
+                          "give the tokenizer's directory (e.g. <run>/tokenizer)")
     if not kind:
         raise ConfigError(f"{str(path)!r} does not say which tokenizer it holds (no `kind`)")
     return tokenizer_class(kind).from_pretrained(directory, map_location=map_location)
