@@ -404,3 +404,19 @@ def test_an_exact_cap_below_the_smallest_video_is_refused(dirs):
         cli(base + ["--budget", str(smallest + 1), "--allowed-counts", str(max(tok.layout.candidates))])
     assert cli(base + ["--budget", str(smallest)]) == 0
     assert int(load(dirs / "cap")["block_lengths"].sum(1).max()) <= smallest
+
+
+def test_frame_prediction_flags_without_a_context_and_a_short_context_are_said(dirs, caplog, tmp_path):
+    from arvid.data.writer import write_video
+
+    base = ["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0",
+            "--per-class", "1", "grid_format=none"]
+    with caplog.at_level("WARNING", logger="arvid"):
+        assert cli(base + ["--context-frames", "3", "--out", str(tmp_path / "a")]) == 0
+    assert "--context-frames: only for frame prediction" in caplog.text
+    caplog.clear()
+    write_video(torch.rand(3, 2, 40, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1, tmp_path / "short.mp4",
+                fps=8)
+    with caplog.at_level("WARNING", logger="arvid"):
+        stage.read_context(tmp_path / "short.mp4", 3, 32)
+    assert "has 2 frames, fewer than the 3 asked for" in caplog.text

@@ -160,6 +160,9 @@ def read_context(path: str | Path, frames: int, size: int | None) -> torch.Tenso
         raise ValueError(f"context video {str(path)!r} cannot be decoded: {e}") from e
     if not got:
         raise ValueError(f"context video {str(path)!r} has no frames")
+    if len(got) < frames:
+        log.warning("context video %r has %d frames, fewer than the %d asked for: its last frame repeats to "
+                    "fill them", str(path), len(got), frames)
     while len(got) < frames:
         got.append(got[-1])
     video = to_model(torch.from_numpy(np.stack(got)))[None]  # [1, C, T, H, W]
@@ -397,6 +400,9 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.precision == "bf16":
         gpt = gpt.cast_for_inference_(torch.bfloat16)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
+    unused = [n for n, on in (("--router", bool(cfg.router)), ("--context-frames", cfg.context_frames != 5)) if on]
+    if unused and not cfg.context:
+        log.warning("%s: only for frame prediction (--context VIDEO); ignored here", ", ".join(unused))
     if cfg.router:
         from arvid.stages.evaluate import _attach_router
 
