@@ -169,6 +169,9 @@ def test_train_generator_frames_and_text(setup, tmp_path):
     gpt = GPT.from_pretrained(out / "gpt")
     enc = TextEncoder(tmp_path / "spm")
     assert gpt.config.text_vocab_size == enc.vocab_size and gpt.config.max_text_len == enc.max_len
+    from arvid.sampling.videos import training_record
+
+    assert training_record(out / "gpt")["spm_fingerprint"] == enc.fingerprint  # sampling checks the model by it
     ids = enc.encode(["Band Marching", ""])
     assert (ids[1] == enc.pad_id).all() and (ids[0] != enc.pad_id).any()
     assert enc.decode(ids)[0] == "Band Marching"

@@ -154,6 +154,14 @@ def test_text_prompts(dirs, tmp_path):
 
     shutil.copytree(spm, tmp_path / "gpt2" / "spm")  # a copy beside the GPT is taken instead
     assert cli(args + ["--out", str(tmp_path / "out3")]) == 0
+    # the recorded model's fingerprint: another model in the recorded folder (retrained there) is refused
+    gpt.save_pretrained(tmp_path / "gpt2", extra={"conditioning": "text", "spm_dir": str(spm),
+                                                  "spm_fingerprint": enc.fingerprint})
+    assert cli(args + ["--out", str(tmp_path / "out5")]) == 0
+    (tmp_path / "other.txt").write_text("zebras gallop over the plain\nfish swim in the sea\n" * 20)
+    train_spm(tmp_path / "other.txt", tmp_path / "spm_other", vocab_size=40)
+    with pytest.raises(ConfigError, match="is not the one generator .* was trained with"):
+        cli(args + ["--spm", str(tmp_path / "spm_other"), "--out", str(tmp_path / "out6")])
     # a SentencePiece model with more pieces than the GPT's text embedding is refused, not an index error
     small = GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 6,
                             text_vocab_size=enc.vocab_size - 5, max_text_len=5, text_pad_id=enc.pad_id)

@@ -111,6 +111,14 @@ class TextEncoder:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the model file: train-generator records it, and sampling refuses another model
+        (a model retrained into the same folder gives other ids for the same words)."""
+        from arvid.io import sha256_file
+
+        return sha256_file(self.dir / MODEL_NAME)
+
     def encode(self, texts: list[str], max_len: int | None = None) -> torch.Tensor:
         """``list[str]`` -> ``LongTensor[B, max_len]``: ids, truncated, right-padded with ``pad_id``;
         the empty string gives an all-pad row (the unconditional text)."""

@@ -46,14 +46,14 @@ def sequence_format_for(gpt: Any, tokenizer: Any) -> SequenceFormat:
 
 def training_record(generator_dir: str | os.PathLike) -> dict:
     """What ``train-generator`` recorded beside the GPT's config in ``generator_dir/config.yaml``
-    (``conditioning``, ``context_blocks``, ``spm_dir``, ``captions``, ``tokenizer_fingerprint``);
-    empty for a GPT saved by other code."""
+    (``conditioning``, ``context_blocks``, ``spm_dir``, ``captions``, ``tokenizer_fingerprint``,
+    ``spm_fingerprint``); empty for a GPT saved by other code."""
     from arvid.config import read_yaml
 
     path = Path(generator_dir) / "config.yaml"
     meta = read_yaml(path) if path.is_file() else {}
-    return {k: meta[k] for k in ("conditioning", "context_blocks", "spm_dir", "captions", "tokenizer_fingerprint")
-            if k in meta}
+    return {k: meta[k] for k in ("conditioning", "context_blocks", "spm_dir", "captions", "tokenizer_fingerprint",
+                                 "spm_fingerprint") if k in meta}
 
 
 def check_generator_tokenizer(generator_dir: str | os.PathLike, tokenizer: Any,

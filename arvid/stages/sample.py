@@ -212,6 +212,11 @@ def _encode_text(cfg: SampleConfig, gpt: Any, record: dict | None = None) -> tor
     if not Path(spm).exists():
         raise ConfigError(f"text prompts need a SentencePiece model: {spm!r} does not exist (set --spm DIR)")
     enc = TextEncoder(spm)
+    recorded = (record or {}).get("spm_fingerprint")
+    if recorded and recorded != enc.fingerprint:
+        raise ConfigError(f"the SentencePiece model in {spm!r} is not the one generator {cfg.generator!r} was trained "
+                          f"with (sha256 {enc.fingerprint[:12]}..., recorded {recorded[:12]}...): the same words "
+                          "would get other ids; give that model with --spm DIR")
     pad = int(gpt.config.text_pad_id)
     if enc.pad_id != pad:
         raise ConfigError(f"the SentencePiece model in {spm!r} pads with id {enc.pad_id}, the GPT was trained "

@@ -288,6 +288,10 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     final = trainer.final_model()
     extra = {"tokenizer_fingerprint": fingerprint, "conditioning": cfg.conditioning,
              "context_blocks": cfg.context_blocks, "spm_dir": cfg.spm_dir, "captions": cfg.captions}
+    if cfg.conditioning == "text":
+        from arvid.generator.text import TextEncoder
+
+        extra["spm_fingerprint"] = TextEncoder(cfg.spm_dir).fingerprint
     final.save_pretrained(out / "gpt", extra=extra)
     write_json(out / "done", {"stage": "train-generator", "step": result.step, "losses": result.losses,
                               "params": gpt.num_params(), "batches_per_epoch": len(dataset),
