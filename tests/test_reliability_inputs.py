@@ -569,3 +569,18 @@ def test_a_file_or_folder_in_the_wrong_place_is_named_as_such(env, tmp_path):
         open_videos(str(tmp_path / "nonexist"), None, 0)
     with pytest.raises(ConfigError, match="holds a gpt, not a tokenizer"):
         load_tokenizer(env / "gen" / "gpt")
+
+
+def test_eval_gen_refuses_real_clips_of_another_shape_than_the_samples(env):
+    """Found in a bad-input review (2026-12-07): 64 px real clips against 32 px samples gave a gFVD
+    recorded as conforming to its protocol."""
+    from arvid.data.datasets import DataConfig
+    from arvid.stages import evaluate
+
+    for data, said in ((DataConfig(source="synthetic", frames=8, size=32, num_videos=2, num_val_videos=2),
+                        r"data.size 32 \(the tokenizer's frames are 16x16\)"),
+                       (DataConfig(source="synthetic", frames=4, size=16, num_videos=2, num_val_videos=2),
+                        r"data.frames 4 \(the tokenizer's videos have 8\)")):
+        with pytest.raises(ConfigError, match=said):
+            evaluate.evaluate_gen(evaluate.GenEvalConfig(data=data, num_videos=2, generator=str(env / "gen" / "gpt"),
+                                                         tokenizer=str(env / "A"), device="cpu"))

@@ -193,6 +193,24 @@ def _fvd_line(rec: dict | None) -> str:
 # --------------------------------------------------------------------------- eval recon
 
 
+def check_clip_shape(data: Any, tokenizer: Any, tokenizer_dir: str) -> None:
+    """Refuse real clips of another size or length than the tokenizer's videos: an FVD between
+    64 px real clips and 32 px samples compares the resolutions as much as the models (it was
+    computed, and recorded as conforming)."""
+    cfg = getattr(tokenizer, "config", None)
+    size = next((v for v in (getattr(cfg, n, None) for n in ("image_size", "resolution", "size"))
+                 if isinstance(v, int)), None)
+    frames = sum(tokenizer.layout.frames_per_block) if hasattr(tokenizer, "layout") else None
+    bad = []
+    if size is not None and data.size != size:
+        bad.append(f"data.size {data.size} (the tokenizer's frames are {size}x{size})")
+    if frames is not None and data.frames != frames:
+        bad.append(f"data.frames {data.frames} (the tokenizer's videos have {frames})")
+    if bad:
+        raise ConfigError(f"the real clips do not match the samples of tokenizer {tokenizer_dir!r}: {'; '.join(bad)}; "
+                          "set them to the tokenizer's")
+
+
 def _check_counts(cfg: Any) -> None:
     """The counts every evaluation config shares: ``batch_size >= 1``, ``workers >= 0`` and, where an
     FVD is computed (a ``protocol``), at least 2 clips: refused when the config is made, not after
@@ -419,6 +437,7 @@ def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides
     check_protocol(cfg.protocol, cfg.data, cfg.split)
     tok = load_tokenizer(cfg.tokenizer).to(device).eval()  # the models first: a wrong pair fails at once
     gpt = _load_gpt(cfg.generator, device, cfg.precision, tok, cfg.tokenizer)
+    check_clip_shape(cfg.data, tok, cfg.tokenizer)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
     fvd = fvd or FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
     if fvd.needs_real:
