@@ -437,6 +437,9 @@ def test_zero_sizes_and_counts_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="--fps must be >= 1, got 0"):
         synth(tmp_path / "s", num=2, frames=4, size=16, fps=0)
     assert not (tmp_path / "s" / "synth.json").exists()
+    with pytest.raises(ValueError, match="size must be >= 4"):  # the dataset's own check, before the folder is made
+        synth(tmp_path / "s3", num=2, frames=4, size=3)
+    assert not (tmp_path / "s3").exists()
     assert synth(tmp_path / "s", num=2, frames=4, size=16, fps=8)["written"] == 2
     with pytest.raises(ValueError, match="num_videos must be >= 1"):
         TokenizeConfig(num_videos=0)

@@ -40,8 +40,8 @@ def synth(out: str | os.PathLike, fmt: str = "mp4", num: int = 1000, seed: int =
     for name, value in (("--num", num), ("--frames", frames), ("--size", size), ("--fps", fps)):
         if value < 1:  # checked before synth.json records the settings
             raise ValueError(f"{name} must be >= 1, got {value}")
+    ds = SyntheticVideos(num, frames=frames, size=size, seed=seed, config=config)  # its own checks first
     out = check_writable(out)
-    ds = SyntheticVideos(num, frames=frames, size=size, seed=seed, config=config)
     # the clips' settings: a rerun keeps existing clips only when they were made with the same ones
     # (before 2026-12-07 any existing file was kept, and list.csv described the new settings)
     settings = {"format": fmt, "seed": seed, "frames": frames, "size": size, "fps": fps,
