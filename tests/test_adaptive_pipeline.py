@@ -470,3 +470,20 @@ def test_router_refuses_a_held_out_curation_of_another_distortion_or_proxy(work,
                 router=RouterSpec(preset="debug"),
                 trainer=TrainerConfig(max_steps=1, batch_size=10, checkpoint_every=0, device="cpu", progress=False),
                 device="cpu", out_dir=str(tmp_path / f"r_{key}")))
+
+
+def test_curate_says_when_num_videos_exceeds_the_split(tmp_path, caplog):
+    """num_videos larger than the split curated the whole split without a word (bad-input review,
+    2026-12-07)."""
+    from arvid.stages.curate import CurateConfig, run
+
+    torch.manual_seed(0)
+    build_tokenizer("evatok", {}, preset="debug").save_pretrained(tmp_path / "tok")
+    data = DataConfig(source="synthetic", frames=8, size=32, num_videos=4, num_val_videos=3, random_start=False)
+    cfg = CurateConfig(data=data, split="val", num_videos=10, tokenizer=str(tmp_path / "tok"), quality="mse",
+                       mode="beam", beam_width=2, calib_videos=3, calib_assignments=2, batch_size=4,
+                       device="cpu", out_dir=str(tmp_path / "cur"))
+    with caplog.at_level("WARNING", logger="arvid"):
+        run(cfg)
+    assert "num_videos=10 but the val split has 3 videos: curating all 3" in caplog.text
+    assert len(np.load(tmp_path / "cur" / "labels.npy")) == 3

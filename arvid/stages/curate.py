@@ -188,6 +188,9 @@ def run(cfg: CurateConfig) -> Path:
     scorer = ProxyScorer(tok, distortion, cfg.batch_size, precision=cfg.precision)
     dataset = build_dataset(cfg.data, cfg.split)
     n_total = len(dataset) if cfg.num_videos is None else min(cfg.num_videos, len(dataset))
+    if cfg.num_videos is not None and cfg.num_videos > len(dataset):
+        log.warning("curate: num_videos=%d but the %s split has %d videos: curating all %d", cfg.num_videos,
+                    cfg.split, len(dataset), len(dataset))
     fp = tok.fingerprint()
 
     # calibration: given (every process reads it), or once on the main process (reused on resume)
