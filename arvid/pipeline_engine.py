@@ -446,8 +446,8 @@ class Pipeline:
                     if float(read_json(done).get("finished", t0)) < t0:  # the child found it done
                         it.action, it.reason = "skip", "finished by another process"
                         log.info("[%s] skip: %s", name, it.reason)
-                    else:
-                        log.info("[%s] finished in %.1f s", name, time.time() - t0)
+                    else:  # the summary's time is the stage's own; this one adds its process's start-up
+                        log.info("[%s] finished in %.1f s (its process's start-up included)", name, time.time() - t0)
         finally:
             for _it, proc, _t0 in running.values():  # an interrupt or an error here: stop the others
                 proc.terminate()
