@@ -210,6 +210,18 @@ def test_fingerprint_mismatch_and_config_errors(setup, tmp_path):
     assert not (tmp_path / "y" / "checkpoints").exists()
 
 
+def test_a_batch_the_processes_cannot_split_is_refused_before_the_run_directory_is_written(setup, tmp_path,
+                                                                                              monkeypatch):
+    """Under 2 processes, trainer.batch_size=1 failed inside the Trainer after config.yaml and run.json
+    had been written (walkthrough review, 2026-12-07)."""
+    root, _ = setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(TrainGeneratorConfig, None, overrides(root, tmp_path / "z", "trainer.batch_size=1"))
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=1 must be divisible by .* = 1 \* 2"):
+        train_generator.run(cfg)
+    assert not (tmp_path / "z" / "config.yaml").exists() and not (tmp_path / "z" / "run.json").exists()
+
+
 def test_spm_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_spm(tmp_path / "missing.txt", tmp_path / "spm", 20)

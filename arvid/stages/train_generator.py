@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -271,6 +272,11 @@ def run(cfg: TrainGeneratorConfig) -> Path:
             raise ConfigError(f"captions file {cfg.captions!r} has {text_table.shape[0]} lines; the store's labels "
                               f"span [{int(store.labels.min())}, {int(store.labels.max())}]")
     gpt_cfg = build_gpt_config(cfg, fmt, num_classes, text)
+    # the Trainer's split of the global batch, checked before the run directory holds a config
+    procs = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if cfg.trainer.batch_size % (cfg.trainer.grad_accum * procs):
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by trainer.grad_accum * "
+                          f"processes = {cfg.trainer.grad_accum} * {procs}")
     save_config(cfg, out / "config.yaml")
     write_json(out / RUN_FILE, {"tokenizer_fingerprint": fingerprint})
 
