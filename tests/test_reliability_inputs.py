@@ -542,7 +542,8 @@ def test_stage_counts_and_weights_are_refused_when_the_config_is_made():
              (CurateConfig, dict(w_q=-1.0), "w_q and w_l must be >= 0"),
              (CurateConfig, dict(w_q=0.0, w_l=0.0), "not both 0"),
              (TrainRouterConfig, dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
-             (TrainRouterConfig, dict(w_l=-0.5), "w_l must be >= 0")]
+             (TrainRouterConfig, dict(w_l=-0.5), "w_l must be >= 0"),
+             (ReconEvalConfig, dict(uniform=[4], fvd_uniform=[8]), r"fvd_uniform \[8\] are not among")]
     for cls, kw, said in cases:
         with pytest.raises(ValueError, match=said):
             cls(**kw)

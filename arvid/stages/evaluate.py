@@ -252,6 +252,10 @@ class ReconEvalConfig:
 
     def __post_init__(self) -> None:
         _check_counts(self)
+        stray = sorted(set(self.fvd_uniform or ()) - set(self.uniform))
+        if stray:
+            raise ValueError(f"fvd_uniform {stray} are not among the evaluated uniform counts {list(self.uniform)}: "
+                             "add them to `uniform` (an rFVD is computed only for evaluated counts)")
 
 
 def _lpips_net(enabled: bool, net: str, weights: str | None, device: torch.device):
