@@ -304,11 +304,16 @@ def test_context_counts_come_from_the_given_router(dirs, caplog):
     assert load(dirs / "unrouted")["block_lengths"][:, :2].tolist() == [[mid, mid]] * 2
 
 
-def test_saved_videos_are_the_grids_and_time_their_decoding(dirs):
+def test_saved_videos_are_the_grids_and_time_their_decoding(dirs, monkeypatch):
     """--save-videos decodes every video (timed, not estimated); the grid holds the first max_grid
-    videos of the merged run (decoded after the merge: the same for any process count)."""
+    videos of the merged run (in one process the grid reuses the videos decoded for saving: each
+    video is decoded once; with several processes it is decoded after the merge)."""
     import av
 
+    decoded = []
+    real_decode = stage._decode
+    monkeypatch.setattr(stage, "_decode", lambda tok, tokens, device: decoded.append(tokens.batch_size)
+                        or real_decode(tok, tokens, device))
     out = dirs / "saved"
     assert cli(["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0,1",
                 "--per-class", "3", "--batch-size", "4", "--save-videos", "--out", str(out), "max_grid=4",
@@ -316,6 +321,7 @@ def test_saved_videos_are_the_grids_and_time_their_decoding(dirs):
     stats = json.loads((out / "sample_stats.json").read_text())
     assert stats["seconds_decode_estimated"] is False and stats["seconds_decode"] > 0
     assert sorted(p.name for p in (out / "videos").iterdir()) == [f"{i:05d}.mp4" for i in range(6)]
+    assert sum(decoded) == 6  # every video once: the grid's four were not decoded again
 
     def frame0(path):
         with av.open(str(path)) as c:

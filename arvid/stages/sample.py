@@ -451,6 +451,9 @@ def run(cfg: SampleConfig) -> Path:
         my_batches = list(mine)
     toks, idxs, t_tokens, t_decode = [], [], 0.0, 0.0
     vid_dir = out / "videos"
+    # the grid's first videos, kept as decoded for --save-videos in one process (not decoded twice)
+    k_grid = min(cfg.max_grid, plan.n) if cfg.grid_format != "none" else 0
+    grid_kept: list[torch.Tensor] | None = [] if cfg.save_videos and world == 1 and k_grid else None
     from tqdm.auto import tqdm
 
     my_rows = sum(min(cfg.batch_size, plan.n - j * cfg.batch_size) for j in my_batches)
@@ -477,6 +480,8 @@ def run(cfg: SampleConfig) -> Path:
             vid_dir.mkdir(exist_ok=True)
             for i, v in zip(ids.tolist(), videos):
                 write_video(v, vid_dir / f"{i:05d}.mp4", fps=cfg.fps)
+            if grid_kept is not None and sum(len(g) for g in grid_kept) < k_grid:
+                grid_kept.append(videos[: k_grid - sum(len(g) for g in grid_kept)])
         toks.append(tokens)
         idxs.append(ids)
         bar.update(tokens.batch_size)
@@ -494,7 +499,8 @@ def run(cfg: SampleConfig) -> Path:
     state.wait_for_everyone()
     if state.is_main_process:
         _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, calibration, device, sampler,
-                          scfg, time.perf_counter() - t_start)
+                          scfg, time.perf_counter() - t_start,
+                          torch.cat(grid_kept) if grid_kept and sum(len(g) for g in grid_kept) == k_grid else None)
     state.wait_for_everyone()
     return out
 
@@ -553,7 +559,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, calibration, device, sampler,
-                      scfg, seconds_total) -> None:
+                      scfg, seconds_total, grid_videos: torch.Tensor | None = None) -> None:
     index, codes_parts, bl_parts, t_tok, t_dec = [], [], [], 0.0, 0.0
     for r in range(world):
         with np.load(out / "parts" / f"part_{r}.npz") as z:
@@ -578,8 +584,9 @@ def _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, c
         from arvid.data.writer import write_grid
 
         t0 = time.perf_counter()
-        g = torch.cat([_decode(tokenizer, tokens.select(torch.arange(a, min(a + cfg.batch_size, k))), device)
-                       for a in range(0, k, cfg.batch_size)])
+        g = grid_videos if grid_videos is not None and len(grid_videos) == k else torch.cat(
+            [_decode(tokenizer, tokens.select(torch.arange(a, min(a + cfg.batch_size, k))), device)
+             for a in range(0, k, cfg.batch_size)])
         t_grid = time.perf_counter() - t0
         for ext in (["mp4", "gif"] if cfg.grid_format == "both" else [cfg.grid_format]):
             write_grid(g, out / f"grid.{ext}", nrow=cfg.nrow, fps=cfg.fps)
