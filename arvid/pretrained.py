@@ -15,30 +15,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import yaml
 
-from arvid.config import ConfigError, dump_yaml, from_dict, to_dict
+from arvid.config import ConfigError, dump_yaml, from_dict, read_yaml, to_dict
 from arvid.io import atomic_dir, hash_state, load_state_strict, load_weights, save_weights
 
 M = TypeVar("M", bound="PretrainedMixin")
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def read_model_config(path: str | os.PathLike) -> dict:
-    """A pretrained directory's ``config.yaml`` as a mapping; a file that is not YAML, not text or
-    not a mapping is a :class:`ConfigError` naming it (not a parser traceback)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{str(path)!r} is not valid YAML (a damaged model directory?): {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{str(path)!r} is not UTF-8 text (a damaged model directory?): {e}") from None
-    if meta is None:
-        return {}
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{str(path)!r}: expected a mapping with `kind` and `config`, got {type(meta).__name__}")
-    return meta
 
 
 class PretrainedMixin:
@@ -65,7 +48,7 @@ class PretrainedMixin:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{str(directory)!r} is not a pretrained directory: {CONFIG_NAME} is missing")
-        meta = read_model_config(path)
+        meta = read_yaml(path)  # a damaged file: a ConfigError naming it (not YAML, not UTF-8, not a mapping)
         kind = cls.model_kind or cls.__name__
         if meta.get("kind") != kind:
             raise ConfigError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a {kind!r}")

@@ -44,6 +44,17 @@ def sequence_format_for(gpt: Any, tokenizer: Any) -> SequenceFormat:
     return fmt
 
 
+def frame_size(tokenizer: Any) -> int | None:
+    """The side of the tokenizer's (square) frames, from its config (``image_size``, ``resolution``
+    or ``size``); None when it names none."""
+    cfg = getattr(tokenizer, "config", None)
+    for name in ("image_size", "resolution", "size"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
 def training_record(generator_dir: str | os.PathLike) -> dict:
     """What ``train-generator`` recorded beside the GPT's config in ``generator_dir/config.yaml``
     (``conditioning``, ``context_blocks``, ``spm_dir``, ``captions``, ``tokenizer_fingerprint``,

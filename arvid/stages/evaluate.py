@@ -197,9 +197,9 @@ def check_clip_shape(data: Any, tokenizer: Any, tokenizer_dir: str) -> None:
     """Refuse real clips of another size or length than the tokenizer's videos: an FVD between
     64 px real clips and 32 px samples compares the resolutions as much as the models (it was
     computed, and recorded as conforming)."""
-    cfg = getattr(tokenizer, "config", None)
-    size = next((v for v in (getattr(cfg, n, None) for n in ("image_size", "resolution", "size"))
-                 if isinstance(v, int)), None)
+    from arvid.sampling.videos import frame_size
+
+    size = frame_size(tokenizer)
     frames = sum(tokenizer.layout.frames_per_block) if hasattr(tokenizer, "layout") else None
     bad = []
     if size is not None and data.size != size:
@@ -211,19 +211,18 @@ def check_clip_shape(data: Any, tokenizer: Any, tokenizer_dir: str) -> None:
                           "set them to the tokenizer's")
 
 
-def _check_counts(cfg: Any) -> None:
-    """The counts every evaluation config shares: ``batch_size >= 1``, ``workers >= 0`` and, where an
-    FVD is computed (a ``protocol``), at least 2 clips: refused when the config is made, not after
-    the sampling (FVD needs two samples a side)."""
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.workers < 0:
-        raise ValueError(f"workers (data-loader processes) must be >= 0, got {cfg.workers}")
-    n = cfg.num_videos
-    if n is not None and (n < 1 or (getattr(cfg, "protocol", None) is not None and n < 2)):
-        need = 2 if getattr(cfg, "protocol", None) is not None else 1
+def check_counts(batch_size: int, workers: int, num_videos: int | None, fvd: bool) -> None:
+    """The counts every evaluation config shares: ``batch_size >= 1``, ``workers >= 0`` and
+    ``num_videos`` (None: all) at least 1, or 2 where an FVD is computed (two samples a side):
+    refused when the config is made, not after the sampling."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers (data-loader processes) must be >= 0, got {workers}")
+    need = 2 if fvd else 1
+    if num_videos is not None and num_videos < need:
         raise ValueError(f"num_videos must be >= {need} (or null: all of the split)"
-                         f"{': an FVD needs at least 2 clips a side' if need == 2 else ''}, got {n}")
+                         f"{': an FVD needs at least 2 clips a side' if fvd else ''}, got {num_videos}")
 
 
 @dataclass
@@ -251,7 +250,7 @@ class ReconEvalConfig:
     out_dir: str = doc("outputs/eval_recon", "output directory (recon.json, recon.md)")
 
     def __post_init__(self) -> None:
-        _check_counts(self)
+        check_counts(self.batch_size, self.workers, self.num_videos, fvd=self.protocol is not None)
         stray = sorted(set(self.fvd_uniform or ()) - set(self.uniform))
         if stray:
             raise ValueError(f"fvd_uniform {stray} are not among the evaluated uniform counts {list(self.uniform)}: "
@@ -388,7 +387,7 @@ class GenEvalConfig:
     out_dir: str = doc("outputs/eval_gen", "output directory (gen.json, gen.md)")
 
     def __post_init__(self) -> None:
-        _check_counts(self)
+        check_counts(self.batch_size, self.workers, self.num_videos, fvd=self.protocol is not None)
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
         if self.calibration_videos < 1:
@@ -597,7 +596,7 @@ class FPEvalConfig:
     out_dir: str = doc("outputs/eval_fp", "output directory (fp.json, fp.md)")
 
     def __post_init__(self) -> None:
-        _check_counts(self)
+        check_counts(self.batch_size, self.workers, self.num_videos, fvd=self.protocol is not None)
 
 
 @torch.no_grad()

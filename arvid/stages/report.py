@@ -77,13 +77,10 @@ class ReportConfig:
     out_dir: str = doc("outputs/report", "output directory (set by the pipeline)")
 
     def __post_init__(self) -> None:
-        from types import SimpleNamespace
-
-        from arvid.stages.evaluate import _check_counts
+        from arvid.stages.evaluate import check_counts
 
         # refused here, before the pipeline moves an older report aside for a run that could only fail
-        _check_counts(SimpleNamespace(batch_size=self.batch_size, workers=self.workers, num_videos=self.num_videos,
-                                      protocol=self.protocol if self.fvd else None))
+        check_counts(self.batch_size, self.workers, self.num_videos, fvd=self.fvd)
 
 
 def _media(errors: list[str], path: Path, write: Callable[[], Any]) -> None:

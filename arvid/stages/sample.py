@@ -50,6 +50,7 @@ from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
 from arvid.sampling.videos import (
     batch_seed,
     check_generator_tokenizer,
+    frame_size,
     iter_sample_batches,
     num_batches,
     sequence_format_for,
@@ -179,15 +180,6 @@ def read_context(path: str | Path, frames: int, size: int | None) -> torch.Tenso
     return video
 
 
-def _frame_size(tokenizer: Any) -> int | None:
-    cfg = getattr(tokenizer, "config", None)
-    for name in ("image_size", "resolution", "size"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int):
-            return v
-    return None
-
-
 def _spm_dir(cfg: SampleConfig, record: dict) -> str:
     """--spm, else the ``spm_dir`` train-generator recorded, else ``<generator>/spm``."""
     if cfg.spm:
@@ -286,7 +278,7 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
         n = cfg.per_class if cfg.context else cfg.num_samples
         plan = _Plan(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     if cfg.context:
-        video = read_context(cfg.context, cfg.context_frames, _frame_size(tokenizer))
+        video = read_context(cfg.context, cfg.context_frames, frame_size(tokenizer))
         blocks = check_context_blocks(record, tokenizer.layout, cfg.context_frames, cfg.generator)
         counts: int | list[int] | None = cfg.context_count or None
         if counts is None and cfg.fixed_assignment is not None:
@@ -454,6 +446,7 @@ def run(cfg: SampleConfig) -> Path:
     # the grid's first videos, kept as decoded for --save-videos in one process (not decoded twice)
     k_grid = min(cfg.max_grid, plan.n) if cfg.grid_format != "none" else 0
     grid_kept: list[torch.Tensor] | None = [] if cfg.save_videos and world == 1 and k_grid else None
+    n_kept = 0
     from tqdm.auto import tqdm
 
     my_rows = sum(min(cfg.batch_size, plan.n - j * cfg.batch_size) for j in my_batches)
@@ -480,8 +473,9 @@ def run(cfg: SampleConfig) -> Path:
             vid_dir.mkdir(exist_ok=True)
             for i, v in zip(ids.tolist(), videos):
                 write_video(v, vid_dir / f"{i:05d}.mp4", fps=cfg.fps)
-            if grid_kept is not None and sum(len(g) for g in grid_kept) < k_grid:
-                grid_kept.append(videos[: k_grid - sum(len(g) for g in grid_kept)])
+            if grid_kept is not None and n_kept < k_grid:
+                grid_kept.append(videos[: k_grid - n_kept])
+                n_kept += len(grid_kept[-1])
         toks.append(tokens)
         idxs.append(ids)
         bar.update(tokens.batch_size)
@@ -500,7 +494,7 @@ def run(cfg: SampleConfig) -> Path:
     if state.is_main_process:
         _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, calibration, device, sampler,
                           scfg, time.perf_counter() - t_start,
-                          torch.cat(grid_kept) if grid_kept and sum(len(g) for g in grid_kept) == k_grid else None)
+                          torch.cat(grid_kept) if grid_kept and n_kept == k_grid else None)
     state.wait_for_everyone()
     return out
 
@@ -508,8 +502,6 @@ def run(cfg: SampleConfig) -> Path:
 def _check_out_is_not_an_input(cfg: SampleConfig) -> None:
     """Refuse an ``out`` that is (or holds) one of the run's inputs: the run writes its own
     ``config.yaml`` there, which would replace a model's and leave it unloadable."""
-    from pathlib import Path
-
     out = Path(cfg.out).resolve()
     for field_name in ("generator", "tokenizer", "router", "spm"):
         given = getattr(cfg, field_name, None)
@@ -530,8 +522,6 @@ _RUN_OUTPUTS = ("videos", "parts", "tokens.npz", "sample_stats.json", "grid.mp4"
 
 
 def _clear_previous_outputs(out: Path) -> None:
-    import shutil
-
     for name in _RUN_OUTPUTS:
         p = out / name
         if p.is_dir() and not p.is_symlink():

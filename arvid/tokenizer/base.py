@@ -125,9 +125,9 @@ def load_tokenizer(directory: str | os.PathLike, map_location: str = "cpu"):
     path = Path(directory) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a tokenizer directory: config.yaml is missing")
-    from arvid.pretrained import read_model_config
+    from arvid.config import read_yaml
 
-    kind = read_model_config(path).get("kind")
+    kind = read_yaml(path).get("kind")
     if kind in ("gpt", "router"):
         raise ConfigError(f"{str(directory)!r} holds a {kind}, not a tokenizer (its config.yaml says kind: {kind}); "
                           "give the tokenizer's directory (e.g. <run>/tokenizer)")
