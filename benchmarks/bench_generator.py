@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rope-backward", choices=("autograd", "inverse"), default="autograd",
                    help="RoPE's backward: autograd's derivative of the roll, or the inverse rotation "
                         "(arvid.generator.gpt.ROPE_INVERSE_BACKWARD, experimental)")
+    p.add_argument("--fused", choices=("all", "off", "rope", "swiglu"), default="all",
+                   help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops (d[qkv] written "
+                        "in place) and the SwiGLU op; 'off' = the plain torch code inductor compiles")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
@@ -352,6 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
         from arvid.generator import cudnn_fe
 
         cudnn_fe.AUTOTUNE = args.cudnn_autotune
+    from arvid.generator import fused
+
+    fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
     if args.rope_backward == "inverse":
         import arvid.generator.gpt as gpt_module
 
@@ -399,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
-        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
+        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward, "fused": args.fused,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from arvid.generator import fused
 from arvid.generator.packing import LastBatchMemo
 
 log = logging.getLogger(__name__)
@@ -302,11 +303,11 @@ def _fwd_graph(key: tuple, handle) -> _Graph:
 
 def _bwd_graph(key: tuple, handle) -> _Graph:
     cudnn = _cudnn()
-    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, max_t = key
+    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, ts_dq, ts_dkv, max_t = key
     dt = _io_type(cudnn, dtype)
     g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    names = ("off_q", "off_k", "off_v", "off_o", "off_dk")
+    names = ("off_q", "off_k", "off_v", "off_o", "off_dq", "off_dk")
     t = {n: _small(g, n, b + 1, cudnn.data_type.INT64) for n in names}
     t["seq_q"], t["seq_kv"] = (_small(g, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
     t["q"] = _thd(g, "q", b, h, s, d, ts_q, dt, t["off_q"])
@@ -319,10 +320,12 @@ def _bwd_graph(key: tuple, handle) -> _Graph:
                                  stats=t["stats"], attn_scale=1.0 / math.sqrt(d), use_padding_mask=True,
                                  seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], max_total_seq_len_q=max_t,
                                  max_total_seq_len_kv=max_t, **_causal(cudnn))
-    # the gradients are written contiguous: dq like o ([N, h, d]), dk and dv as [N, hkv, d]
-    dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_ragged_offset(t["off_o"])
+    # the gradients are written as packed tokens with token strides ts_dq (dq) and ts_dkv (dk, dv):
+    # h * d and hkv * d when each has its own buffer, the fused projection's width when all three
+    # are column slices of one d[qkv] buffer (cudnn_fe_rope_bwd)
+    dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * ts_dq, d, ts_dq, 1]).set_ragged_offset(t["off_dq"])
     for grad, name in ((dk, "dk"), (dv, "dv")):
-        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * hkv * d, d, hkv * d, 1])
+        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * ts_dkv, d, ts_dkv, 1])
         grad.set_ragged_offset(t["off_dk"])
         t[name] = grad
     t["dq"] = dq
@@ -372,11 +375,8 @@ def _shapes(cu: torch.Tensor, max_seqlen: int) -> tuple[int, int]:
     return round_up(cu.shape[0] - 1, BATCH_BUCKET), round_up(max_seqlen, SEQ_BUCKET)
 
 
-@torch.library.custom_op("arvid::cudnn_fe_causal_fwd", mutates_args=())
-def cudnn_fe_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                 max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention over packed sequences: ``out [N, H, D]`` (contiguous) and the softmax
-    statistics ``[b, H, s, 1]`` float32 (b, s: the bucketed sequence count and length)."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+             max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_token_view(t) for t in (q, k, v))
     n, h, d = q.shape
     b, s = _shapes(cu, max_seqlen)
@@ -391,6 +391,35 @@ def cudnn_fe_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
     return o, stats
 
 
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              stats: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dq: torch.Tensor, dk: torch.Tensor,
+              dv: torch.Tensor) -> None:
+    """Writes the gradients into ``dq [N, H, D]``, ``dk, dv [N, Hkv, D]``: packed-token views (unit
+    stride in ``D``, heads adjacent), dk and dv with the same token stride."""
+    q, k, v = (_token_view(t) for t in (q, k, v))
+    dout, out = dout.contiguous(), out.contiguous()
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    if dk.stride(0) != dv.stride(0) or any(_token_view(t) is not t for t in (dq, dk, dv)):
+        raise ValueError("cudnn_fe backward: dq, dk and dv must be packed-token views, dk and dv with one token stride")
+    b, s = _shapes(cu, max_seqlen)
+    lens, off_q, off_k, off_v, off_o, off_dq, off_dk = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d,
+                                                               dq.stride(0), dk.stride(0))
+    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), dq.stride(0), dk.stride(0), token_bound(n))
+    graph = _graph("backward", key, q.device)
+    graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
+                         "seq_q": lens, "seq_kv": lens, "off_q": off_q, "off_k": off_k, "off_v": off_v,
+                         "off_o": off_o, "off_dq": off_dq, "off_dk": off_dk})
+
+
+@torch.library.custom_op("arvid::cudnn_fe_causal_fwd", mutates_args=())
+def cudnn_fe_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                 max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over packed sequences: ``out [N, H, D]`` (contiguous) and the softmax
+    statistics ``[b, H, s, 1]`` float32 (b, s: the bucketed sequence count and length)."""
+    return _forward(q, k, v, cu, max_seqlen)
+
+
 @cudnn_fe_fwd.register_fake
 def _(q, k, v, cu, max_seqlen):
     b, s = _shapes(cu, max_seqlen)
@@ -401,24 +430,92 @@ def _(q, k, v, cu, max_seqlen):
 def cudnn_fe_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  stats: torch.Tensor, cu: torch.Tensor,
                  max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = (_token_view(t) for t in (q, k, v))
-    dout, out = dout.contiguous(), out.contiguous()
     n, h, d = q.shape
     hkv = k.shape[1]
-    b, s = _shapes(cu, max_seqlen)
-    lens, off_q, off_k, off_v, off_o, off_dk = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d, hkv * d)
-    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n))
-    graph = _graph("backward", key, q.device)
     dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
-    graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
-                         "seq_q": lens, "seq_kv": lens, "off_q": off_q, "off_k": off_k, "off_v": off_v,
-                         "off_o": off_o, "off_dk": off_dk})
+    _backward(dout, q, k, v, out, stats, cu, max_seqlen, dq, dk, dv)
     return dq, dk, dv
 
 
 @cudnn_fe_bwd.register_fake
 def _(dout, q, k, v, out, stats, cu, max_seqlen):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of a fused projection ``qkv [N, heads + 2 * hkv, D]``."""
+    hkv, odd = divmod(qkv.shape[1] - heads, 2)
+    if odd or hkv < 1 or heads % hkv:
+        raise ValueError(f"cudnn_fe: a fused projection of {qkv.shape[1]} heads cannot hold {heads} query heads "
+                         "and two equal key/value groups dividing them")
+    return heads, hkv
+
+
+@torch.library.custom_op("arvid::cudnn_fe_rope_fwd", mutates_args=())
+def cudnn_fe_rope_fwd(qkv: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+                      heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE and causal attention from the fused projection ``qkv [N, H + 2 Hkv, D]`` (q, k, v
+    heads in that order; ``c, s`` the float32 tables ``[N, 1, D]`` of
+    :func:`arvid.generator.gpt.rope_tables`): ``(out [N, H, D], stats, qk [N, H + Hkv, D])``,
+    ``qk`` the rotated q and k (saved for the backward). v is read in place from ``qkv``."""
+    qkv = qkv.contiguous()
+    h, hkv = _split_heads(qkv, heads)
+    qk = fused.rope(qkv[:, :h + hkv], c, s)
+    out, stats = _forward(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], cu, max_seqlen)
+    return out, stats, qk
+
+
+@cudnn_fe_rope_fwd.register_fake
+def _(qkv, c, s, cu, max_seqlen, heads):
+    b, sb = _shapes(cu, max_seqlen)
+    n, g, d = qkv.shape
+    hkv = (g - heads) // 2
+    return (qkv.new_empty((n, heads, d)), qkv.new_empty((b, heads, sb, 1), dtype=torch.float32),
+            qkv.new_empty((n, heads + hkv, d)))
+
+
+@torch.library.custom_op("arvid::cudnn_fe_rope_bwd", mutates_args=())
+def cudnn_fe_rope_bwd(dout: torch.Tensor, qk: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+                      stats: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+                      heads: int) -> torch.Tensor:
+    """``d[qkv]`` in one buffer: cuDNN writes dq, dk and dv into its column slices, then RoPE's
+    inverse rotation runs in place on the dq and dk columns (no concatenation pass)."""
+    qkv = qkv.contiguous()
+    h, hkv = _split_heads(qkv, heads)
+    dqkv = torch.empty_like(qkv)
+    _backward(dout, qk[:, :h], qk[:, h:], qkv[:, h + hkv:], out, stats, cu, max_seqlen,
+              dqkv[:, :h], dqkv[:, h:h + hkv], dqkv[:, h + hkv:])
+    grad_qk = dqkv[:, :h + hkv]
+    fused.rope(grad_qk, c, s, out=grad_qk, inverse=True)
+    return dqkv
+
+
+@cudnn_fe_rope_bwd.register_fake
+def _(dout, qk, qkv, out, stats, c, s, cu, max_seqlen, heads):
+    return torch.empty_like(qkv)
+
+
+def _rope_setup(ctx, inputs, output):
+    qkv, c, s, cu, max_seqlen, heads = inputs
+    ctx.save_for_backward(output[2], qkv, output[0], output[1], c, s, cu)
+    ctx.max_seqlen, ctx.heads = max_seqlen, heads
+
+
+def _rope_backward(ctx, dout, dstats, dqk):
+    qk, qkv, out, stats, c, s, cu = ctx.saved_tensors
+    return cudnn_fe_rope_bwd(dout, qk, qkv, out, stats, c, s, cu, ctx.max_seqlen, ctx.heads), None, None, None, None, None
+
+
+cudnn_fe_rope_fwd.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+def cudnn_fe_rope_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
+                            max_seqlen: int, heads: int) -> torch.Tensor:
+    """``qkv [N, H + 2 Hkv, D]`` (the fused projection, q k v heads in that order, not rotated),
+    ``rope`` = the ``(c, s)`` tables of the tokens' positions -> ``[N, H, D]``: q and k rotated,
+    then causal attention within each packed sequence. The same values as rotating q and k and
+    calling :func:`cudnn_fe_attention`; its backward returns ``d[qkv]`` directly."""
+    return cudnn_fe_rope_fwd(qkv, rope[0], rope[1], cu_seqlens, int(max_seqlen), heads)[0]
 
 
 # (autograd: arvid.generator.attention wires cudnn_fe_fwd's backward to cudnn_fe_bwd, as it does fa4's)

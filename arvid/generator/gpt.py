@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from arvid.config import doc
+from arvid.generator import cudnn_fe, fused
 from arvid.generator.attention import BACKENDS, document_block_mask, resolve_backend, varlen_causal_attention
 from arvid.generator.conditioning import Conditioning, drop_classes, drop_text
 from arvid.generator.kv_cache import KVCache
@@ -186,11 +187,7 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return _rotate(x, *rope)
 
 
-def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    d = x.shape[-1]
-    xf = x.float()
-    swapped = xf.roll(d // 2, dims=-1)
-    return (xf * c + swapped * s).to(x.dtype)
+_rotate = fused.rotate
 
 
 #: Experimental (off): RoPE's backward as the inverse rotation, ``dx = rotate(dy, C, -S)``, instead
@@ -250,6 +247,11 @@ class Attention(nn.Module):
                        max_seqlen: int, backend: str, block_mask=None) -> torch.Tensor:
         """``x [N, dim]`` packed, ``rope`` of the position ids -> ``[N, dim]``. ``block_mask``: the
         batch's FlexAttention mask, shared by the layers (``flex`` only)."""
+        if backend == "cudnn_fe" and self.q_norm is None and fused.ROPE:
+            # RoPE inside cuDNN's opaque ops: the backward writes d[qkv] in place (arvid.generator.fused)
+            qkv = self.wqkv(x).unflatten(-1, (self.n_heads + 2 * self.n_kv, self.head_dim))
+            out = cudnn_fe.cudnn_fe_rope_attention(qkv, rope, cu_seqlens, max_seqlen, self.n_heads)
+            return self.wo(out.flatten(1))
         q, k, v = self.qkv(x, rope)
         # backend: resolved once by GPT._backend (no availability checks traced in every layer)
         out = varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend, block_mask, resolved=True)
@@ -317,6 +319,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.use_swiglu(x):  # one pass for d[gate, up] in the backward (arvid.generator.fused)
+            return self.w2(fused.swiglu(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 

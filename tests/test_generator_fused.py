@@ -1,0 +1,275 @@
+"""arvid.generator.fused: the RoPE and SwiGLU kernels (torch fallback on the CPU; the Triton kernels
+through Triton's interpreter where Triton is installed, and on a GPU), and the cudnn_fe ops that
+rotate q and k inside cuDNN's graphs and write d[qkv] in one buffer."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arvid.generator import fused
+from arvid.generator.gpt import rope_tables
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _tables(n: int, d: int, seed: int = 0):
+    pos = torch.randint(0, 4000, (n,), generator=torch.Generator().manual_seed(seed))
+    c, s = rope_tables(pos, d, 10000.0)
+    return pos, c.contiguous(), s.contiguous()
+
+
+def _rotate_pairs(x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE from its definition, float64: each pair (x_i, x_{i + D/2}) rotated by pos * theta_i."""
+    d = x.shape[-1]
+    theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos.double()[:, None, None] * theta  # [N, 1, D/2]
+    if inverse:
+        ang = -ang
+    x1, x2 = x.double()[..., : d // 2], x.double()[..., d // 2:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_rotates_pairs_out_of_place_and_in_place(inverse):
+    """fused.rope on a strided view (q and k columns of a fused projection) matches the pairwise
+    definition; in place it overwrites exactly the view (the v columns stay); the inverse undoes
+    the forward."""
+    n, h, hkv, d = 29, 4, 2, 16
+    pos, c, s = _tables(n, d)
+    qkv = torch.randn(n, h + 2 * hkv, d, dtype=torch.float64)
+    view = qkv[:, :h + hkv]
+    orig = view.clone()
+    out = fused.rope(view, c.double(), s.double(), inverse=inverse)
+    assert out.is_contiguous() and out.shape == view.shape
+    # (the tables are float32: angles of positions up to 4,000 carry ~1e-4 of rounding)
+    torch.testing.assert_close(out, _rotate_pairs(view, pos, inverse), atol=1e-3, rtol=0)
+    before_v = qkv[:, h + hkv:].clone()
+    expected = _rotate_pairs(view, pos, inverse)
+    fused.rope(view, c.double(), s.double(), out=view, inverse=inverse)
+    torch.testing.assert_close(qkv[:, :h + hkv], expected, atol=1e-3, rtol=0)
+    assert torch.equal(qkv[:, h + hkv:], before_v)
+    back = fused.rope(qkv[:, :h + hkv], c.double(), s.double(), inverse=not inverse)
+    torch.testing.assert_close(back, orig)  # the inverse undoes the rotation
+
+
+def test_swiglu_matches_autograd_of_the_definition():
+    a = torch.randn(3, 11, 2 * 24, dtype=torch.float64, requires_grad=True)
+    h = fused.swiglu(a)
+    g, u = a.chunk(2, -1)
+    ref = torch.nn.functional.silu(g) * u
+    torch.testing.assert_close(h, ref)
+    w = torch.randn_like(h)
+    (got,) = torch.autograd.grad((h * w).sum(), a)
+    (want,) = torch.autograd.grad((ref * w).sum(), a)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"last dimension \(7\)"):
+        fused.swiglu(torch.randn(2, 7))
+
+
+def test_swiglu_is_used_only_on_cuda_and_can_be_turned_off(monkeypatch):
+    assert not fused.use_swiglu(torch.zeros(2, 4))  # CPU: inductor's own code
+    if torch.cuda.is_available() and HAS_TRITON:
+        assert fused.use_swiglu(torch.zeros(2, 4, device="cuda"))
+        monkeypatch.setattr(fused, "SWIGLU", False)
+        assert not fused.use_swiglu(torch.zeros(2, 4, device="cuda"))
+
+
+_INTERPRETED = r"""
+import torch
+from arvid.generator import fused
+from arvid.generator.gpt import rope_tables
+assert fused._triton_ok(torch.zeros(1))
+torch.manual_seed(0)
+n, g, d = 45, 6, 32
+pos = torch.randint(0, 4000, (n,))
+c, s = (t.contiguous() for t in rope_tables(pos, d, 10000.0))
+qkv = torch.randn(n, g + 2, d, dtype=torch.bfloat16)
+view = qkv[:, :g]
+for inverse in (False, True):
+    want = fused.rotate(view.double(), c.double(), (-s if inverse else s).double())
+    got = fused.rope(view, c, s, inverse=inverse)
+    # the interpreter rounds float32 to bfloat16 by truncation: one bf16 ulp
+    assert ((got.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all(), inverse
+    before = qkv[:, g:].clone()
+    fused.rope(view, c, s, out=view, inverse=inverse)
+    assert torch.equal(view, got) and torch.equal(qkv[:, g:], before)
+a = torch.randn(9, 2 * 80, dtype=torch.bfloat16, requires_grad=True)
+h = fused.swiglu(a)
+af = a.detach().double().requires_grad_(True)
+gate, up = af.chunk(2, -1)
+ref = torch.nn.functional.silu(gate) * up
+assert ((h.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()
+dh = torch.randn(9, 80, dtype=torch.bfloat16)
+(da,) = torch.autograd.grad(h, a, dh)
+(want,) = torch.autograd.grad(ref, af, dh.double())
+assert ((da.double() - want).abs() <= want.abs() * 2 ** -6 + 1e-3).all()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernels on the CPU)")
+def test_triton_kernels_under_the_interpreter():
+    """The Triton kernels themselves, run by Triton's CPU interpreter (TRITON_INTERPRET=1, set
+    before Triton is imported, hence a child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def _cudnn_fe_standin():
+    spec = importlib.util.spec_from_file_location("_cudnn_fe_standin", Path(__file__).parent / "_cudnn_fe_standin.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _reference_attention(q, k, v, cu):
+    h, rep = q.shape[1], q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        sc = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[2])
+        sc = sc.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
+        out[a:b] = (sc.softmax(-1) @ vs).transpose(0, 1)
+    assert out.shape[1] == h
+    return out
+
+
+@pytest.mark.parametrize("lens,heads", [([7, 1, 13, 4], (4, 2)), ([33, 20], (2, 2))])
+def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens, heads):
+    """cudnn_fe_rope_attention on the CPU with the stand-in cuDNN frontend (it reads and writes
+    only through the declared dims, strides and ragged offsets): the output is attention of the
+    rotated q and k, and the one gradient, d[qkv], is the float64 reference's, so cuDNN is handed
+    dq/dk/dv slices of one buffer with the right token stride and offsets and the inverse
+    rotation covers exactly the q and k columns."""
+    from arvid.generator import cudnn_fe
+
+    _cudnn_fe_standin().install(monkeypatch)
+    h, hkv = heads
+    n, d = sum(lens), 16
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    c, s = _tables(n, d, seed=3)[1:]
+    qkv = torch.randn(n, h + 2 * hkv, d, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(n, h, d, generator=torch.Generator().manual_seed(2))
+
+    x = qkv.clone().requires_grad_(True)
+    out = cudnn_fe.cudnn_fe_rope_attention(x, (c, s), cu, max(lens), h)
+    (grad,) = torch.autograd.grad((out * w).sum(), x)
+
+    xr = qkv.double().requires_grad_(True)
+    # rotated with the same (float32) tables: the rotation itself is checked above
+    q, k = (fused.rotate(t, c.double(), s.double()) for t in (xr[:, :h], xr[:, h:h + hkv]))
+    ref = _reference_attention(q, k, xr[:, h + hkv:], cu)
+    (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), xr)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
+    # one backward graph, its gradients written with the fused projection's token stride
+    (bwd_key,) = [key for kind, key in cudnn_fe.BUILT if kind == "backward"]
+    assert bwd_key[9:11] == ((h + 2 * hkv) * d, (h + 2 * hkv) * d)
+
+
+def test_cudnn_fe_rope_refuses_a_projection_that_does_not_split(monkeypatch):
+    from arvid.generator import cudnn_fe
+
+    _cudnn_fe_standin().install(monkeypatch)
+    c, s = _tables(4, 16)[1:]
+    with pytest.raises(ValueError, match="5 heads cannot hold 4 query heads"):
+        cudnn_fe.cudnn_fe_rope_attention(torch.randn(4, 5, 16), (c, s), torch.tensor([0, 4], dtype=torch.int32), 4, 4)
+
+
+def test_gpt_cudnn_fe_takes_the_rope_ops_unless_turned_off(monkeypatch):
+    """A GPT layer on the cudnn_fe backend (stand-in frontend) gives the same output through the
+    fused RoPE ops as through the plain route (fused.ROPE off), and calls them only when on."""
+    from arvid.generator import cudnn_fe
+    from arvid.generator.gpt import Attention, GPTConfig, rope_tables_saved
+
+    _cudnn_fe_standin().install(monkeypatch)
+    cfg = GPTConfig(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    attn = Attention(cfg)
+    lens = [9, 15, 2]
+    n = sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    pos = torch.cat([torch.arange(L) for L in lens])
+    rope = rope_tables_saved(pos, cfg.head_dim, cfg.rope_theta)
+    x = torch.randn(n, 64)
+    calls = []
+    real = cudnn_fe.cudnn_fe_rope_attention
+    monkeypatch.setattr(cudnn_fe, "cudnn_fe_rope_attention", lambda *a: calls.append(1) or real(*a))
+    on = attn.forward_packed(x, rope, cu, max(lens), "cudnn_fe")
+    assert calls == [1]
+    monkeypatch.setattr(fused, "ROPE", False)
+    off = attn.forward_packed(x, rope, cu, max(lens), "cudnn_fe")
+    assert calls == [1]
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_kernels_match_torch():
+    """On the GPU (Triton): fused.rope (in place on strided columns, both directions) and SwiGLU's
+    forward and backward within bf16 rounding of the float64 definitions."""
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    n, g, d = 20000, 24, 128
+    pos, c, s = _tables(n, d)
+    c, s = c.cuda(), s.cuda()
+    qkv = torch.randn(n, g + 8, d, device="cuda", dtype=torch.bfloat16)
+    view = qkv[:, :g]
+    for inverse in (False, True):
+        want = _rotate_pairs(view.cpu(), pos, inverse)
+        got = fused.rope(view, c, s, inverse=inverse).cpu().double()
+        assert (got - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()
+        before = qkv[:, g:].clone()
+        fused.rope(view, c, s, out=view, inverse=inverse)
+        assert torch.equal(view.cpu().double(), got) and torch.equal(qkv[:, g:], before)
+    a = torch.randn(5000, 2 * 2816, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    h = fused.swiglu(a)
+    af = a.detach().double().requires_grad_(True)
+    gate, up = af.chunk(2, -1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert (h.double() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
+    dh = torch.randn_like(h)
+    (da,) = torch.autograd.grad(h, a, dh)
+    (want,) = torch.autograd.grad(ref, af, dh.double())
+    assert (da.double() - want).abs().max().item() <= 2 ** -6 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cudnn_fe_rope_matches_the_plain_route():
+    """cudnn_fe with RoPE inside its ops against rotating q and k first and calling cudnn_fe: the
+    GPT's shapes (8 heads of 128), ~16k router-like tokens, bf16; output and d[qkv] within bf16
+    rounding of each other."""
+    from arvid.generator import cudnn_fe
+    from arvid.generator.attention import backend_unavailable_reason
+
+    reason = backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(0)
+    lens = [int(x) for x in torch.randint(130, 1400, (21,), generator=g)]
+    n, h, d = sum(lens), 8, 128
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    pos = torch.cat([torch.arange(L) for L in lens]).cuda()
+    c, s = (t.contiguous() for t in rope_tables(pos, d, 10000.0))
+    qkv = torch.randn(n, 3 * h, d, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, h, d, device="cuda")
+    x = qkv.clone().requires_grad_(True)
+    out = cudnn_fe.cudnn_fe_rope_attention(x, (c, s), cu, max(lens), h)
+    (grad,) = torch.autograd.grad((out.float() * w).sum(), x)
+    y = qkv.clone().requires_grad_(True)
+    q, k = fused.rotate(y[:, :h], c, s), fused.rotate(y[:, h:2 * h], c, s)
+    ref = cudnn_fe.cudnn_fe_attention(q, k, y[:, 2 * h:], cu, max(lens))
+    (ref_grad,) = torch.autograd.grad((ref.float() * w).sum(), y)
+    for a, b, what in ((out, ref, "out"), (grad, ref_grad, "dqkv")):
+        err = (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+        assert err < 2e-2, f"{what}: max error {err:.3g} relative to the largest value"
