@@ -21,7 +21,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _tables(n: int, d: int, seed: int = 0):
-    pos = torch.randint(0, 4000, (n,), generator=torch.Generator().manual_seed(seed))
+    pos = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed))
     c, s = rope_tables(pos, d, 10000.0)
     return pos, c.contiguous(), s.contiguous()
 
@@ -44,12 +44,12 @@ def test_rope_rotates_pairs_out_of_place_and_in_place(inverse):
     the forward."""
     n, h, hkv, d = 29, 4, 2, 16
     pos, c, s = _tables(n, d)
-    qkv = torch.randn(n, h + 2 * hkv, d, dtype=torch.float64)
+    qkv = torch.randn(n, h + 2 * hkv, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     view = qkv[:, :h + hkv]
     orig = view.clone()
     out = fused.rope(view, c.double(), s.double(), inverse=inverse)
     assert out.is_contiguous() and out.shape == view.shape
-    # (the tables are float32: angles of positions up to 4,000 carry ~1e-4 of rounding)
+    # (the tables are float32: angles of positions up to 1,000 carry ~6e-5 of rounding)
     torch.testing.assert_close(out, _rotate_pairs(view, pos, inverse), atol=1e-3, rtol=0)
     before_v = qkv[:, h + hkv:].clone()
     expected = _rotate_pairs(view, pos, inverse)

@@ -10,36 +10,37 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(x_ptr, y_ptr, c_ptr, s_ptr, n_rows, x_row, y_row, t_row,
+def _rope_kernel(x_ptr, y_ptr, c_ptr, s_ptr, n_rows, n_heads, x_row, y_row, t_row,
                  HALF: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr):
-    """One head (program axis 1) of ``BLOCK`` tokens (axis 0): ``y = [x1 cos - x2 sin, x2 cos + x1 sin]``
+    """``BLOCK`` tokens (one program), every head: ``y = [x1 cos - x2 sin, x2 cos + x1 sin]``
     (``sin`` negated for the inverse rotation). Row strides in elements; heads ``2 * HALF`` apart;
-    ``cos`` is the first half of the ``c`` table's row, ``sin`` the second half of ``s``'s. ``y`` may
-    be ``x`` (in place: each program reads its elements before it writes them)."""
+    ``cos`` is the first half of the ``c`` table's row, ``sin`` the second half of ``s``'s: read
+    once per program for all its heads. ``y`` may be ``x`` (in place: each head's elements are
+    read before they are written)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    head = tl.program_id(1)
     cols = tl.arange(0, HALF)
     mask = rows[:, None] < n_rows
     r = rows[:, None].to(tl.int64)
-    xp = x_ptr + r * x_row + head * (2 * HALF) + cols[None, :]
-    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
     cos = tl.load(c_ptr + r * t_row + cols[None, :], mask=mask, other=0.0)
     sin = tl.load(s_ptr + r * t_row + HALF + cols[None, :], mask=mask, other=0.0)
     if INVERSE:
         sin = -sin
-    yp = y_ptr + r * y_row + head * (2 * HALF) + cols[None, :]
-    tl.store(yp, (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(yp + HALF, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+    xp = x_ptr + r * x_row + cols[None, :]
+    yp = y_ptr + r * y_row + cols[None, :]
+    for head in range(n_heads):
+        x1 = tl.load(xp + head * (2 * HALF), mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + head * (2 * HALF) + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(yp + head * (2 * HALF), (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(yp + head * (2 * HALF) + HALF, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def rope(x, y, c, s, inverse: bool) -> None:
     """``x, y [N, G, D]`` (unit stride in ``D``, heads ``D`` apart, any token stride), ``c, s`` the
     float32 tables ``[N, 1, D]`` (contiguous)."""
     n, g, d = x.shape
-    block = 32
-    _rope_kernel[(triton.cdiv(n, block), g)](x, y, c, s, n, x.stride(0), y.stride(0), c.stride(0),
-                                             HALF=d // 2, BLOCK=block, INVERSE=inverse, num_warps=4)
+    block = 16
+    _rope_kernel[(triton.cdiv(n, block),)](x, y, c, s, n, g, x.stride(0), y.stride(0), c.stride(0),
+                                           HALF=d // 2, BLOCK=block, INVERSE=inverse, num_warps=4)
 
 
 @triton.jit

@@ -34,10 +34,15 @@ ROPE = _ON
 SWIGLU = _ON
 
 
+#: Whether Triton is installed (found, not imported: importing it takes a while). A plain bool that
+#: ``torch.compile`` reads as a constant in :func:`use_swiglu`.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
 @functools.cache
 def _kernels():
     """The Triton kernel module, or None where Triton cannot be imported."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAVE_TRITON:
         return None
     try:
         from arvid.generator import _triton_kernels
@@ -55,7 +60,7 @@ def use_swiglu(x: torch.Tensor) -> bool:
     """Whether :class:`~arvid.generator.gpt.SwiGLU` should call :func:`swiglu` for input ``x``: on
     CUDA with Triton (on the CPU inductor's own fused code is as good, and an opaque op would
     only stop its fusions)."""
-    return SWIGLU and x.is_cuda and _kernels() is not None
+    return SWIGLU and x.is_cuda and HAVE_TRITON
 
 
 # --------------------------------------------------------------------------- RoPE
