@@ -148,8 +148,8 @@ def _reference_attention(q, k, v, cu):
 def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens, heads):
     """cudnn_fe_rope_attention on the CPU with the stand-in cuDNN frontend (it reads and writes
     only through the declared dims, strides and ragged offsets): the output is attention of the
-    rotated q and k, and the one gradient, d[qkv], is the float64 reference's, so cuDNN is handed
-    dq/dk/dv slices of one buffer with the right token stride and offsets and the inverse
+    rotated q and k, and the one gradient, d[qkv], is the float64 reference's, so cuDNN reads the
+    rotated q, k and the in-place v with the right token strides and offsets and the inverse
     rotation covers exactly the q and k columns."""
     from arvid.generator import cudnn_fe
 
@@ -172,9 +172,9 @@ def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens
     (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), xr)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
-    # one backward graph, its gradients written with the fused projection's token stride
+    # q and k read from the rotated buffer, v in place from the projection (token strides)
     (bwd_key,) = [key for kind, key in cudnn_fe.BUILT if kind == "backward"]
-    assert bwd_key[9:11] == ((h + 2 * hkv) * d, (h + 2 * hkv) * d)
+    assert bwd_key[6:9] == ((h + hkv) * d, (h + hkv) * d, (h + 2 * hkv) * d)
 
 
 def test_cudnn_fe_rope_refuses_a_projection_that_does_not_split(monkeypatch):

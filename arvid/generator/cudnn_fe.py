@@ -303,11 +303,11 @@ def _fwd_graph(key: tuple, handle) -> _Graph:
 
 def _bwd_graph(key: tuple, handle) -> _Graph:
     cudnn = _cudnn()
-    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, ts_dq, ts_dkv, max_t = key
+    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, max_t = key
     dt = _io_type(cudnn, dtype)
     g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    names = ("off_q", "off_k", "off_v", "off_o", "off_dq", "off_dk")
+    names = ("off_q", "off_k", "off_v", "off_o", "off_dk")
     t = {n: _small(g, n, b + 1, cudnn.data_type.INT64) for n in names}
     t["seq_q"], t["seq_kv"] = (_small(g, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
     t["q"] = _thd(g, "q", b, h, s, d, ts_q, dt, t["off_q"])
@@ -320,12 +320,13 @@ def _bwd_graph(key: tuple, handle) -> _Graph:
                                  stats=t["stats"], attn_scale=1.0 / math.sqrt(d), use_padding_mask=True,
                                  seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], max_total_seq_len_q=max_t,
                                  max_total_seq_len_kv=max_t, **_causal(cudnn))
-    # the gradients are written as packed tokens with token strides ts_dq (dq) and ts_dkv (dk, dv):
-    # h * d and hkv * d when each has its own buffer, the fused projection's width when all three
-    # are column slices of one d[qkv] buffer (cudnn_fe_rope_bwd)
-    dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * ts_dq, d, ts_dq, 1]).set_ragged_offset(t["off_dq"])
+    # the gradients are written contiguous: dq like o ([N, h, d]), dk and dv as [N, hkv, d]. (Written
+    # into column slices of one d[qkv] buffer instead, with its token stride, cuDNN's dq/dk/dv were
+    # wrong on an H100, 2026-12-07, where the CPU stand-in took them: cudnn_fe_rope_bwd assembles
+    # d[qkv] itself.)
+    dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_ragged_offset(t["off_o"])
     for grad, name in ((dk, "dk"), (dv, "dv")):
-        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * ts_dkv, d, ts_dkv, 1])
+        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * hkv * d, d, hkv * d, 1])
         grad.set_ragged_offset(t["off_dk"])
         t[name] = grad
     t["dq"] = dq
@@ -392,24 +393,21 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor
 
 
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              stats: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dq: torch.Tensor, dk: torch.Tensor,
-              dv: torch.Tensor) -> None:
-    """Writes the gradients into ``dq [N, H, D]``, ``dk, dv [N, Hkv, D]``: packed-token views (unit
-    stride in ``D``, heads adjacent), dk and dv with the same token stride."""
+              stats: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq [N, H, D], dk [N, Hkv, D], dv [N, Hkv, D])``, each contiguous."""
     q, k, v = (_token_view(t) for t in (q, k, v))
     dout, out = dout.contiguous(), out.contiguous()
     n, h, d = q.shape
     hkv = k.shape[1]
-    if dk.stride(0) != dv.stride(0) or any(_token_view(t) is not t for t in (dq, dk, dv)):
-        raise ValueError("cudnn_fe backward: dq, dk and dv must be packed-token views, dk and dv with one token stride")
     b, s = _shapes(cu, max_seqlen)
-    lens, off_q, off_k, off_v, off_o, off_dq, off_dk = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d,
-                                                               dq.stride(0), dk.stride(0))
-    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), dq.stride(0), dk.stride(0), token_bound(n))
+    lens, off_q, off_k, off_v, off_o, off_dk = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d, hkv * d)
+    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n))
     graph = _graph("backward", key, q.device)
+    dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
     graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
                          "seq_q": lens, "seq_kv": lens, "off_q": off_q, "off_k": off_k, "off_v": off_v,
-                         "off_o": off_o, "off_dq": off_dq, "off_dk": off_dk})
+                         "off_o": off_o, "off_dk": off_dk})
+    return dq, dk, dv
 
 
 @torch.library.custom_op("arvid::cudnn_fe_causal_fwd", mutates_args=())
@@ -430,11 +428,7 @@ def _(q, k, v, cu, max_seqlen):
 def cudnn_fe_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  stats: torch.Tensor, cu: torch.Tensor,
                  max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, h, d = q.shape
-    hkv = k.shape[1]
-    dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
-    _backward(dout, q, k, v, out, stats, cu, max_seqlen, dq, dk, dv)
-    return dq, dk, dv
+    return _backward(dout, q, k, v, out, stats, cu, max_seqlen)
 
 
 @cudnn_fe_bwd.register_fake
@@ -478,15 +472,15 @@ def _(qkv, c, s, cu, max_seqlen, heads):
 def cudnn_fe_rope_bwd(dout: torch.Tensor, qk: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                       stats: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
                       heads: int) -> torch.Tensor:
-    """``d[qkv]`` in one buffer: cuDNN writes dq, dk and dv into its column slices, then RoPE's
-    inverse rotation runs in place on the dq and dk columns (no concatenation pass)."""
+    """``d[qkv]`` in one buffer: cuDNN's dq, dk and dv, with RoPE's inverse rotation applied to dq
+    and dk on their way into its columns (no separate concatenation pass)."""
     qkv = qkv.contiguous()
     h, hkv = _split_heads(qkv, heads)
+    dq, dk, dv = _backward(dout, qk[:, :h], qk[:, h:], qkv[:, h + hkv:], out, stats, cu, max_seqlen)
     dqkv = torch.empty_like(qkv)
-    _backward(dout, qk[:, :h], qk[:, h:], qkv[:, h + hkv:], out, stats, cu, max_seqlen,
-              dqkv[:, :h], dqkv[:, h:h + hkv], dqkv[:, h + hkv:])
-    grad_qk = dqkv[:, :h + hkv]
-    fused.rope(grad_qk, c, s, out=grad_qk, inverse=True)
+    fused.rope(dq, c, s, out=dqkv[:, :h], inverse=True)
+    fused.rope(dk, c, s, out=dqkv[:, h:h + hkv], inverse=True)
+    dqkv[:, h + hkv:].copy_(dv)
     return dqkv
 
 

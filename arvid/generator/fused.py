@@ -3,8 +3,8 @@ generated code leaves slow, each with a torch fallback that computes the same th
 
 - :func:`rope`: RoPE's rotation of ``[N, G, D]`` heads, out of place or in place, forward or
   inverse. The ``cudnn_fe`` attention backend rotates q and k inside its opaque ops with it
-  (:func:`arvid.generator.cudnn_fe.cudnn_fe_rope_attention`): cuDNN writes dq, dk and dv straight
-  into one ``d[qkv]`` buffer and the inverse rotation runs in place on its q and k columns. Under
+  (:func:`arvid.generator.cudnn_fe.cudnn_fe_rope_attention`): its backward writes cuDNN's dq and
+  dk through the inverse rotation straight into the q and k columns of one ``d[qkv]`` buffer. Under
   ``torch.compile`` the same backward was one generated kernel that rotated dq and dk and
   concatenated them with dv into ``d[qkv]``, at ~1 TB/s (19.3 ms of a 306 ms GPT-L step at 65,536
   positions, H100, 2026-12-07).
