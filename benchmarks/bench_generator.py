@@ -304,9 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rope-backward", choices=("autograd", "inverse"), default="autograd",
                    help="RoPE's backward: autograd's derivative of the roll, or the inverse rotation "
                         "(arvid.generator.gpt.ROPE_INVERSE_BACKWARD, experimental)")
-    p.add_argument("--fused", choices=("all", "off", "rope", "swiglu"), default="all",
-                   help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops (d[qkv] written "
-                        "in place) and the SwiGLU op; 'off' = the plain torch code inductor compiles")
+    p.add_argument("--fused", choices=("default", "all", "off", "rope", "swiglu"), default="default",
+                   help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops (off by default, "
+                        "ARVID_FUSED_ROPE=1) and the SwiGLU op (on by default); 'default' = the library's settings, "
+                        "'off' = the plain torch code inductor compiles")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
@@ -357,7 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
         cudnn_fe.AUTOTUNE = args.cudnn_autotune
     from arvid.generator import fused
 
-    fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
+    if args.fused != "default":
+        fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
+    args.fused = f"{args.fused} (rope={fused.ROPE}, swiglu={fused.SWIGLU})"
     if args.rope_backward == "inverse":
         import arvid.generator.gpt as gpt_module
 

@@ -49,12 +49,13 @@
 # on Hopper), cudnnvar, packing (by hand: 1.95 ms a batch); cudnnfe on an H200 (22:49 UTC, before the
 # padded output head; again on an H100 on 2026-12-07, 06:36-06:41 UTC, with the padded head, plan
 # autotuning, compiled AdamW and 8x128 heads; and at 11:49-12:01 UTC after that day's two fixes:
-# cudnn_fe L 54.2% at 65k, torch_varlen 50.5%, XL 54.7%, B 44.7% at 32k). Still owed: tokprof,
-# pipeline, flexsweep, and the concatenation lead (BENCHMARKS.md), the L step with
-# CUDNNFE_RUNS="cudnn_fe 65536 --inductor max_pointwise_cat_inputs=2 --inductor
-# max_complex_pointwise_cat_inputs=2 --profile;cudnn_fe 65536 --inductor max_pointwise_cat_inputs=1
-# --inductor max_complex_pointwise_cat_inputs=1;cudnn_fe 65536 --profile" (the last for the
-# profile's new "from" lines: which host calls launch the 4 ms of device-to-device copies).
+# cudnn_fe L 54.2% at 65k, torch_varlen 50.5%, XL 54.7%, B 44.7% at 32k; at 14:18-15:27 UTC
+# the concatenation options (no effect), the copies' source (aten::addmm) and the fused kernels:
+# SwiGLU correct and faster, the first two fused-RoPE forms wrong on the GPU). Still owed:
+# tokprof, pipeline, flexsweep, and first of all the fused RoPE's current form:
+#   ARVID_FUSED_ROPE=1 pytest -m gpu tests/test_generator_fused.py tests/test_generator_attention.py
+# then, if it passes, CUDNNFE_RUNS="cudnn_fe 65536 --fused all --profile;cudnn_fe 65536 --fused
+# swiglu;cudnn_fe 65536 --fused off" (the same machine for all three).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default

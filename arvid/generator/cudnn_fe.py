@@ -447,16 +447,19 @@ def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[int, int]:
 
 @torch.library.custom_op("arvid::cudnn_fe_rope_fwd", mutates_args=())
 def cudnn_fe_rope_fwd(qkv: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
-                      heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE and causal attention from the fused projection ``qkv [N, H + 2 Hkv, D]`` (q, k, v
     heads in that order; ``c, s`` the float32 tables ``[N, 1, D]`` of
-    :func:`arvid.generator.gpt.rope_tables`): ``(out [N, H, D], stats, qk [N, H + Hkv, D])``,
-    ``qk`` the rotated q and k (saved for the backward). v is read in place from ``qkv``."""
+    :func:`arvid.generator.gpt.rope_tables`): ``(out [N, H, D], stats, q, k)``, q and k rotated
+    and contiguous (saved for the backward), as the plain route hands them to cuDNN: its backward
+    writes dq and dk with the token strides of q and k (given q and k as strided views of one
+    rotated buffer, it read or wrote out of bounds on the H100, 2026-12-07). v is read in place
+    from ``qkv``."""
     qkv = qkv.contiguous()
     h, hkv = _split_heads(qkv, heads)
-    qk = fused.rope(qkv[:, :h + hkv], c, s)
-    out, stats = _forward(qk[:, :h], qk[:, h:], qkv[:, h + hkv:], cu, max_seqlen)
-    return out, stats, qk
+    q, k = fused.rope(qkv[:, :h], c, s), fused.rope(qkv[:, h:h + hkv], c, s)
+    out, stats = _forward(q, k, qkv[:, h + hkv:], cu, max_seqlen)
+    return out, stats, q, k
 
 
 @cudnn_fe_rope_fwd.register_fake
@@ -465,18 +468,18 @@ def _(qkv, c, s, cu, max_seqlen, heads):
     n, g, d = qkv.shape
     hkv = (g - heads) // 2
     return (qkv.new_empty((n, heads, d)), qkv.new_empty((b, heads, sb, 1), dtype=torch.float32),
-            qkv.new_empty((n, heads + hkv, d)))
+            qkv.new_empty((n, heads, d)), qkv.new_empty((n, hkv, d)))
 
 
 @torch.library.custom_op("arvid::cudnn_fe_rope_bwd", mutates_args=())
-def cudnn_fe_rope_bwd(dout: torch.Tensor, qk: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
+def cudnn_fe_rope_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor,
                       stats: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
                       heads: int) -> torch.Tensor:
     """``d[qkv]`` in one buffer: cuDNN's dq, dk and dv, with RoPE's inverse rotation applied to dq
     and dk on their way into its columns (no separate concatenation pass)."""
     qkv = qkv.contiguous()
     h, hkv = _split_heads(qkv, heads)
-    dq, dk, dv = _backward(dout, qk[:, :h], qk[:, h:], qkv[:, h + hkv:], out, stats, cu, max_seqlen)
+    dq, dk, dv = _backward(dout, q, k, qkv[:, h + hkv:], out, stats, cu, max_seqlen)
     dqkv = torch.empty_like(qkv)
     fused.rope(dq, c, s, out=dqkv[:, :h], inverse=True)
     fused.rope(dk, c, s, out=dqkv[:, h:h + hkv], inverse=True)
@@ -485,19 +488,20 @@ def cudnn_fe_rope_bwd(dout: torch.Tensor, qk: torch.Tensor, qkv: torch.Tensor, o
 
 
 @cudnn_fe_rope_bwd.register_fake
-def _(dout, qk, qkv, out, stats, c, s, cu, max_seqlen, heads):
+def _(dout, q, k, qkv, out, stats, c, s, cu, max_seqlen, heads):
     return torch.empty_like(qkv)
 
 
 def _rope_setup(ctx, inputs, output):
     qkv, c, s, cu, max_seqlen, heads = inputs
-    ctx.save_for_backward(output[2], qkv, output[0], output[1], c, s, cu)
+    ctx.save_for_backward(output[2], output[3], qkv, output[0], output[1], c, s, cu)
     ctx.max_seqlen, ctx.heads = max_seqlen, heads
 
 
-def _rope_backward(ctx, dout, dstats, dqk):
-    qk, qkv, out, stats, c, s, cu = ctx.saved_tensors
-    return cudnn_fe_rope_bwd(dout, qk, qkv, out, stats, c, s, cu, ctx.max_seqlen, ctx.heads), None, None, None, None, None
+def _rope_backward(ctx, dout, dstats, dq, dk):
+    q, k, qkv, out, stats, c, s, cu = ctx.saved_tensors
+    dqkv = cudnn_fe_rope_bwd(dout, q, k, qkv, out, stats, c, s, cu, ctx.max_seqlen, ctx.heads)
+    return dqkv, None, None, None, None, None
 
 
 cudnn_fe_rope_fwd.register_autograd(_rope_backward, setup_context=_rope_setup)
