@@ -78,6 +78,8 @@ def test_swiglu_is_used_only_on_cuda_and_can_be_turned_off(monkeypatch):
     assert not fused.use_swiglu(torch.zeros(2, 4))  # CPU: inductor's own code
     if torch.cuda.is_available() and HAS_TRITON:
         assert fused.use_swiglu(torch.zeros(2, 4, device="cuda"))
+        with torch.no_grad():  # sampling keeps inductor's code
+            assert not fused.use_swiglu(torch.zeros(2, 4, device="cuda"))
         monkeypatch.setattr(fused, "SWIGLU", False)
         assert not fused.use_swiglu(torch.zeros(2, 4, device="cuda"))
 

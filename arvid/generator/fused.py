@@ -36,7 +36,8 @@ _ON = os.environ.get("ARVID_FUSED", "1") != "0"
 #: d[qkv], and read or wrote out of bounds when told to write them contiguous. It now hands cuDNN
 #: q and k each contiguous, as the plain route does.
 ROPE = _ON and os.environ.get("ARVID_FUSED_ROPE", "0") == "1"
-#: SwiGLU runs as the opaque :func:`swiglu` op on CUDA (on by default; ``ARVID_FUSED=0`` turns it off).
+#: SwiGLU runs as the opaque :func:`swiglu` op in training on CUDA (on by default; ``ARVID_FUSED=0``
+#: turns it off).
 SWIGLU = _ON
 
 
@@ -63,10 +64,12 @@ def _triton_ok(*tensors: torch.Tensor) -> bool:
 
 
 def use_swiglu(x: torch.Tensor) -> bool:
-    """Whether :class:`~arvid.generator.gpt.SwiGLU` should call :func:`swiglu` for input ``x``: on
-    CUDA with Triton (on the CPU inductor's own fused code is as good, and an opaque op would
-    only stop its fusions)."""
-    return SWIGLU and x.is_cuda and HAVE_TRITON
+    """Whether :class:`~arvid.generator.gpt.SwiGLU` should call :func:`swiglu` for input ``x``: in
+    training (gradients on), on CUDA with Triton. On the CPU inductor's own fused code is as good,
+    and an opaque op would only stop its fusions; without gradients (sampling's decode step, whose
+    timings were taken with inductor's code) the op's forward is no faster (8.9 against 8.6 ms a
+    GPT-L step, H100, 2026-12-07)."""
+    return SWIGLU and x.is_cuda and HAVE_TRITON and torch.is_grad_enabled()
 
 
 # --------------------------------------------------------------------------- RoPE
