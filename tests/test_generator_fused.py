@@ -189,8 +189,9 @@ def test_cudnn_fe_rope_refuses_a_projection_that_does_not_split(monkeypatch):
 
 
 def test_gpt_cudnn_fe_takes_the_rope_ops_unless_turned_off(monkeypatch):
-    """A GPT layer on the cudnn_fe backend (stand-in frontend) gives the same output through the
-    fused RoPE ops as through the plain route (fused.ROPE off), and calls them only when on."""
+    """A GPT layer on the cudnn_fe backend (stand-in frontend) gives the same output and gradients
+    (input, fused projection weight) through the fused RoPE ops as through the plain route
+    (fused.ROPE off), and calls them only when on."""
     from arvid.generator import cudnn_fe
     from arvid.generator.gpt import Attention, GPTConfig, rope_tables_saved
 
@@ -207,12 +208,19 @@ def test_gpt_cudnn_fe_takes_the_rope_ops_unless_turned_off(monkeypatch):
     monkeypatch.setattr(fused, "ROPE", True)  # off by default until it passes the GPU test
     real = cudnn_fe.cudnn_fe_rope_attention
     monkeypatch.setattr(cudnn_fe, "cudnn_fe_rope_attention", lambda *a: calls.append(1) or real(*a))
-    on = attn.forward_packed(x, rope, cu, max(lens), "cudnn_fe")
+    w = torch.randn(n, 64)
+    x_on = x.clone().requires_grad_(True)
+    on = attn.forward_packed(x_on, rope, cu, max(lens), "cudnn_fe")
+    grads_on = torch.autograd.grad((on * w).sum(), (x_on, attn.wqkv.weight))
     assert calls == [1]
     monkeypatch.setattr(fused, "ROPE", False)
-    off = attn.forward_packed(x, rope, cu, max(lens), "cudnn_fe")
+    x_off = x.clone().requires_grad_(True)
+    off = attn.forward_packed(x_off, rope, cu, max(lens), "cudnn_fe")
+    grads_off = torch.autograd.grad((off * w).sum(), (x_off, attn.wqkv.weight))
     assert calls == [1]
     torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_on, grads_off):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

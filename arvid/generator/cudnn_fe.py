@@ -489,11 +489,12 @@ def cudnn_fe_rope_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qkv:
 
 @cudnn_fe_rope_bwd.register_fake
 def _(dout, q, k, qkv, out, stats, c, s, cu, max_seqlen, heads):
-    return torch.empty_like(qkv)
+    return qkv.new_empty(qkv.shape)  # contiguous, as the op's result
 
 
 def _rope_setup(ctx, inputs, output):
     qkv, c, s, cu, max_seqlen, heads = inputs
+    ctx.mark_non_differentiable(output[1], output[2], output[3])  # stats and the rotated q, k: saved, not used
     ctx.save_for_backward(output[2], output[3], qkv, output[0], output[1], c, s, cu)
     ctx.max_seqlen, ctx.heads = max_seqlen, heads
 

@@ -58,6 +58,10 @@ def _kernels():
     return _triton_kernels
 
 
+#: dtypes the Triton kernels take (they compute in float32; float64 takes the torch fallback)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def _triton_ok(*tensors: torch.Tensor) -> bool:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     return _kernels() is not None and all(t.is_cuda or interpret for t in tensors)
@@ -95,7 +99,8 @@ def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, out: torch.Tensor | 
     d = x.shape[-1]
     layout_ok = all(t.stride(-1) == 1 and t.stride(-2) == d for t in (x, out))
     if (_triton_ok(x) and layout_ok and d >= 4 and d & (d - 1) == 0 and c.is_contiguous() and s.is_contiguous()
-            and c.dtype == s.dtype == torch.float32):
+            and c.dtype == s.dtype == torch.float32 and c.shape[0] == s.shape[0] == x.shape[0]
+            and x.dtype in _KERNEL_DTYPES):
         _kernels().rope(x, out, c, s, inverse)
         return out
     out.copy_(rotate(x, c, -s if inverse else s))
@@ -118,7 +123,7 @@ def _swiglu_torch(a: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("arvid::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(a: torch.Tensor) -> torch.Tensor:
     a = a.contiguous()
-    if _triton_ok(a):
+    if _triton_ok(a) and a.dtype in _KERNEL_DTYPES:
         h = a.new_empty((*a.shape[:-1], a.shape[-1] // 2))
         _kernels().swiglu_fwd(a.view(-1, a.shape[-1]), h.view(-1, h.shape[-1]))
         return h
@@ -133,7 +138,7 @@ def _(a):
 @torch.library.custom_op("arvid::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     a, dh = a.contiguous(), dh.contiguous()
-    if _triton_ok(a):
+    if _triton_ok(a) and a.dtype == dh.dtype and a.dtype in _KERNEL_DTYPES:
         da = torch.empty_like(a)
         _kernels().swiglu_bwd(dh.view(-1, dh.shape[-1]), a.view(-1, a.shape[-1]), da.view(-1, a.shape[-1]))
         return da
@@ -145,7 +150,7 @@ def _swiglu_bwd(dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_bwd.register_fake
 def _(dh, a):
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)  # contiguous, as the op's result
 
 
 def _swiglu_setup(ctx, inputs, output):

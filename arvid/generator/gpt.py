@@ -248,7 +248,7 @@ class Attention(nn.Module):
         """``x [N, dim]`` packed, ``rope`` of the position ids -> ``[N, dim]``. ``block_mask``: the
         batch's FlexAttention mask, shared by the layers (``flex`` only)."""
         if backend == "cudnn_fe" and self.q_norm is None and fused.ROPE:
-            # RoPE inside cuDNN's opaque ops: the backward writes d[qkv] in place (arvid.generator.fused)
+            # RoPE inside cuDNN's opaque ops: the backward returns d[qkv] whole (arvid.generator.fused)
             qkv = self.wqkv(x).unflatten(-1, (self.n_heads + 2 * self.n_kv, self.head_dim))
             out = cudnn_fe.cudnn_fe_rope_attention(qkv, rope, cu_seqlens, max_seqlen, self.n_heads)
             return self.wo(out.flatten(1))
