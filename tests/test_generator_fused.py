@@ -284,3 +284,28 @@ def test_gpu_cudnn_fe_rope_matches_the_plain_route():
     for a, b, what in ((out, ref, "out"), (grad, ref_grad, "dqkv")):
         err = (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
         assert err < 2e-2, f"{what}: max error {err:.3g} relative to the largest value"
+
+
+def test_cudnn_fe_backward_gets_q_and_k_contiguous(monkeypatch):
+    """q and k as strided views of one buffer: the forward graph reads them in place, the backward
+    graph gets contiguous copies (the layout cuDNN's backward handled on the H100; strided, it gave
+    wrong gradients or read out of bounds), and the gradients are still the reference's."""
+    from arvid.generator import cudnn_fe
+
+    _cudnn_fe_standin().install(monkeypatch)
+    lens, h, hkv, d = [9, 4, 12], 4, 2, 16
+    n = sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    buf = torch.randn(n, h + 2 * hkv, d, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    q, k, v = buf[:, :h], buf[:, h:h + hkv], buf[:, h + hkv:]
+    out = cudnn_fe.cudnn_fe_attention(q, k, v, cu, max(lens))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    (grad,) = torch.autograd.grad((out * w).sum(), buf)
+    ref_buf = buf.detach().double().requires_grad_(True)
+    ref = _reference_attention(ref_buf[:, :h], ref_buf[:, h:h + hkv], ref_buf[:, h + hkv:], cu)
+    (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), ref_buf)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
+    keys = dict(cudnn_fe.BUILT)
+    g = (h + 2 * hkv) * d
+    assert keys["forward"][6:9] == (g, g, g)
+    assert keys["backward"][6:9] == (h * d, hkv * d, g)

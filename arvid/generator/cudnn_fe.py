@@ -394,8 +394,11 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor
 
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               stats: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq [N, H, D], dk [N, Hkv, D], dv [N, Hkv, D])``, each contiguous."""
-    q, k, v = (_token_view(t) for t in (q, k, v))
+    """``(dq [N, H, D], dk [N, Hkv, D], dv [N, Hkv, D])``, each contiguous. q and k are made
+    contiguous here: handed as strided views (token stride 2,048 where a row holds 1,024), cuDNN's
+    backward gave wrong gradients or read out of bounds on an H100 (2026-12-07), where the forward
+    took them; v as a strided view of the fused projection is the layout the GPU tests pass."""
+    q, k, v = q.contiguous(), k.contiguous(), _token_view(v)
     dout, out = dout.contiguous(), out.contiguous()
     n, h, d = q.shape
     hkv = k.shape[1]
