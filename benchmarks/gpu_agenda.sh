@@ -53,7 +53,7 @@
 # the concatenation options (no effect), the copies' source (aten::addmm) and the fused kernels:
 # SwiGLU correct and faster, the first two fused-RoPE forms wrong on the GPU). Still owed:
 # tokprof, pipeline, flexsweep, and first of all the fused RoPE's current form:
-#   ARVID_FUSED_ROPE=1 pytest -m gpu tests/test_generator_fused.py tests/test_generator_attention.py
+#   pytest -m gpu tests/test_generator_fused.py tests/test_generator_attention.py (the cudnnfe step runs it)
 # then, if it passes, CUDNNFE_RUNS="cudnn_fe 65536 --fused all --profile;cudnn_fe 65536 --fused
 # swiglu;cudnn_fe 65536 --fused off" (the same machine for all three).
 #
@@ -117,7 +117,8 @@ run_all() {
         python3 -c "import torch, cudnn; print(\"cudnn frontend\", cudnn.__version__, \"backend\", cudnn.backend_version())"
         python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_attention.py -k "cudnn_fe or backends_match" \
             || rc=$?
-        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_gpt.py || { s=$?; [ $rc = 0 ] && rc=$s; }
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_gpt.py tests/test_generator_fused.py \
+            || { s=$?; [ $rc = 0 ] && rc=$s; }
         python3 benchmarks/bench_attention.py --only torch_varlen --only cudnn_fe --only "flex[shared mask]" \
             --json "$1/attention_cudnn_fe.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         IFS=";" read -ra runs <<< "${CUDNNFE_RUNS:-cudnn_fe 32768 --profile;torch_varlen 32768;cudnn_fe 65536}"
