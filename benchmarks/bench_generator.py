@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"(it sets {', '.join(sorted(BENCH_SETS))} itself); expected one of {', '.join(sorted(fields))}")
         args.gpt_overrides[m[1]] = int(m[2])
     args.inductor_options = inductor_options(args.inductor, p.error)
+    if args.inductor_tuning:  # shorthand for --inductor coordinate_descent_tuning=true
+        args.inductor_options["coordinate_descent_tuning"] = True
     layout = BlockLayout()
     if args.tiny:
         args.presets, args.max_tokens, args.steps, args.warmup, args.compile = "debug", 600, 2, 1, False
@@ -360,15 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.fused != "default":
         fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
-    args.fused = f"{args.fused} (rope={fused.ROPE}, swiglu={fused.SWIGLU})"
     if args.rope_backward == "inverse":
         import arvid.generator.gpt as gpt_module
 
         gpt_module.ROPE_INVERSE_BACKWARD = True
-    if args.inductor_tuning:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True
     if args.inductor_options:
         import torch._inductor.config as inductor_config
 
@@ -408,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
-        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward, "fused": args.fused,
+        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
+        "fused": {"rope": fused.ROPE, "swiglu": fused.SWIGLU},
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,

@@ -439,13 +439,13 @@ def _(dout, q, k, v, out, stats, cu, max_seqlen):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[int, int]:
-    """(query heads, key/value heads) of a fused projection ``qkv [N, heads + 2 * hkv, D]``."""
+def _kv_heads(qkv: torch.Tensor, heads: int) -> int:
+    """The key/value heads ``hkv`` of a fused projection ``qkv [N, heads + 2 * hkv, D]``."""
     hkv, odd = divmod(qkv.shape[1] - heads, 2)
     if odd or hkv < 1 or heads % hkv:
         raise ValueError(f"cudnn_fe: a fused projection of {qkv.shape[1]} heads cannot hold {heads} query heads "
                          "and two equal key/value groups dividing them")
-    return heads, hkv
+    return hkv
 
 
 @torch.library.custom_op("arvid::cudnn_fe_rope_fwd", mutates_args=())
@@ -458,8 +458,8 @@ def cudnn_fe_rope_fwd(qkv: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: t
     writes dq and dk with the token strides of q and k (given q and k as strided views of one
     rotated buffer, it read or wrote out of bounds on the H100, 2026-12-07). v is read in place
     from ``qkv``."""
-    qkv = qkv.contiguous()
-    h, hkv = _split_heads(qkv, heads)
+    qkv, h = qkv.contiguous(), heads
+    hkv = _kv_heads(qkv, h)
     q, k = fused.rope(qkv[:, :h], c, s), fused.rope(qkv[:, h:h + hkv], c, s)
     out, stats = _forward(q, k, qkv[:, h + hkv:], cu, max_seqlen)
     return out, stats, q, k
@@ -480,8 +480,8 @@ def cudnn_fe_rope_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qkv:
                       heads: int) -> torch.Tensor:
     """``d[qkv]`` in one buffer: cuDNN's dq, dk and dv, with RoPE's inverse rotation applied to dq
     and dk on their way into its columns (no separate concatenation pass)."""
-    qkv = qkv.contiguous()
-    h, hkv = _split_heads(qkv, heads)
+    qkv, h = qkv.contiguous(), heads
+    hkv = _kv_heads(qkv, h)
     dq, dk, dv = _backward(dout, q, k, qkv[:, h + hkv:], out, stats, cu, max_seqlen)
     dqkv = torch.empty_like(qkv)
     fused.rope(dq, c, s, out=dqkv[:, :h], inverse=True)

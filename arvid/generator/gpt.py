@@ -184,10 +184,7 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     q and k per layer in the compiled training step), a ``roll`` it fuses as an index remap."""
     if ROPE_INVERSE_BACKWARD and torch.is_grad_enabled() and x.requires_grad:
         return _RopeInverseBackward.apply(x, *rope)
-    return _rotate(x, *rope)
-
-
-_rotate = fused.rotate
+    return fused.rotate(x, *rope)
 
 
 #: Experimental (off): RoPE's backward as the inverse rotation, ``dx = rotate(dy, C, -S)``, instead
@@ -202,12 +199,12 @@ class _RopeInverseBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(c, s)
-        return _rotate(x, c, s)
+        return fused.rotate(x, c, s)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         c, s = ctx.saved_tensors
-        return _rotate(dy, c, -s), None, None
+        return fused.rotate(dy, c, -s), None, None
 
 
 class Attention(nn.Module):

@@ -45,6 +45,7 @@ from arvid.data.types import TokenizedVideo
 from arvid.generator.sequence import SequenceFormat
 from arvid.io import atomic_write, check_writable, write_json
 from arvid.sampling.budget import calibrate_budget_bias, calibration_rows
+from arvid.sampling.constraints import SequenceConstraint
 from arvid.sampling.frame_prediction import check_context_blocks, encode_context
 from arvid.sampling.sampler import Sampler, SamplerConfig, conditioning_class
 from arvid.sampling.videos import (
@@ -289,8 +290,6 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
                         "used) or `context_count`")
         plan.prefix = encode_context(tokenizer, video, blocks, counts)
         if cfg.fixed_assignment is not None or cfg.allowed_counts is not None:
-            from arvid.sampling.constraints import SequenceConstraint
-
             try:
                 SequenceConstraint(SequenceFormat(tokenizer.codebook_size, tokenizer.layout), 1, cfg.allowed_counts,
                                    cfg.fixed_assignment).check_prefix_counts(plan.prefix.block_lengths)
@@ -320,14 +319,13 @@ def _batch_kwargs(plan: _Plan, cfg: SampleConfig) -> dict:
     return kw
 
 
-def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> None:
+def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> SequenceConstraint:
     """Refuse ``fixed_assignment`` / ``allowed_counts`` that do not fit the tokenizer's layout, with a
     :class:`~arvid.config.ConfigError` naming the field, the value, and the layout's blocks and
-    candidates (before any sampling)."""
-    from arvid.sampling.constraints import SequenceConstraint
-
+    candidates (before any sampling). Returns the constraint of one row (:func:`check_exact_budget`
+    reads it)."""
     if cfg.fixed_assignment is None and cfg.allowed_counts is None:
-        return
+        return SequenceConstraint(fmt, 1)
     layout = fmt.layout
     where = (f"tokenizer {str(cfg.tokenizer)!r} has {layout.num_blocks} blocks with candidate counts "
              f"{list(layout.candidates)}")
@@ -335,20 +333,19 @@ def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> None:
         raise ConfigError(f"fixed_assignment {cfg.fixed_assignment} gives {len(cfg.fixed_assignment)} counts; the "
                           f"{where}: give one count per block")
     try:
-        SequenceConstraint(fmt, 1, cfg.allowed_counts, cfg.fixed_assignment)
+        return SequenceConstraint(fmt, 1, cfg.allowed_counts, cfg.fixed_assignment)
     except ValueError as e:
         raise ConfigError(f"{e}; the {where}") from None
 
 
-def check_exact_budget(cfg: SampleConfig, fmt: SequenceFormat, prefix_counts: list[int] | None = None) -> None:
+def check_exact_budget(cfg: SampleConfig, fmt: SequenceFormat, c: SequenceConstraint,
+                       prefix_counts: list[int] | None = None) -> None:
     """Refuse an exact cap (``budget_mode exact``) below the fewest codes a video can have under the
-    constraints (each block at its smallest allowed count; a frame-prediction prefix's blocks at
-    their given counts): the sampler would have to exceed it to keep the sequence well formed."""
-    from arvid.sampling.constraints import SequenceConstraint
-
+    constraint ``c`` (:func:`check_constraints`'s: each block at its smallest allowed count; a
+    frame-prediction prefix's blocks at their given counts): the sampler would have to exceed it to
+    keep the sequence well formed."""
     if cfg.budget <= 0 or cfg.budget_mode != "exact":
         return
-    c = SequenceConstraint(fmt, 1, cfg.allowed_counts, cfg.fixed_assignment)
     n = len(prefix_counts or [])
     smallest = sum(prefix_counts or []) + int(c.min_rest[0, n])
     if int(cfg.budget) < smallest:
@@ -397,7 +394,9 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.precision == "bf16":
         gpt = gpt.cast_for_inference_(torch.bfloat16)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
-    unused = [n for n, on in (("--router", bool(cfg.router)), ("--context-frames", cfg.context_frames != 5)) if on]
+    default_frames = next(f.default for f in dataclasses.fields(SampleConfig) if f.name == "context_frames")
+    unused = [n for n, on in (("--router", bool(cfg.router)), ("--context-frames", cfg.context_frames != default_frames))
+              if on]
     if unused and not cfg.context:
         log.warning("%s: only for frame prediction (--context VIDEO); ignored here", ", ".join(unused))
     if cfg.router:
@@ -406,9 +405,9 @@ def run(cfg: SampleConfig) -> Path:
         _attach_router(tokenizer, cfg.router, device, cfg.tokenizer)
     fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
-    check_constraints(cfg, fmt)
+    constraint = check_constraints(cfg, fmt)
     plan = plan_rows(cfg, gpt, tokenizer, device, training_record(cfg.generator))
-    check_exact_budget(cfg, fmt, plan.prefix.block_lengths[0].tolist() if plan.prefix is not None else None)
+    check_exact_budget(cfg, fmt, constraint, plan.prefix.block_lengths[0].tolist() if plan.prefix is not None else None)
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
     kw = _batch_kwargs(plan, cfg)

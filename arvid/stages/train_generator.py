@@ -36,6 +36,7 @@ from arvid.generator.sequence import SequenceFormat
 from arvid.io import check_writable, read_json, write_json
 from arvid.training import StepOutput, Trainer, TrainerConfig
 from arvid.training.checkpoint import RESUME_MAY_CHANGE, check_resumable
+from arvid.training.trainer import check_batch_split
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,10 @@ def run(cfg: TrainGeneratorConfig) -> Path:
                               f"span [{int(store.labels.min())}, {int(store.labels.max())}]")
     gpt_cfg = build_gpt_config(cfg, fmt, num_classes, text)
     # the Trainer's split of the global batch, checked before the run directory holds a config
-    procs = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if cfg.trainer.batch_size % (cfg.trainer.grad_accum * procs):
-        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by trainer.grad_accum * "
-                          f"processes = {cfg.trainer.grad_accum} * {procs}")
+    try:
+        check_batch_split(cfg.trainer.batch_size, cfg.trainer.grad_accum, int(os.environ.get("WORLD_SIZE") or 1))
+    except ValueError as e:
+        raise ConfigError(f"trainer.{e}") from None
     save_config(cfg, out / "config.yaml")
     write_json(out / RUN_FILE, {"tokenizer_fingerprint": fingerprint})
 

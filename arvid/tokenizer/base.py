@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from arvid.config import ConfigError, from_dict
+from arvid.config import ConfigError, from_dict, read_yaml
 from arvid.data.types import BlockLayout, TokenizedVideo
 
 ENTRY_POINT_GROUP = "arvid.tokenizers"
@@ -125,8 +125,6 @@ def load_tokenizer(directory: str | os.PathLike, map_location: str = "cpu"):
     path = Path(directory) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a tokenizer directory: config.yaml is missing")
-    from arvid.config import read_yaml
-
     kind = read_yaml(path).get("kind")
     if kind in ("gpt", "router"):
         raise ConfigError(f"{str(directory)!r} holds a {kind}, not a tokenizer (its config.yaml says kind: {kind}); "

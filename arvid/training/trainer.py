@@ -116,6 +116,13 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- config and types
 
 
+def check_batch_split(batch_size: int, grad_accum: int, num_processes: int) -> None:
+    """The global batch must split into ``grad_accum`` micro-batches on each of ``num_processes``."""
+    if batch_size % (grad_accum * num_processes):
+        raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum * processes = "
+                         f"{grad_accum} * {num_processes}")
+
+
 @dataclass
 class TrainerConfig:
     """Everything the Trainer needs besides the task and the data."""
@@ -284,9 +291,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __init__(self, n: int, batch_size: int, grad_accum: int, num_processes: int, rank: int,
                  seed: int, epoch: int, start_batch: int = 0, shuffle: bool = True):
-        if batch_size % (grad_accum * num_processes):
-            raise ValueError(f"batch_size={batch_size} is not divisible by grad_accum * num_processes = "
-                             f"{grad_accum} * {num_processes}")
+        check_batch_split(batch_size, grad_accum, num_processes)
         self.n, self.batch_size, self.grad_accum = n, batch_size, grad_accum
         self.num_processes, self.rank, self.seed, self.epoch = num_processes, rank, seed, epoch
         self.start_batch, self.shuffle = start_batch, shuffle
