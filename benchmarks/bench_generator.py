@@ -40,6 +40,7 @@ from arvid.generator.attention import AttentionBackendUnavailable, resolve_train
 from arvid.generator.gpt import GPT, GPTConfig  # noqa: E402
 from arvid.generator.packing import IGNORE, TokenBudgetBatchSampler, pack_sequences, router_like_lengths  # noqa: E402
 from arvid.generator.sequence import SequenceFormat  # noqa: E402
+from arvid.training.graph_passes import UnfuseResidualAddmm, graph_pass_options  # noqa: E402
 from arvid.training.profiling import measure_matmul_peak  # noqa: E402
 
 #: GPTConfig fields every row sets itself (the format's vocabulary and length, 101 classes, the
@@ -194,7 +195,9 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     def loss_fn(batch):
         return F.cross_entropy(model(batch).float(), batch.targets, ignore_index=IGNORE)
 
-    step_loss = torch.compile(loss_fn, mode=args.compile_mode) if args.compile else loss_fn
+    # arvid's graph passes, as the Trainer installs them (--addmm: inductor's fused residual addmm or split)
+    passes = {"post_grad_custom_post_pass": UnfuseResidualAddmm()} if args.addmm == "unfused" else {}
+    step_loss = torch.compile(loss_fn, mode=args.compile_mode, options=passes or None) if args.compile else loss_fn
     row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None,
            "residual_dtype": args.residual_dtype, "gpt_overrides": args.gpt_overrides}
     # a backend that cannot train here (fa4 on Hopper) fails now with its reason, not after compiling
@@ -308,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops (off by default, "
                         "ARVID_FUSED_ROPE=1) and the SwiGLU op (on by default); 'default' = the library's settings, "
                         "'off' = the plain torch code inductor compiles")
+    p.add_argument("--addmm", choices=("default", "fused", "unfused"), default="default",
+                   help="residual additions after a matmul: 'fused' = inductor's addmm (cuBLAS copies the residual "
+                        "into its output first), 'unfused' = mm, with the add in the next generated kernel "
+                        "(arvid.training.graph_passes.UnfuseResidualAddmm); 'default' = what the Trainer does")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="torch._inductor.config.coordinate_descent_tuning: tune the block sizes of the generated "
                         "elementwise and reduction kernels by timing (longer compile)")
@@ -360,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
         cudnn_fe.AUTOTUNE = args.cudnn_autotune
     from arvid.generator import fused
 
+    if args.addmm == "default":  # what the Trainer would do on this device
+        args.addmm = "unfused" if graph_pass_options(device) else "fused"
     if args.fused != "default":
         fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
     if args.rope_backward == "inverse":
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
         "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
         "fused": {"rope": fused.ROPE, "swiglu": fused.SWIGLU},
+        "addmm": args.addmm,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,

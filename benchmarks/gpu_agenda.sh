@@ -109,6 +109,32 @@ run_all() {
                 --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
         exit $rc' _ "$R"
+    # fused: (not in the default order; AGENDA_STEPS=fused) the hand-written RoPE/SwiGLU kernels
+    # (arvid/generator/fused.py) and the residual-addmm split (arvid/training/graph_passes.py) with
+    # the cudnn_fe backend (wheel as in cudnnfe): their GPU tests, then the L step at 65,536 positions
+    # once per FUSED_RUNS entry (bench_generator flags, ";"-separated), one after another on this
+    # machine; runs with --fused all or rope only if the fused-RoPE GPU test passed. fused_tests.rc
+    # is the tests' status
+    step fused 1500 bash -c '
+        set -o pipefail
+        rc=0
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_fused.py \
+            tests/test_generator_attention.py -k "fused or rope or cudnn_fe or backends_match" -rA \
+            > "$1/fused_tests.log" 2>&1; t=$?; echo $t > "$1/fused_tests.rc"; grep -E "^(PASSED|FAILED|ERROR)" "$1/fused_tests.log"
+        rope_ok=0; grep -q "PASSED.*test_gpu_cudnn_fe_rope_matches_the_plain_route" "$1/fused_tests.log" && rope_ok=1
+        IFS=";" read -ra runs <<< "${FUSED_RUNS:---fused all --addmm unfused --profile;--fused all --addmm fused;--fused swiglu --addmm fused}"
+        i=0
+        for run in "${runs[@]}"; do
+            i=$((i + 1))
+            case " $run " in *" --fused all "*|*" --fused rope "*) [ $rope_ok = 1 ] || { echo "--- run $i skipped (fused RoPE failed its test): $run"; continue; } ;; esac
+            echo "--- run $i: $run"
+            python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
+                --backend cudnn_fe --residual-dtype compute --max-tokens 65536 --measure-peak \
+                --optimizer compiled $run --json "$1/generator_fused_$i.json" | grep -v "^row\|^{" \
+                || { s=$?; [ $rc = 0 ] && rc=$s; }
+        done
+        [ $t = 0 ] || rc=$t
+        exit $rc' _ "$R"
     # cudnnfe: the cudnn_fe backend (cuDNN frontend graphs; the calling command installs its wheel
     # into /tmp/site and puts that on PYTHONPATH, see 9a above): the attention and GPT GPU tests,
     # the attention rows against torch_varlen, and the L runs of CUDNNFE_RUNS

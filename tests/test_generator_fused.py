@@ -84,7 +84,40 @@ def test_swiglu_is_used_only_on_cuda_and_can_be_turned_off(monkeypatch):
         assert not fused.use_swiglu(torch.zeros(2, 4, device="cuda"))
 
 
-_INTERPRETED = r"""
+@pytest.mark.parametrize("copied", [0, 1])
+def test_rope_pairs_rotates_each_pair_and_copies_the_last(copied):
+    """rope_pairs on three pairs (columns of a fused projection into separate tensors, and back into
+    the columns of one buffer) equals rope on each pair; the copied pair is copied exactly."""
+    n, h, hkv, d = 23, 4, 2, 8
+    pos, c, s = _tables(n, d, seed=3)
+    src = torch.randn(n, h + 2 * hkv, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    xs = (src[:, :h], src[:, h:h + hkv], src[:, h + hkv:])
+    outs = tuple(torch.full(x.shape, float("nan"), dtype=torch.float64) for x in xs)
+    fused.rope_pairs(xs, outs, c.double(), s.double(), inverse=True, copied=copied)
+    for i, (x, out) in enumerate(zip(xs, outs)):
+        if i >= 3 - copied:
+            assert torch.equal(out, x)
+        else:
+            torch.testing.assert_close(out, _rotate_pairs(x, pos, inverse=True), atol=1e-3, rtol=0)
+    back = torch.full_like(src, float("nan"))
+    fused.rope_pairs(outs, (back[:, :h], back[:, h:h + hkv], back[:, h + hkv:]), c.double(), s.double(),
+                     copied=copied)
+    torch.testing.assert_close(back, src)
+
+
+def test_rope_pairs_refuses_mismatched_pairs():
+    n, d = 5, 8
+    _, c, s = _tables(n, d)
+    x = torch.randn(n, 2, d)
+    with pytest.raises(ValueError, match="1 to 3"):
+        fused.rope_pairs((x, x), (x,), c, s)
+    with pytest.raises(ValueError, match="copied=1"):
+        fused.rope_pairs((x,), (torch.empty_like(x),), c, s, copied=1)
+    with pytest.raises(ValueError, match=r"\(5, 3, 8\)"):
+        fused.rope_pairs((x,), (torch.empty(n, 3, d),), c, s)
+
+
+_INTERPRETED = r"""""
 import torch
 from arvid.generator import fused
 from arvid.generator.gpt import rope_tables
@@ -103,6 +136,20 @@ for inverse in (False, True):
     before = qkv[:, g:].clone()
     fused.rope(view, c, s, out=view, inverse=inverse)
     assert torch.equal(view, got) and torch.equal(qkv[:, g:], before)
+# several pairs in one launch: q and k rotated out of a fused projection; dq, dk rotated and dv
+# copied into the columns of one d[qkv]
+q, k = torch.empty(n, g - 2, d, dtype=torch.bfloat16), torch.empty(n, 2, d, dtype=torch.bfloat16)
+fused.rope_pairs((qkv[:, :g - 2], qkv[:, g - 2:g]), (q, k), c, s)
+for x, y in ((qkv[:, :g - 2], q), (qkv[:, g - 2:g], k)):
+    want = fused.rotate(x.double(), c.double(), s.double())
+    assert ((y.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+dq, dk, dv = (torch.randn(n, m, d, dtype=torch.bfloat16) for m in (g - 2, 2, 2))
+dqkv = torch.full((n, g + 2, d), float("nan"), dtype=torch.bfloat16)
+fused.rope_pairs((dq, dk, dv), (dqkv[:, :g - 2], dqkv[:, g - 2:g], dqkv[:, g:]), c, s, inverse=True, copied=1)
+for x, y in ((dq, dqkv[:, :g - 2]), (dk, dqkv[:, g - 2:g])):
+    want = fused.rotate(x.double(), c.double(), -s.double())
+    assert ((y.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+assert torch.equal(dqkv[:, g:], dv)
 a = torch.randn(9, 2 * 80, dtype=torch.bfloat16, requires_grad=True)
 h = fused.swiglu(a)
 af = a.detach().double().requires_grad_(True)
@@ -242,6 +289,14 @@ def test_gpu_fused_kernels_match_torch():
         before = qkv[:, g:].clone()
         fused.rope(view, c, s, out=view, inverse=inverse)
         assert torch.equal(view.cpu().double(), got) and torch.equal(qkv[:, g:], before)
+    # three pairs in one launch (cudnn_fe's backward: dq, dk rotated, dv copied into d[qkv])
+    dq, dk, dv = (torch.randn(n, m, d, device="cuda", dtype=torch.bfloat16) for m in (16, 8, 8))
+    dqkv = torch.full((n, 32, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    fused.rope_pairs((dq, dk, dv), (dqkv[:, :16], dqkv[:, 16:24], dqkv[:, 24:]), c, s, inverse=True, copied=1)
+    for x, y in ((dq, dqkv[:, :16]), (dk, dqkv[:, 16:24])):
+        want = _rotate_pairs(x.cpu(), pos, inverse=True)
+        assert (y.cpu().double() - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()
+    assert torch.equal(dqkv[:, 24:], dv)
     a = torch.randn(5000, 2 * 2816, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     h = fused.swiglu(a)
     af = a.detach().double().requires_grad_(True)

@@ -10,13 +10,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(x_ptr, y_ptr, c_ptr, s_ptr, n_rows, n_heads, x_row, y_row, t_row,
-                 HALF: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr):
-    """``BLOCK`` tokens (one program), every head: ``y = [x1 cos - x2 sin, x2 cos + x1 sin]``
-    (``sin`` negated for the inverse rotation). Row strides in elements; heads ``2 * HALF`` apart;
-    ``cos`` is the first half of the ``c`` table's row, ``sin`` the second half of ``s``'s: read
-    once per program for all its heads. ``y`` may be ``x`` (in place: each head's elements are
-    read before they are written)."""
+def _heads(xp, yp, n_heads, cos, sin, mask, HALF: tl.constexpr, ROTATE: tl.constexpr):
+    """``n_heads`` heads (``2 * HALF`` apart) of ``BLOCK`` rows from ``xp`` to ``yp``: rotated by
+    ``(cos, sin)``, or copied (``ROTATE`` false). Each head is read before it is written (``yp`` may
+    be ``xp``)."""
+    for head in range(n_heads):
+        x1 = tl.load(xp + head * (2 * HALF), mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + head * (2 * HALF) + HALF, mask=mask, other=0.0).to(tl.float32)
+        if ROTATE:
+            y1 = x1 * cos - x2 * sin
+            y2 = x2 * cos + x1 * sin
+        else:
+            y1 = x1
+            y2 = x2
+        tl.store(yp + head * (2 * HALF), y1.to(yp.dtype.element_ty), mask=mask)
+        tl.store(yp + head * (2 * HALF) + HALF, y2.to(yp.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(x0_ptr, y0_ptr, x1_ptr, y1_ptr, x2_ptr, y2_ptr, c_ptr, s_ptr, n_rows, g0, g1, g2,
+                 x0_row, y0_row, x1_row, y1_row, x2_row, y2_row, t_row,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr, PAIRS: tl.constexpr,
+                 ROT0: tl.constexpr, ROT1: tl.constexpr, ROT2: tl.constexpr):
+    """``BLOCK`` tokens (one program), every head of up to three ``(x, y)`` pairs (``PAIRS``): pair
+    ``i`` rotated where ``ROTi``, ``y = [x1 cos - x2 sin, x2 cos + x1 sin]`` (``sin`` negated for
+    the inverse rotation), else copied. Row strides in elements; pair ``i`` has ``g_i`` heads
+    ``2 * HALF`` apart; ``cos`` is the first half of the ``c`` table's row, ``sin`` the second half of
+    ``s``'s: read once per program for all heads."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HALF)
     mask = rows[:, None] < n_rows
@@ -25,22 +45,29 @@ def _rope_kernel(x_ptr, y_ptr, c_ptr, s_ptr, n_rows, n_heads, x_row, y_row, t_ro
     sin = tl.load(s_ptr + r * t_row + HALF + cols[None, :], mask=mask, other=0.0)
     if INVERSE:
         sin = -sin
-    xp = x_ptr + r * x_row + cols[None, :]
-    yp = y_ptr + r * y_row + cols[None, :]
-    for head in range(n_heads):
-        x1 = tl.load(xp + head * (2 * HALF), mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + head * (2 * HALF) + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(yp + head * (2 * HALF), (x1 * cos - x2 * sin).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(yp + head * (2 * HALF) + HALF, (x2 * cos + x1 * sin).to(y_ptr.dtype.element_ty), mask=mask)
+    _heads(x0_ptr + r * x0_row + cols[None, :], y0_ptr + r * y0_row + cols[None, :], g0, cos, sin, mask,
+           HALF, ROT0)
+    if PAIRS > 1:
+        _heads(x1_ptr + r * x1_row + cols[None, :], y1_ptr + r * y1_row + cols[None, :], g1, cos, sin, mask,
+               HALF, ROT1)
+    if PAIRS > 2:
+        _heads(x2_ptr + r * x2_row + cols[None, :], y2_ptr + r * y2_row + cols[None, :], g2, cos, sin, mask,
+               HALF, ROT2)
 
 
-def rope(x, y, c, s, inverse: bool) -> None:
-    """``x, y [N, G, D]`` (unit stride in ``D``, heads ``D`` apart, any token stride), ``c, s`` the
-    float32 tables ``[N, 1, D]`` (contiguous)."""
-    n, g, d = x.shape
+def rope(xs, ys, c, s, inverse: bool, rotated: int) -> None:
+    """Pairs ``xs[i] -> ys[i]`` (1 to 3; each ``[N, G_i, D]``, unit stride in ``D``, heads ``D``
+    apart, any token stride), the first ``rotated`` rotated and the rest copied, in one launch;
+    ``c, s`` the float32 tables ``[N, 1, D]`` (contiguous)."""
+    pairs = len(xs)
+    n, _, d = xs[0].shape
+    xs3, ys3 = [*xs, *xs[:1] * (3 - pairs)], [*ys, *ys[:1] * (3 - pairs)]  # unused slots: any tensor
     block = 16
-    _rope_kernel[(triton.cdiv(n, block),)](x, y, c, s, n, g, x.stride(0), y.stride(0), c.stride(0),
-                                           HALF=d // 2, BLOCK=block, INVERSE=inverse, num_warps=4)
+    _rope_kernel[(triton.cdiv(n, block),)](
+        xs3[0], ys3[0], xs3[1], ys3[1], xs3[2], ys3[2], c, s, n, *(t.shape[1] for t in xs3),
+        *(v for x, y in zip(xs3, ys3) for v in (x.stride(0), y.stride(0))), c.stride(0),
+        HALF=d // 2, BLOCK=block, INVERSE=inverse, PAIRS=pairs, ROT0=rotated > 0, ROT1=rotated > 1,
+        ROT2=rotated > 2, num_warps=4)
 
 
 @triton.jit

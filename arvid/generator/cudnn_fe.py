@@ -460,7 +460,8 @@ def cudnn_fe_rope_fwd(qkv: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: t
     from ``qkv``."""
     qkv, h = qkv.contiguous(), heads
     hkv = _kv_heads(qkv, h)
-    q, k = fused.rope(qkv[:, :h], c, s), fused.rope(qkv[:, h:h + hkv], c, s)
+    q, k = qkv.new_empty((qkv.shape[0], h, qkv.shape[2])), qkv.new_empty((qkv.shape[0], hkv, qkv.shape[2]))
+    fused.rope_pairs((qkv[:, :h], qkv[:, h:h + hkv]), (q, k), c, s)
     out, stats = _forward(q, k, qkv[:, h + hkv:], cu, max_seqlen)
     return out, stats, q, k
 
@@ -479,14 +480,12 @@ def cudnn_fe_rope_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qkv:
                       stats: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
                       heads: int) -> torch.Tensor:
     """``d[qkv]`` in one buffer: cuDNN's dq, dk and dv, with RoPE's inverse rotation applied to dq
-    and dk on their way into its columns (no separate concatenation pass)."""
+    and dk on their way into its columns and dv copied, in one kernel (no separate concatenation pass)."""
     qkv, h = qkv.contiguous(), heads
     hkv = _kv_heads(qkv, h)
     dq, dk, dv = _backward(dout, q, k, qkv[:, h + hkv:], out, stats, cu, max_seqlen)
     dqkv = torch.empty_like(qkv)
-    fused.rope(dq, c, s, out=dqkv[:, :h], inverse=True)
-    fused.rope(dk, c, s, out=dqkv[:, h:h + hkv], inverse=True)
-    dqkv[:, h + hkv:].copy_(dv)
+    fused.rope_pairs((dq, dk, dv), (dqkv[:, :h], dqkv[:, h:h + hkv], dqkv[:, h + hkv:]), c, s, inverse=True, copied=1)
     return dqkv
 
 

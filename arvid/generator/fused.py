@@ -1,8 +1,9 @@
 """Hand-written kernels for the memory-bound parts of the compiled training step that inductor's
 generated code leaves slow, each with a torch fallback that computes the same thing.
 
-- :func:`rope`: RoPE's rotation of ``[N, G, D]`` heads, out of place or in place, forward or
-  inverse. The ``cudnn_fe`` attention backend rotates q and k inside its opaque ops with it
+- :func:`rope` / :func:`rope_pairs`: RoPE's rotation of ``[N, G, D]`` heads, out of place or in
+  place, forward or inverse; :func:`rope_pairs` takes up to three tensors in one launch, copying the
+  last ones where asked. The ``cudnn_fe`` attention backend rotates q and k inside its opaque ops with it
   (:func:`arvid.generator.cudnn_fe.cudnn_fe_rope_attention`): its backward writes cuDNN's dq and
   dk through the inverse rotation straight into the q and k columns of one ``d[qkv]`` buffer. Under
   ``torch.compile`` the same backward was one generated kernel that rotated dq and dk and
@@ -96,15 +97,33 @@ def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, out: torch.Tensor | 
     (RoPE's backward: the rotation is orthogonal). Returns ``out``."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    d = x.shape[-1]
-    layout_ok = all(t.stride(-1) == 1 and t.stride(-2) == d for t in (x, out))
-    if (_triton_ok(x) and layout_ok and d >= 4 and d & (d - 1) == 0 and c.is_contiguous() and s.is_contiguous()
-            and c.dtype == s.dtype == torch.float32 and c.shape[0] == s.shape[0] == x.shape[0]
-            and x.dtype in _KERNEL_DTYPES):
-        _kernels().rope(x, out, c, s, inverse)
-        return out
-    out.copy_(rotate(x, c, -s if inverse else s))
+    rope_pairs((x,), (out,), c, s, inverse=inverse)
     return out
+
+
+def rope_pairs(xs: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...], c: torch.Tensor, s: torch.Tensor,
+               inverse: bool = False, copied: int = 0) -> None:
+    """Each ``xs[i]`` (``[N, G_i, D]``, as :func:`rope` takes them; 1 to 3 of them) into ``outs[i]``
+    (same shape), rotated by the tables ``c, s``, except the last ``copied`` pairs, which are copied
+    as they are: one kernel launch where Triton takes them all (the cudnn_fe backend's q and k in
+    the forward; dq, dk rotated and dv copied into ``d[qkv]`` in the backward)."""
+    if not 1 <= len(xs) == len(outs) <= 3 or not 0 <= copied < len(xs):
+        raise ValueError(f"rope_pairs: 1 to 3 (x, out) pairs with fewer than all copied, got {len(xs)} inputs, "
+                         f"{len(outs)} outputs and copied={copied}")
+    for x, out in zip(xs, outs):
+        if out.shape != x.shape or x.shape[0] != xs[0].shape[0] or x.shape[-1] != xs[0].shape[-1]:
+            raise ValueError(f"rope_pairs: each pair [N, G, D] alike and with the same N and D, got {tuple(x.shape)} "
+                             f"-> {tuple(out.shape)} (first input {tuple(xs[0].shape)})")
+    d = xs[0].shape[-1]
+    tensors = (*xs, *outs)
+    layout_ok = all(t.stride(-1) == 1 and t.stride(-2) == d for t in tensors)
+    if (_triton_ok(*tensors) and layout_ok and d >= 4 and d & (d - 1) == 0 and c.is_contiguous()
+            and s.is_contiguous() and c.dtype == s.dtype == torch.float32 and c.shape[0] == s.shape[0] == xs[0].shape[0]
+            and all(t.dtype == xs[0].dtype for t in tensors) and xs[0].dtype in _KERNEL_DTYPES):
+        _kernels().rope(xs, outs, c, s, inverse, len(xs) - copied)
+        return
+    for i, (x, out) in enumerate(zip(xs, outs)):
+        out.copy_(x if i >= len(xs) - copied else rotate(x, c, -s if inverse else s))
 
 
 # --------------------------------------------------------------------------- SwiGLU

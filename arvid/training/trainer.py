@@ -106,6 +106,7 @@ from arvid.training.device import (
     tensorboard_available,
 )
 from arvid.training.ema import EMA
+from arvid.training.graph_passes import graph_pass_options
 from arvid.training.inductor import check_inductor_options
 from arvid.training.logging import MetricsLogger
 from arvid.training.profiling import StepProfiler
@@ -773,7 +774,9 @@ class Trainer:
             model = acc.prepare_model(wrapper) if ddp else wrapper
         self.task.train()
         if cfg.compile:
-            model = torch.compile(model, options=dict(cfg.compile_options) or None)  # checked by the config
+            # the config's options (checked by it) over arvid's graph passes (graph_passes: CUDA only)
+            options = {**graph_pass_options(device), **cfg.compile_options}
+            model = torch.compile(model, options=options or None)
         ema_module = ckpt.ema_target(self.task)
         self._ema = EMA(ema_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         optimizers = {g.name: self._make_optimizer(g, device, fused_cpu=cfg.loss_check == "deferred")
