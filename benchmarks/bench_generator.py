@@ -195,9 +195,7 @@ def bench(preset: str, kind: str, args, device: torch.device, fmt: SequenceForma
     def loss_fn(batch):
         return F.cross_entropy(model(batch).float(), batch.targets, ignore_index=IGNORE)
 
-    # arvid's graph passes, as the Trainer installs them (--addmm: inductor's fused residual addmm or split)
-    passes = {"post_grad_custom_post_pass": UnfuseResidualAddmm()} if args.addmm == "unfused" else {}
-    step_loss = torch.compile(loss_fn, mode=args.compile_mode, options=passes or None) if args.compile else loss_fn
+    step_loss = torch.compile(loss_fn, mode=args.compile_mode) if args.compile else loss_fn
     row = {"preset": preset, "lengths": kind, "params_M": n_params / 1e6, "backend": None,
            "residual_dtype": args.residual_dtype, "gpt_overrides": args.gpt_overrides}
     # a backend that cannot train here (fa4 on Hopper) fails now with its reason, not after compiling
@@ -375,10 +373,13 @@ def main(argv: list[str] | None = None) -> dict:
         import arvid.generator.gpt as gpt_module
 
         gpt_module.ROPE_INVERSE_BACKWARD = True
-    if args.inductor_options:
+    # arvid's graph passes as the Trainer installs them (--addmm unfused), then the --inductor options:
+    # set in inductor's config (torch.compile takes options or a mode, not both)
+    passes = {"post_grad_custom_post_pass": UnfuseResidualAddmm()} if args.addmm == "unfused" else {}
+    if passes or args.inductor_options:
         import torch._inductor.config as inductor_config
 
-        for key, value in args.inductor_options.items():
+        for key, value in {**passes, **args.inductor_options}.items():
             setattr(inductor_config, key, value)
     if args.flops_only:
         rows = [count_flops(preset, kind, args, fmt) for preset in args.presets.split(",")
