@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="RoPE's backward: autograd's derivative of the roll, or the inverse rotation "
                         "(arvid.generator.gpt.ROPE_INVERSE_BACKWARD, experimental)")
     p.add_argument("--fused", choices=("default", "all", "off", "rope", "swiglu"), default="default",
-                   help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops (off by default, "
-                        "ARVID_FUSED_ROPE=1) and the SwiGLU op (on by default); 'default' = the library's settings, "
+                   help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops and the SwiGLU op "
+                        "(both on by default); 'default' = the library's settings, "
                         "'off' = the plain torch code inductor compiles")
     p.add_argument("--addmm", choices=("default", "fused", "unfused"), default="default",
                    help="residual additions after a matmul: 'fused' = inductor's addmm (cuBLAS copies the residual "

@@ -252,7 +252,7 @@ def test_gpt_cudnn_fe_takes_the_rope_ops_unless_turned_off(monkeypatch):
     rope = rope_tables_saved(pos, cfg.head_dim, cfg.rope_theta)
     x = torch.randn(n, 64)
     calls = []
-    monkeypatch.setattr(fused, "ROPE", True)  # off by default until it passes the GPU test
+    monkeypatch.setattr(fused, "ROPE", True)  # (ARVID_FUSED_ROPE=0 in the environment would turn it off)
     real = cudnn_fe.cudnn_fe_rope_attention
     monkeypatch.setattr(cudnn_fe, "cudnn_fe_rope_attention", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(n, 64)
