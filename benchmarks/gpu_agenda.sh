@@ -36,6 +36,8 @@
 #  9b. flexsweep (not in the default order; AGENDA_STEPS=flexsweep) bench_attention's flex rows with
 #                kernel options (USE_TMA, 128x64 tiles, PRESCALE_QK) and max-autotune, against
 #                torch_varlen ([E])
+#  9c. fused    (not in the default order; AGENDA_STEPS=fused) the fused-kernel GPU tests and the
+#                L step at 65,536 positions once per FUSED_RUNS entry (bench_generator flags)
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -51,11 +53,9 @@
 # autotuning, compiled AdamW and 8x128 heads; and at 11:49-12:01 UTC after that day's two fixes:
 # cudnn_fe L 54.2% at 65k, torch_varlen 50.5%, XL 54.7%, B 44.7% at 32k; at 14:18-15:27 UTC
 # the concatenation options (no effect), the copies' source (aten::addmm) and the fused kernels:
-# SwiGLU correct and faster, the first two fused-RoPE forms wrong on the GPU). Still owed:
-# tokprof, pipeline, flexsweep, and first of all the fused RoPE's current form:
-#   pytest -m gpu tests/test_generator_fused.py tests/test_generator_attention.py (the cudnnfe step runs it)
-# then, if it passes, CUDNNFE_RUNS="cudnn_fe 65536 --fused all --profile;cudnn_fe 65536 --fused
-# swiglu;cudnn_fe 65536 --fused off" (the same machine for all three).
+# SwiGLU correct and faster, the first two fused-RoPE forms wrong on the GPU); fused (16:18-16:43
+# UTC: the third fused-RoPE form correct, rope_pairs and the addmm split timed, presets B/L/XL at
+# 32k). Still owed: tokprof, pipeline, flexsweep.
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
