@@ -21,6 +21,16 @@ def _inputs():
     return [torch.randn(*shape, generator=g) for shape in ((64, 32), (32, 32), (32, 32), (32,))]
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_cache():
+    """A cached compilation skips the post-grad passes: compile afresh in every test."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def _compiled_code(options):
     from torch._inductor.utils import run_and_get_code
 

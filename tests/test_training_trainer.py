@@ -442,3 +442,39 @@ def test_compile_options_are_checked_typed_and_passed_to_torch_compile(tmp_path,
             tmp_path / "run").fit()
     Trainer(_cfg(max_steps=1, compile=True), ToyTask(), toy_data(), tmp_path / "run2").fit()
     assert seen == [{"max_pointwise_cat_inputs": 1}, None]
+
+
+def test_the_compiled_step_gets_arvids_graph_passes_under_the_configs_options(tmp_path, monkeypatch):
+    """On CUDA the Trainer hands torch.compile arvid's graph passes (graph_passes: the residual
+    addmm split) with the config's options; here the device check is patched so the CPU stands in,
+    first with a recording torch.compile, then a real compiled fit that takes the pass object."""
+    import arvid.training.trainer as trainer_module
+    from arvid.training.graph_passes import UnfuseResidualAddmm
+
+    made = []
+
+    def passes(device):
+        made.append(UnfuseResidualAddmm())
+        return {"post_grad_custom_post_pass": made[-1]}
+
+    monkeypatch.setattr(trainer_module, "graph_pass_options", passes)
+    seen = []
+    real_compile = torch.compile
+
+    def fake_compile(model, options=None, **kw):
+        seen.append(options)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    Trainer(_cfg(max_steps=1, compile=True, compile_options={"max_pointwise_cat_inputs": 1}), ToyTask(), toy_data(),
+            tmp_path / "run").fit()
+    assert seen == [{"post_grad_custom_post_pass": made[0], "max_pointwise_cat_inputs": 1}]
+    monkeypatch.setattr(torch, "compile", real_compile)
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    # a cached compilation skips the passes: compile afresh
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        Trainer(_cfg(max_steps=2, compile=True), ToyTask(), toy_data(), tmp_path / "run2").fit()
+    assert len(made) == 2 and made[1].graphs >= 2  # the step's forward and backward graphs

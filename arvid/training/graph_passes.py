@@ -25,12 +25,13 @@ _aten = torch.ops.aten
 
 class UnfuseResidualAddmm(CustomGraphPass):
     """``addmm(x, a, b)`` with ``x`` of the output's shape (alpha = beta = 1) -> ``x + mm(a, b)``.
-    :attr:`rewritten` counts the nodes this instance has split (all graphs it has seen)."""
+    :attr:`graphs` counts the graphs this instance has run on, :attr:`rewritten` the nodes it has split."""
 
     def __init__(self) -> None:
-        self.rewritten = 0
+        self.graphs = self.rewritten = 0
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        self.graphs += 1
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not _aten.addmm.default:
                 continue
