@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops and the SwiGLU op "
                         "(both on by default); 'default' = the library's settings, "
                         "'off' = the plain torch code inductor compiles")
+    p.add_argument("--dv-in-place", action="store_true",
+                   help="cudnn_fe's RoPE route: cuDNN writes dv into d[qkv]'s v columns itself "
+                        "(arvid.generator.cudnn_fe.DV_IN_PLACE, off by default until it passes the GPU test)")
     p.add_argument("--addmm", choices=("default", "fused", "unfused"), default="default",
                    help="residual additions after a matmul: 'fused' = inductor's addmm (cuBLAS copies the residual "
                         "into its output first), 'unfused' = mm, with the add in the next generated kernel "
@@ -359,10 +362,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         activate_flash_impl(args.flash_impl)  # raises, saying what to install, when it cannot
     args.dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    if args.cudnn_autotune is not None:
-        from arvid.generator import cudnn_fe
+    from arvid.generator import cudnn_fe
 
+    if args.cudnn_autotune is not None:
         cudnn_fe.AUTOTUNE = args.cudnn_autotune
+    if args.dv_in_place:
+        cudnn_fe.DV_IN_PLACE = True
     from arvid.generator import fused
 
     if args.addmm == "default":  # what the Trainer would do on this device
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
         "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
         "fused": {"rope": fused.ROPE, "swiglu": fused.SWIGLU},
-        "addmm": args.addmm,
+        "addmm": args.addmm, "dv_in_place": cudnn_fe.DV_IN_PLACE,
         "flash_impl": args.flash_impl or "torch default",
         "max_tokens": args.max_tokens, "peak_tflops": args.peak_tflops,
         "measured_peak_tflops": args.measured_peak, "rows": rows,

@@ -55,7 +55,9 @@
 # the concatenation options (no effect), the copies' source (aten::addmm) and the fused kernels:
 # SwiGLU correct and faster, the first two fused-RoPE forms wrong on the GPU); fused (16:18-16:43
 # UTC: the third fused-RoPE form correct, rope_pairs and the addmm split timed, presets B/L/XL at
-# 32k). Still owed: tokprof, pipeline, flexsweep.
+# 32k). Still owed: tokprof, pipeline, flexsweep, and first the fused step as it stands
+# (AGENDA_STEPS=fused, default FUSED_RUNS): cuDNN writing dv into d[qkv] itself
+# (ARVID_CUDNN_FE_DV_IN_PLACE / --dv-in-place: its GPU test, then the L step with and without).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -113,20 +115,27 @@ run_all() {
     # (arvid/generator/fused.py) and the residual-addmm split (arvid/training/graph_passes.py) with
     # the cudnn_fe backend (wheel as in cudnnfe): their GPU tests, then the L step at 65,536 positions
     # once per FUSED_RUNS entry (bench_generator flags, ";"-separated), one after another on this
-    # machine; runs with --fused all or rope only if the fused-RoPE GPU test passed. fused_tests.rc
-    # is the tests' status
+    # machine; runs that use the fused RoPE only if its GPU test passed, --dv-in-place runs only if
+    # that form's did. fused_tests.rc is the tests' status
     step fused 1500 bash -c '
         set -o pipefail
         rc=0
         python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_fused.py \
             tests/test_generator_attention.py -k "fused or rope or cudnn_fe or backends_match" -rA \
             > "$1/fused_tests.log" 2>&1; t=$?; echo $t > "$1/fused_tests.rc"; grep -E "^(PASSED|FAILED|ERROR)" "$1/fused_tests.log"
-        rope_ok=0; grep -q "PASSED.*test_gpu_cudnn_fe_rope_matches_the_plain_route" "$1/fused_tests.log" && rope_ok=1
-        IFS=";" read -ra runs <<< "${FUSED_RUNS:---fused all --addmm unfused --profile;--fused all --addmm fused;--fused swiglu --addmm fused}"
+        rope_ok=0; grep -q "PASSED.*test_gpu_cudnn_fe_rope_matches_the_plain_route\[False\]" "$1/fused_tests.log" && rope_ok=1
+        dv_ok=0; grep -q "PASSED.*test_gpu_cudnn_fe_rope_matches_the_plain_route\[True\]" "$1/fused_tests.log" && dv_ok=1
+        IFS=";" read -ra runs <<< "${FUSED_RUNS:---dv-in-place --profile;--fused default}"
         i=0
         for run in "${runs[@]}"; do
             i=$((i + 1))
-            case " $run " in *" --fused all "*|*" --fused rope "*) [ $rope_ok = 1 ] || { echo "--- run $i skipped (fused RoPE failed its test): $run"; continue; } ;; esac
+            case " $run " in  # runs that use the fused RoPE (on by default) need its test passed
+                *" --fused off "*|*" --fused swiglu "*) ;;
+                *) [ $rope_ok = 1 ] || { echo "--- run $i skipped (fused RoPE failed its test): $run"; continue; } ;;
+            esac
+            case " $run " in *" --dv-in-place "*)
+                [ $dv_ok = 1 ] || { echo "--- run $i skipped (dv in place failed its test): $run"; continue; } ;;
+            esac
             echo "--- run $i: $run"
             python3 benchmarks/bench_generator.py --presets L --lengths router --steps 6 --warmup 3 \
                 --backend cudnn_fe --residual-dtype compute --max-tokens 65536 --measure-peak \

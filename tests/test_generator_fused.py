@@ -193,16 +193,19 @@ def _reference_attention(q, k, v, cu):
     return out
 
 
+@pytest.mark.parametrize("dv_in_place", [False, True])
 @pytest.mark.parametrize("lens,heads", [([7, 1, 13, 4], (4, 2)), ([33, 20], (2, 2))])
-def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens, heads):
+def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens, heads, dv_in_place):
     """cudnn_fe_rope_attention on the CPU with the stand-in cuDNN frontend (it reads and writes
     only through the declared dims, strides and ragged offsets): the output is attention of the
     rotated q and k, and the one gradient, d[qkv], is the float64 reference's, so cuDNN reads the
     rotated q, k and the in-place v with the right token strides and offsets and the inverse
-    rotation covers exactly the q and k columns."""
+    rotation covers exactly the q and k columns. With DV_IN_PLACE cuDNN writes dv into d[qkv]'s v
+    columns itself, through v's token stride and offsets."""
     from arvid.generator import cudnn_fe
 
     _cudnn_fe_standin().install(monkeypatch)
+    monkeypatch.setattr(cudnn_fe, "DV_IN_PLACE", dv_in_place)
     h, hkv = heads
     n, d = sum(lens), 16
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
@@ -224,6 +227,19 @@ def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens
     # q and k contiguous (cuDNN writes dq, dk with their strides), v in place from the projection
     (bwd_key,) = [key for kind, key in cudnn_fe.BUILT if kind == "backward"]
     assert bwd_key[6:9] == (h * d, hkv * d, (h + 2 * hkv) * d)
+    assert bwd_key[10] == ((h + 2 * hkv) * d if dv_in_place else hkv * d)  # dv's token stride
+
+
+def test_cudnn_fe_backward_refuses_a_dv_out_it_cannot_write(monkeypatch):
+    from arvid.generator import cudnn_fe
+
+    _cudnn_fe_standin().install(monkeypatch)
+    n, h, d = 6, 2, 8
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    q, k, v, o = (torch.randn(n, h, d) for _ in range(4))
+    stats = torch.zeros(8, h, 512, 1)
+    with pytest.raises(ValueError, match=r"dv_out must be \[6, 2, 8\].*got shape \(6, 8, 2\)"):
+        cudnn_fe._backward(o, q, k, v, o, stats, cu, n, dv_out=torch.empty(n, h, d).transpose(1, 2))
 
 
 def test_cudnn_fe_rope_refuses_a_projection_that_does_not_split(monkeypatch):
@@ -311,12 +327,15 @@ def test_gpu_fused_kernels_match_torch():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_cudnn_fe_rope_matches_the_plain_route():
+@pytest.mark.parametrize("dv_in_place", [False, True])
+def test_gpu_cudnn_fe_rope_matches_the_plain_route(monkeypatch, dv_in_place):
     """cudnn_fe with RoPE inside its ops against rotating q and k first and calling cudnn_fe: the
     GPT's shapes (8 heads of 128), ~16k router-like tokens, bf16; output and d[qkv] within bf16
-    rounding of each other."""
+    rounding of each other; with cuDNN writing dv into d[qkv] itself (DV_IN_PLACE) too."""
     from arvid.generator import cudnn_fe
     from arvid.generator.attention import backend_unavailable_reason
+
+    monkeypatch.setattr(cudnn_fe, "DV_IN_PLACE", dv_in_place)
 
     reason = backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
     if reason is not None:

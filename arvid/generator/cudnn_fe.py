@@ -50,6 +50,14 @@ SEQ_BUCKET = 512
 #: multiple of 64 by cuDNN's rule) is the token count rounded up to a power of two, at least this.
 MIN_TOKEN_BOUND = 1024
 
+#: ``ARVID_CUDNN_FE_DV_IN_PLACE=1``: the RoPE route's backward (:func:`cudnn_fe_rope_bwd`) has cuDNN
+#: write dv straight into the v columns of ``d[qkv]``, with the token stride and ragged offsets of v
+#: (a view of the same columns of the projection), instead of a contiguous dv the RoPE kernel
+#: copies (~0.8 GB a GPT-L layer at 65,536 positions, ~2 ms a step). Off until it passes the GPU
+#: test: cuDNN wrote wrong dq/dk into column slices where q and k had other strides (H100,
+#: 2026-12-07); here dv's layout is exactly v's, which the hypothesis of that failure allows.
+DV_IN_PLACE = os.environ.get("ARVID_CUDNN_FE_DV_IN_PLACE", "0") == "1"
+
 #: ``ARVID_CUDNN_FE_AUTOTUNE=1``: build up to :data:`TUNE_MAX_PLANS` of the execution plans cuDNN's
 #: heuristics offer for a graph, time them on the graph's first call and keep the fastest whose
 #: outputs agree with the heuristics' first choice. Off by default: on the L step's graphs (H100,
@@ -303,11 +311,11 @@ def _fwd_graph(key: tuple, handle) -> _Graph:
 
 def _bwd_graph(key: tuple, handle) -> _Graph:
     cudnn = _cudnn()
-    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, max_t = key
+    dtype, b, s, h, hkv, d, ts_q, ts_k, ts_v, max_t, ts_dv = key
     dt = _io_type(cudnn, dtype)
     g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    names = ("off_q", "off_k", "off_v", "off_o", "off_dk")
+    names = ("off_q", "off_k", "off_v", "off_o", "off_dk", "off_dv")
     t = {n: _small(g, n, b + 1, cudnn.data_type.INT64) for n in names}
     t["seq_q"], t["seq_kv"] = (_small(g, n, b, cudnn.data_type.INT32) for n in ("seq_q", "seq_kv"))
     t["q"] = _thd(g, "q", b, h, s, d, ts_q, dt, t["off_q"])
@@ -320,14 +328,15 @@ def _bwd_graph(key: tuple, handle) -> _Graph:
                                  stats=t["stats"], attn_scale=1.0 / math.sqrt(d), use_padding_mask=True,
                                  seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], max_total_seq_len_q=max_t,
                                  max_total_seq_len_kv=max_t, **_causal(cudnn))
-    # the gradients are written contiguous: dq like o ([N, h, d]), dk and dv as [N, hkv, d]. (Written
-    # into column slices of one d[qkv] buffer instead, with its token stride, cuDNN's dq/dk/dv were
-    # wrong on an H100, 2026-12-07, where the CPU stand-in took them: cudnn_fe_rope_bwd assembles
-    # d[qkv] itself.)
+    # the gradients are written contiguous: dq like o ([N, h, d]), dk as [N, hkv, d], dv too unless
+    # its token stride ts_dv says otherwise (DV_IN_PLACE: v's own layout, in d[qkv]'s v columns).
+    # (Written into column slices of one d[qkv] buffer, with its token stride, where q and k had
+    # another, cuDNN's dq/dk/dv were wrong on an H100, 2026-12-07, where the CPU stand-in took them:
+    # cudnn_fe_rope_bwd assembles d[qkv] itself.)
     dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_ragged_offset(t["off_o"])
-    for grad, name in ((dk, "dk"), (dv, "dv")):
-        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * hkv * d, d, hkv * d, 1])
-        grad.set_ragged_offset(t["off_dk"])
+    for grad, name, ts in ((dk, "dk", hkv * d), (dv, "dv", ts_dv)):
+        grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * ts, d, ts, 1])
+        grad.set_ragged_offset(t["off_" + name])
         t[name] = grad
     t["dq"] = dq
     return _finish(g, cudnn, "backward", key, t, ("dq", "dk", "dv"))
@@ -393,8 +402,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor
 
 
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              stats: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq [N, H, D], dk [N, Hkv, D], dv [N, Hkv, D])``, each contiguous. q and k are made
+              stats: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+              dv_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq [N, H, D], dk [N, Hkv, D], dv [N, Hkv, D])``, each contiguous, or dv written into
+    ``dv_out`` (a view with v's layout: unit stride in D, heads adjacent) and returned. q and k are made
     contiguous here: handed as strided views (token stride 2,048 where a row holds 1,024), cuDNN's
     backward gave wrong gradients or read out of bounds on an H100 (2026-12-07), where the forward
     took them; v as a strided view of the fused projection is the layout the GPU tests pass."""
@@ -403,13 +414,18 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     n, h, d = q.shape
     hkv = k.shape[1]
     b, s = _shapes(cu, max_seqlen)
-    lens, off_q, off_k, off_v, off_o, off_dk = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d, hkv * d)
-    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n))
+    dq, dk = q.new_empty((n, h, d)), k.new_empty((n, hkv, d))
+    dv = v.new_empty((n, hkv, d)) if dv_out is None else dv_out
+    if dv.shape != (n, hkv, d) or dv is not _token_view(dv):
+        raise ValueError(f"cudnn_fe: dv_out must be [{n}, {hkv}, {d}] with unit stride in D and heads adjacent, "
+                         f"got shape {tuple(dv.shape)} strides {dv.stride()}")
+    lens, off_q, off_k, off_v, off_o, off_dk, off_dv = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d,
+                                                               hkv * d, dv.stride(0))
+    key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n), dv.stride(0))
     graph = _graph("backward", key, q.device)
-    dq, dk, dv = q.new_empty((n, h, d)), k.new_empty((n, hkv, d)), v.new_empty((n, hkv, d))
     graph.run(q.device, {"q": q, "k": k, "v": v, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": dk, "dv": dv,
                          "seq_q": lens, "seq_kv": lens, "off_q": off_q, "off_k": off_k, "off_v": off_v,
-                         "off_o": off_o, "off_dk": off_dk})
+                         "off_o": off_o, "off_dk": off_dk, "off_dv": off_dv})
     return dq, dk, dv
 
 
@@ -483,9 +499,14 @@ def cudnn_fe_rope_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, qkv:
     and dk on their way into its columns and dv copied, in one kernel (no separate concatenation pass)."""
     qkv, h = qkv.contiguous(), heads
     hkv = _kv_heads(qkv, h)
-    dq, dk, dv = _backward(dout, q, k, qkv[:, h + hkv:], out, stats, cu, max_seqlen)
     dqkv = torch.empty_like(qkv)
-    fused.rope_pairs((dq, dk, dv), (dqkv[:, :h], dqkv[:, h:h + hkv], dqkv[:, h + hkv:]), c, s, inverse=True, copied=1)
+    if DV_IN_PLACE:  # cuDNN writes dv into d[qkv]'s v columns; the kernel rotates dq and dk
+        dq, dk, _ = _backward(dout, q, k, qkv[:, h + hkv:], out, stats, cu, max_seqlen, dv_out=dqkv[:, h + hkv:])
+        fused.rope_pairs((dq, dk), (dqkv[:, :h], dqkv[:, h:h + hkv]), c, s, inverse=True)
+    else:
+        dq, dk, dv = _backward(dout, q, k, qkv[:, h + hkv:], out, stats, cu, max_seqlen)
+        fused.rope_pairs((dq, dk, dv), (dqkv[:, :h], dqkv[:, h:h + hkv], dqkv[:, h + hkv:]), c, s, inverse=True,
+                         copied=1)
     return dqkv
 
 
