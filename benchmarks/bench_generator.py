@@ -302,9 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpt", action="append", default=[], metavar="KEY=INT",
                    help="override a GPTConfig field of the preset (repeatable), e.g. --gpt n_heads=8: the same "
                         "parameters with heads of 128; rows then differ from the preset's (recorded as gpt_overrides)")
-    p.add_argument("--rope-backward", choices=("autograd", "inverse"), default="autograd",
-                   help="RoPE's backward: autograd's derivative of the roll, or the inverse rotation "
-                        "(arvid.generator.gpt.ROPE_INVERSE_BACKWARD, experimental)")
     p.add_argument("--fused", choices=("default", "all", "off", "rope", "swiglu"), default="default",
                    help="arvid.generator.fused's kernels in the step: RoPE inside the cudnn_fe ops and the SwiGLU op "
                         "(both on by default); 'default' = the library's settings, "
@@ -374,10 +371,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.addmm = "unfused" if graph_pass_options(device) else "fused"
     if args.fused != "default":
         fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
-    if args.rope_backward == "inverse":
-        import arvid.generator.gpt as gpt_module
-
-        gpt_module.ROPE_INVERSE_BACKWARD = True
     # arvid's graph passes as the Trainer installs them (--addmm unfused), then the --inductor options:
     # set in inductor's config (torch.compile takes options or a mode, not both)
     passes = {"post_grad_custom_post_pass": UnfuseResidualAddmm()} if args.addmm == "unfused" else {}
@@ -420,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile, "compile_mode": args.compile_mode,
-        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer, "rope_backward": args.rope_backward,
+        "inductor_tuning": args.inductor_tuning, "inductor_options": args.inductor_options, "optimizer": args.optimizer,
         "fused": {"rope": fused.ROPE, "swiglu": fused.SWIGLU},
         "addmm": args.addmm, "dv_in_place": cudnn_fe.DV_IN_PLACE,
         "flash_impl": args.flash_impl or "torch default",

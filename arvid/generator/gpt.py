@@ -182,29 +182,7 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     element), which takes 6 kernels instead of 9. ``[x2, x1]`` is ``roll(x, D/2)``, not a ``cat`` of
     the halves: inductor's CPU code generator writes a ``cat`` out to memory (four extra passes over
     q and k per layer in the compiled training step), a ``roll`` it fuses as an index remap."""
-    if ROPE_INVERSE_BACKWARD and torch.is_grad_enabled() and x.requires_grad:
-        return _RopeInverseBackward.apply(x, *rope)
     return fused.rotate(x, *rope)
-
-
-#: Experimental (off): RoPE's backward as the inverse rotation, ``dx = rotate(dy, C, -S)``, instead
-#: of autograd's derivative of the roll. On an H100 (2026-12-07) the compiled L step's RoPE backward
-#: kernel ran at ~1 TB/s (18.8 ms a step at 65,536 positions) against ~3 TB/s for its forward; this
-#: is the change to time against it (``bench_generator.py --rope-backward inverse``). Same values up
-#: to float rounding (the rotation is orthogonal: its transpose is the rotation by -theta).
-ROPE_INVERSE_BACKWARD = False
-
-
-class _RopeInverseBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(c, s)
-        return fused.rotate(x, c, s)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        c, s = ctx.saved_tensors
-        return fused.rotate(dy, c, -s), None, None
 
 
 class Attention(nn.Module):
