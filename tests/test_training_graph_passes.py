@@ -75,3 +75,58 @@ def test_the_pass_leaves_scaled_addmm_alone(kw):
     g.output(y)
     p(g)
     assert p.rewritten == 0 and any(n.target is torch.ops.aten.addmm.default for n in g.nodes)
+
+
+def _gpt_step_with_the_pass(device: str, dtype: torch.dtype):
+    """A debug GPT's forward and backward, eager and compiled with the pass: (pass, the compiled
+    code, [eager (loss, grads), compiled (loss, grads)])."""
+    from arvid.generator import GPT, pack_sequences
+
+    torch.manual_seed(0)
+    m = GPT.from_preset("debug", vocab_size=41, max_seq_len=64, num_classes=5).to(device)
+    torch.nn.init.normal_(m.head.weight, std=0.3)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 41, (n,), generator=g) for n in (9, 5, 12)]
+    batch = pack_sequences(seqs, 1, torch.tensor([0, 3, 1])).to(device)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    from torch._inductor.utils import run_and_get_code
+
+    p = UnfuseResidualAddmm()
+    results = []
+
+    def step(run):
+        m.zero_grad(set_to_none=True)
+        with autocast:
+            loss = run(batch).float().square().mean()
+        loss.backward()
+        return loss.detach(), [q.grad.detach().clone() for q in m.parameters() if q.grad is not None]
+
+    results.append(step(m))
+    out, codes = run_and_get_code(step, torch.compile(m, options={"post_grad_custom_post_pass": p}))
+    results.append(out)
+    torch._dynamo.reset()
+    return p, "\n".join(codes), results
+
+
+def test_the_pass_splits_every_residual_addmm_of_the_gpt_and_keeps_its_gradients():
+    """The debug GPT compiled with the pass on the CPU (where inductor also builds the residual
+    addmm): no addmm is left in its compiled code, and the loss and gradients are eager's."""
+    p, code, ((l0, g0), (l1, g1)) = _gpt_step_with_the_pass("cpu", torch.float32)
+    # the GPT has no biases: every addmm inductor builds is a residual one (3 in this graph without
+    # the pass, torch 2.13), and none is left
+    assert p.rewritten >= 2 and "extern_kernels.mm(" in code and "extern_kernels.addmm(" not in code
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_the_pass_splits_the_gpts_residual_addmm_in_bf16():
+    """On CUDA in bf16 autocast (the training step's setting): every residual addmm split, and the
+    loss and gradients within bf16 rounding of eager's."""
+    p, code, ((l0, g0), (l1, g1)) = _gpt_step_with_the_pass("cuda", torch.bfloat16)
+    assert p.rewritten >= 2 and "extern_kernels.addmm(" not in code
+    assert abs(l1.item() - l0.item()) <= 2e-2 * abs(l0.item())
+    for a, b in zip(g1, g0):
+        assert (a.float() - b.float()).abs().max().item() <= 3e-2 * b.float().abs().max().item() + 1e-6

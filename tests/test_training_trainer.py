@@ -448,7 +448,7 @@ def test_the_compiled_step_gets_arvids_graph_passes_under_the_configs_options(tm
     """On CUDA the Trainer hands torch.compile arvid's graph passes (graph_passes: the residual
     addmm split) with the config's options; here the device check is patched so the CPU stands in,
     first with a recording torch.compile, then a real compiled fit that takes the pass object."""
-    import arvid.training.trainer as trainer_module
+    from arvid.training import graph_passes
     from arvid.training.graph_passes import UnfuseResidualAddmm
 
     made = []
@@ -457,7 +457,7 @@ def test_the_compiled_step_gets_arvids_graph_passes_under_the_configs_options(tm
         made.append(UnfuseResidualAddmm())
         return {"post_grad_custom_post_pass": made[-1]}
 
-    monkeypatch.setattr(trainer_module, "graph_pass_options", passes)
+    monkeypatch.setattr(graph_passes, "graph_pass_options", passes)
     seen = []
     real_compile = torch.compile
 

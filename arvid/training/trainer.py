@@ -106,7 +106,6 @@ from arvid.training.device import (
     tensorboard_available,
 )
 from arvid.training.ema import EMA
-from arvid.training.graph_passes import graph_pass_options
 from arvid.training.inductor import check_inductor_options
 from arvid.training.logging import MetricsLogger
 from arvid.training.profiling import StepProfiler
@@ -774,8 +773,11 @@ class Trainer:
             model = acc.prepare_model(wrapper) if ddp else wrapper
         self.task.train()
         if cfg.compile:
-            # the config's options (checked by it) over arvid's graph passes (graph_passes: CUDA only)
-            options = {**graph_pass_options(device), **cfg.compile_options}
+            # the config's options (checked by it) over arvid's graph passes (CUDA only; the module
+            # imports inductor, so it is imported here, not at start-up)
+            from arvid.training import graph_passes
+
+            options = {**graph_passes.graph_pass_options(device), **cfg.compile_options}
             model = torch.compile(model, options=options or None)
         ema_module = ckpt.ema_target(self.task)
         self._ema = EMA(ema_module, cfg.ema_decay) if cfg.ema_decay > 0 else None
