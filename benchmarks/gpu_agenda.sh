@@ -122,7 +122,10 @@ run_all() {
         rc=0
         python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_fused.py \
             tests/test_generator_attention.py -k "fused or rope or cudnn_fe or backends_match" -rA \
-            > "$1/fused_tests.log" 2>&1; t=$?; echo $t > "$1/fused_tests.rc"; grep -E "^(PASSED|FAILED|ERROR)" "$1/fused_tests.log"
+            > "$1/fused_tests.log" 2>&1; t=$?
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_training_graph_passes.py -rA \
+            >> "$1/fused_tests.log" 2>&1 || { [ $t = 0 ] && t=1; }
+        echo $t > "$1/fused_tests.rc"; grep -E "^(PASSED|FAILED|ERROR)" "$1/fused_tests.log"
         rope_ok=0; grep -q "PASSED.*test_gpu_cudnn_fe_rope_matches_the_plain_route\[False\]" "$1/fused_tests.log" && rope_ok=1
         dv_ok=0; grep -q "PASSED.*test_gpu_cudnn_fe_rope_matches_the_plain_route\[True\]" "$1/fused_tests.log" && dv_ok=1
         IFS=";" read -ra runs <<< "${FUSED_RUNS:---dv-in-place --profile;--fused default}"
