@@ -373,12 +373,14 @@ def main(argv: list[str] | None = None) -> dict:
         fused.ROPE, fused.SWIGLU = args.fused in ("all", "rope"), args.fused in ("all", "swiglu")
     # arvid's graph passes as the Trainer installs them (--addmm unfused), then the --inductor options:
     # set in inductor's config (torch.compile takes options or a mode, not both)
-    passes = {"post_grad_custom_post_pass": UnfuseResidualAddmm()} if args.addmm == "unfused" else {}
-    if passes or args.inductor_options:
+    if args.compile:  # set (or cleared) in every run: the config outlives one main() in a process
         import torch._inductor.config as inductor_config
 
+        passes = {"post_grad_custom_post_pass": UnfuseResidualAddmm() if args.addmm == "unfused" else None}
         for key, value in {**passes, **args.inductor_options}.items():
             setattr(inductor_config, key, value)
+    else:
+        args.addmm = "eager"  # no compiled step: nothing to fuse or split
     if args.flops_only:
         rows = [count_flops(preset, kind, args, fmt) for preset in args.presets.split(",")
                 for kind in args.lengths.split(",")]

@@ -115,13 +115,20 @@ def test_rope_pairs_refuses_mismatched_pairs():
         fused.rope_pairs((x,), (torch.empty_like(x),), c, s, copied=1)
     with pytest.raises(ValueError, match=r"\(5, 3, 8\)"):
         fused.rope_pairs((x,), (torch.empty(n, 3, d),), c, s)
+    with pytest.raises(ValueError, match=r"tables must be \[N, 1, D\] = \[5, 1, 4\].*\[5, 1, 8\]"):
+        fused.rope_pairs((x[..., :4],), (torch.empty(n, 2, 4),), c, s)  # tables of another head size
+    with pytest.raises(ValueError, match=r"got \(5, 16\)"):
+        fused.rope_pairs((x.view(n, 16),), (torch.empty(n, 16),), c, s)
 
 
-_INTERPRETED = r"""""
+_INTERPRETED = r"""
 import torch
 from arvid.generator import fused
 from arvid.generator.gpt import rope_tables
 assert fused._triton_ok(torch.zeros(1))
+kernel_calls = []
+real_rope = fused._kernels().rope
+fused._kernels().rope = lambda xs, *a: kernel_calls.append(len(xs)) or real_rope(xs, *a)
 torch.manual_seed(0)
 n, g, d = 45, 6, 32
 pos = torch.randint(0, 4000, (n,))
@@ -150,6 +157,8 @@ for x, y in ((dq, dqkv[:, :g - 2]), (dk, dqkv[:, g - 2:g])):
     want = fused.rotate(x.double(), c.double(), -s.double())
     assert ((y.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
 assert torch.equal(dqkv[:, g:], dv)
+# every call above ran the kernel (1 pair x 4, then 2 and 3 pairs), none the torch fallback
+assert kernel_calls == [1, 1, 1, 1, 2, 3], kernel_calls
 a = torch.randn(9, 2 * 80, dtype=torch.bfloat16, requires_grad=True)
 h = fused.swiglu(a)
 af = a.detach().double().requires_grad_(True)
@@ -240,6 +249,10 @@ def test_cudnn_fe_backward_refuses_a_dv_out_it_cannot_write(monkeypatch):
     stats = torch.zeros(8, h, 512, 1)
     with pytest.raises(ValueError, match=r"dv_out must be \[6, 2, 8\].*got shape \(6, 8, 2\)"):
         cudnn_fe._backward(o, q, k, v, o, stats, cu, n, dv_out=torch.empty(n, h, d).transpose(1, 2))
+    with pytest.raises(ValueError, match=r"got shape \(6, 2, 8\) strides \(16, 1, 2\)"):  # heads not adjacent
+        cudnn_fe._backward(o, q, k, v, o, stats, cu, n, dv_out=torch.empty(n, d, h).transpose(1, 2))
+    with pytest.raises(ValueError, match="torch.float64 on cpu"):
+        cudnn_fe._backward(o, q, k, v, o, stats, cu, n, dv_out=torch.empty(n, h, d, dtype=torch.float64))
 
 
 def test_cudnn_fe_rope_refuses_a_projection_that_does_not_split(monkeypatch):
@@ -288,11 +301,14 @@ def test_gpt_cudnn_fe_takes_the_rope_ops_unless_turned_off(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fused_kernels_match_torch():
-    """On the GPU (Triton): fused.rope (in place on strided columns, both directions) and SwiGLU's
-    forward and backward within bf16 rounding of the float64 definitions."""
+def test_gpu_fused_kernels_match_torch(monkeypatch):
+    """On the GPU (Triton): fused.rope (in place on strided columns, both directions), rope_pairs
+    and SwiGLU's forward and backward within bf16 rounding of the float64 definitions; every RoPE
+    call ran the Triton kernel, not the torch fallback."""
     if not HAS_TRITON:
         pytest.skip("needs triton")
+    kernel_calls, real_rope = [], fused._kernels().rope
+    monkeypatch.setattr(fused._kernels(), "rope", lambda xs, *a: kernel_calls.append(len(xs)) or real_rope(xs, *a))
     n, g, d = 20000, 24, 128
     pos, c, s = _tables(n, d)
     c, s = c.cuda(), s.cuda()
@@ -313,6 +329,7 @@ def test_gpu_fused_kernels_match_torch():
         want = _rotate_pairs(x.cpu(), pos, inverse=True)
         assert (y.cpu().double() - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()
     assert torch.equal(dqkv[:, 24:], dv)
+    assert kernel_calls == [1, 1, 1, 1, 3]
     a = torch.randn(5000, 2 * 2816, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     h = fused.swiglu(a)
     af = a.detach().double().requires_grad_(True)

@@ -416,9 +416,9 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     b, s = _shapes(cu, max_seqlen)
     dq, dk = q.new_empty((n, h, d)), k.new_empty((n, hkv, d))
     dv = v.new_empty((n, hkv, d)) if dv_out is None else dv_out
-    if dv.shape != (n, hkv, d) or dv is not _token_view(dv):
-        raise ValueError(f"cudnn_fe: dv_out must be [{n}, {hkv}, {d}] with unit stride in D and heads adjacent, "
-                         f"got shape {tuple(dv.shape)} strides {dv.stride()}")
+    if dv.shape != (n, hkv, d) or dv is not _token_view(dv) or dv.dtype != q.dtype or dv.device != q.device:
+        raise ValueError(f"cudnn_fe: dv_out must be [{n}, {hkv}, {d}] {q.dtype} on {q.device} with unit stride in D "
+                         f"and heads adjacent, got shape {tuple(dv.shape)} strides {dv.stride()} {dv.dtype} on {dv.device}")
     lens, off_q, off_k, off_v, off_o, off_dk, off_dv = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d,
                                                                hkv * d, dv.stride(0))
     key = (q.dtype, b, s, h, hkv, d, q.stride(0), k.stride(0), v.stride(0), token_bound(n), dv.stride(0))

@@ -110,14 +110,17 @@ def rope_pairs(xs: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...], c: 
         raise ValueError(f"rope_pairs: 1 to 3 (x, out) pairs with fewer than all copied, got {len(xs)} inputs, "
                          f"{len(outs)} outputs and copied={copied}")
     for x, out in zip(xs, outs):
-        if out.shape != x.shape or x.shape[0] != xs[0].shape[0] or x.shape[-1] != xs[0].shape[-1]:
+        if x.dim() != 3 or out.shape != x.shape or x.shape[0] != xs[0].shape[0] or x.shape[-1] != xs[0].shape[-1]:
             raise ValueError(f"rope_pairs: each pair [N, G, D] alike and with the same N and D, got {tuple(x.shape)} "
                              f"-> {tuple(out.shape)} (first input {tuple(xs[0].shape)})")
-    d = xs[0].shape[-1]
+    n, _, d = xs[0].shape
+    if c.shape != (n, 1, d) or s.shape != c.shape:
+        raise ValueError(f"rope_pairs: the tables must be [N, 1, D] = {[n, 1, d]} for inputs [N, G, D], got "
+                         f"{list(c.shape)} and {list(s.shape)}")
     tensors = (*xs, *outs)
     layout_ok = all(t.stride(-1) == 1 and t.stride(-2) == d for t in tensors)
-    if (_triton_ok(*tensors) and layout_ok and d >= 4 and d & (d - 1) == 0 and c.is_contiguous()
-            and s.is_contiguous() and c.dtype == s.dtype == torch.float32 and c.shape[0] == s.shape[0] == xs[0].shape[0]
+    if (_triton_ok(*tensors, c, s) and layout_ok and d >= 4 and d & (d - 1) == 0 and c.is_contiguous()
+            and s.is_contiguous() and c.dtype == s.dtype == torch.float32
             and all(t.dtype == xs[0].dtype for t in tensors) and xs[0].dtype in _KERNEL_DTYPES):
         _kernels().rope(xs, outs, c, s, inverse, len(xs) - copied)
         return

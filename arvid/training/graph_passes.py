@@ -23,6 +23,14 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 _aten = torch.ops.aten
 
 
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are known to have one shape, without installing a guard (sizes may
+    be symbolic, or data-dependent, under dynamic shapes)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
 class UnfuseResidualAddmm(CustomGraphPass):
     """``addmm(x, a, b)`` with ``x`` of the output's shape (alpha = beta = 1) -> ``x + mm(a, b)``.
     :attr:`graphs` counts the graphs this instance has run on, :attr:`rewritten` the nodes it has split."""
@@ -36,10 +44,10 @@ class UnfuseResidualAddmm(CustomGraphPass):
             if node.op != "call_function" or node.target is not _aten.addmm.default:
                 continue
             inp, a, b = node.args[:3]
-            if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1 or len(node.args) > 3:
+            if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
                 continue
             vals = [getattr(t, "meta", {}).get("val") for t in (inp, a, b, node)]
-            if any(not isinstance(v, torch.Tensor) for v in vals) or vals[0].shape != vals[3].shape:
+            if any(not isinstance(v, torch.Tensor) for v in vals) or not _same_shape(vals[0], vals[3]):
                 continue
             with graph.inserting_before(node):
                 mm = graph.call_function(_aten.mm.default, (a, b))
