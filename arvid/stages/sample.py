@@ -235,9 +235,11 @@ class _Plan:
         return int(self.classes.shape[0])
 
 
-def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device, record: dict | None = None) -> _Plan:
+def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device, record: dict | None = None,
+              constraint: SequenceConstraint | None = None) -> _Plan:
     """Which videos to sample, from the config and what the GPT is conditioned on (its config, and
-    ``record``: what train-generator recorded, see :func:`training_record`)."""
+    ``record``: what train-generator recorded, see :func:`training_record`). ``constraint``: the
+    config's, as :func:`check_constraints` returns it (made here when not given)."""
     record = record or {}
     if record.get("conditioning") == "frames" and not cfg.context:
         raise ConfigError(f"generator {cfg.generator!r} was trained for frame prediction (conditioning 'frames', "
@@ -290,9 +292,10 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
                         "used) or `context_count`")
         plan.prefix = encode_context(tokenizer, video, blocks, counts)
         if cfg.fixed_assignment is not None or cfg.allowed_counts is not None:
+            if constraint is None:
+                constraint = check_constraints(cfg, SequenceFormat(tokenizer.codebook_size, tokenizer.layout))
             try:
-                SequenceConstraint(SequenceFormat(tokenizer.codebook_size, tokenizer.layout), 1, cfg.allowed_counts,
-                                   cfg.fixed_assignment).check_prefix_counts(plan.prefix.block_lengths)
+                constraint.check_prefix_counts(plan.prefix.block_lengths)
             except ValueError as e:
                 raise ConfigError(f"--context {cfg.context!r} was encoded with block counts "
                                   f"{plan.prefix.block_lengths[0].tolist()} (context_count={cfg.context_count}), "
@@ -406,7 +409,7 @@ def run(cfg: SampleConfig) -> Path:
     fmt = sequence_format_for(gpt, tokenizer)  # the vocabulary first: the plainer message when it differs
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
     constraint = check_constraints(cfg, fmt)
-    plan = plan_rows(cfg, gpt, tokenizer, device, training_record(cfg.generator))
+    plan = plan_rows(cfg, gpt, tokenizer, device, training_record(cfg.generator), constraint)
     check_exact_budget(cfg, fmt, constraint, plan.prefix.block_lengths[0].tolist() if plan.prefix is not None else None)
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
