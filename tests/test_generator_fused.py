@@ -129,6 +129,9 @@ assert fused._triton_ok(torch.zeros(1))
 kernel_calls = []
 real_rope = fused._kernels().rope
 fused._kernels().rope = lambda xs, *a: kernel_calls.append(len(xs)) or real_rope(xs, *a)
+for name in ("swiglu_fwd", "swiglu_bwd"):
+    real = getattr(fused._kernels(), name)
+    setattr(fused._kernels(), name, lambda *a, real=real, name=name: kernel_calls.append(name) or real(*a))
 torch.manual_seed(0)
 n, g, d = 45, 6, 32
 pos = torch.randint(0, 4000, (n,))
@@ -169,6 +172,7 @@ dh = torch.randn(9, 80, dtype=torch.bfloat16)
 (da,) = torch.autograd.grad(h, a, dh)
 (want,) = torch.autograd.grad(ref, af, dh.double())
 assert ((da.double() - want).abs() <= want.abs() * 2 ** -6 + 1e-3).all()
+assert kernel_calls[-2:] == ["swiglu_fwd", "swiglu_bwd"], kernel_calls  # the kernels, not the fallback
 print("ok")
 """
 
@@ -307,8 +311,11 @@ def test_gpu_fused_kernels_match_torch(monkeypatch):
     call ran the Triton kernel, not the torch fallback."""
     if not HAS_TRITON:
         pytest.skip("needs triton")
-    kernel_calls, real_rope = [], fused._kernels().rope
-    monkeypatch.setattr(fused._kernels(), "rope", lambda xs, *a: kernel_calls.append(len(xs)) or real_rope(xs, *a))
+    kernel_calls, kernels = [], fused._kernels()
+    real = {name: getattr(kernels, name) for name in ("rope", "swiglu_fwd", "swiglu_bwd")}
+    monkeypatch.setattr(kernels, "rope", lambda xs, *a: kernel_calls.append(len(xs)) or real["rope"](xs, *a))
+    for name in ("swiglu_fwd", "swiglu_bwd"):
+        monkeypatch.setattr(kernels, name, lambda *a, name=name: kernel_calls.append(name) or real[name](*a))
     n, g, d = 20000, 24, 128
     pos, c, s = _tables(n, d)
     c, s = c.cuda(), s.cuda()
@@ -340,6 +347,7 @@ def test_gpu_fused_kernels_match_torch(monkeypatch):
     (da,) = torch.autograd.grad(h, a, dh)
     (want,) = torch.autograd.grad(ref, af, dh.double())
     assert (da.double() - want).abs().max().item() <= 2 ** -6 * want.abs().max().item()
+    assert kernel_calls[-2:] == ["swiglu_fwd", "swiglu_bwd"]  # the kernels ran, not the torch fallback
 
 
 @pytest.mark.gpu

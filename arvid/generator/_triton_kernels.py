@@ -71,15 +71,22 @@ def rope(xs, ys, c, s, inverse: bool, rotated: int) -> None:
 
 
 @triton.jit
-def _swiglu_fwd_kernel(a_ptr, h_ptr, hidden, BLOCK: tl.constexpr):
-    """Row ``program_id(0)``, columns ``program_id(1) * BLOCK ...``: ``h = silu(gate) * up`` with
-    ``a = [gate, up]`` (``[N, 2 * hidden]``, contiguous)."""
+def _gate_up(a_ptr, hidden, BLOCK: tl.constexpr):
+    """Row ``program_id(0)``, columns ``program_id(1) * BLOCK ...`` of ``a = [gate, up]``
+    (``[N, 2 * hidden]``, contiguous): ``(row, cols, mask, gate, up)``, gate and up in float32."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
     ap = a_ptr + row * (2 * hidden) + cols
     g = tl.load(ap, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(ap + hidden, mask=mask, other=0.0).to(tl.float32)
+    return row, cols, mask, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(a_ptr, h_ptr, hidden, BLOCK: tl.constexpr):
+    """``h = silu(gate) * up`` (``h`` ``[N, hidden]``, contiguous)."""
+    row, cols, mask, g, u = _gate_up(a_ptr, hidden, BLOCK)
     h = g * tl.sigmoid(g) * u
     tl.store(h_ptr + row * hidden + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -87,12 +94,7 @@ def _swiglu_fwd_kernel(a_ptr, h_ptr, hidden, BLOCK: tl.constexpr):
 @triton.jit
 def _swiglu_bwd_kernel(dh_ptr, a_ptr, da_ptr, hidden, BLOCK: tl.constexpr):
     """``da = [dh * up * sig * (1 + gate * (1 - sig)), dh * silu(gate)]`` with ``sig = sigmoid(gate)``."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < hidden
-    ap = a_ptr + row * (2 * hidden) + cols
-    g = tl.load(ap, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(ap + hidden, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask, g, u = _gate_up(a_ptr, hidden, BLOCK)
     dh = tl.load(dh_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     dg = dh * u * sig * (1.0 + g * (1.0 - sig))
