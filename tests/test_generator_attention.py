@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+import _cudnn_fe_standin  # noqa: E402
+from _attention_ref import reference, router_like_qkv  # noqa: E402
 
 from arvid.generator.attention import (  # noqa: E402
     AttentionBackendUnavailable,
@@ -21,21 +22,6 @@ from arvid.generator.attention import (  # noqa: E402
     resolve_training_backend,
     varlen_causal_attention,
 )
-
-
-def reference(q, k, v, cu):
-    """Loop over sequences; explicit softmax in float64 with a lower-triangular mask."""
-    h = q.shape[1]
-    rep = h // k.shape[1]
-    out = torch.empty_like(q, dtype=torch.float64)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))  # [H', L, D]
-        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
-        s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[2])
-        L = b - a
-        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
-        out[a:b] = (s.softmax(-1) @ vs).transpose(0, 1)
-    return out
 
 
 def random_batch(seed, lens, h=4, hkv=2, d=16):
@@ -556,16 +542,6 @@ def test_xformers_mask_is_built_once_per_batch(monkeypatch):
     assert built[-1] == [5, 17]
 
 
-def _cudnn_fe_standin():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("_cudnn_fe_standin", Path(__file__).parent / "_cudnn_fe_standin.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("seed,lens,heads,bucket", [(0, [7, 1, 13, 4], (4, 2), 8), (1, [33, 20, 70], (4, 4), 1),
                                                     (2, [5] * 9 + [1], (2, 1), 8)])
 def test_cudnn_fe_graphs_read_and_write_the_packed_layout(monkeypatch, seed, lens, heads, bucket):
@@ -577,7 +553,7 @@ def test_cudnn_fe_graphs_read_and_write_the_packed_layout(monkeypatch, seed, len
     zero-length sequences; grouped-query attention is native (no repeated kv heads)."""
     from arvid.generator import cudnn_fe
 
-    standin = _cudnn_fe_standin()
+    standin = _cudnn_fe_standin
     standin.install(monkeypatch)
     monkeypatch.setattr(cudnn_fe, "BATCH_BUCKET", bucket)
     h, hkv = heads
@@ -609,7 +585,7 @@ def test_cudnn_fe_autotune_keeps_the_fastest_plan_that_agrees(monkeypatch):
     With autotuning off the heuristics' plan runs untimed."""
     from arvid.generator import cudnn_fe
 
-    standin = _cudnn_fe_standin()
+    standin = _cudnn_fe_standin
     standin.install(monkeypatch)
     monkeypatch.setattr(cudnn_fe, "AUTOTUNE", True)
     monkeypatch.setattr(standin, "PLANS", [("heuristic", 0.03, False, False), ("wrong", 0.0, True, False),
@@ -642,7 +618,7 @@ def test_cudnn_fe_autotune_keeps_the_fastest_plan_that_agrees(monkeypatch):
 def test_cudnn_fe_autotune_fails_clearly_when_no_plan_runs(monkeypatch):
     from arvid.generator import cudnn_fe
 
-    standin = _cudnn_fe_standin()
+    standin = _cudnn_fe_standin
     standin.install(monkeypatch)
     monkeypatch.setattr(cudnn_fe, "AUTOTUNE", True)
     monkeypatch.setattr(standin, "PLANS", [("a", 0.0, False, "run"), ("b", 0.0, False, "run")])
@@ -672,7 +648,7 @@ def test_cudnn_fe_custom_op_fakes_trace(monkeypatch):
     """The two custom ops' fakes give the real outputs' shapes and dtypes (the statistics padded
     to the bucketed sequence count and length), and the ops trace under AOT autograd."""
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     lens, q, k, v, cu, w, expected, _ = _custom_op_case()
     ci = cu.to(torch.int32)
     torch.library.opcheck(torch.ops.arvid.cudnn_fe_causal_fwd.default,
@@ -703,7 +679,7 @@ def test_cudnn_fe_unavailable_reasons(monkeypatch):
         cudnn_fe.problem.cache_clear()
         assert "Hopper" in backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
         monkeypatch.setattr(cudnn_fe.torch.cuda, "get_device_capability", lambda i=0: (9, 0))
-        standin = _cudnn_fe_standin().module()
+        standin = _cudnn_fe_standin.module()
         standin.backend_version = lambda: 90500
         monkeypatch.setattr(cudnn_fe, "_cudnn", lambda: standin)
         cudnn_fe.problem.cache_clear()
@@ -721,7 +697,7 @@ def test_cudnn_fe_under_torch_compile_with_changing_sequence_counts(monkeypatch)
     numbers as eager, and no graph beyond one forward and one backward per bucket."""
     from arvid.generator import cudnn_fe
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     torch._dynamo.reset()
 
     def loss(q, k, v, cu, w, m):
@@ -754,12 +730,8 @@ def test_gpu_cudnn_fe_matches_torch_varlen_on_a_router_like_batch(monkeypatch):
     reason = backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
     if reason is not None:
         pytest.skip(reason)
-    g = torch.Generator().manual_seed(0)
-    lens = [int(x) for x in torch.randint(130, 1400, (21,), generator=g)]
-    n, h, d = sum(lens), 16, 64
-    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
-    qkv = torch.randn(n, 3 * h, d, device="cuda", dtype=torch.bfloat16, generator=None)
-    w = torch.randn(n, h, d, device="cuda")
+    h, d = 16, 64
+    lens, cu, qkv, w = router_like_qkv(h, d)
     results = {}
     # this test's graphs only: built afresh (a graph an earlier test built would be reused, not listed)
     monkeypatch.setattr(cudnn_fe, "_GRAPHS", {})
@@ -802,7 +774,7 @@ def test_cudnn_fe_reuses_a_batch_layout_until_cu_seqlens_changes(monkeypatch):
     when the same cu_seqlens tensor is changed in place: the output follows the new boundaries."""
     from arvid.generator import cudnn_fe
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     calls = []
     real = cudnn_fe.batch_layout
     monkeypatch.setattr(cudnn_fe, "batch_layout", lambda cu, b: calls.append(b) or real(cu, b))
@@ -823,7 +795,7 @@ def test_cudnn_fe_token_bound_and_uncached_layouts(monkeypatch):
     from arvid.generator import cudnn_fe
 
     assert [cudnn_fe.token_bound(n) for n in (1, 1024, 1025, 32768, 32769)] == [1024, 1024, 2048, 32768, 65536]
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     q, k, v, cu = random_batch(0, [7, 1, 13, 4], h=4, hkv=2, d=16)
     with torch.inference_mode():
         cu_inf = cu.clone()

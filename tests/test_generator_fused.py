@@ -5,14 +5,15 @@ rotate q and k inside cuDNN's graphs and write d[qkv] in one buffer."""
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import _cudnn_fe_standin
 import pytest
 import torch
+from _attention_ref import reference, router_like_qkv
 
 from arvid.generator import fused
 from arvid.generator.gpt import rope_tables
@@ -186,26 +187,6 @@ def test_triton_kernels_under_the_interpreter():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def _cudnn_fe_standin():
-    spec = importlib.util.spec_from_file_location("_cudnn_fe_standin", Path(__file__).parent / "_cudnn_fe_standin.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _reference_attention(q, k, v, cu):
-    h, rep = q.shape[1], q.shape[1] // k.shape[1]
-    out = torch.empty_like(q)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
-        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
-        sc = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[2])
-        sc = sc.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
-        out[a:b] = (sc.softmax(-1) @ vs).transpose(0, 1)
-    assert out.shape[1] == h
-    return out
-
-
 @pytest.mark.parametrize("dv_in_place", [False, True])
 @pytest.mark.parametrize("lens,heads", [([7, 1, 13, 4], (4, 2)), ([33, 20], (2, 2))])
 def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens, heads, dv_in_place):
@@ -217,7 +198,7 @@ def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens
     columns itself, through v's token stride and offsets."""
     from arvid.generator import cudnn_fe
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     monkeypatch.setattr(cudnn_fe, "DV_IN_PLACE", dv_in_place)
     h, hkv = heads
     n, d = sum(lens), 16
@@ -233,7 +214,7 @@ def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens
     xr = qkv.double().requires_grad_(True)
     # rotated with the same (float32) tables: the rotation itself is checked above
     q, k = (fused.rotate(t, c.double(), s.double()) for t in (xr[:, :h], xr[:, h:h + hkv]))
-    ref = _reference_attention(q, k, xr[:, h + hkv:], cu)
+    ref = reference(q, k, xr[:, h + hkv:], cu)
     (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), xr)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
@@ -246,7 +227,7 @@ def test_cudnn_fe_rope_ops_give_the_rotated_attention_and_dqkv(monkeypatch, lens
 def test_cudnn_fe_backward_refuses_a_dv_out_it_cannot_write(monkeypatch):
     from arvid.generator import cudnn_fe
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     n, h, d = 6, 2, 8
     cu = torch.tensor([0, 6], dtype=torch.int32)
     q, k, v, o = (torch.randn(n, h, d) for _ in range(4))
@@ -262,7 +243,7 @@ def test_cudnn_fe_backward_refuses_a_dv_out_it_cannot_write(monkeypatch):
 def test_cudnn_fe_rope_refuses_a_projection_that_does_not_split(monkeypatch):
     from arvid.generator import cudnn_fe
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     c, s = _tables(4, 16)[1:]
     with pytest.raises(ValueError, match="5 heads cannot hold 4 query heads"):
         cudnn_fe.cudnn_fe_rope_attention(torch.randn(4, 5, 16), (c, s), torch.tensor([0, 4], dtype=torch.int32), 4, 4)
@@ -275,7 +256,7 @@ def test_gpt_cudnn_fe_takes_the_rope_ops_unless_turned_off(monkeypatch):
     from arvid.generator import cudnn_fe
     from arvid.generator.gpt import Attention, GPTConfig, rope_tables_saved
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     cfg = GPTConfig(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=64)
     attn = Attention(cfg)
     lens = [9, 15, 2]
@@ -365,14 +346,10 @@ def test_gpu_cudnn_fe_rope_matches_the_plain_route(monkeypatch, dv_in_place):
     reason = backend_unavailable_reason("cudnn_fe", "cuda", torch.bfloat16)
     if reason is not None:
         pytest.skip(reason)
-    g = torch.Generator().manual_seed(0)
-    lens = [int(x) for x in torch.randint(130, 1400, (21,), generator=g)]
-    n, h, d = sum(lens), 8, 128
-    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    h, d = 8, 128
+    lens, cu, qkv, w = router_like_qkv(h, d)
     pos = torch.cat([torch.arange(L) for L in lens]).cuda()
     c, s = (t.contiguous() for t in rope_tables(pos, d, 10000.0))
-    qkv = torch.randn(n, 3 * h, d, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, h, d, device="cuda")
     x = qkv.clone().requires_grad_(True)
     out = cudnn_fe.cudnn_fe_rope_attention(x, (c, s), cu, max(lens), h)
     (grad,) = torch.autograd.grad((out.float() * w).sum(), x)
@@ -391,7 +368,7 @@ def test_cudnn_fe_backward_gets_q_and_k_contiguous(monkeypatch):
     wrong gradients or read out of bounds), and the gradients are still the reference's."""
     from arvid.generator import cudnn_fe
 
-    _cudnn_fe_standin().install(monkeypatch)
+    _cudnn_fe_standin.install(monkeypatch)
     lens, h, hkv, d = [9, 4, 12], 4, 2, 16
     n = sum(lens)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
@@ -401,7 +378,7 @@ def test_cudnn_fe_backward_gets_q_and_k_contiguous(monkeypatch):
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
     (grad,) = torch.autograd.grad((out * w).sum(), buf)
     ref_buf = buf.detach().double().requires_grad_(True)
-    ref = _reference_attention(ref_buf[:, :h], ref_buf[:, h:h + hkv], ref_buf[:, h + hkv:], cu)
+    ref = reference(ref_buf[:, :h], ref_buf[:, h:h + hkv], ref_buf[:, h + hkv:], cu)
     (ref_grad,) = torch.autograd.grad((ref * w.double()).sum(), ref_buf)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
     keys = dict(cudnn_fe.BUILT)

@@ -42,8 +42,9 @@ def _compiled_code(options):
 
 def test_the_pass_splits_the_residual_addmm_and_keeps_the_values():
     want = _step(*_inputs())
-    base_out, base_code = _compiled_code(None)
-    assert "addmm" in base_code  # inductor fuses the residual add into addmm on this torch
+    _, base_code = _compiled_code(None)
+    # without the pass inductor builds three addmm: the two residual sums and the bias
+    assert base_code.count("extern_kernels.addmm") == 3
     p = UnfuseResidualAddmm()
     out, code = _compiled_code({"post_grad_custom_post_pass": p})
     assert p.rewritten == 2  # the two residual sums; the bias addmm ([32] broadcast) stays
@@ -56,10 +57,7 @@ def test_the_pass_is_installed_on_cuda_only_and_can_be_turned_off(monkeypatch):
     assert graph_pass_options("cpu") == {}
     opts = graph_pass_options("cuda")
     assert isinstance(opts["post_grad_custom_post_pass"], UnfuseResidualAddmm)
-    monkeypatch.setenv("ARVID_UNFUSE_ADDMM", "0")
-    assert graph_pass_options("cuda") == {}
-    monkeypatch.delenv("ARVID_UNFUSE_ADDMM")
-    monkeypatch.setattr(graph_passes, "UNFUSE_ADDMM", False)
+    monkeypatch.setattr(graph_passes, "UNFUSE_ADDMM", False)  # what ARVID_UNFUSE_ADDMM=0 sets at import
     assert graph_pass_options("cuda") == {}
 
 

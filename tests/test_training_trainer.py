@@ -431,17 +431,23 @@ def test_compile_options_are_checked_typed_and_passed_to_torch_compile(tmp_path,
     p = tmp_path / "t.yaml"
     p.write_text("compile: true\ncompile_options: {max_pointwise_cat_inputs: 3}\n")
     assert load_config(TrainerConfig, p).compile_options == {"max_pointwise_cat_inputs": 3}
-    seen = []
+    seen = _record_compile(monkeypatch)
+    Trainer(_cfg(max_steps=1, compile=True, compile_options={"max_pointwise_cat_inputs": 1}), ToyTask(), toy_data(),
+            tmp_path / "run").fit()
+    Trainer(_cfg(max_steps=1, compile=True), ToyTask(), toy_data(), tmp_path / "run2").fit()
+    assert seen == [{"max_pointwise_cat_inputs": 1}, None]
+
+
+def _record_compile(monkeypatch) -> list:
+    """torch.compile replaced by a recorder of the ``options`` it gets (the model runs eagerly)."""
+    seen: list = []
 
     def fake_compile(model, options=None, **kw):
         seen.append(options)
         return model
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    Trainer(_cfg(max_steps=1, compile=True, compile_options={"max_pointwise_cat_inputs": 1}), ToyTask(), toy_data(),
-            tmp_path / "run").fit()
-    Trainer(_cfg(max_steps=1, compile=True), ToyTask(), toy_data(), tmp_path / "run2").fit()
-    assert seen == [{"max_pointwise_cat_inputs": 1}, None]
+    return seen
 
 
 def test_the_compiled_step_gets_arvids_graph_passes_under_the_configs_options(tmp_path, monkeypatch):
@@ -458,14 +464,8 @@ def test_the_compiled_step_gets_arvids_graph_passes_under_the_configs_options(tm
         return {"post_grad_custom_post_pass": made[-1]}
 
     monkeypatch.setattr(graph_passes, "graph_pass_options", passes)
-    seen = []
     real_compile = torch.compile
-
-    def fake_compile(model, options=None, **kw):
-        seen.append(options)
-        return model
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
+    seen = _record_compile(monkeypatch)
     Trainer(_cfg(max_steps=1, compile=True, compile_options={"max_pointwise_cat_inputs": 1}), ToyTask(), toy_data(),
             tmp_path / "run").fit()
     assert seen == [{"post_grad_custom_post_pass": made[0], "max_pointwise_cat_inputs": 1}]

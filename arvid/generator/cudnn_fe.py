@@ -329,10 +329,7 @@ def _bwd_graph(key: tuple, handle) -> _Graph:
                                  seq_len_q=t["seq_q"], seq_len_kv=t["seq_kv"], max_total_seq_len_q=max_t,
                                  max_total_seq_len_kv=max_t, **_causal(cudnn))
     # the gradients are written contiguous: dq like o ([N, h, d]), dk as [N, hkv, d], dv too unless
-    # its token stride ts_dv says otherwise (DV_IN_PLACE: v's own layout, in d[qkv]'s v columns).
-    # (Written into column slices of one d[qkv] buffer, with its token stride, where q and k had
-    # another, cuDNN's dq/dk/dv were wrong on an H100, 2026-12-07, where the CPU stand-in took them:
-    # cudnn_fe_rope_bwd assembles d[qkv] itself.)
+    # its token stride ts_dv says otherwise (DV_IN_PLACE: v's own layout, in d[qkv]'s v columns)
     dq.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_ragged_offset(t["off_o"])
     for grad, name, ts in ((dk, "dk", hkv * d), (dv, "dv", ts_dv)):
         grad.set_output(True).set_dim([b, hkv, s, d]).set_stride([s * ts, d, ts, 1])
@@ -416,7 +413,8 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     b, s = _shapes(cu, max_seqlen)
     dq, dk = q.new_empty((n, h, d)), k.new_empty((n, hkv, d))
     dv = v.new_empty((n, hkv, d)) if dv_out is None else dv_out
-    if dv.shape != (n, hkv, d) or dv is not _token_view(dv) or dv.dtype != q.dtype or dv.device != q.device:
+    if dv_out is not None and (dv.shape != (n, hkv, d) or dv is not _token_view(dv) or dv.dtype != q.dtype
+                               or dv.device != q.device):
         raise ValueError(f"cudnn_fe: dv_out must be [{n}, {hkv}, {d}] {q.dtype} on {q.device} with unit stride in D "
                          f"and heads adjacent, got shape {tuple(dv.shape)} strides {dv.stride()} {dv.dtype} on {dv.device}")
     lens, off_q, off_k, off_v, off_o, off_dk, off_dv = _layout(cu, b, q.stride(0), k.stride(0), v.stride(0), h * d,
@@ -470,10 +468,8 @@ def cudnn_fe_rope_fwd(qkv: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: t
     """RoPE and causal attention from the fused projection ``qkv [N, H + 2 Hkv, D]`` (q, k, v
     heads in that order; ``c, s`` the float32 tables ``[N, 1, D]`` of
     :func:`arvid.generator.gpt.rope_tables`): ``(out [N, H, D], stats, q, k)``, q and k rotated
-    and contiguous (saved for the backward), as the plain route hands them to cuDNN: its backward
-    writes dq and dk with the token strides of q and k (given q and k as strided views of one
-    rotated buffer, it read or wrote out of bounds on the H100, 2026-12-07). v is read in place
-    from ``qkv``."""
+    and contiguous (saved for the backward; :func:`_backward` says why contiguous). v is read in
+    place from ``qkv``."""
     qkv, h = qkv.contiguous(), heads
     hkv = _kv_heads(qkv, h)
     q, k = qkv.new_empty((qkv.shape[0], h, qkv.shape[2])), qkv.new_empty((qkv.shape[0], hkv, qkv.shape[2]))
@@ -485,8 +481,8 @@ def cudnn_fe_rope_fwd(qkv: torch.Tensor, c: torch.Tensor, s: torch.Tensor, cu: t
 @cudnn_fe_rope_fwd.register_fake
 def _(qkv, c, s, cu, max_seqlen, heads):
     b, sb = _shapes(cu, max_seqlen)
-    n, g, d = qkv.shape
-    hkv = (g - heads) // 2
+    n, _, d = qkv.shape
+    hkv = _kv_heads(qkv, heads)
     return (qkv.new_empty((n, heads, d)), qkv.new_empty((b, heads, sb, 1), dtype=torch.float32),
             qkv.new_empty((n, heads, d)), qkv.new_empty((n, hkv, d)))
 

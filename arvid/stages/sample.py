@@ -397,9 +397,8 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.precision == "bf16":
         gpt = gpt.cast_for_inference_(torch.bfloat16)
     tokenizer = load_tokenizer(cfg.tokenizer, map_location=str(device)).eval()
-    default_frames = next(f.default for f in dataclasses.fields(SampleConfig) if f.name == "context_frames")
-    unused = [n for n, on in (("--router", bool(cfg.router)), ("--context-frames", cfg.context_frames != default_frames))
-              if on]
+    unused = [n for n, on in (("--router", bool(cfg.router)),
+                              ("--context-frames", cfg.context_frames != SampleConfig.context_frames)) if on]
     if unused and not cfg.context:
         log.warning("%s: only for frame prediction (--context VIDEO); ignored here", ", ".join(unused))
     if cfg.router:

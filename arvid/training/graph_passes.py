@@ -64,15 +64,15 @@ class UnfuseResidualAddmm(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-#: Whether :func:`graph_pass_options` includes :class:`UnfuseResidualAddmm` (``ARVID_UNFUSE_ADDMM=0``
-#: or setting this False keeps inductor's addmm).
-UNFUSE_ADDMM = True
+#: Whether :func:`graph_pass_options` includes :class:`UnfuseResidualAddmm`: on unless
+#: ``ARVID_UNFUSE_ADDMM=0`` (read at import, as arvid.generator.fused's switches are).
+UNFUSE_ADDMM = os.environ.get("ARVID_UNFUSE_ADDMM", "1") != "0"
 
 
 def graph_pass_options(device: torch.device | str) -> dict[str, Any]:
     """``torch.compile`` options that install this module's passes (after inductor's own
     post-grad passes) for a step on ``device``: on CUDA only (the copy is cuBLAS's; on the CPU
     inductor's addmm stays as it is)."""
-    if not UNFUSE_ADDMM or os.environ.get("ARVID_UNFUSE_ADDMM", "1") == "0" or torch.device(device).type != "cuda":
+    if not UNFUSE_ADDMM or torch.device(device).type != "cuda":
         return {}
     return {"post_grad_custom_post_pass": UnfuseResidualAddmm()}
