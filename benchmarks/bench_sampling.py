@@ -47,7 +47,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--preset", default="L", help="GPT preset: debug, B, L, XL")
     p.add_argument("--batch-sizes", default=None, help="default 1,64 on CUDA, 1,4 on CPU")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="guidance (2 rows per sample); 1 = off")
-    p.add_argument("--modes", default=None, help="eager,cuda_graph,compile (default: all on CUDA, eager on CPU)")
+    p.add_argument("--modes", default=None, help="eager,cuda_graph,compile,triton (default: the first three on CUDA, "
+                   "eager on CPU; triton: at most 16 rows)")
     p.add_argument("--compile-mode", default=SamplerConfig().compile_mode,
                    help="torch.compile mode of mode 'compile': default | max-autotune-no-cudagraphs")
     p.add_argument("--codebook", type=int, default=8192)

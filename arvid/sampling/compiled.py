@@ -129,7 +129,8 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
             (:func:`compile_decode_step`: at most three compilations per batch shape, whatever
             the number of buckets) before capturing.
         warmup: eager (or compiled) steps on a side stream before each capture.
-        compile_sampling: with ``compile_step``, also compile the sampling part (:func:`compile_choose`).
+        compile_sampling: also compile the sampling part (:func:`compile_choose`; the sampler asks for it
+            under ``compile`` and ``triton``, whose model step is ``dec.decode_fn`` as set beforehand).
         attention: with ``compile_step``, the compiled step's decode attention (``sdpa`` or ``flex``,
             ``GPT.decode_step``); without it the step keeps ``sdpa`` (eager FlexAttention is unfused).
         compile_mode: ``torch.compile`` mode: ``default`` or ``max-autotune-no-cudagraphs``. The
@@ -150,8 +151,8 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
         # inductor (see compile_choose), and then only it stays eager.
         dec.decode_fn = compile_decode_step(dec.model, attention, compile_mode)
         limit = _recompile_limit(min(len(lens), 3))
-        if compile_sampling:
-            compile_choose(dec, compile_mode)
+    if compile_sampling:
+        compile_choose(dec, compile_mode)
     snap = dec.snapshot()
     main = torch.cuda.current_stream(dec.device)
     side = torch.cuda.Stream(device=dec.device)

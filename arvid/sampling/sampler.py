@@ -23,6 +23,8 @@ conditional, ``B..2B-1`` with the null class (or the null text); the combined lo
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,9 +51,11 @@ class SamplerConfig:
     budget_fn: Literal["log", "linear"] = doc("log", "f(count) of the length bias: log(count) or count / max count")
     check_every: int = doc(16, "steps between host checks for 'all samples finished' (each check is a device sync)",
                            execution=True)
-    compile: Literal["auto", "eager", "cuda_graph", "compile"] = doc(
+    compile: Literal["auto", "eager", "cuda_graph", "compile", "triton"] = doc(
         "auto", "decode step execution: eager; cuda_graph (captured step); compile (torch.compile + captured "
-                "step); auto = cuda_graph on CUDA, eager on CPU", execution=True)
+                "step); triton (the model's step as arvid's Triton decode kernels, five per layer, "
+                "arvid.generator.decode_kernels; the sampling part compiled as under compile; captured; at most "
+                "16 rows); auto = cuda_graph on CUDA, eager on CPU", execution=True)
     use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)",
                           execution=True)
     compile_mode: str = doc("default", "torch.compile mode of the model's step under compile=compile: default "
@@ -87,8 +91,8 @@ class SamplerConfig:
             raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}")
         if self.budget_fn not in ("log", "linear"):
             raise ValueError(f"budget_fn must be 'log' or 'linear', got {self.budget_fn!r}")
-        if self.compile not in ("auto", "eager", "cuda_graph", "compile"):
-            raise ValueError(f"compile must be auto|eager|cuda_graph|compile, got {self.compile!r}")
+        if self.compile not in ("auto", "eager", "cuda_graph", "compile", "triton"):
+            raise ValueError(f"compile must be auto|eager|cuda_graph|compile|triton, got {self.compile!r}")
         if self.compile_mode not in ("default", "max-autotune-no-cudagraphs"):
             raise ValueError(f"compile_mode must be default|max-autotune-no-cudagraphs, got {self.compile_mode!r}")
         if isinstance(self.kv_bucket, bool) or not isinstance(self.kv_bucket, int) or self.kv_bucket < 0:
@@ -485,8 +489,12 @@ class Sampler:
         self._decoders.clear()
 
     def execution(self, device: torch.device) -> str:
-        """The step execution actually used on ``device``: eager | cuda_graph | compile."""
+        """The step execution actually used on ``device``: eager | cuda_graph | compile | triton.
+        ``triton`` off CUDA runs where Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: tests),
+        without graphs."""
         mode = self.cfg.compile
+        if mode == "triton" and self.cfg.use_cache and os.environ.get("TRITON_INTERPRET") == "1":
+            return mode
         if not self.cfg.use_cache or device.type != "cuda":
             return "eager"
         return "cuda_graph" if mode == "auto" else mode
@@ -611,14 +619,23 @@ class Sampler:
         pre = prefix[:, :p0].to(device)
         pre2 = torch.cat([pre, pre]) if guided else pre
         mode = self.execution(device)
-        if mode != "eager" and not dec.graphs:
+        if mode == "triton" and dec.decode_fn == model.decode_step:
+            from arvid.generator import decode_kernels
+
+            why = decode_kernels.unsupported(model, dec.cache.batch_size, device)
+            if why is not None:
+                raise ValueError(f"SamplerConfig.compile='triton': {why}; use compile='compile' or 'cuda_graph'")
+            dec.decode_fn = functools.partial(decode_kernels.decode_step, model)
+        # (triton off CUDA: Triton's interpreter, in tests; nothing to capture)
+        if mode != "eager" and not dec.graphs and (mode != "triton" or device.type == "cuda"):
             from arvid.sampling.compiled import capture_decoder
 
             # Capture first (one graph per KV length bucket): the warm-up steps write garbage into
             # the cache and the buffers; the decoder's buffers are restored and the prefill in
             # run() overwrites the cache.
             capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode,
-                            compile_sampling=self.cfg.compile_sampling, attention=self.cfg.decode_attention)
+                            compile_sampling=self.cfg.compile_sampling and mode in ("compile", "triton"),
+                            attention=self.cfg.decode_attention)
 
         return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint, dec.loads)
 

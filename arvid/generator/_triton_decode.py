@@ -1,0 +1,235 @@
+"""The Triton kernels behind :mod:`arvid.generator.decode_kernels`: a GPT decode step (a few rows,
+one new token each) as five kernels per layer.
+
+At batch 1 (two rows with guidance) every matmul of a decode step is a matrix-vector product:
+bound by reading the weights once, and, at ~2-17 MB a matrix, by how fast a kernel gets going.
+The kernels here fold everything between two weight reads into the kernels that read them:
+
+- :func:`_qkv_kernel`: RMSNorm of the residual (prologue), the q/k/v projection, optional QK-norm,
+  RoPE, and the stores: q to a buffer, k and v into the layer's KV cache at the step's position;
+- :func:`_attn_kernel`: split-KV decode attention over the filled cache positions (masked loads
+  read nothing past the position), the splits merged by the last program of each (row, head);
+- :func:`_matvec_kernel`: ``out = residual + a W^T`` (the attention output and MLP-down
+  projections) or ``out = RMSNorm(x) W^T`` (the output head);
+- :func:`_swiglu_kernel`: RMSNorm, the gate/up projection and ``silu(gate) * up``.
+
+Every product sums in float32; intermediate values are rounded to the activation dtype where the
+torch step rounds them (the projections' outputs, the normalised inputs), so the two agree to
+the summation order. ``TRITON_INTERPRET=1`` runs the kernels on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rstd(x_ptr, x_row, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of rows ``rows`` of ``x`` ``[M, K]`` (float32, ``[BLOCK_M]``)."""
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m = (rows[:, None] < M) & (ks[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * x_row + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask,
+            NORM: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """``x W^T`` at output columns ``c1`` (and ``c2`` where ``PAIR``), ``[BLOCK_M, BLOCK_N]`` each,
+    float32. ``NORM``: ``x`` is first RMS-normalised by ``rstd`` and the gain ``g`` and rounded to
+    ``x``'s dtype, as ``RMSNorm`` hands it to the projection."""
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        km = ks < K
+        x = tl.load(x_ptr + rows[:, None] * x_row + ks[None, :], mask=(rows[:, None] < M) & km[None, :],
+                    other=0.0).to(tl.float32)
+        if NORM:
+            g = tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
+            x = (x * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        wm = cmask[:, None] & km[None, :]
+        w1 = tl.load(w_ptr + c1[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0).to(tl.float32)
+        acc1 += tl.sum(x[:, None, :] * w1[None, :, :], axis=2)
+        if PAIR:
+            w2 = tl.load(w_ptr + c2[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0).to(tl.float32)
+            acc2 += tl.sum(x[:, None, :] * w2[None, :, :], axis=2)
+    return acc1, acc2
+
+
+@triton.jit
+def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr, qn_ptr, kn_ptr,
+                M, K, eps, H, HKV, kv_b, kv_h,
+                HALF: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """One program: ``BLOCK_P`` rotation pairs (columns ``j`` and ``j + HALF``) of one head of the
+    fused projection ``[q heads, k heads, v heads]``, for every row. q goes to ``q [M, H, 2 HALF]``,
+    k and v to the cache (``[M, HKV, max_len, 2 HALF]``, strides ``kv_b``, ``kv_h``) at the position
+    ``pos``. ``c_ptr``/``s_ptr``: the step's rotary tables (``[cos, cos]``, ``[-sin, sin]``).
+    ``QK_NORM`` needs ``BLOCK_P >= HALF`` (a program holds its whole head)."""
+    D: tl.constexpr = 2 * HALF
+    per_head = tl.cdiv(HALF, BLOCK_P)
+    head = tl.program_id(0) // per_head
+    j = (tl.program_id(0) % per_head) * BLOCK_P + tl.arange(0, BLOCK_P)
+    jm = j < HALF
+    rows = tl.arange(0, BLOCK_M)
+    rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
+    c1 = head * D + j
+    a1, a2 = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, c1, c1 + HALF, jm,
+                     True, True, BLOCK_M, BLOCK_P, BLOCK_K)
+    dt = q_ptr.dtype.element_ty
+    a1 = a1.to(dt).to(tl.float32)  # the projection's output, in the activation dtype
+    a2 = a2.to(dt).to(tl.float32)
+    is_q = head < H
+    is_v = head >= H + HKV
+    if QK_NORM:
+        inv = 1.0 / tl.sqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / D + eps)
+        g1 = tl.where(is_q, tl.load(qn_ptr + j, mask=jm, other=0.0), tl.load(kn_ptr + j, mask=jm, other=0.0))
+        g2 = tl.where(is_q, tl.load(qn_ptr + HALF + j, mask=jm, other=0.0),
+                      tl.load(kn_ptr + HALF + j, mask=jm, other=0.0))
+        n1 = (a1 * inv[:, None] * g1.to(tl.float32)[None, :]).to(dt).to(tl.float32)
+        n2 = (a2 * inv[:, None] * g2.to(tl.float32)[None, :]).to(dt).to(tl.float32)
+        a1 = tl.where(is_v, a1, n1)
+        a2 = tl.where(is_v, a2, n2)
+    cos = tl.load(c_ptr + j, mask=jm, other=0.0)[None, :]
+    sin = tl.load(s_ptr + HALF + j, mask=jm, other=0.0)[None, :]
+    r1 = tl.where(is_v, a1, a1 * cos - a2 * sin)
+    r2 = tl.where(is_v, a2, a2 * cos + a1 * sin)
+    m = (rows[:, None] < M) & jm[None, :]
+    # `!= 0`: Triton's CPU interpreter turns a tensor mask & a scalar flag into integers
+    mq = (m & is_q) != 0
+    mk = (m & (head >= H) & (head < H + HKV)) != 0
+    mv = (m & is_v) != 0
+    qp = q_ptr + rows[:, None] * (H * D) + head * D + j[None, :]
+    tl.store(qp, r1.to(dt), mask=mq)
+    tl.store(qp + HALF, r2.to(dt), mask=mq)
+    pos = tl.load(pos_ptr)
+    kvh = tl.where(is_v, head - H - HKV, head - H)
+    off = rows[:, None].to(tl.int64) * kv_b + kvh * kv_h + pos * D + j[None, :]
+    tl.store(k_ptr + off, r1.to(dt).to(k_ptr.dtype.element_ty), mask=mk)
+    tl.store(k_ptr + off + HALF, r2.to(dt).to(k_ptr.dtype.element_ty), mask=mk)
+    tl.store(v_ptr + off, r1.to(dt).to(v_ptr.dtype.element_ty), mask=mv)
+    tl.store(v_ptr + off + HALF, r2.to(dt).to(v_ptr.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, pos_ptr,
+                 n, scale, H, GROUP, kv_b, kv_h, S,
+                 D: tl.constexpr, CHUNK: tl.constexpr, MAX_S: tl.constexpr):
+    """Program ``(row * H + head, s)``: the query ``q [M, H, D]`` against cache positions
+    ``s * CHUNK ...`` that are below ``n`` and at most ``pos`` (the rest are never read), giving a
+    partial output, its running max and its sum; the last of the ``S`` programs of a (row, head) to
+    finish (an atomic count, reset by it) merges the ``S`` partials into ``o [M, H * D]``."""
+    mh = tl.program_id(0)
+    s = tl.program_id(1)
+    row = mh // H
+    kvh = (mh % H) // GROUP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + mh * D + d).to(tl.float32)
+    t = s * CHUNK + tl.arange(0, CHUNK)
+    pos = tl.load(pos_ptr)
+    valid = (t < n) & (t <= pos)
+    base = row.to(tl.int64) * kv_b + kvh * kv_h
+    kk = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    sc = tl.where(valid, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
+    mx = tl.max(sc, axis=0)
+    p = tl.exp(sc - tl.where(mx == float("-inf"), 0.0, mx))  # a chunk past pos: all zeros
+    vv = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    tl.store(po_ptr + (mh * MAX_S + s) * D + d, tl.sum(p[:, None] * vv, axis=0))
+    tl.store(pm_ptr + mh * MAX_S + s, mx)
+    tl.store(pl_ptr + mh * MAX_S + s, tl.sum(p, axis=0))
+    done = tl.atomic_add(cnt_ptr + mh, 1)  # acq_rel: the stores above are visible to the last program
+    if done == S - 1:
+        ss = tl.arange(0, MAX_S)
+        sm = ss < S
+        ms = tl.load(pm_ptr + mh * MAX_S + ss, mask=sm, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(pl_ptr + mh * MAX_S + ss, mask=sm, other=0.0, cache_modifier=".cg")
+        os = tl.load(po_ptr + (mh * MAX_S + ss)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0,
+                     cache_modifier=".cg")
+        w = tl.exp(ms - tl.max(ms, axis=0))  # chunk 0 always holds position 0: the max is finite
+        out = tl.sum(w[:, None] * os, axis=0) / tl.sum(w * ls, axis=0)
+        tl.store(o_ptr + mh * D + d, out.to(o_ptr.dtype.element_ty))
+        tl.store(cnt_ptr + mh, 0)
+
+
+@triton.jit
+def _matvec_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
+                   NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Columns ``program_id * BLOCK_N ...`` of ``out [M, N] = residual + x W^T`` (``RESIDUAL``; the
+    product rounded to ``out``'s dtype before the add, as ``x + proj(a)`` rounds) or of
+    ``RMSNorm(x) W^T`` (``NORM``). ``out`` may be ``res``: each program reads its columns first."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < N
+    rows = tl.arange(0, BLOCK_M)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
+    acc, _ = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols, cm,
+                     NORM, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    dt = out_ptr.dtype.element_ty
+    y = acc.to(dt)
+    m = (rows[:, None] < M) & cm[None, :]
+    off = rows[:, None] * N + cols[None, :]
+    if RESIDUAL:
+        r = tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)
+        y = (r + y.to(tl.float32)).to(dt)
+    tl.store(out_ptr + off, y, mask=m)
+
+
+@triton.jit
+def _swiglu_kernel(x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns ``program_id * BLOCK_N ...`` of ``h [M, hidden] = silu(gate) * up`` with
+    ``[gate, up] = RMSNorm(x) W^T`` (``W [2 hidden, K]``): gate column ``c`` and up column
+    ``c + hidden`` in one program. ``silu(gate)`` is rounded before the product, as torch's
+    ``F.silu(gate) * up`` on the activation dtype rounds it."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < hidden
+    rows = tl.arange(0, BLOCK_M)
+    rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
+    a, b = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols + hidden, cm,
+                   True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    dt = h_ptr.dtype.element_ty
+    gate = a.to(dt).to(tl.float32)
+    up = b.to(dt).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
+    m = (rows[:, None] < M) & cm[None, :]
+    tl.store(h_ptr + rows[:, None] * hidden + cols[None, :], (act * up).to(dt), mask=m)
+
+
+def qkv(x, g, w, q, kc, vc, c, s, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tiles):
+    m, k = x.shape
+    half = q.shape[-1] // 2
+    bp = half if qk_norm else tiles["qkv_p"]
+    grid = ((n_heads + 2 * n_kv) * triton.cdiv(half, bp),)
+    _qkv_kernel[grid](x, g, w, q, kc, vc, c, s, pos, qn, kn, m, k, eps, n_heads, n_kv, kc.stride(0), kc.stride(1),
+                      HALF=half, QK_NORM=qk_norm, BLOCK_M=tiles["m"], BLOCK_P=bp, BLOCK_K=tiles["qkv_k"],
+                      num_warps=tiles["warps"])
+
+
+def attention(q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, chunk, n_splits, max_s):
+    m, h, d = q.shape
+    _attn_kernel[(m * h, n_splits)](q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, h, h // kc.shape[1],
+                                    kc.stride(0), kc.stride(1), n_splits, D=d, CHUNK=chunk, MAX_S=max_s,
+                                    num_warps=2)
+
+
+def matvec(x, g, w, res, out, eps, norm, block_n, block_k, tiles):
+    m, k = x.shape
+    n = w.shape[0]
+    _matvec_kernel[(triton.cdiv(n, block_n),)](x, w if g is None else g, w, out if res is None else res, out, m, k, n, eps, NORM=norm,
+                                               RESIDUAL=res is not None, BLOCK_M=tiles["m"], BLOCK_N=block_n,
+                                               BLOCK_K=block_k, num_warps=tiles["warps"])
+
+
+def swiglu(x, g, w, h, eps, block_n, block_k, tiles):
+    m, k = x.shape
+    hidden = h.shape[1]
+    _swiglu_kernel[(triton.cdiv(hidden, block_n),)](x, g, w, h, m, k, hidden, eps, BLOCK_M=tiles["m"],
+                                                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tiles["warps"])

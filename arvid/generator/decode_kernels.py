@@ -1,0 +1,170 @@
+"""The GPT's decode step as hand-written Triton kernels: five launches per layer.
+
+:meth:`arvid.generator.gpt.GPT.decode_step` run through ``torch.compile`` and a CUDA graph is
+~10 kernels per layer; at batch 1 (two rows with guidance) it took 1.14 ms per GPT-L step on an
+H100, 4.3x the time to read its weights and cache once (BENCHMARKS.md, Sampling): its 96 cuBLAS
+matrix-vector products read the weights at ~39% of the bandwidth, and ~170 small fused kernels and
+the gaps between them took the rest. :func:`decode_step` computes the same step (same arguments,
+same logits up to the summation order) as
+
+    per layer: norm + q/k/v projection + RoPE + cache write | split-KV attention |
+               output projection + residual | norm + gate/up projection + SwiGLU | down projection + residual
+    then:      final norm + output head
+
+(:mod:`arvid.generator._triton_decode`). The attention reads only the filled cache positions,
+whatever ``kv_len`` bucket it is given. The sampler uses it with ``SamplerConfig.compile="triton"``
+(captured into CUDA graphs like the other modes).
+
+Rows (``cache.batch_size``) are at most :data:`MAX_ROWS`: at batch 64 the step reads the KV cache
+far more than the weights and the compiled step is already within 1.34x of its floor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from arvid.generator.fused import HAVE_TRITON
+
+#: the most rows (batch x 2 with guidance) the kernels take: each program holds every row
+MAX_ROWS = 16
+#: cache positions per attention program
+CHUNK = 64
+
+# Tile sizes, by matrix (host heuristics; benchmarks/bench_decode_kernels.py overrides them to time others).
+TILES: dict[str, int] = {"warps": 4, "qkv_p": 4, "qkv_k": 1024, "o_n": 4, "o_k": 1024, "up_n": 8, "up_k": 512,
+                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256}
+
+
+@functools.cache
+def _kernels():
+    from arvid.generator import _triton_decode
+
+    return _triton_decode
+
+
+def unsupported(model, rows: int, device: torch.device) -> str | None:
+    """Why :func:`decode_step` cannot run ``model`` at ``rows`` rows on ``device`` (None: it can)."""
+    if not HAVE_TRITON:
+        return "Triton is not installed (it comes with CUDA builds of torch)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the Triton decode kernels run on CUDA devices, not {device.type}"
+    if not 1 <= rows <= MAX_ROWS:
+        return f"the Triton decode kernels take 1 to {MAX_ROWS} rows (batch x 2 with guidance), got {rows}"
+    c = model.config
+    if c.head_dim & (c.head_dim - 1) or c.head_dim < 4:
+        return f"the Triton decode attention needs a power-of-two head_dim >= 4, got {c.head_dim}"
+    dt = model.tok_emb.weight.dtype
+    if dt not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"the Triton decode kernels take bf16, fp16 or fp32 weights, got {dt}"
+    return None
+
+
+#: programs a matrix's kernel should have at least (about two per SM of an H100), where its column
+#: block can shrink to give them
+PROGRAMS = 256
+
+
+def _block(units: int, cap: int = 64) -> int:
+    """The largest power of two <= cap that still leaves :data:`PROGRAMS` programs over ``units`` (>= 1)."""
+    b = cap
+    while b > 1 and -(-units // b) < PROGRAMS:
+        b //= 2
+    return b
+
+
+def tiles_for(model, rows: int) -> dict[str, int]:
+    """The tile sizes for ``model`` at ``rows`` rows: :data:`TILES`, with the row block and, where
+    a matrix is too small for the set sizes to keep the GPU's SMs busy, smaller column blocks."""
+    c = model.config
+    t = dict(TILES)
+    t["m"] = max(2, 1 << (rows - 1).bit_length())
+    scale = t["m"] // 2  # the product tile is m x n x k: keep it at the size set for 2 rows
+    for key, units in (("o_n", c.dim), ("down_n", c.dim), ("up_n", c.hidden_dim), ("head_n", c.vocab_size)):
+        t[key] = min(t[key], _block(units))
+    t["qkv_p"] = min(t["qkv_p"], max(1, c.head_dim // 2))
+    for key in ("qkv_k", "o_k", "up_k", "down_k", "head_k"):
+        k = c.hidden_dim if key == "down_k" else c.dim  # the reduced dimension
+        t[key] = min(max(16, t[key] // scale), 1 << (k - 1).bit_length())
+    return t
+
+
+class _Workspace:
+    """The attention's split partials and its per-(row, head) counters (zero between launches: the
+    merging program resets its own), kept per (device, rows): allocated once, before any graph
+    capture, and shared by every layer and step (the kernels run one after another on a stream)."""
+
+    def __init__(self, rows: int, heads: int, head_dim: int, max_splits: int, device: torch.device) -> None:
+        self.max_splits = max_splits
+        self.partial_o = torch.empty(rows * heads * max_splits * head_dim, device=device, dtype=torch.float32)
+        self.partial_m = torch.empty(rows * heads * max_splits, device=device, dtype=torch.float32)
+        self.partial_l = torch.empty(rows * heads * max_splits, device=device, dtype=torch.float32)
+        self.counters = torch.zeros(rows * heads, device=device, dtype=torch.int32)
+
+
+_WORKSPACES: dict[tuple, _Workspace] = {}
+
+
+def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.device) -> _Workspace:
+    max_splits = 1 << (max(1, -(-max_len // CHUNK)) - 1).bit_length()
+    key = (device, rows, heads, head_dim, max_splits)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = _Workspace(rows, heads, head_dim, max_splits, device)
+    return _WORKSPACES[key]
+
+
+@torch.no_grad()
+def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int | None = None,
+                attention: str = "sdpa") -> torch.Tensor:
+    """:meth:`GPT.decode_step <arvid.generator.gpt.GPT.decode_step>` through the Triton kernels:
+    feed ``tokens LongTensor[B]`` at position ``pos`` (a device scalar), write each layer's k/v into
+    ``cache`` there, return the next-token logits ``[B, vocab]`` in the weights' dtype. ``kv_len``
+    bounds the attended positions as there (the kernels read only positions ``<= pos`` anyway);
+    ``attention`` is accepted for the same signature and ignored. No host sync: CUDA-graph
+    capturable."""
+    from arvid.generator.gpt import rope_tables
+
+    c = model.config
+    rows = tokens.shape[0]
+    why = unsupported(model, rows, tokens.device)
+    if why is not None:
+        raise ValueError(why)
+    if cache.batch_size != rows:
+        raise ValueError(f"the cache has {cache.batch_size} rows, tokens {rows}")
+    n = cache.max_len if kv_len is None else kv_len
+    if not 0 < n <= cache.max_len:
+        raise ValueError(f"kv_len must lie in [1, cache.max_len={cache.max_len}], got {kv_len}")
+    k = _kernels()
+    t = tiles_for(model, rows)
+    h, hkv, d = c.n_heads, c.kv_heads, c.head_dim
+    dt = model.tok_emb.weight.dtype
+    x = model.tok_emb(tokens).contiguous()  # [M, dim], the residual stream, updated in place
+    if cache.dtype != dt:
+        raise ValueError(f"the Triton decode step needs the KV cache in the weights' dtype {dt}, got {cache.dtype}")
+    cs, sn = rope_tables(pos.reshape(1), d, c.rope_theta)
+    cs, sn = cs.reshape(d), sn.reshape(d)
+    p = pos.reshape(1)
+    q = torch.empty(rows, h, d, device=x.device, dtype=dt)
+    o = torch.empty(rows, h * d, device=x.device, dtype=dt)
+    hid = torch.empty(rows, c.hidden_dim, device=x.device, dtype=dt)
+    ws = workspace(rows, h, d, cache.max_len, x.device)
+    splits = -(-n // CHUNK)
+    scale = 1.0 / math.sqrt(d)
+    eps = c.norm_eps
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        qn = a.q_norm.weight if a.q_norm is not None else blk.attn_norm.weight
+        kn = a.k_norm.weight if a.k_norm is not None else blk.attn_norm.weight
+        k.qkv(x, blk.attn_norm.weight, a.wqkv.weight, q, cache.k[i], cache.v[i], cs, sn, p, qn, kn, eps, h, hkv,
+              a.q_norm is not None, t)
+        k.attention(q, cache.k[i], cache.v[i], o, ws.partial_o, ws.partial_m, ws.partial_l, ws.counters, p, n,
+                    scale, CHUNK, splits, ws.max_splits)
+        k.matvec(o, None, a.wo.weight, x, x, eps, False, t["o_n"], t["o_k"], t)
+        k.swiglu(x, blk.ffn_norm.weight, blk.ffn.w13.weight, hid, eps, t["up_n"], t["up_k"], t)
+        k.matvec(hid, None, blk.ffn.w2.weight, x, x, eps, False, t["down_n"], t["down_k"], t)
+    logits = torch.empty(rows, c.vocab_size, device=x.device, dtype=dt)
+    k.matvec(x, model.norm.weight, model.head.weight, None, logits, eps, True, t["head_n"], t["head_k"], t)
+    return logits
