@@ -186,7 +186,7 @@ run_all() {
         python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
             --variants "${DECODEK_VARIANTS:-default;qkv_p=2,o_n=2,down_n=2,up_n=4,head_n=16;programs=1,qkv_p=8,o_n=8,down_n=8,up_n=16,head_n=64;warps=8;warps=2}" \
             --json "$1/decode_kernels.json" || rc=$?
-        python3 benchmarks/bench_sampling.py --preset L --modes triton,compile --batch-sizes 1 --full-runs 1 \
+        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton}" --batch-sizes 1 --full-runs 1 \
             --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         exit $rc' _ "$R"
     rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage

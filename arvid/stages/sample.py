@@ -709,7 +709,8 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, help="top-k truncation (0 = off)")
     p.add_argument("--top-p", type=float, help="nucleus truncation (1 = off)")
-    p.add_argument("--compile", choices=["auto", "eager", "cuda_graph", "compile"], help="decode step execution")
+    p.add_argument("--compile", choices=["auto", "eager", "cuda_graph", "compile", "triton"],
+                   help="decode step execution (triton: arvid's Triton decode kernels, at most 16 rows)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--fixed-assignment", help="one token count per block for every video, e.g. 64,64,128,256")
     p.add_argument("--allowed-counts", action="append",
