@@ -60,7 +60,8 @@
 # UTC: the third fused-RoPE form correct, rope_pairs and the addmm split timed, presets B/L/XL at
 # 32k). Still owed: tokprof, pipeline, flexsweep, and first the fused step as it stands
 # (AGENDA_STEPS=fused, default FUSED_RUNS): cuDNN writing dv into d[qkv] itself
-# (ARVID_CUDNN_FE_DV_IN_PLACE / --dv-in-place: its GPU test, then the L step with and without).
+# (ARVID_CUDNN_FE_DV_IN_PLACE / --dv-in-place: its GPU test, then the L step with and without), and
+# decodek (the Triton decode step of 2026-12-07: never yet run on a GPU).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
