@@ -225,3 +225,66 @@ def test_gpu_sampler_triton_mode_samples_well_formed_sequences():
         assert fmt.is_well_formed(seq)
     # float32 weights: the kernels' step differs from torch's by summation order only
     assert torch.equal(out["eager"].sequences, out["triton"].sequences)
+
+
+# --------------------------------------------------------------------------- compiled for sm_90
+
+_SIGS = {
+    "_matvec_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
+                       "M": "i32", "K": "i32", "N": "i32", "eps": "fp32"},
+    "_swiglu_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "h_ptr": "*bf16", "M": "i32", "K": "i32",
+                       "hidden": "i32", "eps": "fp32"},
+    "_qkv_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
+                    "v_ptr": "*bf16", "c_ptr": "*fp32", "s_ptr": "*fp32", "pos_ptr": "*i64", "qn_ptr": "*fp32",
+                    "kn_ptr": "*fp32", "M": "i32", "K": "i32", "eps": "fp32", "H": "i32", "HKV": "i32", "kv_b": "i32",
+                    "kv_h": "i32"},
+    "_attn_kernel": {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "po_ptr": "*fp32",
+                     "pm_ptr": "*fp32", "pl_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i64", "n": "i32",
+                     "scale": "fp32", "H": "i32", "GROUP": "i32", "kv_b": "i32", "kv_h": "i32", "S": "i32"},
+}
+# the L preset's sizes at 2 rows, as decode_kernels.tiles_for sets them
+_CASES = [
+    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=4, BLOCK_K=1024), ("K", "N")),
+    ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), ("K",)),
+    ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=512), ("K", "hidden")),
+    ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=4, BLOCK_K=1024), ("K", "kv_b", "kv_h")),
+    ("_attn_kernel", dict(D=64, CHUNK=64, MAX_S=64), ("kv_b", "kv_h")),
+]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its compiler and ptxas)")
+@pytest.mark.parametrize("name,consts,div", _CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(_CASES)])
+def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, div, tmp_path):
+    """Each kernel compiled ahead of time for sm_90 (no GPU needed: Triton's compiler and the ptxas it
+    ships), with the specialisation a launch gets (pointers and multiples of 16 marked divisible by
+    16): the weight and cache reads are 128-bit loads (16-bit ones would read a matrix at a fraction
+    of the bandwidth) and nothing spills to local memory."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from arvid.generator import _triton_decode
+
+    sig = dict(_SIGS[name])
+    names = [*sig, *consts]
+    sig.update({c: "constexpr" for c in consts})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div}
+    try:
+        src = ASTSource(fn=getattr(_triton_decode, name), signature=sig, constexprs=consts, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else 4})
+    except (TypeError, ImportError) as e:  # another Triton's AOT interface
+        pytest.skip(f"this Triton ({triton.__version__}) compiles ahead of time differently: {e}")
+    wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", k.asm["ptx"]))
+    assert wide >= 4, f"{name}: {wide} 128-bit global loads in the PTX"
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(k.asm["cubin"])
+    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+).*LOCAL:(\d+)", usage)
+    assert regs, usage
+    assert int(regs.group(2)) == 0, f"{name} spills to local memory: {usage}"
+    assert int(regs.group(1)) <= 255
