@@ -115,6 +115,22 @@ run_all() {
                 --json "$1/generator_$b.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
         exit $rc' _ "$R"
+    # decodek: (not in the default order; AGENDA_STEPS=decodek) the Triton decode step
+    # (arvid/generator/decode_kernels.py): its GPU tests, then its captured step against the compiled
+    # torch step at 2 rows (batch 1 with guidance) over DECODEK_VARIANTS tile sizes, then the sampler
+    # at batch 1 with compile=triton and compile=compile (samples/s, floor, vs recompute)
+    step decodek 590 bash -c '
+        rc=0
+        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_decode_kernels.py -rA \
+            > "$1/decodek_tests.log" 2>&1 || rc=$?
+        grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$1/decodek_tests.log"
+        [ $rc = 0 ] || { tail -n 60 "$1/decodek_tests.log"; exit $rc; }
+        python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
+            --variants "${DECODEK_VARIANTS:-default;qkv_p=2,o_n=2,down_n=2,up_n=4,head_n=16;programs=1,qkv_p=8,o_n=8,down_n=8,up_n=16,head_n=64;warps=8;warps=2}" \
+            --json "$1/decode_kernels.json" || rc=$?
+        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton}" --batch-sizes 1 --full-runs 1 \
+            --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
+        exit $rc' _ "$R"
     # fused: (not in the default order; AGENDA_STEPS=fused) the hand-written RoPE/SwiGLU kernels
     # (arvid/generator/fused.py) and the residual-addmm split (arvid/training/graph_passes.py) with
     # the cudnn_fe backend (wheel as in cudnnfe): their GPU tests, then the L step at 65,536 positions
@@ -173,22 +189,6 @@ run_all() {
                 --backend $2 --residual-dtype compute --max-tokens $3 --measure-peak "${@:4}" \
                 --json "$1/generator_${i}_$2_$3.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         done
-        exit $rc' _ "$R"
-    # decodek: (not in the default order; AGENDA_STEPS=decodek) the Triton decode step
-    # (arvid/generator/decode_kernels.py): its GPU tests, then its captured step against the compiled
-    # torch step at 2 rows (batch 1 with guidance) over DECODEK_VARIANTS tile sizes, then the sampler
-    # at batch 1 with compile=triton and compile=compile (samples/s, floor, vs recompute)
-    step decodek 590 bash -c '
-        rc=0
-        python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generator_decode_kernels.py -rA \
-            > "$1/decodek_tests.log" 2>&1 || rc=$?
-        grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$1/decodek_tests.log"
-        [ $rc = 0 ] || { tail -n 60 "$1/decodek_tests.log"; exit $rc; }
-        python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
-            --variants "${DECODEK_VARIANTS:-default;qkv_p=2,o_n=2,down_n=2,up_n=4,head_n=16;programs=1,qkv_p=8,o_n=8,down_n=8,up_n=16,head_n=64;warps=8;warps=2}" \
-            --json "$1/decode_kernels.json" || rc=$?
-        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton}" --batch-sizes 1 --full-runs 1 \
-            --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         exit $rc' _ "$R"
     rm -rf /tmp/tokprof  # a rerun on the same machine must profile again, not skip a finished stage
     step tokprof 300 python3 -m arvid pipeline configs/experiments/synthetic_gpu.yaml --until proxy \
