@@ -3,7 +3,7 @@ graph, against its memory floor (weights + the filled KV cache read once at ``--
 tile-size variants; ``--profile`` prints where the best variant's step goes, by kernel.
 
     python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 \
-        --variants "default;qkv_p=2,o_n=2,down_n=2;warps=8" --profile --json out.json
+        --variants "default;pdl=0;warps=8" --profile --json out.json
 
 A variant is ``key=value,...`` over ``decode_kernels.TILES`` and ``programs`` (``decode_kernels.PROGRAMS``,
 below which a column block shrinks; ``default``: as set). The step
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             use(spec)
             g = graph_of(lambda: decode_kernels.decode_step(m, cache, tok, pos, a.kv_len))
             ms = time_graph(g, a.reps)
-            row = {"variant": spec, "tiles": decode_kernels.tiles_for(m, a.rows), "step_ms": ms, "x_floor": ms / floor,
+            row = {"variant": spec, "tiles": decode_kernels.tiles_for(m, a.rows, dev), "step_ms": ms, "x_floor": ms / floor,
                    "GB_per_s": (weights + kv) / ms / 1e6}
             results.append(row)
             print(json.dumps(row), flush=True)

@@ -36,7 +36,7 @@ dk.TILES.update(qkv_p=8, o_n=64, up_n=64, down_n=64, head_n=64)
 dk.CHUNK = 4  # several splits per (row, head) at these short lengths: the merge runs
 calls = []
 real = dk._kernels().attention
-dk._kernels().attention = lambda *a: calls.append(a[-2]) or real(*a)
+dk._kernels().attention = lambda *a: calls.append(a[-3]) or real(*a)  # the split count
 
 
 def run_steps(m, rows, steps, pre_len=5, kv_len=None, garbage=float("nan")):
@@ -150,6 +150,7 @@ def test_tiles_keep_programs_and_bound_the_reduction():
     assert t16["m"] == 16 and t16["qkv_k"] == 128
     small = GPT.from_preset("debug", vocab_size=30, max_seq_len=40)
     assert decode_kernels.tiles_for(small, 1)["qkv_k"] == 64  # never wider than the reduced dimension
+    assert t["pdl"] == 0 and decode_kernels.tiles_for(m, 2, torch.device("cpu"))["pdl"] == 0  # CUDA only
 
 
 # --------------------------------------------------------------------------- GPU
@@ -183,9 +184,16 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph():
         assert e_kern <= 1.5 * e_torch + 1e-3, (e_kern, e_torch)
         for a, b in zip(caches[1].tensors(), caches[2].tensors()):
             assert torch.allclose(a[:, :, :fill + 2].float(), b[:, :, :fill + 2].float(), atol=2e-2, rtol=2e-2)
-        # captured: the replay gives the direct call's logits, bit for bit
+        # captured: the replay gives the direct call's logits, bit for bit; programmatic dependent
+        # launch (on for sm_90+) changes when kernels start, not what they compute
         pos2 = torch.tensor(fill + 2, device="cuda")
+        assert decode_kernels.tiles_for(m, rows, pos2.device)["pdl"] == int(torch.cuda.get_device_capability()[0] >= 9)
         direct = decode_kernels.decode_step(m, caches[2], tok, pos2, 256)
+        decode_kernels.TILES["pdl"] = 0
+        try:
+            assert torch.equal(decode_kernels.decode_step(m, caches[2], tok, pos2, 256), direct)
+        finally:
+            decode_kernels.TILES["pdl"] = 1
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -244,11 +252,12 @@ _SIGS = {
 }
 # the L preset's sizes at 2 rows, as decode_kernels.tiles_for sets them
 _CASES = [
-    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=4, BLOCK_K=1024), ("K", "N")),
-    ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256), ("K",)),
-    ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=512), ("K", "hidden")),
-    ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=4, BLOCK_K=1024), ("K", "kv_b", "kv_h")),
-    ("_attn_kernel", dict(D=64, CHUNK=64, MAX_S=64), ("kv_b", "kv_h")),
+    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=4, BLOCK_K=1024, PDL=True), ("K", "N")),
+    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=4, BLOCK_K=1024, PDL=False), ("K", "N")),
+    ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256, PDL=True), ("K",)),
+    ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=512, PDL=True), ("K", "hidden")),
+    ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=4, BLOCK_K=1024, PDL=True), ("K", "kv_b", "kv_h")),
+    ("_attn_kernel", dict(D=64, CHUNK=64, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
 ]
 
 
@@ -276,8 +285,13 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else 4})
     except (TypeError, ImportError) as e:  # another Triton's AOT interface
         pytest.skip(f"this Triton ({triton.__version__}) compiles ahead of time differently: {e}")
-    wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", k.asm["ptx"]))
+    ptx = k.asm["ptx"]
+    wide = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
     assert wide >= 4, f"{name}: {wide} 128-bit global loads in the PTX"
+    # under PDL: the next kernel may launch at once, and this one waits before reading its inputs
+    assert ("griddepcontrol.wait" in ptx) == consts["PDL"] == ("griddepcontrol.launch_dependents" in ptx)
+    if consts["PDL"] and name != "_attn_kernel":  # the first weight tile is read before the wait
+        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.exists():
         return

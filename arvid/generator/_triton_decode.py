@@ -23,6 +23,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (sm_90+; Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: launched without PDL (decode_kernels.PDL)
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
 def _rstd(x_ptr, x_row, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -37,12 +42,42 @@ def _rstd(x_ptr, x_row, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
-def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask,
+def _weights(w_ptr, w_row, c1, c2, cmask, k0, K, PAIR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` tiles of ``W`` at rows ``c1`` (and ``c2``), columns ``k0 ...``."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    wm = cmask[:, None] & (ks < K)[None, :]
+    w1 = tl.load(w_ptr + c1[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0)
+    w2 = w1
+    if PAIR:
+        w2 = tl.load(w_ptr + c2[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0)
+    return w1, w2
+
+
+@triton.jit
+def _start(PDL: tl.constexpr):
+    """A kernel's first act under programmatic dependent launch: let the next kernel launch (its
+    programs start, read their weights, and wait for this kernel to finish before reading its
+    results)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _wait(PDL: tl.constexpr):
+    """Wait for the previous kernel to finish (its writes visible) before reading what it wrote."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask, w1, w2,
             NORM: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """``x W^T`` at output columns ``c1`` (and ``c2`` where ``PAIR``), ``[BLOCK_M, BLOCK_N]`` each,
-    float32. ``NORM``: ``x`` is first RMS-normalised by ``rstd`` and the gain ``g`` and rounded to
-    ``x``'s dtype, as ``RMSNorm`` hands it to the projection."""
+    float32, given the first weight tiles ``w1, w2`` (:func:`_weights` at 0: a kernel loads them
+    before waiting on the previous one); each iteration loads the next tiles before its sums.
+    ``NORM``: ``x`` is first RMS-normalised by ``rstd`` and the gain ``g`` and rounded to ``x``'s
+    dtype, as ``RMSNorm`` hands it to the projection."""
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -53,12 +88,11 @@ def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask,
         if NORM:
             g = tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
             x = (x * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-        wm = cmask[:, None] & km[None, :]
-        w1 = tl.load(w_ptr + c1[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0).to(tl.float32)
-        acc1 += tl.sum(x[:, None, :] * w1[None, :, :], axis=2)
+        n1, n2 = _weights(w_ptr, w_row, c1, c2, cmask, k0 + BLOCK_K, K, PAIR, BLOCK_K)
+        acc1 += tl.sum(x[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
         if PAIR:
-            w2 = tl.load(w_ptr + c2[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0).to(tl.float32)
-            acc2 += tl.sum(x[:, None, :] * w2[None, :, :], axis=2)
+            acc2 += tl.sum(x[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
+        w1, w2 = n1, n2
     return acc1, acc2
 
 
@@ -66,7 +100,7 @@ def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask,
 def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr, qn_ptr, kn_ptr,
                 M, K, eps, H, HKV, kv_b, kv_h,
                 HALF: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One program: ``BLOCK_P`` rotation pairs (columns ``j`` and ``j + HALF``) of one head of the
     fused projection ``[q heads, k heads, v heads]``, for every row. q goes to ``q [M, H, 2 HALF]``,
     k and v to the cache (``[M, HKV, max_len, 2 HALF]``, strides ``kv_b``, ``kv_h``) at the position
@@ -78,9 +112,12 @@ def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr,
     j = (tl.program_id(0) % per_head) * BLOCK_P + tl.arange(0, BLOCK_P)
     jm = j < HALF
     rows = tl.arange(0, BLOCK_M)
-    rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
     c1 = head * D + j
-    a1, a2 = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, c1, c1 + HALF, jm,
+    _start(PDL)
+    w1, w2 = _weights(w_ptr, K, c1, c1 + HALF, jm, 0, K, True, BLOCK_K)
+    _wait(PDL)
+    rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
+    a1, a2 = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, c1, c1 + HALF, jm, w1, w2,
                      True, True, BLOCK_M, BLOCK_P, BLOCK_K)
     dt = q_ptr.dtype.element_ty
     a1 = a1.to(dt).to(tl.float32)  # the projection's output, in the activation dtype
@@ -120,11 +157,13 @@ def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr,
 @triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, pos_ptr,
                  n, scale, H, GROUP, kv_b, kv_h, S,
-                 D: tl.constexpr, CHUNK: tl.constexpr, MAX_S: tl.constexpr):
+                 D: tl.constexpr, CHUNK: tl.constexpr, MAX_S: tl.constexpr, PDL: tl.constexpr):
     """Program ``(row * H + head, s)``: the query ``q [M, H, D]`` against cache positions
     ``s * CHUNK ...`` that are below ``n`` and at most ``pos`` (the rest are never read), giving a
     partial output, its running max and its sum; the last of the ``S`` programs of a (row, head) to
     finish (an atomic count, reset by it) merges the ``S`` partials into ``o [M, H * D]``."""
+    _start(PDL)
+    _wait(PDL)
     mh = tl.program_id(0)
     s = tl.program_id(1)
     row = mh // H
@@ -160,17 +199,20 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, po
 @triton.jit
 def _matvec_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
                    NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Columns ``program_id * BLOCK_N ...`` of ``out [M, N] = residual + x W^T`` (``RESIDUAL``; the
     product rounded to ``out``'s dtype before the add, as ``x + proj(a)`` rounds) or of
     ``RMSNorm(x) W^T`` (``NORM``). ``out`` may be ``res``: each program reads its columns first."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N
     rows = tl.arange(0, BLOCK_M)
+    _start(PDL)
+    w1, w2 = _weights(w_ptr, K, cols, cols, cm, 0, K, False, BLOCK_K)
+    _wait(PDL)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM:
         rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    acc, _ = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols, cm,
+    acc, _ = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols, cm, w1, w2,
                      NORM, False, BLOCK_M, BLOCK_N, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     y = acc.to(dt)
@@ -184,7 +226,7 @@ def _matvec_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
 
 @triton.jit
 def _swiglu_kernel(x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Columns ``program_id * BLOCK_N ...`` of ``h [M, hidden] = silu(gate) * up`` with
     ``[gate, up] = RMSNorm(x) W^T`` (``W [2 hidden, K]``): gate column ``c`` and up column
     ``c + hidden`` in one program. ``silu(gate)`` is rounded before the product, as torch's
@@ -192,8 +234,11 @@ def _swiglu_kernel(x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < hidden
     rows = tl.arange(0, BLOCK_M)
+    _start(PDL)
+    w1, w2 = _weights(w_ptr, K, cols, cols + hidden, cm, 0, K, True, BLOCK_K)
+    _wait(PDL)
     rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    a, b = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols + hidden, cm,
+    a, b = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols + hidden, cm, w1, w2,
                    True, True, BLOCK_M, BLOCK_N, BLOCK_K)
     dt = h_ptr.dtype.element_ty
     gate = a.to(dt).to(tl.float32)
@@ -203,6 +248,11 @@ def _swiglu_kernel(x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
     tl.store(h_ptr + rows[:, None] * hidden + cols[None, :], (act * up).to(dt), mask=m)
 
 
+def _pdl(tiles) -> dict:
+    """Launch options: programmatic dependent launch where the tiles ask for it."""
+    return {"launch_pdl": True} if tiles["pdl"] else {}
+
+
 def qkv(x, g, w, q, kc, vc, c, s, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tiles):
     m, k = x.shape
     half = q.shape[-1] // 2
@@ -210,26 +260,28 @@ def qkv(x, g, w, q, kc, vc, c, s, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tile
     grid = ((n_heads + 2 * n_kv) * triton.cdiv(half, bp),)
     _qkv_kernel[grid](x, g, w, q, kc, vc, c, s, pos, qn, kn, m, k, eps, n_heads, n_kv, kc.stride(0), kc.stride(1),
                       HALF=half, QK_NORM=qk_norm, BLOCK_M=tiles["m"], BLOCK_P=bp, BLOCK_K=tiles["qkv_k"],
-                      num_warps=tiles["warps"])
+                      PDL=bool(tiles["pdl"]), num_warps=tiles["warps"], **_pdl(tiles))
 
 
-def attention(q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, chunk, n_splits, max_s):
+def attention(q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, chunk, n_splits, max_s, tiles):
     m, h, d = q.shape
     _attn_kernel[(m * h, n_splits)](q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, h, h // kc.shape[1],
                                     kc.stride(0), kc.stride(1), n_splits, D=d, CHUNK=chunk, MAX_S=max_s,
-                                    num_warps=2)
+                                    PDL=bool(tiles["pdl"]), num_warps=2, **_pdl(tiles))
 
 
 def matvec(x, g, w, res, out, eps, norm, block_n, block_k, tiles):
     m, k = x.shape
     n = w.shape[0]
-    _matvec_kernel[(triton.cdiv(n, block_n),)](x, w if g is None else g, w, out if res is None else res, out, m, k, n, eps, NORM=norm,
-                                               RESIDUAL=res is not None, BLOCK_M=tiles["m"], BLOCK_N=block_n,
-                                               BLOCK_K=block_k, num_warps=tiles["warps"])
+    _matvec_kernel[(triton.cdiv(n, block_n),)](x, w if g is None else g, w, out if res is None else res, out, m, k,
+                                               n, eps, NORM=norm, RESIDUAL=res is not None, BLOCK_M=tiles["m"],
+                                               BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(tiles["pdl"]),
+                                               num_warps=tiles["warps"], **_pdl(tiles))
 
 
 def swiglu(x, g, w, h, eps, block_n, block_k, tiles):
     m, k = x.shape
     hidden = h.shape[1]
     _swiglu_kernel[(triton.cdiv(hidden, block_n),)](x, g, w, h, m, k, hidden, eps, BLOCK_M=tiles["m"],
-                                                    BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tiles["warps"])
+                                                    BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(tiles["pdl"]),
+                                                    num_warps=tiles["warps"], **_pdl(tiles))

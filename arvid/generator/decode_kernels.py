@@ -11,7 +11,10 @@ same logits up to the summation order) as
                output projection + residual | norm + gate/up projection + SwiGLU | down projection + residual
     then:      final norm + output head
 
-(:mod:`arvid.generator._triton_decode`). The attention reads only the filled cache positions,
+(:mod:`arvid.generator._triton_decode`). On sm_90+ the kernels are launched with programmatic
+dependent launch (:data:`TILES` ``pdl``): a kernel's programs start while the previous kernel
+runs and read their first weight tiles before waiting for it, so the weight reads of consecutive
+kernels overlap, as in a persistent kernel. The attention reads only the filled cache positions,
 whatever ``kv_len`` bucket it is given. The sampler uses it with ``SamplerConfig.compile="triton"``
 (captured into CUDA graphs like the other modes).
 
@@ -35,8 +38,11 @@ MAX_ROWS = 16
 CHUNK = 64
 
 # Tile sizes, by matrix (host heuristics; benchmarks/bench_decode_kernels.py overrides them to time others).
+# ``pdl``: launch with programmatic dependent launch where the GPU and Triton have it (sm_90+,
+# Triton >= 3.4): each kernel lets the next one launch at once, and that one reads its first weight
+# tiles while this one runs, waiting for it only before reading its results.
 TILES: dict[str, int] = {"warps": 4, "qkv_p": 4, "qkv_k": 1024, "o_n": 4, "o_k": 1024, "up_n": 8, "up_k": 512,
-                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256}
+                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256, "pdl": 1}
 
 
 @functools.cache
@@ -76,7 +82,20 @@ def _block(units: int, cap: int = 64) -> int:
     return b
 
 
-def tiles_for(model, rows: int) -> dict[str, int]:
+@functools.cache
+def pdl_available(device_index: int) -> bool:
+    """Whether kernels on CUDA device ``device_index`` can use programmatic dependent launch: compute
+    capability 9.0 or newer and a Triton that has the launch option and the ``gdc_*`` intrinsics."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+    return "launch_pdl" in fields and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def tiles_for(model, rows: int, device: torch.device | None = None) -> dict[str, int]:
     """The tile sizes for ``model`` at ``rows`` rows: :data:`TILES`, with the row block and, where
     a matrix is too small for the set sizes to keep the GPU's SMs busy, smaller column blocks."""
     c = model.config
@@ -89,6 +108,8 @@ def tiles_for(model, rows: int) -> dict[str, int]:
     for key in ("qkv_k", "o_k", "up_k", "down_k", "head_k"):
         k = c.hidden_dim if key == "down_k" else c.dim  # the reduced dimension
         t[key] = min(max(16, t[key] // scale), 1 << (k - 1).bit_length())
+    cuda = device is not None and device.type == "cuda"
+    t["pdl"] = int(bool(t["pdl"]) and cuda and pdl_available(device.index or 0))
     return t
 
 
@@ -138,7 +159,7 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
     if not 0 < n <= cache.max_len:
         raise ValueError(f"kv_len must lie in [1, cache.max_len={cache.max_len}], got {kv_len}")
     k = _kernels()
-    t = tiles_for(model, rows)
+    t = tiles_for(model, rows, tokens.device)
     h, hkv, d = c.n_heads, c.kv_heads, c.head_dim
     dt = model.tok_emb.weight.dtype
     x = model.tok_emb(tokens).contiguous()  # [M, dim], the residual stream, updated in place
@@ -161,7 +182,7 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
         k.qkv(x, blk.attn_norm.weight, a.wqkv.weight, q, cache.k[i], cache.v[i], cs, sn, p, qn, kn, eps, h, hkv,
               a.q_norm is not None, t)
         k.attention(q, cache.k[i], cache.v[i], o, ws.partial_o, ws.partial_m, ws.partial_l, ws.counters, p, n,
-                    scale, CHUNK, splits, ws.max_splits)
+                    scale, CHUNK, splits, ws.max_splits, t)
         k.matvec(o, None, a.wo.weight, x, x, eps, False, t["o_n"], t["o_k"], t)
         k.swiglu(x, blk.ffn_norm.weight, blk.ffn.w13.weight, hid, eps, t["up_n"], t["up_k"], t)
         k.matvec(hid, None, blk.ffn.w2.weight, x, x, eps, False, t["down_n"], t["down_k"], t)
