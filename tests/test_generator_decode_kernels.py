@@ -75,6 +75,22 @@ for extra in (dict(n_kv_heads=2, qk_norm=True), dict(n_heads=4)):
         assert torch.isnan(y[:, :, last:]).all()  # nothing written past the last position
     assert calls[-1] == 6, calls  # kv_len 24 over chunks of 4: six splits merged
 
+# narrow tiles: heads split over programs (2 pairs each), every reduction in 16-wide steps (the
+# weight tiles loaded one step ahead), 5 rows in an 8-row block
+dk.TILES.update(qkv_p=2, qkv_k=16, o_k=16, up_k=16, down_k=16, head_k=16)
+cfg = GPTConfig(vocab_size=37, max_seq_len=64, num_classes=3, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+torch.manual_seed(0)
+m = GPT(cfg).eval()
+for p in m.parameters():
+    p.data.normal_(0, 0.3)
+assert dk.tiles_for(m, 5)["qkv_k"] == 16 and dk.tiles_for(m, 5)["qkv_p"] == 2
+out, ref_cache, cache, last = run_steps(m, rows=5, steps=2)
+for a, b in out:
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6
+for x, y in zip(ref_cache.tensors(), cache.tensors()):
+    assert torch.allclose(x[:, :, :last], y[:, :, :last], atol=1e-5, rtol=1e-5)
+dk.TILES.update(qkv_p=8, qkv_k=1024, o_k=1024, up_k=512, down_k=1024, head_k=256)
+
 # bf16: the kernels' step is no further from a float64 step than torch's own bf16 step
 cfg = GPTConfig(vocab_size=37, max_seq_len=64, num_classes=3, dim=64, n_layers=2, n_heads=4)
 torch.manual_seed(0)
@@ -148,8 +164,10 @@ def test_tiles_keep_programs_and_bound_the_reduction():
     assert 48 * 32 // t["qkv_p"] >= decode_kernels.PROGRAMS
     t16 = decode_kernels.tiles_for(m, 9)  # 16-row block: the reduction block shrinks 8x
     assert t16["m"] == 16 and t16["qkv_k"] == 128
-    small = GPT.from_preset("debug", vocab_size=30, max_seq_len=40)
+    small = GPT.from_preset("debug", vocab_size=30, max_seq_len=40, qk_norm=False)
     assert decode_kernels.tiles_for(small, 1)["qkv_k"] == 64  # never wider than the reduced dimension
+    # QK-norm: a program holds a whole head (8 pairs, not 4): half the reduction block
+    assert decode_kernels.tiles_for(GPT.from_preset("debug", vocab_size=30, max_seq_len=40), 1)["qkv_k"] == 32
     assert t["pdl"] == 0 and decode_kernels.tiles_for(m, 2, torch.device("cpu"))["pdl"] == 0  # CUDA only
 
 
@@ -157,17 +175,19 @@ def test_tiles_keep_programs_and_bound_the_reduction():
 
 
 @pytest.mark.gpu
-def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph():
+@pytest.mark.parametrize("extra", [{}, dict(n_kv_heads=4, qk_norm=True)], ids=["mha", "gqa-qknorm"])
+def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph(extra):
     if not torch.cuda.is_available() or not HAS_TRITON:
         pytest.skip("needs CUDA and Triton")
-    torch.manual_seed(0)
-    m64 = GPT.from_preset("L", vocab_size=8197, max_seq_len=300, num_classes=10, n_layers=4).cuda().eval()
-    for p in m64.parameters():
-        p.data.normal_(0, 0.02)
-    m = GPT.from_preset("L", vocab_size=8197, max_seq_len=300, num_classes=10, n_layers=4).cuda().eval()
-    m.load_state_dict(m64.state_dict())
-    m.cast_for_inference_(torch.bfloat16)
-    m64.double()
+
+    def build(double: bool) -> GPT:
+        torch.manual_seed(0)
+        g = GPT.from_preset("L", vocab_size=8197, max_seq_len=300, num_classes=10, n_layers=4, **extra).cuda().eval()
+        for n, p in g.named_parameters():
+            p.data.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.02)
+        return g.double() if double else g.cast_for_inference_(torch.bfloat16)
+
+    m64, m = build(True), build(False)
     rows, fill = 2, 150
     cond = m.null_conditioning(rows, "cuda")
     pre = torch.randint(0, 8192, (rows, fill), device="cuda")
@@ -184,7 +204,12 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph():
         assert e_kern <= 1.5 * e_torch + 1e-3, (e_kern, e_torch)
         for a, b in zip(caches[1].tensors(), caches[2].tensors()):
             assert torch.allclose(a[:, :, :fill + 2].float(), b[:, :, :fill + 2].float(), atol=2e-2, rtol=2e-2)
-        # captured: the replay gives the direct call's logits, bit for bit; programmatic dependent
+        # layer 0's new key and value are rounded where torch rounds them: bit for bit but for the
+        # rare element whose float32 sum falls the other side of a bf16 rounding boundary
+        for a, b in ((caches[1].k[0], caches[2].k[0]), (caches[1].v[0], caches[2].v[0])):
+            same = (a[:, :, fill + 1] == b[:, :, fill + 1]).float().mean().item()
+            assert same >= 0.95, same
+        # captured: the replays give the direct call's logits, bit for bit; programmatic dependent
         # launch (on for sm_90+) changes when kernels start, not what they compute
         pos2 = torch.tensor(fill + 2, device="cuda")
         assert decode_kernels.tiles_for(m, rows, pos2.device)["pdl"] == int(torch.cuda.get_device_capability()[0] >= 9)
@@ -202,9 +227,10 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph():
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(graph):
             out = decode_kernels.decode_step(m, caches[2], tok, pos2, 256)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, direct)
+        for i in range(30):  # a race between the kernels would show as a changed replay
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, direct), i
 
 
 @pytest.mark.gpu
@@ -257,6 +283,7 @@ _CASES = [
     ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256, PDL=True), ("K",)),
     ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=512, PDL=True), ("K", "hidden")),
     ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=4, BLOCK_K=1024, PDL=True), ("K", "kv_b", "kv_h")),
+    ("_qkv_kernel", dict(HALF=32, QK_NORM=True, BLOCK_M=2, BLOCK_P=32, BLOCK_K=128, PDL=True), ("K", "kv_b", "kv_h")),
     ("_attn_kernel", dict(D=64, CHUNK=64, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
 ]
 
@@ -298,7 +325,6 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     cubin = tmp_path / "k.cubin"
     cubin.write_bytes(k.asm["cubin"])
     usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+).*LOCAL:(\d+)", usage)
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)  # spilled registers live on the stack
     assert regs, usage
-    assert int(regs.group(2)) == 0, f"{name} spills to local memory: {usage}"
-    assert int(regs.group(1)) <= 255
+    assert int(regs.group(2)) == 0, f"{name} spills registers: {usage}"

@@ -182,7 +182,10 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, po
     tl.store(po_ptr + (mh * MAX_S + s) * D + d, tl.sum(p[:, None] * vv, axis=0))
     tl.store(pm_ptr + mh * MAX_S + s, mx)
     tl.store(pl_ptr + mh * MAX_S + s, tl.sum(p, axis=0))
-    done = tl.atomic_add(cnt_ptr + mh, 1)  # acq_rel: the stores above are visible to the last program
+    # every thread's stores above, then the count (acq_rel: released to the last program); the
+    # barrier orders the other threads' stores before the one thread that does the atomic
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + mh, 1)
     if done == S - 1:
         ss = tl.arange(0, MAX_S)
         sm = ss < S

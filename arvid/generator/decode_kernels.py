@@ -108,6 +108,8 @@ def tiles_for(model, rows: int, device: torch.device | None = None) -> dict[str,
     for key in ("qkv_k", "o_k", "up_k", "down_k", "head_k"):
         k = c.hidden_dim if key == "down_k" else c.dim  # the reduced dimension
         t[key] = min(max(16, t[key] // scale), 1 << (k - 1).bit_length())
+    if c.qk_norm:  # a program holds its whole head (head_dim / 2 pairs): a narrower reduction block
+        t["qkv_k"] = max(16, t["qkv_k"] * t["qkv_p"] // max(1, c.head_dim // 2))
     cuda = device is not None and device.type == "cuda"
     t["pdl"] = int(bool(t["pdl"]) and cuda and pdl_available(device.index or 0))
     return t
@@ -133,6 +135,11 @@ def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.
     max_splits = 1 << (max(1, -(-max_len // CHUNK)) - 1).bit_length()
     key = (device, rows, heads, head_dim, max_splits)
     if key not in _WORKSPACES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # allocated (and zeroed) inside a capture, the buffers would come from the graph's pool
+            # and the zeroing would replay with the graph
+            raise RuntimeError("the Triton decode step's first call for a batch shape must run before CUDA graph "
+                               "capture (a warm-up call allocates its workspace)")
         _WORKSPACES[key] = _Workspace(rows, heads, head_dim, max_splits, device)
     return _WORKSPACES[key]
 
@@ -165,6 +172,15 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
     x = model.tok_emb(tokens).contiguous()  # [M, dim], the residual stream, updated in place
     if cache.dtype != dt:
         raise ValueError(f"the Triton decode step needs the KV cache in the weights' dtype {dt}, got {cache.dtype}")
+    kc = cache.k[0]
+    if kc.stride(-1) != 1 or kc.stride(-2) != d or any(t.stride() != kc.stride() for t in cache.tensors()):
+        raise ValueError(f"the Triton decode step needs every cache tensor laid out [B, Hkv, max_len, head_dim] with "
+                         f"unit stride in head_dim (strides {kc.stride()})")
+    # the kernels index the weights as contiguous [out, in] rows (no views)
+    for blk in model.blocks:
+        for w in (blk.attn.wqkv.weight, blk.attn.wo.weight, blk.ffn.w13.weight, blk.ffn.w2.weight):
+            if not w.is_contiguous():
+                raise ValueError(f"the Triton decode step needs contiguous weights; got strides {w.stride()}")
     cs, sn = rope_tables(pos.reshape(1), d, c.rope_theta)
     cs, sn = cs.reshape(d), sn.reshape(d)
     p = pos.reshape(1)

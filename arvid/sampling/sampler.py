@@ -493,7 +493,8 @@ class Sampler:
         ``triton`` off CUDA runs where Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: tests),
         without graphs."""
         mode = self.cfg.compile
-        if mode == "triton" and self.cfg.use_cache and os.environ.get("TRITON_INTERPRET") == "1":
+        if (mode == "triton" and self.cfg.use_cache and device.type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") == "1"):
             return mode
         if not self.cfg.use_cache or device.type != "cuda":
             return "eager"
