@@ -161,24 +161,35 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, po
     """Program ``(row * H + head, s)``: the query ``q [M, H, D]`` against cache positions
     ``s * CHUNK ...`` that are below ``n`` and at most ``pos`` (the rest are never read), giving a
     partial output, its running max and its sum; the last of the ``S`` programs of a (row, head) to
-    finish (an atomic count, reset by it) merges the ``S`` partials into ``o [M, H * D]``."""
+    finish (an atomic count, reset by it) merges the ``S`` partials into ``o [M, H * D]``.
+
+    The positions before ``pos`` were written by earlier steps: they are read before waiting on
+    the previous kernel (the q/k/v kernel, which writes q and position ``pos`` itself)."""
     _start(PDL)
-    _wait(PDL)
     mh = tl.program_id(0)
     s = tl.program_id(1)
     row = mh // H
     kvh = (mh % H) // GROUP
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + mh * D + d).to(tl.float32)
     t = s * CHUNK + tl.arange(0, CHUNK)
     pos = tl.load(pos_ptr)
-    valid = (t < n) & (t <= pos)
     base = row.to(tl.int64) * kv_b + kvh * kv_h
-    kk = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    earlier = (t < n) & (t < pos)
+    kk = tl.load(k_ptr + base + t[:, None] * D + d[None, :], mask=earlier[:, None], other=0.0)
+    vv = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=earlier[:, None], other=0.0)
+    _wait(PDL)
+    q = tl.load(q_ptr + mh * D + d).to(tl.float32)
+    here = (t == pos) & (t < n)
+    # `!= 0`: Triton's CPU interpreter turns a tensor mask & a scalar flag into integers
+    pm = ((d < D) & (pos >= s * CHUNK) & (pos < s * CHUNK + CHUNK) & (pos < n)) != 0
+    kp = tl.load(k_ptr + base + pos * D + d, mask=pm, other=0.0)
+    vp = tl.load(v_ptr + base + pos * D + d, mask=pm, other=0.0)
+    kk = tl.where(here[:, None], kp[None, :], kk).to(tl.float32)
+    vv = tl.where(here[:, None], vp[None, :], vv).to(tl.float32)
+    valid = earlier | here
     sc = tl.where(valid, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
     mx = tl.max(sc, axis=0)
     p = tl.exp(sc - tl.where(mx == float("-inf"), 0.0, mx))  # a chunk past pos: all zeros
-    vv = tl.load(v_ptr + base + t[:, None] * D + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     tl.store(po_ptr + (mh * MAX_S + s) * D + d, tl.sum(p[:, None] * vv, axis=0))
     tl.store(pm_ptr + mh * MAX_S + s, mx)
     tl.store(pl_ptr + mh * MAX_S + s, tl.sum(p, axis=0))
