@@ -97,14 +97,16 @@ def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask, 
 
 
 @triton.jit
-def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr, qn_ptr, kn_ptr,
+def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos_ptr, qn_ptr, kn_ptr,
                 M, K, eps, H, HKV, kv_b, kv_h,
                 HALF: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One program: ``BLOCK_P`` rotation pairs (columns ``j`` and ``j + HALF``) of one head of the
     fused projection ``[q heads, k heads, v heads]``, for every row. q goes to ``q [M, H, 2 HALF]``,
     k and v to the cache (``[M, HKV, max_len, 2 HALF]``, strides ``kv_b``, ``kv_h``) at the position
-    ``pos``. ``c_ptr``/``s_ptr``: the step's rotary tables (``[cos, cos]``, ``[-sin, sin]``).
+    ``pos``. ``f_ptr``: RoPE's ``HALF`` inverse frequencies (float32): the angles ``pos * f`` and
+    their cosines and sines are computed here, as :func:`~arvid.generator.gpt.rope_tables` computes
+    them (in torch they were a handful of launches per step).
     ``QK_NORM`` needs ``BLOCK_P >= HALF`` (a program holds its whole head)."""
     D: tl.constexpr = 2 * HALF
     per_head = tl.cdiv(HALF, BLOCK_P)
@@ -133,8 +135,10 @@ def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr,
         n2 = (a2 * inv[:, None] * g2.to(tl.float32)[None, :]).to(dt).to(tl.float32)
         a1 = tl.where(is_v, a1, n1)
         a2 = tl.where(is_v, a2, n2)
-    cos = tl.load(c_ptr + j, mask=jm, other=0.0)[None, :]
-    sin = tl.load(s_ptr + HALF + j, mask=jm, other=0.0)[None, :]
+    pos = tl.load(pos_ptr)
+    ang = pos.to(tl.float32) * tl.load(f_ptr + j, mask=jm, other=0.0)
+    cos = tl.cos(ang)[None, :]
+    sin = tl.sin(ang)[None, :]
     r1 = tl.where(is_v, a1, a1 * cos - a2 * sin)
     r2 = tl.where(is_v, a2, a2 * cos + a1 * sin)
     m = (rows[:, None] < M) & jm[None, :]
@@ -145,7 +149,6 @@ def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, c_ptr, s_ptr, pos_ptr,
     qp = q_ptr + rows[:, None] * (H * D) + head * D + j[None, :]
     tl.store(qp, r1.to(dt), mask=mq)
     tl.store(qp + HALF, r2.to(dt), mask=mq)
-    pos = tl.load(pos_ptr)
     kvh = tl.where(is_v, head - H - HKV, head - H)
     off = rows[:, None].to(tl.int64) * kv_b + kvh * kv_h + pos * D + j[None, :]
     tl.store(k_ptr + off, r1.to(dt).to(k_ptr.dtype.element_ty), mask=mk)
@@ -267,12 +270,12 @@ def _pdl(tiles) -> dict:
     return {"launch_pdl": True} if tiles["pdl"] else {}
 
 
-def qkv(x, g, w, q, kc, vc, c, s, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tiles):
+def qkv(x, g, w, q, kc, vc, f, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tiles):
     m, k = x.shape
     half = q.shape[-1] // 2
     bp = half if qk_norm else tiles["qkv_p"]
     grid = ((n_heads + 2 * n_kv) * triton.cdiv(half, bp),)
-    _qkv_kernel[grid](x, g, w, q, kc, vc, c, s, pos, qn, kn, m, k, eps, n_heads, n_kv, kc.stride(0), kc.stride(1),
+    _qkv_kernel[grid](x, g, w, q, kc, vc, f, pos, qn, kn, m, k, eps, n_heads, n_kv, kc.stride(0), kc.stride(1),
                       HALF=half, QK_NORM=qk_norm, BLOCK_M=tiles["m"], BLOCK_P=bp, BLOCK_K=tiles["qkv_k"],
                       PDL=bool(tiles["pdl"]), num_warps=tiles["warps"], **_pdl(tiles))
 

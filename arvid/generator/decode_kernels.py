@@ -144,6 +144,19 @@ def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.
     return _WORKSPACES[key]
 
 
+_FREQS: dict[tuple, torch.Tensor] = {}
+
+
+def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's inverse frequencies ``theta ** (-2i / head_dim)``, float32 ``[head_dim / 2]``, computed
+    as :func:`~arvid.generator.gpt.rope_tables` computes them; kept per device (made once, outside
+    any capture: the first step is a warm-up)."""
+    key = (device, head_dim, theta)
+    if key not in _FREQS:
+        _FREQS[key] = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    return _FREQS[key]
+
+
 @torch.no_grad()
 def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int | None = None,
                 attention: str = "sdpa") -> torch.Tensor:
@@ -153,8 +166,6 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
     bounds the attended positions as there (the kernels read only positions ``<= pos`` anyway);
     ``attention`` is accepted for the same signature and ignored. No host sync: CUDA-graph
     capturable."""
-    from arvid.generator.gpt import rope_tables
-
     c = model.config
     rows = tokens.shape[0]
     why = unsupported(model, rows, tokens.device)
@@ -181,8 +192,7 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
         for w in (blk.attn.wqkv.weight, blk.attn.wo.weight, blk.ffn.w13.weight, blk.ffn.w2.weight):
             if not w.is_contiguous():
                 raise ValueError(f"the Triton decode step needs contiguous weights; got strides {w.stride()}")
-    cs, sn = rope_tables(pos.reshape(1), d, c.rope_theta)
-    cs, sn = cs.reshape(d), sn.reshape(d)
+    freqs = inv_freq(d, c.rope_theta, x.device)
     p = pos.reshape(1)
     q = torch.empty(rows, h, d, device=x.device, dtype=dt)
     o = torch.empty(rows, h * d, device=x.device, dtype=dt)
@@ -195,7 +205,7 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
         a = blk.attn
         qn = a.q_norm.weight if a.q_norm is not None else blk.attn_norm.weight
         kn = a.k_norm.weight if a.k_norm is not None else blk.attn_norm.weight
-        k.qkv(x, blk.attn_norm.weight, a.wqkv.weight, q, cache.k[i], cache.v[i], cs, sn, p, qn, kn, eps, h, hkv,
+        k.qkv(x, blk.attn_norm.weight, a.wqkv.weight, q, cache.k[i], cache.v[i], freqs, p, qn, kn, eps, h, hkv,
               a.q_norm is not None, t)
         k.attention(q, cache.k[i], cache.v[i], o, ws.partial_o, ws.partial_m, ws.partial_l, ws.counters, p, n,
                     scale, CHUNK, splits, ws.max_splits, t)
