@@ -131,15 +131,19 @@ class _Workspace:
 _WORKSPACES: dict[tuple, _Workspace] = {}
 
 
+def _refuse_in_capture(device: torch.device) -> None:
+    """The step's lasting buffers (workspace, frequencies) must not be made inside a CUDA graph
+    capture: they would come from the graph's pool, and their filling would replay with it."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the Triton decode step's first call for a batch shape must run before CUDA graph "
+                           "capture (a warm-up call makes its workspace)")
+
+
 def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.device) -> _Workspace:
     max_splits = 1 << (max(1, -(-max_len // CHUNK)) - 1).bit_length()
     key = (device, rows, heads, head_dim, max_splits)
     if key not in _WORKSPACES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # allocated (and zeroed) inside a capture, the buffers would come from the graph's pool
-            # and the zeroing would replay with the graph
-            raise RuntimeError("the Triton decode step's first call for a batch shape must run before CUDA graph "
-                               "capture (a warm-up call allocates its workspace)")
+        _refuse_in_capture(device)
         _WORKSPACES[key] = _Workspace(rows, heads, head_dim, max_splits, device)
     return _WORKSPACES[key]
 
@@ -153,6 +157,7 @@ def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     any capture: the first step is a warm-up)."""
     key = (device, head_dim, theta)
     if key not in _FREQS:
+        _refuse_in_capture(device)
         _FREQS[key] = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     return _FREQS[key]
 
