@@ -13,8 +13,9 @@ same logits up to the summation order) as
 
 (:mod:`arvid.generator._triton_decode`). On sm_90+ the kernels are launched with programmatic
 dependent launch (:data:`TILES` ``pdl``): a kernel's programs start while the previous kernel
-runs and read their first weight tiles before waiting for it, so the weight reads of consecutive
-kernels overlap, as in a persistent kernel. The attention reads only the filled cache positions,
+runs and read what does not depend on it (their first weight tiles; the attention, the cache
+positions of earlier steps) before waiting for it, so the reads of consecutive kernels overlap, as
+in a persistent kernel. RoPE's angles are computed in the q/k/v kernel from the position. The attention reads only the filled cache positions,
 whatever ``kv_len`` bucket it is given. The sampler uses it with ``SamplerConfig.compile="triton"``
 (captured into CUDA graphs like the other modes).
 
