@@ -148,6 +148,15 @@ def test_unsupported_says_why(monkeypatch):
     assert "1 to 16 rows" in decode_kernels.unsupported(m, 17, cpu)
     odd = GPT.from_preset("debug", vocab_size=30, max_seq_len=40, dim=48, n_heads=4, n_kv_heads=None)  # head_dim 12
     assert "power-of-two head_dim >= 4, got 12" in decode_kernels.unsupported(odd, 2, cpu)
+    tok, pos = torch.zeros(2, dtype=torch.long), torch.tensor(1)
+    with pytest.raises(ValueError, match="KV cache in the weights' dtype torch.float32, got torch.bfloat16"):
+        decode_kernels.decode_step(m, m.allocate_cache(2, 8, dtype=torch.bfloat16), tok, pos)
+    bad = m.allocate_cache(2, 8)
+    bad.k[1] = bad.k[1].transpose(2, 3)  # a view with another layout
+    with pytest.raises(ValueError, match=r"cache tensor \[B, 2, max_len, 16\]"):
+        decode_kernels.decode_step(m, bad, tok, pos)
+    with pytest.raises(ValueError, match="kv_len must lie in"):
+        decode_kernels.decode_step(m, m.allocate_cache(2, 8), tok, pos, kv_len=9)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "run on CUDA devices, not cpu" in decode_kernels.unsupported(m, 2, cpu)
     with pytest.raises(ValueError, match="run on CUDA devices"):
@@ -228,6 +237,8 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph(extra):
         with torch.cuda.graph(graph):
             out = decode_kernels.decode_step(m, caches[2], tok, pos2, 256)
         for i in range(30):  # a race between the kernels would show as a changed replay
+            for t in caches[2].tensors():  # the q/k/v kernel rewrites this row: an early read sees NaN
+                t[:, :, fill + 2] = float("nan")
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, direct), i
@@ -285,6 +296,7 @@ _CASES = [
     ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=4, BLOCK_K=1024, PDL=True), ("K", "kv_b", "kv_h")),
     ("_qkv_kernel", dict(HALF=32, QK_NORM=True, BLOCK_M=2, BLOCK_P=32, BLOCK_K=128, PDL=True), ("K", "kv_b", "kv_h")),
     ("_attn_kernel", dict(D=64, CHUNK=64, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
+    ("_attn_kernel", dict(D=128, CHUNK=64, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
 ]
 
 
@@ -318,7 +330,10 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     # under PDL: the next kernel may launch at once, and this one waits before reading its inputs
     assert ("griddepcontrol.wait" in ptx) == consts["PDL"] == ("griddepcontrol.launch_dependents" in ptx)
     if consts["PDL"]:  # the first weight tile (the attention: the earlier cache positions) is read before the wait
-        assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
+        early = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx[:ptx.index("griddepcontrol.wait")]))
+        assert early >= 4, f"{name}: {early} 128-bit loads before the wait"
+    if name == "_qkv_kernel":  # RoPE's cos/sin: libdevice's accurate ones, as torch's
+        assert "sin.approx" not in ptx and "cos.approx" not in ptx
     # ptxas -v on the PTX: the bundled ptxas that takes this Triton's PTX version
     ptx_file = tmp_path / "k.ptx"
     ptx_file.write_text(ptx)
@@ -330,7 +345,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
             if r.returncode == 0:
                 break
     else:
-        return
+        pytest.skip(f"no bundled ptxas takes this Triton's PTX: {r.stderr[-300:]}")
     spills = re.search(r"(\d+) bytes spill stores", r.stderr)
     assert spills, r.stderr
     assert int(spills.group(1)) == 0, f"{name} spills registers: {r.stderr}"

@@ -8,7 +8,8 @@ the gaps between them took the rest. :func:`decode_step` computes the same step 
 same logits up to the summation order) as
 
     per layer: norm + q/k/v projection + RoPE + cache write | split-KV attention |
-               output projection + residual | norm + gate/up projection + SwiGLU | down projection + residual
+               output projection + residual | norm + gate/up projection + SwiGLU |
+               down projection + residual
     then:      final norm + output head
 
 (:mod:`arvid.generator._triton_decode`). On sm_90+ the kernels are launched with programmatic
@@ -182,22 +183,23 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
     n = cache.max_len if kv_len is None else kv_len
     if not 0 < n <= cache.max_len:
         raise ValueError(f"kv_len must lie in [1, cache.max_len={cache.max_len}], got {kv_len}")
-    k = _kernels()
-    t = tiles_for(model, rows, tokens.device)
     h, hkv, d = c.n_heads, c.kv_heads, c.head_dim
     dt = model.tok_emb.weight.dtype
-    x = model.tok_emb(tokens).contiguous()  # [M, dim], the residual stream, updated in place
     if cache.dtype != dt:
         raise ValueError(f"the Triton decode step needs the KV cache in the weights' dtype {dt}, got {cache.dtype}")
     kc = cache.k[0]
-    if kc.stride(-1) != 1 or kc.stride(-2) != d or any(t.stride() != kc.stride() for t in cache.tensors()):
-        raise ValueError(f"the Triton decode step needs every cache tensor laid out [B, Hkv, max_len, head_dim] with "
-                         f"unit stride in head_dim (strides {kc.stride()})")
+    if (tuple(kc.shape[1:2]) + tuple(kc.shape[3:]) != (hkv, d) or kc.stride(-1) != 1 or kc.stride(-2) != d
+            or any(t.stride() != kc.stride() or t.shape != kc.shape for t in cache.tensors())):
+        raise ValueError(f"the Triton decode step needs every cache tensor [B, {hkv}, max_len, {d}] with unit stride "
+                         f"in head_dim (got {tuple(kc.shape)}, strides {kc.stride()})")
     # the kernels index the weights as contiguous [out, in] rows (no views)
-    for blk in model.blocks:
-        for w in (blk.attn.wqkv.weight, blk.attn.wo.weight, blk.ffn.w13.weight, blk.ffn.w2.weight):
-            if not w.is_contiguous():
-                raise ValueError(f"the Triton decode step needs contiguous weights; got strides {w.stride()}")
+    for w in (*(p for blk in model.blocks for p in (blk.attn.wqkv.weight, blk.attn.wo.weight, blk.ffn.w13.weight,
+                                                     blk.ffn.w2.weight)), model.head.weight):
+        if not w.is_contiguous():
+            raise ValueError(f"the Triton decode step needs contiguous weights; got strides {w.stride()}")
+    k = _kernels()
+    t = tiles_for(model, rows, tokens.device)
+    x = model.tok_emb(tokens).contiguous()  # [M, dim], the residual stream, updated in place
     freqs = inv_freq(d, c.rope_theta, x.device)
     p = pos.reshape(1)
     q = torch.empty(rows, h, d, device=x.device, dtype=dt)
