@@ -39,8 +39,9 @@
 #  9c. fused    (not in the default order; AGENDA_STEPS=fused) the fused-kernel GPU tests and the
 #                L step at 65,536 positions once per FUSED_RUNS entry (bench_generator flags)
 #  9d. decodek  (not in the default order; AGENDA_STEPS=decodek) the Triton decode step: its GPU tests,
+#                probe_decode_kernels.py (agreement, replays, PDL at several shapes),
 #                bench_decode_kernels.py (tile variants, against the compiled torch step, --profile) and
-#                bench_sampling.py --modes triton,compile at batch 1 ([F])
+#                bench_sampling.py --modes $DECODEK_MODES (default triton) at batch 1 ([F])
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -125,6 +126,7 @@ run_all() {
             > "$1/decodek_tests.log" 2>&1 || rc=$?
         grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$1/decodek_tests.log"
         [ $rc = 0 ] || { tail -n 60 "$1/decodek_tests.log"; exit $rc; }
+        python3 benchmarks/probe_decode_kernels.py || rc=$?
         python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
             --variants "${DECODEK_VARIANTS:-default;pdl=0;qkv_p=2,o_n=2,down_n=2,up_n=4,head_n=16;programs=1,qkv_p=8,o_n=8,down_n=8,up_n=16,head_n=64;warps=8;warps=2}" \
             --json "$1/decode_kernels.json" || rc=$?

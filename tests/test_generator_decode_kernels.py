@@ -148,6 +148,10 @@ def test_unsupported_says_why(monkeypatch):
     assert "1 to 16 rows" in decode_kernels.unsupported(m, 17, cpu)
     odd = GPT.from_preset("debug", vocab_size=30, max_seq_len=40, dim=48, n_heads=4, n_kv_heads=None)  # head_dim 12
     assert "power-of-two head_dim >= 4, got 12" in decode_kernels.unsupported(odd, 2, cpu)
+    view = GPT.from_preset("debug", vocab_size=30, max_seq_len=40, num_classes=2)
+    view.blocks[0].ffn.w2.weight.data = view.blocks[0].ffn.w2.weight.data.t().contiguous().t()
+    assert "need contiguous weights; blocks.0.ffn.w2.weight has strides (1, 64)" in decode_kernels.unsupported(
+        view, 2, cpu)
     tok, pos = torch.zeros(2, dtype=torch.long), torch.tensor(1)
     with pytest.raises(ValueError, match="KV cache in the weights' dtype torch.float32, got torch.bfloat16"):
         decode_kernels.decode_step(m, m.allocate_cache(2, 8, dtype=torch.bfloat16), tok, pos)

@@ -30,34 +30,34 @@ except ImportError:  # pragma: no cover - an older Triton: launched without PDL 
 
 
 @triton.jit
-def _rstd(x_ptr, x_row, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rstd(x_ptr, rows, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``1 / sqrt(mean(x^2) + eps)`` of rows ``rows`` of ``x`` ``[M, K]`` (float32, ``[BLOCK_M]``)."""
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m = (rows[:, None] < M) & (ks[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * x_row + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
     return 1.0 / tl.sqrt(ss / K + eps)
 
 
 @triton.jit
-def _weights(w_ptr, w_row, c1, c2, cmask, k0, K, PAIR: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` tiles of ``W`` at rows ``c1`` (and ``c2``), columns ``k0 ...``."""
+def _weights(w_ptr, c1, c2, cmask, k0, K, PAIR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` tiles of ``W [N, K]`` at rows ``c1`` (and ``c2``), columns ``k0 ...``."""
     ks = k0 + tl.arange(0, BLOCK_K)
     wm = cmask[:, None] & (ks < K)[None, :]
-    w1 = tl.load(w_ptr + c1[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0)
+    w1 = tl.load(w_ptr + c1[:, None].to(tl.int64) * K + ks[None, :], mask=wm, other=0.0)
     w2 = w1
     if PAIR:
-        w2 = tl.load(w_ptr + c2[:, None].to(tl.int64) * w_row + ks[None, :], mask=wm, other=0.0)
+        w2 = tl.load(w_ptr + c2[:, None].to(tl.int64) * K + ks[None, :], mask=wm, other=0.0)
     return w1, w2
 
 
 @triton.jit
 def _start(PDL: tl.constexpr):
     """A kernel's first act under programmatic dependent launch: let the next kernel launch (its
-    programs start, read their weights, and wait for this kernel to finish before reading its
-    results)."""
+    programs start, read what does not depend on this kernel, and wait for it to finish before
+    reading its results)."""
     if PDL:
         gdc_launch_dependents()
 
@@ -70,25 +70,33 @@ def _wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def _matvec(x_ptr, x_row, rows, M, K, rstd, g_ptr, w_ptr, w_row, c1, c2, cmask, w1, w2,
-            NORM: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-    """``x W^T`` at output columns ``c1`` (and ``c2`` where ``PAIR``), ``[BLOCK_M, BLOCK_N]`` each,
-    float32, given the first weight tiles ``w1, w2`` (:func:`_weights` at 0: a kernel loads them
-    before waiting on the previous one); each iteration loads the next tiles before its sums.
-    ``NORM``: ``x`` is first RMS-normalised by ``rstd`` and the gain ``g`` and rounded to ``x``'s
-    dtype, as ``RMSNorm`` hands it to the projection."""
+def _project(x_ptr, g_ptr, w_ptr, rows, M, K, eps, c1, c2, cmask,
+             NORM: tl.constexpr, PAIR: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A kernel's projection: ``x W^T`` (``x [M, K]``, ``W [N, K]``, contiguous) at output columns
+    ``c1`` (and ``c2`` where ``PAIR``), ``[BLOCK_M, BLOCK_N]`` each, float32. ``NORM``: ``x`` is first
+    RMS-normalised with the gain ``g`` and rounded to ``x``'s dtype, as ``RMSNorm`` hands it on.
+
+    Starts the kernel: under ``PDL`` it lets the next kernel launch, reads its first weight tiles,
+    and only then waits for the previous kernel (which wrote ``x``); each iteration loads the next
+    tiles before its sums."""
+    _start(PDL)
+    w1, w2 = _weights(w_ptr, c1, c2, cmask, 0, K, PAIR, BLOCK_K)
+    _wait(PDL)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        rstd = _rstd(x_ptr, rows, M, K, eps, BLOCK_M, BLOCK_K)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         km = ks < K
-        x = tl.load(x_ptr + rows[:, None] * x_row + ks[None, :], mask=(rows[:, None] < M) & km[None, :],
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & km[None, :],
                     other=0.0).to(tl.float32)
         if NORM:
             g = tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
             x = (x * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-        n1, n2 = _weights(w_ptr, w_row, c1, c2, cmask, k0 + BLOCK_K, K, PAIR, BLOCK_K)
+        n1, n2 = _weights(w_ptr, c1, c2, cmask, k0 + BLOCK_K, K, PAIR, BLOCK_K)
         acc1 += tl.sum(x[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
         if PAIR:
             acc2 += tl.sum(x[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
@@ -115,12 +123,8 @@ def _qkv_kernel(x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos_ptr, qn_ptr
     jm = j < HALF
     rows = tl.arange(0, BLOCK_M)
     c1 = head * D + j
-    _start(PDL)
-    w1, w2 = _weights(w_ptr, K, c1, c1 + HALF, jm, 0, K, True, BLOCK_K)
-    _wait(PDL)
-    rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    a1, a2 = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, c1, c1 + HALF, jm, w1, w2,
-                     True, True, BLOCK_M, BLOCK_P, BLOCK_K)
+    a1, a2 = _project(x_ptr, g_ptr, w_ptr, rows, M, K, eps, c1, c1 + HALF, jm, True, True, PDL,
+                      BLOCK_M, BLOCK_P, BLOCK_K)
     dt = q_ptr.dtype.element_ty
     a1 = a1.to(dt).to(tl.float32)  # the projection's output, in the activation dtype
     a2 = a2.to(dt).to(tl.float32)
@@ -223,14 +227,8 @@ def _matvec_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N
     rows = tl.arange(0, BLOCK_M)
-    _start(PDL)
-    w1, w2 = _weights(w_ptr, K, cols, cols, cm, 0, K, False, BLOCK_K)
-    _wait(PDL)
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
-        rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    acc, _ = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols, cm, w1, w2,
-                     NORM, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _project(x_ptr, g_ptr, w_ptr, rows, M, K, eps, cols, cols, cm, NORM, False, PDL,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     y = acc.to(dt)
     m = (rows[:, None] < M) & cm[None, :]
@@ -251,12 +249,8 @@ def _swiglu_kernel(x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < hidden
     rows = tl.arange(0, BLOCK_M)
-    _start(PDL)
-    w1, w2 = _weights(w_ptr, K, cols, cols + hidden, cm, 0, K, True, BLOCK_K)
-    _wait(PDL)
-    rstd = _rstd(x_ptr, K, rows, M, K, eps, BLOCK_M, BLOCK_K)
-    a, b = _matvec(x_ptr, K, rows, M, K, rstd, g_ptr, w_ptr, K, cols, cols + hidden, cm, w1, w2,
-                   True, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    a, b = _project(x_ptr, g_ptr, w_ptr, rows, M, K, eps, cols, cols + hidden, cm, True, True, PDL,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
     dt = h_ptr.dtype.element_ty
     gate = a.to(dt).to(tl.float32)
     up = b.to(dt).to(tl.float32)

@@ -68,6 +68,10 @@ def unsupported(model, rows: int, device: torch.device) -> str | None:
     dt = model.tok_emb.weight.dtype
     if dt not in (torch.bfloat16, torch.float16, torch.float32):
         return f"the Triton decode kernels take bf16, fp16 or fp32 weights, got {dt}"
+    # the kernels index the weights as contiguous [out, in] rows (no views)
+    for name, w in model.named_parameters():
+        if w.dim() == 2 and not w.is_contiguous():
+            return f"the Triton decode kernels need contiguous weights; {name} has strides {w.stride()}"
     return None
 
 
@@ -192,11 +196,6 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
             or any(t.stride() != kc.stride() or t.shape != kc.shape for t in cache.tensors())):
         raise ValueError(f"the Triton decode step needs every cache tensor [B, {hkv}, max_len, {d}] with unit stride "
                          f"in head_dim (got {tuple(kc.shape)}, strides {kc.stride()})")
-    # the kernels index the weights as contiguous [out, in] rows (no views)
-    for w in (*(p for blk in model.blocks for p in (blk.attn.wqkv.weight, blk.attn.wo.weight, blk.ffn.w13.weight,
-                                                     blk.ffn.w2.weight)), model.head.weight):
-        if not w.is_contiguous():
-            raise ValueError(f"the Triton decode step needs contiguous weights; got strides {w.stride()}")
     k = _kernels()
     t = tiles_for(model, rows, tokens.device)
     x = model.tok_emb(tokens).contiguous()  # [M, dim], the residual stream, updated in place
