@@ -14,6 +14,7 @@ import argparse
 import sys
 
 import torch
+from bench_decode_kernels import graph_of  # benchmarks/ is on the path when this runs as a script
 
 from arvid.generator import decode_kernels as dk
 from arvid.generator.gpt import GPT
@@ -56,14 +57,9 @@ def case(name: str, rows: int, fill: int, kv_len: int | None, kw: dict, layers: 
         pdl_same = torch.equal(dk.decode_step(m, c2, tok, pos, kv_len), first)
     finally:
         dk.TILES["pdl"] = 1
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        dk.decode_step(m, c2, tok, pos, kv_len)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        out = dk.decode_step(m, c2, tok, pos, kv_len)
+    res = {}
+    graph = graph_of(lambda: res.__setitem__("out", dk.decode_step(m, c2, tok, pos, kv_len)))
+    out = res["out"]  # the captured call's output buffer (replays write it)
     graph_bad = 0
     for _ in range(reps):
         graph.replay()
