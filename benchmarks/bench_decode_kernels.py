@@ -118,7 +118,12 @@ def main(argv=None) -> int:
         best = None
         for spec in a.variants.split(";"):
             use(spec)
-            g = graph_of(lambda: decode_kernels.decode_step(m, cache, tok, pos, a.kv_len))
+            try:
+                g = graph_of(lambda: decode_kernels.decode_step(m, cache, tok, pos, a.kv_len))
+            except Exception as e:  # a tile variant Triton cannot compile (e.g. out of shared memory): keep going
+                results.append({"variant": spec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             ms = time_graph(g, a.reps)
             row = {"variant": spec, "tiles": decode_kernels.tiles_for(m, a.rows, dev), "step_ms": ms, "x_floor": ms / floor,
                    "GB_per_s": (weights + kv) / ms / 1e6}
@@ -138,7 +143,10 @@ def main(argv=None) -> int:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
     print(f"\n{'variant':>40} {'step ms':>8} {'x floor':>8}")
     for r in results:
-        print(f"{r['variant'][:40]:>40} {r['step_ms']:>8.3f} {r['x_floor']:>8.2f}")
+        if "error" in r:
+            print(f"{r['variant'][:40]:>40} failed: {r['error'][:80]}")
+        else:
+            print(f"{r['variant'][:40]:>40} {r['step_ms']:>8.3f} {r['x_floor']:>8.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "device": name, "torch": torch.__version__, "floor_ms": floor,
