@@ -215,8 +215,16 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph(extra):
         got = decode_kernels.decode_step(m, caches[2], tok, pos, 256)
         e_torch, e_kern = ((x.double() - truth).abs().max().item() for x in (ref, got))
         assert e_kern <= 1.5 * e_torch + 1e-3, (e_kern, e_torch)
-        for a, b in zip(caches[1].tensors(), caches[2].tensors()):
-            assert torch.allclose(a[:, :, :fill + 2].float(), b[:, :, :fill + 2].float(), atol=2e-2, rtol=2e-2)
+        # the cache: the prefill's positions (and those past the step) untouched; at the step's
+        # position, every layer's new key and value no further from the float64 step's than torch's
+        # bf16 step's are (deeper layers carry the residual stream's rounding, so not bit for bit)
+        errs = []
+        for t, a, b in zip(caches[0].tensors(), caches[1].tensors(), caches[2].tensors()):
+            assert torch.equal(a[:, :, :fill + 1], b[:, :, :fill + 1]) and torch.equal(a[:, :, fill + 2:], b[:, :, fill + 2:])
+            e_t, e_k = ((x[:, :, fill + 1].double() - t[:, :, fill + 1]).abs().max().item() for x in (a, b))
+            errs.append((round(e_k, 5), round(e_t, 5)))
+        print("new k/v per layer, error vs float64 (kernels, torch bf16):", errs)
+        assert all(e_k <= 1.5 * e_t + 1e-2 for e_k, e_t in errs), errs
         # layer 0's new key and value are rounded where torch rounds them: bit for bit but for the
         # rare element whose float32 sum falls the other side of a bf16 rounding boundary
         for a, b in ((caches[1].k[0], caches[2].k[0]), (caches[1].v[0], caches[2].v[0])):
@@ -325,7 +333,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div}
     try:
         src = ASTSource(fn=getattr(_triton_decode, name), signature=sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else 4})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else decode_kernels.TILES["warps"]})
     except (TypeError, ImportError) as e:  # another Triton's AOT interface
         pytest.skip(f"this Triton ({triton.__version__}) compiles ahead of time differently: {e}")
     ptx = k.asm["ptx"]

@@ -43,7 +43,7 @@ CHUNK = 64
 # ``pdl``: launch with programmatic dependent launch where the GPU and Triton have it (sm_90+,
 # Triton >= 3.4): each kernel lets the next one launch at once, and that one reads its first weight
 # tiles while this one runs, waiting for it only before reading its results.
-TILES: dict[str, int] = {"warps": 4, "qkv_p": 4, "qkv_k": 1024, "o_n": 4, "o_k": 1024, "up_n": 8, "up_k": 512,
+TILES: dict[str, int] = {"warps": 2, "qkv_p": 4, "qkv_k": 1024, "o_n": 4, "o_k": 1024, "up_n": 8, "up_k": 512,
                          "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256, "pdl": 1}
 
 
