@@ -41,7 +41,7 @@
 #  9d. decodek  (not in the default order; AGENDA_STEPS=decodek) the Triton decode step: its GPU tests,
 #                probe_decode_kernels.py (agreement, replays, PDL at several shapes),
 #                bench_decode_kernels.py (tile variants, against the compiled torch step, --profile) and
-#                bench_sampling.py --modes $DECODEK_MODES (default triton) at batch 1 ([F])
+#                bench_sampling.py --modes $DECODEK_MODES (default triton,compile) at batch 1 ([F])
 #  10. cudnnvar  (not in the default order; AGENDA_STEPS=cudnnvar) the cudnn_varlen backend:
 #                probe_cudnn_varlen.py at 16,384 and 32,768 tokens (agreement, fwd+bwd TFLOP/s
 #                against torch_varlen, the cost of new sequence counts; exit 1 when its kernels
@@ -132,7 +132,7 @@ run_all() {
         python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
             --variants "${DECODEK_VARIANTS:-default;pdl=0;warps=4;warps=1;qkv_p=2,o_n=2,down_n=2,up_n=4,head_n=16;qkv_p=1,o_n=1,down_n=1,up_n=2,head_n=8;up_k=1024,head_k=512;programs=512}" \
             --json "$1/decode_kernels.json" || rc=$?
-        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton}" --batch-sizes 1 --full-runs 1 \
+        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton,compile}" --batch-sizes 1 --full-runs 1 \
             --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         exit $rc' _ "$R"
     # fused: (not in the default order; AGENDA_STEPS=fused) the hand-written RoPE/SwiGLU kernels
