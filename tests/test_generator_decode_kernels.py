@@ -12,14 +12,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from arvid.generator import decode_kernels
-from arvid.generator.gpt import GPT
+from arvid.generator.gpt import GPT, PRESETS, GPTConfig
 
 HAS_TRITON = decode_kernels.HAVE_TRITON
+
+
+def _l_shape(**overrides) -> SimpleNamespace:
+    """The L preset's config as tiles_for reads it (``.config`` only: no 325M weights to build)."""
+    return SimpleNamespace(config=GPTConfig(**{**PRESETS["L"], "vocab_size": 8197, "max_seq_len": 2052,
+                                               "num_classes": 10, **overrides}))
 
 _INTERPRETED = r"""
 import torch
@@ -168,7 +175,7 @@ def test_unsupported_says_why(monkeypatch):
 
 
 def test_tiles_keep_programs_and_bound_the_reduction():
-    m = GPT.from_preset("L", vocab_size=8197, max_seq_len=2052, num_classes=10)
+    m = _l_shape()
     t = decode_kernels.tiles_for(m, 2)
     assert t["m"] == 2 and t["qkv_k"] == 1024 and t["down_k"] == 1024
     # every matrix's kernel gets at least PROGRAMS programs at 2 rows
@@ -299,16 +306,29 @@ _SIGS = {
                      "pm_ptr": "*fp32", "pl_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i64", "n": "i32",
                      "scale": "fp32", "H": "i32", "GROUP": "i32", "kv_b": "i32", "kv_h": "i32", "S": "i32"},
 }
-# the L preset's sizes at 2 rows, as decode_kernels.tiles_for sets them
+
+
+def _l_tiles(**overrides) -> dict[str, int]:
+    """decode_kernels.tiles_for for the L preset at 2 rows."""
+    return decode_kernels.tiles_for(_l_shape(**overrides), 2)
+
+
+# the L preset's kernels at 2 rows with the tiles decode_kernels.tiles_for gives them
+_T, _TQ = _l_tiles(qk_norm=False), _l_tiles(qk_norm=True)
 _CASES = [
-    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=4, BLOCK_K=1024, PDL=True), ("K", "N")),
-    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=4, BLOCK_K=1024, PDL=False), ("K", "N")),
-    ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=32, BLOCK_K=256, PDL=True), ("K",)),
-    ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=8, BLOCK_K=512, PDL=True), ("K", "hidden")),
-    ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=4, BLOCK_K=1024, PDL=True), ("K", "kv_b", "kv_h")),
-    ("_qkv_kernel", dict(HALF=32, QK_NORM=True, BLOCK_M=2, BLOCK_P=32, BLOCK_K=128, PDL=True), ("K", "kv_b", "kv_h")),
-    ("_attn_kernel", dict(D=64, CHUNK=64, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
-    ("_attn_kernel", dict(D=128, CHUNK=64, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
+    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=_T["o_n"], BLOCK_K=_T["o_k"], PDL=True),
+     ("K", "N")),
+    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=_T["down_n"], BLOCK_K=_T["down_k"],
+                            PDL=False), ("K", "N")),
+    ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=_T["head_n"], BLOCK_K=_T["head_k"],
+                            PDL=True), ("K",)),
+    ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=_T["up_n"], BLOCK_K=_T["up_k"], PDL=True), ("K", "hidden")),
+    ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=_T["qkv_p"], BLOCK_K=_T["qkv_k"], PDL=True),
+     ("K", "kv_b", "kv_h")),
+    ("_qkv_kernel", dict(HALF=32, QK_NORM=True, BLOCK_M=2, BLOCK_P=32, BLOCK_K=_TQ["qkv_k"], PDL=True),
+     ("K", "kv_b", "kv_h")),
+    ("_attn_kernel", dict(D=64, CHUNK=decode_kernels.CHUNK, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
+    ("_attn_kernel", dict(D=128, CHUNK=decode_kernels.CHUNK, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
 ]
 
 
@@ -333,7 +353,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div}
     try:
         src = ASTSource(fn=getattr(_triton_decode, name), signature=sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else decode_kernels.TILES["warps"]})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else _T["warps"]})
     except (TypeError, ImportError) as e:  # another Triton's AOT interface
         pytest.skip(f"this Triton ({triton.__version__}) compiles ahead of time differently: {e}")
     ptx = k.asm["ptx"]

@@ -16,9 +16,10 @@ same logits up to the summation order) as
 dependent launch (:data:`TILES` ``pdl``): a kernel's programs start while the previous kernel
 runs and read what does not depend on it (their first weight tiles; the attention, the cache
 positions of earlier steps) before waiting for it, so the reads of consecutive kernels overlap, as
-in a persistent kernel. RoPE's angles are computed in the q/k/v kernel from the position. The attention reads only the filled cache positions,
-whatever ``kv_len`` bucket it is given. The sampler uses it with ``SamplerConfig.compile="triton"``
-(captured into CUDA graphs like the other modes).
+in a persistent kernel. RoPE's angles are computed in the q/k/v kernel from the position. The
+attention reads only the filled cache positions, whatever ``kv_len`` bucket it is given. The
+sampler uses it with ``SamplerConfig.compile="triton"`` (captured into CUDA graphs like the other
+modes).
 
 Rows (``cache.batch_size``) are at most :data:`MAX_ROWS`: at batch 64 the step reads the KV cache
 far more than the weights and the compiled step is already within 1.34x of its floor.
@@ -33,6 +34,7 @@ import os
 import torch
 
 from arvid.generator.fused import HAVE_TRITON
+from arvid.generator.gpt import rope_inv_freq
 
 #: the most rows (batch x 2 with guidance) the kernels take: each program holds every row
 MAX_ROWS = 16
@@ -158,13 +160,12 @@ _FREQS: dict[tuple, torch.Tensor] = {}
 
 
 def inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """RoPE's inverse frequencies ``theta ** (-2i / head_dim)``, float32 ``[head_dim / 2]``, computed
-    as :func:`~arvid.generator.gpt.rope_tables` computes them; kept per device (made once, outside
-    any capture: the first step is a warm-up)."""
+    """:func:`~arvid.generator.gpt.rope_inv_freq` kept per device (made once, outside any capture:
+    the first step is a warm-up)."""
     key = (device, head_dim, theta)
     if key not in _FREQS:
         _refuse_in_capture(device)
-        _FREQS[key] = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        _FREQS[key] = rope_inv_freq(head_dim, theta, device)
     return _FREQS[key]
 
 

@@ -143,6 +143,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies ``theta ** (-2i / head_dim)``, float32 ``[head_dim / 2]``: the one
+    place they are computed (the torch tables here and the Triton decode kernels' angles)."""
+    return theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
 def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary tables of positions ``pos`` ``LongTensor[T]``: ``(C, S)``, ``float32 [T, 1, D]``
     each (the 1 broadcasts over heads), ``C = [cos, cos]`` and ``S = [-sin, sin]`` over the two
@@ -152,8 +158,7 @@ def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.T
     dtype of the model, and any position works without a size limit. The model computes them
     once per forward (or decode step) and every layer reuses them: per layer they were a dozen
     small kernels, which dominate a decode step at batch 1."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    ang = pos.to(torch.float32)[:, None] * rope_inv_freq(head_dim, theta, pos.device)[None, :]  # [T, D/2]
     cos, sin = ang.cos(), ang.sin()
     return torch.cat([cos, cos], -1)[:, None, :], torch.cat([-sin, sin], -1)[:, None, :]
 
