@@ -260,8 +260,9 @@ def _swiglu_kernel(x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
 
 
 def _pdl(tiles) -> dict:
-    """Launch options: programmatic dependent launch where the tiles ask for it."""
-    return {"launch_pdl": True} if tiles["pdl"] else {}
+    """The kernels' ``PDL`` flag and, where set, the launch option: programmatic dependent launch
+    where the tiles ask for it."""
+    return {"PDL": True, "launch_pdl": True} if tiles["pdl"] else {"PDL": False}
 
 
 def qkv(x, g, w, q, kc, vc, f, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tiles):
@@ -271,14 +272,14 @@ def qkv(x, g, w, q, kc, vc, f, pos, qn, kn, eps, n_heads, n_kv, qk_norm, tiles):
     grid = ((n_heads + 2 * n_kv) * triton.cdiv(half, bp),)
     _qkv_kernel[grid](x, g, w, q, kc, vc, f, pos, qn, kn, m, k, eps, n_heads, n_kv, kc.stride(0), kc.stride(1),
                       HALF=half, QK_NORM=qk_norm, BLOCK_M=tiles["m"], BLOCK_P=bp, BLOCK_K=tiles["qkv_k"],
-                      PDL=bool(tiles["pdl"]), num_warps=tiles["warps"], **_pdl(tiles))
+                      num_warps=tiles["warps"], **_pdl(tiles))
 
 
 def attention(q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, chunk, n_splits, max_s, tiles):
     m, h, d = q.shape
     _attn_kernel[(m * h, n_splits)](q, kc, vc, o, po, pm, pl, cnt, pos, n, scale, h, h // kc.shape[1],
                                     kc.stride(0), kc.stride(1), n_splits, D=d, CHUNK=chunk, MAX_S=max_s,
-                                    PDL=bool(tiles["pdl"]), num_warps=2, **_pdl(tiles))
+                                    num_warps=2, **_pdl(tiles))
 
 
 def matvec(x, g, w, res, out, eps, norm, block_n, block_k, tiles):
@@ -286,7 +287,7 @@ def matvec(x, g, w, res, out, eps, norm, block_n, block_k, tiles):
     n = w.shape[0]
     _matvec_kernel[(triton.cdiv(n, block_n),)](x, w if g is None else g, w, out if res is None else res, out, m, k,
                                                n, eps, NORM=norm, RESIDUAL=res is not None, BLOCK_M=tiles["m"],
-                                               BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(tiles["pdl"]),
+                                               BLOCK_N=block_n, BLOCK_K=block_k,
                                                num_warps=tiles["warps"], **_pdl(tiles))
 
 
@@ -294,5 +295,5 @@ def swiglu(x, g, w, h, eps, block_n, block_k, tiles):
     m, k = x.shape
     hidden = h.shape[1]
     _swiglu_kernel[(triton.cdiv(hidden, block_n),)](x, g, w, h, m, k, hidden, eps, BLOCK_M=tiles["m"],
-                                                    BLOCK_N=block_n, BLOCK_K=block_k, PDL=bool(tiles["pdl"]),
+                                                    BLOCK_N=block_n, BLOCK_K=block_k,
                                                     num_warps=tiles["warps"], **_pdl(tiles))
