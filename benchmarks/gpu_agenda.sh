@@ -130,7 +130,7 @@ run_all() {
         [ $rc = 0 ] || { tail -n 60 "$1/decodek_tests.log"; exit $rc; }
         python3 benchmarks/probe_decode_kernels.py || rc=$?
         python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
-            --variants "${DECODEK_VARIANTS:-default;pdl=0;warps=4;warps=1;qkv_p=2,o_n=2,down_n=2,up_n=4,head_n=16;qkv_p=1,o_n=1,down_n=1,up_n=2,head_n=8;up_k=1024,head_k=512;programs=512}" \
+            --variants "${DECODEK_VARIANTS:-default;layer=0;pdl=0;layer_warps=8;layer_programs=264,layer_warps=2;programs=128,o_n=8,down_n=8;programs=128,qkv_p=8,o_n=8,down_n=8,up_n=16,layer_warps=8;up_k=1024}" \
             --json "$1/decode_kernels.json" || rc=$?
         python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton,compile}" --batch-sizes 1 --full-runs 1 \
             --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }

@@ -42,8 +42,8 @@ dk.PROGRAMS = 1
 dk.TILES.update(qkv_p=8, o_n=64, up_n=64, down_n=64, head_n=64)
 dk.CHUNK = 4  # several splits per (row, head) at these short lengths: the merge runs
 calls = []
-real = dk._kernels().attention
-dk._kernels().attention = lambda *a: calls.append(a[-3]) or real(*a)  # the split count
+real = dk._kernels().layer
+dk._kernels().layer = lambda *a: calls.append(a[-6]) or real(*a)  # the split count
 
 
 def run_steps(m, rows, steps, pre_len=5, kv_len=None, garbage=float("nan")):
@@ -81,6 +81,22 @@ for extra in (dict(n_kv_heads=2, qk_norm=True), dict(n_heads=4)):
         assert torch.allclose(x[:, :, :last], y[:, :, :last], atol=1e-5, rtol=1e-5), extra
         assert torch.isnan(y[:, :, last:]).all()  # nothing written past the last position
     assert calls[-1] == 6, calls  # kv_len 24 over chunks of 4: six splits merged
+
+# two programs a launch that take the tiles in turn (a one-launch layer's programs do: its grid
+# barriers cannot run under the interpreter, the phases' loops can), each loading its next tile first
+dk.TILES.update(layer_programs=2)
+cfg = GPTConfig(vocab_size=37, max_seq_len=64, num_classes=3, dim=64, n_layers=2, n_kv_heads=2, qk_norm=True)
+torch.manual_seed(0)
+m = GPT(cfg).eval()
+for p in m.parameters():
+    p.data.normal_(0, 0.3)
+assert dk.tiles_for(m, 3)["layer"] == 0  # no grid barriers on the CPU
+out, ref_cache, cache, last = run_steps(m, rows=3, steps=2, kv_len=24)
+for a, b in out:
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6
+for x, y in zip(ref_cache.tensors(), cache.tensors()):
+    assert torch.allclose(x[:, :, :last], y[:, :, :last], atol=1e-5, rtol=1e-5)
+dk.TILES.update(layer_programs=0)
 
 # narrow tiles: heads split over programs (2 pairs each), every reduction in 16-wide steps (the
 # weight tiles loaded one step ahead), 5 rows in an 8-row block
@@ -219,9 +235,21 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph(extra):
         pos = torch.tensor(fill + 1, device="cuda")
         truth = m64.decode_step(caches[0], tok, pos, 256)
         ref = m.decode_step(caches[1], tok, pos, 256)
+        # one launch a phase (on a scratch copy of the cache), then the one-launch layer (grid barriers)
+        scratch = m.allocate_cache(rows, 300)
+        for a, b in zip(caches[2].tensors(), scratch.tensors()):
+            b.copy_(a)
+        decode_kernels.TILES["layer"] = 0
+        try:
+            phased = decode_kernels.decode_step(m, scratch, tok, pos, 256)
+        finally:
+            decode_kernels.TILES["layer"] = 1
+        assert decode_kernels.tiles_for(m, rows, pos.device)["layer"] == 1
         got = decode_kernels.decode_step(m, caches[2], tok, pos, 256)
-        e_torch, e_kern = ((x.double() - truth).abs().max().item() for x in (ref, got))
-        assert e_kern <= 1.5 * e_torch + 1e-3, (e_kern, e_torch)
+        e_torch, e_kern, e_phase = ((x.double() - truth).abs().max().item() for x in (ref, got, phased))
+        assert e_kern <= 1.5 * e_torch + 1e-3 and e_phase <= 1.5 * e_torch + 1e-3, (e_kern, e_phase, e_torch)
+        ws = decode_kernels.workspace(rows, m.config.n_heads, m.config.head_dim, 300, pos.device)
+        assert ws.sync.tolist() == [0, 0] and decode_kernels.barrier_errors(pos.device) == 0
         # the cache: the prefill's positions (and those past the step) untouched; at the step's
         # position, every layer's new key and value no further from the float64 step's than torch's
         # bf16 step's are (deeper layers carry the residual stream's rounding, so not bit for bit)
@@ -261,6 +289,7 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph(extra):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, direct), i
+        assert decode_kernels.barrier_errors(pos.device) == 0
 
 
 @pytest.mark.gpu
@@ -293,18 +322,18 @@ def test_gpu_sampler_triton_mode_samples_well_formed_sequences():
 
 # --------------------------------------------------------------------------- compiled for sm_90
 
+_LAYER_SIG = {**{f"{n}_ptr": "*bf16" for n in ("x", "wqkv", "q", "k", "v", "o", "wo", "w13", "h", "w2")},
+              **{f"{n}_ptr": "*fp32" for n in ("an", "f", "qn", "kn", "po", "pm", "pl", "fn")},
+              "pos_ptr": "*i64", "cnt_ptr": "*i32", "sync_ptr": "*i32"}
+_LAYER_SIG = {n: _LAYER_SIG[n] for n in (  # the kernel's argument order
+    "x_ptr an_ptr wqkv_ptr q_ptr k_ptr v_ptr f_ptr pos_ptr qn_ptr kn_ptr po_ptr pm_ptr pl_ptr cnt_ptr o_ptr wo_ptr "
+    "fn_ptr w13_ptr h_ptr w2_ptr sync_ptr").split()}
+_LAYER_SIG.update(M="i32", DIM="i32", HIDDEN="i32", eps="fp32", H="i32", HKV="i32", GROUP="i32", kv_b="i32",
+                  kv_h="i32", n="i32", scale="fp32", S="i32")
 _SIGS = {
     "_matvec_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
                        "M": "i32", "K": "i32", "N": "i32", "eps": "fp32"},
-    "_swiglu_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "h_ptr": "*bf16", "M": "i32", "K": "i32",
-                       "hidden": "i32", "eps": "fp32"},
-    "_qkv_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16",
-                    "v_ptr": "*bf16", "f_ptr": "*fp32", "pos_ptr": "*i64", "qn_ptr": "*fp32",
-                    "kn_ptr": "*fp32", "M": "i32", "K": "i32", "eps": "fp32", "H": "i32", "HKV": "i32", "kv_b": "i32",
-                    "kv_h": "i32"},
-    "_attn_kernel": {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "po_ptr": "*fp32",
-                     "pm_ptr": "*fp32", "pl_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i64", "n": "i32",
-                     "scale": "fp32", "H": "i32", "GROUP": "i32", "kv_b": "i32", "kv_h": "i32", "S": "i32"},
+    "_layer_kernel": _LAYER_SIG,
 }
 
 
@@ -313,22 +342,26 @@ def _l_tiles(**overrides) -> dict[str, int]:
     return decode_kernels.tiles_for(_l_shape(**overrides), 2)
 
 
-# the L preset's kernels at 2 rows with the tiles decode_kernels.tiles_for gives them
+def _layer(t: dict, first: int, last: int, qk_norm: bool = False, half: int = 32) -> dict:
+    """The layer kernel's constants for phases first..last at tiles ``t`` (the L preset: head_dim 64)."""
+    return dict(HALF=half, QK_NORM=qk_norm, CHUNK=decode_kernels.CHUNK, MAX_S=64, BLOCK_M=2,
+                QKV_P=half if qk_norm else t["qkv_p"], QKV_K=t["qkv_k"], O_N=t["o_n"], O_K=t["o_k"], UP_N=t["up_n"],
+                UP_K=t["up_k"], DOWN_N=t["down_n"], DOWN_K=t["down_k"], FIRST=first, LAST=last, NEXT=last > first,
+                PDL=True, SPIN=1 << 22)
+
+
+# the L preset's kernels at 2 rows with the tiles decode_kernels.tiles_for gives them: the layer in
+# one launch (with and without QK-norm, head_dim 64 and 128), each phase alone, and the output head
 _T, _TQ = _l_tiles(qk_norm=False), _l_tiles(qk_norm=True)
+_LDIV = ("DIM", "HIDDEN", "kv_b", "kv_h")
 _CASES = [
-    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=_T["o_n"], BLOCK_K=_T["o_k"], PDL=True),
-     ("K", "N")),
-    ("_matvec_kernel", dict(NORM=False, RESIDUAL=True, BLOCK_M=2, BLOCK_N=_T["down_n"], BLOCK_K=_T["down_k"],
-                            PDL=False), ("K", "N")),
+    ("_layer_kernel", _layer(_T, 0, 4), _LDIV),
+    ("_layer_kernel", _layer(_TQ, 0, 4, qk_norm=True), _LDIV),
+    ("_layer_kernel", _layer(_T, 0, 4, half=64), _LDIV),
+    *[("_layer_kernel", {**_layer(_T, p, p), "PDL": p != 2}, _LDIV) for p in range(5)],
+    ("_layer_kernel", _layer(_TQ, 0, 0, qk_norm=True), _LDIV),
     ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=_T["head_n"], BLOCK_K=_T["head_k"],
                             PDL=True), ("K",)),
-    ("_swiglu_kernel", dict(BLOCK_M=2, BLOCK_N=_T["up_n"], BLOCK_K=_T["up_k"], PDL=True), ("K", "hidden")),
-    ("_qkv_kernel", dict(HALF=32, QK_NORM=False, BLOCK_M=2, BLOCK_P=_T["qkv_p"], BLOCK_K=_T["qkv_k"], PDL=True),
-     ("K", "kv_b", "kv_h")),
-    ("_qkv_kernel", dict(HALF=32, QK_NORM=True, BLOCK_M=2, BLOCK_P=32, BLOCK_K=_TQ["qkv_k"], PDL=True),
-     ("K", "kv_b", "kv_h")),
-    ("_attn_kernel", dict(D=64, CHUNK=decode_kernels.CHUNK, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
-    ("_attn_kernel", dict(D=128, CHUNK=decode_kernels.CHUNK, MAX_S=64, PDL=True), ("kv_b", "kv_h")),
 ]
 
 
@@ -338,7 +371,8 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     """Each kernel compiled ahead of time for sm_90 (no GPU needed: Triton's compiler and the ptxas it
     ships), with the specialisation a launch gets (pointers and multiples of 16 marked divisible by
     16): the weight and cache reads are 128-bit loads (16-bit ones would read a matrix at a fraction
-    of the bandwidth) and no register spills (ptxas -v)."""
+    of the bandwidth) and no register spills (ptxas -v); a one-launch layer has its grid barriers
+    and merge's acquire-release atomics."""
     import re
 
     import triton
@@ -353,7 +387,9 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div}
     try:
         src = ASTSource(fn=getattr(_triton_decode, name), signature=sig, constexprs=consts, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2 if name == "_attn_kernel" else _T["warps"]})
+        fused = name == "_layer_kernel" and consts["LAST"] > consts["FIRST"]
+        warps = _T["layer_warps"] if fused else max(4, _T["warps"]) if consts.get("QK_NORM") else _T["warps"]
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     except (TypeError, ImportError) as e:  # another Triton's AOT interface
         pytest.skip(f"this Triton ({triton.__version__}) compiles ahead of time differently: {e}")
     ptx = k.asm["ptx"]
@@ -364,8 +400,11 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     if consts["PDL"]:  # the first weight tile (the attention: the earlier cache positions) is read before the wait
         early = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx[:ptx.index("griddepcontrol.wait")]))
         assert early >= 4, f"{name}: {early} 128-bit loads before the wait"
-    if name == "_qkv_kernel":  # RoPE's cos/sin: libdevice's accurate ones, as torch's
+    if name == "_layer_kernel" and consts["FIRST"] == 0:  # RoPE's cos/sin: libdevice's accurate ones, as torch's
         assert "sin.approx" not in ptx and "cos.approx" not in ptx
+    if name == "_layer_kernel":  # the barriers' acquire/release counts (and the merges' counts), none alone
+        acq_rel = len(re.findall(r"atom\.(?:\w+\.)*acq_rel", ptx))
+        assert (acq_rel >= 5) if fused else (acq_rel == (1 if consts["FIRST"] == 1 else 0)), acq_rel
     # ptxas -v on the PTX: the bundled ptxas that takes this Triton's PTX version
     ptx_file = tmp_path / "k.ptx"
     ptx_file.write_text(ptx)

@@ -1,25 +1,23 @@
-"""The GPT's decode step as hand-written Triton kernels: five launches per layer.
+"""The GPT's decode step as hand-written Triton kernels: one launch per layer.
 
 :meth:`arvid.generator.gpt.GPT.decode_step` run through ``torch.compile`` and a CUDA graph is
-~10 kernels per layer; at batch 1 (two rows with guidance) it took 1.14 ms per GPT-L step on an
-H100, 4.3x the time to read its weights and cache once (BENCHMARKS.md, Sampling): its 96 cuBLAS
-matrix-vector products read the weights at ~39% of the bandwidth, and ~170 small fused kernels and
-the gaps between them took the rest. :func:`decode_step` computes the same step (same arguments,
-same logits up to the summation order) as
+~10 kernels per layer; at batch 1 (two rows with guidance) it took 1.07 ms per GPT-L step on an
+H100, 4.1x the time to read its weights and cache once (BENCHMARKS.md, Sampling). :func:`decode_step`
+computes the same step (same arguments, same logits up to the summation order) as
 
     per layer: norm + q/k/v projection + RoPE + cache write | split-KV attention |
                output projection + residual | norm + gate/up projection + SwiGLU |
                down projection + residual
     then:      final norm + output head
 
-(:mod:`arvid.generator._triton_decode`). On sm_90+ the kernels are launched with programmatic
-dependent launch (:data:`TILES` ``pdl``): a kernel's programs start while the previous kernel
-runs and read what does not depend on it (their first weight tiles; the attention, the cache
-positions of earlier steps) before waiting for it, so the reads of consecutive kernels overlap, as
-in a persistent kernel. RoPE's angles are computed in the q/k/v kernel from the position. The
-attention reads only the filled cache positions, whatever ``kv_len`` bucket it is given. The
-sampler uses it with ``SamplerConfig.compile="triton"`` (captured into CUDA graphs like the other
-modes).
+(:mod:`arvid.generator._triton_decode`). Each layer's five phases run in one launch whose
+programs stay resident and meet at grid barriers (``TILES["layer"] = 1``, the default on CUDA), or
+as five launches, one a phase (``0``; always under Triton's CPU interpreter). On sm_90+ the kernels
+are launched with programmatic dependent launch (:data:`TILES` ``pdl``): a kernel's programs start
+while the previous kernel runs and read what does not depend on it (their first weight tiles)
+before waiting for it. RoPE's angles are computed from the position in the kernel. The attention
+reads only the filled cache positions, whatever ``kv_len`` bucket it is given. The sampler uses it
+with ``SamplerConfig.compile="triton"`` (captured into CUDA graphs like the other modes).
 
 Rows (``cache.batch_size``) are at most :data:`MAX_ROWS`: at batch 64 the step reads the KV cache
 far more than the weights and the compiled step is already within 1.34x of its floor.
@@ -44,9 +42,12 @@ CHUNK = 64
 # Tile sizes, by matrix (host heuristics; benchmarks/bench_decode_kernels.py overrides them to time others).
 # ``pdl``: launch with programmatic dependent launch where the GPU and Triton have it (sm_90+,
 # Triton >= 3.4): each kernel lets the next one launch at once, and that one reads its first weight
-# tiles while this one runs, waiting for it only before reading its results.
+# tiles while this one runs, waiting for it only before reading its results. ``layer``: a layer's
+# phases in one launch of ``layer_programs`` programs (0: one per SM) of ``layer_warps`` warps, with
+# grid barriers between them (CUDA only), or (0) one launch a phase of ``warps`` warps.
 TILES: dict[str, int] = {"warps": 2, "qkv_p": 4, "qkv_k": 1024, "o_n": 4, "o_k": 1024, "up_n": 8, "up_k": 512,
-                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256, "pdl": 1}
+                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256, "pdl": 1, "layer": 1,
+                         "layer_programs": 0, "layer_warps": 4}
 
 
 @functools.cache
@@ -120,6 +121,10 @@ def tiles_for(model, rows: int, device: torch.device | None = None) -> dict[str,
         t["qkv_k"] = max(16, t["qkv_k"] * t["qkv_p"] // max(1, c.head_dim // 2))
     cuda = device is not None and device.type == "cuda"
     t["pdl"] = int(bool(t["pdl"]) and cuda and pdl_available(device.index or 0))
+    # one launch a layer needs every program resident at once: CUDA only (the interpreter runs them in turn)
+    t["layer"] = int(bool(t["layer"]) and cuda)
+    if t["layer"] and t["layer_programs"] <= 0:
+        t["layer_programs"] = torch.cuda.get_device_properties(device).multi_processor_count
     return t
 
 
@@ -134,6 +139,8 @@ class _Workspace:
         self.partial_m = torch.empty(rows * heads * max_splits, device=device, dtype=torch.float32)
         self.partial_l = torch.empty(rows * heads * max_splits, device=device, dtype=torch.float32)
         self.counters = torch.zeros(rows * heads, device=device, dtype=torch.int32)
+        #: the layer kernel's grid-barrier counter (zero between launches) and error flag
+        self.sync = torch.zeros(2, device=device, dtype=torch.int32)
 
 
 _WORKSPACES: dict[tuple, _Workspace] = {}
@@ -154,6 +161,12 @@ def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.
         _refuse_in_capture(device)
         _WORKSPACES[key] = _Workspace(rows, heads, head_dim, max_splits, device)
     return _WORKSPACES[key]
+
+
+def barrier_errors(device: torch.device) -> int:
+    """How many of ``device``'s workspaces saw a grid barrier give up (its programs were not all
+    resident at once, e.g. another process held SMs; the step's results are then wrong). Syncs."""
+    return sum(int(ws.sync[1].item() != 0) for key, ws in _WORKSPACES.items() if key[0] == device)
 
 
 _FREQS: dict[tuple, torch.Tensor] = {}
@@ -213,13 +226,9 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
         a = blk.attn
         qn = a.q_norm.weight if a.q_norm is not None else blk.attn_norm.weight
         kn = a.k_norm.weight if a.k_norm is not None else blk.attn_norm.weight
-        k.qkv(x, blk.attn_norm.weight, a.wqkv.weight, q, cache.k[i], cache.v[i], freqs, p, qn, kn, eps, h, hkv,
-              a.q_norm is not None, t)
-        k.attention(q, cache.k[i], cache.v[i], o, ws.partial_o, ws.partial_m, ws.partial_l, ws.counters, p, n,
-                    scale, CHUNK, splits, ws.max_splits, t)
-        k.matvec(o, None, a.wo.weight, x, x, eps, False, t["o_n"], t["o_k"], t)
-        k.swiglu(x, blk.ffn_norm.weight, blk.ffn.w13.weight, hid, eps, t["up_n"], t["up_k"], t)
-        k.matvec(hid, None, blk.ffn.w2.weight, x, x, eps, False, t["down_n"], t["down_k"], t)
+        k.layer(x, blk.attn_norm.weight, a.wqkv.weight, q, cache.k[i], cache.v[i], freqs, p, qn, kn, ws, o,
+                a.wo.weight, blk.ffn_norm.weight, blk.ffn.w13.weight, hid, blk.ffn.w2.weight, eps, n, scale, splits,
+                CHUNK, a.q_norm is not None, t, bool(t["layer"]), t["layer_programs"])
     logits = torch.empty(rows, c.vocab_size, device=x.device, dtype=dt)
     k.matvec(x, model.norm.weight, model.head.weight, None, logits, eps, True, t["head_n"], t["head_k"], t)
     return logits
