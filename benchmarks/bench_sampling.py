@@ -128,9 +128,9 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
             for j in range(4):
                 dec.advance(fill + 1 + j)
             sync(device)
-        print(f"# decode step kernels, {sampler.execution(device)} ({attention} attention), batch {B} (4 steps):")
+        print(f"# decode step kernels, {sampler.execution(device, rows)} ({attention} attention), batch {B} (4 steps):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "decode_attention": attention,
+    row = {"batch": B, "rows": rows, "mode": sampler.execution(device, rows), "decode_attention": attention,
            "step_ms": step_s * 1e3,
            "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix,
            "kv_bucket": a.kv_bucket, "kv_len": dec.kv_len(fill + 1), "graphs": len(dec.graphs),
@@ -148,7 +148,9 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
         t = sum(times) / len(times)
         mean_tok = sum(toks) / len(toks)
         row.update(samples_per_s=B / t, samples_per_s_kind="measured", seconds_per_batch=t, mean_tokens=mean_tok,
-                   ms_per_token_step=t * 1e3 / (mean_tok + layout.num_blocks))
+                   ms_per_token_step=t * 1e3 / (mean_tok + layout.num_blocks),
+                   # each run's own: the first run replays each bucket's graph for the first time
+                   runs_ms_per_token_step=[s * 1e3 / (k + layout.num_blocks) for s, k in zip(times, toks)])
     else:
         t = t_prefill + mean_len * step_s
         row.update(samples_per_s=B / t, samples_per_s_kind="estimated", seconds_per_batch=t,

@@ -132,7 +132,7 @@ run_all() {
         python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
             --variants "${DECODEK_VARIANTS:-default;layer=0;pdl=0;layer_warps=8;layer_programs=264,layer_warps=2;programs=128,o_n=8,down_n=8;programs=128,qkv_p=8,o_n=8,down_n=8,up_n=16,layer_warps=8;up_k=1024}" \
             --json "$1/decode_kernels.json" || rc=$?
-        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton,compile}" --batch-sizes 1 --full-runs 1 \
+        python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton,compile}" --batch-sizes 1 --full-runs "${DECODEK_FULL_RUNS:-3}" \
             --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }
         exit $rc' _ "$R"
     # fused: (not in the default order; AGENDA_STEPS=fused) the hand-written RoPE/SwiGLU kernels

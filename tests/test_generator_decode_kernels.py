@@ -420,3 +420,21 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     spills = re.search(r"(\d+) bytes spill stores", r.stderr)
     assert spills, r.stderr
     assert int(spills.group(1)) == 0, f"{name} spills registers: {r.stderr}"
+
+
+def test_auto_execution_picks_the_triton_step_where_it_takes_the_batch():
+    """``compile="auto"`` on CUDA: the Triton step for batches it takes (<= 16 rows, a GPT), else the
+    captured step; eager on the CPU (no CUDA call: the choice reads the model and the row count)."""
+    from arvid.data.types import BlockLayout
+    from arvid.generator.sequence import SequenceFormat
+    from arvid.sampling.sampler import Sampler, SamplerConfig
+
+    fmt = SequenceFormat(24, BlockLayout((2, 2, 2), (2, 4)))
+    g = GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 1, num_classes=4)
+    s = Sampler(g, fmt, SamplerConfig(compile="auto"))
+    cuda = torch.device("cuda")
+    assert s.execution(torch.device("cpu"), 2) == "eager"
+    assert s.execution(cuda, 16) == ("triton" if HAS_TRITON else "cuda_graph")
+    assert s.execution(cuda, 17) == "cuda_graph" and s.execution(cuda) == "cuda_graph"
+    assert Sampler(g, fmt, SamplerConfig(compile="auto", use_cache=False)).execution(cuda, 2) == "eager"
+    assert Sampler(g, fmt, SamplerConfig(compile="compile")).execution(cuda, 2) == "compile"
