@@ -62,9 +62,9 @@
 # 32k). Still owed: tokprof, pipeline, flexsweep, and first the fused step as it stands
 # (AGENDA_STEPS=fused, default FUSED_RUNS): cuDNN writing dv into d[qkv] itself
 # (ARVID_CUDNN_FE_DV_IN_PLACE / --dv-in-place: its GPU test, then the L step with and without), and
-# decodek (run 2026-12-07 22:01 UTC on an H100: the GQA+QK-norm GPU test failed a cache check
-# rewritten since, so the step stopped there; the bench and probe were run by hand on the same
-# machine; rerun it whole: the rewritten test and the sampler's triton samples/s are owed).
+# decodek (run whole 2026-12-07 23:52 UTC on an H100 for the five-kernel form, commit 2936cb4: all
+# passed; owed for the layer kernel since, both launch forms: its tests, probe, the variants'
+# timings with `layer=1`, and the sampler's three full runs in triton mode).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
@@ -130,7 +130,7 @@ run_all() {
         [ $rc = 0 ] || { tail -n 60 "$1/decodek_tests.log"; exit $rc; }
         python3 benchmarks/probe_decode_kernels.py || rc=$?
         python3 benchmarks/bench_decode_kernels.py --preset L --rows 2 --fill 797 --kv-len 832 --torch --profile \
-            --variants "${DECODEK_VARIANTS:-default;layer=0;pdl=0;layer_warps=8;layer_programs=264,layer_warps=2;programs=128,o_n=8,down_n=8;programs=128,qkv_p=8,o_n=8,down_n=8,up_n=16,layer_warps=8;up_k=1024}" \
+            --variants "${DECODEK_VARIANTS:-default;layer=1;layer=1,pdl=0;layer=1,layer_warps=8;layer=1,layer_programs=264,layer_warps=2;layer=1,programs=128,o_n=8,down_n=8;layer=1,programs=128,qkv_p=8,o_n=8,down_n=8,up_n=16,layer_warps=8;up_k=1024}" \
             --json "$1/decode_kernels.json" || rc=$?
         python3 benchmarks/bench_sampling.py --preset L --modes "${DECODEK_MODES:-triton,compile}" --batch-sizes 1 --full-runs "${DECODEK_FULL_RUNS:-3}" \
             --kv-bucket "${KV_BUCKET:-64}" --json "$1/sampling_triton.json" || { s=$?; [ $rc = 0 ] && rc=$s; }

@@ -2,8 +2,9 @@
 the GPT-L layout (``--layers`` of them, bf16) at several row counts, fills and ``kv_len`` buckets,
 with grouped-query attention and QK-norm: the largest logit error against a float64 step, as a
 ratio to the torch bf16 step's; whether repeated direct calls and CUDA-graph replays give the first
-call's logits bit for bit; programmatic dependent launch on against off; the one-launch layer
-(grid barriers) against one launch a phase (both held to the float64 step); the merge counters
+call's logits bit for bit; programmatic dependent launch on against off; the other of the two
+launch forms (``TILES["layer"]``: one launch a phase, or a layer's phases in one launch with grid
+barriers), also held to the float64 step; the merge counters
 and the barrier counter back at zero, no barrier given up. Exit 1 when a check fails.
 
     python3 benchmarks/probe_decode_kernels.py [--layers 3] [--reps 100]
@@ -52,11 +53,12 @@ def case(name: str, rows: int, fill: int, kv_len: int | None, kw: dict, layers: 
     e_torch = (m.decode_step(c1, tok, pos, kv_len).double() - truth).abs().max().item()
     first = dk.decode_step(m, c2, tok, pos, kv_len)
     e_kern = (first.double() - truth).abs().max().item()
-    dk.TILES["layer"] = 0
+    default = dk.TILES["layer"]
+    dk.TILES["layer"] = 1 - default
     try:
         e_phase = (dk.decode_step(m, c2, tok, pos, kv_len).double() - truth).abs().max().item()
     finally:
-        dk.TILES["layer"] = 1
+        dk.TILES["layer"] = default
     direct_bad = sum(not torch.equal(dk.decode_step(m, c2, tok, pos, kv_len), first) for _ in range(reps))
     dk.TILES["pdl"] = 0
     try:
@@ -75,7 +77,8 @@ def case(name: str, rows: int, fill: int, kv_len: int | None, kw: dict, layers: 
     counters_zero = int(ws.counters.abs().sum()) == 0 and int(ws.sync.abs().sum()) == 0
     ratio, r_phase = e_kern / max(e_torch, 1e-12), e_phase / max(e_torch, 1e-12)
     ok = max(ratio, r_phase) <= 1.5 and direct_bad == graph_bad == 0 and pdl_same and counters_zero
-    print(f"{name}: error vs float64 {e_kern:.4g} (torch bf16 {e_torch:.4g}, ratio {ratio:.2f}; one launch a phase "
+    other = "one launch a layer" if default == 0 else "one launch a phase"
+    print(f"{name}: error vs float64 {e_kern:.4g} (torch bf16 {e_torch:.4g}, ratio {ratio:.2f}; {other} "
           f"{r_phase:.2f}); changed results direct {direct_bad}/{reps}, graph {graph_bad}/{reps}; PDL off == on "
           f"{pdl_same}; counters zero, no barrier given up {counters_zero} -> {'ok' if ok else 'FAILED'}", flush=True)
     return ok

@@ -345,7 +345,7 @@ def test_compile_mode_reaches_the_capture(monkeypatch, mode):
         return dec.graphs
 
     monkeypatch.setattr(compiled, "capture_decoder", capture)
-    monkeypatch.setattr(Sampler, "execution", lambda self, device, rows=None: "compile")
+    monkeypatch.setattr(Sampler, "execution", lambda self, device: "compile")
     s = Sampler(fake(), FMT, SamplerConfig(compile="compile", compile_mode=mode))
     s.prepare(make_cond([0, 3]), generator=gen(0))
     s2 = Sampler(fake(), FMT, SamplerConfig(compile="compile", compile_mode=mode, compile_sampling=False,

@@ -1,4 +1,4 @@
-"""The GPT's decode step as hand-written Triton kernels: one launch per layer.
+"""The GPT's decode step as hand-written Triton kernels: five launches per layer, or one.
 
 :meth:`arvid.generator.gpt.GPT.decode_step` run through ``torch.compile`` and a CUDA graph is
 ~10 kernels per layer; at batch 1 (two rows with guidance) it took 1.07 ms per GPT-L step on an
@@ -10,9 +10,10 @@ computes the same step (same arguments, same logits up to the summation order) a
                down projection + residual
     then:      final norm + output head
 
-(:mod:`arvid.generator._triton_decode`). Each layer's five phases run in one launch whose
-programs stay resident and meet at grid barriers (``TILES["layer"] = 1``, the default on CUDA), or
-as five launches, one a phase (``0``; always under Triton's CPU interpreter). On sm_90+ the kernels
+(:mod:`arvid.generator._triton_decode`). Each layer's five phases run as five launches, one a
+phase (``TILES["layer"] = 0``, the default; always under Triton's CPU interpreter), or in one
+launch whose programs stay resident and meet at grid barriers (``1``, CUDA only; compiled for
+sm_90 in the tests but not yet run on a GPU, so not the default). On sm_90+ the kernels
 are launched with programmatic dependent launch (:data:`TILES` ``pdl``): a kernel's programs start
 while the previous kernel runs and read what does not depend on it (their first weight tiles)
 before waiting for it. RoPE's angles are computed from the position in the kernel. The attention
@@ -46,7 +47,7 @@ CHUNK = 64
 # phases in one launch of ``layer_programs`` programs (0: one per SM) of ``layer_warps`` warps, with
 # grid barriers between them (CUDA only), or (0) one launch a phase of ``warps`` warps.
 TILES: dict[str, int] = {"warps": 2, "qkv_p": 4, "qkv_k": 1024, "o_n": 4, "o_k": 1024, "up_n": 8, "up_k": 512,
-                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256, "pdl": 1, "layer": 1,
+                         "down_n": 4, "down_k": 1024, "head_n": 32, "head_k": 256, "pdl": 1, "layer": 0,
                          "layer_programs": 0, "layer_warps": 4}
 
 

@@ -53,10 +53,9 @@ class SamplerConfig:
                            execution=True)
     compile: Literal["auto", "eager", "cuda_graph", "compile", "triton"] = doc(
         "auto", "decode step execution: eager; cuda_graph (captured step); compile (torch.compile + captured "
-                "step); triton (the model's step as arvid's Triton decode kernels, one per layer, "
+                "step); triton (the model's step as arvid's Triton decode kernels, five per layer, "
                 "arvid.generator.decode_kernels; the sampling part compiled as under compile; captured; at most "
-                "16 rows); auto = triton on CUDA where it takes the batch (<= 16 rows), else cuda_graph; eager on "
-                "CPU", execution=True)
+                "16 rows); auto = cuda_graph on CUDA, eager on CPU", execution=True)
     use_cache: bool = doc(True, "False: recompute the whole sequence at every step without a KV cache (reference)",
                           execution=True)
     compile_mode: str = doc("default", "torch.compile mode of the model's step under compile=compile: default "
@@ -489,26 +488,17 @@ class Sampler:
     def clear(self) -> None:
         self._decoders.clear()
 
-    def execution(self, device: torch.device, rows: int | None = None) -> str:
-        """The step execution actually used on ``device`` for ``rows`` model rows (batch x 2 with
-        guidance): eager | cuda_graph | compile | triton. ``triton`` off CUDA runs where Triton's CPU
-        interpreter is on (``TRITON_INTERPRET=1``: tests), without graphs. ``auto`` on CUDA is
-        ``triton`` where the Triton decode step takes the model at ``rows`` rows (at most 16; the
-        fastest step at batch 1 on an H100, BENCHMARKS.md, Sampling), else ``cuda_graph``."""
+    def execution(self, device: torch.device) -> str:
+        """The step execution actually used on ``device``: eager | cuda_graph | compile | triton.
+        ``triton`` off CUDA runs where Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: tests),
+        without graphs."""
         mode = self.cfg.compile
         if (mode == "triton" and self.cfg.use_cache and device.type != "cuda"
                 and os.environ.get("TRITON_INTERPRET") == "1"):
             return mode
         if not self.cfg.use_cache or device.type != "cuda":
             return "eager"
-        if mode == "auto":
-            from arvid.generator import decode_kernels
-            from arvid.generator.gpt import GPT
-
-            fits = (rows is not None and isinstance(self.model, GPT)
-                    and decode_kernels.unsupported(self.model, rows, device) is None)
-            return "triton" if fits else "cuda_graph"
-        return mode
+        return "cuda_graph" if mode == "auto" else mode
 
     @torch.no_grad()
     def generate(
@@ -629,7 +619,7 @@ class Sampler:
         full_cond = cat_conditioning(cond, cond_to(null_conditioning(model, cond), device)) if guided else cond
         pre = prefix[:, :p0].to(device)
         pre2 = torch.cat([pre, pre]) if guided else pre
-        mode = self.execution(device, dec.B * (2 if dec.guided else 1))
+        mode = self.execution(device)
         if mode == "triton" and dec.decode_fn == model.decode_step:
             from arvid.generator import decode_kernels
 

@@ -589,7 +589,7 @@ def _merge_and_report(cfg, out, plan, fmt, world, tokenizer, beta, budget_cap, c
         "samples": n,
         "processes": world,
         "device": str(device),
-        "execution": sampler.execution(device, min(cfg.batch_size, n) * (2 if sampler.cfg.guided else 1)),
+        "execution": sampler.execution(device),
         "seconds_tokens": t_tok,
         "seconds_decode": t_dec,
         "seconds_decode_estimated": decode_estimated and k > 0,
