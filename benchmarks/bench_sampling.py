@@ -128,9 +128,9 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
             for j in range(4):
                 dec.advance(fill + 1 + j)
             sync(device)
-        print(f"# decode step kernels, {sampler.execution(device, rows)} ({attention} attention), batch {B} (4 steps):")
+        print(f"# decode step kernels, {sampler.execution(device)} ({attention} attention), batch {B} (4 steps):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    row = {"batch": B, "rows": rows, "mode": sampler.execution(device, rows), "decode_attention": attention,
+    row = {"batch": B, "rows": rows, "mode": sampler.execution(device), "decode_attention": attention,
            "step_ms": step_s * 1e3,
            "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix,
            "kv_bucket": a.kv_bucket, "kv_len": dec.kv_len(fill + 1), "graphs": len(dec.graphs),

@@ -82,21 +82,24 @@ for extra in (dict(n_kv_heads=2, qk_norm=True), dict(n_heads=4)):
         assert torch.isnan(y[:, :, last:]).all()  # nothing written past the last position
     assert calls[-1] == 6, calls  # kv_len 24 over chunks of 4: six splits merged
 
-# two programs a launch that take the tiles in turn (a one-launch layer's programs do: its grid
-# barriers cannot run under the interpreter, the phases' loops can), each loading its next tile first
-dk.TILES.update(layer_programs=2)
+# programs that take several tiles in turn, each loading its next tile first: two programs a
+# launch, one launch a phase; then one program for a whole layer in one launch (the GPU default
+# is one program an SM): its grid barriers met by its own arrivals, the counter back at zero
 cfg = GPTConfig(vocab_size=37, max_seq_len=64, num_classes=3, dim=64, n_layers=2, n_kv_heads=2, qk_norm=True)
 torch.manual_seed(0)
 m = GPT(cfg).eval()
 for p in m.parameters():
     p.data.normal_(0, 0.3)
-assert dk.tiles_for(m, 3)["layer"] == 0  # no grid barriers on the CPU
-out, ref_cache, cache, last = run_steps(m, rows=3, steps=2, kv_len=24)
-for a, b in out:
-    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6
-for x, y in zip(ref_cache.tensors(), cache.tensors()):
-    assert torch.allclose(x[:, :, :last], y[:, :, :last], atol=1e-5, rtol=1e-5)
-dk.TILES.update(layer_programs=0)
+for fused, programs in ((False, 2), (True, 1)):
+    dk._kernels().layer = lambda *a: real(*a[:-2], fused, programs)
+    out, ref_cache, cache, last = run_steps(m, rows=3, steps=2, kv_len=24)
+    for a, b in out:
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6, fused
+    for x, y in zip(ref_cache.tensors(), cache.tensors()):
+        assert torch.allclose(x[:, :, :last], y[:, :, :last], atol=1e-5, rtol=1e-5), fused
+    ws = dk.workspace(3, cfg.n_heads, cfg.head_dim, 40, torch.device("cpu"))
+    assert ws.sync.tolist() == [0, 0] and ws.counters.abs().sum() == 0, (fused, ws.sync)
+dk._kernels().layer = lambda *a: calls.append(a[-6]) or real(*a)
 
 # narrow tiles: heads split over programs (2 pairs each), every reduction in 16-wide steps (the
 # weight tiles loaded one step ahead), 5 rows in an 8-row block
@@ -346,22 +349,23 @@ def _layer(t: dict, first: int, last: int, qk_norm: bool = False, half: int = 32
 
 # the L preset's kernels at 2 rows with the tiles decode_kernels.tiles_for gives them: the layer in
 # one launch (with and without QK-norm, head_dim 64 and 128), each phase alone, and the output head
-_T, _TQ = _l_tiles(qk_norm=False), _l_tiles(qk_norm=True)
+_T, _TQ, _T128 = _l_tiles(qk_norm=False), _l_tiles(qk_norm=True), _l_tiles(n_heads=8)  # head_dim 64, 64, 128
 _LDIV = ("DIM", "HIDDEN", "kv_b", "kv_h")
+# (kernel, constants, arguments divisible by 16, warps: as decode_kernels launches it)
 _CASES = [
-    ("_layer_kernel", _layer(_T, 0, 4), _LDIV),
-    ("_layer_kernel", _layer(_TQ, 0, 4, qk_norm=True), _LDIV),
-    ("_layer_kernel", _layer(_T, 0, 4, half=64), _LDIV),
-    *[("_layer_kernel", {**_layer(_T, p, p), "PDL": p != 2}, _LDIV) for p in range(5)],
-    ("_layer_kernel", _layer(_TQ, 0, 0, qk_norm=True), _LDIV),
+    ("_layer_kernel", _layer(_T, 0, 4), _LDIV, _T["layer_warps"]),
+    ("_layer_kernel", _layer(_TQ, 0, 4, qk_norm=True), _LDIV, _TQ["layer_warps"]),
+    ("_layer_kernel", _layer(_T128, 0, 4, half=64), _LDIV, _T128["layer_warps"]),
+    *[("_layer_kernel", {**_layer(_T, p, p), "PDL": p != 2}, _LDIV, _T["warps"]) for p in range(5)],
+    ("_layer_kernel", _layer(_TQ, 0, 0, qk_norm=True), _LDIV, max(4, _TQ["warps"])),
     ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=_T["head_n"], BLOCK_K=_T["head_k"],
-                            PDL=True), ("K",)),
+                            PDL=True), ("K",), _T["warps"]),
 ]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its compiler and ptxas)")
-@pytest.mark.parametrize("name,consts,div", _CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(_CASES)])
-def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, div, tmp_path):
+@pytest.mark.parametrize("name,consts,div,warps", _CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(_CASES)])
+def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, div, warps, tmp_path):
     """Each kernel compiled ahead of time for sm_90 (no GPU needed: Triton's compiler and the ptxas it
     ships), with the specialisation a launch gets (pointers and multiples of 16 marked divisible by
     16): the weight and cache reads are 128-bit loads (16-bit ones would read a matrix at a fraction
@@ -381,8 +385,6 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div}
     try:
         src = ASTSource(fn=getattr(_triton_decode, name), signature=sig, constexprs=consts, attrs=attrs)
-        fused = name == "_layer_kernel" and consts["LAST"] > consts["FIRST"]
-        warps = _T["layer_warps"] if fused else max(4, _T["warps"]) if consts.get("QK_NORM") else _T["warps"]
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     except (TypeError, ImportError) as e:  # another Triton's AOT interface
         pytest.skip(f"this Triton ({triton.__version__}) compiles ahead of time differently: {e}")
@@ -396,6 +398,7 @@ def test_kernels_compile_for_hopper_with_wide_loads_and_no_spills(name, consts, 
         assert early >= 4, f"{name}: {early} 128-bit loads before the wait"
     if name == "_layer_kernel" and consts["FIRST"] == 0:  # RoPE's cos/sin: libdevice's accurate ones, as torch's
         assert "sin.approx" not in ptx and "cos.approx" not in ptx
+    fused = name == "_layer_kernel" and consts["LAST"] > consts["FIRST"]
     if name == "_layer_kernel":  # the barriers' acquire/release counts (and the merges' counts), none alone
         acq_rel = len(re.findall(r"atom\.(?:\w+\.)*acq_rel", ptx))
         assert (acq_rel >= 5) if fused else (acq_rel == (1 if consts["FIRST"] == 1 else 0)), acq_rel

@@ -33,10 +33,10 @@ them). A barrier that has not filled after ``SPIN_LIMIT`` polls (programs that c
 resident: another process on the GPU) sets an error flag instead of hanging
 (:func:`~arvid.generator.decode_kernels.barrier_errors`).
 
-Every product sums in float32; RMSNorm is applied in the same pass as the product (the sum of
-``x g w`` scaled by ``1 / rms(x)`` at the end); the projections' outputs are rounded to the
-activation dtype where the torch step rounds them, so the two agree to the summation order and the
-normalised input's rounding. ``TRITON_INTERPRET=1`` runs the kernels on the CPU (tests).
+Every product sums in float32; a program computes its rows' RMSNorm scales once a phase, before
+its tiles; the normalised inputs and the projections' outputs are rounded to the activation dtype
+where the torch step rounds them, so the two agree to the summation order.
+``TRITON_INTERPRET=1`` runs the kernels on the CPU (tests).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover - an older Triton: launched without PDL 
     gdc_launch_dependents = gdc_wait = None
 
 #: polls of a grid barrier's counter (each ~1 us, an L2 round trip) before it gives up and flags
-SPIN_LIMIT = 1 << 22
+#: (~0.25 s: a barrier of resident programs fills within tens of microseconds)
+SPIN_LIMIT = 1 << 18
 
 
 @triton.jit
@@ -98,16 +99,30 @@ def _weights(w_ptr, c1, c2, cmask, k0, K, PAIR: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _dot(x_ptr, g_ptr, w_ptr, M, K, eps, c1, c2, cmask, w1, w2,
+def _rstd(x_ptr, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` of the rows of ``x [M, K]`` (float32, ``[BLOCK_M]``): a program's
+    once per phase, before its tiles (``x`` bypasses L1: written by other SMs in this launch)."""
+    rows = tl.arange(0, BLOCK_M)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks < K)[None, :],
+                    other=0.0, cache_modifier=".cg").to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _dot(x_ptr, g_ptr, w_ptr, M, K, rstd, c1, c2, cmask, w1, w2,
          NORM: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_K: tl.constexpr):
     """``x W^T`` (``x [M, K]``, ``W [N, K]``, contiguous) at output columns ``c1`` (and ``c2`` where
     ``PAIR``), ``[BLOCK_M, BLOCK_N]`` each, float32; ``w1``, ``w2``: the weight tiles at reduction
-    block 0, already loaded. ``NORM``: ``x`` RMS-normalised with the gain ``g`` first, in the same
-    pass (the sums of ``x g w`` scaled by ``1 / rms(x)``). Each block loads the next block's weight
-    tiles before its sums; ``x`` bypasses L1 (``.cg``: written by other SMs in this launch)."""
+    block 0, already loaded. ``NORM``: ``x`` is first RMS-normalised (``rstd`` from :func:`_rstd`)
+    with the gain ``g`` and rounded to ``x``'s dtype, as ``RMSNorm`` hands it on. Each block loads
+    the next block's weight tiles before its sums; ``x`` bypasses L1 (``.cg``: written by other SMs
+    in this launch)."""
     rows = tl.arange(0, BLOCK_M)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -116,17 +131,13 @@ def _dot(x_ptr, g_ptr, w_ptr, M, K, eps, c1, c2, cmask, w1, w2,
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & km[None, :],
                     other=0.0, cache_modifier=".cg").to(tl.float32)
         if NORM:
-            ss += tl.sum(x * x, axis=1)
-            x = x * tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)[None, :]
+            g = tl.load(g_ptr + ks, mask=km, other=0.0).to(tl.float32)
+            x = (x * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
         n1, n2 = _weights(w_ptr, c1, c2, cmask, k0 + BLOCK_K, K, PAIR, BLOCK_K)
         acc1 += tl.sum(x[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
         if PAIR:
             acc2 += tl.sum(x[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
         w1, w2 = n1, n2
-    if NORM:
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-        acc1 = acc1 * rstd[:, None]
-        acc2 = acc2 * rstd[:, None]
     return acc1, acc2
 
 
@@ -146,11 +157,12 @@ def _qkv_weights(w_ptr, t, n_tiles, K, HALF: tl.constexpr, BLOCK_P: tl.constexpr
 
 
 @triton.jit
-def _qkv_tile(t, w1, w2, x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos, qn_ptr, kn_ptr,
+def _qkv_tile(t, w1, w2, rstd, x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos, qn_ptr, kn_ptr,
               M, K, eps, H, HKV, kv_b, kv_h,
               HALF: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
               BLOCK_K: tl.constexpr):
-    """Tile ``t`` of phase 0 (its weight tiles ``w1``, ``w2`` loaded): the projection's ``BLOCK_P``
+    """Tile ``t`` of phase 0 (its weight tiles ``w1``, ``w2`` loaded; ``rstd`` the rows' RMSNorm
+    scales): the projection's ``BLOCK_P``
     pairs of one head for every row; q goes to ``q [M, H, 2 HALF]``, k and v to the cache
     (``[M, HKV, max_len, 2 HALF]``, strides ``kv_b``, ``kv_h``) at position ``pos``. ``f_ptr``:
     RoPE's ``HALF`` inverse frequencies (float32); the angles ``pos * f`` and their cosines and sines
@@ -163,7 +175,7 @@ def _qkv_tile(t, w1, w2, x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos, q
     jm = j < HALF
     rows = tl.arange(0, BLOCK_M)
     c1 = head * D + j
-    a1, a2 = _dot(x_ptr, g_ptr, w_ptr, M, K, eps, c1, c1 + HALF, jm, w1, w2, True, True,
+    a1, a2 = _dot(x_ptr, g_ptr, w_ptr, M, K, rstd, c1, c1 + HALF, jm, w1, w2, True, True,
                   BLOCK_M, BLOCK_P, BLOCK_K)
     dt = q_ptr.dtype.element_ty
     a1 = a1.to(dt).to(tl.float32)  # the projection's output, in the activation dtype
@@ -279,7 +291,7 @@ def _cols_weights(w_ptr, t, N, K, c2_off, PAIR: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _matvec_tile(t, w1, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
+def _matvec_tile(t, w1, rstd, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """Columns ``t * BLOCK_N ...`` of ``out [M, N] = residual + x W^T`` (``RESIDUAL``; the product
@@ -293,7 +305,7 @@ def _matvec_tile(t, w1, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
     r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if RESIDUAL:  # issued with the product's first loads, not after its sums
         r = tl.load(res_ptr + off, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-    acc, _ = _dot(x_ptr, g_ptr, w_ptr, M, K, eps, cols, cols, cm, w1, w1, NORM, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _dot(x_ptr, g_ptr, w_ptr, M, K, rstd, cols, cols, cm, w1, w1, NORM, False, BLOCK_M, BLOCK_N, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     y = acc.to(dt)
     if RESIDUAL:
@@ -302,7 +314,7 @@ def _matvec_tile(t, w1, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
 
 
 @triton.jit
-def _swiglu_tile(t, w1, w2, x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
+def _swiglu_tile(t, w1, w2, rstd, x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns ``t * BLOCK_N ...`` of ``h [M, hidden] = silu(gate) * up`` with ``[gate, up] =
     RMSNorm(x) W^T`` (``W [2 hidden, K]``): gate column ``c`` and up column ``c + hidden`` in one
@@ -311,7 +323,7 @@ def _swiglu_tile(t, w1, w2, x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden, eps,
     cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < hidden
     rows = tl.arange(0, BLOCK_M)
-    a, b = _dot(x_ptr, g_ptr, w_ptr, M, K, eps, cols, cols + hidden, cm, w1, w2, True, True,
+    a, b = _dot(x_ptr, g_ptr, w_ptr, M, K, rstd, cols, cols + hidden, cm, w1, w2, True, True,
                 BLOCK_M, BLOCK_N, BLOCK_K)
     dt = h_ptr.dtype.element_ty
     gate = a.to(dt).to(tl.float32)
@@ -330,7 +342,10 @@ def _matvec_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
     t = tl.program_id(0)
     w1, _ = _cols_weights(w_ptr, t, N, K, 0, False, BLOCK_N, BLOCK_K)
     _wait(PDL)
-    _matvec_tile(t, w1, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps, NORM, RESIDUAL,
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        rstd = _rstd(x_ptr, M, K, eps, BLOCK_M, BLOCK_K)
+    _matvec_tile(t, w1, rstd, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, NORM, RESIDUAL,
                  BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -363,11 +378,13 @@ def _layer_kernel(x_ptr, an_ptr, wqkv_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos_ptr, 
     n_o = tl.cdiv(DIM, O_N)
     n_up = tl.cdiv(HIDDEN, UP_N)
     n_down = tl.cdiv(DIM, DOWN_N)
+    none = tl.zeros([BLOCK_M], dtype=tl.float32)  # the RMSNorm scales of the phases without a norm
     if FIRST == 0:
         w1, w2 = _qkv_weights(wqkv_ptr, pid, n_qkv, DIM, HALF, QKV_P, QKV_K)
         _wait(PDL)
+        rstd = _rstd(x_ptr, M, DIM, eps, BLOCK_M, QKV_K)
         for t in range(pid, n_qkv, progs):
-            _qkv_tile(t, w1, w2, x_ptr, an_ptr, wqkv_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos, qn_ptr, kn_ptr,
+            _qkv_tile(t, w1, w2, rstd, x_ptr, an_ptr, wqkv_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos, qn_ptr, kn_ptr,
                       M, DIM, eps, H, HKV, kv_b, kv_h, HALF, QK_NORM, BLOCK_M, QKV_P, QKV_K)
             if NEXT:
                 w1, w2 = _qkv_weights(wqkv_ptr, t + progs, n_qkv, DIM, HALF, QKV_P, QKV_K)
@@ -389,7 +406,7 @@ def _layer_kernel(x_ptr, an_ptr, wqkv_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos_ptr, 
         else:
             _grid_sync(sync_ptr, (2 - FIRST) * progs, SPIN)
         for t in range(pid, n_o, progs):
-            _matvec_tile(t, w1, o_ptr, an_ptr, wo_ptr, x_ptr, x_ptr, M, H * D, DIM, eps, False, True,
+            _matvec_tile(t, w1, none, o_ptr, an_ptr, wo_ptr, x_ptr, x_ptr, M, H * D, DIM, False, True,
                          BLOCK_M, O_N, O_K)
             if NEXT:
                 w1, _ = _cols_weights(wo_ptr, t + progs, DIM, H * D, 0, False, O_N, O_K)
@@ -399,8 +416,9 @@ def _layer_kernel(x_ptr, an_ptr, wqkv_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos_ptr, 
             _wait(PDL)
         else:
             _grid_sync(sync_ptr, (3 - FIRST) * progs, SPIN)
+        rstd = _rstd(x_ptr, M, DIM, eps, BLOCK_M, UP_K)
         for t in range(pid, n_up, progs):
-            _swiglu_tile(t, w1, w2, x_ptr, fn_ptr, w13_ptr, h_ptr, M, DIM, HIDDEN, eps, BLOCK_M, UP_N, UP_K)
+            _swiglu_tile(t, w1, w2, rstd, x_ptr, fn_ptr, w13_ptr, h_ptr, M, DIM, HIDDEN, BLOCK_M, UP_N, UP_K)
             if NEXT:
                 w1, w2 = _cols_weights(w13_ptr, t + progs, HIDDEN, DIM, HIDDEN, True, UP_N, UP_K)
     if LAST >= 4:
@@ -410,7 +428,7 @@ def _layer_kernel(x_ptr, an_ptr, wqkv_ptr, q_ptr, k_ptr, v_ptr, f_ptr, pos_ptr, 
         else:
             _grid_sync(sync_ptr, (4 - FIRST) * progs, SPIN)
         for t in range(pid, n_down, progs):
-            _matvec_tile(t, w1, h_ptr, an_ptr, w2_ptr, x_ptr, x_ptr, M, HIDDEN, DIM, eps, False, True,
+            _matvec_tile(t, w1, none, h_ptr, an_ptr, w2_ptr, x_ptr, x_ptr, M, HIDDEN, DIM, False, True,
                          BLOCK_M, DOWN_N, DOWN_K)
             if NEXT:
                 w1, _ = _cols_weights(w2_ptr, t + progs, DIM, HIDDEN, 0, False, DOWN_N, DOWN_K)

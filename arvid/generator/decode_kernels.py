@@ -122,8 +122,11 @@ def tiles_for(model, rows: int, device: torch.device | None = None) -> dict[str,
         t["qkv_k"] = max(16, t["qkv_k"] * t["qkv_p"] // max(1, c.head_dim // 2))
     cuda = device is not None and device.type == "cuda"
     t["pdl"] = int(bool(t["pdl"]) and cuda and pdl_available(device.index or 0))
-    # one launch a layer needs every program resident at once: CUDA only (the interpreter runs them in turn)
-    t["layer"] = int(bool(t["layer"]) and cuda)
+    # one launch a layer needs every program resident at once: compiled for CUDA only (the
+    # interpreter runs programs in turn: each barrier would poll until it gives up)
+    t["layer"] = int(bool(t["layer"]) and cuda and os.environ.get("TRITON_INTERPRET") != "1")
+    if c.head_dim >= 128:  # a [CHUNK, head_dim] key and value tile, and the next item's, a program
+        t["layer_warps"] = max(t["layer_warps"], 8)
     if t["layer"] and t["layer_programs"] <= 0:
         t["layer_programs"] = torch.cuda.get_device_properties(device).multi_processor_count
     return t
@@ -131,8 +134,10 @@ def tiles_for(model, rows: int, device: torch.device | None = None) -> dict[str,
 
 class _Workspace:
     """The attention's split partials and its per-(row, head) counters (zero between launches: the
-    merging program resets its own), kept per (device, rows): allocated once, before any graph
-    capture, and shared by every layer and step (the kernels run one after another on a stream)."""
+    merging program resets its own), and the one-launch layer's barrier counter, kept per (device,
+    rows): allocated once, before any graph capture, and shared by every layer and step (the
+    kernels run one after another on a stream; two steps of one shape on concurrent streams would
+    share them, and are not supported)."""
 
     def __init__(self, rows: int, heads: int, head_dim: int, max_splits: int, device: torch.device) -> None:
         self.max_splits = max_splits
@@ -164,10 +169,19 @@ def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.
     return _WORKSPACES[key]
 
 
-def barrier_errors(device: torch.device) -> int:
-    """How many of ``device``'s workspaces saw a grid barrier give up (its programs were not all
-    resident at once, e.g. another process held SMs; the step's results are then wrong). Syncs."""
-    return sum(int(ws.sync[1].item() != 0) for key, ws in _WORKSPACES.items() if key[0] == device)
+def barrier_errors(device: torch.device | str, reset: bool = True) -> int:
+    """How many of ``device``'s workspaces saw a grid barrier of the one-launch layer give up since
+    the last call (its programs were not all resident at once, e.g. another process held SMs: the
+    step's results are then wrong); ``reset`` clears the flags. Syncs with the device."""
+    d = torch.device(device)
+    index = d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else None)
+    bad = 0
+    for key, ws in _WORKSPACES.items():
+        if key[0].type == d.type and key[0].index == index:
+            bad += int(ws.sync[1].item() != 0)
+            if reset:
+                ws.sync[1].zero_()
+    return bad
 
 
 _FREQS: dict[tuple, torch.Tensor] = {}

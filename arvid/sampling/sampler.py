@@ -637,6 +637,13 @@ class Sampler:
             capture_decoder(dec, compile_step=(mode == "compile"), compile_mode=self.cfg.compile_mode,
                             compile_sampling=self.cfg.compile_sampling and mode in ("compile", "triton"),
                             attention=self.cfg.decode_attention)
+            if mode == "triton":  # the warm-up steps ran the kernels: a grid barrier that gave up shows here
+                from arvid.generator import decode_kernels
+
+                if decode_kernels.barrier_errors(device):
+                    raise RuntimeError("the Triton decode step's one-launch layer could not keep all its programs "
+                                       "resident on this GPU (another process holds SMs?): set "
+                                       "arvid.generator.decode_kernels.TILES['layer'] = 0 or use compile='compile'")
 
         return PreparedBatch(dec, full_cond, pre2 if p0 else None, prefix[:, :p0], constraint, dec.loads)
 
