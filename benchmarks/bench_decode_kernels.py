@@ -124,6 +124,10 @@ def main(argv=None) -> int:
                 results.append({"variant": spec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 print(json.dumps(results[-1]), flush=True)
                 continue
+            if decode_kernels.barrier_errors(dev):  # a one-launch layer whose programs were not all resident
+                results.append({"variant": spec, "error": "a grid barrier gave up (programs not all resident)"})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             ms = time_graph(g, a.reps)
             row = {"variant": spec, "tiles": decode_kernels.tiles_for(m, a.rows, dev), "step_ms": ms, "x_floor": ms / floor,
                    "GB_per_s": (weights + kv) / ms / 1e6}
