@@ -18,13 +18,14 @@ A phase is a list of tiles (a few output columns of a matrix, or one chunk of on
 the kernel's programs take them in turn (``tile = program, program + programs, ...``), each
 loading its next tile's weights before it computes on the current one. The phases run either
 
-- **in one launch** (``SYNC``, the GPU default): ``programs`` stay resident and meet at a grid
-  barrier between phases (an atomic counter in global memory), each program loading its first
-  tile of the next phase before it waits there: a phase's weight reads overlap the previous
-  phase's tail, and a layer costs one kernel boundary instead of five; or
-- **one launch per phase** (``FIRST == LAST``): the kernel boundaries order the phases (Triton's
-  CPU interpreter, which runs programs one after another and would wait at a barrier forever,
-  runs this way; so can any GPU).
+- **one launch per phase** (``FIRST == LAST``; ``decode_kernels.TILES["layer"] = 0``, the
+  default): the kernel boundaries order the phases; or
+- **in one launch** (``FIRST = 0, LAST = 4``; ``layer = 1``, CUDA only, not yet run on a GPU):
+  ``programs`` (one per SM) stay resident and meet at a grid barrier between phases (an atomic
+  counter in global memory), each program loading its first tile of the next phase before it
+  waits there: a phase's weight reads overlap the previous phase's tail, and a layer costs one
+  kernel boundary instead of five. Triton's CPU interpreter runs programs one after another, so
+  there a barrier is met only with one program (tests).
 
 Under programmatic dependent launch (``PDL``, sm_90+) a kernel's programs start while the previous
 kernel runs and read what does not depend on it (their first weight tiles) before waiting for it.
