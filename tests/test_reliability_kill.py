@@ -48,20 +48,22 @@ class KillPoint(NamedTuple):
     sure: bool = True
 
 
-# Start-up (imports, model building) takes >= 1.5 s before any output (2-5 s on a busy 2-core
-# runner), so start points up to 1.2 s always land there. Kill after a trigger: a tokenizer step
-# (with its checkpoint) takes ~0.1 s and 12 are run, a generator step ~0.03 s and 24 are run, a
-# curation shard (1 video, 81 decodes) ~0.2-0.5 s and 12 are written: the sure points below advance
-# a run by 1-3 steps / 1-2 shards each and leave work to do. Tokenization (~0.2 s of work) and
-# sampling (~0.3-0.6 s) are too short for a sure point after their start.
+# Start-up (imports, model building) takes >= 1.5 s before any output on a busy 2-core runner, but
+# a whole tokenization or sampling run finished within 0.97 s on an idle one (2026-12-08): a start
+# point is sure only for the long stages. Kill after a trigger: a tokenizer step (with its
+# checkpoint) takes ~0.05-0.1 s and 12 are run, a generator step ~0.01-0.03 s and 24 are run, a
+# curation shard ~0.03-0.5 s and 12 are written (idle to busy runner). A sure point's window is
+# short against one step or shard, so each kill advances its run by one or two steps / shards and
+# work is left after every sure point on a fast runner too (at 0.0-0.2 s windows an idle runner
+# wrote all 12 shards within three kills, 2026-12-08).
 CKPT = "checkpoints/step_*"
 START = KillPoint(None, 0.3, 1.2)
 PLAN: dict[str, list[KillPoint]] = {
-    "tok": [START, *[KillPoint(CKPT, 0.0, 0.1)] * 5, KillPoint("tokenizer/model.safetensors", 0.0, 0.1, sure=False)],
-    "curate": [START, KillPoint("calibration.json", 0.0, 0.3), *[KillPoint("parts/part_*.npz", 0.0, 0.2)] * 3],
-    "tokenize": [START, *[KillPoint("config.yaml", 0.0, 0.15, sure=False)] * 2],
-    "gen": [START, *[KillPoint(CKPT, 0.0, 0.05)] * 6, KillPoint("gpt/model.safetensors", 0.0, 0.2, sure=False)],
-    "sample": [START, *[KillPoint("config.yaml", 0.0, 0.4, sure=False)] * 2],
+    "tok": [START, *[KillPoint(CKPT, 0.0, 0.05)] * 5, KillPoint("tokenizer/model.safetensors", 0.0, 0.1, sure=False)],
+    "curate": [START, KillPoint("calibration.json", 0.0, 0.05), *[KillPoint("parts/part_*.npz", 0.0, 0.03)] * 4],
+    "tokenize": [START._replace(sure=False), *[KillPoint("config.yaml", 0.0, 0.15, sure=False)] * 2],
+    "gen": [START, *[KillPoint(CKPT, 0.0, 0.03)] * 7, KillPoint("gpt/model.safetensors", 0.0, 0.2, sure=False)],
+    "sample": [START._replace(sure=False), *[KillPoint("config.yaml", 0.0, 0.4, sure=False)] * 2],
 }
 MIN_SURE_KILLS = 20  # the issue: at least 20 kill points over the stages
 
