@@ -120,12 +120,13 @@ def main(argv=None) -> int:
             use(spec)
             try:
                 g = graph_of(lambda: decode_kernels.decode_step(m, cache, tok, pos, a.kv_len))
+                error = None
             except Exception as e:  # a tile variant Triton cannot compile (e.g. out of shared memory): keep going
-                results.append({"variant": spec, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(json.dumps(results[-1]), flush=True)
-                continue
-            if decode_kernels.barrier_errors(dev):  # a one-launch layer whose programs were not all resident
-                results.append({"variant": spec, "error": "a grid barrier gave up (programs not all resident)"})
+                error = f"{type(e).__name__}: {str(e)[:300]}"
+            if error is None and decode_kernels.barrier_errors(dev):  # a one-launch layer's programs not all resident
+                error = "a grid barrier gave up (programs not all resident)"
+            if error is not None:
+                results.append({"variant": spec, "error": error})
                 print(json.dumps(results[-1]), flush=True)
                 continue
             ms = time_graph(g, a.reps)

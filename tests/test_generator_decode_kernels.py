@@ -97,7 +97,7 @@ for fused, programs in ((False, 2), (True, 1)):
         assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6, fused
     for x, y in zip(ref_cache.tensors(), cache.tensors()):
         assert torch.allclose(x[:, :, :last], y[:, :, :last], atol=1e-5, rtol=1e-5), fused
-    ws = dk.workspace(3, cfg.n_heads, cfg.head_dim, 40, torch.device("cpu"))
+    ws = dk.workspace(3, cfg.n_heads, cfg.head_dim, 40, torch.device("cpu"), create=False)
     assert ws.sync.tolist() == [0, 0] and ws.counters.abs().sum() == 0, (fused, ws.sync)
 dk._kernels().layer = lambda *a: calls.append(a[-6]) or real(*a)
 
@@ -206,7 +206,10 @@ def test_tiles_keep_programs_and_bound_the_reduction():
     small = GPT.from_preset("debug", vocab_size=30, max_seq_len=40, qk_norm=False)
     assert decode_kernels.tiles_for(small, 1)["qkv_k"] == 64  # never wider than the reduced dimension
     # QK-norm: a program holds a whole head (8 pairs, not 4): half the reduction block
-    assert decode_kernels.tiles_for(GPT.from_preset("debug", vocab_size=30, max_seq_len=40), 1)["qkv_k"] == 32
+    tq = decode_kernels.tiles_for(GPT.from_preset("debug", vocab_size=30, max_seq_len=40), 1)
+    assert tq["qkv_k"] == 32 and tq["qkv_p"] == 8
+    # head_dim 128: the one-launch layer's programs get 8 warps (4 spill registers)
+    assert t["layer_warps"] == 4 and decode_kernels.tiles_for(_l_shape(n_heads=8), 2)["layer_warps"] == 8
     assert t["pdl"] == 0 and decode_kernels.tiles_for(m, 2, torch.device("cpu"))["pdl"] == 0  # CUDA only
 
 
@@ -245,7 +248,7 @@ def test_gpu_triton_decode_step_matches_torch_and_replays_in_a_graph(extra, laye
         got = decode_kernels.decode_step(m, caches[2], tok, pos, 256)
         e_torch, e_kern = ((x.double() - truth).abs().max().item() for x in (ref, got))
         assert e_kern <= 1.5 * e_torch + 1e-3, (e_kern, e_torch)
-        ws = decode_kernels.workspace(rows, m.config.n_heads, m.config.head_dim, 300, pos.device)
+        ws = decode_kernels.workspace(rows, m.config.n_heads, m.config.head_dim, 300, pos.device, create=False)
         assert ws.sync.tolist() == [0, 0] and decode_kernels.barrier_errors(pos.device) == 0
         # the cache: the prefill's positions (and those past the step) untouched; at the step's
         # position, every layer's new key and value no further from the float64 step's than torch's
@@ -328,8 +331,8 @@ _LAYER_SIG = {n: _LAYER_SIG[n] for n in (  # the kernel's argument order
 _LAYER_SIG.update(M="i32", DIM="i32", HIDDEN="i32", eps="fp32", H="i32", HKV="i32", GROUP="i32", kv_b="i32",
                   kv_h="i32", n="i32", scale="fp32", S="i32")
 _SIGS = {
-    "_matvec_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
-                       "M": "i32", "K": "i32", "N": "i32", "eps": "fp32"},
+    "_head_kernel": {"x_ptr": "*bf16", "g_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "K": "i32",
+                     "N": "i32", "eps": "fp32"},
     "_layer_kernel": _LAYER_SIG,
 }
 
@@ -342,7 +345,7 @@ def _l_tiles(**overrides) -> dict[str, int]:
 def _layer(t: dict, first: int, last: int, qk_norm: bool = False, half: int = 32) -> dict:
     """The layer kernel's constants for phases first..last at tiles ``t`` (the L preset: head_dim 64)."""
     return dict(HALF=half, QK_NORM=qk_norm, CHUNK=decode_kernels.CHUNK, MAX_S=64, BLOCK_M=2,
-                QKV_P=half if qk_norm else t["qkv_p"], QKV_K=t["qkv_k"], O_N=t["o_n"], O_K=t["o_k"], UP_N=t["up_n"],
+                QKV_P=t["qkv_p"], QKV_K=t["qkv_k"], O_N=t["o_n"], O_K=t["o_k"], UP_N=t["up_n"],
                 UP_K=t["up_k"], DOWN_N=t["down_n"], DOWN_K=t["down_k"], FIRST=first, LAST=last, NEXT=last > first,
                 PDL=True, SPIN=1 << 22)
 
@@ -358,8 +361,7 @@ _CASES = [
     ("_layer_kernel", _layer(_T128, 0, 4, half=64), _LDIV, _T128["layer_warps"]),
     *[("_layer_kernel", {**_layer(_T, p, p), "PDL": p != 2}, _LDIV, _T["warps"]) for p in range(5)],
     ("_layer_kernel", _layer(_TQ, 0, 0, qk_norm=True), _LDIV, max(4, _TQ["warps"])),
-    ("_matvec_kernel", dict(NORM=True, RESIDUAL=False, BLOCK_M=2, BLOCK_N=_T["head_n"], BLOCK_K=_T["head_k"],
-                            PDL=True), ("K",), _T["warps"]),
+    ("_head_kernel", dict(BLOCK_M=2, BLOCK_N=_T["head_n"], BLOCK_K=_T["head_k"], PDL=True), ("K",), _T["warps"]),
 ]
 
 

@@ -146,13 +146,20 @@ def _dot(x_ptr, g_ptr, w_ptr, M, K, rstd, c1, c2, cmask, w1, w2,
 
 
 @triton.jit
-def _qkv_weights(w_ptr, t, n_tiles, K, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tile ``t``'s first weight tiles: ``BLOCK_P`` rotation pairs (rows ``j`` and ``j + HALF``) of one
-    head of the fused ``[q heads, k heads, v heads]`` projection (nothing past ``n_tiles``)."""
+def _qkv_cols(t, HALF: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase 0's tile ``t``: its head of the fused ``[q heads, k heads, v heads]`` projection, its
+    ``BLOCK_P`` rotation pairs ``j`` (columns ``j`` and ``j + HALF`` of the head) and the first
+    columns' rows of the weight, ``c1``."""
     per_head = tl.cdiv(HALF, BLOCK_P)
     head = t // per_head
     j = (t % per_head) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c1 = head * (2 * HALF) + j
+    return head, j, head * (2 * HALF) + j
+
+
+@triton.jit
+def _qkv_weights(w_ptr, t, n_tiles, K, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile ``t``'s first weight tiles (nothing past ``n_tiles``)."""
+    _, j, c1 = _qkv_cols(t, HALF, BLOCK_P)
     # `!= 0`: Triton's CPU interpreter turns a tensor mask & a scalar flag into integers
     return _weights(w_ptr, c1, c1 + HALF, ((j < HALF) & (t < n_tiles)) != 0, 0, K, True, BLOCK_K)
 
@@ -163,19 +170,15 @@ def _qkv_tile(t, w1, w2, rstd, x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, 
               HALF: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
               BLOCK_K: tl.constexpr):
     """Tile ``t`` of phase 0 (its weight tiles ``w1``, ``w2`` loaded; ``rstd`` the rows' RMSNorm
-    scales): the projection's ``BLOCK_P``
-    pairs of one head for every row; q goes to ``q [M, H, 2 HALF]``, k and v to the cache
+    scales): the projection's ``BLOCK_P`` pairs of one head for every row; q goes to ``q [M, H, 2 HALF]``, k and v to the cache
     (``[M, HKV, max_len, 2 HALF]``, strides ``kv_b``, ``kv_h``) at position ``pos``. ``f_ptr``:
     RoPE's ``HALF`` inverse frequencies (float32); the angles ``pos * f`` and their cosines and sines
     are computed here as :func:`~arvid.generator.gpt.rope_tables` computes them. ``QK_NORM`` needs
     ``BLOCK_P >= HALF`` (a tile holds its whole head)."""
     D: tl.constexpr = 2 * HALF
-    per_head = tl.cdiv(HALF, BLOCK_P)
-    head = t // per_head
-    j = (t % per_head) * BLOCK_P + tl.arange(0, BLOCK_P)
+    head, j, c1 = _qkv_cols(t, HALF, BLOCK_P)
     jm = j < HALF
     rows = tl.arange(0, BLOCK_M)
-    c1 = head * D + j
     a1, a2 = _dot(x_ptr, g_ptr, w_ptr, M, K, rstd, c1, c1 + HALF, jm, w1, w2, True, True,
                   BLOCK_M, BLOCK_P, BLOCK_K)
     dt = q_ptr.dtype.element_ty
@@ -217,16 +220,22 @@ def _qkv_tile(t, w1, w2, rstd, x_ptr, g_ptr, w_ptr, q_ptr, k_ptr, v_ptr, f_ptr, 
 
 
 @triton.jit
+def _attn_place(t, H, GROUP, S, kv_b, kv_h, CHUNK: tl.constexpr):
+    """Phase 1's item ``t = (row * H + head) * S + s``: ``(row * H + head, s)``, its cache positions
+    ``s * CHUNK ...`` and the offset of its KV head's cache rows."""
+    mh = t // S
+    s = t % S
+    kvh = (mh % H) // GROUP
+    return mh, s, s * CHUNK + tl.arange(0, CHUNK), (mh // H).to(tl.int64) * kv_b + kvh * kv_h
+
+
+@triton.jit
 def _attn_earlier(k_ptr, v_ptr, pos, t, n_items, n, H, GROUP, S, kv_b, kv_h,
                   D: tl.constexpr, CHUNK: tl.constexpr):
     """Item ``t``'s keys and values at the positions before ``pos`` (written by earlier steps, so
-    readable before this step's phase 0 is done): chunk ``t % S`` of (row, head) ``t // S``."""
-    mh = t // S
-    row = mh // H
-    kvh = (mh % H) // GROUP
+    readable before this step's phase 0 is done)."""
+    _, _, p, base = _attn_place(t, H, GROUP, S, kv_b, kv_h, CHUNK)
     d = tl.arange(0, D)
-    p = (t % S) * CHUNK + tl.arange(0, CHUNK)
-    base = row.to(tl.int64) * kv_b + kvh * kv_h
     earlier = ((p < n) & (p < pos) & (t < n_items)) != 0  # `!= 0`: as in _qkv_weights
     kk = tl.load(k_ptr + base + p[:, None] * D + d[None, :], mask=earlier[:, None], other=0.0)
     vv = tl.load(v_ptr + base + p[:, None] * D + d[None, :], mask=earlier[:, None], other=0.0)
@@ -237,18 +246,12 @@ def _attn_earlier(k_ptr, v_ptr, pos, t, n_items, n, H, GROUP, S, kv_b, kv_h,
 def _attn_item(t, kk, vv, q_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, pos,
                n, scale, H, GROUP, kv_b, kv_h, S,
                D: tl.constexpr, CHUNK: tl.constexpr, MAX_S: tl.constexpr):
-    """Item ``t = (row * H + head) * S + s`` of phase 1 (its earlier keys and values ``kk``, ``vv``
-    loaded): the query ``q [M, H, D]`` against cache positions ``s * CHUNK ...`` that are below
+    """Item ``t`` of phase 1 (:func:`_attn_place`; its earlier keys and values ``kk``, ``vv`` loaded): the query ``q [M, H, D]`` against cache positions ``s * CHUNK ...`` that are below
     ``n`` and at most ``pos`` (the rest are never read), giving a partial output, its running max
     and its sum; the last of the ``S`` items of a (row, head) to finish (an atomic count, reset by
     it) merges the ``S`` partials into ``o [M, H * D]``."""
-    mh = t // S
-    s = t % S
-    row = mh // H
-    kvh = (mh % H) // GROUP
+    mh, s, p, base = _attn_place(t, H, GROUP, S, kv_b, kv_h, CHUNK)
     d = tl.arange(0, D)
-    p = s * CHUNK + tl.arange(0, CHUNK)
-    base = row.to(tl.int64) * kv_b + kvh * kv_h
     q = tl.load(q_ptr + mh * D + d, cache_modifier=".cg").to(tl.float32)
     here = (p == pos) & (p < n)
     # `!= 0`: Triton's CPU interpreter turns a tensor mask & a scalar flag into integers
@@ -335,19 +338,15 @@ def _swiglu_tile(t, w1, w2, rstd, x_ptr, g_ptr, w_ptr, h_ptr, M, K, hidden,
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, eps,
-                   NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """One tile of :func:`_matvec_tile` a program (the output head: ``RMSNorm(x) W^T``)."""
+def _head_kernel(x_ptr, g_ptr, w_ptr, out_ptr, M, K, N, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """The output head, ``out [M, N] = RMSNorm(x) W^T``: one :func:`_matvec_tile` a program."""
     _start(PDL)
     t = tl.program_id(0)
     w1, _ = _cols_weights(w_ptr, t, N, K, 0, False, BLOCK_N, BLOCK_K)
     _wait(PDL)
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
-        rstd = _rstd(x_ptr, M, K, eps, BLOCK_M, BLOCK_K)
-    _matvec_tile(t, w1, rstd, x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, K, N, NORM, RESIDUAL,
-                 BLOCK_M, BLOCK_N, BLOCK_K)
+    rstd = _rstd(x_ptr, M, K, eps, BLOCK_M, BLOCK_K)
+    _matvec_tile(t, w1, rstd, x_ptr, g_ptr, w_ptr, out_ptr, out_ptr, M, K, N, True, False, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------------------- a layer
@@ -462,29 +461,28 @@ def layer(x, an, wqkv, q, kc, vc, f, pos, qn, kn, ws, o, wo, fn, w13, h, w2, eps
     m, dim = x.shape
     heads, d = q.shape[1], q.shape[2]
     hkv, hidden = kc.shape[1], h.shape[1]
-    qt = dict(tiles, qkv_p=d // 2 if qk_norm else tiles["qkv_p"])
     args = (x, an, wqkv, q, kc, vc, f, pos, qn, kn, ws.partial_o, ws.partial_m, ws.partial_l, ws.counters, o, wo,
             fn, w13, h, w2, ws.sync, m, dim, hidden, eps, heads, hkv, heads // hkv, kc.stride(0), kc.stride(1), n,
             scale, splits)
     consts = dict(HALF=d // 2, QK_NORM=qk_norm, CHUNK=chunk, MAX_S=ws.max_splits, BLOCK_M=tiles["m"],
-                  QKV_P=qt["qkv_p"], QKV_K=tiles["qkv_k"], O_N=tiles["o_n"], O_K=tiles["o_k"], UP_N=tiles["up_n"],
+                  QKV_P=tiles["qkv_p"], QKV_K=tiles["qkv_k"], O_N=tiles["o_n"], O_K=tiles["o_k"], UP_N=tiles["up_n"],
                   UP_K=tiles["up_k"], DOWN_N=tiles["down_n"], DOWN_K=tiles["down_k"], SPIN=SPIN_LIMIT,
                   **_pdl(tiles))
     if fused:
         _layer_kernel[(programs,)](*args, FIRST=0, LAST=4, NEXT=True, num_warps=tiles["layer_warps"], **consts)
         return
     for phase in range(5):
-        n_tiles = phase_tiles(phase, m, dim, hidden, heads, hkv, d // 2, splits, qt)
+        n_tiles = phase_tiles(phase, m, dim, hidden, heads, hkv, d // 2, splits, tiles)
         grid = (min(n_tiles, programs) if programs > 0 else n_tiles,)
         # a QK-normed head's whole [head_dim, k] tile in one program: 2 warps would spill registers
         warps = max(4, tiles["warps"]) if phase == 0 and qk_norm else tiles["warps"]
         _layer_kernel[grid](*args, FIRST=phase, LAST=phase, NEXT=grid[0] < n_tiles, num_warps=warps, **consts)
 
 
-def matvec(x, g, w, res, out, eps, norm, block_n, block_k, tiles):
+def head(x, g, w, out, eps, tiles):
+    """``out = RMSNorm(x; g) W^T``."""
     m, k = x.shape
     n = w.shape[0]
-    _matvec_kernel[(triton.cdiv(n, block_n),)](x, w if g is None else g, w, out if res is None else res, out, m, k,
-                                               n, eps, NORM=norm, RESIDUAL=res is not None, BLOCK_M=tiles["m"],
-                                               BLOCK_N=block_n, BLOCK_K=block_k,
-                                               num_warps=tiles["warps"], **_pdl(tiles))
+    _head_kernel[(triton.cdiv(n, tiles["head_n"]),)](x, g, w, out, m, k, n, eps, BLOCK_M=tiles["m"],
+                                                     BLOCK_N=tiles["head_n"], BLOCK_K=tiles["head_k"],
+                                                     num_warps=tiles["warps"], **_pdl(tiles))

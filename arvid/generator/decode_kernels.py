@@ -120,6 +120,7 @@ def tiles_for(model, rows: int, device: torch.device | None = None) -> dict[str,
         t[key] = min(max(16, t[key] // scale), 1 << (k - 1).bit_length())
     if c.qk_norm:  # a program holds its whole head (head_dim / 2 pairs): a narrower reduction block
         t["qkv_k"] = max(16, t["qkv_k"] * t["qkv_p"] // max(1, c.head_dim // 2))
+        t["qkv_p"] = max(1, c.head_dim // 2)
     cuda = device is not None and device.type == "cuda"
     t["pdl"] = int(bool(t["pdl"]) and cuda and pdl_available(device.index or 0))
     # one launch a layer needs every program resident at once: compiled for CUDA only (the
@@ -160,10 +161,15 @@ def _refuse_in_capture(device: torch.device) -> None:
                            "capture (a warm-up call makes its workspace)")
 
 
-def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.device) -> _Workspace:
+def workspace(rows: int, heads: int, head_dim: int, max_len: int, device: torch.device,
+              create: bool = True) -> _Workspace:
+    """The workspace of steps of this shape; ``create=False``: the one :func:`decode_step` made
+    (KeyError where none was: checks of its counters must not read a fresh one)."""
     max_splits = 1 << (max(1, -(-max_len // CHUNK)) - 1).bit_length()
     key = (device, rows, heads, head_dim, max_splits)
     if key not in _WORKSPACES:
+        if not create:
+            raise KeyError(f"no Triton decode workspace for {key}")
         _refuse_in_capture(device)
         _WORKSPACES[key] = _Workspace(rows, heads, head_dim, max_splits, device)
     return _WORKSPACES[key]
@@ -245,5 +251,5 @@ def decode_step(model, cache, tokens: torch.Tensor, pos: torch.Tensor, kv_len: i
                 a.wo.weight, blk.ffn_norm.weight, blk.ffn.w13.weight, hid, blk.ffn.w2.weight, eps, n, scale, splits,
                 CHUNK, a.q_norm is not None, t, bool(t["layer"]), t["layer_programs"])
     logits = torch.empty(rows, c.vocab_size, device=x.device, dtype=dt)
-    k.matvec(x, model.norm.weight, model.head.weight, None, logits, eps, True, t["head_n"], t["head_k"], t)
+    k.head(x, model.norm.weight, model.head.weight, logits, eps, t)
     return logits
