@@ -178,7 +178,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "<config>
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(k, list(fields), n=1)
+        close = difflib.get_close_matches(str(k), list(fields), n=1)  # a YAML key may be a number or null
         hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
         raise ConfigError(
             f"{source}: unknown key `{prefix}{k}` for {cls.__name__}{hint} "
@@ -427,7 +427,9 @@ def read_yaml(path: str | os.PathLike, _including: tuple[Path, ...] = ()) -> dic
     # `_base_: other.yaml` includes another file (relative to this one); this file's keys win.
     base = data.pop("_base_", None)
     if base is not None:
-        bases = [base] if isinstance(base, str) else list(base)
+        if not isinstance(base, (str, list)):
+            raise ConfigError(f"{str(path)!r}: `_base_` must be a file name or a list of them, got {base!r}")
+        bases = [base] if isinstance(base, str) else base
         merged: dict[str, Any] = {}
         for b in bases:
             if not isinstance(b, str):

@@ -190,6 +190,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
         os.chmod(tmp, _default_mode(directory=True))
+        _fsync_dir(tmp)  # its entries: files written with a plain open() are named only there
         replace_dir(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

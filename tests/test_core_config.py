@@ -87,6 +87,23 @@ def test_base_include(tmp_path):
     assert cfg.steps == 3 and cfg.model.dim == 8 and cfg.model.dropout == 0.1
 
 
+def test_base_of_another_type_is_a_config_error(tmp_path):
+    """`_base_: 3` was a TypeError ('int' object is not iterable) out of read_yaml, not a ConfigError."""
+    p = tmp_path / "c.yaml"
+    p.write_text("_base_: 3\nsteps: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*`_base_` must be a file name or a list of them, got 3"):
+        load_config(RunCfg, p)
+
+
+@pytest.mark.parametrize("key, shown", [("1", "1"), ("null", "None"), ("2.5", "2.5")])
+def test_a_key_that_is_not_a_string_is_an_unknown_key(tmp_path, key, shown):
+    """YAML reads `1:` and `null:` as an int and None key; the close-match lookup raised a TypeError."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"steps: 2\nmodel:\n  {key}: 3\n")
+    with pytest.raises(ConfigError, match=rf"c.yaml: unknown key `model.{re.escape(shown)}` for ModelCfg"):
+        load_config(RunCfg, p)
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["nokey"])

@@ -44,6 +44,22 @@ def test_atomic_dir_replaces_whole(tmp_path):
     assert (d / "w").read_text() == "3" and sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_atomic_dir_flushes_its_entries_before_it_is_put_in_place(tmp_path, monkeypatch):
+    """The files' data was fsynced but not the temporary directory's entries: after a power cut the
+    directory could be in place without a file written into it with a plain open()."""
+    import arvid.io as aio
+
+    events = []
+    real_fsync_dir, real_replace_dir = aio._fsync_dir, aio.replace_dir
+    monkeypatch.setattr(aio, "_fsync_dir", lambda p: (events.append(("fsync", str(p))), real_fsync_dir(p)))
+    monkeypatch.setattr(aio, "replace_dir", lambda t, f: (events.append(("replace", str(t))), real_replace_dir(t, f)))
+    with atomic_dir(tmp_path / "d") as t:
+        with open(t / "config.yaml", "w") as f:
+            f.write("x: 1\n")
+    assert ("fsync", str(t)) in events and events.index(("fsync", str(t))) < events.index(("replace", str(t)))
+    assert (tmp_path / "d" / "config.yaml").read_text() == "x: 1\n"
+
+
 def test_weights_strict_load_names_keys(tmp_path):
     m = torch.nn.Linear(3, 2)
     save_weights(m.state_dict(), tmp_path / "m.safetensors")

@@ -46,6 +46,20 @@ def test_from_dict_nested_and_errors():
         from_dict(DataConfig, {"frame": 8})
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("frame_stride", 0, "frame_stride must be >= 1, got 0"),
+    ("fps", 0.0, "fps must be positive or null, got 0.0"),
+    ("fps", -2.0, "fps must be positive or null, got -2.0"),
+    ("size", 3, "synthetic clips need size >= 4 pixels, got 3"),
+])
+def test_clip_settings_are_checked_when_the_config_is_read(field, value, match):
+    """These were first checked where a dataset is built (ClipConfig, SyntheticVideos): an error that
+    named neither the config file nor `data`."""
+    with pytest.raises(ConfigError, match=rf"data.yaml: invalid DataConfig at `data`: {match}"):
+        from_dict(DataConfig, {field: value}, source="data.yaml", prefix="data.")
+    assert from_dict(DataConfig, {"source": "csv", "root": "x.csv", "size": 3}).size == 3  # files may be tiny
+
+
 def test_folder_and_csv_sources(tmp_path, caplog):
     synth(tmp_path / "train", num=10, frames=4, size=16, seed=0)
     synth(tmp_path / "val", num=10, frames=4, size=16, seed=1)

@@ -128,6 +128,15 @@ def test_csv_with_missing_file_names_it(synth_dir, tmp_path):
     assert len(ds) == 1 and ds.num_skipped == 2 and ds[0]["label"] == 0
 
 
+def test_csv_with_a_byte_order_mark_reads_its_header(synth_dir, tmp_path):
+    """A CSV saved by a spreadsheet starts with a UTF-8 BOM: its first column was `\ufeffpath`, refused
+    as a header without a `path` column."""
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + f"path,label\n{synth_dir}/00_static/000000.mp4,3\n".encode())
+    paths, labels, _, missing = read_csv_list(csv_path)
+    assert paths == [f"{synth_dir}/00_static/000000.mp4"] and labels == [3] and missing == 0
+
+
 def test_csv_relative_paths_string_labels_and_split_column(synth_dir, tmp_path):
     sub = tmp_path / "lists"
     sub.mkdir()

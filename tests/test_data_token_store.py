@@ -104,6 +104,17 @@ def test_interrupted_writer_leaves_no_store(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_tokenize_out_dir_given_for_its_store_is_named(tmp_path):
+    """`arvid tokenize` writes its store to out_dir/tokens; given the out_dir, the reader said the store
+    was incomplete and to run tokenize again (which finds it done)."""
+    write_store(tmp_path / "run" / "tokens", [(random_tokens(2, 0), [0, 1], [0, 1])])
+    with pytest.raises(TokenStoreError, match=r"is not a token store, but it holds one: give '.*run/tokens'"):
+        len(TokenStore(tmp_path / "run"))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(TokenStoreError, match="not a complete token store"):
+        len(TokenStore(tmp_path / "other"))
+
+
 def test_existing_store_needs_overwrite(tmp_path):
     path = tmp_path / "s"
     write_store(path, [(random_tokens(2, 0), [0, 0], [0, 1])])

@@ -61,6 +61,13 @@ class DataConfig:
             raise ValueError(f"frames and size must be >= 1, got frames={self.frames}, size={self.size}")
         if self.num_videos < 0 or self.num_val_videos < 0:
             raise ValueError(f"num_videos and num_val_videos must be >= 0, got {self.num_videos}, {self.num_val_videos}")
+        # checked here, not first where a dataset is built, so that the error names the config file and `data`
+        if self.source == "synthetic" and self.size < 4:
+            raise ValueError(f"synthetic clips need size >= 4 pixels, got {self.size}")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be positive or null, got {self.fps}")
 
     def clip_config(self, split: str = "train") -> ClipConfig:
         """The clip settings of file datasets; held-out splits start at the first frame and never flip."""
@@ -127,7 +134,7 @@ def _has_split(cfg: DataConfig) -> bool:
         return has_split_folders(cfg.root) or cfg.val_list is not None
     if not Path(cfg.root).is_file():
         raise FileNotFoundError(f"video list {cfg.root!r} does not exist")
-    with open(Path(cfg.root), newline="") as f:
+    with open(Path(cfg.root), newline="", encoding="utf-8-sig") as f:
         header = f.readline()
     return "split" in [c.strip() for c in header.strip().split(",")]
 

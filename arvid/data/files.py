@@ -509,7 +509,7 @@ def read_csv_list(csv_path: str | os.PathLike, split: str | None = None, on_miss
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"video list {str(csv_path)!r} does not exist")
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: the BOM a spreadsheet may write
         reader = csv.DictReader(f)
         fields = [c.strip() for c in (reader.fieldnames or [])]
         if "path" not in fields:

@@ -218,6 +218,9 @@ class TokenStore:
         if not d.is_dir():
             raise TokenStoreError(f"token store {str(d)!r} does not exist")
         missing = [n for n in _STORE_FILES if not (d / n).is_file()]
+        if missing and is_token_store(d / "tokens"):  # the `arvid tokenize` out_dir, not its store
+            raise TokenStoreError(f"{str(d)!r} is not a token store, but it holds one: give {str(d / 'tokens')!r} "
+                                  "(`arvid tokenize` writes its store to out_dir/tokens)")
         if missing:
             raise TokenStoreError(f"{str(d)!r} is not a complete token store: missing {missing} "
                                   "(an interrupted tokenize run? run it again)")

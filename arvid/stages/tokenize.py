@@ -10,7 +10,8 @@ written by process ``c % world`` as a complete token-store shard (atomic, see
 :mod:`arvid.data.token_store`), so a rerun skips finished chunks (of the same config, checked
 against ``config.yaml``, and tokenizer fingerprint; another config is refused); the main process merges them
 in order into ``out_dir/tokens``. Writes ``tokenize_stats.json`` (mean tokens per video, the
-histogram of assignments), ``config.yaml`` and ``done``.
+histogram of assignments), ``config.yaml`` and ``done``. A file that cannot be decoded
+(``data.on_bad_video: skip``) is left out of the store, logged with a count.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class TokenizeConfig:
             raise ValueError("batch_size and save_every must be >= 1")
         if self.num_videos is not None and self.num_videos < 1:
             raise ValueError(f"num_videos must be >= 1 or null (all), got {self.num_videos}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if sum(x is not None for x in (self.router, self.assignments, self.fixed_assignment)) > 1:
             raise ValueError("give at most one of router, assignments, fixed_assignment")
 
@@ -142,6 +145,7 @@ def run(cfg: TokenizeConfig) -> Path:
     choose = _Chooser(cfg, layout, n, device)
     num_chunks = max(1, -(-n // cfg.save_every))
 
+    skipped = 0  # unreadable videos left out by this process (this run's chunks)
     if not is_token_store(store_dir):
         for c in range(dist.rank, num_chunks, dist.world):
             shard = shard_path(store_dir, c)
@@ -153,13 +157,22 @@ def run(cfg: TokenizeConfig) -> Path:
             with TokenStoreWriter(shard, fp, layout, tok.codebook_size, overwrite=True) as w:
                 pos = 0
                 for item in loader:
-                    v = item["video"].to(device)
-                    ids = torch.tensor(idx[pos:pos + v.shape[0]])
+                    ids = torch.tensor(idx[pos:pos + item["video"].shape[0]], dtype=torch.long)
+                    pos += ids.numel()
+                    # an unreadable file (on_bad_video: skip) comes back as the next readable video (its
+                    # `index`): left out, else that video would be stored twice, once under this file's id
+                    got = torch.as_tensor(item.get("index", ids)).long().reshape(-1)
+                    keep = got == ids
+                    skipped += int((~keep).sum())
+                    if not bool(keep.any()):
+                        continue
+                    v, ids, labels = item["video"][keep].to(device), ids[keep], torch.as_tensor(item["label"])[keep]
                     with torch.no_grad(), inference_autocast(cfg.precision, device):
                         tokens = tok.encode(v, choose(ids, v))
-                    w.append(tokens.to("cpu"), item["label"], [_video_id(dataset, int(i)) for i in ids])
-                    pos += v.shape[0]
-            log.info("tokenize: chunk %d/%d written (%d videos)", c + 1, num_chunks, len(idx))
+                    w.append(tokens.to("cpu"), labels, [_video_id(dataset, int(i)) for i in ids])
+            log.info("tokenize: chunk %d/%d written (%d videos)", c + 1, num_chunks, len(w))
+        if skipped:
+            log.warning("tokenize: %d unreadable video(s) left out of the store (on_bad_video: skip)", skipped)
         dist.wait()
         if dist.rank == 0:
             merge_shards(store_dir, num_shards=num_chunks, remove=True)
