@@ -94,3 +94,21 @@ def test_sample_videos_batches_are_independent_of_sharding(models):
     assert not torch.equal(other.block_lengths, tokens.block_lengths) or not torch.equal(other.codes, tokens.codes)
     with pytest.raises(ValueError, match="vocab_size"):
         sample_videos(GPT.from_preset("debug", vocab_size=10, max_seq_len=40, num_classes=3), tok, cfg, classes)
+
+
+def test_encode_context_names_a_context_that_does_not_fit_its_blocks(models):
+    """An explicit ``context_blocks`` that the clip does not fit (more frames than the blocks hold),
+    or that leaves no block to generate, is named up front; it failed deep inside with 'cannot pad 5
+    frames to 2: already longer' or, after encoding, 'the prefix (36 tokens) leaves nothing to
+    generate' (review 2026-12-08)."""
+    tok, fmt, gpt = models
+    ctx = torch.rand(2, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with pytest.raises(ValueError, match=r"context of 5 frames does not fit context_blocks=1 \(2 frames"):
+        encode_context(tok, ctx, 1)
+    for k in (0, 4):
+        with pytest.raises(ValueError, match=rf"context_blocks must lie in \[1, 3\].*got {k}"):
+            encode_context(tok, ctx, k)
+    s = Sampler(gpt, fmt, SamplerConfig())
+    with pytest.raises(ValueError, match=r"context_blocks must lie in \[1, 3\].*got 4"):
+        predict_frames(s, tok, ctx, context_blocks=4, cond=Conditioning(class_ids=torch.tensor([0, 1])), decode=False)
+    assert encode_context(tok, ctx, 3).block_lengths.shape == (2, 3)

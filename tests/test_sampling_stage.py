@@ -434,3 +434,47 @@ def test_frame_prediction_flags_without_a_context_and_a_short_context_are_said(d
     with caplog.at_level("WARNING", logger="arvid"):
         stage.read_context(tmp_path / "short.mp4", 3, 32)
     assert "has 2 frames, fewer than the 3 asked for" in caplog.text
+
+
+def test_grid_and_context_settings_are_checked_with_the_config():
+    """max_grid -1 sampled every video, then failed in the merge with 'torch.cat(): expected a
+    non-empty list of Tensors'; nrow 0 and fps 0 failed after sampling too (review 2026-12-08)."""
+    from arvid.stages.sample import SampleConfig
+
+    for field, bad in (("max_grid", -1), ("nrow", 0), ("fps", 0), ("context_frames", 0), ("context_count", -4)):
+        with pytest.raises(ValueError, match=rf"{field} must be .*got {bad}"):
+            SampleConfig(**{field: bad})
+    assert SampleConfig(max_grid=0, context_count=0).max_grid == 0
+
+
+def test_checks_that_need_the_models_fail_before_the_previous_outputs_go(dirs, tmp_path):
+    """Guidance on an unconditional GPT and a mean budget no video count can reach were found only
+    while sampling (after ~8 calibration runs for the budget), once the previous run's tokens and
+    done marker were deleted; a context_count that is no candidate was named without its field
+    (review 2026-12-08)."""
+    from arvid.config import ConfigError
+    from arvid.data.writer import write_video
+
+    tok = load_tokenizer(dirs / "tok")
+    fmt = SequenceFormat(tok.codebook_size, tok.layout)
+    GPT.from_preset("debug", vocab_size=fmt.vocab_size, max_seq_len=fmt.max_length + 1).save_pretrained(tmp_path / "u")
+    out = tmp_path / "out"
+    uncond = ["sample", "--generator", str(tmp_path / "u"), "--tokenizer", str(dirs / "tok"), "--num-samples", "2",
+              "--batch-size", "2", "--out", str(out), "grid_format=none"]
+    assert cli(uncond) == 0
+    before = load(out)["sequences"]
+    with pytest.raises(ConfigError, match=r"cfg_scale=2 .*unconditional.*set --cfg-scale 1"):
+        cli(uncond + ["--cfg-scale", "2"])
+    assert (out / "done").is_file() and np.array_equal(load(out)["sequences"], before)
+    assert cli(uncond + ["--cfg-scale", "1"]) == 0  # scale 1 is no guidance
+
+    K, lo, hi = tok.layout.num_blocks, min(tok.layout.candidates), max(tok.layout.candidates)
+    for target, allowed in ((K * lo - 1, []), (K * hi + 1, []), (K * lo + 1, ["--allowed-counts", str(hi)])):
+        with pytest.raises(ConfigError, match=rf"budget {target} \(budget_mode mean.*between"):
+            cli(uncond + ["--budget", str(target)] + allowed)
+        assert (out / "done").is_file() and np.array_equal(load(out)["sequences"], before)
+
+    write_video(torch.rand(3, 6, 40, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1, tmp_path / "c.mp4", fps=8)
+    with pytest.raises(ConfigError, match=rf"context_count=5 is not a token count of the tokenizer.*{lo}, {hi}"):
+        cli(uncond[:-1] + ["--context", str(tmp_path / "c.mp4"), "--context-frames", "3", "grid_format=none",
+                           "context_count=5"])

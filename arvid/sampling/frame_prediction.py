@@ -106,9 +106,17 @@ def encode_context(tokenizer: Any, context: torch.Tensor, context_blocks: int,
         ``TokenizedVideo`` with ``block_lengths [B, context_blocks]``.
     """
     layout: BlockLayout = tokenizer.layout
-    ctx_frames = sum(layout.frames_per_block[:context_blocks])
     if context.dim() != 5:
         raise ValueError(f"context must be float [B, C, T, H, W], got shape {tuple(context.shape)}")
+    K = layout.num_blocks
+    if not 0 < context_blocks < K:
+        raise ValueError(f"context_blocks must lie in [1, {K - 1}] (the context's blocks must leave one of the "
+                         f"layout's {K} to generate), got {context_blocks}")
+    ctx_frames = sum(layout.frames_per_block[:context_blocks])
+    if context.shape[2] > ctx_frames:
+        raise ValueError(f"a context of {context.shape[2]} frames does not fit context_blocks={context_blocks} "
+                         f"({ctx_frames} frames; blocks of {list(layout.frames_per_block)} frames): give more "
+                         f"context blocks or fewer frames")
     video = pad_frames(pad_frames(context, ctx_frames), layout.num_frames)  # [B, C, T, H, W]
     assignment = context_assignment(layout, context_blocks, counts, video.shape[0])
     dev = _device_of(tokenizer)

@@ -110,6 +110,10 @@ class SampleConfig:
                              f"{self.num_samples}, {self.batch_size}")
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
+        # checked here, not once every video is sampled (max_grid -1 then failed in the merge)
+        for name, least in (("max_grid", 0), ("nrow", 1), ("fps", 1), ("context_frames", 1), ("context_count", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.classes is not None and not self.classes:
             raise ValueError("classes is an empty list: give class ids (e.g. --classes 0,3), or leave it out for "
                              "every class")
@@ -256,6 +260,10 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
         raise ConfigError("this GPT is text-conditional: give --text prompts")
     if cfg.classes is not None and nc == 0:
         raise ConfigError("--classes was given but this GPT has no class conditioning (num_classes=0)")
+    if cfg.sampler.guided and nc == 0 and not text_cond:  # else found only while sampling, outputs cleared
+        raise ConfigError(f"sampler.cfg_scale={cfg.sampler.cfg_scale:g} asks for classifier-free guidance, but "
+                          f"generator {cfg.generator!r} is unconditional (no classes, no text): there is no condition "
+                          "to guide by; set --cfg-scale 1")
     if nc > 0:
         if cfg.num_samples != SampleConfig.__dataclass_fields__["num_samples"].default:
             log.warning("num_samples=%d is for unconditional GPTs; this one is class-conditional: it samples "
@@ -281,6 +289,10 @@ def plan_rows(cfg: SampleConfig, gpt: Any, tokenizer: Any, device: torch.device,
         n = cfg.per_class if cfg.context else cfg.num_samples
         plan = _Plan(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     if cfg.context:
+        if cfg.context_count and cfg.context_count not in tokenizer.layout.candidates:
+            raise ConfigError(f"context_count={cfg.context_count} is not a token count of the tokenizer "
+                              f"{str(cfg.tokenizer)!r}: give one of its candidates {list(tokenizer.layout.candidates)} "
+                              "(or 0: the tokenizer's own choice)")
         video = read_context(cfg.context, cfg.context_frames, frame_size(tokenizer))
         blocks = check_context_blocks(record, tokenizer.layout, cfg.context_frames, cfg.generator)
         counts: int | list[int] | None = cfg.context_count or None
@@ -325,7 +337,7 @@ def _batch_kwargs(plan: _Plan, cfg: SampleConfig) -> dict:
 def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> SequenceConstraint:
     """Refuse ``fixed_assignment`` / ``allowed_counts`` that do not fit the tokenizer's layout, with a
     :class:`~arvid.config.ConfigError` naming the field, the value, and the layout's blocks and
-    candidates (before any sampling). Returns the constraint of one row (:func:`check_exact_budget`
+    candidates (before any sampling). Returns the constraint of one row (:func:`check_budget`
     reads it)."""
     if cfg.fixed_assignment is None and cfg.allowed_counts is None:
         return SequenceConstraint(fmt, 1)
@@ -341,23 +353,31 @@ def check_constraints(cfg: SampleConfig, fmt: SequenceFormat) -> SequenceConstra
         raise ConfigError(f"{e}; the {where}") from None
 
 
-def check_exact_budget(cfg: SampleConfig, fmt: SequenceFormat, c: SequenceConstraint,
-                       prefix_counts: list[int] | None = None) -> None:
-    """Refuse an exact cap (``budget_mode exact``) below the fewest codes a video can have under the
-    constraint ``c`` (:func:`check_constraints`'s: each block at its smallest allowed count; a
-    frame-prediction prefix's blocks at their given counts): the sampler would have to exceed it to
-    keep the sequence well formed."""
-    if cfg.budget <= 0 or cfg.budget_mode != "exact":
+def check_budget(cfg: SampleConfig, fmt: SequenceFormat, c: SequenceConstraint,
+                 prefix_counts: list[int] | None = None) -> None:
+    """Refuse a budget no video can meet under the constraint ``c`` (:func:`check_constraints`'s; a
+    frame-prediction prefix's blocks at their given counts), before any output is touched: an exact
+    cap (``budget_mode exact``) below the fewest codes a video can have (the sampler would have to
+    exceed it to keep the sequence well formed), or a mean target (``budget_mode mean``) outside
+    the fewest to the most codes a video can have (the calibration failed only after ~8 sampling
+    runs, once the previous run's outputs were gone)."""
+    if cfg.budget <= 0:
         return
     n = len(prefix_counts or [])
+    cand = torch.tensor(fmt.layout.candidates)
     smallest = sum(prefix_counts or []) + int(c.min_rest[0, n])
+    where = (f"{', the context prefix included' if n else ''}; allowed_counts {cfg.allowed_counts}, "
+             f"fixed_assignment {cfg.fixed_assignment}")
+    if cfg.budget_mode == "mean":
+        largest = sum(prefix_counts or []) + sum(int(cand[c.allowed[0, k]].max()) for k in range(n, fmt.layout.num_blocks))
+        if not smallest <= cfg.budget <= largest:
+            raise ConfigError(f"budget {cfg.budget:g} (budget_mode mean, a mean per video) is out of reach: a video "
+                              f"has between {smallest} and {largest} tokens here{where}: give a budget in that range")
+        return
     if int(cfg.budget) < smallest:
-        cand = torch.tensor(fmt.layout.candidates)
         per_block = list(prefix_counts or []) + [int(cand[c.allowed[0, k]].min()) for k in range(n, fmt.layout.num_blocks)]
         raise ConfigError(f"budget {cfg.budget:g} (budget_mode exact, a cap per video) is below the fewest tokens "
-                          f"a video can have here: {smallest} (blocks at {per_block}"
-                          f"{', the context prefix included' if n else ''}; allowed_counts "
-                          f"{cfg.allowed_counts}, fixed_assignment {cfg.fixed_assignment}): raise budget to at "
+                          f"a video can have here: {smallest} (blocks at {per_block}{where}): raise budget to at "
                           f"least {smallest} or loosen the constraints")
 
 
@@ -409,7 +429,7 @@ def run(cfg: SampleConfig) -> Path:
     check_generator_tokenizer(cfg.generator, tokenizer, cfg.tokenizer)
     constraint = check_constraints(cfg, fmt)
     plan = plan_rows(cfg, gpt, tokenizer, device, training_record(cfg.generator), constraint)
-    check_exact_budget(cfg, fmt, constraint, plan.prefix.block_lengths[0].tolist() if plan.prefix is not None else None)
+    check_budget(cfg, fmt, constraint, plan.prefix.block_lengths[0].tolist() if plan.prefix is not None else None)
     scfg = cfg.sampler
     sampler = Sampler(gpt, fmt, scfg)
     kw = _batch_kwargs(plan, cfg)
