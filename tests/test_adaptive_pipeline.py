@@ -493,3 +493,47 @@ def test_curate_says_when_num_videos_exceeds_the_split(tmp_path, caplog):
         run(cfg)
     assert "num_videos=10 but the val split has 3 videos: curating all 3" in caplog.text
     assert len(np.load(tmp_path / "cur" / "labels.npy")) == 3
+
+
+def test_curate_leaves_out_an_unreadable_video_and_resumes_past_it(tmp_path, caplog):
+    """A file dataset hands out the next readable video for one it cannot decode (on_bad_video:
+    skip). curate scored it under the bad file's index: the neighbour labelled twice (its record
+    and its label under both indices). Now the bad file gets no record and label -1, is counted in
+    stats.json, and a resumed run neither tries it again nor misses it."""
+    from arvid.stages.curate import CurateConfig, run
+    from arvid.stages.data_cmd import synth
+
+    synth(tmp_path / "vids", fmt="mp4", num=5, seed=4, frames=8, size=16)
+    paths = sorted((tmp_path / "vids").rglob("*.mp4"))
+    paths[2].write_bytes(b"")
+    torch.manual_seed(0)
+    build_tokenizer("evatok", dict(frames_per_block=[2, 2, 2, 2], candidates=[1, 4], image_size=16),
+                    preset="debug").save_pretrained(tmp_path / "tok")
+    data = DataConfig(source="folder", root=str(tmp_path / "vids"), frames=8, size=16, random_start=False)
+    common = dict(data=data, split="train", tokenizer=str(tmp_path / "tok"), quality="mse", mode="brute",
+                  calib_videos=5, calib_assignments=2, batch_size=16, videos_per_step=2, save_every=2,
+                  device="cpu")
+    out = run(CurateConfig(out_dir=str(tmp_path / "cur"), **common))
+    labels = np.load(out / "labels.npy")
+    assert labels[2] == -1 and (np.delete(labels, 2) >= 0).all()
+    assert np.load(out / "labels.npz")["video"].tolist() == [0, 1, 3, 4]
+    assert sorted(np.unique(np.load(out / "curation.npz")["searched_videos"]).tolist()) == [0, 1, 3, 4]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["num_videos"] == 4 and stats["unreadable_videos"] == 1
+    # each label is its own video's: a run over the readable files alone gives the same ones
+    paths[2].unlink()
+    ref = run(CurateConfig(out_dir=str(tmp_path / "ref"), **common))
+    assert np.load(ref / "labels.npy").tolist() == np.delete(labels, 2).tolist()
+    # resume: drop the shard after the unreadable file's; the rerun scores only its videos again
+    paths[2].write_bytes(b"")
+    (out / "done").unlink()
+    for f in ("curation.npz", "labels.npz", "labels.npy"):
+        (out / f).unlink()
+    last = sorted((out / "parts").glob("part_*.npz"))[-1]
+    last.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="arvid"):
+        out = run(CurateConfig(out_dir=str(tmp_path / "cur"), **common))
+    assert "unreadable" not in caplog.text  # video 2 was not tried again
+    assert np.load(out / "labels.npy").tolist() == labels.tolist()
+    assert sorted(p.name for p in (out / "parts").glob("unreadable_*.json")) == ["unreadable_000000002.json"]

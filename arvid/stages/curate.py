@@ -11,11 +11,14 @@ Outputs in ``out_dir``:
   assignments), reused by a resumed run;
 - ``parts/part_<first index>.npz``: per-process record shards written atomically every
   ``save_every`` videos (a rerun skips videos already in a shard, whatever the process count);
+  beside a shard, ``parts/unreadable_<first index>.json`` lists the files of its stretch that could
+  not be decoded (``data.on_bad_video: skip``): they get no record and no label;
 - ``curation.npz``: every scored (video, assignment, per-block distortion) of the split, so a
   new ``(w_q, w_l)`` needs no decoding (:func:`arvid.tokenizer.reward.labels_for`);
 - ``labels.npz`` (``video``, ``label``, ``reward``) and ``labels.npy`` (assignment index per
   dataset index, -1 where not curated: what ``train-tokenizer --stage final`` reads);
-- ``stats.json``: the stats, quality term, w_q / w_l, mode, decode counts, label histogram;
+- ``stats.json``: the stats, quality term, w_q / w_l, mode, decode counts, label histogram, the
+  number of unreadable videos left out;
 - ``done``: written last.
 
 Multi-process: run under ``accelerate launch``; process r takes dataset indices i with
@@ -119,14 +122,21 @@ def process_info() -> ProcessInfo:
 
 
 def _load_videos(dataset, indices: list[int], num_workers: int, batch: int):
-    """Yield ``(indices LongTensor[b], videos float [b, C, T, H, W])`` in order."""
+    """Yield ``(indices LongTensor[b], videos float [b, C, T, H, W], unreadable list[int])`` in order.
+
+    A file dataset hands out the next readable video for a file it cannot decode
+    (``on_bad_video: skip``), under that video's own ``index``: such items are left out of
+    ``indices`` / ``videos`` (else the neighbour would be scored twice, once under the bad file's
+    index) and their requested indices listed in ``unreadable``."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch,
                                          shuffle=False, num_workers=num_workers)
     pos = 0
     for item in loader:
         v = item["video"]
-        yield torch.tensor(indices[pos:pos + v.shape[0]], dtype=torch.long), v
+        ids = torch.tensor(indices[pos:pos + v.shape[0]], dtype=torch.long)
         pos += v.shape[0]
+        keep = torch.as_tensor(item.get("index", ids)).long().reshape(-1) == ids
+        yield ids[keep], v[keep], ids[~keep].tolist()
 
 
 def _calibrate(cfg: CurateConfig, scorer: ProxyScorer, dataset, n_total: int, device: torch.device) -> RewardStats:
@@ -134,7 +144,9 @@ def _calibrate(cfg: CurateConfig, scorer: ProxyScorer, dataset, n_total: int, de
     n = min(cfg.calib_videos, n_total)
     idx = torch.randperm(n_total, generator=g)[:n].sort().values.tolist()
     ds, ls = [], []
-    for _, v in _load_videos(dataset, idx, cfg.num_workers, cfg.videos_per_step):
+    for _, v, _ in _load_videos(dataset, idx, cfg.num_workers, cfg.videos_per_step):
+        if not len(v):
+            continue
         d, length = calibration_samples(scorer, v.to(device), cfg.calib_assignments, generator=g)
         ds.append(d)
         ls.append(length)
@@ -153,10 +165,19 @@ def read_stats(path: str | Path) -> RewardStats:
 
 
 def _done_videos(parts_dir: Path) -> set[int]:
-    done: set[int] = set()
+    """Videos a shard holds, and unreadable videos an earlier run listed (not tried again)."""
+    done: set[int] = set(_unreadable_videos(parts_dir))
     for p in sorted(parts_dir.glob("part_*.npz")):
         done.update(CurationRecords.load(p).searched_videos.tolist())
     return done
+
+
+def _unreadable_videos(parts_dir: Path) -> list[int]:
+    """The dataset indices that the run's processes could not decode (``unreadable_*.json``), sorted."""
+    out: set[int] = set()
+    for p in sorted(parts_dir.glob("unreadable_*.json")):
+        out.update(int(i) for i in read_json(p)["videos"])
+    return sorted(out)
 
 
 def merge_parts(parts_dir: Path) -> CurationRecords:
@@ -241,24 +262,31 @@ def run(cfg: CurateConfig) -> Path:
     log.info("curate: %d of %d videos left on process %d (%s, %d assignments, %s)", len(todo), n_total,
              dist.rank, cfg.mode, layout.num_assignments, distortion.name)
     t0 = time.time()
-    recs, in_part, finished = [], 0, 0
+    recs, bad, in_part, finished = [], [], 0, 0
     # one loader for the whole run (its workers start once), a part file every save_every videos
-    for ids, v in _load_videos(dataset, todo, cfg.num_workers, cfg.videos_per_step):
-        res = search(scorer, v.to(device), cfg.mode, stats, cfg.w_q, cfg.w_l, cfg.beam_width)
-        recs.append(res.to_records(ids, layout, cfg.quality, cfg.mode))
-        in_part += ids.numel()
-        finished += ids.numel()
+    for ids, v, unreadable in _load_videos(dataset, todo, cfg.num_workers, cfg.videos_per_step):
+        if len(ids):
+            res = search(scorer, v.to(device), cfg.mode, stats, cfg.w_q, cfg.w_l, cfg.beam_width)
+            recs.append(res.to_records(ids, layout, cfg.quality, cfg.mode))
+        bad += unreadable
+        in_part += ids.numel() + len(unreadable)
+        finished += ids.numel() + len(unreadable)
         if in_part >= cfg.save_every or finished == len(todo):
-            part = CurationRecords.concat(recs)
-            part.save(parts_dir / f"part_{int(part.searched_videos.min()):09d}.npz")
-            recs, in_part = [], 0
+            first = min([int(r.searched_videos.min()) for r in recs] + bad)
+            if bad:  # before the shard: a run stopped between the two tries its videos again, not these
+                write_json(parts_dir / f"unreadable_{first:09d}.json", {"videos": sorted(bad)})
+                log.warning("curate: %d unreadable video(s) left out (on_bad_video: skip): %s", len(bad), sorted(bad))
+            if recs:
+                CurationRecords.concat(recs).save(parts_dir / f"part_{first:09d}.npz")
+            recs, bad, in_part = [], [], 0
             log.info("curate: %d/%d videos (%.1f videos/s)", finished, len(todo),
                      finished / max(time.time() - t0, 1e-9))
     dist.wait()
 
     if dist.rank == 0:
+        unreadable = [i for i in _unreadable_videos(parts_dir) if i < n_total]
         records = merge_parts(parts_dir).select_videos(np.arange(n_total))
-        missing = n_total - records.searched_videos.size
+        missing = n_total - records.searched_videos.size - len(set(unreadable) - set(records.searched_videos.tolist()))
         if missing:
             raise RuntimeError(f"curate: {missing} videos have no records after all processes finished")
         records.save(out / "curation.npz")
@@ -283,6 +311,7 @@ def run(cfg: CurateConfig) -> Path:
             "beam_width": cfg.beam_width if cfg.mode == "beam" else None,
             "split": cfg.split,
             "num_videos": int(vids.size),
+            "unreadable_videos": len(unreadable),
             "layout": layout.to_dict(),
             "num_assignments": layout.num_assignments,
             "decoded_assignments": decoded,
