@@ -441,7 +441,8 @@ def test_grid_and_context_settings_are_checked_with_the_config():
     non-empty list of Tensors'; nrow 0 and fps 0 failed after sampling too (review 2026-12-08)."""
     from arvid.stages.sample import SampleConfig
 
-    for field, bad in (("max_grid", -1), ("nrow", 0), ("fps", 0), ("context_frames", 0), ("context_count", -4)):
+    for field, bad in (("max_grid", -1), ("nrow", 0), ("fps", 0), ("context_frames", 0), ("context_count", -4),
+                       ("calibration_batches", 0)):
         with pytest.raises(ValueError, match=rf"{field} must be .*got {bad}"):
             SampleConfig(**{field: bad})
     assert SampleConfig(max_grid=0, context_count=0).max_grid == 0

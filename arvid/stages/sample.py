@@ -93,7 +93,7 @@ class SampleConfig:
     budget: float = doc(0.0, "tokens per video: the mean to aim for (mode mean) or the cap (mode exact); 0 = off")
     budget_mode: Literal["mean", "exact"] = doc(
         "mean", "mean: calibrate the length bias beta to meet the mean; exact: cap every video at `budget`")
-    calibration_batches: int = doc(2, "batches' worth of rows, spread over the run, that calibrate beta (mode mean)")
+    calibration_batches: int = doc(2, "batches' worth of rows (>= 1), spread over the run, that calibrate beta (mode mean)")
     seed: int = doc(0, "run seed (batch j draws from seed (seed, j): the same samples for any process count)")
     batch_size: int = doc(16, "videos per sampling batch")
     device: str = doc("auto", "auto (this process's GPU, else cpu), cpu, cuda, cuda:1 ...")
@@ -111,7 +111,8 @@ class SampleConfig:
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 (0 = off), got {self.budget}")
         # checked here, not once every video is sampled (max_grid -1 then failed in the merge)
-        for name, least in (("max_grid", 0), ("nrow", 1), ("fps", 1), ("context_frames", 1), ("context_count", 0)):
+        for name, least in (("max_grid", 0), ("nrow", 1), ("fps", 1), ("context_frames", 1), ("context_count", 0),
+                            ("calibration_batches", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.classes is not None and not self.classes:
@@ -385,7 +386,7 @@ def _calibration_cond(plan: _Plan, cfg: SampleConfig) -> tuple[Any, int]:
     """Conditioning for the budget calibration, as one batch: ``calibration_batches`` batches' worth of
     rows spread evenly over the whole run (the run lists its classes or prompts in order, so its
     first rows would often be a single class, whose lengths need not be the run's)."""
-    n = min(plan.n, cfg.batch_size * max(cfg.calibration_batches, 1))
+    n = min(plan.n, cfg.batch_size * cfg.calibration_batches)
     rows = calibration_rows(plan.n, n)
     Cond = conditioning_class()
     if plan.text_ids is not None:
