@@ -95,3 +95,38 @@ def test_cli_non_finite_loss_is_one_line_naming_the_checkpoint(store, tmp_path, 
     monkeypatch.setenv("ARVID_DEBUG", "1")
     with pytest.raises(NonFiniteLossError):
         main(["train-generator", "configs/generator/debug.yaml", *overrides(store, tmp_path / "run")])
+
+
+def test_a_global_batch_of_more_packed_batches_than_the_store_packs_into_is_a_config_error(store, tmp_path):
+    """The Trainer's "the dataset has 2 items, fewer than one global batch" counted packed batches
+    while the store held 8 videos, and came after the run directory had its config (before 2026-12-08)."""
+    from arvid.config import ConfigError
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
+                      overrides(store, out, "trainer.batch_size=40", "gpt.attn_backend=sdpa"))
+    with pytest.raises(ConfigError, match=r"the 8 videos of .* pack into \d+ batches of <= max_tokens=400 positions, "
+                                          r"fewer than trainer.batch_size=40"):
+        train_generator.run(cfg)
+    assert not (out / "config.yaml").exists()
+
+
+def test_a_captions_file_that_is_not_utf8_is_named(store, tmp_path):
+    """A non-UTF-8 captions file failed with the codec's message alone (no file named)."""
+    from arvid.generator.text import train_spm
+
+    (tmp_path / "names.txt").write_text("a cat\nthe dog\n")
+    train_spm(tmp_path / "names.txt", tmp_path / "spm", 16)
+    (tmp_path / "caps.txt").write_bytes(b"a cat\n\xff\xfe dog\n")
+    cfg = load_config(TrainGeneratorConfig, "configs/generator/debug.yaml", overrides(
+        store, tmp_path / "run", "conditioning=text", f"spm_dir={tmp_path / 'spm'}",
+        f"captions={tmp_path / 'caps.txt'}", "gpt.attn_backend=sdpa"))
+    with pytest.raises(ValueError, match=r"captions file '.*caps.txt' is not UTF-8 text"):
+        train_generator.run(cfg)
+
+
+@pytest.mark.parametrize("field", ["max_text_len", "num_classes"])
+def test_negative_counts_are_config_errors(store, tmp_path, field):
+    """max_text_len=-2 crashed in torch.full (a RuntimeError and a traceback) once the text table was built."""
+    with pytest.raises(ValueError, match=r"max_text_len and num_classes must be >= 0 .*-2"):
+        load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "run", f"{field}=-2"))

@@ -156,3 +156,26 @@ def test_pruning_hides_a_checkpoint_before_deleting_it(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.remove_stale_temporaries(tmp_path)] == [f".step_00000001.old-{os.getpid()}"]
     assert [p.name for p in ckpt.prune_checkpoints(tmp_path, 1)] == ["step_00000002"]
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+
+
+@pytest.mark.parametrize("saved, resumed", [("sync", "deferred"), ("deferred", "sync")])
+def test_a_resume_steps_with_this_runs_optimizer_not_the_checkpoints(tmp_path, saved, resumed):
+    """A checkpoint of an unfused AdamW (a CPU run) resumed where the AdamW is fused (a GPU run, here
+    the CPU's fused AdamW of loss_check=deferred): load_state_dict restored the saved `fused: None`,
+    the deferred loss check then handed found_inf to the unfused step, which failed with a bare
+    AssertionError at the first step after the resume (before 2026-12-08)."""
+    def cfg(check):
+        return TrainerConfig(max_steps=6, batch_size=8, lr=1e-2, checkpoint_every=3, log_every=1, device="cpu",
+                             progress=False, loss_check=check)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg(saved), ToyTask(crash_at=4), toy_data(), tmp_path / "run").fit()
+    task = ToyTask()
+    trainer = Trainer(cfg(resumed), task, toy_data(), tmp_path / "run")
+    assert trainer.fit().step == 6
+    fused = resumed == "deferred"
+    assert [bool(g["fused"]) for g in trainer.optimizers["main"].param_groups] == [fused, fused]
+    ref = ToyTask()
+    Trainer(cfg(resumed), ref, toy_data(), tmp_path / "ref").fit()
+    for a, b in zip(task.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

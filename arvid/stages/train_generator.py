@@ -79,6 +79,9 @@ class TrainGeneratorConfig:
         if self.max_tokens <= 0 or self.peak_tflops < 0:
             raise ValueError(f"max_tokens must be positive and peak_tflops >= 0 (0: measure it), got {self.max_tokens}, "
                              f"{self.peak_tflops}")
+        if self.max_text_len < 0 or self.num_classes < 0:
+            raise ValueError(f"max_text_len and num_classes must be >= 0 (0: from the data), got {self.max_text_len}, "
+                             f"{self.num_classes}")
         if self.conditioning == "frames" and self.context_blocks < 1:
             raise ValueError("conditioning 'frames' needs context_blocks >= 1 (K600 protocol: 2)")
         if self.conditioning != "frames" and self.context_blocks:
@@ -146,7 +149,12 @@ def _text_table(cfg: TrainGeneratorConfig) -> tuple[torch.Tensor, int, int, int]
         raise FileNotFoundError(f"captions file {str(path)!r} does not exist")
     # line i is label i: a blank line is that label's empty text (all pad), not skipped (skipping it
     # would move every later label onto the next caption); a trailing blank line is dropped
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"captions file {str(path)!r} is not UTF-8 text (one caption per line, line i for label "
+                         f"i): {e}") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     return enc.encode(lines), enc.vocab_size, enc.max_len, enc.pad_id
@@ -273,6 +281,16 @@ def run(cfg: TrainGeneratorConfig) -> Path:
             raise ConfigError(f"captions file {cfg.captions!r} has {text_table.shape[0]} lines; the store's labels "
                               f"span [{int(store.labels.min())}, {int(store.labels.max())}]")
     gpt_cfg = build_gpt_config(cfg, fmt, num_classes, text)
+    spec = PackingSpec(fmt, gpt_cfg.num_prefix, cfg.conditioning, cfg.context_blocks, text_table,
+                       pad_to=cfg.max_tokens if cfg.pad_batches else None, static_max_seqlen=cfg.pad_batches)
+    dataset = PackedBatchDataset(store, spec, cfg.max_tokens, seed=cfg.trainer.seed)
+    # packed batches for one global batch, checked before the run directory holds a config (the
+    # Trainer would say "the dataset has N items", counting packed batches, not videos)
+    if len(dataset) < cfg.trainer.batch_size:
+        raise ConfigError(f"train-generator: the {len(store)} videos of {cfg.token_store!r} pack into {len(dataset)} "
+                          f"batches of <= max_tokens={cfg.max_tokens} positions, fewer than trainer.batch_size="
+                          f"{cfg.trainer.batch_size} (packed batches per optimizer step): lower trainer.batch_size "
+                          "or max_tokens")
     # the Trainer's split of the global batch, checked before the run directory holds a config
     try:
         check_batch_split(cfg.trainer.batch_size, cfg.trainer.grad_accum, int(os.environ.get("WORLD_SIZE") or 1))
@@ -281,9 +299,6 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     save_config(cfg, out / "config.yaml")
     write_json(out / RUN_FILE, {"tokenizer_fingerprint": fingerprint})
 
-    spec = PackingSpec(fmt, gpt_cfg.num_prefix, cfg.conditioning, cfg.context_blocks, text_table,
-                       pad_to=cfg.max_tokens if cfg.pad_batches else None, static_max_seqlen=cfg.pad_batches)
-    dataset = PackedBatchDataset(store, spec, cfg.max_tokens, seed=cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)  # the initial weights are a function of the seed
     gpt = GPT(gpt_cfg)
     log.info("train-generator: GPT %s, %.1fM parameters; %d videos in %d packed batches of <= %d positions",

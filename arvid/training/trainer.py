@@ -1068,7 +1068,8 @@ class Trainer:
             raise ValueError(f"{str(path / ckpt.OPTIMIZER_FILE)!r} holds optimizer groups {sorted(opt_states)}, "
                              f"the task has {sorted(optimizers)}")
         for name, opt in optimizers.items():
-            opt.load_state_dict(_shard_optimizer_state(opt_states[name], opt) if run.fsdp else opt_states[name])
+            saved = _keep_implementation(opt_states[name], opt)
+            opt.load_state_dict(_shard_optimizer_state(saved, opt) if run.fsdp else saved)
         rngs = ckpt.load_rng_states(path)
         if state.get("num_processes") == n_proc and rank < len(rngs):
             ckpt.restore_rng_state(rngs[rank])
@@ -1151,6 +1152,24 @@ def _shard_optimizer_state(state: dict[str, Any], opt: torch.optim.Optimizer) ->
         per_param[i] = {k: _shard_one(v, p) if isinstance(v, torch.Tensor) and k != "step" else v
                         for k, v in s.items()}
     return {**state, "state": per_param}
+
+
+#: AdamW settings that say how its step runs (not what it computes): this run's, not the checkpoint's
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _keep_implementation(state: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """A saved optimizer state dict whose param groups take ``opt``'s implementation flags (fused, ...).
+
+    ``load_state_dict`` otherwise restores the saving run's flags: a run saved on the CPU (unfused)
+    and resumed on a GPU (fused, with the deferred loss check) stepped unfused, which rejects the
+    deferred check's ``found_inf`` (an AssertionError at the first step after the resume). Patched
+    before the load, so the loaded ``step`` counters are also placed as a fused AdamW keeps them."""
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+        return state  # load_state_dict reports the mismatch
+    own = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in opt.param_groups]
+    return {**state, "param_groups": [{**g, **o} for g, o in zip(groups, own)]}
 
 
 def _agree(acc: Any, error: BaseException | None, what: str) -> None:
