@@ -478,3 +478,20 @@ def test_the_compiled_step_gets_arvids_graph_passes_under_the_configs_options(tm
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         Trainer(_cfg(max_steps=2, compile=True), ToyTask(), toy_data(), tmp_path / "run2").fit()
     assert len(made) == 2 and made[1].graphs >= 2  # the step's forward and backward graphs
+
+
+def test_grad_norm_max_is_the_windows_largest(tmp_path):
+    """grad_norm/* is the last step's norm of a log window; a spike inside the window showed nowhere
+    (review 2026-12-08): grad_norm_max/* is the window's largest, equal to the per-step records of
+    the same run logged every step."""
+    torch.manual_seed(0)
+    Trainer(_cfg(max_steps=6, log_every=1, checkpoint_every=0), ToyTask(), toy_data(), tmp_path / "a").fit()
+    torch.manual_seed(0)
+    Trainer(_cfg(max_steps=6, log_every=3, checkpoint_every=0), ToyTask(), toy_data(), tmp_path / "b").fit()
+    each = [r["grad_norm/main"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "grad_norm/main" in r]
+    win = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "grad_norm/main" in r]
+    assert len(each) == 6 and len(win) == 2
+    assert len(set(each[:3])) > 1  # the norms differ within a window, so last != max can show
+    for i, r in enumerate(win):
+        assert r["grad_norm/main"] == pytest.approx(each[3 * i + 2], rel=1e-6)
+        assert r["grad_norm_max/main"] == pytest.approx(max(each[3 * i:3 * i + 3]), rel=1e-6)

@@ -148,7 +148,7 @@ class TrainerConfig:
                                 execution=True)
     keep_last: int = doc(2, "checkpoints to keep (older ones are deleted)", execution=True)
     log_every: int = doc(10, "log loss/metrics/lr/throughput every N steps (means over the steps since the last "
-                             "record; the first record after a resume between two log steps covers only the "
+                             "record; lr/* and grad_norm/* are the last step's, grad_norm_max/* the largest; the first record after a resume between two log steps covers only the "
                              "steps since the resume and says how many in `window_steps`)", execution=True)
     eval_every: int = doc(0, "call eval_fn(task, step) every N steps on the main process; 0 = never")
     seed: int = doc(0, "seeds the data order, the per-step generators and the global RNGs")
@@ -1282,6 +1282,7 @@ class _Window:
         self.data_s = 0.0  # waiting for the next batch (loader workers and the copy to the device)
         self.lr: dict[str, float] = {}
         self.grad_norm: dict[str, torch.Tensor] = {}
+        self.grad_norm_max: dict[str, Any] = {}  # the window's largest, on the device until the log step
 
     def add_metrics(self, metrics: dict[str, Any]) -> None:
         for k, v in metrics.items():
@@ -1293,6 +1294,11 @@ class _Window:
     def add_step(self, lr: dict[str, float], grad_norm: dict[str, torch.Tensor]) -> None:
         self.steps += 1
         self.lr, self.grad_norm = lr, grad_norm
+        for k, v in grad_norm.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            old = self.grad_norm_max.get(k)
+            self.grad_norm_max[k] = v if old is None else (torch.maximum(old, v) if isinstance(v, torch.Tensor)
+                                                           else max(old, v))
 
     def add_losses(self, losses: list[float]) -> None:
         self.loss_steps += 1
@@ -1319,6 +1325,7 @@ class _Window:
             record[f"lr/{name}"] = self.lr.get(name, 0.0)
             if name in self.grad_norm:
                 record[f"grad_norm/{name}"] = float(self.grad_norm[name])
+                record[f"grad_norm_max/{name}"] = float(self.grad_norm_max[name])
         record["items_per_s"] = batch_size * self.steps / elapsed
         # on the host's clock: with asynchronous CUDA a slow step shows up as a small fraction here;
         # a large one means the model waits for the loader (more num_workers, cheaper decoding)
