@@ -495,3 +495,15 @@ def test_grad_norm_max_is_the_windows_largest(tmp_path):
     for i, r in enumerate(win):
         assert r["grad_norm/main"] == pytest.approx(each[3 * i + 2], rel=1e-6)
         assert r["grad_norm_max/main"] == pytest.approx(max(each[3 * i:3 * i + 3]), rel=1e-6)
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, caplog):
+    """cosine/constant took warmup_steps >= max_steps in silence: the LR never reached its peak."""
+    with caplog.at_level("WARNING", logger="arvid"):
+        Trainer(_cfg(max_steps=3, warmup_steps=10, checkpoint_every=0), ToyTask(), toy_data(), tmp_path / "a").fit()
+    assert "warmup_steps=10 >= max_steps=3: the learning rate never reaches trainer.lr (the last step trains at 0.3" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="arvid"):
+        Trainer(_cfg(max_steps=3, warmup_steps=2, checkpoint_every=0), ToyTask(), toy_data(), tmp_path / "b").fit()
+    assert "warmup_steps" not in caplog.text

@@ -784,6 +784,10 @@ class Trainer:
         optimizers = {g.name: self._make_optimizer(g, device, fused_cpu=cfg.loss_check == "deferred")
                       for g in groups}
         names = [g.name for g in groups]
+        if cfg.warmup_steps >= cfg.max_steps and acc.is_main_process:  # (wsd refuses it in the config)
+            log.warning("trainer: warmup_steps=%d >= max_steps=%d: the learning rate never reaches trainer.lr "
+                        "(the last step trains at %.3g of it)", cfg.warmup_steps, cfg.max_steps,
+                        cfg.max_steps / max(cfg.warmup_steps, 1))
         run = _Run(
             acc=acc, device=device, model=model, groups=groups, names=names, optimizers=optimizers,
             check=_LossCheck(names, self._defer_loss_check(device, fsdp, optimizers), device),
