@@ -469,3 +469,50 @@ def test_a_video_in_the_wrong_layout_is_refused_as_such_and_leaves_the_metric_us
         s.update(torch.zeros(2, 3, 16, 64, 64, dtype=torch.int32), real=True)
     s.update(torch.rand(2, 3, 16, 64, 64, generator=g) * 2 - 1, real=True)  # accepted
     assert s.real_n == 2
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(n=np.array([3, 4])), r"'n' must be one whole number >= 0 \(the clip count\), got \[3, 4\]"),
+    (dict(n=np.float64(3.5)), r"'n' must be one whole number >= 0 \(the clip count\), got 3.5"),
+    (dict(n=np.int64(-3)), r"'n' must be one whole number >= 0 \(the clip count\), got -3"),
+    (dict(sum=np.zeros((2, 400))), r"'sum' must be a vector \[D\] of feature sums, got shape \[2, 400\]"),
+    (dict(outer=np.zeros((400, 300))), r"'outer' must be \[D, D\] = \[400, 400\] \(D from 'sum'\), got shape \[400, 300\]"),
+    (dict(sum=np.array(["a"] * 400)), r"'sum' must hold numbers, got dtype <U1"),
+    (dict(sum=np.full(400, np.nan)), r"'sum' / 'outer' hold NaN or infinite values"),
+    (dict(meta={"num_frames": "16"}), r"meta 'num_frames' must be a frame count \(an integer >= 1\) or null, got '16'"),
+    (dict(meta={"resolution": ["a", "b"]}), r"meta 'resolution' must be \[H, W\] or null, got \['a', 'b'\]"),
+])
+def test_a_statistics_file_with_bad_arrays_is_an_error_that_names_it_and_the_array(tmp_path, arrays, match):
+    """Arrays of the wrong shape, kind or count were read as they came: a 2-element ``n`` was a bare
+    TypeError, ``outer`` [400, 300] a RuntimeError deep in the distance, NaN sums a LinAlgError of
+    eigh, a 2-D ``sum`` "statistics have 2 features", and n = 3.5 silently became 3."""
+    meta = {"protocol": get_protocol("synthetic").describe(), "backbone": "i3d", "weights_sha256": "",
+            "num_frames": 16, "resolution": [64, 64]}
+    fields = dict(sum=np.zeros(400), outer=np.eye(400) * 5, n=np.int64(3), meta=np.array(json.dumps(meta)))
+    if "meta" in arrays:
+        arrays = {**arrays, "meta": np.array(json.dumps({**meta, **arrays["meta"]}))}
+    np.savez(tmp_path / "bad.npz", **{**fields, **arrays})
+    with pytest.raises(ValueError, match=r"bad.npz'(: | is not ).*" + match):
+        FeatureStats.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "good.npz", **fields)
+    good = FeatureStats.load(tmp_path / "good.npz")
+    assert (good.n, good.num_frames, good.resolution) == (3, 16, [64, 64])
+
+
+def test_too_few_or_non_finite_clips_name_the_side():
+    """A side left with one clip (``--on-bad-video skip`` dropping the others) said only "FVD needs at
+    least 2 samples per side ..., got 1"; a NaN feature (a diverged generator's NaN pixels survive
+    clamp) was a LinAlgError of eigh."""
+    a, b = _feats(4, 400, 0), _feats(4, 400, 1, shift=0.1)
+    with pytest.raises(ValueError, match=r"at least 2 samples per side for a covariance, got 1 for the fake side"):
+        _metric(a, b[:1]).result()
+    with pytest.raises(ValueError, match=r"got 1 for the real side"):
+        _metric(a[:1], b).compute()
+    bad = b.clone()
+    bad[2, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"statistics of the fake side hold NaN or infinite values"):
+        _metric(a, bad).result()
+    bad[2, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"statistics of the real side hold NaN or infinite values"):
+        _metric(bad, a).result()
+    assert _metric(a, b).result().fvd == pytest.approx(_scipy_fvd(a.numpy(), b.numpy()), rel=1e-5)

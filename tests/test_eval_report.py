@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from arvid.stages.report import render_report
 
 
@@ -146,3 +148,31 @@ def test_frame_prediction_context_and_the_reason_it_is_skipped():
     m["frame_prediction_skipped"] = str(e.value)
     md = render_report(m)
     assert "## Frame prediction" in md and "Skipped: frame prediction needs two temporal blocks" in md
+
+
+def test_a_copied_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The report copies the sample stage's grid and the curve with ``_copy``: a copy that fails half
+    way (a full disk) left a truncated file under the final name (``shutil.copyfile`` writes in place);
+    now the older file stays as it was and no temporary file is left behind."""
+    import shutil
+
+    from arvid.stages import report
+
+    src, dst = tmp_path / "src" / "grid.gif", tmp_path / "out" / "grid.gif"
+    src.parent.mkdir()
+    dst.parent.mkdir()
+    src.write_bytes(b"N" * 100_000)
+    dst.write_bytes(b"old")
+
+    def half_then_fail(fsrc, fdst, length=0):
+        fdst.write(fsrc.read(1000))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", half_then_fail)
+    monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", False)  # shutil.copyfile's in-place fallback path
+    with pytest.raises(OSError, match="No space left"):
+        report._copy(src, dst)
+    assert dst.read_bytes() == b"old" and sorted(p.name for p in dst.parent.iterdir()) == ["grid.gif"]
+    monkeypatch.undo()
+    report._copy(src, dst)
+    assert dst.read_bytes() == b"N" * 100_000

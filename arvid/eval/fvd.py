@@ -107,13 +107,19 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return max(float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2.0 * eig.sqrt().sum()), 0.0)
 
 
-def gaussian_from_sums(total: torch.Tensor, outer: torch.Tensor, n: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_from_sums(
+    total: torch.Tensor, outer: torch.Tensor, n: float, what: str = "a side"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mu [D], sigma [D, D])`` from the sum of features, the sum of outer products and the count.
 
-    The covariance is unbiased (divides by ``n - 1``).
+    The covariance is unbiased (divides by ``n - 1``). ``what``: the set, for the error messages
+    (``"the fake side"``, a statistics file).
     """
     if n < 2:
-        raise ValueError(f"FVD needs at least 2 samples per side for a covariance, got {int(n)}")
+        raise ValueError(f"FVD needs at least 2 samples per side for a covariance, got {int(n)} for {what}")
+    if not (bool(torch.isfinite(total).all()) and bool(torch.isfinite(outer).all())):
+        raise ValueError(f"the FVD statistics of {what} hold NaN or infinite values: some clips' features "
+                         "(or pixels) were not finite")
     total, outer = total.double(), outer.double()
     mu = total / n
     sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
@@ -213,7 +219,7 @@ class FeatureStats:
 
     def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, sigma)``, unbiased covariance."""
-        return gaussian_from_sums(self.total, self.outer, self.n)
+        return gaussian_from_sums(self.total, self.outer, self.n, "these statistics")
 
     @property
     def partial(self) -> bool:
@@ -259,7 +265,8 @@ class FeatureStats:
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         """Read a file written by :meth:`save` (no pickles: ``allow_pickle=False``). Files of older
         versions lack ``num_frames`` / ``resolution`` / ``clips``: those read as None. A damaged file
-        (not a zip, truncated) or one whose meta lacks a field is a ValueError that names the file."""
+        (not a zip, truncated), one whose arrays are not ``sum [D]``, ``outer [D, D]`` (finite) and a
+        whole ``n``, or whose meta lacks a field is a ValueError that names the file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"FVD statistics file {str(path)!r} does not exist")
@@ -267,9 +274,10 @@ class FeatureStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                total, outer, n = torch.from_numpy(z["sum"]), torch.from_numpy(z["outer"]), int(z["n"])
+                arrays = z["sum"], z["outer"], z["n"]
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{str(path)!r} is not {what}: {type(e).__name__}: {e}") from e
+        total, outer, n = _stats_arrays(path, *arrays)
         missing = [k for k in ("protocol", "backbone", "weights_sha256") if not isinstance(meta, dict) or k not in meta]
         if missing:
             raise ValueError(f"{str(path)!r} is not {what}: its meta lacks {', '.join(repr(k) for k in missing)}")
@@ -279,13 +287,41 @@ class FeatureStats:
             raise ValueError(f"{str(path)!r}: meta 'protocol' must be an FVD protocol's fields, got "
                              f"{meta['protocol']!r} ({e})") from e
         resolution = meta.get("resolution")
-        if resolution is not None and (not isinstance(resolution, list) or len(resolution) != 2):
+        if resolution is not None and (not isinstance(resolution, list) or len(resolution) != 2
+                                       or not all(_positive_int(v) for v in resolution)):
             raise ValueError(f"{str(path)!r}: meta 'resolution' must be [H, W] or null, got {resolution!r}")
+        num_frames = meta.get("num_frames")
+        if num_frames is not None and not _positive_int(num_frames):
+            raise ValueError(f"{str(path)!r}: meta 'num_frames' must be a frame count (an integer >= 1) or null, "
+                             f"got {num_frames!r}")
         clips = meta.get("clips")
         if clips is not None and not isinstance(clips, dict):
             raise ValueError(f"{str(path)!r}: meta 'clips' must be a dict or null, got {clips!r}")
-        return cls(total, outer, n, meta["protocol"], meta["backbone"], meta["weights_sha256"], meta.get("num_frames"),
+        return cls(total, outer, n, meta["protocol"], meta["backbone"], meta["weights_sha256"], num_frames,
                    [int(v) for v in resolution] if resolution is not None else None, clips)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _stats_arrays(path: Path, total: np.ndarray, outer: np.ndarray, n: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A statistics file's ``sum`` ``[D]``, ``outer`` ``[D, D]`` and ``n`` (a whole count), checked: a
+    ValueError naming the file and the array otherwise (a file of another tool, or damaged)."""
+    where = repr(str(path))
+    for name, a in (("sum", total), ("outer", outer), ("n", n)):
+        if a.dtype.kind not in "iuf":
+            raise ValueError(f"{where}: {name!r} must hold numbers, got dtype {a.dtype}")
+    if total.ndim != 1:
+        raise ValueError(f"{where}: 'sum' must be a vector [D] of feature sums, got shape {list(total.shape)}")
+    d = total.shape[0]
+    if outer.shape != (d, d):
+        raise ValueError(f"{where}: 'outer' must be [D, D] = [{d}, {d}] (D from 'sum'), got shape {list(outer.shape)}")
+    if n.size != 1 or float(n.reshape(())) != int(n.reshape(())) or int(n.reshape(())) < 0:
+        raise ValueError(f"{where}: 'n' must be one whole number >= 0 (the clip count), got {n.tolist()!r}")
+    if not (np.isfinite(total).all() and np.isfinite(outer).all()):
+        raise ValueError(f"{where}: 'sum' / 'outer' hold NaN or infinite values")
+    return torch.from_numpy(total), torch.from_numpy(outer), int(n.reshape(()))
 
 
 # --------------------------------------------------------------------------- the metric
@@ -731,8 +767,8 @@ class FrechetVideoDistance(Metric):
             ids = dim_zero_cat(ids) if (isinstance(ids, list) and ids) or isinstance(ids, torch.Tensor) else None
             if ids is not None and ids.numel() and torch.unique(ids).numel() != ids.numel():
                 raise DuplicateSampleError(f"{side} statistics contain repeated sample ids after the reduction")
-        mu1, s1 = gaussian_from_sums(self.real_sum, self.real_outer, float(self.real_n))
-        mu2, s2 = gaussian_from_sums(self.fake_sum, self.fake_outer, float(self.fake_n))
+        mu1, s1 = gaussian_from_sums(self.real_sum, self.real_outer, float(self.real_n), "the real side")
+        mu2, s2 = gaussian_from_sums(self.fake_sum, self.fake_outer, float(self.fake_n), "the fake side")
         return frechet_distance(mu1, s1, mu2, s2)
 
     def result(self, tokens_per_video: float | None = None, **extra: Any) -> FVDResult:

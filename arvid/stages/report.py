@@ -23,7 +23,7 @@ import torch
 
 from arvid.config import doc, nested
 from arvid.data.datasets import DataConfig
-from arvid.io import read_json, write_json, write_text
+from arvid.io import atomic_write, read_json, write_json, write_text
 from arvid.sampling.sampler import SamplerConfig
 from arvid.stages.eval_stream import ClipSet, FVDSides
 from arvid.stages.evaluate import (
@@ -91,6 +91,12 @@ def _media(errors: list[str], path: Path, write: Callable[[], Any]) -> None:
     except Exception as e:  # noqa: BLE001 - any writer error; the metrics matter more
         log.error("report: %s not written: %s: %s", path, type(e).__name__, e)
         errors.append(f"{path.name}: {type(e).__name__}: {e}")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically: an interrupted or failed copy leaves no truncated ``dst``."""
+    with open(src, "rb") as f, atomic_write(dst, "wb") as g:
+        shutil.copyfileobj(f, g)
 
 
 def _write_mp4_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int) -> None:
@@ -234,7 +240,7 @@ def run_report(cfg: ReportConfig) -> Path | None:
             metrics[key] = read_json(path)
     for src in (exp / "sample" / "grid.gif", exp / "sample" / "grid.mp4", exp / "curve" / "curve.png"):
         if src.is_file():
-            _media(media_errors, out / src.name, lambda src=src: shutil.copyfile(src, out / src.name))
+            _media(media_errors, out / src.name, lambda src=src: _copy(src, out / src.name))
     if media_errors:
         metrics["media_errors"] = media_errors
     write_json(out / "metrics.json", metrics)
