@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from _toy_store import write_random_store
 
 from arvid.data.datasets import DataConfig, build_dataset
+from arvid.data.video import as_8bit
 from arvid.tokenizer.base import build_tokenizer
 
 TOK_PARAMS = dict(frames_per_block=[2, 2, 2, 2], candidates=[1, 4, 16], image_size=16)
@@ -162,7 +163,8 @@ def test_recon_streams_per_frame_metrics_and_reuses_saved_real_statistics(env, t
     assert "rfvd" not in rows["uniform-16"]  # not in fvd_uniform
     m = FrechetVideoDistance("synthetic", extractor=FakeI3D())
     m.update(real, real=True)
-    m.update(reconstruct(tok, real, tok.layout.uniform(4)[0], torch.device("cpu"), 5)[0], real=False)
+    # the fake side as 8-bit files would hold it (FVDSides.add_fake)
+    m.update(as_8bit(reconstruct(tok, real, tok.layout.uniform(4)[0], torch.device("cpu"), 5)[0]), real=False)
     assert rows["uniform-4"]["rfvd"] == pytest.approx(float(m.compute()), rel=1e-9)
     assert rows["uniform-4"]["fvd_record"]["num_real"] == 5 and rows["uniform-4"]["fvd_record"]["num_fake"] == 5
     # the saved real side gives the same rFVD without computing it again
@@ -467,3 +469,32 @@ def test_results_are_logged_as_well_as_written(tmp_path, caplog):
         out = E._run(cfg, lambda c: {"x": 1}, "gen", lambda r: f"| gFVD | {r['x'] * 123.4} |\n")
     assert (out / "gen.md").read_text() == "| gFVD | 123.4 |\n"
     assert "| gFVD | 123.4 |" in caplog.text and str(out / "gen.md") in caplog.text
+
+
+def test_fake_clips_are_scored_as_they_read_back_from_8bit_files(monkeypatch):
+    """The reference FVD code reads generated clips as saved uint8 frames; in-process evaluation
+    passed the float clips straight on (review 2026-12-08). The fake side now gives the FVD of
+    their 8-bit round trip (what `arvid eval fvd` on the written files gives), not of the floats."""
+    from arvid.data.video import to_file, to_model
+    from arvid.stages.eval_stream import ClipSet, FVDSides
+
+    fake_i3d(monkeypatch)
+    cpu = torch.device("cpu")
+    clips = ClipSet(DataConfig(**DATA), "val", 4, "synthetic", batch_size=4)
+    g = torch.Generator().manual_seed(0)
+    fakes = [(b["video"] + 0.01 * torch.randn(b["video"].shape, generator=g)).clamp(-1, 1) for _, b in clips.batches()]
+    assert torch.equal(as_8bit(fakes[0]), to_model(to_file(fakes[0])))
+    results = []
+    for videos in (fakes, [to_model(to_file(v)) for v in fakes]):
+        sides = FVDSides("synthetic", None, cpu, clips=clips)
+        for (_, b), v in zip(clips.batches(), videos):
+            sides.add_real(b["video"])
+            sides.add_fake("x", v)
+        results.append(sides.result("x")["fvd"])
+    assert results[0] == results[1]
+    # and not the float clips' own FVD
+    sides = FVDSides("synthetic", None, cpu, clips=clips)
+    for (_, b), v in zip(clips.batches(), fakes):
+        sides.add_real(b["video"])
+        sides.fake("x").update(v, real=False)
+    assert sides.result("x")["fvd"] != results[0]

@@ -22,6 +22,13 @@ def to_model(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     raise ValueError(f"to_model expects [T, H, W, C] or [B, T, H, W, C], got shape {tuple(x.shape)}")
 
 
+def as_8bit(video: torch.Tensor) -> torch.Tensor:
+    """Float videos in [-1, 1] as they read back from an 8-bit file (``to_model(to_file(v))``, on
+    ``video``'s device and in float32): what FVD's reference code sees of generated clips, which it
+    reads as saved uint8 frames."""
+    return ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().div(127.5).sub(1.0)
+
+
 def to_file(video: torch.Tensor) -> torch.Tensor:
     """``float [C, T, H, W]`` (or ``[B, C, T, H, W]``) in [-1, 1] -> ``uint8 [T, H, W, C]`` (or batched)."""
     x = video.detach().float().cpu()

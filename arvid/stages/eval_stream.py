@@ -349,6 +349,13 @@ class FVDSides:
 
     @torch.no_grad()
     def add_fake(self, name: str, videos: torch.Tensor) -> None:
+        """Generated or reconstructed clips, float in [-1, 1], rounded to 8-bit levels first
+        (:func:`arvid.data.video.as_8bit`): the same FVD as for the clips written to files and read
+        back (``arvid eval fvd REAL FAKE``), as the reference code reads saved frames."""
+        from arvid.data.video import as_8bit
+
+        if videos.dim() == 5 and videos.is_floating_point():
+            videos = as_8bit(videos.to(self.device))
         self.fake(name).update(videos.to(self.device), real=False)
 
     def real_side(self):
