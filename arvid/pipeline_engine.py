@@ -61,6 +61,17 @@ class PipelineError(RuntimeError):
     """A stage's outputs do not belong to this pipeline's config, or the plan is invalid."""
 
 
+def read_marker(path: Path) -> dict:
+    """A stage's ``pipeline_stage.json`` or ``pipeline_done.json``; one that holds no JSON object
+    (edited by hand, written by another tool) is a :class:`PipelineError` naming it."""
+    rec = read_json(path)
+    if not isinstance(rec, dict):
+        raise PipelineError(f"{str(path)!r} is not a pipeline marker: expected a JSON object, got "
+                            f"{type(rec).__name__}. Rerun with `--from {path.parent.name}` to redo that stage "
+                            "(its directory is kept aside)")
+    return rec
+
+
 @dataclass
 class Stage:
     name: str
@@ -226,7 +237,7 @@ class Pipeline:
             if s.name in redo and d.exists():
                 items.append(PlanItem(s, d, fp, "redo", f"--from {from_}: the old output is moved aside"))
             elif done.exists():
-                rec = read_json(done)
+                rec = read_marker(done)
                 old = rec.get("fingerprint")
                 if old not in (fp, *older):
                     raise PipelineError(
@@ -244,13 +255,13 @@ class Pipeline:
                 else:
                     items.append(PlanItem(s, d, fp, "skip", "finished with the same config"))
             elif state.exists():
-                old = read_json(state).get("fingerprint")
+                old = read_marker(state).get("fingerprint")
                 if old not in (fp, *older):
                     raise PipelineError(
                         f"stage {s.name!r}: {str(d)!r} holds an interrupted run of a different config "
                         f"(fingerprint {old} there, {fp} now). Rerun with `--from {s.name}` to start it over."
                     )
-                started = read_json(state).get("started")
+                started = read_marker(state).get("started")
                 moved = [x for x in s.deps if x in by_name and (
                     x in refreshed or by_name[x].action != "skip"
                     or (started is not None and (self._finished(x) or 0) > float(started)))]
@@ -292,7 +303,7 @@ class Pipeline:
         """When stage ``name``'s output on disk was finished (its marker's time; identifies the run),
         or None when it is not finished."""
         marker = self.stage_dir(name) / DONE_FILE
-        return read_json(marker).get("finished") if marker.exists() else None
+        return read_marker(marker).get("finished") if marker.exists() else None
 
     def run(self, until: str | None = None, from_: str | None = None, dry_run: bool = False,
             preflight: Callable[[list[PlanItem]], None] | None = None, only: str | None = None,
@@ -351,7 +362,10 @@ class Pipeline:
         if it.action == "redo":
             # `--from` in two processes: the one that got the lock second reuses the first's fresh output
             if done.exists():
-                rec = read_json(done)
+                try:
+                    rec = read_marker(done)
+                except (PipelineError, OSError):  # a damaged marker: what this redo replaces
+                    rec = {}
                 if rec.get("fingerprint") == it.fingerprint and float(rec.get("finished", 0)) >= planned_at:
                     it.action, it.reason = "skip", "redone by another process after this one planned"
                     log.info("[%s] skip: %s", name, it.reason)
@@ -359,7 +373,7 @@ class Pipeline:
             return True
         accepted = (it.fingerprint, *it.older_fingerprints)
         if done.exists():
-            old = read_json(done).get("fingerprint")
+            old = read_marker(done).get("fingerprint")
             if old not in accepted:
                 raise PipelineError(
                     f"stage {name!r}: another process finished {str(d)!r} with a different "
@@ -368,7 +382,7 @@ class Pipeline:
             log.info("[%s] skip: %s", name, it.reason)
             return False
         if state.exists():
-            old = read_json(state).get("fingerprint")
+            old = read_marker(state).get("fingerprint")
             if old not in accepted:
                 raise PipelineError(
                     f"stage {name!r}: {str(d)!r} holds an interrupted run of a different config, left by "
@@ -435,7 +449,7 @@ class Pipeline:
                         log.error("[%s] failed (exit code %s) after %.1f s", name, rc, time.time() - t0)
                         continue
                     done = it.directory / DONE_FILE
-                    got = read_json(done).get("fingerprint") if done.exists() else None
+                    got = read_marker(done).get("fingerprint") if done.exists() else None
                     if got != it.fingerprint:
                         failed.append((it, rc))
                         log.error("[%s] its process exited without finishing the stage: %s", name,
@@ -443,7 +457,7 @@ class Pipeline:
                                   f"{DONE_FILE} holds fingerprint {got}, the plan {it.fingerprint}")
                         continue
                     finished.add(name)
-                    if float(read_json(done).get("finished", t0)) < t0:  # the child found it done
+                    if float(read_marker(done).get("finished", t0)) < t0:  # the child found it done
                         it.action, it.reason = "skip", "finished by another process"
                         log.info("[%s] skip: %s", name, it.reason)
                     else:  # the summary's time is the stage's own; this one adds its process's start-up
@@ -479,12 +493,13 @@ class Pipeline:
             write_json(it.directory / STATE_FILE, {"fingerprint": it.fingerprint, "started": time.time(),
                                                      "stage": it.stage.name})
         log.info("[%s] %s: %s", it.stage.name, it.action, it.stage.description or it.reason)
-        t0 = time.time()
-        it.stage.run(it.directory)
-        # which run of each `after` stage it read (that marker's finish time, null where unfinished): a
-        # later plan refreshes it when another run of one of them has taken its place
+        # which run of each `after` stage it reads (that marker's finish time, null where unfinished): a
+        # later plan refreshes it when another run of one of them has taken its place. Taken before the
+        # stage starts: an upstream stage redone by another process while this one runs is not what it read
         read = {a: self._finished(a) for a in it.stage.after}
         deps = {d: self._finished(d) for d in it.stage.deps}  # likewise the runs of its upstream stages
+        t0 = time.time()
+        it.stage.run(it.directory)
         write_json(it.directory / DONE_FILE, {"fingerprint": it.fingerprint, "seconds": time.time() - t0,
                                            "finished": time.time(), "after": read, "deps": deps})
         log.info("[%s] finished in %.1f s", it.stage.name, time.time() - t0)

@@ -52,7 +52,11 @@ class PretrainedMixin:
         kind = cls.model_kind or cls.__name__
         if meta.get("kind") != kind:
             raise ConfigError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a {kind!r}")
-        return meta, from_dict(cls.config_class, meta.get("config"), source=str(path), prefix="config.")
+        config = meta.get("config")
+        if not isinstance(config, dict):  # from_dict would fail on it with a message naming neither
+            raise ConfigError(f"{str(path)!r}: `config` must be a mapping of {cls.config_class.__name__} fields, "
+                              f"got {'nothing' if config is None else type(config).__name__}")
+        return meta, from_dict(cls.config_class, config, source=str(path), prefix="config.")
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike, map_location: str = "cpu") -> M:
@@ -61,6 +65,7 @@ class PretrainedMixin:
         _, config = cls.read_pretrained_config(directory)
         model = cls(config)  # type: ignore[call-arg]
         state = load_weights(Path(directory) / WEIGHTS_NAME, device=map_location)
+        _take_saved_dtypes(model, state)  # type: ignore[arg-type]
         load_state_strict(model, state, str(Path(directory) / WEIGHTS_NAME))  # type: ignore[arg-type]
         # load_state_dict copies into the parameters where they are (the CPU, as built): the model
         # must move itself, or every map_location="cuda" caller silently runs on the CPU.
@@ -72,6 +77,24 @@ class PretrainedMixin:
         # hashed, never read back: plain safe_dump keeps the fingerprints recorded in token stores
         extra = yaml.safe_dump({"kind": self.model_kind, "config": to_dict(self.config)}, sort_keys=True)
         return hash_state(self.state_dict(), extra)
+
+
+def _take_saved_dtypes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` (as built: float32) the floating dtypes its weights were saved in, which
+    ``load_state_dict`` would otherwise cast to float32: a model saved in bf16 loads in bf16 (the
+    same computation, and the same :meth:`PretrainedMixin.fingerprint`), not in float32."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers(remove_duplicate=False))
+    differ = [k for k, t in state.items() if k in own and t.is_floating_point() and own[k].is_floating_point()
+              and t.dtype != own[k].dtype]
+    if not differ:
+        return
+    saved = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(saved) == 1:  # saved after `model.to(dtype)`: cast as that did, non-persistent buffers too
+        model.to(saved.pop())
+        return
+    for k in differ:
+        own[k].data = own[k].data.to(state[k].dtype)
 
 
 def num_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

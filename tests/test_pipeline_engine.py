@@ -682,3 +682,42 @@ def test_an_interrupted_stage_whose_upstream_ran_again_starts_over(tmp_path):
     calls = []
     make(tmp_path, calls).run()
     assert calls == ["b"] and not (tmp_path / "out/b/partial").exists()
+
+
+def test_a_stage_records_the_upstream_run_it_started_from(tmp_path):
+    """b records which run of a it read when it starts, not when it ends: a redone by another process
+    (`--from a --until a`) while b runs leaves b made from the old a, refreshed by the next plan (it
+    was recorded as made from the new a, and skipped)."""
+    calls = []
+    make(tmp_path, calls).run(until="a")
+
+    def run_b(d):
+        calls.append("b")
+        make(tmp_path, calls).run(from_="a", until="a")  # another process redoes a meanwhile
+
+    Pipeline([Stage("a", Cfg(1), lambda d: None), Stage("b", Cfg(2), run_b, deps=["a"])], tmp_path / "out").run()
+    assert calls == ["a", "b", "a"]
+    plan = make(tmp_path, []).plan()
+    assert [(p.stage.name, p.action) for p in plan] == [("a", "skip"), ("b", "redo")]
+    assert "a changed since it ran" in plan[1].reason
+
+
+def test_a_marker_that_is_not_a_json_object_is_refused_with_its_path(tmp_path):
+    """A marker holding JSON other than an object (edited by hand) was an AttributeError traceback."""
+    make(tmp_path, []).run()
+    (tmp_path / "out/a/pipeline_done.json").write_text("[]\n")
+    with pytest.raises(PipelineError, match=r"a/pipeline_done.json' is not a pipeline marker.*got list.*--from a"):
+        make(tmp_path, []).plan()
+    calls = []
+    make(tmp_path, calls).run(from_="a")  # the way out the message names
+    assert calls == ["a", "b"] and [p.action for p in make(tmp_path, []).plan()] == ["skip", "skip"]
+    (tmp_path / "out/b/pipeline_done.json").unlink()
+    (tmp_path / "out/b/pipeline_stage.json").write_text("null\n")
+    with pytest.raises(PipelineError, match=r"b/pipeline_stage.json' is not a pipeline marker.*got NoneType"):
+        make(tmp_path, []).plan()
+    (tmp_path / "out/a/pipeline_done.json").write_text("{")  # not JSON: named too, and redone by --from
+    with pytest.raises(OSError, match=r"a/pipeline_done.json' is not valid JSON"):
+        make(tmp_path, []).plan()
+    calls = []
+    make(tmp_path, calls).run(from_="a")
+    assert calls == ["a", "b"] and [p.action for p in make(tmp_path, []).plan()] == ["skip", "skip"]

@@ -181,3 +181,28 @@ def test_the_discriminator_takes_no_optimizer_step_before_gan_start(tmp_path):
     assert not trainer.optimizers["disc"].state  # no Adam state, no step count
     Trainer(TrainerConfig(max_steps=3, **cfg), task, Clips(), tmp_path / "run2").fit()
     assert any(not torch.equal(before[k], task.discriminator.state_dict()[k]) for k in before)  # step 2 trains it
+
+
+def test_bad_sampler_inputs_are_refused_when_made():
+    """Found in a correctness review: a [N, K] array of token counts given as the final stage's
+    assignments file was flattened into 2N assignment indices (and a float array truncated), both
+    silently; NaN / inf assignment_probs or loss weights failed (or trained on NaN) only later,
+    in torch.multinomial or the NaN-loss check, without naming the field."""
+    layout = BlockLayout((2, 2), (4, 8, 16))
+    batch = {"video": torch.zeros(2, 3, 4, 8, 8), "index": torch.tensor([0, 1])}
+    counts = np.array([[4, 8], [8, 4]])  # token counts, not indices (each < 9: they passed the range check)
+    with pytest.raises(ValueError, match=r"labels\.npy: expected a 1-D integer array .* shape \(2, 2\)"):
+        PrecomputedAssignments(layout, counts, source="labels.npy")
+    with pytest.raises(ValueError, match="dtype float64"):
+        PrecomputedAssignments(layout, np.array([3.7, 1.2]), source="labels.npy")
+    # the good input still maps index -> assignment: 5 = (8, 16), 0 = (4, 4)
+    assert PrecomputedAssignments(layout, np.array([5, 0]))(batch, torch.Generator()).tolist() == [[8, 16], [4, 4]]
+    for bad in (float("nan"), float("inf")):
+        probs = torch.ones(9)
+        probs[2] = bad
+        with pytest.raises(ValueError, match="assignment_probs must be 9 non-negative finite"):
+            RandomAssignments(layout, probs)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="l1_weight must be a finite number >= 0"):
+            LossConfig(l1_weight=bad)
+    assert LossConfig(l1_weight=0.0, gan_weight=0.1).gan_weight == 0.1

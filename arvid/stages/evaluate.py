@@ -611,7 +611,7 @@ def predict_batch(sampler: Any, tok: Any, clips: torch.Tensor, labels: torch.Ten
     k = context_blocks_for(layout, context_frames)
     ctx = pad_frames(clips[:, :, :context_frames], sum(layout.frames_per_block[:k])).to(device)
     cond = Conditioning(class_ids=labels.to(device)) if labels is not None else None
-    g = torch.Generator(device=device).manual_seed(seed * 100003 + j)
+    g = torch.Generator().manual_seed(seed * 100003 + j)  # on the host: the same samples on any device, as eval gen and arvid sample
     videos, out = predict_frames(sampler, tok, ctx, context_blocks=k, cond=cond, generator=g)
     return videos.float().clamp(-1, 1).cpu(), out.tokens.lengths.cpu()
 

@@ -212,6 +212,9 @@ def run(cfg: TrainRouterConfig) -> Path:
         if n_val < 1:
             raise ConfigError(f"train-router: val_fraction {cfg.val_fraction} of {vids.size} curated videos holds "
                               "out no video; raise it or give val_curation")
+        if n_val >= vids.size:  # round() up to every video: nothing was left to train on
+            raise ConfigError(f"train-router: val_fraction {cfg.val_fraction} of {vids.size} curated videos holds "
+                              f"out all {n_val} of them, leaving none to train on; lower it or give val_curation")
         train_ids, val_ids = vids[:-n_val], vids[-n_val:]
         val_records, val_base = records.select_videos(val_ids), base
         train_labels = labels[:-n_val]

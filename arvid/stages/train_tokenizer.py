@@ -87,6 +87,8 @@ class TrainTokenizerConfig:
                              "(the router was used and the assignments ignored)")
         if self.val_videos < 1:
             raise ValueError(f"val_videos must be >= 1, got {self.val_videos}")
+        if self.val_random_assignments < 0:
+            raise ValueError(f"val_random_assignments must be >= 0, got {self.val_random_assignments}")
 
 
 def build_from_spec(spec: TokenizerSpec, source: str = "<config>") -> torch.nn.Module:
@@ -129,7 +131,11 @@ def make_sampler(cfg: TrainTokenizerConfig, tokenizer: torch.nn.Module):
         return RandomAssignments(layout, _load_probs(cfg.assignment_probs, layout.num_assignments))
     if cfg.stage == "fixed":
         if cfg.fixed_assignment is not None:
-            return FixedAssignment(layout, cfg.fixed_assignment)
+            try:
+                return FixedAssignment(layout, cfg.fixed_assignment)
+            except ValueError as e:
+                raise ConfigError(f"fixed_assignment {list(cfg.fixed_assignment)} does not fit the tokenizer's "
+                                  f"layout {layout.frames_per_block} / {layout.candidates}: {e}") from e
         default = getattr(tokenizer, "default_assignment", None)
         a = default(1) if callable(default) else layout.uniform(layout.candidates[-1])
         return FixedAssignment(layout, a)
@@ -184,9 +190,11 @@ def validate(cfg: TrainTokenizerConfig, tokenizer, sampler, videos: torch.Tensor
             grid_recon = recon
     by = metrics["psnr_by_assignment"]
     if cfg.stage == "proxy":
-        rand = [v for k, v in by.items() if k.startswith("random_")]
-        metrics["psnr"] = float(np.mean([v["psnr"] for v in rand])) if rand else by[next(iter(by))]["psnr"]
-        metrics["tokens_per_video"] = float(np.mean([v["tokens_per_video"] for v in rand])) if rand else 0.0
+        # without random assignments (val_random_assignments: 0) both come from the first uniform set;
+        # before, the PSNR did and tokens_per_video was 0.0
+        rand = [v for k, v in by.items() if k.startswith("random_")] or [by[next(iter(by))]]
+        metrics["psnr"] = float(np.mean([v["psnr"] for v in rand]))
+        metrics["tokens_per_video"] = float(np.mean([v["tokens_per_video"] for v in rand]))
         metrics["psnr_uniform"] = {str(c): by[f"uniform_{c}"]["psnr"] for c in tokenizer.layout.candidates}
     else:
         metrics["psnr"] = by["stage"]["psnr"]

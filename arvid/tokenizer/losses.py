@@ -13,6 +13,7 @@ network, or a TorchScript file the user gives): :mod:`arvid.tokenizer.alignment`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,8 +58,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         for name in ("l1_weight", "l2_weight", "lpips_weight", "commit_weight", "codebook_weight",
                      "entropy_weight", "gan_weight", "align_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN and inf too: they made every loss NaN
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.align_weight > 0 and not self.align_encoder:
             raise ValueError("align_weight > 0 needs align_encoder: 'i3d' or the path of a TorchScript video encoder")
         if self.align_hidden < 1:
@@ -152,9 +153,11 @@ class RandomAssignments:
     def __init__(self, layout: BlockLayout, probs: torch.Tensor | None = None) -> None:
         if probs is not None:
             probs = torch.as_tensor(probs, dtype=torch.float)
-            if probs.shape != (layout.num_assignments,) or bool((probs < 0).any()) or float(probs.sum()) <= 0:
-                raise ValueError(f"assignment_probs must be {layout.num_assignments} non-negative numbers "
-                                 f"with a positive sum, got shape {tuple(probs.shape)}")
+            if probs.shape != (layout.num_assignments,) or not bool(torch.isfinite(probs).all()) \
+                    or bool((probs < 0).any()) or float(probs.sum()) <= 0:
+                raise ValueError(f"assignment_probs must be {layout.num_assignments} non-negative finite numbers "
+                                 f"with a positive sum, got shape {tuple(probs.shape)}"
+                                 + (f" with values {probs.tolist()[:8]}" if probs.numel() else ""))
         self.layout, self.probs = layout, probs
 
     def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -192,7 +195,14 @@ class PrecomputedAssignments:
     (read through ``batch["index"]``); ``-1`` (not curated) draws a random assignment."""
 
     def __init__(self, layout: BlockLayout, indices: np.ndarray | torch.Tensor, source: str = "<array>") -> None:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        arr = np.asarray(indices)
+        # one assignment index per dataset index, as `arvid curate` writes labels.npy; a [N, K] array of
+        # token counts or a float array was flattened / truncated into wrong indices without an error
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{source}: expected a 1-D integer array of assignment indices (one per dataset "
+                             f"index, -1: not curated, as `arvid curate` writes labels.npy), got shape "
+                             f"{arr.shape} of dtype {arr.dtype}")
+        idx = torch.as_tensor(arr, dtype=torch.long)
         if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= layout.num_assignments):
             raise ValueError(f"{source}: assignment indices must lie in [0, {layout.num_assignments}) "
                              f"(or -1: not curated), got [{int(idx.min())}, {int(idx.max())}]")

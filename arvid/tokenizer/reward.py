@@ -147,6 +147,11 @@ class RewardStats:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"RewardStats.{name} must be a positive finite number, got {v!r}")
+        for name in ("mean_distortion", "mean_length"):
+            # a NaN mean made every reward NaN, and labels_for then labelled each video with index 0
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise ValueError(f"RewardStats.{name} must be a finite number, got {v!r}")
 
     @classmethod
     def from_samples(cls, distortions: np.ndarray, lengths: np.ndarray, quality: str) -> RewardStats:
@@ -171,8 +176,19 @@ class RewardStats:
         missing = [k for k in keys if k not in d]
         if missing:
             raise ValueError(f"{source}: reward stats miss keys {missing}")
-        return cls(str(d["quality"]), float(d["mean_distortion"]), float(d["std_distortion"]),
-                   float(d["mean_length"]), float(d["std_length"]), int(d["num_samples"]))
+        def number(key: str, kind: type):
+            try:
+                return kind(d[key])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: reward stats key {key!r} must be a number, got {d[key]!r}") from e
+
+        try:
+            return cls(str(d["quality"]), number("mean_distortion", float), number("std_distortion", float),
+                       number("mean_length", float), number("std_length", float), number("num_samples", int))
+        except ValueError as e:
+            if str(e).startswith(f"{source}:"):
+                raise
+            raise ValueError(f"{source}: {e}") from e
 
 
 def compute_reward(distortion, length, stats: RewardStats, w_q: float, w_l: float):
