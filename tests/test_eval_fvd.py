@@ -516,3 +516,13 @@ def test_too_few_or_non_finite_clips_name_the_side():
     with pytest.raises(ValueError, match=r"statistics of the real side hold NaN or infinite values"):
         _metric(bad, a).result()
     assert _metric(a, b).result().fvd == pytest.approx(_scipy_fvd(a.numpy(), b.numpy()), rel=1e-5)
+
+
+def test_fewer_clips_than_features_is_warned_about(caplog):
+    """An FVD from no more clips than features (rank-deficient covariances, strongly biased) was
+    reported without a word (review 2026-12-08)."""
+    for n, warned in ((8, True), (9, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="arvid.fvd"):
+            _metric(_feats(n, 8, 1), _feats(12, 8, 2), protocol="synthetic").result()
+        assert (f"from {n} real and 12 fake clips, not more than the 8 features" in caplog.text) is warned

@@ -177,3 +177,21 @@ def test_checkpoints_resume_only_under_their_config(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == saved
     with one_thread():  # more steps continue it
         run(_tiny(tmp_path, "run", stage="fixed", trainer={"checkpoint_every": 1, "max_steps": 2}))
+
+
+def test_val_metrics_without_random_assignments_and_a_bad_fixed_assignment(tmp_path):
+    """Found in a correctness review: with val_random_assignments: 0 the proxy stage's val_metrics
+    gave the first uniform set's PSNR beside tokens_per_video 0.0; a fixed_assignment that does not
+    fit the layout failed with the layout's message, not naming the field."""
+    with one_thread():
+        out = run(_tiny(tmp_path, "norand", val_random_assignments=0))
+    m = json.loads((out / "val_metrics.json").read_text())
+    # grid3d debug: 4 blocks of 64 codes, its only (uniform) assignment
+    assert m["tokens_per_video"] == 256.0
+    assert m["psnr"] == m["psnr_uniform"]["64"] == m["psnr_by_assignment"]["uniform_64"]["psnr"]
+    with pytest.raises(ConfigError, match="val_random_assignments must be >= 0"):
+        _tiny(tmp_path, "neg", val_random_assignments=-1)
+    for bad in ([4, 4, 4], [4, 4, 4, 5]):
+        with pytest.raises(ConfigError, match=rf"fixed_assignment \[{', '.join(map(str, bad))}\] does not fit"):
+            run(_tiny(tmp_path, f"fixed_{len(bad)}", stage="fixed", fixed_assignment=bad,
+                      tokenizer={"name": "evatok", "preset": "debug"}))

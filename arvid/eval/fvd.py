@@ -782,6 +782,12 @@ class FrechetVideoDistance(Metric):
             loaded = next(iter(self._from_stats.values()))
             backbone, sha = loaded.backbone, loaded.weights_sha256
         deviations = self.deviations(num_real, num_fake)
+        few = min(num_real, num_fake)
+        if few <= self.num_features and _rank() == 0:  # the covariance has rank < D: a strongly biased estimate
+            log.warning("FVD %.4g from %d real and %d fake clips, not more than the %d features: the covariances "
+                        "are rank-deficient and the distance is strongly biased (the protocols use 2,048-50,000 "
+                        "clips); compare it only with FVDs of the same counts", value, num_real, num_fake,
+                        self.num_features)
         if deviations and _rank() == 0:
             log.warning("FVD %.4g does not follow protocol %r: %s (a non-standard count; not comparable with "
                         "published %s numbers)", value, self.protocol.name, "; ".join(deviations), self.protocol.name)
