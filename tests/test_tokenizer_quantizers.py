@@ -198,3 +198,17 @@ def test_ema_codebook_update_touches_only_used_codes():
     new = vq.codebook.detach()
     assert torch.allclose(new[2], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # normalised EMA sum
     assert torch.equal(torch.cat([new[:2], new[3:]]), torch.cat([old[:2], old[3:]]))  # unused rows untouched
+
+
+@pytest.mark.parametrize("levels", [(1001,), (1002, 3), (2000,)])
+def test_fsq_many_levels_stay_on_the_grid(levels):
+    """Found in a correctness review: _bound widens the range by 1e-3 of (L-1)/2, so for L > 1000 a
+    saturated channel rounded one value past either end: indices outside [0, codebook_size) (an
+    IndexError in the usage statistics, a device assert on CUDA)."""
+    q = FSQ(QuantizerConfig(kind="fsq", levels=levels))
+    z = torch.tensor([[-50.0] * len(levels), [50.0] * len(levels), [0.0] * len(levels)])
+    out = q(z)
+    L = levels[0]
+    assert out.indices[0].item() == 0 and out.indices[1].item() == q.codebook_size - 1
+    assert out.z_q[0, 0].item() == -1.0 and out.z_q[1, 0].item() == pytest.approx((L - 1 - L // 2) / (L // 2))
+    torch.testing.assert_close(q.lookup(out.indices), out.z_q)

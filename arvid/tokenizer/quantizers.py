@@ -287,8 +287,12 @@ class FSQ(nn.Module):
         if z.dim() != 2 or z.shape[1] != self.code_dim:
             raise ValueError(f"FSQ expects [N, {self.code_dim}], got {tuple(z.shape)}")
         b = self._bound(z.float())
-        q = b + (torch.round(b) - b).detach()  # straight-through rounding
-        indices = self.codes_to_indices(torch.round(b).detach())
+        # clamped to the L grid values: the 1e-3 widening of _bound let round() reach one value past
+        # either end for L > 1000 (an index outside [0, codebook_size)); a no-op for smaller L
+        lo = -(self.levels // 2)
+        r = torch.minimum(torch.maximum(torch.round(b), lo), lo + self.levels - 1)
+        q = b + (r - b).detach()  # straight-through rounding
+        indices = self.codes_to_indices(r.detach())
         return QuantOutput(z_q=self._to_unit(q), indices=indices, losses={},
                            metrics=code_statistics_tensors(indices, self.codebook_size))
 

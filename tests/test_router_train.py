@@ -1,0 +1,41 @@
+"""`arvid train-router`: held-out split checks that need no training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from arvid.config import ConfigError, from_dict
+from arvid.data.types import BlockLayout
+from arvid.io import write_json
+from arvid.stages.train_router import TrainRouterConfig, run
+from arvid.tokenizer.reward import CurationRecords
+
+
+def _curation(directory, num_videos: int):
+    """A brute-force curation of ``num_videos`` videos over a 2-block, 2-candidate layout."""
+    layout = BlockLayout((2, 2), (4, 8))
+    A = layout.num_assignments
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    CurationRecords(layout, np.repeat(np.arange(num_videos), A), np.tile(np.arange(A), num_videos),
+                    rng.random((num_videos * A, 2)), np.arange(num_videos), np.full(num_videos, A),
+                    "mse").save(directory / "curation.npz")
+    stats = {"quality": "mse", "mean_distortion": 0.5, "std_distortion": 0.2, "mean_length": 12.0,
+             "std_length": 4.0, "num_samples": 8}
+    write_json(directory / "stats.json", {"reward_stats": stats, "w_q": 1.2, "w_l": 0.8, "quality": "mse"})
+    (directory / "config.yaml").write_text("split: train\n")
+
+
+def test_a_val_fraction_that_holds_out_every_video_is_named(tmp_path):
+    """Found in a correctness review: round(val_fraction * videos) can reach every curated video
+    (0.75 of 2 -> 2), leaving an empty training set that the Trainer refused as 'the dataset has
+    0 items', not naming val_fraction."""
+    _curation(tmp_path / "cur", 2)
+    cfg = from_dict(TrainRouterConfig, {
+        "data": {"frames": 4, "size": 16, "num_videos": 2, "num_val_videos": 1},
+        "curation": str(tmp_path / "cur"), "val_fraction": 0.75, "router": {"preset": "debug"},
+        "trainer": {"max_steps": 1, "batch_size": 1, "progress": False, "device": "cpu", "checkpoint_every": 0},
+        "device": "cpu", "out_dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match=r"val_fraction 0.75 of 2 curated videos holds out all 2 of them"):
+        run(cfg)
