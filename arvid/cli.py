@@ -68,7 +68,17 @@ def _build_parser() -> argparse.ArgumentParser:
         module.add_arguments(target)
         for name in set(target.choices) - before:
             _add_config_fields(target.choices[name], module)
+            _optional_overrides(target.choices[name])
     return parser
+
+
+def _optional_overrides(parser: argparse.ArgumentParser) -> None:
+    """argparse marks a ``nargs="*"`` (without a default) or ``REMAINDER`` positional, the dotted
+    overrides, as required: a missing CONFIG was reported as "the following arguments are required:
+    config, overrides", though the overrides may be left out."""
+    for action in parser._actions:
+        if not action.option_strings and action.nargs in (argparse.ZERO_OR_MORE, argparse.REMAINDER):
+            action.required = False
 
 
 def _add_config_fields(parser: argparse.ArgumentParser, module) -> None:

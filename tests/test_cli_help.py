@@ -151,3 +151,16 @@ def test_experiment_refuses_empty_stages_and_out_dir(capsys):
     assert "stages is empty" in capsys.readouterr().err
     assert main(["pipeline", cfg, "--dry-run", "out_dir="]) == 1
     assert "out_dir is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pipeline", "train-tokenizer", "curate", "train-router", "tokenize",
+                                     "train-generator"])
+def test_a_missing_config_is_named_alone(capsys, command):
+    """The dotted overrides may be left out: a missing CONFIG was reported as "the following
+    arguments are required: config, overrides" (argparse marks nargs="*" and REMAINDER positionals
+    required)."""
+    with pytest.raises(SystemExit) as exc:
+        main([command])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"arvid {command}: error: the following arguments are required: config")
