@@ -39,3 +39,23 @@ def test_a_val_fraction_that_holds_out_every_video_is_named(tmp_path):
         "device": "cpu", "out_dir": str(tmp_path / "out")})
     with pytest.raises(ConfigError, match=r"val_fraction 0.75 of 2 curated videos holds out all 2 of them"):
         run(cfg)
+
+
+def test_a_router_on_other_videos_than_the_curation_is_refused(tmp_path):
+    """train-router took any data section: labels curated on one synthetic set (seed 0, 2 videos)
+    were put on the videos of another (review 2026-12-08). Clip settings may differ; which video an
+    index is may not."""
+    _curation(tmp_path / "cur", 2)
+    (tmp_path / "cur" / "config.yaml").write_text(
+        "split: train\ndata: {frames: 8, size: 32, num_videos: 2, num_val_videos: 1, seed: 0}\n")
+    base = {"curation": str(tmp_path / "cur"), "val_fraction": 0.75, "router": {"preset": "debug"},
+            "trainer": {"max_steps": 1, "batch_size": 1, "progress": False, "device": "cpu", "checkpoint_every": 0},
+            "device": "cpu", "out_dir": str(tmp_path / "out")}
+    data = {"frames": 4, "size": 16, "num_videos": 2, "num_val_videos": 1}
+    cfg = from_dict(TrainRouterConfig, {**base, "data": {**data, "seed": 3}})
+    with pytest.raises(ConfigError, match=r"the curation .* labelled other videos: data seed 0 there, 3 here"):
+        run(cfg)
+    # other frames and size, the same videos: past this check (to the val_fraction one)
+    cfg = from_dict(TrainRouterConfig, {**base, "data": data})
+    with pytest.raises(ConfigError, match=r"val_fraction 0.75"):
+        run(cfg)

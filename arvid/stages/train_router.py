@@ -150,6 +150,29 @@ def _curation(directory: str) -> tuple[CurationRecords, RewardStats, dict]:
     return CurationRecords.load(d / "curation.npz"), read_stats(d), read_json(d / "stats.json")
 
 
+#: the DataConfig fields that say which video a dataset index is (not how its clip is cut)
+_VIDEO_SET_FIELDS = {"synthetic": ("source", "num_videos", "num_val_videos", "seed", "synthetic"),
+                     "files": ("source", "root", "val_root", "train_list", "val_list", "on_missing_file")}
+
+
+def check_same_videos(data: DataConfig, curation: str, what: str = "curation") -> None:
+    """Refuse ``data`` whose dataset index ``i`` is another video than the curation's (its recorded
+    ``config.yaml``): the labels are per index, and a router trained on other videos under them
+    learns nothing true. Clip settings (frames, size, starts, flips) may differ."""
+    path = Path(curation) / "config.yaml"
+    saved = read_yaml(path).get("data") if path.is_file() else None
+    if not isinstance(saved, dict):
+        return  # an older or hand-made curation: nothing recorded to compare
+    theirs = from_dict(DataConfig, saved, source=str(path), prefix="data.")
+    fields = _VIDEO_SET_FIELDS["synthetic" if data.source == "synthetic" else "files"]
+    diff = [f for f in fields if getattr(theirs, f) != getattr(data, f)]
+    if diff:
+        raise ConfigError(
+            f"train-router: the {what} {curation!r} labelled other videos: data "
+            + ", ".join(f"{f} {getattr(theirs, f)!r} there, {getattr(data, f)!r} here" for f in diff)
+            + " (its labels are per dataset index; use the data section the curation used)")
+
+
 @torch.no_grad()
 def evaluate_router(router: Router, dataset, records: CurationRecords, stats: RewardStats, w_q: float,
                     w_l: float, device: torch.device, batch_size: int = 32) -> dict:
@@ -204,6 +227,7 @@ def run(cfg: TrainRouterConfig) -> Path:
     w_l = float(info["w_l"] if cfg.w_l is None else cfg.w_l)
     layout = records.layout
     split = read_yaml(Path(cfg.curation) / "config.yaml").get("split", "train")
+    check_same_videos(cfg.data, cfg.curation)
     base = build_dataset(cfg.data, split)
 
     vids, labels, _ = labels_for(records, stats, w_q, w_l)
@@ -229,6 +253,7 @@ def run(cfg: TrainRouterConfig) -> Path:
                     f"curation {cfg.curation!r} with {info.get(key)!r}: held-out rewards are only comparable "
                     "under one proxy and one distortion (curate the held-out split with the same ones)")
         val_split = read_yaml(Path(cfg.val_curation) / "config.yaml").get("split", "val")
+        check_same_videos(cfg.data, cfg.val_curation, "val_curation")
         val_base = build_dataset(cfg.data, val_split)
         train_ids, train_labels = vids, labels
     soft = None
