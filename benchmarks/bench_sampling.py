@@ -10,9 +10,11 @@ For each batch size and each step execution (eager, cuda_graph, compile) it repo
   measured over ``--steps`` steps after a prefill, the cache filled to ``--fill`` positions;
 - ``floor_ms``: bytes that one step must read (every weight once + the KV cache) / bandwidth,
   for the full static cache (what a masked attention over the preallocated cache reads, and
-  what ``--kv-bucket 0`` attends over), for the bucket a step at ``--fill`` attends over
-  (``kv_len``: the filled part rounded up to ``--kv-bucket`` positions) and for the filled part
-  only (an ideal paged/varlen decode);
+  what ``--kv-bucket 0`` attends over), for the buckets the timed steps attend over
+  (``kv_len``: the filled part rounded up to ``--kv-bucket`` positions; the column gives the first
+  step's) and for the filled part only (an ideal paged/varlen decode); the bucket and filled
+  floors are the mean over the ``--steps`` timed steps, whose positions advance from ``--fill``
+  (``step_ms`` is their mean too);
 - ``samples_per_s``: whole videos from ``Sampler.generate``, batch * runs / total seconds
   (measured on CUDA; on CPU estimated as batch / (prefill + mean length * step time));
 - ``recompute_speedup``: time to generate one mean-length sequence by full recompute without a
@@ -134,6 +136,11 @@ def bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill
            "step_ms": step_s * 1e3,
            "prefill_ms": t_prefill * 1e3, "setup_s": t_setup, "fill": fill, "n_prefix": n_prefix,
            "kv_bucket": a.kv_bucket, "kv_len": dec.kv_len(fill + 1), "graphs": len(dec.graphs),
+           # what the timed steps read, on average: the step after c chosen tokens attends over its
+           # bucket dec.kv_len(c), of which n + c positions are filled (its own key included)
+           "timed_steps": steps,
+           "kv_len_mean": sum(dec.kv_len(c) for c in range(fill + 1, fill + 1 + steps)) / steps,
+           "filled_mean": n_prefix + fill + (steps + 1) / 2,
            "sampling_part_compiled": dec.choose_fn != dec.choose}
     if full_runs:
         times, toks = [], []
@@ -205,17 +212,19 @@ def run(a: argparse.Namespace) -> int:
         cond = Conditioning(torch.arange(B, device=device) % a.num_classes)
         kv_elems_per_pos = 2 * gpt.config.n_layers * rows * gpt.config.kv_heads * gpt.config.head_dim
         kv_full = kv_elems_per_pos * (n_prefix + fmt.max_length - 1) * torch.finfo(dtype).bits // 8
-        kv_fill = kv_elems_per_pos * (n_prefix + fill) * torch.finfo(dtype).bits // 8
         floor_full = (weight_bytes + kv_full) / a.bandwidth * 1e3
-        floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
         full_cond = cat_conditioning(cond, gpt.null_conditioning(B, device)) if guided else cond
         runs = [(m, att) for m in modes for att in (a.decode_attention.split(",") if m == "compile" else ["sdpa"])]
         for mode, att in runs:
             row = bench_mode(gpt, fmt, layout, cond, full_cond, B, rows, mode, a, device, fill, full_runs, mean_len,
                              att)
-            # the bucket the first timed step attends over (row["kv_len"], from the decoder itself)
-            kv_bucket_bytes = kv_elems_per_pos * row["kv_len"] * torch.finfo(dtype).bits // 8
+            # the buckets and filled positions of the timed steps, averaged as step_ms is (the
+            # positions advance over the --steps steps; until 2026-12-08 both floors were the first
+            # step's, so a step crossing into the next bucket was held to the smaller one)
+            kv_bucket_bytes = kv_elems_per_pos * row["kv_len_mean"] * torch.finfo(dtype).bits / 8
             floor_bucket = (weight_bytes + kv_bucket_bytes) / a.bandwidth * 1e3
+            kv_fill = kv_elems_per_pos * row["filled_mean"] * torch.finfo(dtype).bits / 8
+            floor_fill = (weight_bytes + kv_fill) / a.bandwidth * 1e3
             row.update(floor_ms_full_cache=floor_full, floor_ms_bucket=floor_bucket, floor_ms_filled=floor_fill,
                        step_over_floor=row["step_ms"] / floor_full,
                        step_over_floor_filled=row["step_ms"] / floor_fill)

@@ -172,6 +172,35 @@ def test_bench_sampling_cpu_row(tmp_path, monkeypatch):
     assert r["floor_ms_full_cache"] >= r["floor_ms_bucket"] >= r["floor_ms_filled"] > 0
 
 
+def test_bench_sampling_floors_are_the_bytes_the_timed_steps_read(tmp_path, monkeypatch):
+    """The floors in bytes: every weight but the token embedding once, plus the KV cache (k and v,
+    layers x rows x kv heads x head_dim x 4 bytes a position) over the whole cache, over the
+    buckets and over the filled positions of the timed steps, averaged as step_ms is. Fill 30,
+    buckets of 16, 4 timed steps: positions 31..34, buckets 32, 48, 48, 48 (mean 44), 32..35
+    positions filled (mean 33.5). The floors were the first step's (32 and 31 positions)."""
+    import json
+    import sys
+
+    from arvid.generator.gpt import GPT
+
+    mod = load("bench_sampling")
+    out = tmp_path / "s.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_sampling.py", "--preset", "debug", "--device", "cpu", "--batch-sizes", "1", "--codebook", "64",
+        "--candidates", "4,8,16", "--num-classes", "5", "--steps", "4", "--fill", "30", "--kv-bucket", "16",
+        "--bandwidth", "1e12", "--json", str(out)])
+    assert mod.main() == 0
+    (r,) = json.loads(out.read_text())["results"]
+    gpt = GPT.from_preset("debug", vocab_size=67, max_seq_len=69, num_classes=5)  # 64 codes + 3 length tokens
+    weights = 4 * sum(p.numel() for n, p in gpt.named_parameters() if not n.startswith("tok_emb"))
+    per_pos = 2 * 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 rows (CFG), 2 kv heads, head_dim 16, fp32
+    full = 1 + 4 * 16 + 4 - 1  # prefix + the longest sequence - 1: the cache the sampler allocates
+    for key, positions in (("floor_ms_full_cache", full), ("floor_ms_bucket", 44.0), ("floor_ms_filled", 33.5)):
+        assert r[key] == pytest.approx((weights + per_pos * positions) / 1e12 * 1e3, rel=1e-12), key
+    assert r["step_over_floor_filled"] == pytest.approx(r["step_ms"] / r["floor_ms_filled"], rel=1e-12)
+    assert (r["kv_len"], r["timed_steps"], r["kv_len_mean"], r["filled_mean"]) == (32, 4, 44.0, 33.5)
+
+
 def test_compare_residual_dtype_trains_both_streams_on_learnable_chains(tmp_path):
     res = load("compare_residual_dtype").main(["--steps", "6", "--window", "3", "--dim", "32", "--layers", "1",
                                                 "--heads", "2", "--vocab", "32", "--max-tokens", "128",
