@@ -19,7 +19,10 @@ For each batch size and each step execution (eager, cuda_graph, compile) it repo
   (measured on CUDA; on CPU estimated as batch / (prefill + mean length * step time));
 - ``recompute_speedup``: time to generate one mean-length sequence by full recompute without a
   cache (``forward_dense`` at every length, integrated over lengths measured at a few points)
-  over the cached decode time.
+  over the cached decode time. An estimate with biases both ways (a 2026-12-08 review): the cached
+  side counts a prefill of all ``--fill`` tokens (a generation prefills its prefix only) and
+  charges every step the time measured near ``--fill``; the integral takes lengths below
+  ``fill / 4`` at the time of ``fill / 4`` (at most +6.25% where forward time grows linearly).
 
 Untrained weights with a random output head: the lengths follow random length-token logits
 (mean ~ middle of the candidate range). Prints a table and writes JSON (``--json``).
