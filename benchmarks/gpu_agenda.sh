@@ -64,7 +64,9 @@
 # (ARVID_CUDNN_FE_DV_IN_PLACE / --dv-in-place: its GPU test, then the L step with and without), and
 # decodek (run whole 2026-12-07 23:52 UTC on an H100 for the five-kernel form, commit 2936cb4: all
 # passed; owed for the layer kernel since, both launch forms: its tests, probe, the variants'
-# timings with `layer=1`, and the sampler's three full runs in triton mode).
+# timings with `layer=1`, and the sampler's three full runs in triton mode). Not yet tried on the
+# training step: FUSED_RUNS="--compile-mode max-autotune-no-cudagraphs" (inductor may take Triton
+# matmul templates with the RMSNorm/SwiGLU work fused in; its autotuning adds minutes: one run a call).
 #
 #   benchmarks/gpu_agenda.sh start [RESULTS]        start in the background (setsid) and return
 #   benchmarks/gpu_agenda.sh wait  [RESULTS] [SECS]  wait until it finishes or SECS pass (default
