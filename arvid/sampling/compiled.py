@@ -164,6 +164,10 @@ def capture_decoder(dec: Any, compile_step: bool = False, warmup: int = 3,
             with torch.cuda.stream(side):
                 for _ in range(max(warmup, 1)):
                     dec.step(kv_len)
+                    # every warm-up step from the loaded buffers: consecutive ones would feed
+                    # positions past the loaded one, and past the cache's end for a batch whose
+                    # prefix leaves fewer tokens to generate than there are warm-up steps
+                    dec.restore(snap)
             main.wait_stream(side)
             dec.restore(snap)
             graph = torch.cuda.CUDAGraph()
