@@ -85,3 +85,21 @@ def test_write_grid_file(tmp_path):
     write_grid(videos, tmp_path / "g.mp4", nrow=2, pad=2)
     frames = decode_all(tmp_path / "g.mp4")
     assert frames.shape == (4, 2 * 10 + 2, 2 * 10 + 2, 3)
+
+
+def test_gif_keeps_repeated_frames_and_reads_back_in_order(tmp_path):
+    """Pillow's save_all folded a frame equal to the one before into its delay: a static clip was a
+    one-frame GIF, and a clip with a pause read back (decode_clip steps by the average rate) with
+    frames skipped and the last one repeated."""
+    from arvid.data.files import decode_clip, video_info
+
+    values = [10] * 8 + [20 + 10 * k for k in range(8)]  # a pause, then a ramp
+    clip = np.stack([np.full((8, 8, 3), v, np.uint8) for v in values])
+    write_video(clip, tmp_path / "p.gif", fps=8)
+    with Image.open(tmp_path / "p.gif") as im:
+        assert im.n_frames == 16 and im.info["duration"] == 120  # 100 / 8 rounded to whole 1/100 s
+    info = {}
+    back = decode_clip(tmp_path / "p.gif", frames=16, size=8, info=info)
+    assert [int(f[3, 3, 0]) for f in back] == values and info["padded"] == 0
+    write_video(np.repeat(clip[:1], 6, axis=0), tmp_path / "s.gif", fps=8)  # a static clip
+    assert video_info(tmp_path / "s.gif")["frames"] == 6

@@ -124,12 +124,22 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int) -> None:
 
 
 def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
-    from PIL import Image
+    """Every frame is written, each with its own adaptive palette and the same delay, ``100 / fps``
+    rounded to whole hundredths of a second (GIF's unit: fps 8 plays at 8.33). Pillow's ``save_all``
+    folded a frame equal to the one before into that one's delay, so a static clip became a one-frame
+    GIF and a clip with a pause a variable-rate one, which a reader stepping by the average frame
+    rate (:func:`arvid.data.files.decode_clip`) read back with frames skipped and the last repeated."""
+    from PIL import GifImagePlugin, Image
 
-    images = [Image.fromarray(f) for f in frames]
+    delay_ms = 10 * max(1, round(100 / fps))
     buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, round(1000 / fps)), loop=0, optimize=False, disposal=1)
+    for k, frame in enumerate(frames):
+        im = Image.fromarray(frame).convert("P", palette=Image.Palette.ADAPTIVE)
+        if k == 0:
+            header, _ = GifImagePlugin.getheader(im, None, {"loop": 0})
+            buf.write(b"".join(header))
+        buf.write(b"".join(GifImagePlugin.getdata(im, duration=delay_ms, disposal=1, include_color_table=True)))
+    buf.write(b";")
     with atomic_write(path, "wb") as f:
         f.write(buf.getvalue())
 

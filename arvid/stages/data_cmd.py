@@ -93,7 +93,8 @@ def index(root: str | os.PathLike, out_csv: str | os.PathLike, split_files: tupl
 def _run_synth(args: argparse.Namespace) -> int:
     res = synth(args.out, fmt=args.format, num=args.num, seed=args.seed, frames=args.frames, size=args.size,
                 fps=args.fps)
-    print(f"wrote {res['written']} new clips ({res['num']} in all, {len(res['classes'])} classes) "
+    # labels cycle from clip 0: fewer clips than classes hold only the first classes (before, all 10 were named)
+    print(f"wrote {res['written']} new clips ({res['num']} in all, {min(res['num'], len(res['classes']))} classes) "
           f"under {res['out']}; list: {res['csv']}")
     return 0
 
@@ -117,7 +118,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int_at_least(1), default=1000, help="number of clips (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed (default 0)")
     p.add_argument("--frames", type=int_at_least(1), default=16, help="frames per clip (default 16)")
-    p.add_argument("--size", type=int_at_least(1), default=64, help="height = width in pixels (default 64)")
+    p.add_argument("--size", type=int_at_least(4), default=64, help="height = width in pixels, at least 4 (default 64)")
     p.add_argument("--fps", type=int_at_least(1), default=8, help="frame rate written into the files (default 8)")
     p.set_defaults(func=_run_synth)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from arvid.config import int_at_least
 from arvid.generator.text import TextEncoder, train_spm
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-spm", help="train SentencePiece on captions or class names (one per line)")
     p.add_argument("--input", required=True, help="text file, one caption or class name per line")
     p.add_argument("--out", required=True, help="output folder (spm.model, text.yaml)")
-    p.add_argument("--vocab-size", type=int, required=True, help="at most this many pieces")
+    p.add_argument("--vocab-size", type=int_at_least(4), required=True, help="at most this many pieces (at least 4)")
     p.add_argument("--model-type", choices=("unigram", "bpe", "char", "word"), default="unigram",
                    help="SentencePiece model type (default unigram)")
     p.set_defaults(func=_run)
