@@ -176,3 +176,42 @@ def test_a_copied_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     report._copy(src, dst)
     assert dst.read_bytes() == b"N" * 100_000
+
+
+def test_every_quality_number_says_over_how_many_clips():
+    """The fixed-length branch's gFVD had no N, and the frame-prediction tokens per video none either,
+    though without FVD-FP they cover only the batches of the clips shown (evaluate_fp's only_kept:
+    16 of 64 held-out clips), not the held-out clips the report's first line counts."""
+    m = _metrics()
+    m["num_real_videos"] = 64
+    m["frame_prediction"] = {"context_frames": 8, "tokens_per_video": 30.25, "num_videos": 16, "example_only": True}
+    md = render_report(m)
+    assert "gFVD **640.0** at 32.0 tokens per video, 7.50 samples/s; N = 16, the same labels and seeds" in md
+    assert ("Tokens per video 30.2 over 16 clips (the batches of the clips shown: an example, not all held-out "
+            "clips).") in md
+    m["frame_prediction"]["num_videos"] = 64  # the shown clips' batches held every clip: no example note
+    assert "Tokens per video 30.2 over 64 clips.\n" in render_report(m)
+    m["frame_prediction"] = {"context_frames": 8, "tokens_per_video": 30.25, "num_videos": 64, "fvd_fp": 812.34}
+    assert "Tokens per video 30.2 over 64 clips; FVD-FP 812.3 over the same clips." in render_report(m)
+
+
+def test_the_sample_grid_is_named_only_as_copied(tmp_path):
+    """report.md named `grid.gif` whether or not it was copied beside it (sample grid_format mp4 or
+    none, a standalone report without a sample stage); metrics.json now lists what was copied."""
+    from arvid.stages.report import _media
+
+    m = _metrics()
+    m["copied"] = ["grid.mp4", "curve.png"]
+    assert "samples sorted by class: `samples_by_class.gif`; the sample stage's grid: `grid.mp4`\n" in render_report(m)
+    m["copied"] = ["curve.png"]
+    md = render_report(m)
+    assert "samples sorted by class: `samples_by_class.gif`\n" in md and "grid." not in md
+    m.pop("copied")  # a metrics.json from before "copied": as it was rendered then
+    assert "the sample stage's grid: `grid.gif`" in render_report(m)
+    errors: list[str] = []
+    assert _media(errors, tmp_path / "a.gif", lambda: None) is True and errors == []
+
+    def fail():
+        raise OSError("disk full")
+
+    assert _media(errors, tmp_path / "b.gif", fail) is False and errors == ["b.gif: OSError: disk full"]

@@ -83,14 +83,17 @@ class ReportConfig:
         check_counts(self.batch_size, self.workers, self.num_videos, fvd=self.fvd)
 
 
-def _media(errors: list[str], path: Path, write: Callable[[], Any]) -> None:
+def _media(errors: list[str], path: Path, write: Callable[[], Any]) -> bool:
     """Write one of the report's pictures or videos. A failure (a full disk, a codec) is logged and
-    recorded in metrics.json (``media_errors``), so it never costs the metrics computed before it."""
+    recorded in metrics.json (``media_errors``), so it never costs the metrics computed before it.
+    Returns whether it was written."""
     try:
         write()
     except Exception as e:  # noqa: BLE001 - any writer error; the metrics matter more
         log.error("report: %s not written: %s: %s", path, type(e).__name__, e)
         errors.append(f"{path.name}: {type(e).__name__}: {e}")
+        return False
+    return True
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -238,9 +241,12 @@ def run_report(cfg: ReportConfig) -> Path | None:
                       "sample": exp / "sample" / "sample_stats.json"}.items():
         if path.is_file():
             metrics[key] = read_json(path)
-    for src in (exp / "sample" / "grid.gif", exp / "sample" / "grid.mp4", exp / "curve" / "curve.png"):
-        if src.is_file():
-            _media(media_errors, out / src.name, lambda src=src: _copy(src, out / src.name))
+    # the earlier stages' pictures copied here (report.md names only these: the sample stage writes
+    # grid.gif only with grid_format gif or both, and a standalone report may have no sample stage)
+    metrics["copied"] = [src.name for src in (exp / "sample" / "grid.gif", exp / "sample" / "grid.mp4",
+                                              exp / "curve" / "curve.png")
+                         if src.is_file() and _media(media_errors, out / src.name,
+                                                     lambda src=src: _copy(src, out / src.name))]
     if media_errors:
         metrics["media_errors"] = media_errors
     write_json(out / "metrics.json", metrics)
@@ -286,16 +292,19 @@ def render_report(m: dict) -> str:
         lines.append("")
     g = m.get("generation")
     if g:
+        # the sample stage's grid as copied here ("copied": before it was recorded, grid.gif was named)
+        grid = [n for n in ("grid.gif", "grid.mp4") if n in m.get("copied", ["grid.gif"])]
         lines += ["## Class-to-video generation", "",
                   f"- gFVD (`{g['fvd_record']['metric']}`, protocol `{g['fvd_record']['protocol']['name']}`, "
                   f"N = {g['num_samples']}): **{g['gfvd']:.1f}** at {g['tokens_per_video']:.1f} tokens per video",
                   f"- sampling: {g['samples_per_s']:.2f} samples/s (with decoding), CFG scale {g['cfg_scale']}",
-                  "- samples sorted by class: `samples_by_class.gif`; the sample stage's grid: `grid.gif`"]
+                  "- samples sorted by class: `samples_by_class.gif`"
+                  + (f"; the sample stage's grid: `{grid[0]}`" if grid else "")]
         gf = m.get("generation_fixed")
         if gf:
             lines.append(f"- fixed-length branch (stages fixed, fixed_tokenize, fixed_generator; same budget): gFVD "
                          f"**{gf['gfvd']:.1f}** at {gf['tokens_per_video']:.1f} tokens per video, "
-                         f"{gf['samples_per_s']:.2f} samples/s")
+                         f"{gf['samples_per_s']:.2f} samples/s; N = {gf['num_samples']}, the same labels and seeds")
         lines.append("")
     if m.get("frame_prediction_skipped"):
         lines += ["## Frame prediction", "", f"Skipped: {m['frame_prediction_skipped']}.", ""]
@@ -303,8 +312,11 @@ def render_report(m: dict) -> str:
     if fp:
         lines += ["## Frame prediction", "",
                   f"{fp['context_frames']} context frames; `frame_prediction.gif`: real clips (top row) and "
-                  f"predictions (bottom row). Tokens per video {fp['tokens_per_video']:.1f}"
-                  + (f"; FVD-FP {fp['fvd_fp']:.1f} (N = {fp['num_videos']})" if "fvd_fp" in fp else "") + ".", ""]
+                  f"predictions (bottom row). Tokens per video {fp['tokens_per_video']:.1f} over {fp['num_videos']} clips"
+                  # without FVD-FP only the batches of the clips shown are continued (evaluate_fp's only_kept)
+                  + (" (the batches of the clips shown: an example, not all held-out clips)"
+                     if fp.get("example_only") and fp["num_videos"] < m["num_real_videos"] else "")
+                  + (f"; FVD-FP {fp['fvd_fp']:.1f} over the same clips" if "fvd_fp" in fp else "") + ".", ""]
     r = m.get("router")
     if r:
         lines += ["## Router", "",
