@@ -130,3 +130,22 @@ def test_negative_counts_are_config_errors(store, tmp_path, field):
     """max_text_len=-2 crashed in torch.full (a RuntimeError and a traceback) once the text table was built."""
     with pytest.raises(ValueError, match=r"max_text_len and num_classes must be >= 0 .*-2"):
         load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "run", f"{field}=-2"))
+
+
+def test_gpt_overrides_of_what_the_data_fixes_are_refused(store, tmp_path):
+    """gpt.num_classes (or the vocabulary) overridden against the token store's was taken, and the
+    run failed at its first forward with a shape error (review 2026-12-08); an override equal to the
+    data's value is harmless."""
+    from arvid.config import ConfigError
+    from arvid.generator.sequence import SequenceFormat
+
+    tok = build_tokenizer("evatok", preset="debug")
+    fmt = SequenceFormat(tok.codebook_size, tok.layout)
+    cfg = load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "a", "gpt.num_classes=5"))
+    with pytest.raises(ConfigError, match=r"gpt.num_classes=5 contradicts the data's 2 .*drop the override"):
+        train_generator.build_gpt_config(cfg, fmt, 2, None)
+    cfg = load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "b", f"gpt.vocab_size={fmt.vocab_size + 1}"))
+    with pytest.raises(ConfigError, match=r"gpt.vocab_size="):
+        train_generator.build_gpt_config(cfg, fmt, 2, None)
+    cfg = load_config(TrainGeneratorConfig, None, overrides(store, tmp_path / "c", "gpt.num_classes=2"))
+    assert train_generator.build_gpt_config(cfg, fmt, 2, None).num_classes == 2

@@ -171,6 +171,14 @@ def build_gpt_config(cfg: TrainGeneratorConfig, fmt: SequenceFormat, num_classes
         base["text_vocab_size"], base["max_text_len"], base["text_pad_id"] = text
     n_prefix = (1 if base.get("num_classes", 0) else 0) + base.get("max_text_len", 0)
     base["max_seq_len"] = max(n_prefix, 1) + fmt.max_length
+    # what the token store and the conditioning fix: an override would size the model against the data
+    derived = {k: base[k] for k in ("vocab_size", "num_classes", "text_vocab_size", "max_text_len", "text_pad_id")
+               if k in base and (k != "num_classes" or cfg.conditioning == "class")}
+    clash = {k: v for k, v in cfg.gpt.items() if k in derived and v != derived[k]}
+    if clash:
+        raise ConfigError(f"{cfg.out_dir} (train-generator): "
+                          + "; ".join(f"gpt.{k}={v!r} contradicts the data's {derived[k]!r}" for k, v in clash.items())
+                          + " (set from the token store's vocabulary, the classes and the text model): drop the override")
     base.update(cfg.gpt)
     gpt = from_dict(GPTConfig, base, source=f"{cfg.out_dir} (train-generator)", prefix="gpt.")
     need = max(n_prefix, 1) + fmt.max_length
