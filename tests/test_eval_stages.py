@@ -498,3 +498,36 @@ def test_fake_clips_are_scored_as_they_read_back_from_8bit_files(monkeypatch):
         sides.add_real(b["video"])
         sides.fake("x").update(v, real=False)
     assert sides.result("x")["fvd"] != results[0]
+
+
+def test_real_labels_past_the_generators_classes_are_refused_not_sampled_as_the_null_class(env, tmp_path,
+                                                                                            monkeypatch):
+    """Found in a chain review: train-generator sizes the class table from the store's largest
+    label (a store of 9 synthetic clips: classes 0..8), and eval gen / fp / the report took the real
+    clips' labels as class ids unchecked: a clip of class 9 (the data has 10) was sampled with id 9,
+    the GPT's null class, i.e. unconditionally, and counted in the gFVD as class 9 without an error."""
+    from arvid.config import ConfigError
+    from arvid.stages.evaluate import FPEvalConfig, GenEvalConfig, evaluate_fp, evaluate_gen
+    from arvid.stages.train_generator import TrainGeneratorConfig, run
+    from arvid.training import TrainerConfig
+
+    fake_i3d(monkeypatch)
+    from arvid.tokenizer.base import load_tokenizer
+
+
+    tok = load_tokenizer(env / "tok")
+    write_random_store(tmp_path / "store9", tok, 9, 9)
+    run(TrainGeneratorConfig(token_store=str(tmp_path / "store9"), tokenizer=str(env / "tok"), preset="debug",
+                             gpt=dict(attn_backend="sdpa"), max_tokens=200, out_dir=str(tmp_path / "gen"),
+                             trainer=TrainerConfig(max_steps=1, batch_size=1, device="cpu", progress=False,
+                                                   checkpoint_every=0)))
+    kw = dict(data=DataConfig(**DATA), split="val", num_videos=4, generator=str(tmp_path / "gen" / "gpt"),
+              tokenizer=str(env / "tok"), protocol="synthetic", batch_size=4, device="cpu")
+    assert build_dataset(DataConfig(**DATA), "val").label_of(3) == 9  # val labels 6, 7, 8, 9
+    with pytest.raises(ConfigError, match=r"labels reach 9, but generator .* has 9 classes \(0..8; id 9 is its null"):
+        evaluate_gen(GenEvalConfig(**kw))
+    with pytest.raises(ConfigError, match=r"labels reach 9, but generator .* has 9 classes"):
+        evaluate_fp(FPEvalConfig(**{**kw, "context_frames": 2}))
+    # the first three clips (classes 6..8) are the GPT's own classes
+    r = evaluate_gen(GenEvalConfig(**{**kw, "num_videos": 3}))
+    assert r["num_samples"] == 3

@@ -45,3 +45,29 @@ def test_negative_workers_are_refused_naming_the_file_and_field(tmp_path):
     p.write_text("num_workers: -1\n")
     with pytest.raises(ConfigError, match=r"tok.yaml: invalid TokenizeConfig: num_workers must be >= 0, got -1"):
         load_config(TokenizeConfig, p)
+
+
+def test_the_router_chooses_in_fp32_under_bf16_inference(tmp_path):
+    """Found in a chain review: tokenize ran the router inside the tokenizer's inference autocast
+    (bf16 with precision bf16, and on CUDA with auto), train-router's evaluation and eval recon in
+    fp32: near-tied clips were stored under another assignment than the one the router's metrics
+    and the report's reconstruction counted (3 of 64 clips here)."""
+    from arvid.data.datasets import build_dataset
+    from arvid.tokenizer.router import Router
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("evatok", dict(frames_per_block=[2, 2, 2, 2], candidates=[1, 4, 16], image_size=16,
+                                         quantizer=dict(kind="fsq", levels=(8, 5, 5, 5))), preset="debug")
+    tok.save_pretrained(tmp_path / "tok")
+    router = Router.from_preset("debug", tok.layout, 16).eval()
+    torch.nn.init.normal_(router.head.weight, std=0.02)  # a trained router's head is not zero
+    router.save_pretrained(tmp_path / "router")
+    data = DataConfig(source="synthetic", frames=8, size=16, num_videos=64, random_start=False)
+    run(TokenizeConfig(data=data, tokenizer=str(tmp_path / "tok"), router=str(tmp_path / "router"),
+                       precision="bf16", batch_size=16, device="cpu", out_dir=str(tmp_path / "out")))
+    ds = build_dataset(data, "train")
+    x = torch.stack([ds[i]["video"] for i in range(64)])
+    fp32 = router.choose(x)
+    assert TokenStore(tmp_path / "out" / "tokens").block_lengths.tolist() == fp32.tolist()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the final tokenizer's bf16 training step
+        assert router.choose(x).tolist() == fp32.tolist()

@@ -423,6 +423,18 @@ def _budgeted_sampler(cfg: GenEvalConfig, gpt: Any, tok: Any, labels: torch.Tens
              "calibration_videos": n})
 
 
+def check_class_labels(labels: torch.Tensor, gpt: Any, generator: str) -> None:
+    """Refuse real clips whose labels the class-conditional ``gpt`` has no class for: id
+    ``num_classes`` is its null (CFG) class, so such a clip was sampled unconditionally and counted
+    as its class without an error (larger ids failed inside the sampler). ``train-generator`` sizes
+    the class table from the token store's largest label unless ``num_classes`` is given."""
+    nc = int(gpt.config.num_classes)
+    if nc > 0 and labels.numel() and int(labels.max()) >= nc:
+        raise ConfigError(f"the real clips' labels reach {int(labels.max())}, but generator {str(generator)!r} has "
+                          f"{nc} classes (0..{nc - 1}; id {nc} is its null class): its token store held no higher "
+                          "label; train it with num_classes set to the data's class count")
+
+
 @torch.no_grad()
 def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides | None = None,
                  labels: torch.Tensor | None = None, keep: Iterable[int] = (), name: str = "gen") -> dict:
@@ -442,13 +454,14 @@ def evaluate_gen(cfg: GenEvalConfig, clips: ClipSet | None = None, fvd: FVDSides
     gpt = _load_gpt(cfg.generator, device, cfg.precision, tok, cfg.tokenizer)
     check_clip_shape(cfg.data, tok, cfg.tokenizer)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
+    if labels is None:
+        labels = clips.labels()
+    check_class_labels(labels, gpt, cfg.generator)  # before the real side is read
     fvd = fvd or FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
     if fvd.needs_real:
         for _, b in clips.batches(f"real {cfg.split} clips"):
             fvd.add_real(b["video"])
         fvd.real_side()
-    if labels is None:
-        labels = clips.labels()
     class_ids = labels if gpt.config.num_classes > 0 else None
     scfg, cap, budget = _budgeted_sampler(cfg, gpt, tok, class_ids, device)
     n = int(labels.numel())
@@ -640,6 +653,8 @@ def evaluate_fp(cfg: FPEvalConfig, clips: ClipSet | None = None, fvd: FVDSides |
 
         check_context_blocks(training_record(cfg.generator), tok.layout, cfg.context_frames, cfg.generator)
     clips = clips or ClipSet(cfg.data, cfg.split, cfg.num_videos, cfg.protocol, cfg.batch_size, cfg.workers)
+    if gpt.config.num_classes > 0:
+        check_class_labels(clips.labels(), gpt, cfg.generator or "in use")
     if fvd is None and cfg.protocol:
         fvd = FVDSides(cfg.protocol, cfg.fvd_weights, device, cfg.real_stats, clips)
     sampler = Sampler(gpt, sequence_format_for(gpt, tok), cfg.sampler)

@@ -18,6 +18,7 @@ Outputs: ``config.yaml``, the Trainer's checkpoints, ``router/`` (save_pretraine
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -173,6 +174,21 @@ def check_same_videos(data: DataConfig, curation: str, what: str = "curation") -
             + " (its labels are per dataset index; use the data section the curation used)")
 
 
+def curated_cut(data: DataConfig, curation: str) -> DataConfig:
+    """``data`` with the clip starts and flips of the curation's clips (its recorded ``config.yaml``;
+    without a record: fixed starts, no flips, as curation is meant to run). The held-out rewards
+    are those of the curated clips, so the router is scored on those clips, not on the random
+    starts or flips that ``data`` may give its training clips (before, a held-out video of a file
+    dataset with ``random_start: true`` was scored on another cut of the video than its rewards'
+    and its beam records were completed on that other cut)."""
+    path = Path(curation) / "config.yaml"
+    saved = read_yaml(path).get("data") if path.is_file() else None
+    if isinstance(saved, dict):
+        theirs = from_dict(DataConfig, saved, source=str(path), prefix="data.")
+        return dataclasses.replace(data, random_start=theirs.random_start, flip=theirs.flip)
+    return dataclasses.replace(data, random_start=False, flip=False)
+
+
 @torch.no_grad()
 def evaluate_router(router: Router, dataset, records: CurationRecords, stats: RewardStats, w_q: float,
                     w_l: float, device: torch.device, batch_size: int = 32) -> dict:
@@ -240,7 +256,9 @@ def run(cfg: TrainRouterConfig) -> Path:
             raise ConfigError(f"train-router: val_fraction {cfg.val_fraction} of {vids.size} curated videos holds "
                               f"out all {n_val} of them, leaving none to train on; lower it or give val_curation")
         train_ids, val_ids = vids[:-n_val], vids[-n_val:]
-        val_records, val_base = records.select_videos(val_ids), base
+        # a fresh dataset (the first epoch's cut) of the curated clips: not the training set's cut
+        val_records = records.select_videos(val_ids)
+        val_base = build_dataset(curated_cut(cfg.data, cfg.curation), split)
         train_labels = labels[:-n_val]
     else:
         val_records, _, val_info = _curation(cfg.val_curation)
@@ -254,7 +272,7 @@ def run(cfg: TrainRouterConfig) -> Path:
                     "under one proxy and one distortion (curate the held-out split with the same ones)")
         val_split = read_yaml(Path(cfg.val_curation) / "config.yaml").get("split", "val")
         check_same_videos(cfg.data, cfg.val_curation, "val_curation")
-        val_base = build_dataset(cfg.data, val_split)
+        val_base = build_dataset(curated_cut(cfg.data, cfg.val_curation), val_split)
         train_ids, train_labels = vids, labels
     soft = None
     if cfg.targets == "soft":

@@ -161,8 +161,15 @@ class Router(nn.Module, PretrainedMixin):
 
         ``budget_bias`` subtracts ``budget_bias * tokens / max_tokens`` from each logit: > 0 favours
         cheaper assignments, < 0 richer ones.
+
+        Always in the router's own dtype, outside any autocast: the choice is the same function of
+        the clip in every stage (train-router's evaluation and eval recon run it in fp32; tokenize
+        under bf16 inference autocast and the final tokenizer's bf16 training step chose other
+        assignments for near-tied clips before).
         """
-        logits = self(video).float()
+        dtype = next(self.parameters()).dtype  # the clip in the router's dtype (autocast no longer casts it)
+        with torch.autocast(video.device.type, enabled=False):
+            logits = self(video.to(dtype)).float()
         if budget_bias:
             logits = logits - budget_bias * self.assignment_lengths / float(self.layout.max_tokens)
         return logits.argmax(-1)
