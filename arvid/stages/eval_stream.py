@@ -334,6 +334,10 @@ class FVDSides:
         if not self.needs_real:
             return
         self._extractor()
+        from arvid.data.video import as_8bit
+
+        if videos.dim() == 5 and videos.is_floating_point():  # as add_fake: a no-op on clips read from files
+            videos = as_8bit(videos.to(self.device))
         self.real.update(videos.to(self.device), real=True)
 
     def fake(self, name: str):
@@ -351,7 +355,9 @@ class FVDSides:
     def add_fake(self, name: str, videos: torch.Tensor) -> None:
         """Generated or reconstructed clips, float in [-1, 1], rounded to 8-bit levels first
         (:func:`arvid.data.video.as_8bit`): the same FVD as for the clips written to files and read
-        back (``arvid eval fvd REAL FAKE``), as the reference code reads saved frames."""
+        back (``arvid eval fvd REAL FAKE``), as the reference code reads saved frames. Real clips
+        are rounded too (:meth:`add_real`: a no-op for clips decoded from files; synthetic clips
+        are then scored as written to files as well)."""
         from arvid.data.video import as_8bit
 
         if videos.dim() == 5 and videos.is_floating_point():
