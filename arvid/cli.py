@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("ARVID_DEBUG"):
             raise
-        print(f"arvid {args.command}: error: {e}", file=sys.stderr)
+        # one line: a parser's message (PyYAML's problem marks) may span several
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"arvid {args.command}: error: {msg}", file=sys.stderr)
         return 1
     return int(rc or 0)
 
