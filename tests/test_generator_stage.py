@@ -128,12 +128,15 @@ def test_an_interrupted_run_resumes_only_with_its_config_and_tokenizer(setup, tm
     assert tok.fingerprint() in (out / "gpt" / "config.yaml").read_text()
 
 
-def test_peak_tflops_zero_measures_the_matmul_peak_and_takes_mfu_against_it(setup, tmp_path):
+def test_peak_tflops_zero_measures_the_matmul_peak_and_takes_mfu_against_it(setup, tmp_path, caplog):
     root, _ = setup
     out = tmp_path / "peak"
-    train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
-                                    overrides(root, out, "peak_tflops=0", "trainer.max_steps=2")))
+    with caplog.at_level("INFO", logger="arvid"):
+        train_generator.run(load_config(TrainGeneratorConfig, "configs/generator/debug.yaml",
+                                        overrides(root, out, "peak_tflops=0", "trainer.max_steps=2")))
     done = json.loads((out / "done").read_text())
+    # the run ends with a line giving its steps and last loss (it printed nothing after the start)
+    assert f"train-generator: 2 steps, loss {done['losses']['main']:.4f}" in caplog.text
     assert done["peak_measured"] is True and 0 < done["peak_tflops"] < 100  # a CPU's float32 matmul rate
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "mfu" in r]
     assert records

@@ -479,3 +479,12 @@ def test_checks_that_need_the_models_fail_before_the_previous_outputs_go(dirs, t
     with pytest.raises(ConfigError, match=rf"context_count=5 is not a token count of the tokenizer.*{lo}, {hi}"):
         cli(uncond[:-1] + ["--context", str(tmp_path / "c.mp4"), "--context-frames", "3", "grid_format=none",
                            "context_count=5"])
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(dirs, tmp_path, capsys):
+    """The sample stage's bar wrote tqdm's '\\r' lines into log files (its bar was not gated on a
+    terminal, as the trainer's and the evaluations' are): a fresh-user walkthrough, 2026-12-08."""
+    assert cli(["sample", "--generator", str(dirs / "gpt"), "--tokenizer", str(dirs / "tok"), "--classes", "0",
+                "--per-class", "2", "--out", str(tmp_path / "o"), "grid_format=none"]) == 0
+    err = capsys.readouterr().err
+    assert "sample[0]" not in err and "\r" not in err

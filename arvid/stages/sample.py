@@ -472,8 +472,9 @@ def run(cfg: SampleConfig) -> Path:
     from tqdm.auto import tqdm
 
     my_rows = sum(min(cfg.batch_size, plan.n - j * cfg.batch_size) for j in my_batches)
+    # None: tqdm's own test, off when stderr is not a terminal (a log file gets no '\r' lines)
     bar = tqdm(total=my_rows, desc=f"sample[{rank}]", unit="video",
-               disable=not state.is_local_main_process)
+               disable=None if state.is_local_main_process else True)
     it = iter_sample_batches(gpt, tokenizer, scfg, batch_size=cfg.batch_size, seed=cfg.seed, batches=my_batches,
                              budget=budget_cap, decode=False, sampler=sampler, **kw)
     while True:

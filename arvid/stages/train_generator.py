@@ -326,6 +326,8 @@ def run(cfg: TrainGeneratorConfig) -> Path:
     write_json(out / "done", {"stage": "train-generator", "step": result.step, "losses": result.losses,
                               "params": gpt.num_params(), "batches_per_epoch": len(dataset),
                               "peak_tflops": peak, "peak_measured": not cfg.peak_tflops})
+    log.info("train-generator: %d steps, loss %.4f (%.0f s) -> %s", result.step, result.loss, result.wall_time_s,
+             out / "gpt")
     return out
 
 
