@@ -85,6 +85,20 @@ def test_write_grid_file(tmp_path):
     write_grid(videos, tmp_path / "g.mp4", nrow=2, pad=2)
     frames = decode_all(tmp_path / "g.mp4")
     assert frames.shape == (4, 2 * 10 + 2, 2 * 10 + 2, 3)
+    # the pixels, built by hand: clip i at row i // 2, column i % 2 behind a 2-pixel white border,
+    # the empty 4th slot white; lossy (yuv420p on 8x8 tiles), so each tile must be near its own
+    # clip and nearer to it than to any other slot's content
+    want = np.full((4, 22, 22, 3), 255.0)
+    tiles = (videos.permute(0, 2, 3, 4, 1).numpy() + 1) * 127.5  # [3, T, H, W, C]
+    slot = [(slice(None), slice(2 + r * 10, 10 + r * 10), slice(2 + k * 10, 10 + k * 10))
+            for r, k in (divmod(i, 2) for i in range(4))]
+    for i in range(3):
+        want[slot[i]] = tiles[i]
+    got = frames.astype(float)
+    assert np.abs(got - want).mean() < 8.0
+    for i in range(4):
+        err = [np.abs(got[slot[i]] - want[slot[j]]).mean() for j in range(4)]
+        assert err[i] < 16.0 and err[i] < 0.6 * min(e for j, e in enumerate(err) if j != i), (i, err)
 
 
 def test_gif_keeps_repeated_frames_and_reads_back_in_order(tmp_path):

@@ -77,13 +77,35 @@ def test_undecodable_files_raise_bad_video_error_naming_the_file(files, name):
         decode_clip(files[name], frames=8, size=16)
 
 
-def test_truncated_file_gives_the_frames_before_the_cut_or_a_clear_error(files):
+def _prefix_then_repeat(clip: np.ndarray, values: list[int]) -> int:
+    """Asserts each frame of ``clip`` is flat at values[0], values[1], ... up to some frame n, and
+    repeats frame n - 1 after it (past the end of what could be decoded); returns n."""
+    got = clip.reshape(clip.shape[0], -1).mean(1)
+    n = 1
+    while n < len(got) and n < len(values) and abs(got[n] - values[n]) <= 3 and abs(got[n] - got[n - 1]) > 3:
+        n += 1
+    np.testing.assert_allclose(got[:n], values[:n], atol=3)
+    assert (clip[n:] == clip[n - 1]).all(), got
+    return n
+
+
+def test_truncated_file_gives_the_frames_before_the_cut_or_a_clear_error(files, tmp_path):
+    values = [40 + 20 * i for i in range(8)]  # the frames of "good", which "truncated" cuts
     try:
         clip = decode_clip(files["truncated"], frames=8, size=16)
-    except BadVideoError as e:
+    except BadVideoError as e:  # mp4 keeps its index at the end: the cut loses it
         assert "truncated.mp4" in str(e)
     else:
         assert clip.shape == (8, 16, 16, 3) and clip.dtype == np.uint8
+        _prefix_then_repeat(clip, values)
+    # a streamable container (mkv, intra-only ffv1) cut at 70%: the frames before the cut come back,
+    # then the last of them repeats
+    mkv = write_av(tmp_path / "good.mkv", [flat(v) for v in values], codec="ffv1", pix_fmt="yuv444p")
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(mkv.read_bytes()[: len(mkv.read_bytes()) * 7 // 10])
+    clip = decode_clip(cut, frames=8, size=16)
+    assert clip.shape == (8, 16, 16, 3) and clip.dtype == np.uint8
+    assert 2 <= _prefix_then_repeat(clip, values) < 8
 
 
 def test_degenerate_but_valid_files_decode_to_the_requested_shape(files):

@@ -57,11 +57,23 @@ def test_adaptive_weight_is_grad_norm_ratio():
     assert adaptive_gan_weight(rec, gan, w, max_weight=2.0).item() == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize("kind", ["2d", "3d"])
-def test_discriminator_shapes(kind):
+@pytest.mark.parametrize("kind,patches", [("2d", 8 * 6 * 6), ("3d", 2 * 6 * 6)])
+def test_discriminator_shapes(kind, patches):
+    # by hand, 32 x 32 pixels: stride-2 k4 p1 convs 32 -> 16 -> 8, then k4 s1 p1 convs 8 -> 7 -> 6;
+    # 2d: each of the 8 frames on its own; 3d: time (k3 p1) 8 -> 4 -> 2 (stride 2 twice), then 2 -> 2
+    torch.manual_seed(0)
     d = PatchDiscriminator(3, 8, 2, kind)
-    out = d(torch.zeros(2, 3, 8, 32, 32))
-    assert out.dim() == 2 and out.shape[0] == 2 and out.shape[1] > 1
+    video = torch.rand(2, 3, 8, 32, 32) * 2 - 1
+    out = d(video)
+    assert out.shape == (2, patches)
+    # one row per video, from that video alone (GroupNorm, not BatchNorm: no mixing in a batch)
+    torch.testing.assert_close(d(video[1:]), out[1:], atol=1e-5, rtol=1e-5)
+    other = video.clone()
+    other[0, :, 3] = 0.0  # change frame 3 of video 0
+    changed = (d(other) - out).abs() > 1e-6
+    assert not changed[1].any() and changed[0].any()
+    if kind == "2d":  # frame t's logits are columns [36 t, 36 t + 36) of its video's row
+        assert changed[0, 3 * 36:4 * 36].all() and not changed[0, :3 * 36].any() and not changed[0, 4 * 36:].any()
 
 
 def test_task_groups_and_disjoint_gradients():
@@ -140,10 +152,13 @@ def test_samplers():
 
 
 def test_lpips_term_when_weights_are_installed():
-    lpips_mod = pytest.importorskip("arvid.eval.lpips")
+    from arvid.eval import weights as W
+
+    # only missing weights are a skip (LPIPS's constructor reads no file: probing it with a bare
+    # `except Exception` could only turn a broken constructor into a skip)
     try:
-        lpips_mod.LPIPS(net="alex")
-    except Exception as e:  # the weights package is not installed here
+        W.require(W.LPIPS_ALEX)
+    except W.WeightsError as e:  # the weights package is not installed here
         pytest.skip(f"LPIPS weights unavailable: {e}")
     torch.manual_seed(0)
     tok = build_tokenizer("evatok", preset="debug")

@@ -45,6 +45,12 @@ def test_vq_losses_and_codebook_gradient():
     torch.testing.assert_close(out.losses["commit"], F.mse_loss(zn, e.detach()))
     out.losses["codebook"].backward()
     assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0
+    # the codebook loss pulls each chosen code (l2-normalised) towards its (fixed) input: its value
+    # and its gradient on the raw codebook, from a fresh leaf
+    raw = vq.codebook.detach().clone().requires_grad_(True)
+    ref = F.mse_loss(F.normalize(raw, dim=-1)[out.indices], zn)
+    torch.testing.assert_close(out.losses["codebook"], ref)
+    torch.testing.assert_close(vq.codebook.grad, torch.autograd.grad(ref, raw)[0])
     assert torch.equal(vq.lookup(out.indices), e.detach())
 
 
@@ -151,10 +157,17 @@ def fsq_inverse(fsq: FSQ, unit: torch.Tensor) -> torch.Tensor:
 
 
 def test_fsq_straight_through_gradient():
-    fsq = FSQ(QuantizerConfig(kind="fsq", levels=(5, 5)))
-    z = torch.randn(10, 2, requires_grad=True)
+    fsq = FSQ(QuantizerConfig(kind="fsq", levels=(5, 4)))
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     fsq(z).z_q.sum().backward()
     assert z.grad is not None and (z.grad > 0).all()
+    # straight through the rounding: the derivative of the bound, tanh(z + shift) * half, over the
+    # unit scale L // 2, by hand per level: L = 5: half 2 * 1.001, no shift; L = 4: half 1.5 * 1.001,
+    # shift atanh(0.5 / half) (the half-step offset)
+    half = torch.tensor([2 * 1.001, 1.5 * 1.001], dtype=torch.float64)
+    shift = torch.tensor([0.0, math.atanh(0.5 / (1.5 * 1.001))], dtype=torch.float64)
+    want = (1 - torch.tanh(z.detach().double() + shift) ** 2) * half / torch.tensor([2.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(z.grad.double(), want, atol=1e-6, rtol=1e-5)
 
 
 def test_config_validation_and_build():
