@@ -108,3 +108,25 @@ def test_not_found_names_the_cache_it_looked_at_and_why_it_was_not_used(no_sourc
     with pytest.raises(W.WeightsError, match=r"was looked at first: rejected \(.*have tensor sha256 [0-9a-f]{64}, "
                                              r"expected the recorded df17aa20"):
         W.load_spec(W.I3D_K400)
+
+
+def test_a_weights_dir_that_is_not_a_directory_is_said_and_a_tilde_is_expanded(tmp_path, monkeypatch, caplog):
+    """$ARVID_WEIGHTS_DIR with a typo fell back to the installed package in silence, and `~` in it or
+    in a given path was taken literally (review 2026-12-08)."""
+    from arvid.eval import weights as W
+
+    monkeypatch.setattr(W, "package_dir", lambda package: None)  # no installed package to fall back to
+    monkeypatch.setenv("ARVID_WEIGHTS_DIR", str(tmp_path / "no_such_dir"))
+    W._warn_weights_dir.cache_clear()
+    with caplog.at_level("WARNING", logger="arvid.weights"), pytest.raises(W.WeightsError) as e:
+        W.locate(W.LPIPS_ALEX)
+    assert f"$ARVID_WEIGHTS_DIR '{tmp_path / 'no_such_dir'}' (not a directory)" in str(e.value)
+    assert "is not a directory: weights are looked for in the installed packages instead" in caplog.text
+    home = tmp_path / "home"
+    (home / "w").mkdir(parents=True)
+    (home / "w" / W.LPIPS_ALEX.filename).write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("ARVID_WEIGHTS_DIR", "~/w")
+    assert W.locate(W.LPIPS_ALEX) == home / "w" / W.LPIPS_ALEX.filename
+    monkeypatch.delenv("ARVID_WEIGHTS_DIR")
+    assert W.locate(W.LPIPS_ALEX, f"~/w/{W.LPIPS_ALEX.filename}") == home / "w" / W.LPIPS_ALEX.filename

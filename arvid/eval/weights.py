@@ -24,7 +24,9 @@ Where a source file is looked for, in order:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,13 +233,19 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@functools.cache
+def _warn_weights_dir(env: str) -> None:
+    logging.getLogger("arvid.weights").warning(
+        "$ARVID_WEIGHTS_DIR=%r is not a directory: weights are looked for in the installed packages instead", env)
+
+
 def locate(spec: WeightSpec, path: str | os.PathLike | None = None) -> Path:
     """The source file for ``spec``: ``path``, else ``$ARVID_WEIGHTS_DIR``, else the installed package.
 
     Raises :class:`WeightsError` naming every place looked at and the install command.
     """
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.is_file():
             where = f" (give the file inside it, e.g. {str(p / spec.filename)!r})" if p.is_dir() else ""
             raise WeightsError(f"{spec.name} weights: {missing_file(p)}{where}; {spec.install_hint()}")
@@ -245,11 +253,15 @@ def locate(spec: WeightSpec, path: str | os.PathLike | None = None) -> Path:
     looked = []
     env = os.environ.get("ARVID_WEIGHTS_DIR")
     if env:
-        for fname in (spec.name + ".safetensors", spec.filename):
-            p = Path(env) / fname
-            looked.append(str(p))
-            if p.is_file():
-                return p
+        if not Path(env).expanduser().is_dir():  # a typo would otherwise pass unseen (the package is read)
+            looked.append(f"$ARVID_WEIGHTS_DIR {env!r} (not a directory)")
+            _warn_weights_dir(env)
+        else:
+            for fname in (spec.name + ".safetensors", spec.filename):
+                p = Path(env).expanduser() / fname
+                looked.append(str(p))
+                if p.is_file():
+                    return p
     pdir = package_dir(spec.package)
     if pdir is not None:
         p = pdir / spec.relpath
