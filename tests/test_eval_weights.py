@@ -86,10 +86,10 @@ def test_require_refuses_a_truncated_or_stale_cache_that_load_spec_would_refuse(
     save_weights(state, cached, metadata={"tensors_sha256": W.LPIPS_ALEX.tensors_sha256})
     W.require(W.LPIPS_ALEX)  # the header alone looks right: require reads no tensors
     cached.write_bytes(cached.read_bytes()[:-10])
-    with pytest.raises(W.WeightsError, match=r"was looked at first: rejected \(truncated\)"):
+    with pytest.raises(W.WeightsError, match=r"was looked at first: rejected \(truncated or damaged"):
         W.require(W.LPIPS_ALEX)
     cached.write_bytes(b"\x00" * 3)
-    with pytest.raises(W.WeightsError, match=r"was looked at first: rejected \(truncated\)"):
+    with pytest.raises(W.WeightsError, match=r"was looked at first: rejected \(truncated or damaged"):
         W.require(W.LPIPS_ALEX)
 
 

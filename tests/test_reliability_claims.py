@@ -133,29 +133,6 @@ def test_an_odd_sized_video_is_resized_on_its_short_side_and_center_cropped(tmp_
     assert clip.max() <= 8, clip[0, :, :, 0].mean(0).round()
 
 
-def test_tokenize_counts_the_unreadable_videos_it_leaves_out_in_the_log(tmp_path, caplog):
-    """Row "corrupt bytes, empty file ...": `tokenize (not in the store, counted in the log)`; the
-    tokenize test showed the store, not the count."""
-    from arvid.data.datasets import DataConfig
-    from arvid.data.token_store import TokenStore
-    from arvid.stages.data_cmd import synth
-    from arvid.stages.tokenize import TokenizeConfig, run
-    from arvid.tokenizer.base import build_tokenizer
-
-    synth(tmp_path / "vids", fmt="mp4", num=4, seed=4, frames=8, size=16)
-    paths = sorted((tmp_path / "vids").rglob("*.mp4"))
-    paths[1].write_bytes(b"")
-    torch.manual_seed(0)
-    build_tokenizer("evatok", dict(frames_per_block=[2, 2, 2, 2], candidates=[1, 4], image_size=16),
-                    preset="debug").save_pretrained(tmp_path / "tok")
-    data = DataConfig(source="folder", root=str(tmp_path / "vids"), frames=8, size=16, random_start=False)
-    with caplog.at_level("WARNING", logger="arvid"):
-        run(TokenizeConfig(data=data, tokenizer=str(tmp_path / "tok"), fixed_assignment=[1, 4, 1, 4], batch_size=2,
-                           device="cpu", out_dir=str(tmp_path / "out")))
-    assert "tokenize: 1 unreadable video(s) left out of the store" in caplog.text
-    assert len(TokenStore(tmp_path / "out" / "tokens")) == 3
-
-
 def _vfr_file(tmp_path: Path) -> Path:
     import av
 

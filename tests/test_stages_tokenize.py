@@ -13,7 +13,7 @@ from arvid.stages.tokenize import TokenizeConfig, run
 from arvid.tokenizer.base import build_tokenizer
 
 
-def test_an_unreadable_video_is_left_out_not_stored_as_its_neighbour(tmp_path):
+def test_an_unreadable_video_is_left_out_not_stored_as_its_neighbour(tmp_path, caplog):
     """A file dataset returns the next readable video for an unreadable one (on_bad_video: skip).
     tokenize stored it under the unreadable file's id and position: the neighbour twice, the
     second time with the bad file's name."""
@@ -27,7 +27,9 @@ def test_an_unreadable_video_is_left_out_not_stored_as_its_neighbour(tmp_path):
     data = DataConfig(source="folder", root=str(tmp_path / "vids"), frames=8, size=16, random_start=False)
     cfg = dict(data=data, tokenizer=str(tmp_path / "tok"), fixed_assignment=[1, 4, 16, 1], batch_size=2,
                device="cpu")
-    run(TokenizeConfig(out_dir=str(tmp_path / "out"), **cfg))
+    with caplog.at_level("WARNING", logger="arvid"):
+        run(TokenizeConfig(out_dir=str(tmp_path / "out"), **cfg))
+    assert "tokenize: 1 unreadable video(s) left out of the store" in caplog.text  # RELIABILITY's count
     store = TokenStore(tmp_path / "out" / "tokens")
     assert [Path(v).name for v in store.video_ids] == [paths[i].name for i in (0, 2, 3)]
     assert store.labels.tolist() == [0, 2, 3]

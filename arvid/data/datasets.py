@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch.utils.data import Dataset
 
 from arvid.config import ConfigError, doc, nested
@@ -80,6 +81,14 @@ class DataConfig:
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def requested(batch: dict, ids: torch.Tensor) -> torch.Tensor:
+    """``bool [b]``: which items of a collated ``batch`` are the videos of dataset indices ``ids``
+    asked for. A file dataset hands out the next readable video for a file it cannot decode
+    (``on_bad_video: skip``) under that video's own ``index``; a stage that keeps a result per index
+    leaves such items out (else the neighbour is filed twice, once under the bad file's index)."""
+    return torch.as_tensor(batch.get("index", ids)).long().reshape(-1) == ids
 
 
 def build_dataset(cfg: DataConfig, split: Split = "train") -> Dataset:

@@ -290,29 +290,17 @@ def _cached(spec: WeightSpec, path: str | os.PathLike | None, use_cache: bool = 
 
 def _cache_header_problem(spec: WeightSpec, cached: Path) -> str:
     """Why the cache file ``cached`` will be rejected, from its safetensors header alone ("" when it
-    looks whole): shorter than its header says (truncated), or written for other tensors (its
-    recorded ``tensors_sha256``). Reads a few KiB, not the tensors."""
-    import json
-    import struct
+    looks whole): not covered by its file (truncated; safetensors checks this on opening), or
+    written for other tensors (its recorded ``tensors_sha256``). Reads the header, not the tensors."""
+    from safetensors import safe_open
 
     try:
-        size = cached.stat().st_size
-        with open(cached, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "truncated"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return "truncated"
-            header = json.loads(f.read(n))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        if size < 8 + n + max(ends, default=0):
-            return "truncated"
-        recorded = (header.get("__metadata__") or {}).get("tensors_sha256")
-        if recorded and recorded != spec.tensors_sha256:
-            return f"converted for tensors {recorded}, not the recorded {spec.tensors_sha256}"
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        return f"not a readable safetensors file ({type(e).__name__})"
+        with safe_open(str(cached), "pt") as f:
+            recorded = (f.metadata() or {}).get("tensors_sha256")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for any bad header
+        return f"truncated or damaged: {e}"
+    if recorded and recorded != spec.tensors_sha256:
+        return f"converted for tensors {recorded}, not the recorded {spec.tensors_sha256}"
     return ""
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from arvid.config import ConfigError, changed_keys, config_fingerprint, doc, load_config, nested, save_config
-from arvid.data.datasets import DataConfig, build_dataset
+from arvid.data.datasets import DataConfig, build_dataset, requested
 from arvid.io import atomic_write, check_writable, read_json, write_json
 from arvid.tokenizer.base import load_tokenizer
 from arvid.tokenizer.reward import (
@@ -124,10 +124,9 @@ def process_info() -> ProcessInfo:
 def _load_videos(dataset, indices: list[int], num_workers: int, batch: int):
     """Yield ``(indices LongTensor[b], videos float [b, C, T, H, W], unreadable list[int])`` in order.
 
-    A file dataset hands out the next readable video for a file it cannot decode
-    (``on_bad_video: skip``), under that video's own ``index``: such items are left out of
-    ``indices`` / ``videos`` (else the neighbour would be scored twice, once under the bad file's
-    index) and their requested indices listed in ``unreadable``."""
+    Items that are not the video asked for (:func:`arvid.data.datasets.requested`: an unreadable
+    file's stand-in) are left out of ``indices`` / ``videos`` and their indices listed in
+    ``unreadable``."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch,
                                          shuffle=False, num_workers=num_workers)
     pos = 0
@@ -135,7 +134,7 @@ def _load_videos(dataset, indices: list[int], num_workers: int, batch: int):
         v = item["video"]
         ids = torch.tensor(indices[pos:pos + v.shape[0]], dtype=torch.long)
         pos += v.shape[0]
-        keep = torch.as_tensor(item.get("index", ids)).long().reshape(-1) == ids
+        keep = requested(item, ids)
         yield ids[keep], v[keep], ids[~keep].tolist()
 
 

@@ -334,11 +334,7 @@ class FVDSides:
         if not self.needs_real:
             return
         self._extractor()
-        from arvid.data.video import as_8bit
-
-        if videos.dim() == 5 and videos.is_floating_point():  # as add_fake: a no-op on clips read from files
-            videos = as_8bit(videos.to(self.device))
-        self.real.update(videos.to(self.device), real=True)
+        self.real.update(self._8bit(videos), real=True)
 
     def fake(self, name: str):
         """The fake side ``name`` (made empty on first use, so a process without batches takes part
@@ -358,11 +354,15 @@ class FVDSides:
         back (``arvid eval fvd REAL FAKE``), as the reference code reads saved frames. Real clips
         are rounded too (:meth:`add_real`: a no-op for clips decoded from files; synthetic clips
         are then scored as written to files as well)."""
+        self.fake(name).update(self._8bit(videos), real=False)
+
+    def _8bit(self, videos: torch.Tensor) -> torch.Tensor:
+        """Float clips on this device at 8-bit levels (:func:`arvid.data.video.as_8bit`; uint8 clips
+        and features as they are)."""
         from arvid.data.video import as_8bit
 
-        if videos.dim() == 5 and videos.is_floating_point():
-            videos = as_8bit(videos.to(self.device))
-        self.fake(name).update(videos.to(self.device), real=False)
+        videos = videos.to(self.device)
+        return as_8bit(videos) if videos.dim() == 5 and videos.is_floating_point() else videos
 
     def real_side(self):
         """The real side's statistics, summed over processes (computed once; closes the real side).

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from arvid.config import ConfigError, check_same_config, doc, load_config, nested, save_config
-from arvid.data.datasets import DataConfig, build_dataset
+from arvid.data.datasets import DataConfig, build_dataset, requested
 from arvid.data.token_store import (
     TokenStore,
     TokenStoreWriter,
@@ -159,10 +159,7 @@ def run(cfg: TokenizeConfig) -> Path:
                 for item in loader:
                     ids = torch.tensor(idx[pos:pos + item["video"].shape[0]], dtype=torch.long)
                     pos += ids.numel()
-                    # an unreadable file (on_bad_video: skip) comes back as the next readable video (its
-                    # `index`): left out, else that video would be stored twice, once under this file's id
-                    got = torch.as_tensor(item.get("index", ids)).long().reshape(-1)
-                    keep = got == ids
+                    keep = requested(item, ids)  # an unreadable file's stand-in is left out
                     skipped += int((~keep).sum())
                     if not bool(keep.any()):
                         continue

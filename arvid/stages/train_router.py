@@ -156,15 +156,21 @@ _VIDEO_SET_FIELDS = {"synthetic": ("source", "num_videos", "num_val_videos", "se
                      "files": ("source", "root", "val_root", "train_list", "val_list", "on_missing_file")}
 
 
-def check_same_videos(data: DataConfig, curation: str, what: str = "curation") -> None:
-    """Refuse ``data`` whose dataset index ``i`` is another video than the curation's (its recorded
-    ``config.yaml``): the labels are per index, and a router trained on other videos under them
-    learns nothing true. Clip settings (frames, size, starts, flips) may differ."""
+def curated_data(curation: str) -> DataConfig | None:
+    """The data section a curation recorded in its ``config.yaml`` (None: an older or hand-made
+    curation that recorded none)."""
     path = Path(curation) / "config.yaml"
     saved = read_yaml(path).get("data") if path.is_file() else None
-    if not isinstance(saved, dict):
-        return  # an older or hand-made curation: nothing recorded to compare
-    theirs = from_dict(DataConfig, saved, source=str(path), prefix="data.")
+    return from_dict(DataConfig, saved, source=str(path), prefix="data.") if isinstance(saved, dict) else None
+
+
+def check_same_videos(data: DataConfig, curation: str, what: str = "curation") -> None:
+    """Refuse ``data`` whose dataset index ``i`` is another video than the curation's (its recorded
+    data section): the labels are per index, and a router trained on other videos under them
+    learns nothing true. Clip settings (frames, size, starts, flips) may differ."""
+    theirs = curated_data(curation)
+    if theirs is None:
+        return  # nothing recorded to compare
     fields = _VIDEO_SET_FIELDS["synthetic" if data.source == "synthetic" else "files"]
     diff = [f for f in fields if getattr(theirs, f) != getattr(data, f)]
     if diff:
@@ -181,10 +187,8 @@ def curated_cut(data: DataConfig, curation: str) -> DataConfig:
     starts or flips that ``data`` may give its training clips (before, a held-out video of a file
     dataset with ``random_start: true`` was scored on another cut of the video than its rewards'
     and its beam records were completed on that other cut)."""
-    path = Path(curation) / "config.yaml"
-    saved = read_yaml(path).get("data") if path.is_file() else None
-    if isinstance(saved, dict):
-        theirs = from_dict(DataConfig, saved, source=str(path), prefix="data.")
+    theirs = curated_data(curation)
+    if theirs is not None:
         return dataclasses.replace(data, random_start=theirs.random_start, flip=theirs.flip)
     return dataclasses.replace(data, random_start=False, flip=False)
 

@@ -176,18 +176,15 @@ class RewardStats:
         missing = [k for k in keys if k not in d]
         if missing:
             raise ValueError(f"{source}: reward stats miss keys {missing}")
-        def number(key: str, kind: type):
+        values = []
+        for key, kind in zip(keys[1:], (float, float, float, float, int)):
             try:
-                return kind(d[key])
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{source}: reward stats key {key!r} must be a number, got {d[key]!r}") from e
-
+                values.append(kind(d[key]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: reward stats key {key!r} must be a number, got {d[key]!r}") from None
         try:
-            return cls(str(d["quality"]), number("mean_distortion", float), number("std_distortion", float),
-                       number("mean_length", float), number("std_length", float), number("num_samples", int))
-        except ValueError as e:
-            if str(e).startswith(f"{source}:"):
-                raise
+            return cls(str(d["quality"]), *values)
+        except ValueError as e:  # __post_init__'s checks, which do not know the file
             raise ValueError(f"{source}: {e}") from e
 
 

@@ -1286,7 +1286,7 @@ class _Window:
         self.data_s = 0.0  # waiting for the next batch (loader workers and the copy to the device)
         self.lr: dict[str, float] = {}
         self.grad_norm: dict[str, torch.Tensor] = {}
-        self.grad_norm_max: dict[str, Any] = {}  # the window's largest, on the device until the log step
+        self.grad_norms: dict[str, list] = {}  # the window's norms, on the device until the log step
 
     def add_metrics(self, metrics: dict[str, Any]) -> None:
         for k, v in metrics.items():
@@ -1298,11 +1298,8 @@ class _Window:
     def add_step(self, lr: dict[str, float], grad_norm: dict[str, torch.Tensor]) -> None:
         self.steps += 1
         self.lr, self.grad_norm = lr, grad_norm
-        for k, v in grad_norm.items():
-            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
-            old = self.grad_norm_max.get(k)
-            self.grad_norm_max[k] = v if old is None else (torch.maximum(old, v) if isinstance(v, torch.Tensor)
-                                                           else max(old, v))
+        for k, v in grad_norm.items():  # no work on the step: their largest is taken at the log step
+            self.grad_norms.setdefault(k, []).append(v)
 
     def add_losses(self, losses: list[float]) -> None:
         self.loss_steps += 1
@@ -1329,7 +1326,8 @@ class _Window:
             record[f"lr/{name}"] = self.lr.get(name, 0.0)
             if name in self.grad_norm:
                 record[f"grad_norm/{name}"] = float(self.grad_norm[name])
-                record[f"grad_norm_max/{name}"] = float(self.grad_norm_max[name])
+                norms = self.grad_norms[name]  # one read for the window (not one per step)
+                record[f"grad_norm_max/{name}"] = _as_float(torch.stack([torch.as_tensor(v).float() for v in norms]).max())
         record["items_per_s"] = batch_size * self.steps / elapsed
         # on the host's clock: with asynchronous CUDA a slow step shows up as a small fraction here;
         # a large one means the model waits for the loader (more num_workers, cheaper decoding)
